@@ -1,0 +1,5 @@
+import sys
+
+from virtnode.cli import main
+
+sys.exit(main())

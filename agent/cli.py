@@ -1,0 +1,189 @@
+"""The ``virtnode`` command: ``serve``, ``call`` and ``methods``.
+
+Exit status: 0 success; 1 the agent answered with an error (printed as JSON on stderr);
+2 bad usage or configuration; 3 the agent could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from virtnode import __version__
+from virtnode.client import DEFAULT_URL, Client, ClientError, ConnectionLost, RemoteError
+from virtnode.config import DEFAULT_CONFIG_PATH, ConfigError, dump_config, load_config
+
+EXIT_REMOTE_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the agent in the foreground")
+    p.add_argument("--config", type=Path,
+                   help=f"TOML config file (default: {DEFAULT_CONFIG_PATH} if it exists)")
+    p.add_argument("--listen", action="append", metavar="ADDR",
+                   help="unix:/PATH or tcp://127.0.0.1:PORT; repeat for several (server.listen)")
+    p.add_argument("--hypervisor", metavar="URI", help="libvirt URI (hypervisor.uri)")
+    p.add_argument("--state-dir", metavar="DIR", help="state directory (state.dir)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   help="log level (log.level)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config key; the value is TOML (repeatable)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective configuration and exit")
+
+
+def _call_parser(sub: Any) -> None:
+    p = sub.add_parser("call", help="call one API method and print its result")
+    p.add_argument("method", help="e.g. Host.getCapabilities")
+    p.add_argument("params", nargs="*", metavar="KEY=VALUE",
+                   help="a parameter; VALUE is JSON, or a plain string if it is not JSON")
+    p.add_argument("--json", dest="json_params", metavar="OBJECT",
+                   help="parameters as one JSON object (merged under KEY=VALUE ones)")
+    p.add_argument("--url", default=DEFAULT_URL, help=f"agent URL (default {DEFAULT_URL})")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer")
+
+
+def _methods_parser(sub: Any) -> None:
+    p = sub.add_parser("methods", help="list the API methods with one-line descriptions")
+    p.add_argument("--url", default=DEFAULT_URL, help=f"agent URL (default {DEFAULT_URL})")
+    p.add_argument("--local", action="store_true",
+                   help="read the schema installed with this command instead of asking the agent")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="virtnode", description="virtnode host agent")
+    parser.add_argument("--version", action="version", version=f"virtnode {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _call_parser(sub)
+    _methods_parser(sub)
+    return parser
+
+
+def _serve_overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.set)
+    if args.listen:
+        overrides.append(f"server.listen={json.dumps(args.listen)}")
+    if args.hypervisor:
+        overrides.append(f"hypervisor.uri={json.dumps(args.hypervisor)}")
+    if args.state_dir:
+        overrides.append(f"state.dir={json.dumps(args.state_dir)}")
+    if args.log_level:
+        overrides.append(f"log.level={json.dumps(args.log_level)}")
+    return overrides
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from virtnode.daemon import serve
+
+    path = args.config
+    if path is None and DEFAULT_CONFIG_PATH.exists():
+        path = DEFAULT_CONFIG_PATH
+    try:
+        config = load_config(path, _serve_overrides(args))
+    except ConfigError as exc:
+        print(f"virtnode: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+    logging.basicConfig(
+        level=config.log.level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        logging.getLogger("virtnode").error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+def parse_params(pairs: Sequence[str], json_params: str | None) -> dict[str, Any]:
+    """Build a params object from ``--json`` and ``KEY=VALUE`` words.
+
+    Raises ``ValueError`` with a message for the user.
+    """
+    params: dict[str, Any] = {}
+    if json_params is not None:
+        try:
+            loaded = json.loads(json_params)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--json is not valid JSON: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError("--json must be a JSON object")
+        params.update(loaded)
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{pair!r}: expected KEY=VALUE")
+        try:
+            params[key] = json.loads(text)
+        except json.JSONDecodeError:
+            params[key] = text
+    return params
+
+
+async def _call(url: str, method: str, params: dict[str, Any], timeout: float) -> Any:
+    async with await Client.connect(url) as client:
+        return await client.call(method, params, timeout=timeout)
+
+
+def _run_client(coro: Any) -> tuple[int, Any]:
+    try:
+        return 0, asyncio.run(coro)
+    except RemoteError as exc:
+        print(json.dumps(exc.error, indent=2), file=sys.stderr)
+        return EXIT_REMOTE_ERROR, None
+    except (ConnectionLost, TimeoutError) as exc:
+        print(f"virtnode: {exc or 'timed out'}", file=sys.stderr)
+        return EXIT_UNREACHABLE, None
+    except ClientError as exc:
+        print(f"virtnode: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE, None
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    try:
+        params = parse_params(args.params, args.json_params)
+    except ValueError as exc:
+        print(f"virtnode: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    status, result = _run_client(_call(args.url, args.method, params, args.timeout))
+    if status == 0:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    return status
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    if args.local:
+        from virtnode.schema import load_schema
+
+        document = load_schema().describe()
+    else:
+        status, document = _run_client(_call(args.url, "Api.describe", {}, 30.0))
+        if status:
+            return status
+    width = max((len(m["name"]) for m in document["methods"]), default=0)
+    for method in document["methods"]:
+        summary = method["description"].strip().split("\n")[0]
+        print(f"{method['name']:<{width}}  {method['access']:<5}  {summary}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"serve": cmd_serve, "call": cmd_call, "methods": cmd_methods}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

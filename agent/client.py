@@ -1,0 +1,279 @@
+"""A client for the virtnode API, for engines, scripts and the CLI.
+
+:class:`Client` is the asyncio client: calls, notifications and batches over one
+WebSocket, with responses matched by id so calls can run concurrently, and pushed
+notifications (events) readable with :meth:`Client.notifications`. :class:`SyncClient`
+wraps it for code that is not async.
+
+URLs: ``unix:/run/virtnode/virtnode.sock`` (the default), ``ws://HOST:PORT/rpc``,
+``wss://HOST:PORT/rpc``, or ``tcp://HOST:PORT`` as a short form of ``ws://HOST:PORT/rpc``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+from collections.abc import AsyncIterator, Callable, Sequence
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+JsonObject = dict[str, Any]
+ResultCheck = Callable[[str, Any], None]
+
+DEFAULT_URL = "unix:/run/virtnode/virtnode.sock"
+
+
+class ClientError(Exception):
+    """Base class of the errors this client raises."""
+
+
+class ConnectionLost(ClientError):
+    """The agent could not be reached, or the connection closed before an answer."""
+
+
+class RemoteError(ClientError):
+    """The agent answered with an error object."""
+
+    def __init__(self, error: JsonObject) -> None:
+        self.error = error
+        self.code: int = error.get("code", 0)
+        self.message: str = error.get("message", "")
+        data = error.get("data")
+        self.data: JsonObject = data if isinstance(data, dict) else {}
+        super().__init__(f"{self.name}: {self.message}")
+
+    @property
+    def name(self) -> str:
+        """The error's vocabulary word (``NotFound``, ``InvalidParams``...)."""
+        return str(self.data.get("name", "Unknown"))
+
+    @property
+    def reason(self) -> str | None:
+        return self.data.get("reason")
+
+
+def endpoint(url: str) -> tuple[str, str | None]:
+    """Split a client URL into (WebSocket URL, unix socket path or None)."""
+    if url.startswith("unix:"):
+        return "ws://localhost/rpc", url.removeprefix("unix:")
+    parts = urlsplit(url)
+    if parts.scheme == "tcp":
+        return f"ws://{parts.netloc}/rpc", None
+    if parts.scheme not in ("ws", "wss"):
+        raise ValueError(f"unsupported URL {url!r}: use unix:/PATH, ws://, wss:// or tcp://")
+    return (url if parts.path not in ("", "/") else f"{parts.scheme}://{parts.netloc}/rpc"), None
+
+
+class Client:
+    """An asyncio client on one WebSocket. Use :meth:`connect` to make one."""
+
+    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse,
+                 result_check: ResultCheck | None = None) -> None:
+        self._session = session
+        self._ws = ws
+        self._result_check = result_check
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[str, asyncio.Future[Any]]] = {}
+        self._notifications: asyncio.Queue[JsonObject | None] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @classmethod
+    async def connect(cls, url: str = DEFAULT_URL, *, timeout: float = 10.0,
+                      max_msg_size: int = 64 * 1024 * 1024,
+                      result_check: ResultCheck | None = None) -> Client:
+        """Open a WebSocket to the agent at ``url``.
+
+        ``result_check(method, result)`` is called on every successful result (the test
+        suite validates results against the schema with it). Raises :class:`ConnectionLost`.
+        """
+        ws_url, unix_path = endpoint(url)
+        connector = aiohttp.UnixConnector(path=unix_path) if unix_path else None
+        session = aiohttp.ClientSession(connector=connector)
+        try:
+            ws = await session.ws_connect(
+                ws_url, timeout=aiohttp.ClientWSTimeout(ws_close=timeout),
+                max_msg_size=max_msg_size, autoping=True,
+            )
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            await session.close()
+            raise ConnectionLost(f"cannot connect to {url}: {exc}") from None
+        client = cls(session, ws, result_check)
+        client._reader = asyncio.create_task(client._read(), name="virtnode-client-reader")
+        return client
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def call(self, method: str, params: JsonObject | None = None, *,
+                   timeout: float | None = None) -> JsonObject:
+        """Call ``method`` and return its result.
+
+        Raises :class:`RemoteError` for an error answer, :class:`ConnectionLost` if the
+        connection ends first, and ``TimeoutError`` after ``timeout`` seconds.
+        """
+        request_id, future = self._register(method)
+        await self._send(_request(method, params, request_id))
+        async with asyncio.timeout(timeout):
+            return await self._result(method, future)
+
+    async def notify(self, method: str, params: JsonObject | None = None) -> None:
+        """Send a notification: no answer comes back, not even an error."""
+        message: JsonObject = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            message["params"] = params
+        await self._send(message)
+
+    async def batch(self, calls: Sequence[tuple[str, JsonObject | None]], *,
+                    timeout: float | None = None) -> list[JsonObject | RemoteError]:
+        """Send several calls in one batch; returns results or errors in call order."""
+        registered = [self._register(method) for method, _ in calls]
+        await self._send([
+            _request(method, params, request_id)
+            for (method, params), (request_id, _) in zip(calls, registered, strict=True)
+        ])
+        answers: list[JsonObject | RemoteError] = []
+        async with asyncio.timeout(timeout):
+            for (method, _), (_, future) in zip(calls, registered, strict=True):
+                try:
+                    answers.append(await self._result(method, future))
+                except RemoteError as exc:
+                    answers.append(exc)
+        return answers
+
+    async def notifications(self) -> AsyncIterator[JsonObject]:
+        """Yield the ``params`` of every notification pushed by the agent, with its method.
+
+        Each item is ``{"method": ..., "params": {...}}``; the iteration ends when the
+        connection closes.
+        """
+        while (item := await self._notifications.get()) is not None:
+            yield item
+
+    async def close(self) -> None:
+        """Close the connection. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._ws.close()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await self._session.close()
+
+    def _register(self, method: str) -> tuple[int, asyncio.Future[Any]]:
+        request_id = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = (method, future)
+        return request_id, future
+
+    async def _send(self, message: Any) -> None:
+        if self._ws.closed:
+            raise ConnectionLost("the connection is closed")
+        await self._ws.send_str(json.dumps(message, separators=(",", ":")))
+
+    async def _result(self, method: str, future: asyncio.Future[Any]) -> JsonObject:
+        response = await future
+        if "error" in response:
+            raise RemoteError(response["error"])
+        value: JsonObject = response["result"]
+        if self._result_check is not None:
+            self._result_check(method, value)
+        return value
+
+    async def _read(self) -> None:
+        try:
+            async for msg in self._ws:
+                if msg.type is aiohttp.WSMsgType.TEXT:
+                    self._dispatch(json.loads(msg.data))
+        finally:
+            reason = f"connection closed (code {self._ws.close_code})"
+            for _, future in self._pending.values():
+                if not future.done():
+                    future.set_exception(ConnectionLost(reason))
+            self._pending.clear()
+            self._notifications.put_nowait(None)
+
+    def _dispatch(self, message: Any) -> None:
+        for item in message if isinstance(message, list) else [message]:
+            if not isinstance(item, dict):
+                continue
+            if "method" in item:
+                self._notifications.put_nowait(
+                    {"method": item["method"], "params": item.get("params", {})}
+                )
+                continue
+            entry = self._pending.pop(item.get("id"), None) if item.get("id") is not None else None
+            if entry is not None:
+                entry[1].set_result(item)
+            elif item.get("id") is None and "error" in item:
+                # The agent could not tell which request failed: fail them all.
+                for _, future in self._pending.values():
+                    if not future.done():
+                        future.set_result(item)
+                self._pending.clear()
+
+
+def _request(method: str, params: JsonObject | None, request_id: int) -> JsonObject:
+    message: JsonObject = {"jsonrpc": "2.0", "method": method, "id": request_id}
+    if params is not None:
+        message["params"] = params
+    return message
+
+
+class SyncClient:
+    """A blocking wrapper around :class:`Client` with its own event loop."""
+
+    def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 10.0) -> None:
+        self._url = url
+        self._timeout = timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: Client | None = None
+
+    def __enter__(self) -> SyncClient:
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None,
+                 exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Connect; raises :class:`ConnectionLost`."""
+        self._loop = asyncio.new_event_loop()
+        self._client = self._loop.run_until_complete(
+            Client.connect(self._url, timeout=self._timeout)
+        )
+
+    def call(self, method: str, params: JsonObject | None = None, *,
+             timeout: float | None = None) -> JsonObject:
+        """Call ``method``; raises like :meth:`Client.call`."""
+        loop, client = self._require()
+        return loop.run_until_complete(client.call(method, params, timeout=timeout))
+
+    def batch(self, calls: Sequence[tuple[str, JsonObject | None]]) -> list[JsonObject | RemoteError]:
+        loop, client = self._require()
+        return loop.run_until_complete(client.batch(calls))
+
+    def close(self) -> None:
+        """Close the connection and the loop. Idempotent."""
+        if self._loop is None:
+            return
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._loop.run_until_complete(self._client.close())
+        self._loop.close()
+        self._loop = self._client = None
+
+    def _require(self) -> tuple[asyncio.AbstractEventLoop, Client]:
+        if self._loop is None or self._client is None:
+            raise ConnectionLost("the client is not open")
+        return self._loop, self._client

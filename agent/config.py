@@ -1,0 +1,284 @@
+"""Agent configuration: one TOML file parsed once into frozen dataclasses.
+
+Every key can be overridden from the command line (``--set section.key=value``, plus
+shorthand flags for the common ones). Anything wrong raises :class:`ConfigError` naming
+the key, and ``virtnode serve`` exits with status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+DEFAULT_CONFIG_PATH = Path("/etc/virtnode/virtnode.toml")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the key."""
+
+
+class Role(StrEnum):
+    """What a caller may do: ``reader`` calls read methods, ``admin`` calls everything."""
+
+    READER = "reader"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A parsed listen address: ``unix:/path`` or ``tcp://host:port``."""
+
+    kind: str
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.kind}://{host}:{self.port}"
+
+
+def parse_listener(text: str) -> Listener:
+    """Parse a listen address; raises ``ValueError`` with a reason."""
+    if text.startswith("unix:"):
+        path = text.removeprefix("unix:")
+        if not path.startswith("/"):
+            raise ValueError("unix socket path must be absolute")
+        return Listener("unix", path=path)
+    parts = urlsplit(text)
+    if parts.scheme == "tls":
+        raise ValueError("tls:// listeners are not supported yet")
+    if parts.scheme != "tcp":
+        raise ValueError("expected unix:/PATH or tcp://HOST:PORT")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+    if not parts.hostname or port is None:
+        raise ValueError("tcp listener needs HOST:PORT")
+    host = parts.hostname
+    if host != "localhost":
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IP address") from None
+        if not loopback:
+            raise ValueError("plain tcp:// listens on loopback only; use tls:// for remote access")
+    return Listener("tcp", host=host, port=port)
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _check_listen(value: tuple[str, ...]) -> str | None:
+    if not value:
+        return "needs at least one address"
+    for item in value:
+        try:
+            parse_listener(item)
+        except ValueError as exc:
+            return f"{item!r}: {exc}"
+    return None
+
+
+def _check_uri(value: str) -> str | None:
+    return None if "://" in value or value.startswith("test:") else "is not a libvirt URI"
+
+
+def _check_level(value: str) -> str | None:
+    levels = ("debug", "info", "warning", "error")
+    return None if value in levels else f"must be one of {', '.join(levels)}"
+
+
+def _check_mode(value: int) -> str | None:
+    return None if 0 <= value <= 0o777 else "must be a file mode between 0 and 0o777"
+
+
+def _spec(default: Any, check: Callable[[Any], str | None] | None = None, doc: str = "") -> Any:
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[str, ...] = _spec(
+        ("unix:/run/virtnode/virtnode.sock",), _check_listen, "addresses to serve the API on"
+    )
+    unix_socket_mode: int = _spec(0o666, _check_mode, "mode of unix sockets; roles limit callers")
+    max_message_size: int = _spec(16 * 1024 * 1024, _positive, "largest request message, bytes")
+    max_inflight_per_connection: int = _spec(64, _positive, "concurrent requests per connection")
+    drain_timeout: float = _spec(10.0, _positive, "seconds to let in-flight calls finish at stop")
+    stage_timeout: float = _spec(5.0, _positive, "seconds for each other shutdown stage")
+
+    @property
+    def listeners(self) -> tuple[Listener, ...]:
+        return tuple(parse_listener(item) for item in self.listen)
+
+
+@dataclass(frozen=True)
+class HypervisorConfig:
+    uri: str = _spec("test:///default", _check_uri, "libvirt connection URI")
+    call_timeout: float = _spec(30.0, _positive, "deadline of one libvirt call, seconds")
+    pool_size: int = _spec(8, _positive, "threads that run blocking libvirt calls")
+    keepalive_interval: int = _spec(5, _positive, "seconds between keepalive probes")
+    keepalive_count: int = _spec(3, _positive, "unanswered probes before the link is dead")
+    reconnect_min: float = _spec(0.5, _positive, "first reconnect delay, seconds")
+    reconnect_max: float = _spec(30.0, _positive, "longest reconnect delay, seconds")
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    unix_admin_uids: tuple[int, ...] = _spec((0,), None, "unix peer uids given the admin role")
+    unix_role: Role = _spec(Role.READER, None, "role of other unix peers")
+    tcp_role: Role = _spec(Role.READER, None, "role of plain tcp (loopback) callers")
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    dir: str = _spec("/var/lib/virtnode", None, "where state that survives a restart lives")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = _spec("info", _check_level, "debug logs one line per request")
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _convert(key: str, hint: Any, value: Any) -> Any:
+    """Convert a TOML value to the field's type or raise ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item_hint, _) = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return tuple(_convert(f"{key}[{i}]", item_hint, v) for i, v in enumerate(value))
+    if isinstance(hint, type) and issubclass(hint, StrEnum):
+        try:
+            return hint(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in hint)
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}") from None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if type(value) is not hint:
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover - schema bug
+
+
+def _build_section(name: str, cls: type[Any], raw: Any) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{name}: expected a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{name}.{unknown[0]}: unknown key")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{name}.{key}"
+        values[key] = _convert(full, hints[key], value)
+        check = fields[key].metadata.get("check")
+        problem = check(values[key]) if check else None
+        if problem:
+            raise ConfigError(f"{full}: {problem}")
+    return cls(**values)
+
+
+def build_config(raw: Mapping[str, Any]) -> Config:
+    """Build a :class:`Config` from a parsed TOML document; raises ConfigError."""
+    hints = typing.get_type_hints(Config)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section")
+    sections = {name: _build_section(name, hints[name], raw.get(name, {})) for name in hints}
+    config = Config(**sections)
+    hv = config.hypervisor
+    if hv.reconnect_min > hv.reconnect_max:
+        raise ConfigError("hypervisor.reconnect_min: must not exceed hypervisor.reconnect_max")
+    return config
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value``; the value is TOML, or a bare string."""
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"{item!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return parts, value
+
+
+def load_config(path: Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read ``path`` (or the defaults when None), apply ``overrides`` and check it all.
+
+    Raises :class:`ConfigError` naming the offending key or file.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for item in overrides:
+        (section, key), value = parse_override(item)
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section}: expected a table")
+        table[key] = value
+    return build_config(raw)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, StrEnum):
+        return _toml_value(value.value)
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(type(value))  # pragma: no cover
+
+
+def dump_config(config: Config) -> str:
+    """Render the effective configuration as TOML, with each key's meaning."""
+    lines: list[str] = []
+    for section in dataclasses.fields(config):
+        lines.append(f"[{section.name}]")
+        obj = getattr(config, section.name)
+        for item in dataclasses.fields(obj):
+            doc = item.metadata.get("doc")
+            value = getattr(obj, item.name)
+            text = oct(value) if item.name.endswith("_mode") else _toml_value(value)
+            lines.append(f"{item.name} = {text}" + (f"  # {doc}" if doc else ""))
+        lines.append("")
+    return "\n".join(lines)
+

@@ -1,0 +1,131 @@
+"""The agent: builds the services from the configuration, starts and stops them in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from virtnode.apiservice import ApiService
+from virtnode.config import Config
+from virtnode.events import EventBus
+from virtnode.host import HostService, load_host_id
+from virtnode.hypervisor import Hypervisor
+from virtnode.rpc import Dispatcher, handlers_of
+from virtnode.schema import load_schema
+from virtnode.server import ApiServer
+from virtnode.subscriptions import EventsService
+from virtnode.vm import VmService
+
+log = logging.getLogger(__name__)
+
+JsonObject = dict[str, Any]
+
+
+class Agent:
+    """One running agent. ``start()`` brings it up; ``stop()`` takes it down in stages."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.bus = EventBus()
+        self.hypervisor = Hypervisor(config.hypervisor, self.bus)
+        self.dispatcher: Dispatcher | None = None
+        self.server: ApiServer | None = None
+        self._stopped = False
+
+    async def start(self) -> None:
+        """Check the schema against the handlers, connect, then listen.
+
+        Raises :class:`~virtnode.schema.SchemaError` when the two disagree and ``OSError``
+        when a listener cannot be bound; nothing is left running in either case.
+        """
+        started = time.perf_counter()
+        schema = load_schema()
+        state_dir = Path(self.config.state.dir)
+        host_id = await asyncio.to_thread(load_host_id, state_dir)
+        host = HostService(self.hypervisor, schema, host_id)
+        services = (
+            ApiService(schema),
+            host,
+            VmService(self.hypervisor),
+            EventsService(self.bus),
+        )
+        self.dispatcher = Dispatcher(schema, handlers_of(*services))
+        await host.start()
+        await self.hypervisor.start()
+        self.server = ApiServer(self.config.server, self.config.access, self.dispatcher,
+                                self.health)
+        try:
+            await self.server.start()
+        except BaseException:
+            await self.server.close()
+            await self.hypervisor.close()
+            raise
+        log.info("virtnode ready in %.0f ms (hypervisor %s: %s)",
+                 (time.perf_counter() - started) * 1000, self.hypervisor.uri,
+                 self.hypervisor.state.value)
+
+    def health(self) -> JsonObject:
+        """What ``GET /healthz`` reports."""
+        hv = self.hypervisor
+        return {
+            "status": "ok" if hv.connected else "degraded",
+            "recovering": False,
+            "hypervisor": {"uri": hv.uri, "state": hv.state.value, "reason": hv.reason},
+        }
+
+    async def stop(self) -> None:
+        """Stop in stages, each bounded by a timeout. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        stage_timeout = self.config.server.stage_timeout
+        server, dispatcher = self.server, self.dispatcher
+        if server is not None:
+            async with _stage("stop accepting", stage_timeout):
+                await server.stop_accepting()
+        if dispatcher is not None:
+            dispatcher.refuse_new()
+            if not await dispatcher.drain(self.config.server.drain_timeout):
+                log.warning("stop: %d calls still running after %.1fs; cancelling them",
+                            dispatcher.inflight, self.config.server.drain_timeout)
+        if server is not None:
+            async with _stage("cancel calls and close connections", stage_timeout):
+                await server.close_sessions()
+        async with _stage("close the hypervisor connection", stage_timeout):
+            await self.hypervisor.close()
+        if server is not None:
+            async with _stage("release listeners", stage_timeout):
+                await server.close()
+        log.info("virtnode stopped")
+
+
+@contextlib.asynccontextmanager
+async def _stage(name: str, timeout: float) -> AsyncIterator[None]:
+    try:
+        async with asyncio.timeout(timeout):
+            yield
+    except TimeoutError:
+        pending = [t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        log.error("stop: stage %r timed out after %.1fs; still running: %s",
+                  name, timeout, ", ".join(sorted(pending)) or "nothing")
+
+
+async def serve(config: Config) -> None:
+    """Run an agent until SIGTERM or SIGINT, then stop it."""
+    agent = Agent(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await agent.start()
+    try:
+        await stop.wait()
+        log.info("stopping on signal")
+    finally:
+        await agent.stop()

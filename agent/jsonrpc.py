@@ -1,0 +1,132 @@
+"""JSON-RPC 2.0 framing as plain functions: no I/O, no knowledge of methods.
+
+:func:`parse` turns one received message into the entries to answer, :func:`result` and
+:func:`error` build response objects, and :func:`encode` serialises what goes back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from virtnode.errors import ApiError, InvalidRequest, ParseError
+
+JsonObject = dict[str, Any]
+#: A request id: JSON-RPC allows a string, a number or null.
+RequestId = str | int | float | None
+
+_REQUEST_MEMBERS = frozenset({"jsonrpc", "method", "params", "id"})
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A well-formed request or notification."""
+
+    method: str
+    params: JsonObject | list[Any] | None
+    id: RequestId
+    is_notification: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """An entry that is not a valid request; it is answered with ``error``."""
+
+    error: ApiError
+    id: RequestId = None
+
+
+Entry = Request | Invalid
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One received message: a single entry or a batch of them."""
+
+    entries: tuple[Entry, ...]
+    is_batch: bool
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _is_valid_id(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return value is None or isinstance(value, str | int | float)
+
+
+def parse_entry(obj: Any) -> Entry:
+    """Check one decoded request object and return what to do with it."""
+    if not isinstance(obj, dict):
+        return Invalid(InvalidRequest("request must be an object", reason="not_an_object"))
+    req_id = obj.get("id")
+    echo_id = req_id if _is_valid_id(req_id) else None
+    if obj.get("jsonrpc") != "2.0":
+        return Invalid(
+            InvalidRequest('"jsonrpc" must be "2.0"', reason="bad_version"), echo_id
+        )
+    if not _is_valid_id(req_id):
+        return Invalid(
+            InvalidRequest('"id" must be a string, a number or null', reason="bad_id")
+        )
+    method = obj.get("method")
+    if not isinstance(method, str) or not method:
+        return Invalid(
+            InvalidRequest('"method" must be a non-empty string', reason="bad_method"), echo_id
+        )
+    unknown = obj.keys() - _REQUEST_MEMBERS
+    if unknown:
+        return Invalid(
+            InvalidRequest(
+                f"unknown request members: {', '.join(sorted(unknown))}",
+                reason="unknown_member",
+            ),
+            echo_id,
+        )
+    params = obj.get("params")
+    if params is not None and not isinstance(params, dict | list):
+        return Invalid(
+            InvalidRequest('"params" must be an object or an array', reason="bad_params"),
+            echo_id,
+        )
+    return Request(method, params, req_id, is_notification="id" not in obj)
+
+
+def parse(raw: str | bytes) -> Message:
+    """Decode one message.
+
+    Raises :class:`ParseError` when it is not JSON, and :class:`InvalidRequest` for an
+    empty batch; both are answered with a single error response whose id is null.
+    """
+    try:
+        decoded = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ParseError(f"message is not valid JSON: {exc}", reason="bad_json") from None
+    if isinstance(decoded, list):
+        if not decoded:
+            raise InvalidRequest("empty batch", reason="empty_batch")
+        return Message(tuple(parse_entry(item) for item in decoded), is_batch=True)
+    return Message((parse_entry(decoded),), is_batch=False)
+
+
+def result(req_id: RequestId, value: Any) -> JsonObject:
+    """Build a success response."""
+    return {"jsonrpc": "2.0", "result": value, "id": req_id}
+
+
+def error(req_id: RequestId, exc: ApiError) -> JsonObject:
+    """Build an error response."""
+    return {"jsonrpc": "2.0", "error": exc.to_error(), "id": req_id}
+
+
+def notification(method: str, params: JsonObject) -> JsonObject:
+    """Build a notification (a request with no id, sent by the agent)."""
+    return {"jsonrpc": "2.0", "method": method, "params": params}
+
+
+def encode(obj: Any) -> str:
+    """Serialise a response, a batch of them or a notification."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

@@ -1,0 +1,223 @@
+"""Dispatch of JSON-RPC messages to handlers: validation, access, error mapping.
+
+The dispatcher knows the schema and a table of handlers; it knows nothing about VMs or
+transports. A transport hands it a raw message with the :class:`Session` it came from and
+sends back whatever text it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from virtnode import jsonrpc
+from virtnode.errors import (
+    ApiError,
+    InternalError,
+    InvalidParams,
+    MethodNotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
+from virtnode.identity import Caller
+from virtnode.schema import ApiSchema, SchemaError
+
+log = logging.getLogger(__name__)
+
+JsonObject = dict[str, Any]
+
+
+class Session(Protocol):
+    """What a handler can know about the connection a call came on."""
+
+    caller: Caller
+    inflight: int
+    can_push: bool
+
+    @property
+    def max_inflight(self) -> int: ...
+
+    def push(self, message: JsonObject) -> bool:
+        """Queue a notification to the peer; False if this session cannot push."""
+        ...
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when the session ends."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """Passed to every handler: who calls, on which session."""
+
+    caller: Caller
+    session: Session
+    method: str
+
+
+Handler = Callable[[CallContext, JsonObject], Awaitable[JsonObject]]
+
+
+class Dispatcher:
+    """Validates and routes requests; every response it builds is JSON-RPC 2.0."""
+
+    def __init__(self, schema: ApiSchema, handlers: Mapping[str, Handler]) -> None:
+        missing = sorted(set(schema.methods) - set(handlers))
+        extra = sorted(set(handlers) - set(schema.methods))
+        if missing or extra:
+            raise SchemaError(
+                "schema and handlers disagree: "
+                + "; ".join(
+                    part
+                    for part in (
+                        f"no handler for {', '.join(missing)}" if missing else "",
+                        f"no schema entry for {', '.join(extra)}" if extra else "",
+                    )
+                    if part
+                )
+            )
+        self.schema = schema
+        self._handlers = dict(handlers)
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._refusing = False
+
+    @property
+    def inflight(self) -> int:
+        """Requests being handled right now, over all sessions."""
+        return self._inflight
+
+    def refuse_new(self) -> None:
+        """Answer every request from now on with ``Unavailable`` (the agent is stopping)."""
+        self._refusing = True
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False if ``timeout`` passed first."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def handle(self, raw: str | bytes, session: Session) -> str | None:
+        """Answer one message; None when nothing goes back (notifications only)."""
+        try:
+            message = jsonrpc.parse(raw)
+        except ApiError as exc:
+            return jsonrpc.encode(jsonrpc.error(None, exc))
+        if not message.is_batch:
+            response = await self._answer(message.entries[0], session)
+            return None if response is None else jsonrpc.encode(response)
+        answers = await asyncio.gather(*(self._answer(e, session) for e in message.entries))
+        responses = [r for r in answers if r is not None]
+        return jsonrpc.encode(responses) if responses else None
+
+    async def _answer(self, entry: jsonrpc.Entry, session: Session) -> JsonObject | None:
+        if isinstance(entry, jsonrpc.Invalid):
+            return jsonrpc.error(entry.id, entry.error)
+        if self._refusing:
+            error = Unavailable("the agent is shutting down", reason="shutting_down")
+            return None if entry.is_notification else jsonrpc.error(entry.id, error)
+        if session.inflight >= session.max_inflight:
+            error = ResourceExhausted(
+                f"more than {session.max_inflight} requests in flight on this connection",
+                reason="too_many_requests",
+            )
+            return None if entry.is_notification else jsonrpc.error(entry.id, error)
+        session.inflight += 1
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            return await self._call(entry, session)
+        finally:
+            session.inflight -= 1
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+
+    async def _call(self, request: jsonrpc.Request, session: Session) -> JsonObject | None:
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            value = await self._invoke(request, session)
+            response = jsonrpc.result(request.id, value)
+        except ApiError as exc:
+            outcome = exc.name
+            response = jsonrpc.error(request.id, exc)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except Exception:
+            incident = str(uuid.uuid4())
+            log.exception("internal error in %s (incident %s)", request.method, incident)
+            outcome = "InternalError"
+            response = jsonrpc.error(
+                request.id,
+                InternalError("internal error; see the agent log",
+                              reason="unexpected", incident=incident),
+            )
+        finally:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "call %s caller=%s duration_ms=%.3f outcome=%s",
+                    request.method,
+                    session.caller.identity,
+                    (time.perf_counter() - started) * 1000,
+                    outcome,
+                )
+        return None if request.is_notification else response
+
+    async def _invoke(self, request: jsonrpc.Request, session: Session) -> JsonObject:
+        spec = self.schema.methods.get(request.method)
+        if spec is None:
+            raise MethodNotFound(f"method {request.method!r} does not exist",
+                                 reason="unknown_method", method=request.method)
+        if not session.caller.may(spec.access):
+            raise PermissionDenied(
+                f"{request.method} needs the admin role; {session.caller.identity} is "
+                f"{session.caller.role.value}",
+                reason="role",
+                method=request.method,
+            )
+        if isinstance(request.params, list):
+            raise InvalidParams("params must be an object of named parameters",
+                                reason="positional_params", field="")
+        params = self.schema.check_params(spec, request.params or {})
+        ctx = CallContext(session.caller, session, request.method)
+        return await self._handlers[request.method](ctx, params)
+
+
+_F = Callable[..., Awaitable[JsonObject]]
+_MARK = "__virtnode_rpc_method__"
+
+
+def rpc_method(name: str) -> Callable[[_F], _F]:
+    """Mark a service coroutine as the handler of the API method ``name``."""
+
+    def mark(fn: _F) -> _F:
+        setattr(fn, _MARK, name)
+        return fn
+
+    return mark
+
+
+def handlers_of(*services: object) -> dict[str, Handler]:
+    """Collect the bound handlers that ``services`` marked with :func:`rpc_method`."""
+    table: dict[str, Handler] = {}
+    for service in services:
+        for attr in dir(type(service)):
+            name = getattr(getattr(type(service), attr), _MARK, None)
+            if name is None:
+                continue
+            if name in table:
+                raise SchemaError(f"two handlers for {name}")
+            table[name] = getattr(service, attr)
+    return table

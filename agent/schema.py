@@ -1,0 +1,291 @@
+"""The API contract, loaded from the YAML files of ``virtnode.api_schema``.
+
+The schema is data; this module reads it once, checks it for consistency, compiles a
+validator for every method's params, and answers questions about it. Results and event
+payloads are validated on demand (the test suite checks every one it sees).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+import fastjsonschema
+import yaml
+
+from virtnode import __version__
+from virtnode.errors import ERRORS_BY_NAME, InvalidParams
+
+JsonObject = dict[str, Any]
+Access = Literal["read", "write"]
+Validator = Callable[[Any], Any]
+
+#: Errors any method may raise; method entries list only the errors of their own.
+COMMON_ERRORS = (
+    "InvalidRequest",
+    "MethodNotFound",
+    "InvalidParams",
+    "InternalError",
+    "PermissionDenied",
+    "ResourceExhausted",
+)
+
+_METHOD_NAME = re.compile(r"^[A-Z][A-Za-z]*\.[a-z][A-Za-z]*$")
+_TOPIC_NAME = re.compile(r"^[a-z][a-z_]*(\.[a-z][a-z_]*)+$")
+_METHOD_KEYS = frozenset({"description", "access", "since", "params", "result", "errors"})
+_EVENT_KEYS = frozenset({"description", "since", "payload"})
+
+
+class SchemaError(Exception):
+    """The schema files are inconsistent; the agent cannot start with them."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    description: str
+    access: Access
+    since: str
+    params: JsonObject
+    result: JsonObject
+    errors: tuple[str, ...]
+    validate_params: Validator = field(repr=False, compare=False)
+
+    @property
+    def summary(self) -> str:
+        """The first sentence of the description."""
+        return self.description.strip().split("\n")[0].split(". ")[0].rstrip(".")
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    topic: str
+    description: str
+    since: str
+    payload: JsonObject
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    name: str
+    code: int
+    description: str
+
+
+@dataclass(frozen=True)
+class ApiSchema:
+    """The loaded, checked API contract."""
+
+    version: str
+    methods: Mapping[str, MethodSpec]
+    events: Mapping[str, EventSpec]
+    errors: Mapping[str, ErrorSpec]
+    definitions: Mapping[str, JsonObject]
+    _validators: dict[str, Validator] = field(default_factory=dict, repr=False, compare=False)
+
+    def check_params(self, method: MethodSpec, params: JsonObject) -> JsonObject:
+        """Validate ``params`` (filling in defaults) or raise :class:`InvalidParams`."""
+        try:
+            checked: JsonObject = method.validate_params(params)
+        except fastjsonschema.JsonSchemaValueException as exc:
+            raise _invalid_params(exc) from None
+        return checked
+
+    def check_result(self, method: str, value: Any) -> None:
+        """Validate a method's result; raises ``ValueError`` naming the mismatch."""
+        spec = self.methods[method]
+        self._check(f"result:{method}", spec.result, value)
+
+    def check_event(self, topic: str, payload: Any) -> None:
+        """Validate an event payload; raises ``ValueError`` naming the mismatch."""
+        self._check(f"event:{topic}", self.events[topic].payload, payload)
+
+    def _check(self, key: str, schema: JsonObject, value: Any) -> None:
+        validator = self._validators.get(key)
+        if validator is None:
+            validator = _compile(schema, self.definitions, use_default=False)
+            self._validators[key] = validator
+        try:
+            validator(value)
+        except fastjsonschema.JsonSchemaValueException as exc:
+            raise ValueError(f"{key}: {exc.message}") from None
+
+    def describe(self) -> JsonObject:
+        """Return the whole contract as an OpenRPC-like document."""
+        return {
+            "openrpc": "1.3.2",
+            "info": {"title": "virtnode", "version": self.version},
+            "methods": [
+                {
+                    "name": m.name,
+                    "description": m.description,
+                    "access": m.access,
+                    "since": m.since,
+                    "params": m.params,
+                    "result": m.result,
+                    "errors": list(m.errors),
+                }
+                for m in self.methods.values()
+            ],
+            "events": [
+                {
+                    "topic": e.topic,
+                    "description": e.description,
+                    "since": e.since,
+                    "payload": e.payload,
+                }
+                for e in self.events.values()
+            ],
+            "errors": [
+                {"name": e.name, "code": e.code, "description": e.description}
+                for e in self.errors.values()
+            ],
+            "definitions": copy.deepcopy(dict(self.definitions)),
+        }
+
+
+def _invalid_params(exc: fastjsonschema.JsonSchemaValueException) -> InvalidParams:
+    path = [str(p) for p in (exc.path or [])][1:]  # drop the root "data"
+    message = re.sub(r"^data", "params", exc.message)
+    definition = exc.definition or {}
+    if isinstance(exc.value, dict):
+        if exc.rule == "additionalProperties":
+            known = definition.get("properties", {})
+            extra = sorted(k for k in exc.value if k not in known)
+            if extra:
+                path.append(extra[0])
+                message = f"unknown parameter {'.'.join(path)!r}"
+        elif exc.rule == "required":
+            missing = [k for k in definition.get("required", []) if k not in exc.value]
+            if missing:
+                path.append(missing[0])
+                message = f"missing parameter {'.'.join(path)!r}"
+    return InvalidParams(message, reason=exc.rule or "schema", field=".".join(path))
+
+
+def _compile(schema: JsonObject, definitions: Mapping[str, JsonObject], *, use_default: bool) -> Validator:
+    full = {"$schema": "http://json-schema.org/draft-07/schema#", **schema}
+    full["definitions"] = dict(definitions)
+    compiled: Validator = fastjsonschema.compile(full, use_default=use_default)
+    return compiled
+
+
+def _object_schema(where: str, raw: Any, *, closed: bool) -> JsonObject:
+    schema: JsonObject = dict(raw or {})
+    schema.setdefault("type", "object")
+    if schema["type"] != "object":
+        raise SchemaError(f"{where} must be an object schema")
+    if closed:
+        if schema.get("additionalProperties", False) is not False:
+            raise SchemaError(f"{where} must not allow unknown properties")
+        schema["additionalProperties"] = False
+        schema.setdefault("properties", {})
+    return schema
+
+
+def _read_files(files: Iterable[tuple[str, str]]) -> JsonObject:
+    merged: JsonObject = {"methods": {}, "events": {}, "errors": {}, "definitions": {}}
+    for name, text in files:
+        doc = yaml.safe_load(text) or {}
+        unknown = set(doc) - set(merged)
+        if unknown:
+            raise SchemaError(f"{name}: unknown sections {sorted(unknown)}")
+        for section, entries in doc.items():
+            for key, value in (entries or {}).items():
+                if key in merged[section]:
+                    raise SchemaError(f"{name}: {section} {key!r} is declared twice")
+                merged[section][key] = value
+    return merged
+
+
+def _build_method(name: str, raw: JsonObject, errors: Mapping[str, ErrorSpec],
+                  definitions: Mapping[str, JsonObject]) -> MethodSpec:
+    if not _METHOD_NAME.match(name):
+        raise SchemaError(f"method name {name!r} is not Namespace.verb")
+    unknown = set(raw) - _METHOD_KEYS
+    if unknown:
+        raise SchemaError(f"method {name}: unknown keys {sorted(unknown)}")
+    if raw.get("access") not in ("read", "write"):
+        raise SchemaError(f"method {name}: access must be read or write")
+    for key in ("description", "since"):
+        if not isinstance(raw.get(key), str) or not raw[key].strip():
+            raise SchemaError(f"method {name}: {key} is required")
+    declared = tuple(raw.get("errors") or ())
+    for err in declared:
+        if err not in errors:
+            raise SchemaError(f"method {name}: unknown error {err!r}")
+    params = _object_schema(f"{name} params", raw.get("params"), closed=True)
+    result = _object_schema(f"{name} result", raw.get("result"), closed=False)
+    try:
+        validator = _compile(params, definitions, use_default=True)
+        _compile(result, definitions, use_default=False)
+    except fastjsonschema.JsonSchemaDefinitionException as exc:
+        raise SchemaError(f"method {name}: {exc}") from None
+    return MethodSpec(
+        name=name,
+        description=raw["description"].strip(),
+        access=raw["access"],
+        since=raw["since"],
+        params=params,
+        result=result,
+        errors=declared,
+        validate_params=validator,
+    )
+
+
+def _build_errors(raw: JsonObject) -> dict[str, ErrorSpec]:
+    errors: dict[str, ErrorSpec] = {}
+    for name, entry in raw.items():
+        cls = ERRORS_BY_NAME.get(name)
+        if cls is None:
+            raise SchemaError(f"error {name!r} has no class in virtnode.errors")
+        if entry.get("code") != cls.code:
+            raise SchemaError(f"error {name}: code {entry.get('code')} but the class says {cls.code}")
+        errors[name] = ErrorSpec(name, cls.code, str(entry.get("description", "")).strip())
+    missing = set(ERRORS_BY_NAME) - set(errors)
+    if missing:
+        raise SchemaError(f"errors without a schema entry: {sorted(missing)}")
+    return errors
+
+
+def _build_event(topic: str, raw: JsonObject) -> EventSpec:
+    if not _TOPIC_NAME.match(topic):
+        raise SchemaError(f"event topic {topic!r} is not dotted lower-case")
+    unknown = set(raw) - _EVENT_KEYS
+    if unknown:
+        raise SchemaError(f"event {topic}: unknown keys {sorted(unknown)}")
+    payload = _object_schema(f"event {topic} payload", raw.get("payload"), closed=False)
+    return EventSpec(topic, str(raw.get("description", "")).strip(), str(raw.get("since")), payload)
+
+
+def build_schema(files: Iterable[tuple[str, str]], version: str = __version__) -> ApiSchema:
+    """Build an :class:`ApiSchema` from ``(file name, YAML text)`` pairs.
+
+    Raises :class:`SchemaError` when the files are inconsistent.
+    """
+    merged = _read_files(files)
+    definitions: dict[str, JsonObject] = merged["definitions"]
+    errors = _build_errors(merged["errors"])
+    methods = {
+        name: _build_method(name, raw, errors, definitions)
+        for name, raw in sorted(merged["methods"].items())
+    }
+    events = {topic: _build_event(topic, raw) for topic, raw in sorted(merged["events"].items())}
+    return ApiSchema(version, methods, events, errors, definitions)
+
+
+def load_schema() -> ApiSchema:
+    """Load the schema shipped with this package."""
+    package = resources.files("virtnode.api_schema")
+    files = sorted(
+        (entry.name, entry.read_text(encoding="utf-8"))
+        for entry in package.iterdir()
+        if entry.name.endswith(".yaml")
+    )
+    if not files:
+        raise SchemaError("no schema files found in virtnode.api_schema")
+    return build_schema(files)

@@ -1,0 +1,260 @@
+"""The HTTP side of the API: listeners, WebSocket and POST transports, health.
+
+``GET /rpc`` upgraded to WebSocket carries requests, batches and pushed notifications;
+requests on one socket run concurrently and each response goes out when it is ready.
+``POST /rpc`` answers one message per request. ``GET /healthz`` reports readiness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from virtnode import jsonrpc
+from virtnode.config import AccessConfig, Listener, ServerConfig
+from virtnode.errors import InvalidRequest
+from virtnode.identity import Caller, peer_uid, tcp_caller, unix_caller
+from virtnode.rpc import Dispatcher
+
+log = logging.getLogger(__name__)
+
+JsonObject = dict[str, Any]
+HealthFn = Callable[[], JsonObject]
+
+#: Notifications waiting for a slow WebSocket peer before new ones are dropped.
+OUTBOX_LIMIT = 4096
+
+
+class _BaseSession:
+    def __init__(self, caller: Caller, max_inflight: int) -> None:
+        self.caller = caller
+        self.inflight = 0
+        self._max_inflight = max_inflight
+        self._close_callbacks: list[Callable[[], None]] = []
+
+    @property
+    def max_inflight(self) -> int:
+        return self._max_inflight
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        self._close_callbacks.append(callback)
+
+    def close_session(self) -> None:
+        """Run the close callbacks (once)."""
+        callbacks, self._close_callbacks = self._close_callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("session close callback failed")
+
+
+class HttpSession(_BaseSession):
+    """One POST request: no pushing."""
+
+    can_push = False
+
+    def push(self, message: JsonObject) -> bool:
+        return False
+
+
+class WsSession(_BaseSession):
+    """One WebSocket connection: concurrent requests and pushed notifications."""
+
+    can_push = True
+
+    def __init__(self, ws: web.WebSocketResponse, caller: Caller, max_inflight: int) -> None:
+        super().__init__(caller, max_inflight)
+        self.ws = ws
+        self._outbox: asyncio.Queue[str] = asyncio.Queue(OUTBOX_LIMIT)
+        self._dropped = 0
+
+    def push(self, message: JsonObject) -> bool:
+        if self.ws.closed:
+            return False
+        try:
+            self._outbox.put_nowait(jsonrpc.encode(message))
+        except asyncio.QueueFull:
+            self._dropped += 1
+            if self._dropped == 1:
+                log.warning("%s is not reading; dropping notifications", self.caller.identity)
+        return True
+
+    async def send(self, text: str) -> None:
+        if not self.ws.closed:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.ws.send_str(text)
+
+    async def write_pushed(self) -> None:
+        while True:
+            await self.send(await self._outbox.get())
+
+
+class ApiServer:
+    """Serves the dispatcher on every configured listener."""
+
+    def __init__(self, config: ServerConfig, access: AccessConfig, dispatcher: Dispatcher,
+                 health: HealthFn) -> None:
+        self._config = config
+        self._access = access
+        self._dispatcher = dispatcher
+        self._health = health
+        self._runner: web.AppRunner | None = None
+        self._sites: list[web.BaseSite] = []
+        self._sockets: list[Path] = []
+        self._sessions: set[WsSession] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Bind every listener; raises ``OSError`` if one cannot be bound."""
+        app = web.Application(client_max_size=self._config.max_message_size)
+        app.router.add_get("/rpc", self._get_rpc)
+        app.router.add_post("/rpc", self._post_rpc)
+        app.router.add_get("/healthz", self._healthz)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        for listener in self._config.listeners:
+            self._sites.append(await self._bind(listener))
+
+    async def _bind(self, listener: Listener) -> web.BaseSite:
+        assert self._runner is not None
+        site: web.BaseSite
+        if listener.kind == "unix":
+            path = Path(listener.path)
+            await asyncio.to_thread(_prepare_unix_path, path)
+            site = web.UnixSite(self._runner, str(path))
+            await site.start()
+            os.chmod(path, self._config.unix_socket_mode)
+            self._sockets.append(path)
+        else:
+            site = web.TCPSite(self._runner, listener.host, listener.port, reuse_address=True)
+            await site.start()
+        log.info("listening on %s", listener)
+        return site
+
+    async def stop_accepting(self) -> None:
+        """Stop accepting new connections; existing ones keep going."""
+        for site in self._sites:
+            await site.stop()
+        self._sites.clear()
+
+    async def close_sessions(self) -> None:
+        """Cancel calls still running and close every WebSocket (1001, going away)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for session in list(self._sessions):
+            await session.ws.close(code=1001, message=b"agent stopping")
+
+    async def close(self) -> None:
+        """Release the listeners and remove our unix sockets. Idempotent."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        for path in self._sockets:
+            path.unlink(missing_ok=True)
+        self._sockets.clear()
+
+    def _caller(self, request: web.Request) -> Caller:
+        transport = request.transport
+        sockname = transport.get_extra_info("sockname") if transport else None
+        if isinstance(sockname, str | bytes):
+            sock = transport.get_extra_info("socket") if transport else None
+            return unix_caller(peer_uid(sock), self._access)
+        peer = transport.get_extra_info("peername") if transport else None
+        return tcp_caller(peer, self._access)
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        health = self._health()
+        status = 200 if health["status"] == "ok" else 503
+        return web.json_response(health, status=status)
+
+    async def _post_rpc(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            error = InvalidRequest(
+                f"message larger than {self._config.max_message_size} bytes",
+                reason="message_too_large",
+            )
+            return _json(jsonrpc.error(None, error), status=413)
+        session = HttpSession(self._caller(request), self._config.max_inflight_per_connection)
+        try:
+            answer = await self._dispatcher.handle(body, session)
+        finally:
+            session.close_session()
+        if answer is None:
+            return web.Response(status=204)
+        return web.Response(text=answer, content_type="application/json")
+
+    async def _get_rpc(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(
+            max_msg_size=self._config.max_message_size, heartbeat=30.0, compress=False
+        )
+        if not ws.can_prepare(request).ok:
+            error = InvalidRequest("GET /rpc needs a WebSocket upgrade; or POST /rpc",
+                                   reason="websocket_required")
+            return _json(jsonrpc.error(None, error), status=400)
+        await ws.prepare(request)
+        session = WsSession(ws, self._caller(request), self._config.max_inflight_per_connection)
+        self._sessions.add(session)
+        writer = asyncio.create_task(session.write_pushed(), name="ws-push-writer")
+        try:
+            async for msg in ws:
+                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    self._spawn(session, msg.data)
+                elif msg.type is WSMsgType.ERROR:
+                    log.info("websocket from %s closed: %s", session.caller.identity,
+                             ws.exception())
+        finally:
+            self._sessions.discard(session)
+            session.close_session()
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+        return ws
+
+    def _spawn(self, session: WsSession, data: str | bytes) -> None:
+        task = asyncio.create_task(self._answer(session, data), name="rpc-call")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, session: WsSession, data: str | bytes) -> None:
+        answer = await self._dispatcher.handle(data, session)
+        if answer is not None:
+            await session.send(answer)
+
+
+def _json(obj: JsonObject, status: int) -> web.Response:
+    return web.Response(text=jsonrpc.encode(obj), status=status, content_type="application/json")
+
+
+def _prepare_unix_path(path: Path) -> None:
+    """Create the socket's directory and remove a stale socket left by a crash.
+
+    Raises ``OSError`` (EADDRINUSE) if another process is serving on the path.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise OSError(98, f"another process is serving on {path}")

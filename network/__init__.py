@@ -1,0 +1,1 @@
+"""Host networking: bridges, addresses, transactions and persistence."""

@@ -1,0 +1,1 @@
+"""Storage domains, images and volumes (qemu-img, mounts)."""
