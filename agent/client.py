@@ -7,6 +7,7 @@ wraps it for code that is not async.
 
 URLs: ``unix:/run/virtnode/virtnode.sock`` (the default), ``ws://HOST:PORT/rpc``,
 ``wss://HOST:PORT/rpc``, or ``tcp://HOST:PORT`` as a short form of ``ws://HOST:PORT/rpc``.
+The environment variable ``VIRTNODE_URL`` sets the default.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any
@@ -25,7 +27,8 @@ import aiohttp
 JsonObject = dict[str, Any]
 ResultCheck = Callable[[str, Any], None]
 
-DEFAULT_URL = "unix:/run/virtnode/virtnode.sock"
+#: Where clients connect unless told otherwise; ``VIRTNODE_URL`` overrides it.
+DEFAULT_URL = os.environ.get("VIRTNODE_URL") or "unix:/run/virtnode/virtnode.sock"
 
 
 class ClientError(Exception):
@@ -100,7 +103,7 @@ class Client:
                 ws_url, timeout=aiohttp.ClientWSTimeout(ws_close=timeout),
                 max_msg_size=max_msg_size, autoping=True,
             )
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             await session.close()
             raise ConnectionLost(f"cannot connect to {url}: {exc}") from None
         client = cls(session, ws, result_check)
@@ -211,7 +214,8 @@ class Client:
                     {"method": item["method"], "params": item.get("params", {})}
                 )
                 continue
-            entry = self._pending.pop(item.get("id"), None) if item.get("id") is not None else None
+            request_id = item.get("id")
+            entry = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
             if entry is not None:
                 entry[1].set_result(item)
             elif item.get("id") is None and "error" in item:
@@ -259,7 +263,8 @@ class SyncClient:
         loop, client = self._require()
         return loop.run_until_complete(client.call(method, params, timeout=timeout))
 
-    def batch(self, calls: Sequence[tuple[str, JsonObject | None]]) -> list[JsonObject | RemoteError]:
+    def batch(self, calls: Sequence[tuple[str, JsonObject | None]]
+              ) -> list[JsonObject | RemoteError]:
         loop, client = self._require()
         return loop.run_until_complete(client.batch(calls))
 

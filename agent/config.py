@@ -34,7 +34,10 @@ class Role(StrEnum):
 
 @dataclass(frozen=True)
 class Listener:
-    """A parsed listen address: ``unix:/path`` or ``tcp://host:port``."""
+    """A parsed listen address: ``unix:PATH`` or ``tcp://host:port``.
+
+    A relative unix socket path is relative to the agent's working directory.
+    """
 
     kind: str
     path: str = ""
@@ -52,8 +55,8 @@ def parse_listener(text: str) -> Listener:
     """Parse a listen address; raises ``ValueError`` with a reason."""
     if text.startswith("unix:"):
         path = text.removeprefix("unix:")
-        if not path.startswith("/"):
-            raise ValueError("unix socket path must be absolute")
+        if not path or "\0" in path:
+            raise ValueError("unix socket path is empty or has a NUL byte")
         return Listener("unix", path=path)
     parts = urlsplit(text)
     if parts.scheme == "tls":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import random
@@ -132,7 +133,8 @@ class DaemonThreadPool(concurrent.futures.Executor):
         for thread in self._threads:
             thread.start()
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+    def submit(self, fn: Callable[..., T], /, *args: Any,
+               **kwargs: Any) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._queue.put((future, fn, args, kwargs))
         return future
@@ -245,7 +247,7 @@ class Hypervisor:
             future.exception()  # a failure after the deadline has nobody left to tell
 
     async def _connect(self) -> None:
-        conn = await self._in_thread(lambda: self._open(), None, f"connecting to {self.uri}")
+        conn = await self._in_thread(self._open, None, f"connecting to {self.uri}")
         self._conn = conn
         self._lost.clear()
         for hook in self._hooks:
@@ -291,14 +293,10 @@ class Hypervisor:
         self._set_state(ConnectionState.DISCONNECTED, reason)
 
         def close() -> None:
-            try:
+            with contextlib.suppress(libvirt.libvirtError):
                 conn.unregisterCloseCallback()
-            except libvirt.libvirtError:
-                pass
-            try:
+            with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
-            except libvirt.libvirtError:
-                pass
 
         try:
             await self._in_thread(close, self._config.call_timeout, "closing the connection")

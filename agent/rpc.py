@@ -123,6 +123,7 @@ class Dispatcher:
     async def _answer(self, entry: jsonrpc.Entry, session: Session) -> JsonObject | None:
         if isinstance(entry, jsonrpc.Invalid):
             return jsonrpc.error(entry.id, entry.error)
+        error: ApiError
         if self._refusing:
             error = Unavailable("the agent is shutting down", reason="shutting_down")
             return None if entry.is_notification else jsonrpc.error(entry.id, error)

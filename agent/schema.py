@@ -167,7 +167,8 @@ def _invalid_params(exc: fastjsonschema.JsonSchemaValueException) -> InvalidPara
     return InvalidParams(message, reason=exc.rule or "schema", field=".".join(path))
 
 
-def _compile(schema: JsonObject, definitions: Mapping[str, JsonObject], *, use_default: bool) -> Validator:
+def _compile(schema: JsonObject, definitions: Mapping[str, JsonObject], *,
+             use_default: bool) -> Validator:
     full = {"$schema": "http://json-schema.org/draft-07/schema#", **schema}
     full["definitions"] = dict(definitions)
     compiled: Validator = fastjsonschema.compile(full, use_default=use_default)
@@ -244,7 +245,9 @@ def _build_errors(raw: JsonObject) -> dict[str, ErrorSpec]:
         if cls is None:
             raise SchemaError(f"error {name!r} has no class in virtnode.errors")
         if entry.get("code") != cls.code:
-            raise SchemaError(f"error {name}: code {entry.get('code')} but the class says {cls.code}")
+            raise SchemaError(
+                f"error {name}: code {entry.get('code')} but the class says {cls.code}"
+            )
         errors[name] = ErrorSpec(name, cls.code, str(entry.get("description", "")).strip())
     missing = set(ERRORS_BY_NAME) - set(errors)
     if missing:

@@ -1,0 +1,44 @@
+# The two commands a fresh Debian 12 machine needs: `make run` and `make test`.
+# Both install what is missing first (Debian packages, libvirtd, .venv) and nothing more.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The virtual environment is rebuilt only when pyproject.toml changes.
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-16)
+
+.PHONY: run test check docs bench setup host venv clean
+
+run: setup
+	mkdir -p run var
+	$(BIN)/virtnode serve --config packaging/dev.toml
+
+test: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+check: venv
+	$(BIN)/ruff check agent storage network tests bench tools
+	tools/typecheck
+
+docs: venv
+	$(BIN)/python -m virtnode.apidoc > docs/api.md
+
+bench: setup
+	$(BIN)/python bench/rpc.py
+
+setup: host venv
+
+host:
+	@tools/ensure-host
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+clean:
+	rm -rf $(VENV) build dist run var *.egg-info

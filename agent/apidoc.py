@@ -1,0 +1,90 @@
+"""Render the API schema as Markdown: ``python -m virtnode.apidoc > docs/api.md``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from virtnode.schema import COMMON_ERRORS, ApiSchema, load_schema
+
+JsonObject = dict[str, Any]
+
+
+def _type_of(schema: JsonObject) -> str:
+    if "$ref" in schema:
+        return str(schema["$ref"]).rsplit("/", 1)[-1]
+    if "enum" in schema:
+        return " \\| ".join(f"`{v}`" for v in schema["enum"])
+    kind = schema.get("type", "any")
+    if kind == "array":
+        return f"array of {_type_of(schema.get('items', {}))}"
+    return str(kind)
+
+
+def _fields(schema: JsonObject) -> list[str]:
+    properties = schema.get("properties", {})
+    if not properties:
+        return ["_none_", ""]
+    required = set(schema.get("required", []))
+    lines = ["| name | type | required | description |", "|---|---|---|---|"]
+    for name, prop in properties.items():
+        description = " ".join(str(prop.get("description", "")).split())
+        default = f" Default: `{json.dumps(prop['default'])}`." if "default" in prop else ""
+        lines.append(
+            f"| `{name}` | {_type_of(prop)} | {'yes' if name in required else 'no'} "
+            f"| {description}{default} |"
+        )
+    return [*lines, ""]
+
+
+def render(schema: ApiSchema) -> str:
+    """Return the Markdown reference for ``schema``."""
+    out = [
+        "# virtnode API reference",
+        "",
+        "Generated from `api_schema/` by `make docs` (`python -m virtnode.apidoc`); "
+        "do not edit by hand. The same document is served by `Api.describe`.",
+        "",
+        f"API version {schema.version}. Every method may also raise: "
+        + ", ".join(f"`{e}`" for e in COMMON_ERRORS) + ".",
+        "",
+        "## Methods",
+        "",
+    ]
+    for method in schema.methods.values():
+        out += [
+            f"### {method.name}",
+            "",
+            f"Access: `{method.access}` · since {method.since}",
+            "",
+            method.description,
+            "",
+            "Params:",
+            "",
+            *_fields(method.params),
+            "Result:",
+            "",
+            *_fields(method.result),
+        ]
+        if method.errors:
+            out += ["Errors: " + ", ".join(f"`{e}`" for e in method.errors), ""]
+    out += ["## Events", ""]
+    for event in schema.events.values():
+        out += [f"### {event.topic}", "", f"Since {event.since}", "", event.description, "",
+                "Payload:", "", *_fields(event.payload)]
+    out += ["## Errors", "", "| name | code | meaning |", "|---|---|---|"]
+    out += [f"| `{e.name}` | {e.code} | {' '.join(e.description.split())} |"
+            for e in schema.errors.values()]
+    out += ["", "## Shared types", ""]
+    for name, definition in schema.definitions.items():
+        out += [f"- `{name}`: `{json.dumps(definition, sort_keys=True)}`"]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    sys.stdout.write(render(load_schema()))
+
+
+if __name__ == "__main__":
+    main()
