@@ -106,3 +106,16 @@ async def agent(tmp_path: Path) -> AsyncIterator[AgentProcess]:
     yield proc
     status = await proc.stop()
     assert status == 0, f"agent exited with {status}:\n{proc.log}"
+
+
+@pytest.fixture
+async def libvirtd() -> None:
+    """qemu:///system must answer (KVM host with libvirtd, as root)."""
+    from tests.integration import libvirtd as daemon
+
+    if os.geteuid() != 0:
+        missing("tests on qemu:///system need root")
+    if not await daemon.answers():
+        missing("libvirtd does not answer on qemu:///system (run tools/ensure-host)")
+    if not Path("/dev/kvm").exists():
+        missing("/dev/kvm is absent")

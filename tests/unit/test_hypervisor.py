@@ -1,0 +1,112 @@
+"""The hypervisor owner on libvirt's test driver: deadlines, pool bounds, errors, events."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from virtnode.config import HypervisorConfig
+from virtnode.errors import DeadlineExceeded, NotFound, Unavailable
+from virtnode.events import Event, EventBus
+from virtnode.hypervisor import ConnectionState, Hypervisor
+
+
+def recorder(bus: EventBus) -> list[Event]:
+    seen: list[Event] = []
+    bus.subscribe(["hypervisor.*"], seen.append)
+    return seen
+
+
+@pytest.fixture
+async def bus() -> EventBus:
+    return EventBus()
+
+
+@pytest.fixture
+async def hv(bus: EventBus) -> AsyncIterator[Hypervisor]:
+    hypervisor = Hypervisor(HypervisorConfig(uri="test:///default", pool_size=2), bus)
+    await hypervisor.start()
+    yield hypervisor
+    await hypervisor.close()
+
+
+async def test_connects_and_reports_it(bus: EventBus) -> None:
+    seen = recorder(bus)
+    hypervisor = Hypervisor(HypervisorConfig(uri="test:///default"), bus)
+    await hypervisor.start()
+    try:
+        assert hypervisor.state is ConnectionState.CONNECTED
+        assert await hypervisor.call(lambda conn: conn.getType()) == "TEST"
+    finally:
+        await hypervisor.close()
+    states = [e.data["state"] for e in seen]
+    assert states == ["connected", "disconnected"]
+    assert all(e.data["uri"] == "test:///default" for e in seen)
+
+
+async def test_stuck_call_hits_its_deadline_and_others_go_on(hv: Hypervisor) -> None:
+    release = threading.Event()
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded) as caught:
+        await hv.call(lambda conn: release.wait(10), timeout=0.2, what="stuck call")
+    assert time.monotonic() - started < 1.0
+    assert caught.value.reason == "hypervisor_call_timeout"
+    assert "stuck call" in caught.value.message
+    # The stuck thread still holds one slot of two; the other serves calls.
+    assert await hv.call(lambda conn: conn.getHostname(), timeout=1.0)
+    release.set()
+
+
+async def test_full_pool_gives_deadline_not_a_hang(hv: Hypervisor) -> None:
+    release = threading.Event()
+    stuck = [
+        asyncio.create_task(hv.call(lambda conn: release.wait(10), timeout=5.0))
+        for _ in range(2)
+    ]
+    await asyncio.sleep(0)  # let both take their slots
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        await hv.call(lambda conn: conn.getType(), timeout=0.2)
+    assert time.monotonic() - started < 1.0
+    release.set()
+    assert await asyncio.gather(*stuck) == [True, True]
+    assert await hv.call(lambda conn: conn.getType(), timeout=1.0) == "TEST"
+
+
+async def test_libvirt_errors_are_translated(hv: Hypervisor) -> None:
+    with pytest.raises(NotFound) as caught:
+        await hv.call(lambda conn: conn.lookupByName("no-such-vm"))
+    assert caught.value.object == "vm"
+    assert hv.connected, "a NotFound must not be taken for a lost connection"
+
+
+async def test_closed_hypervisor_is_unavailable(bus: EventBus) -> None:
+    hypervisor = Hypervisor(HypervisorConfig(uri="test:///default"), bus)
+    await hypervisor.start()
+    await hypervisor.close()
+    await hypervisor.close()  # idempotent
+    with pytest.raises(Unavailable):
+        await hypervisor.call(lambda conn: conn.getType())
+
+
+async def test_unreachable_hypervisor_does_not_fail_start(bus: EventBus, tmp_path: object) -> None:
+    seen = recorder(bus)
+    config = HypervisorConfig(
+        uri=f"qemu+unix:///system?socket={tmp_path}/missing.sock",
+        call_timeout=2.0, reconnect_min=0.05, reconnect_max=0.1,
+    )
+    hypervisor = Hypervisor(config, bus)
+    await hypervisor.start()
+    try:
+        assert hypervisor.state is ConnectionState.DISCONNECTED
+        with pytest.raises(Unavailable) as caught:
+            await hypervisor.call(lambda conn: conn.getType())
+        assert caught.value.reason == "hypervisor_disconnected"
+        assert "missing.sock" in hypervisor.reason
+    finally:
+        await hypervisor.close()
+    assert [e.data["state"] for e in seen] == [], "never connected: no state change to report"
