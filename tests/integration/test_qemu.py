@@ -121,3 +121,19 @@ async def test_killed_libvirtd_is_survived_and_reconnected(
     assert "vms" in await client.call("VM.list")
     status, body = await health(qemu_agent)
     assert status == 200 and body["status"] == "ok"
+
+
+async def test_keepalive_notices_a_libvirtd_that_stopped_answering(
+    qemu_agent: AgentProcess, checked_client: ClientFactory
+) -> None:
+    client = await checked_client(qemu_agent.unix_url)
+    await client.call("Events.subscribe", {"topics": ["hypervisor.connection"]})
+    daemon.signal(signal.SIGSTOP)
+    try:
+        # No call is made: only keepalive (1 s x 2 probes here) can notice.
+        lost = await next_connection_event(client, "disconnected", timeout=15)
+        assert "keepalive" in lost["reason"], lost
+    finally:
+        daemon.signal(signal.SIGCONT)
+    await next_connection_event(client, "connected", timeout=30)
+    assert "vms" in await client.call("VM.list")
