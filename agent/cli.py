@@ -15,9 +15,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from virtnode import __version__
-from virtnode.client import DEFAULT_URL, Client, ClientError, ConnectionLost, RemoteError
-from virtnode.config import DEFAULT_CONFIG_PATH, ConfigError, dump_config, load_config
+from virtnode import __version__, jsonrpc
+from virtnode.client import (
+    DEFAULT_URL,
+    Client,
+    ClientError,
+    ConnectionLost,
+    RemoteError,
+    endpoint,
+)
+from virtnode.config import (
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    dump_config,
+    load_config,
+    toml_value,
+)
 
 EXIT_REMOTE_ERROR = 1
 EXIT_USAGE = 2
@@ -71,13 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve_overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.set)
     if args.listen:
-        overrides.append(f"server.listen={json.dumps(args.listen)}")
+        overrides.append(f"server.listen={toml_value(args.listen)}")
     if args.hypervisor:
-        overrides.append(f"hypervisor.uri={json.dumps(args.hypervisor)}")
+        overrides.append(f"hypervisor.uri={toml_value(args.hypervisor)}")
     if args.state_dir:
-        overrides.append(f"state.dir={json.dumps(args.state_dir)}")
+        overrides.append(f"state.dir={toml_value(args.state_dir)}")
     if args.log_level:
-        overrides.append(f"log.level={json.dumps(args.log_level)}")
+        overrides.append(f"log.level={toml_value(args.log_level)}")
     return overrides
 
 
@@ -115,8 +128,8 @@ def parse_params(pairs: Sequence[str], json_params: str | None) -> dict[str, Any
     params: dict[str, Any] = {}
     if json_params is not None:
         try:
-            loaded = json.loads(json_params)
-        except json.JSONDecodeError as exc:
+            loaded = jsonrpc.decode(json_params)
+        except ValueError as exc:
             raise ValueError(f"--json is not valid JSON: {exc}") from None
         if not isinstance(loaded, dict):
             raise ValueError("--json must be a JSON object")
@@ -126,10 +139,19 @@ def parse_params(pairs: Sequence[str], json_params: str | None) -> dict[str, Any
         if not sep or not key:
             raise ValueError(f"{pair!r}: expected KEY=VALUE")
         try:
-            params[key] = json.loads(text)
-        except json.JSONDecodeError:
+            params[key] = jsonrpc.decode(text)
+        except ValueError:
             params[key] = text
     return params
+
+
+def _check_url(url: str) -> bool:
+    try:
+        endpoint(url)
+    except ValueError as exc:
+        print(f"virtnode: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 async def _call(url: str, method: str, params: dict[str, Any], timeout: float) -> Any:
@@ -157,6 +179,8 @@ def cmd_call(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"virtnode: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if not _check_url(args.url):
+        return EXIT_USAGE
     status, result = _run_client(_call(args.url, args.method, params, args.timeout))
     if status == 0:
         print(json.dumps(result, indent=2, sort_keys=True))
@@ -169,6 +193,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
         document = load_schema().describe()
     else:
+        if not _check_url(args.url):
+            return EXIT_USAGE
         status, document = _run_client(_call(args.url, "Api.describe", {}, 30.0))
         if status:
             return status

@@ -230,7 +230,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        value = text
+        value = text.strip()
     return parts, value
 
 
@@ -245,6 +245,8 @@ def load_config(path: Path | None, overrides: Sequence[str] = ()) -> Config:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"{path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: not UTF-8 text ({exc.reason})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     for item in overrides:
@@ -256,18 +258,26 @@ def load_config(path: Path | None, overrides: Sequence[str] = ()) -> Config:
     return build_config(raw)
 
 
-def _toml_value(value: Any) -> str:
+def _toml_char(char: str) -> str:
+    if char in ('"', "\\"):
+        return "\\" + char
+    if (char < " " and char != "\t") or char == "\x7f":  # control characters must be escaped
+        return f"\\u{ord(char):04x}"
+    return char
+
+
+def toml_value(value: Any) -> str:
+    """Render a config value (string, number, bool, role or a list of them) as TOML."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, StrEnum):
-        return _toml_value(value.value)
+        return toml_value(value.value)
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
+        return '"' + "".join(_toml_char(c) for c in value) + '"'
     if isinstance(value, tuple | list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(type(value))  # pragma: no cover
 
 
@@ -280,7 +290,7 @@ def dump_config(config: Config) -> str:
         for item in dataclasses.fields(obj):
             doc = item.metadata.get("doc")
             value = getattr(obj, item.name)
-            text = oct(value) if item.name.endswith("_mode") else _toml_value(value)
+            text = oct(value) if item.name.endswith("_mode") else toml_value(value)
             lines.append(f"{item.name} = {text}" + (f"  # {doc}" if doc else ""))
         lines.append("")
     return "\n".join(lines)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,21 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 decodes to inf, which cannot be sent back
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def decode(raw: str | bytes) -> Any:
+    """``json.loads`` that refuses NaN, Infinity and numbers too large for a float.
+
+    Those are not JSON (or cannot be sent back as JSON); raises ``ValueError`` for them.
+    """
+    return json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def _is_valid_id(value: Any) -> bool:
     if isinstance(value, bool):
         return False
@@ -87,7 +103,7 @@ def parse_entry(obj: Any) -> Entry:
             echo_id,
         )
     params = obj.get("params")
-    if params is not None and not isinstance(params, dict | list):
+    if "params" in obj and not isinstance(params, dict | list):
         return Invalid(
             InvalidRequest('"params" must be an object or an array', reason="bad_params"),
             echo_id,
@@ -102,9 +118,11 @@ def parse(raw: str | bytes) -> Message:
     empty batch; both are answered with a single error response whose id is null.
     """
     try:
-        decoded = json.loads(raw, parse_constant=_reject_constant)
+        decoded = decode(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ParseError(f"message is not valid JSON: {exc}", reason="bad_json") from None
+    except RecursionError:
+        raise ParseError("message is nested too deeply", reason="too_deep") from None
     if isinstance(decoded, list):
         if not decoded:
             raise InvalidRequest("empty batch", reason="empty_batch")

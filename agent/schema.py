@@ -191,11 +191,18 @@ def _object_schema(where: str, raw: Any, *, closed: bool) -> JsonObject:
 def _read_files(files: Iterable[tuple[str, str]]) -> JsonObject:
     merged: JsonObject = {"methods": {}, "events": {}, "errors": {}, "definitions": {}}
     for name, text in files:
-        doc = yaml.safe_load(text) or {}
+        try:
+            doc = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise SchemaError(f"{name}: not valid YAML: {exc}") from None
+        if not isinstance(doc, dict):
+            raise SchemaError(f"{name}: expected a mapping of sections")
         unknown = set(doc) - set(merged)
         if unknown:
             raise SchemaError(f"{name}: unknown sections {sorted(unknown)}")
         for section, entries in doc.items():
+            if not isinstance(entries or {}, dict):
+                raise SchemaError(f"{name}: {section} must be a mapping")
             for key, value in (entries or {}).items():
                 if key in merged[section]:
                     raise SchemaError(f"{name}: {section} {key!r} is declared twice")
@@ -261,8 +268,11 @@ def _build_event(topic: str, raw: JsonObject) -> EventSpec:
     unknown = set(raw) - _EVENT_KEYS
     if unknown:
         raise SchemaError(f"event {topic}: unknown keys {sorted(unknown)}")
+    for key in ("description", "since"):
+        if not isinstance(raw.get(key), str) or not raw[key].strip():
+            raise SchemaError(f"event {topic}: {key} is required")
     payload = _object_schema(f"event {topic} payload", raw.get("payload"), closed=False)
-    return EventSpec(topic, str(raw.get("description", "")).strip(), str(raw.get("since")), payload)
+    return EventSpec(topic, raw["description"].strip(), raw["since"], payload)
 
 
 def build_schema(files: Iterable[tuple[str, str]], version: str = __version__) -> ApiSchema:

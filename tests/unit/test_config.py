@@ -1,0 +1,354 @@
+"""Configuration: TOML file, defaults, command-line overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from virtnode.config import (
+    Config,
+    ConfigError,
+    Listener,
+    Role,
+    build_config,
+    dump_config,
+    load_config,
+    parse_listener,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str, name: str = "virtnode.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(match: str, raw: dict[str, Any]) -> ConfigError:
+    with pytest.raises(ConfigError, match=match) as caught:
+        build_config(raw)
+    return caught.value
+
+
+# -- defaults and files -----------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    config = load_config(None)
+    assert config == Config()
+    assert config.server.listen == ("unix:/run/virtnode/virtnode.sock",)
+    assert config.server.listeners == (Listener("unix", path="/run/virtnode/virtnode.sock"),)
+    assert config.server.unix_socket_mode == 0o666
+    assert config.server.max_inflight_per_connection == 64
+    assert config.hypervisor.uri == "test:///default"
+    assert config.access.unix_admin_uids == (0,)
+    assert config.access.unix_role is Role.READER
+    assert config.access.tcp_role is Role.READER
+    assert config.state.dir == "/var/lib/virtnode"
+    assert config.log.level == "info"
+
+
+def test_config_is_frozen() -> None:
+    config = load_config(None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.server.listen = ()  # type: ignore[misc]
+
+
+def test_load_a_file(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        [server]
+        listen = ["unix:run/agent.sock", "tcp://127.0.0.1:8765", "tcp://[::1]:8766"]
+        unix_socket_mode = 0o660
+        drain_timeout = 3          # an integer where a float is expected is fine
+
+        [hypervisor]
+        uri = "qemu:///system"
+        reconnect_min = 1.5
+        reconnect_max = 1.5
+
+        [access]
+        unix_admin_uids = [0, 1000]
+        unix_role = "admin"
+
+        [state]
+        dir = "var"
+
+        [log]
+        level = "debug"
+    """)
+    config = load_config(path)
+    assert config.server.listeners == (
+        Listener("unix", path="run/agent.sock"),
+        Listener("tcp", host="127.0.0.1", port=8765),
+        Listener("tcp", host="::1", port=8766),
+    )
+    assert [str(item) for item in config.server.listeners] == [
+        "unix:run/agent.sock", "tcp://127.0.0.1:8765", "tcp://[::1]:8766",
+    ]
+    assert config.server.unix_socket_mode == 0o660
+    assert config.server.drain_timeout == 3.0
+    assert isinstance(config.server.drain_timeout, float)
+    assert config.server.stage_timeout == 5.0  # untouched keys keep their default
+    assert config.hypervisor.uri == "qemu:///system"
+    assert config.access.unix_admin_uids == (0, 1000)
+    assert config.access.unix_role is Role.ADMIN
+    assert config.state.dir == "var"
+    assert config.log.level == "debug"
+
+
+def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")) == Config()
+
+
+@pytest.mark.parametrize("name", ["dev.toml", "virtnode.toml"])
+def test_shipped_config_files_load(name: str) -> None:
+    load_config(REPO / "packaging" / name)
+
+
+# -- bad configuration ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"bogus": {}}, "bogus"),
+        ({"server": {"listne": ["unix:/x"]}}, "server.listne"),
+        ({"log": {"level": "info", "format": "json"}}, "log.format"),
+        ({"server": "unix:/x"}, "server"),
+        ({"server": {"listen": "unix:/x"}}, "server.listen"),
+        ({"server": {"listen": ["unix:/x", 5]}}, r"server.listen\[1\]"),
+        ({"server": {"listen": []}}, "server.listen"),
+        ({"server": {"max_message_size": "16M"}}, "server.max_message_size"),
+        ({"server": {"max_message_size": 1.5}}, "server.max_message_size"),
+        ({"server": {"max_inflight_per_connection": True}}, "server.max_inflight_per_connection"),
+        ({"server": {"max_inflight_per_connection": 0}}, "server.max_inflight_per_connection"),
+        ({"server": {"drain_timeout": "10"}}, "server.drain_timeout"),
+        ({"server": {"drain_timeout": False}}, "server.drain_timeout"),
+        ({"server": {"drain_timeout": -1.0}}, "server.drain_timeout"),
+        ({"server": {"drain_timeout": 0}}, "server.drain_timeout"),
+        ({"server": {"drain_timeout": float("nan")}}, "server.drain_timeout"),
+        ({"server": {"stage_timeout": -5}}, "server.stage_timeout"),
+        ({"server": {"unix_socket_mode": 0o1777}}, "server.unix_socket_mode"),
+        ({"server": {"unix_socket_mode": -1}}, "server.unix_socket_mode"),
+        ({"server": {"unix_socket_mode": "0660"}}, "server.unix_socket_mode"),
+        ({"hypervisor": {"uri": "qemu"}}, "hypervisor.uri"),
+        ({"hypervisor": {"uri": 5}}, "hypervisor.uri"),
+        ({"hypervisor": {"call_timeout": -0.1}}, "hypervisor.call_timeout"),
+        ({"hypervisor": {"pool_size": 0}}, "hypervisor.pool_size"),
+        ({"hypervisor": {"keepalive_interval": -1}}, "hypervisor.keepalive_interval"),
+        ({"hypervisor": {"keepalive_count": 2.0}}, "hypervisor.keepalive_count"),
+        ({"hypervisor": {"reconnect_min": -1}}, "hypervisor.reconnect_min"),
+        ({"hypervisor": {"reconnect_max": 0}}, "hypervisor.reconnect_max"),
+        ({"hypervisor": {"reconnect_min": 10, "reconnect_max": 5}}, "hypervisor.reconnect_min"),
+        ({"hypervisor": {"reconnect_min": 31.0}}, "hypervisor.reconnect_min"),
+        ({"access": {"unix_role": "root"}}, "access.unix_role"),
+        ({"access": {"tcp_role": "Admin"}}, "access.tcp_role"),
+        ({"access": {"tcp_role": 1}}, "access.tcp_role"),
+        ({"access": {"tcp_role": ["admin"]}}, "access.tcp_role"),
+        ({"access": {"unix_admin_uids": 0}}, "access.unix_admin_uids"),
+        ({"access": {"unix_admin_uids": ["root"]}}, r"access.unix_admin_uids\[0\]"),
+        ({"state": {"dir": 1}}, "state.dir"),
+        ({"log": {"level": "verbose"}}, "log.level"),
+        ({"log": {"level": "INFO"}}, "log.level"),
+        ({"log": {"level": 10}}, "log.level"),
+    ],
+    ids=str,
+)
+def test_bad_value_names_the_key(raw: dict[str, Any], key: str) -> None:
+    error = config_error(rf"^{key}:", raw)
+    assert str(error).strip() != key
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("tcp://0.0.0.0:8765", "loopback only"),
+        ("tcp://10.0.0.1:8765", "loopback only"),
+        ("tcp://[::]:8765", "loopback only"),
+        ("tcp://192.168.1.1:8765", "loopback only"),
+        ("tcp://agent.example.com:8765", "not an IP address"),
+        ("tls://0.0.0.0:8765", "not supported yet"),
+        ("tls://127.0.0.1:8765", "not supported yet"),
+        ("tcp://127.0.0.1", "HOST:PORT"),
+        ("tcp://:8765", "HOST:PORT"),
+        ("tcp://127.0.0.1:99999", "out of range"),
+        ("tcp://127.0.0.1:http", "integer"),
+        ("http://127.0.0.1:8765", "unix:/PATH or tcp://HOST:PORT"),
+        ("/run/virtnode.sock", "unix:/PATH or tcp://HOST:PORT"),
+        ("unix:", "empty"),
+        ("unix:/run/a\0b", "NUL"),
+        ("", "unix:/PATH or tcp://HOST:PORT"),
+    ],
+)
+def test_bad_listen_address(address: str, why: str) -> None:
+    error = config_error(r"^server\.listen:", {"server": {"listen": ["unix:/ok", address]}})
+    assert repr(address) in str(error)
+    assert why in str(error)
+    with pytest.raises(ValueError, match=re.escape(why)):
+        parse_listener(address)
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("unix:/run/virtnode/virtnode.sock", Listener("unix", path="/run/virtnode/virtnode.sock")),
+        ("unix:relative.sock", Listener("unix", path="relative.sock")),
+        ("tcp://127.0.0.1:8765", Listener("tcp", host="127.0.0.1", port=8765)),
+        ("tcp://127.1.2.3:1", Listener("tcp", host="127.1.2.3", port=1)),
+        ("tcp://localhost:8765", Listener("tcp", host="localhost", port=8765)),
+        ("tcp://[::1]:8765", Listener("tcp", host="::1", port=8765)),
+    ],
+)
+def test_good_listen_address(address: str, expected: Listener) -> None:
+    assert parse_listener(address) == expected
+    assert str(expected) == address
+
+
+def test_file_that_is_not_toml(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server\nlisten = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML") as caught:
+        load_config(path)
+    assert str(path) in str(caught.value)
+
+
+def test_file_that_is_not_text(tmp_path: Path) -> None:
+    path = tmp_path / "binary.toml"
+    path.write_bytes(b"\xff\xfe\x00\x01[server]\x80")
+    with pytest.raises(ConfigError, match="not valid TOML") as caught:
+        load_config(path)
+    assert str(path) in str(caught.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="No such file") as caught:
+        load_config(path)
+    assert str(path) in str(caught.value)
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path)
+    assert str(tmp_path) in str(caught.value)
+
+
+def test_bad_key_in_a_file_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path, "[hypervisor]\npool_size = -2\n")
+    with pytest.raises(ConfigError, match=r"^hypervisor\.pool_size: must be greater than 0"):
+        load_config(path)
+
+
+# -- overrides ------------------------------------------------------------------------------
+
+
+def test_overrides_take_toml_values(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\nlisten = ["unix:/a.sock"]\n[log]\nlevel = "debug"\n')
+    config = load_config(path, [
+        'server.listen = ["unix:/b.sock", "tcp://127.0.0.1:9000"]',
+        "server.max_inflight_per_connection=8",
+        "server.drain_timeout=2.5",
+        "server.unix_socket_mode=0o600",
+        "access.unix_admin_uids=[0, 1000]",
+        'hypervisor.uri="qemu:///system"',
+    ])
+    assert config.server.listen == ("unix:/b.sock", "tcp://127.0.0.1:9000")
+    assert config.server.max_inflight_per_connection == 8
+    assert config.server.drain_timeout == 2.5
+    assert config.server.unix_socket_mode == 0o600
+    assert config.access.unix_admin_uids == (0, 1000)
+    assert config.hypervisor.uri == "qemu:///system"
+    assert config.log.level == "debug"  # from the file, not overridden
+
+
+def test_overrides_take_bare_strings() -> None:
+    config = load_config(None, [
+        "hypervisor.uri=qemu:///system",
+        "log.level = warning",
+        "access.tcp_role=admin",
+        "state.dir=/srv/virtnode state",
+    ])
+    assert config.hypervisor.uri == "qemu:///system"
+    assert config.log.level == "warning"
+    assert config.access.tcp_role is Role.ADMIN
+    assert config.state.dir == "/srv/virtnode state"
+
+
+def test_later_override_wins() -> None:
+    assert load_config(None, ["log.level=debug", "log.level=error"]).log.level == "error"
+
+
+def test_override_can_add_a_section_missing_from_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[log]\nlevel = 'debug'\n")
+    assert load_config(path, ["state.dir=/tmp/x"]).state.dir == "/tmp/x"
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("server.bogus=1", r"^server\.bogus: unknown key"),
+        ("bogus.key=1", r"^bogus: unknown section"),
+        ("server.max_inflight_per_connection=many", r"^server\.max_inflight_per_connection:"),
+        ("server.max_inflight_per_connection=-3", r"^server\.max_inflight_per_connection:"),
+        ("server.listen=unix:/x.sock", r"^server\.listen: expected a list"),
+        ('server.listen=["tcp://0.0.0.0:1"]', r"^server\.listen: .*loopback"),
+        ("state.dir=true", r"^state\.dir: expected str"),
+        ("log.level=loud", r"^log\.level:"),
+        ("hypervisor.reconnect_min=60", r"^hypervisor\.reconnect_min:"),
+        ("log.level", "expected section.key=value"),
+        ("level=debug", "expected section.key=value"),
+        ("log.level.x=debug", "expected section.key=value"),
+        (".level=debug", "expected section.key=value"),
+        ("log.=debug", "expected section.key=value"),
+    ],
+)
+def test_bad_override(override: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_override_of_a_section_that_is_not_a_table(tmp_path: Path) -> None:
+    path = write(tmp_path, 'log = "debug"\n')
+    with pytest.raises(ConfigError, match=r"^log: expected a table"):
+        load_config(path, ["log.level=debug"])
+
+
+# -- dump -----------------------------------------------------------------------------------
+
+
+def _round_trip(config: Config) -> Config:
+    return build_config(tomllib.loads(dump_config(config)))
+
+
+def test_dump_of_the_defaults_parses_back() -> None:
+    text = dump_config(Config())
+    assert "[server]" in text
+    assert "unix_socket_mode = 0o666" in text
+    assert "# addresses to serve the API on" in text
+    assert _round_trip(Config()) == Config()
+
+
+def test_dump_of_a_changed_config_parses_back(tmp_path: Path) -> None:
+    path = write(tmp_path, r"""
+        [server]
+        listen = ["unix:/tmp/a \"quoted\" \\ path.sock", "tcp://[::1]:1"]
+        unix_socket_mode = 0o600
+        drain_timeout = 1e-3
+        stage_timeout = 1e20
+        [hypervisor]
+        uri = "qemu+ssh://root@host/system?keyfile=/k#x"
+        [access]
+        unix_admin_uids = []
+        unix_role = "admin"
+        [state]
+        dir = "/var/lib/ünïcode/😀/tab\there/newline\nhere/bell\u0007/del\u007f"
+        [log]
+        level = "error"
+    """)
+    config = load_config(path)
+    assert _round_trip(config) == config
