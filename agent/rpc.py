@@ -115,10 +115,10 @@ class Dispatcher:
             return jsonrpc.encode(jsonrpc.error(None, exc))
         if not message.is_batch:
             response = await self._answer(message.entries[0], session)
-            return None if response is None else jsonrpc.encode(response)
+            return None if response is None else _encode(response)
         answers = await asyncio.gather(*(self._answer(e, session) for e in message.entries))
-        responses = [r for r in answers if r is not None]
-        return jsonrpc.encode(responses) if responses else None
+        responses = [_encode(r) for r in answers if r is not None]
+        return f"[{','.join(responses)}]" if responses else None
 
     async def _answer(self, entry: jsonrpc.Entry, session: Session) -> JsonObject | None:
         if isinstance(entry, jsonrpc.Invalid):
@@ -194,6 +194,19 @@ class Dispatcher:
         params = self.schema.check_params(spec, request.params or {})
         ctx = CallContext(session.caller, session, request.method)
         return await self._handlers[request.method](ctx, params)
+
+
+def _encode(response: JsonObject) -> str:
+    """Serialise one response; a result that is not JSON becomes an internal error."""
+    try:
+        return jsonrpc.encode(response)
+    except (TypeError, ValueError):
+        incident = str(uuid.uuid4())
+        log.exception("cannot encode the answer to request id %r (incident %s)",
+                      response.get("id"), incident)
+        error = InternalError("internal error; see the agent log",
+                              reason="unencodable_result", incident=incident)
+        return jsonrpc.encode(jsonrpc.error(response.get("id"), error))
 
 
 _F = Callable[..., Awaitable[JsonObject]]

@@ -197,8 +197,10 @@ class ApiServer:
         return web.Response(text=answer, content_type="application/json")
 
     async def _get_rpc(self, request: web.Request) -> web.StreamResponse:
+        # aiohttp refuses a WebSocket message of exactly max_msg_size bytes (POST bodies of
+        # that size pass): one more makes max_message_size the largest accepted on both.
         ws = web.WebSocketResponse(
-            max_msg_size=self._config.max_message_size, heartbeat=30.0, compress=False
+            max_msg_size=self._config.max_message_size + 1, heartbeat=30.0, compress=False
         )
         if not ws.can_prepare(request).ok:
             error = InvalidRequest("GET /rpc needs a WebSocket upgrade; or POST /rpc",

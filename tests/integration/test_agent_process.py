@@ -1,0 +1,225 @@
+"""The real agent as a subprocess on test:///default: its first methods, transports, the
+``virtnode call`` command, stopping on SIGTERM and how fast it starts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.agentproc import AgentProcess, running_agent, start_agent
+from tests.conftest import ClientFactory
+from virtnode.schema import ApiSchema
+
+JsonObject = dict[str, Any]
+
+#: test:///default always defines one running domain with this name.
+TEST_VM = "test"
+
+
+def url_of(agent: AgentProcess, via: str) -> str:
+    return agent.unix_url if via == "unix" else agent.tcp_url
+
+
+def assert_uuid(text: str) -> None:
+    assert str(uuid.UUID(text)) == text.lower()
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def via(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def test_ping(agent: AgentProcess, checked_client: ClientFactory, via: str) -> None:
+    client = await checked_client(url_of(agent, via))
+    result = await client.call("Host.ping")
+    assert abs(result["time"] - time.time()) < 60
+
+
+async def test_capabilities(agent: AgentProcess, checked_client: ClientFactory,
+                            schema: ApiSchema, via: str) -> None:
+    client = await checked_client(url_of(agent, via))
+    caps = await client.call("Host.getCapabilities")
+    assert "test" in caps["domain_types"]
+    assert caps["hypervisor"]["uri"] == "test:///default"
+    assert caps["features"]["methods"] == sorted(schema.methods)
+    assert caps["features"]["events"] == sorted(schema.events)
+    assert set(caps["features"]["methods"]) >= {"Host.ping", "VM.list", "Api.describe"}
+    assert_uuid(caps["host_uuid"])
+    assert caps["memory_bytes"] > 0
+    assert caps["cpu"]["count"] >= 1
+
+
+async def test_host_uuid_survives_a_restart(agent: AgentProcess, checked_client: ClientFactory,
+                                            tmp_path: Path) -> None:
+    before = (await (await checked_client(agent.unix_url)).call("Host.getCapabilities"))
+    assert await agent.stop() == 0
+    async with running_agent(tmp_path) as again:
+        client = await checked_client(again.tcp_url)
+        after = await client.call("Host.getCapabilities")
+        assert after["host_uuid"] == before["host_uuid"]
+        await client.close()
+    # A different state directory is a different host.
+    (tmp_path / "other").mkdir()
+    async with running_agent(tmp_path / "other") as other:
+        client = await checked_client(other.unix_url)
+        elsewhere = await client.call("Host.getCapabilities")
+        assert_uuid(elsewhere["host_uuid"])
+        assert elsewhere["host_uuid"] != before["host_uuid"]
+        await client.close()
+
+
+async def test_host_stats(agent: AgentProcess, checked_client: ClientFactory, via: str) -> None:
+    client = await checked_client(url_of(agent, via))
+    stats = await client.call("Host.getStats")
+    assert stats["memory"]["total_bytes"] > 0
+    assert 0 < stats["memory"]["available_bytes"] <= stats["memory"]["total_bytes"]
+    assert "lo" in {nic["name"] for nic in stats["nics"]}
+    assert stats["cpu"]["count"] >= 1
+
+
+async def test_vm_list(agent: AgentProcess, checked_client: ClientFactory, via: str) -> None:
+    client = await checked_client(url_of(agent, via))
+    vms = (await client.call("VM.list"))["vms"]
+    test_vms = [vm for vm in vms if vm["name"] == TEST_VM]
+    assert len(test_vms) == 1
+    assert test_vms[0]["state"] == "running"
+    assert_uuid(test_vms[0]["vm_id"])
+    assert [vm["name"] for vm in vms] == sorted(vm["name"] for vm in vms)
+
+    running = (await client.call("VM.list", {"state": "running"}))["vms"]
+    assert TEST_VM in {vm["name"] for vm in running}
+    assert all(vm["state"] == "running" for vm in running)
+    assert (await client.call("VM.list", {"state": "shutoff"}))["vms"] == []
+
+
+async def test_api_describe_is_the_shipped_schema(agent: AgentProcess,
+                                                  checked_client: ClientFactory,
+                                                  schema: ApiSchema, via: str) -> None:
+    client = await checked_client(url_of(agent, via))
+    described = await client.call("Api.describe")
+    shipped = schema.describe()
+    assert [m["name"] for m in described["methods"]] == list(schema.methods)
+    assert described["methods"] == shipped["methods"]
+    assert [e["topic"] for e in described["events"]] == list(schema.events)
+    assert {e["name"]: e["code"] for e in described["errors"]} == {
+        name: spec.code for name, spec in schema.errors.items()
+    }
+    assert described["info"]["version"] == schema.version
+
+
+async def test_post_rpc_over_tcp(agent: AgentProcess, schema: ApiSchema) -> None:
+    url = f"{agent.http_url}/rpc"
+    headers = {"Content-Type": "application/json"}
+    batch = [
+        {"jsonrpc": "2.0", "method": "Host.ping", "id": 1},
+        {"jsonrpc": "2.0", "method": "VM.list", "params": {"state": "running"}, "id": 2},
+        {"jsonrpc": "2.0", "method": "VM.list", "params": {"bogus": 1}, "id": 3},
+    ]
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data=json.dumps(batch[0]), headers=headers) as resp:
+            assert resp.status == 200
+            assert resp.content_type == "application/json"
+            single = await resp.json()
+        async with http.post(url, data=json.dumps(batch), headers=headers) as resp:
+            assert resp.status == 200
+            answers = {a["id"]: a for a in await resp.json()}
+        async with http.get(f"{agent.http_url}/healthz") as resp:
+            assert resp.status == 200
+            health = await resp.json()
+
+    assert single["jsonrpc"] == "2.0"
+    assert single["id"] == 1
+    schema.check_result("Host.ping", single["result"])
+    assert answers.keys() == {1, 2, 3}
+    schema.check_result("Host.ping", answers[1]["result"])
+    schema.check_result("VM.list", answers[2]["result"])
+    assert TEST_VM in {vm["name"] for vm in answers[2]["result"]["vms"]}
+    assert answers[3]["error"]["code"] == -32602
+    assert answers[3]["error"]["data"]["field"] == "bogus"
+    assert health["status"] == "ok"
+    assert health["hypervisor"]["uri"] == "test:///default"
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+async def run_cli(*args: str, timeout: float = 30.0) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "virtnode", *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_cli_call_prints_the_result(agent: AgentProcess, schema: ApiSchema,
+                                          via: str) -> None:
+    status, out, err = await run_cli("call", "VM.list", "state=running",
+                                     "--url", url_of(agent, via))
+    assert status == 0, err
+    result = json.loads(out)
+    schema.check_result("VM.list", result)
+    assert TEST_VM in {vm["name"] for vm in result["vms"]}
+
+    status, out, err = await run_cli("call", "Host.ping", "--url", url_of(agent, via))
+    assert status == 0, err
+    assert abs(json.loads(out)["time"] - time.time()) < 60
+
+
+async def test_cli_call_error_goes_to_stderr_with_status_1(agent: AgentProcess) -> None:
+    status, out, err = await run_cli("call", "VM.list", "bogus=1", "--url", agent.unix_url)
+    assert status == 1
+    assert out == ""
+    error = json.loads(err)
+    assert error["code"] == -32602
+    assert error["data"]["name"] == "InvalidParams"
+    assert error["data"]["field"] == "bogus"
+
+
+# --- stopping and starting ----------------------------------------------------------------
+
+
+async def test_sigterm_exits_0_and_removes_the_socket(agent: AgentProcess) -> None:
+    assert agent.unix_path.exists()
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"{agent.http_url}/rpc")
+        started = time.monotonic()
+        status = await agent.stop(signal.SIGTERM, timeout=5.0)
+        assert time.monotonic() - started < 5.0
+        msg = await ws.receive(timeout=5.0)
+        assert msg.type is aiohttp.WSMsgType.CLOSE
+        assert msg.data == aiohttp.WSCloseCode.GOING_AWAY
+    assert status == 0, agent.log
+    assert not agent.unix_path.exists()
+    assert "virtnode stopped" in agent.log
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", agent.tcp_port)
+
+
+async def test_start_to_ready_under_one_second(tmp_path: Path) -> None:
+    timings = []
+    for attempt in range(3):
+        workdir = tmp_path / f"start{attempt}"
+        workdir.mkdir()
+        agent = await start_agent(workdir)
+        timings.append(agent.ready_at - agent.started_at)
+        assert await agent.stop() == 0, agent.log
+    assert min(timings) < 1.0, f"start-to-ready times: {timings}"
