@@ -31,6 +31,7 @@ from virtnode.config import (
     load_config,
     toml_value,
 )
+from virtnode.schema import SchemaError
 
 EXIT_REMOTE_ERROR = 1
 EXIT_USAGE = 2
@@ -114,7 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     try:
         asyncio.run(serve(config))
-    except OSError as exc:
+    except (OSError, ValueError, SchemaError) as exc:
         logging.getLogger("virtnode").error("cannot start: %s", exc)
         return 1
     return 0

@@ -122,6 +122,9 @@ class ServerConfig:
     max_inflight_per_connection: int = _spec(64, _positive, "concurrent requests per connection")
     drain_timeout: float = _spec(10.0, _positive, "seconds to let in-flight calls finish at stop")
     stage_timeout: float = _spec(5.0, _positive, "seconds for each other shutdown stage")
+    check_results: bool = _spec(
+        False, None, "validate every result and event against the schema (development)"
+    )
 
     @property
     def listeners(self) -> tuple[Listener, ...]:

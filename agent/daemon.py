@@ -46,6 +46,9 @@ class Agent:
         """
         started = time.perf_counter()
         schema = load_schema()
+        check = self.config.server.check_results
+        if check:
+            self.bus.check = schema.check_event
         state_dir = Path(self.config.state.dir)
         host_id = await asyncio.to_thread(load_host_id, state_dir)
         host = HostService(self.hypervisor, schema, host_id)
@@ -55,7 +58,7 @@ class Agent:
             VmService(self.hypervisor),
             EventsService(self.bus),
         )
-        self.dispatcher = Dispatcher(schema, handlers_of(*services))
+        self.dispatcher = Dispatcher(schema, handlers_of(*services), check_results=check)
         await host.start()
         await self.hypervisor.start()
         self.server = ApiServer(self.config.server, self.config.access, self.dispatcher,

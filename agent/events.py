@@ -58,12 +58,19 @@ class EventBus:
 
     def __init__(self, epoch: str | None = None) -> None:
         self.epoch = epoch or str(uuid.uuid4())
+        #: Called with (topic, payload) before publishing; raises ValueError on a bad one.
+        self.check: Callable[[str, JsonObject], None] | None = None
         self._seq = itertools.count(1)
         self._subscriptions: set[_Subscription] = set()
         self.last_seq = 0
 
     def publish(self, topic: str, data: JsonObject) -> Event:
-        """Publish an event now; returns it with its sequence number."""
+        """Publish an event now; returns it with its sequence number.
+
+        Raises ``ValueError`` when a :attr:`check` is set and rejects the payload.
+        """
+        if self.check is not None:
+            self.check(topic, data)
         event = Event(self.epoch, next(self._seq), topic, time.time(), data)
         self.last_seq = event.seq
         for sub in list(self._subscriptions):

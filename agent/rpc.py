@@ -67,7 +67,8 @@ Handler = Callable[[CallContext, JsonObject], Awaitable[JsonObject]]
 class Dispatcher:
     """Validates and routes requests; every response it builds is JSON-RPC 2.0."""
 
-    def __init__(self, schema: ApiSchema, handlers: Mapping[str, Handler]) -> None:
+    def __init__(self, schema: ApiSchema, handlers: Mapping[str, Handler], *,
+                 check_results: bool = False) -> None:
         missing = sorted(set(schema.methods) - set(handlers))
         extra = sorted(set(handlers) - set(schema.methods))
         if missing or extra:
@@ -84,6 +85,7 @@ class Dispatcher:
             )
         self.schema = schema
         self._handlers = dict(handlers)
+        self._check_results = check_results
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -193,7 +195,15 @@ class Dispatcher:
                                 reason="positional_params", field="")
         params = self.schema.check_params(spec, request.params or {})
         ctx = CallContext(session.caller, session, request.method)
-        return await self._handlers[request.method](ctx, params)
+        value = await self._handlers[request.method](ctx, params)
+        if self._check_results:
+            try:
+                self.schema.check_result(request.method, value)
+            except ValueError as exc:
+                log.error("result does not match the schema: %s", exc)
+                raise InternalError("internal error; see the agent log",
+                                    reason="result_schema") from None
+        return value
 
 
 def _encode(response: JsonObject) -> str:

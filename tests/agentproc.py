@@ -105,6 +105,8 @@ class AgentProcess:
         if self._pump is not None:
             await asyncio.gather(self._pump, return_exceptions=True)
         assert self.proc.returncode is not None
+        for sign in ("does not match the schema", "Traceback"):
+            assert sign not in self.log, f"the agent logged {sign!r}:\n{self.log}"
         return self.proc.returncode
 
 
@@ -115,7 +117,11 @@ async def start_agent(tmp_path: Path, *, hypervisor: str = "test:///default",
     unix_path = tmp_path / "run" / "virtnode.sock"
     port = free_port()
     config: dict[str, dict[str, Any]] = {
-        "server": {"listen": [f"unix:{unix_path}", f"tcp://127.0.0.1:{port}"]},
+        "server": {
+            "listen": [f"unix:{unix_path}", f"tcp://127.0.0.1:{port}"],
+            # Every result and event is checked against the schema by the agent itself.
+            "check_results": True,
+        },
         "hypervisor": {"uri": hypervisor},
         "state": {"dir": str(tmp_path / "state")},
         "log": {"level": "debug"},

@@ -728,3 +728,28 @@ def test_handlers_of_rejects_duplicates_within_one_service() -> None:
 
     with pytest.raises(SchemaError, match=r"Same\.name"):
         handlers_of(Both())
+
+
+async def test_result_checking_turns_a_result_off_schema_into_an_internal_error(
+    test_schema: ApiSchema, service: FakeService, admin: FakeSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Test.set declares value as integer or null; echoing a string breaks its contract.
+    off_schema = {"value": "not an integer"}
+
+    class Liar(FakeService):
+        @rpc_method("Test.set")
+        async def set(self, ctx: CallContext, params: JsonObject) -> JsonObject:
+            return {"value": params["value"]} if "value" in params else off_schema
+
+    unchecked = Dispatcher(test_schema, handlers_of(Liar()))
+    assert (await call(unchecked, admin, request("Test.set", {})))["result"] == off_schema
+
+    checked = Dispatcher(test_schema, handlers_of(Liar()), check_results=True)
+    with caplog.at_level(logging.ERROR, logger="virtnode.rpc"):
+        response = await call(checked, admin, request("Test.set", {}))
+    assert response["error"]["code"] == -32603
+    assert response["error"]["data"]["reason"] == "result_schema"
+    assert "does not match the schema" in caplog.text
+    good = await call(checked, admin, request("Test.set", {"value": 3}))
+    assert good["result"] == {"value": 3}
