@@ -201,7 +201,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
             return status
     width = max((len(m["name"]) for m in document["methods"]), default=0)
     for method in document["methods"]:
-        summary = method["description"].strip().split("\n")[0]
+        summary = method.get("summary") or method["description"]
         print(f"{method['name']:<{width}}  {method['access']:<5}  {summary}")
     return 0
 

@@ -116,12 +116,13 @@ class ApiSchema:
 
     def describe(self) -> JsonObject:
         """Return the whole contract as an OpenRPC-like document."""
-        return {
+        return copy.deepcopy({
             "openrpc": "1.3.2",
             "info": {"title": "virtnode", "version": self.version},
             "methods": [
                 {
                     "name": m.name,
+                    "summary": m.summary,
                     "description": m.description,
                     "access": m.access,
                     "since": m.since,
@@ -144,8 +145,8 @@ class ApiSchema:
                 {"name": e.name, "code": e.code, "description": e.description}
                 for e in self.errors.values()
             ],
-            "definitions": copy.deepcopy(dict(self.definitions)),
-        }
+            "definitions": dict(self.definitions),
+        })
 
 
 def _invalid_params(exc: fastjsonschema.JsonSchemaValueException) -> InvalidParams:
