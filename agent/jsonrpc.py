@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from virtnode.errors import ApiError, InvalidRequest, ParseError
 
@@ -20,8 +19,7 @@ RequestId = str | int | float | None
 _REQUEST_MEMBERS = frozenset({"jsonrpc", "method", "params", "id"})
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     """A well-formed request or notification."""
 
     method: str
@@ -30,8 +28,7 @@ class Request:
     is_notification: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Invalid:
+class Invalid(NamedTuple):
     """An entry that is not a valid request; it is answered with ``error``."""
 
     error: ApiError
@@ -41,8 +38,7 @@ class Invalid:
 Entry = Request | Invalid
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
     """One received message: a single entry or a batch of them."""
 
     entries: tuple[Entry, ...]
@@ -60,12 +56,19 @@ def _finite_float(text: str) -> float:
     return value
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def decode(raw: str | bytes) -> Any:
     """``json.loads`` that refuses NaN, Infinity and numbers too large for a float.
 
     Those are not JSON (or cannot be sent back as JSON); raises ``ValueError`` for them.
+    Bytes are decoded as UTF-8, UTF-16 or UTF-32, as ``json.loads`` does.
     """
-    return json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+    if not isinstance(raw, str):
+        raw = raw.decode(json.detect_encoding(raw), "surrogatepass")
+    return _DECODER.decode(raw)
 
 
 def _is_valid_id(value: Any) -> bool:
@@ -147,4 +150,4 @@ def notification(method: str, params: JsonObject) -> JsonObject:
 
 def encode(obj: Any) -> str:
     """Serialise a response, a batch of them or a notification."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _ENCODER.encode(obj)

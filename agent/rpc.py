@@ -122,63 +122,67 @@ class Dispatcher:
         responses = [_encode(r) for r in answers if r is not None]
         return f"[{','.join(responses)}]" if responses else None
 
-    async def _answer(self, entry: jsonrpc.Entry, session: Session) -> JsonObject | None:
-        if isinstance(entry, jsonrpc.Invalid):
-            return jsonrpc.error(entry.id, entry.error)
-        error: ApiError
+    def _refusal(self, session: Session) -> ApiError | None:
         if self._refusing:
-            error = Unavailable("the agent is shutting down", reason="shutting_down")
-            return None if entry.is_notification else jsonrpc.error(entry.id, error)
+            return Unavailable("the agent is shutting down", reason="shutting_down")
         if session.inflight >= session.max_inflight:
-            error = ResourceExhausted(
+            return ResourceExhausted(
                 f"more than {session.max_inflight} requests in flight on this connection",
                 reason="too_many_requests",
             )
-            return None if entry.is_notification else jsonrpc.error(entry.id, error)
+        return None
+
+    async def _answer(self, entry: jsonrpc.Entry, session: Session) -> JsonObject | None:
+        # One coroutine per request on the hot path: checks are plain calls.
+        if isinstance(entry, jsonrpc.Invalid):
+            return jsonrpc.error(entry.id, entry.error)
+        refusal = self._refusal(session)
+        if refusal is not None:
+            return None if entry.is_notification else jsonrpc.error(entry.id, refusal)
         session.inflight += 1
         self._inflight += 1
         self._idle.clear()
-        try:
-            return await self._call(entry, session)
-        finally:
-            session.inflight -= 1
-            self._inflight -= 1
-            if not self._inflight:
-                self._idle.set()
-
-    async def _call(self, request: jsonrpc.Request, session: Session) -> JsonObject | None:
         started = time.perf_counter()
         outcome = "ok"
         try:
-            value = await self._invoke(request, session)
-            response = jsonrpc.result(request.id, value)
+            handler, ctx, params = self._prepare(entry, session)
+            value = await handler(ctx, params)
+            if self._check_results:
+                self._check_result(entry.method, value)
+            response = jsonrpc.result(entry.id, value)
         except ApiError as exc:
             outcome = exc.name
-            response = jsonrpc.error(request.id, exc)
+            response = jsonrpc.error(entry.id, exc)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
         except Exception:
             incident = str(uuid.uuid4())
-            log.exception("internal error in %s (incident %s)", request.method, incident)
+            log.exception("internal error in %s (incident %s)", entry.method, incident)
             outcome = "InternalError"
             response = jsonrpc.error(
-                request.id,
+                entry.id,
                 InternalError("internal error; see the agent log",
                               reason="unexpected", incident=incident),
             )
         finally:
+            session.inflight -= 1
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "call %s caller=%s duration_ms=%.3f outcome=%s",
-                    request.method,
+                    entry.method,
                     session.caller.identity,
                     (time.perf_counter() - started) * 1000,
                     outcome,
                 )
-        return None if request.is_notification else response
+        return None if entry.is_notification else response
 
-    async def _invoke(self, request: jsonrpc.Request, session: Session) -> JsonObject:
+    def _prepare(self, request: jsonrpc.Request,
+                 session: Session) -> tuple[Handler, CallContext, JsonObject]:
+        """Find the method, check access and params; raises the matching ApiError."""
         spec = self.schema.methods.get(request.method)
         if spec is None:
             raise MethodNotFound(f"method {request.method!r} does not exist",
@@ -195,15 +199,15 @@ class Dispatcher:
                                 reason="positional_params", field="")
         params = self.schema.check_params(spec, request.params or {})
         ctx = CallContext(session.caller, session, request.method)
-        value = await self._handlers[request.method](ctx, params)
-        if self._check_results:
-            try:
-                self.schema.check_result(request.method, value)
-            except ValueError as exc:
-                log.error("result does not match the schema: %s", exc)
-                raise InternalError("internal error; see the agent log",
-                                    reason="result_schema") from None
-        return value
+        return self._handlers[request.method], ctx, params
+
+    def _check_result(self, method: str, value: Any) -> None:
+        try:
+            self.schema.check_result(method, value)
+        except ValueError as exc:
+            log.error("result does not match the schema: %s", exc)
+            raise InternalError("internal error; see the agent log",
+                                reason="result_schema") from None
 
 
 def _encode(response: JsonObject) -> str:
