@@ -223,3 +223,17 @@ async def test_start_to_ready_under_one_second(tmp_path: Path) -> None:
         timings.append(agent.ready_at - agent.started_at)
         assert await agent.stop() == 0, agent.log
     assert min(timings) < 1.0, f"start-to-ready times: {timings}"
+
+
+async def test_each_request_is_logged_at_debug(agent: AgentProcess,
+                                               checked_client: ClientFactory) -> None:
+    client = await checked_client(agent.unix_url)
+    await client.call("Host.ping")
+    with pytest.raises(Exception, match="InvalidParams"):
+        await client.call("VM.list", {"bogus": 1})
+    await agent.wait_log("call VM.list caller=uid:0")
+    lines = [line for line in agent.log_lines if "virtnode.rpc: call " in line]
+    ping = next(line for line in lines if "call Host.ping " in line)
+    assert "caller=uid:0" in ping and "outcome=ok" in ping and "duration_ms=" in ping
+    bad = next(line for line in lines if "call VM.list " in line)
+    assert "outcome=InvalidParams" in bad

@@ -137,3 +137,24 @@ async def test_keepalive_notices_a_libvirtd_that_stopped_answering(
         daemon.signal(signal.SIGCONT)
     await next_connection_event(client, "connected", timeout=30)
     assert "vms" in await client.call("VM.list")
+
+
+async def test_sigterm_drains_a_call_in_flight(qemu_agent: AgentProcess,
+                                               checked_client: ClientFactory) -> None:
+    client = await checked_client(qemu_agent.unix_url)
+    daemon.signal(signal.SIGSTOP)
+    try:
+        in_flight = asyncio.create_task(client.call("VM.list"))
+        # Messages on one socket are taken in order: once the ping is answered, the
+        # VM.list call is running inside the agent.
+        await client.call("Host.ping")
+        stopping = asyncio.create_task(qemu_agent.stop())
+        # The call that started before SIGTERM is answered (its deadline passes), not dropped.
+        with pytest.raises(RemoteError) as caught:
+            await in_flight
+        assert caught.value.name == "DeadlineExceeded"
+        assert await stopping == 0
+    finally:
+        daemon.signal(signal.SIGCONT)
+    assert "virtnode stopped" in qemu_agent.log
+    assert "still running" not in qemu_agent.log, qemu_agent.log

@@ -1,0 +1,84 @@
+"""The README's set-up: `make run`'s development configuration and a second `make` that
+installs nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.agentproc import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+DEV_CONFIG = ROOT / "packaging" / "dev.toml"
+
+pytestmark = pytest.mark.integration
+
+
+async def run(*argv: str | Path, cwd: Path = ROOT, env: dict[str, str] | None = None,
+              timeout: float = 120) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *map(str, argv), cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(timeout):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_second_setup_installs_nothing() -> None:
+    if shutil.which("make") is None:
+        pytest.fail("make is missing")
+    # make -q: exit 0 only when the virtual environment is up to date.
+    status, out, err = await run("make", "-q", "venv")
+    assert status == 0, f"make would rebuild .venv:\n{out}{err}"
+    status, out, err = await run(ROOT / "tools" / "ensure-host")
+    assert status == 0, err
+    assert "installing" not in err and "libvirtd is up" not in err, err
+
+
+async def test_dev_config_is_what_the_readme_says() -> None:
+    status, out, err = await run(sys.executable, "-m", "virtnode", "serve",
+                                 "--config", DEV_CONFIG, "--print-config")
+    assert status == 0, err
+    assert 'listen = ["unix:run/virtnode.sock", "tcp://127.0.0.1:8765"]' in out
+    assert 'uri = "qemu:///system"' in out
+    assert 'dir = "var"' in out
+    assert 'tcp_role = "admin"' in out
+
+
+@pytest.mark.usefixtures("libvirtd")
+async def test_readme_first_session(tmp_path: Path) -> None:
+    """`make run`'s config, served from a scratch checkout dir, answers the README's calls."""
+    port = free_port()  # 8765 may be taken by a developer's own `make run`
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "virtnode", "serve", "--config", str(DEV_CONFIG),
+        "--listen", "unix:run/virtnode.sock", "--listen", f"tcp://127.0.0.1:{port}",
+        cwd=tmp_path, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        async with asyncio.timeout(15):
+            while b"virtnode ready" not in await proc.stderr.readline():
+                pass
+        assert (tmp_path / "var" / "host-id").exists()
+        env = {**os.environ, "VIRTNODE_URL": f"unix:{tmp_path}/run/virtnode.sock"}
+        status, out, err = await run(sys.executable, "-m", "virtnode", "call",
+                                     "Host.getCapabilities", env=env)
+        assert status == 0, err
+        assert json.loads(out)["hypervisor"]["uri"] == "qemu:///system"
+        status, out, err = await run(sys.executable, "-m", "virtnode", "call", "VM.list",
+                                     env=env)
+        assert status == 0, err
+        assert "vms" in json.loads(out)
+    finally:
+        proc.terminate()
+        async with asyncio.timeout(20):
+            assert await proc.wait() == 0
