@@ -7,28 +7,20 @@ import os
 import time
 from pathlib import Path
 
+from tests.subproc import run
+
 QEMU_URI = "qemu:///system"
 PID_FILES = (Path("/run/libvirtd.pid"), Path("/var/run/libvirtd.pid"))
 SYSTEMD = Path("/run/systemd/system").is_dir()
 
 
-async def run(*argv: str, timeout: float = 30.0) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    async with asyncio.timeout(timeout):
-        out, _ = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace")
-
-
 async def answers(timeout: float = 10.0) -> bool:
     """Whether libvirtd answers on qemu:///system."""
     try:
-        status, _ = await run("virsh", "-c", QEMU_URI, "uri", timeout=timeout)
+        done = await run("virsh", "-c", QEMU_URI, "uri", timeout=timeout)
     except (TimeoutError, FileNotFoundError):
         return False
-    return status == 0
+    return done.status == 0
 
 
 def pid() -> int:
@@ -45,10 +37,9 @@ def pid() -> int:
 async def start(timeout: float = 30.0) -> None:
     """Start libvirtd the way tools/ensure-host does and wait until it answers."""
     if SYSTEMD:
-        await run("systemctl", "start", "libvirtd.service")
+        (await run("systemctl", "start", "libvirtd.service")).check()
     else:
-        status, out = await run("libvirtd", "-d")
-        assert status == 0, out
+        (await run("libvirtd", "-d")).check()
     deadline = time.monotonic() + timeout
     while not await answers():
         assert time.monotonic() < deadline, "libvirtd did not come back"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 
 from tests.agentproc import AgentProcess, running_agent, start_agent
 from tests.conftest import ClientFactory
+from tests.subproc import virtnode
 from virtnode.schema import ApiSchema
 
 JsonObject = dict[str, Any]
@@ -152,22 +152,9 @@ async def test_post_rpc_over_tcp(agent: AgentProcess, schema: ApiSchema) -> None
 # --- the command line ---------------------------------------------------------------------
 
 
-async def run_cli(*args: str, timeout: float = 30.0) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "virtnode", *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    done = await virtnode(*args)
+    return done.status, done.out, done.err
 
 
 async def test_cli_call_prints_the_result(agent: AgentProcess, schema: ApiSchema,

@@ -10,21 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.subproc import run
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
 
 
-async def run(*argv: str | Path, cwd: Path | None = None, timeout: float = 300) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        *map(str, argv), cwd=cwd, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    async with asyncio.timeout(timeout):
-        out, _ = await proc.communicate()
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, f"{argv} failed:\n{text}"
-    return text
+async def run_ok(*argv: str | Path) -> str:
+    return (await run(*argv, timeout=300)).check()
 
 
 def copy_tree(dest: Path) -> Path:
@@ -37,25 +31,26 @@ def copy_tree(dest: Path) -> Path:
 async def test_wheel_imports_and_runs(tmp_path: Path) -> None:
     source = await asyncio.to_thread(copy_tree, tmp_path / "src")
     wheels = tmp_path / "wheels"
-    await run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+    await run_ok(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
               "-q", "-w", wheels, source)
     (wheel,) = wheels.glob("virtnode-*.whl")
 
     venv = tmp_path / "venv"
-    await run(sys.executable, "-m", "venv", "--without-pip", venv)
+    await run_ok(sys.executable, "-m", "venv", "--without-pip", venv)
     python = venv / "bin" / "python"
     purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-    target = Path((await run(python, "-c", purelib)).strip())
-    await run(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, wheel)
+    target = Path((await run_ok(python, "-c", purelib)).strip())
+    await run_ok(sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                 "--target", target, wheel)
     # Dependencies come from the test environment's site-packages, added as a plain path
     # so that its editable-install hook for virtnode is not loaded.
     deps = [p for p in site.getsitepackages() if "site-packages" in p]
     (target / "deps.pth").write_text("\n".join(deps) + "\n")
 
-    where = await run(python, "-c", "import virtnode, virtnode.storage, virtnode.network, "
+    where = await run_ok(python, "-c", "import virtnode, virtnode.storage, virtnode.network, "
                       "virtnode.api_schema; print(virtnode.__file__)")
     assert where.strip().startswith(str(target)), where
-    listing = await run(python, "-m", "virtnode", "methods", "--local")
+    listing = await run_ok(python, "-m", "virtnode", "methods", "--local")
     assert "Host.ping" in listing and "VM.list" in listing
-    config = await run(python, "-m", "virtnode", "serve", "--print-config")
+    config = await run_ok(python, "-m", "virtnode", "serve", "--print-config")
     assert 'uri = "test:///default"' in config

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.agentproc import free_port
+from tests.subproc import run, virtnode
 
 ROOT = Path(__file__).resolve().parents[2]
 DEV_CONFIG = ROOT / "packaging" / "dev.toml"
@@ -20,33 +21,19 @@ DEV_CONFIG = ROOT / "packaging" / "dev.toml"
 pytestmark = pytest.mark.integration
 
 
-async def run(*argv: str | Path, cwd: Path = ROOT, env: dict[str, str] | None = None,
-              timeout: float = 120) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *map(str, argv), cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(timeout):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def test_second_setup_installs_nothing() -> None:
     if shutil.which("make") is None:
         pytest.fail("make is missing")
     # make -q: exit 0 only when the virtual environment is up to date.
-    status, out, err = await run("make", "-q", "venv")
-    assert status == 0, f"make would rebuild .venv:\n{out}{err}"
-    status, out, err = await run(ROOT / "tools" / "ensure-host")
-    assert status == 0, err
-    assert "installing" not in err and "libvirtd is up" not in err, err
+    make = await run("make", "-q", "venv", cwd=ROOT)
+    assert make.status == 0, f"make would rebuild .venv:\n{make.out}{make.err}"
+    host = await run(ROOT / "tools" / "ensure-host", cwd=ROOT)
+    host.check()
+    assert "installing" not in host.err and "libvirtd is up" not in host.err, host.err
 
 
 async def test_dev_config_is_what_the_readme_says() -> None:
-    status, out, err = await run(sys.executable, "-m", "virtnode", "serve",
-                                 "--config", DEV_CONFIG, "--print-config")
-    assert status == 0, err
+    out = (await virtnode("serve", "--config", DEV_CONFIG, "--print-config")).check()
     assert 'listen = ["unix:run/virtnode.sock", "tcp://127.0.0.1:8765"]' in out
     assert 'uri = "qemu:///system"' in out
     assert 'dir = "var"' in out
@@ -70,14 +57,10 @@ async def test_readme_first_session(tmp_path: Path) -> None:
                 pass
         assert (tmp_path / "var" / "host-id").exists()
         env = {**os.environ, "VIRTNODE_URL": f"unix:{tmp_path}/run/virtnode.sock"}
-        status, out, err = await run(sys.executable, "-m", "virtnode", "call",
-                                     "Host.getCapabilities", env=env)
-        assert status == 0, err
-        assert json.loads(out)["hypervisor"]["uri"] == "qemu:///system"
-        status, out, err = await run(sys.executable, "-m", "virtnode", "call", "VM.list",
-                                     env=env)
-        assert status == 0, err
-        assert "vms" in json.loads(out)
+        caps = (await virtnode("call", "Host.getCapabilities", env=env)).check()
+        assert json.loads(caps)["hypervisor"]["uri"] == "qemu:///system"
+        vms = (await virtnode("call", "VM.list", env=env)).check()
+        assert "vms" in json.loads(vms)
     finally:
         proc.terminate()
         async with asyncio.timeout(20):
