@@ -97,7 +97,9 @@ class Client:
         """
         ws_url, unix_path = endpoint(url)
         connector = aiohttp.UnixConnector(path=unix_path) if unix_path else None
-        session = aiohttp.ClientSession(connector=connector)
+        session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None, connect=timeout)
+        )
         try:
             ws = await session.ws_connect(
                 ws_url, timeout=aiohttp.ClientWSTimeout(ws_close=timeout),

@@ -250,8 +250,15 @@ class Hypervisor:
         conn = await self._in_thread(self._open, None, f"connecting to {self.uri}")
         self._conn = conn
         self._lost.clear()
-        for hook in self._hooks:
-            await hook(conn)
+        try:
+            for hook in self._hooks:
+                await hook(conn)
+        except Exception as exc:
+            # A connection whose callbacks are not in place would miss events: retry it.
+            log.exception("setting up the connection to %s failed", self.uri)
+            await self._drop("connection set-up failed")
+            raise Unavailable(f"setting up the connection failed: {exc}",
+                              reason="hypervisor_setup_failed") from None
         self._set_state(ConnectionState.CONNECTED, "connected")
 
     def _open(self) -> Connection:

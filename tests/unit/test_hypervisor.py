@@ -110,3 +110,27 @@ async def test_unreachable_hypervisor_does_not_fail_start(bus: EventBus, tmp_pat
     finally:
         await hypervisor.close()
     assert [e.data["state"] for e in seen] == [], "never connected: no state change to report"
+
+
+async def test_failed_connect_hook_is_retried_not_fatal(bus: EventBus) -> None:
+    config = HypervisorConfig(uri="test:///default", reconnect_min=0.01, reconnect_max=0.02)
+    hypervisor = Hypervisor(config, bus)
+    attempts: list[int] = []
+    connected = asyncio.Event()
+    bus.subscribe(["hypervisor.connection"],
+                  lambda event: connected.set() if event.data["state"] == "connected" else None)
+
+    async def flaky_hook(conn: object) -> None:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise RuntimeError("callback registration failed")
+
+    hypervisor.add_connect_hook(flaky_hook)
+    await hypervisor.start()
+    try:
+        async with asyncio.timeout(5):
+            await connected.wait()
+        assert len(attempts) == 3
+        assert await hypervisor.call(lambda conn: conn.getType()) == "TEST"
+    finally:
+        await hypervisor.close()
