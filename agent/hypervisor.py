@@ -25,6 +25,7 @@ import libvirtaio
 
 from virtnode.config import HypervisorConfig
 from virtnode.errors import (
+    AlreadyExists,
     ApiError,
     DeadlineExceeded,
     FailedPrecondition,
@@ -60,14 +61,15 @@ _INVALID = {
     libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
 }
 _PRECONDITION = {libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_OPERATION_FAILED}
-_UNSUPPORTED = {libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_OPERATION_UNSUPPORTED}
-_DENIED = {libvirt.VIR_ERR_OPERATION_DENIED, libvirt.VIR_ERR_AUTH_FAILED}
-_CONNECTION_LOST = {
-    libvirt.VIR_ERR_NO_CONNECT,
-    libvirt.VIR_ERR_INVALID_CONN,
-    libvirt.VIR_ERR_RPC,
-    libvirt.VIR_ERR_SYSTEM_ERROR,
+_UNSUPPORTED = {
+    libvirt.VIR_ERR_NO_SUPPORT,
+    libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
+    libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
 }
+_DENIED = {libvirt.VIR_ERR_OPERATION_DENIED, libvirt.VIR_ERR_AUTH_FAILED}
+# A system error means a lost connection only when it comes from the RPC layer; from a
+# driver it is about a file, a device or a process, and the connection is fine.
+_CONNECTION_LOST = {libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN, libvirt.VIR_ERR_RPC}
 
 
 class ConnectionState(StrEnum):
@@ -80,6 +82,8 @@ def translate_error(code: int, domain: int, message: str) -> ApiError:
     """Map a libvirt error (code, domain, message) to an API error."""
     if code in _NOT_FOUND:
         return NotFound(message, reason="not_found", object=_NOT_FOUND[code])
+    if code == libvirt.VIR_ERR_DOM_EXIST:
+        return AlreadyExists(message, reason="exists", object="vm")
     if code in _INVALID:
         return InvalidArgument(message, reason="rejected_by_hypervisor")
     if code in _PRECONDITION:

@@ -134,3 +134,28 @@ async def test_failed_connect_hook_is_retried_not_fatal(bus: EventBus) -> None:
         assert await hypervisor.call(lambda conn: conn.getType()) == "TEST"
     finally:
         await hypervisor.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "domain", "expected"),
+    [
+        ("VIR_ERR_NO_DOMAIN", "VIR_FROM_QEMU", "NotFound"),
+        ("VIR_ERR_DOM_EXIST", "VIR_FROM_DOMAIN", "AlreadyExists"),
+        ("VIR_ERR_XML_ERROR", "VIR_FROM_DOMAIN", "InvalidArgument"),
+        ("VIR_ERR_OPERATION_INVALID", "VIR_FROM_QEMU", "FailedPrecondition"),
+        ("VIR_ERR_ARGUMENT_UNSUPPORTED", "VIR_FROM_QEMU", "Unimplemented"),
+        ("VIR_ERR_OPERATION_TIMEOUT", "VIR_FROM_QEMU", "DeadlineExceeded"),
+        # A missing disk image is a system error from the driver, not a lost connection.
+        ("VIR_ERR_SYSTEM_ERROR", "VIR_FROM_QEMU", "Internal"),
+        ("VIR_ERR_SYSTEM_ERROR", "VIR_FROM_RPC", "Unavailable"),
+        ("VIR_ERR_NO_CONNECT", "VIR_FROM_NONE", "Unavailable"),
+    ],
+)
+def test_libvirt_error_translation(code: str, domain: str, expected: str) -> None:
+    import libvirt
+
+    from virtnode.hypervisor import translate_error
+
+    error = translate_error(getattr(libvirt, code), getattr(libvirt, domain), "message")
+    assert error.name == expected
+    assert error.message == "message"
