@@ -143,6 +143,12 @@ class HypervisorConfig:
 
 
 @dataclass(frozen=True)
+class VmConfig:
+    lock_wait: float = _spec(60.0, _positive, "seconds a call waits for another on the same VM")
+    acpi_interval: float = _spec(3.0, _positive, "seconds between ACPI presses in VM.shutdown")
+
+
+@dataclass(frozen=True)
 class AccessConfig:
     unix_admin_uids: tuple[int, ...] = _spec((0,), None, "unix peer uids given the admin role")
     unix_role: Role = _spec(Role.READER, None, "role of other unix peers")
@@ -163,6 +169,7 @@ class LogConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
+    vm: VmConfig = field(default_factory=VmConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     state: StateConfig = field(default_factory=StateConfig)
     log: LogConfig = field(default_factory=LogConfig)

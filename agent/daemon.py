@@ -21,6 +21,7 @@ from virtnode.schema import load_schema
 from virtnode.server import ApiServer
 from virtnode.subscriptions import EventsService
 from virtnode.vm import VmService
+from virtnode.vmdevices import VmDeviceService
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class Agent:
         self.config = config
         self.bus = EventBus()
         self.hypervisor = Hypervisor(config.hypervisor, self.bus)
+        self.vms = VmService(self.hypervisor, self.bus, config.vm)
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None
         self._stopped = False
@@ -55,18 +57,24 @@ class Agent:
         services = (
             ApiService(schema),
             host,
-            VmService(self.hypervisor),
+            self.vms,
+            VmDeviceService(self.vms),
             EventsService(self.bus),
         )
         self.dispatcher = Dispatcher(schema, handlers_of(*services), check_results=check)
         await host.start()
+        await self.vms.start()
         await self.hypervisor.start()
+        if self.hypervisor.connected:
+            # Serve with a complete view of the VMs when libvirt is there to give it.
+            await self.vms.wait_recovered(self.config.hypervisor.call_timeout)
         self.server = ApiServer(self.config.server, self.config.access, self.dispatcher,
                                 self.health)
         try:
             await self.server.start()
         except BaseException:
             await self.server.close()
+            await self.vms.close()
             await self.hypervisor.close()
             raise
         log.info("virtnode ready in %.0f ms (hypervisor %s: %s)",
@@ -77,8 +85,8 @@ class Agent:
         """What ``GET /healthz`` reports."""
         hv = self.hypervisor
         return {
-            "status": "ok" if hv.connected else "degraded",
-            "recovering": False,
+            "status": "ok" if hv.connected and not self.vms.recovering else "degraded",
+            "recovering": self.vms.recovering,
             "hypervisor": {"uri": hv.uri, "state": hv.state.value, "reason": hv.reason},
         }
 
@@ -101,6 +109,7 @@ class Agent:
             async with _stage("cancel calls and close connections", stage_timeout):
                 await server.close_sessions()
         async with _stage("close the hypervisor connection", stage_timeout):
+            await self.vms.close()
             await self.hypervisor.close()
         if server is not None:
             async with _stage("release listeners", stage_timeout):

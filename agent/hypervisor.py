@@ -17,6 +17,7 @@ import queue
 import random
 import threading
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -59,6 +60,8 @@ _INVALID = {
     libvirt.VIR_ERR_XML_ERROR,
     libvirt.VIR_ERR_XML_DETAIL,
     libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
+    libvirt.VIR_ERR_XML_INVALID_SCHEMA,
+    libvirt.VIR_ERR_CPU_INCOMPATIBLE,
 }
 _PRECONDITION = {libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_OPERATION_FAILED}
 _UNSUPPORTED = {
@@ -70,6 +73,25 @@ _DENIED = {libvirt.VIR_ERR_OPERATION_DENIED, libvirt.VIR_ERR_AUTH_FAILED}
 # A system error means a lost connection only when it comes from the RPC layer; from a
 # driver it is about a file, a device or a process, and the connection is fine.
 _CONNECTION_LOST = {libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN, libvirt.VIR_ERR_RPC}
+
+
+@dataclass(frozen=True, slots=True)
+class DomainEvent:
+    """A domain event from libvirt, in plain Python types.
+
+    ``kind`` is ``lifecycle`` (with libvirt's ``event`` and ``detail`` numbers),
+    ``device_removed`` or ``device_removal_failed`` (with the device ``alias``).
+    """
+
+    kind: str
+    vm_id: str
+    name: str
+    event: int = 0
+    detail: int = 0
+    alias: str = ""
+
+
+DomainListener = Callable[[DomainEvent], None]
 
 
 class ConnectionState(StrEnum):
@@ -175,6 +197,7 @@ class Hypervisor:
         self._lost_reason = ""
         self._supervisor: asyncio.Task[None] | None = None
         self._hooks: list[ConnectHook] = []
+        self._domain_listeners: list[DomainListener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.state = ConnectionState.DISCONNECTED
         self.reason = "not started"
@@ -186,6 +209,10 @@ class Hypervisor:
     def add_connect_hook(self, hook: ConnectHook) -> None:
         """Run ``hook(conn)`` after every (re)connect, e.g. to register event callbacks."""
         self._hooks.append(hook)
+
+    def add_domain_listener(self, listener: DomainListener) -> None:
+        """Call ``listener`` on the event loop for every domain event of every connection."""
+        self._domain_listeners.append(listener)
 
     async def start(self) -> None:
         """Register the event implementation, try to connect once, start supervising.
@@ -279,7 +306,42 @@ class Hypervisor:
             conn.setKeepAlive(self._config.keepalive_interval, self._config.keepalive_count)
         except libvirt.libvirtError:
             log.debug("%s has no keepalive", self.uri)
+        self._register_domain_events(conn)
         return conn
+
+    def _register_domain_events(self, conn: Connection) -> None:
+        callbacks = (
+            (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle),
+            (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_device_removed),
+            (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, self._on_removal_failed),
+        )
+        for event_id, callback in callbacks:
+            try:
+                conn.domainEventRegisterAny(None, event_id, callback, None)
+            except libvirt.libvirtError as exc:
+                log.debug("%s: no domain event %d: %s", self.uri, event_id, exc)
+
+    def _on_lifecycle(self, _conn: Connection, dom: Any, event: int, detail: int,
+                      _opaque: Any) -> None:
+        self._deliver(DomainEvent("lifecycle", dom.UUIDString(), dom.name(), event, detail))
+
+    def _on_device_removed(self, _conn: Connection, dom: Any, alias: str, _opaque: Any) -> None:
+        self._deliver(DomainEvent("device_removed", dom.UUIDString(), dom.name(), alias=alias))
+
+    def _on_removal_failed(self, _conn: Connection, dom: Any, alias: str, _opaque: Any) -> None:
+        self._deliver(DomainEvent("device_removal_failed", dom.UUIDString(), dom.name(),
+                                  alias=alias))
+
+    def _deliver(self, event: DomainEvent) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._dispatch, event)
+
+    def _dispatch(self, event: DomainEvent) -> None:
+        for listener in self._domain_listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("domain event listener failed on %s", event)
 
     def _on_close(self, conn: Connection, reason: int, _opaque: Any) -> None:
         why = {

@@ -1,42 +1,405 @@
-"""The VM service: ``VM.*`` methods over the hypervisor owner."""
+"""The VM service: ``VM.*`` lifecycle methods over the hypervisor owner.
+
+Mutating calls on one VM are serialised in arrival order (:class:`VmLocks`); calls on
+different VMs run in parallel. The agent's own data about a VM lives in the domain XML
+(``<metadata>``), so after a restart the service rebuilds its view from libvirt alone
+and answers mutating calls with ``Unavailable`` (reason ``recovering``) until then.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from virtnode.hypervisor import Connection, Hypervisor
+from virtnode import virconst as vc
+from virtnode import vmops
+from virtnode.config import VmConfig
+from virtnode.errors import (
+    ApiError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from virtnode.events import EventBus
+from virtnode.hypervisor import Connection, DomainEvent, Hypervisor
 from virtnode.rpc import CallContext, rpc_method
-from virtnode.vmstate import vm_state
+from virtnode.vmlocks import VmLocks
+from virtnode.vmshutdown import STOPPED, shutdown
+from virtnode.vmspec import check_domain_xml, check_spec, domain_xml, read_metadata
+from virtnode.vmstate import lifecycle, vm_state
+
+log = logging.getLogger(__name__)
 
 JsonObject = dict[str, Any]
+T = TypeVar("T")
 
-# VIR_DOMAIN_STATS_STATE: the cheapest stats group, one call for every domain.
-_STATS_STATE = 1
+LIFECYCLE_TOPIC = "vm.lifecycle"
+DEVICE_TOPIC = "vm.device"
+_REBOOT_FLAGS = {"default": 0, "acpi": 1, "agent": 2}
+_SHUTDOWN_FLAGS = {"acpi": vc.DOMAIN_SHUTDOWN_ACPI_POWER_BTN,
+                   "agent": vc.DOMAIN_SHUTDOWN_GUEST_AGENT}
 
 
-def _list_domains(conn: Connection) -> list[JsonObject]:
-    records = conn.getAllDomainStats(_STATS_STATE, 0)
+def _snapshot(conn: Connection) -> list[tuple[str, str, str]]:
+    records = conn.getAllDomainStats(vc.DOMAIN_STATS_STATE, 0)
     return [
-        {
-            "vm_id": dom.UUIDString(),
-            "name": dom.name(),
-            "state": vm_state(stats.get("state.state", 0), stats.get("state.reason", 0)),
-        }
+        (dom.UUIDString(), dom.name(),
+         vm_state(stats.get("state.state", 0), stats.get("state.reason", 0)))
         for dom, stats in records
     ]
 
 
-class VmService:
-    """Owns what the agent knows about VMs; every libvirt call goes via the hypervisor."""
+class VmGuest:
+    """A :class:`~virtnode.vmshutdown.Guest` backed by libvirt and the event stream."""
 
-    def __init__(self, hypervisor: Hypervisor) -> None:
-        self._hypervisor = hypervisor
+    def __init__(self, service: VmService, vm_id: str) -> None:
+        self._service = service
+        self._vm_id = vm_id
+
+    async def state(self) -> str:
+        try:
+            state, _ = await self._service.on_vm(self._vm_id, vmops.state_of)
+        except NotFound:
+            return "removed"
+        return state
+
+    async def request(self, method: str) -> None:
+        flags = _SHUTDOWN_FLAGS[method]
+        await self._service.on_vm(self._vm_id, lambda dom: dom.shutdownFlags(flags))
+
+    async def destroy(self) -> None:
+        with contextlib.suppress(NotFound):
+            await self._service.on_vm(self._vm_id, lambda dom: dom.destroy())
+
+    async def wait_stopped(self, timeout: float) -> bool:
+        return await self._service.wait_stopped(self._vm_id, timeout)
+
+
+class VmService:
+    """Owns the agent's view of VMs; every libvirt call goes via the hypervisor."""
+
+    def __init__(self, hypervisor: Hypervisor, bus: EventBus, config: VmConfig) -> None:
+        self._hv = hypervisor
+        self._bus = bus
+        self._config = config
+        self._locks = VmLocks(config.lock_wait)
+        self._create_lock = asyncio.Lock()
+        self._states: dict[str, str] = {}
+        self._stop_waiters: dict[str, set[asyncio.Event]] = {}
+        self._removals: dict[tuple[str, str], asyncio.Future[str]] = {}
+        self._recovered = asyncio.Event()
+        self._resync: asyncio.Task[None] | None = None
+
+    @property
+    def recovering(self) -> bool:
+        return not self._recovered.is_set()
+
+    @property
+    def locks(self) -> VmLocks:
+        return self._locks
+
+    @property
+    def hypervisor(self) -> Hypervisor:
+        return self._hv
+
+    async def start(self) -> None:
+        """Follow domain events and resync after every (re)connect."""
+        self._hv.add_domain_listener(self._on_domain_event)
+        self._hv.add_connect_hook(self._on_connect)
+
+    async def wait_recovered(self, timeout: float) -> bool:
+        """Wait for the first view of the VMs; False if ``timeout`` passed first."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._recovered.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._resync is not None:
+            self._resync.cancel()
+            await asyncio.gather(self._resync, return_exceptions=True)
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    async def on_vm(self, vm_id: str, fn: Callable[[Any], T], *, what: str = "") -> T:
+        """Run ``fn(domain)`` for the VM ``vm_id`` in the libvirt pool."""
+        def run(conn: Connection) -> T:
+            return fn(vmops.lookup(conn, vm_id))
+
+        try:
+            return await self._hv.call(run, what=what or f"operation on VM {vm_id}")
+        except NotFound as exc:
+            if exc.id is None:
+                raise NotFound(exc.message, reason="not_found", object="vm", id=vm_id) from None
+            raise
+
+    def require_ready(self) -> None:
+        if self.recovering:
+            raise Unavailable("the agent is recovering its view of the VMs; retry shortly",
+                              reason="recovering")
+
+    async def mutate(self, vm_id: str, method: str, fn: Callable[[Any], T]) -> T:
+        """Run a mutating ``fn(domain)`` holding the VM's lock."""
+        self.require_ready()
+        async with self._locks.hold(vm_id, method):
+            return await self.on_vm(vm_id, fn, what=f"{method} on {vm_id}")
+
+    async def wait_stopped(self, vm_id: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for VM ``vm_id`` to stop (event-driven, then checked)."""
+        stopped = asyncio.Event()
+        waiters = self._stop_waiters.setdefault(vm_id, set())
+        waiters.add(stopped)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await stopped.wait()
+        finally:
+            waiters.discard(stopped)
+            if not waiters:
+                self._stop_waiters.pop(vm_id, None)
+        try:
+            state, _ = await self.on_vm(vm_id, vmops.state_of)
+        except NotFound:
+            return True
+        return state in STOPPED
+
+    def expect_removal(self, vm_id: str, alias: str) -> asyncio.Future[str]:
+        """A future resolved with ``removed`` or ``removal_failed`` for a device alias."""
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._removals[(vm_id, alias)] = future
+        future.add_done_callback(lambda _: self._removals.pop((vm_id, alias), None))
+        return future
+
+    async def _on_connect(self, _conn: Connection) -> None:
+        if self._resync is None or self._resync.done():
+            self._resync = asyncio.create_task(self._resync_states(), name="vm-resync")
+
+    async def _resync_states(self) -> None:
+        """Rebuild the view from libvirt; report changes missed while disconnected."""
+        try:
+            vms = await self._hv.call(_snapshot, what="listing VMs for recovery")
+        except ApiError as exc:
+            log.warning("VM resync failed: %s", exc.message)
+            return
+        first = self.recovering
+        seen = set()
+        for vm_id, name, state in vms:
+            seen.add(vm_id)
+            previous = self._states.get(vm_id)
+            self._states[vm_id] = state
+            if not first and previous != state:
+                self._publish_lifecycle(vm_id, name, event="resync", detail="resync",
+                                        state=state, previous=previous)
+        for vm_id in set(self._states) - seen:
+            previous = self._states.pop(vm_id)
+            if not first:
+                self._publish_lifecycle(vm_id, "", event="undefined", detail="resync",
+                                        state="removed", previous=previous)
+        if first:
+            log.info("recovered the view of %d VMs", len(vms))
+        self._recovered.set()
+
+    def _on_domain_event(self, event: DomainEvent) -> None:
+        if event.kind == "lifecycle":
+            previous = self._states.get(event.vm_id)
+            name, detail, state = lifecycle(event.event, event.detail, previous)
+            if state == "removed":
+                self._states.pop(event.vm_id, None)
+            else:
+                self._states[event.vm_id] = state
+            self._publish_lifecycle(event.vm_id, event.name, event=name, detail=detail,
+                                    state=state, previous=previous)
+            if state in STOPPED:
+                for waiter in self._stop_waiters.get(event.vm_id, ()):
+                    waiter.set()
+            return
+        outcome = "removed" if event.kind == "device_removed" else "removal_failed"
+        future = self._removals.get((event.vm_id, event.alias))
+        if future is not None and not future.done():
+            future.set_result(outcome)
+        self._bus.publish(DEVICE_TOPIC, {"vm_id": event.vm_id, "name": event.name,
+                                         "alias": event.alias, "event": outcome})
+
+    def _publish_lifecycle(self, vm_id: str, name: str, *, event: str, detail: str,
+                           state: str, previous: str | None) -> None:
+        self._bus.publish(LIFECYCLE_TOPIC, {
+            "vm_id": vm_id, "name": name, "event": event, "detail": detail,
+            "state": state, "previous_state": previous or "unknown",
+        })
+
+    # --- methods ---------------------------------------------------------------------------
 
     @rpc_method("VM.list")
     async def list(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
-        vms = await self._hypervisor.call(_list_domains, what="listing VMs")
+        vms = [
+            {"vm_id": vm_id, "name": name, "state": state}
+            for vm_id, name, state in await self._hv.call(_snapshot, what="listing VMs")
+        ]
         wanted = params.get("state")
         if wanted is not None:
             vms = [vm for vm in vms if vm["state"] == wanted]
         vms.sort(key=lambda vm: (vm["name"], vm["vm_id"]))
         return {"vms": vms}
+
+    @rpc_method("VM.create")
+    async def create(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        self.require_ready()
+        persistent, start = params["persistent"], params["start"]
+        if ("spec" in params) == ("xml" in params):
+            raise InvalidArgument("give exactly one of spec or xml", reason="invalid_spec",
+                                  field="spec")
+        if not persistent and not start:
+            raise InvalidArgument("a transient VM exists only while it runs: start must be "
+                                  "true when persistent is false", reason="invalid_spec",
+                                  field="start")
+        metadata = {"owner": "virtnode", "created": f"{time.time():.3f}",
+                    "labels": dict(params.get("spec", {}).get("labels", {}))}
+        if "spec" in params:
+            spec = check_spec(params["spec"], await self._default_domain_type())
+            name, vm_id = spec.name, spec.uuid
+            xml = domain_xml(spec, metadata)
+            paths = [d.path for d in spec.disks] + [p for p in (spec.kernel, spec.initrd) if p]
+        else:
+            name, vm_id, xml = check_domain_xml(params["xml"], metadata)
+            paths = _file_sources(xml)
+        missing = await asyncio.to_thread(vmops.missing_paths, paths)
+        if missing:
+            raise NotFound(f"no such file: {missing[0]}", reason="no_such_file",
+                           object="file", id=missing[0])
+        async with self._create_lock, self._locks.hold(vm_id, "VM.create"):
+            await self._hv.call(lambda conn: vmops.check_unique(conn, name, vm_id),
+                                what="checking the VM name")
+
+            def make(conn: Connection) -> str:
+                dom = vmops.create(conn, xml, persistent=persistent, start=start)
+                if start:
+                    vmops.mark_started(dom, metadata)
+                return vmops.state_of(dom)[0]
+
+            state = await self._hv.call(make, what=f"creating VM {name}")
+        return {"vm_id": vm_id, "name": name, "state": state}
+
+    async def _default_domain_type(self) -> str:
+        def pick(conn: Connection) -> str:
+            from virtnode.capabilities import parse_capabilities
+
+            types = parse_capabilities(conn.getCapabilities())["domain_types"]
+            return next((t for t in ("kvm", "qemu", "test") if t in types), "qemu")
+
+        return await self._hv.call(pick, what="reading domain types")
+
+    @rpc_method("VM.start")
+    async def start_vm(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        def run(dom: Any) -> str:
+            vmops.require_stopped(dom, params["vm_id"])
+            dom.create()
+            vmops.mark_started(dom, read_metadata(dom.XMLDesc(0)))
+            return vmops.state_of(dom)[0]
+
+        return {"state": await self.mutate(params["vm_id"], "VM.start", run)}
+
+    @rpc_method("VM.destroy")
+    async def destroy(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        def run(dom: Any) -> None:
+            vmops.require_running(dom, params["vm_id"])
+            dom.destroy()
+
+        await self.mutate(params["vm_id"], "VM.destroy", run)
+        return {}
+
+    def _state_change(self, method: str, needs: str, action: Callable[[Any], Any]
+                      ) -> Callable[[Any], str]:
+        def run(dom: Any) -> str:
+            state, _ = vmops.state_of(dom)
+            if state != needs:
+                raise FailedPrecondition(f"{method} needs a {needs} VM; it is {state}",
+                                         reason=f"vm_not_{needs}", object="vm",
+                                         id=dom.UUIDString())
+            action(dom)
+            return vmops.state_of(dom)[0]
+
+        return run
+
+    @rpc_method("VM.pause")
+    async def pause(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        run = self._state_change("VM.pause", "running", lambda dom: dom.suspend())
+        return {"state": await self.mutate(params["vm_id"], "VM.pause", run)}
+
+    @rpc_method("VM.resume")
+    async def resume(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        run = self._state_change("VM.resume", "paused", lambda dom: dom.resume())
+        return {"state": await self.mutate(params["vm_id"], "VM.resume", run)}
+
+    @rpc_method("VM.reset")
+    async def reset(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        run = self._state_change("VM.reset", "running", lambda dom: dom.reset(0))
+        return {"state": await self.mutate(params["vm_id"], "VM.reset", run)}
+
+    @rpc_method("VM.reboot")
+    async def reboot(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        flags = _REBOOT_FLAGS[params["method"]]
+        run = self._state_change("VM.reboot", "running", lambda dom: dom.reboot(flags))
+        return {"state": await self.mutate(params["vm_id"], "VM.reboot", run)}
+
+    @rpc_method("VM.undefine")
+    async def undefine(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        vm_id, force = params["vm_id"], params["force"]
+
+        def run(dom: Any) -> None:
+            state, _ = vmops.state_of(dom)
+            if state not in ("shutoff", "defined", "crashed"):
+                if not force:
+                    raise FailedPrecondition(
+                        f"VM {vm_id} is {state}; stop it first or pass force",
+                        reason="vm_running", object="vm", id=vm_id)
+                persistent = dom.isPersistent()
+                dom.destroy()
+                if not persistent:
+                    return  # a transient VM is gone once destroyed
+            vmops.undefine(dom)
+
+        await self.mutate(vm_id, "VM.undefine", run)
+        return {}
+
+    @rpc_method("VM.shutdown")
+    async def shutdown(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        vm_id = params["vm_id"]
+        methods = tuple(dict.fromkeys(params["methods"]))
+        if not methods:
+            raise InvalidArgument("methods must name at least one of agent, acpi",
+                                  reason="invalid_spec", field="methods")
+        self.require_ready()
+        async with self._locks.hold(vm_id, "VM.shutdown"):
+            outcome = await shutdown(VmGuest(self, vm_id), methods=methods,
+                                     timeout=params["timeout"], fallback=params["fallback"],
+                                     acpi_interval=self._config.acpi_interval)
+        return {"stopped_by": outcome.stopped_by, "seconds": round(outcome.seconds, 3),
+                "tried": list(outcome.tried)}
+
+    @rpc_method("VM.getInfo")
+    async def get_info(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        info = await self.on_vm(params["vm_id"], vmops.info)
+        operation = self._locks.holder(params["vm_id"])
+        info["operation"] = None if operation is None else operation.describe()
+        return info
+
+    @rpc_method("VM.getXML")
+    async def get_xml(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        flags = vc.DOMAIN_XML_INACTIVE if params["inactive"] else 0
+        return {"xml": await self.on_vm(params["vm_id"], lambda dom: dom.XMLDesc(flags))}
+
+
+def _file_sources(xml: str) -> list[str]:
+    from virtnode.xmlutil import parse_xml
+
+    root = parse_xml(xml, what="domain XML")
+    paths = [s.get("file", "") for s in root.iterfind("devices/disk/source")]
+    paths += [root.findtext(tag) or "" for tag in ("os/kernel", "os/initrd")]
+    return [p for p in paths if p]

@@ -5,38 +5,17 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.agentproc import AgentProcess, start_agent
+from tests.agentproc import AgentProcess
 from tests.conftest import ClientFactory
 from tests.integration import libvirtd as daemon
 from virtnode.client import Client, RemoteError
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu, pytest.mark.usefixtures("libvirtd")]
-
-FAST_RECOVERY = {
-    "hypervisor": {
-        "call_timeout": 1.0,
-        "keepalive_interval": 1,
-        "keepalive_count": 2,
-        "reconnect_min": 0.2,
-        "reconnect_max": 1.0,
-    }
-}
-
-
-@pytest.fixture
-async def qemu_agent(tmp_path: Path) -> AsyncIterator[AgentProcess]:
-    agent = await start_agent(tmp_path, hypervisor=daemon.QEMU_URI, sections=FAST_RECOVERY)
-    yield agent
-    status = await agent.stop()
-    assert status == 0, agent.log
-
 
 async def health(agent: AgentProcess) -> tuple[int, dict[str, Any]]:
     async with aiohttp.ClientSession() as http, http.get(f"{agent.http_url}/healthz") as resp:
@@ -67,9 +46,9 @@ async def test_capabilities_of_a_kvm_host(qemu_agent: AgentProcess,
 
 
 async def test_frozen_libvirtd_gives_deadline_and_the_agent_keeps_answering(
-    qemu_agent: AgentProcess, checked_client: ClientFactory
+    impatient_agent: AgentProcess, checked_client: ClientFactory
 ) -> None:
-    client = await checked_client(qemu_agent.unix_url)
+    client = await checked_client(impatient_agent.unix_url)
     await client.call("VM.list")
     daemon.signal(signal.SIGSTOP)
     try:
@@ -139,8 +118,9 @@ async def test_keepalive_notices_a_libvirtd_that_stopped_answering(
     assert "vms" in await client.call("VM.list")
 
 
-async def test_sigterm_drains_a_call_in_flight(qemu_agent: AgentProcess,
+async def test_sigterm_drains_a_call_in_flight(impatient_agent: AgentProcess,
                                                checked_client: ClientFactory) -> None:
+    qemu_agent = impatient_agent
     client = await checked_client(qemu_agent.unix_url)
     daemon.signal(signal.SIGSTOP)
     try:

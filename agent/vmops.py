@@ -1,0 +1,152 @@
+"""Blocking libvirt operations on domains, run through ``Hypervisor.call``.
+
+Each function takes the connection first, finds the domain, checks its state and acts,
+raising API errors for the caller. They run in the hypervisor's thread pool, never on
+the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from typing import Any
+
+from lxml import etree
+
+from virtnode import virconst as vc
+from virtnode.errors import AlreadyExists, FailedPrecondition, NotFound
+from virtnode.vmspec import NAMESPACE, PREFIX, device_summary, metadata_body, read_metadata
+from virtnode.vmstate import reason_name, vm_state
+
+log = logging.getLogger(__name__)
+
+JsonObject = dict[str, Any]
+Connection = Any
+Domain = Any
+
+_UNDEFINE_FLAGS = (
+    vc.DOMAIN_UNDEFINE_MANAGED_SAVE
+    | vc.DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+    | vc.DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+)
+
+
+def is_no_domain(exc: BaseException) -> bool:
+    """Whether a libvirt exception says the domain does not exist."""
+    code = getattr(exc, "get_error_code", None)
+    return callable(code) and code() == vc.ERR_NO_DOMAIN
+
+
+def lookup(conn: Connection, vm_id: str) -> Domain:
+    """The domain with UUID ``vm_id``; NotFound when there is none."""
+    try:
+        return conn.lookupByUUIDString(vm_id)
+    except Exception as exc:
+        if is_no_domain(exc):
+            raise NotFound(f"no VM {vm_id}", reason="not_found", object="vm",
+                           id=vm_id) from None
+        raise
+
+
+def state_of(dom: Domain) -> tuple[str, str]:
+    state, reason = dom.state()
+    return vm_state(state, reason), reason_name(state, reason)
+
+
+def require_running(dom: Domain, vm_id: str) -> None:
+    state, _ = state_of(dom)
+    if state not in ("running", "paused", "starting", "shutting_down"):
+        raise FailedPrecondition(f"VM {vm_id} is not running (state {state})",
+                                 reason="vm_not_running", object="vm", id=vm_id)
+
+
+def require_stopped(dom: Domain, vm_id: str) -> None:
+    state, _ = state_of(dom)
+    if state not in ("shutoff", "defined", "crashed"):
+        raise FailedPrecondition(f"VM {vm_id} is {state}", reason="vm_running",
+                                 object="vm", id=vm_id)
+
+
+def check_unique(conn: Connection, name: str, vm_id: str) -> None:
+    """Raise AlreadyExists if a domain has this name or UUID."""
+    for lookup_fn, value, what in ((conn.lookupByUUIDString, vm_id, "uuid"),
+                                   (conn.lookupByName, name, "name")):
+        try:
+            lookup_fn(value)
+        except Exception as exc:
+            if is_no_domain(exc):
+                continue
+            raise
+        raise AlreadyExists(f"a VM with {what} {value} already exists",
+                            reason=f"{what}_taken", object="vm", id=value)
+
+
+def missing_paths(paths: list[str]) -> list[str]:
+    return [path for path in paths if not os.path.exists(path)]
+
+
+def create(conn: Connection, xml: str, *, persistent: bool, start: bool) -> Domain:
+    """Define and/or start a domain; a failed start of a new definition is rolled back."""
+    if not persistent:
+        return conn.createXML(xml, vc.DOMAIN_START_VALIDATE)
+    dom = conn.defineXMLFlags(xml, vc.DOMAIN_DEFINE_VALIDATE)
+    if start:
+        try:
+            dom.create()
+        except Exception:
+            undefine_quietly(dom)
+            raise
+    return dom
+
+
+def undefine_quietly(dom: Domain) -> None:
+    with contextlib.suppress(Exception):  # best effort during a rollback
+        dom.undefineFlags(_UNDEFINE_FLAGS)
+
+
+def undefine(dom: Domain) -> None:
+    try:
+        dom.undefineFlags(_UNDEFINE_FLAGS | vc.DOMAIN_UNDEFINE_NVRAM)
+    except Exception:
+        dom.undefineFlags(_UNDEFINE_FLAGS)
+
+
+def mark_started(dom: Domain, metadata: JsonObject | None) -> None:
+    """Record the start time in the live metadata (uptime survives agent restarts)."""
+    if metadata is None:
+        return
+    live = {**metadata, "started": f"{time.time():.3f}"}
+    body = etree.tostring(metadata_body(live, namespaced=False), encoding="unicode")
+    try:
+        dom.setMetadata(vc.DOMAIN_METADATA_ELEMENT, body, PREFIX, NAMESPACE,
+                        vc.DOMAIN_AFFECT_LIVE)
+    except Exception as exc:  # uptime is a convenience; the VM is running
+        log.warning("cannot record the start time of %s: %s", dom.name(), exc)
+
+
+def info(dom: Domain) -> JsonObject:
+    """What ``VM.getInfo`` reports, read in one go."""
+    xml = dom.XMLDesc(0)
+    state, reason = state_of(dom)
+    _, max_kib, cur_kib, vcpus, _cpu_time = dom.info()
+    metadata = read_metadata(xml)
+    started = None if metadata is None else metadata.get("started")
+    running = state in ("running", "paused", "starting", "shutting_down")
+    uptime = (round(time.time() - float(started), 3)
+              if running and started else None)
+    return {
+        "vm_id": dom.UUIDString(),
+        "name": dom.name(),
+        "state": state,
+        "reason": reason,
+        "persistent": bool(dom.isPersistent()),
+        "owner": "virtnode" if metadata is not None else "external",
+        "labels": {} if metadata is None else metadata.get("labels", {}),
+        "uptime_seconds": uptime,
+        "vcpus": vcpus,
+        "memory_mib": cur_kib // 1024,
+        "max_memory_mib": max_kib // 1024,
+        "devices": device_summary(xml),
+    }

@@ -1,0 +1,132 @@
+"""Fixtures for tests on the host's libvirtd (qemu:///system)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agentproc import AgentProcess, start_agent
+from tests.integration import libvirtd as daemon
+from tests.subproc import run
+from virtnode.client import Client
+
+#: Names of VMs the tests create start with this, so that cleanup finds them all.
+VM_PREFIX = "vn-it-"
+
+FAST_RECOVERY = {
+    "hypervisor": {
+        "keepalive_interval": 1,
+        "keepalive_count": 2,
+        "reconnect_min": 0.2,
+        "reconnect_max": 1.0,
+    }
+}
+
+
+@pytest.fixture
+async def qemu_agent(tmp_path: Path, libvirtd: None) -> AsyncIterator[AgentProcess]:
+    """An agent on qemu:///system that notices a lost libvirtd within seconds."""
+    agent = await start_agent(tmp_path, hypervisor=daemon.QEMU_URI, sections=FAST_RECOVERY)
+    yield agent
+    status = await agent.stop()
+    assert status == 0, agent.log
+
+
+@pytest.fixture
+async def impatient_agent(tmp_path: Path, libvirtd: None) -> AsyncIterator[AgentProcess]:
+    """Like ``qemu_agent``, with a 1 s deadline on every libvirt call."""
+    sections = {"hypervisor": {**FAST_RECOVERY["hypervisor"], "call_timeout": 1.0}}
+    agent = await start_agent(tmp_path, hypervisor=daemon.QEMU_URI, sections=sections)
+    yield agent
+    status = await agent.stop()
+    assert status == 0, agent.log
+
+
+def vm_name() -> str:
+    return f"{VM_PREFIX}{uuid.uuid4().hex[:8]}"
+
+
+def _remove_test_vms(prefix: str) -> None:
+    import libvirt
+
+    conn = libvirt.open(daemon.QEMU_URI)
+    try:
+        for dom in conn.listAllDomains():
+            if not dom.name().startswith(prefix):
+                continue
+            with contextlib.suppress(libvirt.libvirtError):
+                if dom.isActive():
+                    dom.destroy()
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+async def cleanup_vms(libvirtd: None) -> AsyncIterator[None]:
+    """Remove every VM the test made (by name prefix), whatever happened."""
+    yield
+    await asyncio.to_thread(_remove_test_vms, VM_PREFIX)
+
+
+async def virt(fn: Callable[[Any], Any]) -> Any:
+    """Run ``fn(conn)`` on a fresh qemu:///system connection in a thread."""
+    import libvirt
+
+    def call() -> Any:
+        conn = libvirt.open(daemon.QEMU_URI)
+        try:
+            return fn(conn)
+        finally:
+            conn.close()
+
+    return await asyncio.to_thread(call)
+
+
+@pytest.fixture
+async def image_dir() -> AsyncIterator[Path]:
+    """A directory QEMU (running as its own user) can reach, removed afterwards."""
+    path = Path("/var/tmp/virtnode-tests") / uuid.uuid4().hex[:8]
+    await asyncio.to_thread(path.mkdir, parents=True)
+    os.chmod(path.parent, 0o755)
+    os.chmod(path, 0o777)
+    yield path
+    await asyncio.to_thread(shutil.rmtree, path, True)
+
+
+async def make_image(directory: Path, name: str, size: str = "16M",
+                     fmt: str = "qcow2") -> Path:
+    path = directory / name
+    (await run("qemu-img", "create", "-q", "-f", fmt, path, size)).check()
+    return path
+
+
+@pytest.fixture
+async def bridge() -> AsyncIterator[str]:
+    """A Linux bridge with no uplink for NIC tests, deleted afterwards."""
+    name = f"vnbr{uuid.uuid4().hex[:6]}"
+    (await run("ip", "link", "add", name, "type", "bridge")).check()
+    (await run("ip", "link", "set", name, "up")).check()
+    yield name
+    await run("ip", "link", "del", name)
+
+
+async def next_event(client: Client, topic: str, predicate: Callable[[dict[str, Any]], bool],
+                     timeout: float = 15.0) -> dict[str, Any]:
+    """The next event on ``topic`` whose data satisfies ``predicate``."""
+    async with asyncio.timeout(timeout):
+        async for note in client.notifications():
+            params = note["params"]
+            if note["method"] == "event" and params["topic"] == topic and predicate(
+                    params["data"]):
+                return dict(params["data"])
+    raise AssertionError("connection closed before the event")
