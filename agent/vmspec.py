@@ -233,6 +233,13 @@ def check_spec(raw: Mapping[str, Any], default_domain_type: str) -> Spec:
                                                 "values are strings of up to 256 characters, "
                                                 "without control characters")
     kernel = raw.get("kernel")
+    if kernel is None and (raw.get("initrd") is not None or raw.get("cmdline") is not None):
+        raise invalid("spec.kernel", "initrd and cmdline need a kernel")
+    orders = [d.boot_order for d in disks if d.boot_order is not None]
+    if len(set(orders)) != len(orders):
+        raise invalid("spec.disks", "two disks have the same boot_order")
+    if orders and "boot" in raw:
+        raise invalid("spec.boot", "give either boot or per-disk boot_order, not both")
     return Spec(
         name=name,
         uuid=vm_uuid,
@@ -396,7 +403,7 @@ def check_domain_xml(xml: str, metadata: Mapping[str, Any]) -> tuple[str, str, s
     :class:`InvalidArgument` for XML that is not a domain or has an unsafe name.
     """
     root = parse_xml(xml, what="domain XML")
-    if root.getroottree().docinfo.doctype:
+    if root.getroottree().docinfo.internalDTD is not None:
         # Entities are not expanded here, but a DTD has no place in domain XML: refuse it
         # rather than hand libvirt references to entities it would have to resolve.
         raise InvalidArgument("xml: a DOCTYPE (DTD, entities) is not allowed",
@@ -406,6 +413,7 @@ def check_domain_xml(xml: str, metadata: Mapping[str, Any]) -> tuple[str, str, s
                               field="xml")
     name = root.findtext("name") or ""
     check_name(name, "xml.name")
+    _check_passthrough(root)
     uuid_el = root.find("uuid")
     if uuid_el is None:
         uuid_el = etree.SubElement(root, "uuid")
@@ -423,6 +431,28 @@ def check_domain_xml(xml: str, metadata: Mapping[str, Any]) -> tuple[str, str, s
         wrapper.remove(old)
     wrapper.append(metadata_body(metadata))
     return name, vm_uuid, etree.tostring(root, encoding="unicode")
+
+
+#: libvirt's QEMU passthrough namespace: raw command-line arguments and device overrides.
+QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
+EMULATOR_RE = re.compile(r"^/usr/bin/qemu-system-[a-z0-9_]+\Z")
+
+
+def _check_passthrough(root: etree._Element) -> None:
+    """Refuse what would run arbitrary host code: QEMU passthrough and foreign emulators."""
+    metadata = root.find("metadata")
+    for element in root.iter():
+        if not isinstance(element.tag, str) or not element.tag.startswith(f"{{{QEMU_NAMESPACE}}}"):
+            continue
+        if metadata is not None and any(a is metadata for a in element.iterancestors()):
+            continue
+        raise InvalidArgument("xml: QEMU passthrough elements (qemu:commandline, ...) are "
+                              "not allowed", reason="passthrough_refused", field="xml")
+    emulator = root.findtext("devices/emulator")
+    if emulator is not None and not EMULATOR_RE.match(emulator.strip()):
+        raise InvalidArgument("xml.devices.emulator: only /usr/bin/qemu-system-* emulators "
+                              "are allowed", reason="emulator_refused",
+                              field="xml.devices.emulator")
 
 
 def device_summary(xml: str) -> JsonObject:

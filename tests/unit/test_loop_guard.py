@@ -13,7 +13,7 @@ BLOCKING_TEST = '''
 import asyncio, time
 
 async def test_blocks_the_loop():
-    time.sleep(0.3)
+    time.sleep(0.8)
 
 async def test_yields_properly():
     await asyncio.sleep(0.01)
