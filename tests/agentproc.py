@@ -33,6 +33,7 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
     for section, values in sections.items():
         lines.append(f"[{section}]")
         lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
 
