@@ -93,7 +93,6 @@ class VmService:
         self._stop_waiters: dict[str, set[asyncio.Event]] = {}
         self._removals: dict[tuple[str, str], asyncio.Future[str]] = {}
         self._recovered = asyncio.Event()
-        self._resync: asyncio.Task[None] | None = None
 
     @property
     def recovering(self) -> bool:
@@ -122,9 +121,7 @@ class VmService:
         return True
 
     async def close(self) -> None:
-        if self._resync is not None:
-            self._resync.cancel()
-            await asyncio.gather(self._resync, return_exceptions=True)
+        """Nothing of its own runs in the background; kept for the agent's stop stages."""
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -178,8 +175,8 @@ class VmService:
         return future
 
     async def _on_connect(self, _conn: Connection) -> None:
-        if self._resync is None or self._resync.done():
-            self._resync = asyncio.create_task(self._resync_states(), name="vm-resync")
+        # Run inside the connect: the connection is announced once the view is rebuilt.
+        await self._resync_states()
 
     async def _resync_states(self) -> None:
         """Rebuild the view from libvirt; report changes missed while disconnected."""
