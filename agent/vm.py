@@ -88,7 +88,6 @@ class VmService:
         self._bus = bus
         self._config = config
         self._locks = VmLocks(config.lock_wait)
-        self._create_lock = asyncio.Lock()
         self._states: dict[str, str] = {}
         self._stop_waiters: dict[str, set[asyncio.Event]] = {}
         self._removals: dict[tuple[str, str], asyncio.Future[str]] = {}
@@ -270,7 +269,10 @@ class VmService:
         if missing:
             raise NotFound(f"no such file: {missing[0]}", reason="no_such_file",
                            object="file", id=missing[0])
-        async with self._create_lock, self._locks.hold(vm_id, "VM.create"):
+        # Hold the name and the uuid (in that order, as every create does) so that two
+        # creates of one name cannot both pass the uniqueness check; others run in parallel.
+        async with (self._locks.hold(f"name:{name}", "VM.create"),
+                    self._locks.hold(vm_id, "VM.create")):
             await self._hv.call(lambda conn: vmops.check_unique(conn, name, vm_id),
                                 what="checking the VM name")
 

@@ -293,3 +293,19 @@ async def test_a_call_that_would_wait_too_long_is_aborted(
         assert (await shutdown)["stopped_by"] == "destroy"
     finally:
         assert await agent.stop() == 0
+
+
+async def test_concurrent_creates_of_one_name_make_one_vm(
+    qemu_agent: AgentProcess, checked_client: ClientFactory,
+) -> None:
+    clients = [await checked_client(qemu_agent.unix_url) for _ in range(3)]
+    name = vm_name()
+    results = await asyncio.gather(
+        *(c.call("VM.create", {"spec": firmware_spec(name)}) for c in clients),
+        return_exceptions=True)
+    made = [r for r in results if isinstance(r, dict)]
+    refused = [r for r in results if isinstance(r, RemoteError)]
+    assert len(made) == 1 and len(refused) == 2, results
+    assert all(r.name == "AlreadyExists" for r in refused)
+    names = await virt(lambda conn: [d.name() for d in conn.listAllDomains()])
+    assert names.count(name) == 1
