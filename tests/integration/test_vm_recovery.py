@@ -73,9 +73,11 @@ async def health(agent: AgentProcess) -> dict[str, Any]:
 async def test_mutating_calls_wait_for_recovery(
     tmp_path: Path, checked_client: ClientFactory,
 ) -> None:
-    setup = await checked_client(
-        (await start_agent(tmp_path / "first", hypervisor=daemon.QEMU_URI)).unix_url)
-    vm_id = await create(setup, vm_name())
+    first = await start_agent(tmp_path / "first", hypervisor=daemon.QEMU_URI)
+    try:
+        vm_id = await create(await checked_client(first.unix_url), vm_name())
+    finally:
+        assert await first.stop() == 0
     sections = {"hypervisor": {**FAST_RECOVERY["hypervisor"], "call_timeout": 1.0}}
     daemon.signal(signal.SIGSTOP)
     try:
