@@ -1,0 +1,487 @@
+"""A real Linux guest for tests of graceful shutdown and reboot on qemu:///system.
+
+The guest is Debian's cloud kernel booted directly (no disk, no network) with a tiny
+initramfs made of ``busybox-static``. Both packages are fetched with ``apt-get download``
+and unpacked with ``dpkg-deb -x``; nothing needs to be installed on the host. The
+initramfs is a gzipped newc cpio archive written here in Python.
+
+Variants:
+
+- ``acpi``: loads ``evdev.ko`` and ``button.ko`` and runs busybox ``acpid``, whose
+  power-button handler calls ``poweroff -f``. ACPI shutdown (``virDomainShutdown``) turns
+  the guest off; ``virDomainReboot`` without a guest agent is an ACPI power-button press
+  with libvirt's "fake reboot" flag set, so when the guest powers off libvirt resets it and
+  it boots again.
+- ``noacpi``: the same guest without ``acpid``: the power button does nothing, so ACPI
+  shutdown and reboot requests are ignored.
+
+Both print :data:`GUEST_READY` on the serial console once they are ready for the power
+button (after a reboot it appears again). They need TCG (``<domain type='qemu'>``): a Linux
+kernel hangs under KVM on the nested hosts the tests run on.
+
+Images are built once per kernel package, busybox package and recipe, into
+``$VIRTNODE_TEST_CACHE`` (default ``/var/cache/virtnode-tests/guests``), and reused.
+Builds go to a temporary directory and are renamed into place, so racing builders are
+harmless. QEMU runs as an unprivileged user (``libvirt-qemu`` on Debian) and opens the
+kernel and initramfs itself, so the cache is made world-readable and its directories
+world-traversable (libvirt also chowns both files to that user while a guest runs and
+restores the owner afterwards). The serial log file is opened by libvirtd and handed to
+QEMU, but :func:`console_log_path` still picks a directory QEMU could write to itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+GUEST_READY = "VIRTNODE-GUEST-READY"
+GUEST_POWEROFF = "VIRTNODE-GUEST-POWEROFF"
+GUEST_BROKEN = "VIRTNODE-GUEST-BROKEN"  # the guest could not get ready: no GUEST_READY
+VARIANTS = ("acpi", "noacpi")
+DEFAULT_CACHE = Path("/var/cache/virtnode-tests/guests")
+CACHE_ENV = "VIRTNODE_TEST_CACHE"
+KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
+BUSYBOX_PACKAGE = "busybox-static"
+MEMORY_MIB = 256
+# Bump when the initramfs layout changes: it is part of every image's cache key.
+RECIPE = 1
+
+# The modules busybox acpid needs, and the kernel options that may build them in instead.
+_MODULES = {
+    "drivers/input/evdev.ko": "CONFIG_INPUT_EVDEV",
+    "drivers/acpi/button.ko": "CONFIG_ACPI_BUTTON",
+}
+
+_INIT = """#!/bin/sh
+/bin/busybox mkdir -p /proc /sys /dev /run /tmp /sbin /usr/bin /usr/sbin
+/bin/busybox --install -s
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+ready=yes
+for module in /lib/modules/*.ko; do
+    [ -e "$module" ] || continue
+    insmod "$module" || { echo "@BROKEN@: insmod $module failed"; ready=no; }
+done
+@ACPID@
+if [ $ready = yes ]; then
+    echo "@READY@ variant=@VARIANT@ uptime=$(cut -d' ' -f1 /proc/uptime)"
+fi
+while :; do sleep 3600; done
+"""
+
+# acpid writes its pid file only after it has opened every /dev/input/event*: waiting for
+# it means a power-button press right after the ready marker is not lost.
+_ACPID = """acpid -d -c /etc/acpi -p /run/acpid.pid &
+n=0
+while [ ! -s /run/acpid.pid ] && [ $n -lt 100 ]; do usleep 50000; n=$((n + 1)); done
+[ -s /run/acpid.pid ] || { echo "@BROKEN@: acpid did not start"; ready=no; }"""
+
+# busybox acpid maps KEY_POWER to the action "PWRF/00000080", run relative to its
+# configuration directory.
+_POWER_BUTTON = f"""#!/bin/sh
+echo "{GUEST_POWEROFF}" > /dev/console
+exec poweroff -f
+"""
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A kernel and an initramfs for direct kernel boot."""
+
+    variant: str
+    kernel: Path
+    initrd: Path
+    kernel_release: str
+    kernel_deb: str
+    busybox_deb: str
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The packages an image is built from, as apt resolves them now."""
+
+    kernel_package: str
+    kernel_version: str
+    busybox_version: str
+
+    @property
+    def kernel_release(self) -> str:
+        return self.kernel_package.removeprefix("linux-image-")
+
+    @property
+    def kernel_deb(self) -> str:
+        return _deb_name(self.kernel_package, self.kernel_version)
+
+    @property
+    def busybox_deb(self) -> str:
+        return _deb_name(BUSYBOX_PACKAGE, self.busybox_version)
+
+    def key(self, variant: str) -> str:
+        recipe = "\0".join(
+            (str(RECIPE), self.kernel_deb, self.busybox_deb, _init_script(variant),
+             _POWER_BUTTON)
+        )
+        digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+        return f"{self.kernel_release}-{variant}-{digest}"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+
+
+async def guest_image(variant: str, cache: Path | None = None) -> GuestImage:
+    """The kernel and initramfs of ``variant``, built into the cache on first use.
+
+    Blocking work (apt, dpkg-deb, compression) runs in a thread.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown guest variant {variant!r}; expected one of {VARIANTS}")
+    return await asyncio.to_thread(_guest_image, variant, cache or cache_root())
+
+
+def console_log_path(name: str, cache: Path | None = None) -> Path:
+    """Where a guest's serial console log can go: a directory QEMU can write to."""
+    directory = (cache or cache_root()) / "consoles"
+    _mkdir_public(directory)
+    return directory / f"{name}.log"
+
+
+def domain_xml(image: GuestImage, name: str, uuid: str, console_log: Path,
+               cmdline: str = "") -> str:
+    """A TCG domain booting ``image`` directly, its serial console written to a file.
+
+    1 vCPU, 256 MiB, ACPI, no disk, no network; a guest reboot restarts it.
+    """
+    args = " ".join(filter(None, ("console=ttyS0", cmdline)))
+    return f"""<domain type='qemu'>
+  <name>{escape(name)}</name>
+  <uuid>{escape(uuid)}</uuid>
+  <memory unit='MiB'>{MEMORY_MIB}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{escape(str(image.kernel))}</kernel>
+    <initrd>{escape(str(image.initrd))}</initrd>
+    <cmdline>{escape(args)}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <serial type='file'>
+      <source path={quoteattr(str(console_log))}/>
+      <target port='0'/>
+    </serial>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def count_marker(path: Path, marker: str = GUEST_READY) -> int:
+    """How many times ``marker`` is in the console log so far (0 if there is none yet)."""
+    return _read(path).count(marker.encode())
+
+
+async def wait_for_console(path: Path, marker: str = GUEST_READY, timeout: float = 60.0,
+                           count: int = 1) -> int:
+    """Wait until ``marker`` is in the console log at least ``count`` times.
+
+    Returns the number of occurrences. Raises TimeoutError with the log's tail after
+    ``timeout`` seconds, and RuntimeError at once if the guest reports it is broken.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        data = await asyncio.to_thread(_read, path)
+        seen = data.count(marker.encode())
+        if seen >= count:
+            return seen
+        if GUEST_BROKEN.encode() in data:
+            raise RuntimeError(f"the guest failed to start; console ends with:\n"
+                               f"{console_tail(path)}")
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"{marker!r} seen {seen} times in {path}, wanted {count}, "
+                f"after {timeout} s; console ends with:\n{console_tail(path)}"
+            )
+        await asyncio.sleep(0.05)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def console_tail(path: Path, size: int = 3000) -> str:
+    """The end of a console log, for failure messages."""
+    data = _read(path)
+    return data[-size:].decode(errors="replace") if data else "(no console log)"
+
+
+# Building -------------------------------------------------------------------------------
+
+
+def _guest_image(variant: str, cache: Path) -> GuestImage:
+    _mkdir_public(cache)
+    plan = _resolve()
+    final = cache / plan.key(variant)
+    if not (final / "initrd.gz").exists():
+        _build(plan, cache)
+    return _image(plan, variant, final)
+
+
+def _image(plan: _Plan, variant: str, directory: Path) -> GuestImage:
+    return GuestImage(
+        variant=variant,
+        kernel=directory / "vmlinuz",
+        initrd=directory / "initrd.gz",
+        kernel_release=plan.kernel_release,
+        kernel_deb=plan.kernel_deb,
+        busybox_deb=plan.busybox_deb,
+    )
+
+
+def _run(*argv: str, cwd: Path | None = None) -> str:
+    done = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=600, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: exit {done.returncode}\n{done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def _apt_update() -> None:
+    _run("apt-get", "update", "-q")
+
+
+@functools.cache
+def _resolve() -> _Plan:
+    """Which kernel and busybox packages apt would fetch now (no download).
+
+    Resolved once per process: it costs about a second (apt loads its package lists).
+    """
+    try:
+        return _resolve_once()
+    except RuntimeError:
+        # No or stale package lists: refresh them once.
+        _apt_update()
+        return _resolve_once()
+
+
+def _resolve_once() -> _Plan:
+    out = _run("apt-cache", "show", "--no-all-versions", KERNEL_META_PACKAGE, BUSYBOX_PACKAGE)
+    fields: dict[str, dict[str, str]] = {}
+    for stanza in out.split("\n\n"):
+        parsed = dict(re.findall(r"^([\w-]+): ?(.*)$", stanza, re.MULTILINE))
+        if "Package" in parsed:
+            fields.setdefault(parsed["Package"], parsed)
+    meta, busybox = fields.get(KERNEL_META_PACKAGE), fields.get(BUSYBOX_PACKAGE)
+    if meta is None or busybox is None:
+        raise RuntimeError(f"apt knows no {KERNEL_META_PACKAGE} or {BUSYBOX_PACKAGE}:\n{out}")
+    # Depends: linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)
+    found = re.search(r"(linux-image-[\w.+-]+-cloud-amd64)(?:\s*\(=\s*([^)\s]+)\))?",
+                      meta.get("Depends", ""))
+    if found is None:
+        raise RuntimeError(f"{KERNEL_META_PACKAGE} depends on no kernel: {meta}")
+    return _Plan(found[1], found[2] or meta["Version"], busybox["Version"])
+
+
+def _deb_name(package: str, version: str) -> str:
+    return f"{package}_{version.replace(':', '%3a')}_amd64.deb"
+
+
+def _fetch_deb(package: str, version: str, debs: Path, work: Path) -> Path:
+    """The .deb of ``package`` at ``version``, from the cache or downloaded into it."""
+    target = debs / _deb_name(package, version)
+    if target.exists():
+        return target
+    download = Path(tempfile.mkdtemp(prefix="download-", dir=work))
+    try:
+        _run("apt-get", "download", f"{package}={version}", cwd=download)
+    except RuntimeError:
+        # The lists may name a version the mirror no longer has.
+        _apt_update()
+        _run("apt-get", "download", f"{package}={version}", cwd=download)
+    got = sorted(download.glob("*.deb"))
+    if len(got) != 1:
+        raise RuntimeError(f"apt-get download {package}={version} left {got} in {download}")
+    _mkdir_public(debs)
+    got[0].chmod(0o644)
+    # Another builder may have put the same file there meanwhile: replacing it is harmless.
+    os.replace(got[0], target)
+    return target
+
+
+def _build(plan: _Plan, cache: Path) -> None:
+    """Build every variant of ``plan`` that the cache lacks."""
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
+    try:
+        debs = cache / "debs"
+        kernel_deb = _fetch_deb(plan.kernel_package, plan.kernel_version, debs, work)
+        busybox_deb = _fetch_deb(BUSYBOX_PACKAGE, plan.busybox_version, debs, work)
+        _run("dpkg-deb", "-x", str(kernel_deb), str(work / "kernel"))
+        _run("dpkg-deb", "-x", str(busybox_deb), str(work / "busybox"))
+        release = plan.kernel_release
+        vmlinuz = work / "kernel" / "boot" / f"vmlinuz-{release}"
+        if not vmlinuz.is_file():
+            raise RuntimeError(f"{plan.kernel_deb} has no boot/vmlinuz-{release}")
+        vmlinuz = shutil.copyfile(vmlinuz, work / "vmlinuz")
+        modules = _modules(work / "kernel", release)
+        busybox = (work / "busybox" / "bin" / "busybox").read_bytes()
+        for variant in VARIANTS:
+            final = cache / plan.key(variant)
+            if (final / "initrd.gz").exists():
+                continue
+            out = work / variant
+            out.mkdir()
+            # One copy of the kernel per build, linked into each variant.
+            os.link(vmlinuz, out / "vmlinuz")
+            (out / "initrd.gz").write_bytes(_initramfs(variant, busybox, modules))
+            (out / "image.json").write_text(json.dumps({
+                "variant": variant,
+                "kernel_release": release,
+                "kernel_deb": plan.kernel_deb,
+                "busybox_deb": plan.busybox_deb,
+                "recipe": RECIPE,
+            }, indent=2) + "\n")
+            for path in out.iterdir():
+                path.chmod(0o644)
+            out.chmod(0o755)
+            try:
+                out.rename(final)
+            except OSError:
+                # Another builder got there first with the same content.
+                if not (final / "initrd.gz").exists():
+                    raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _modules(tree: Path, release: str) -> dict[str, bytes]:
+    """The modules acpid needs, by file name; none for those built into the kernel."""
+    config = (tree / "boot" / f"config-{release}").read_text()
+    modules = {}
+    for relative, option in _MODULES.items():
+        if re.search(rf"^{option}=y$", config, re.MULTILINE):
+            continue
+        modules[Path(relative).name] = _module(tree, release, relative)
+    return modules
+
+
+def _module(tree: Path, release: str, relative: str) -> bytes:
+    """A kernel module's bytes, decompressed if the package ships it compressed."""
+    for base in (tree / "lib" / "modules", tree / "usr" / "lib" / "modules"):
+        path = base / release / "kernel" / relative
+        if path.is_file():
+            return path.read_bytes()
+        if path.with_name(path.name + ".xz").is_file():
+            return lzma.decompress(path.with_name(path.name + ".xz").read_bytes())
+        if path.with_name(path.name + ".gz").is_file():
+            return gzip.decompress(path.with_name(path.name + ".gz").read_bytes())
+        if path.with_name(path.name + ".zst").is_file():
+            return _unzstd(path.with_name(path.name + ".zst"))
+    raise RuntimeError(f"the kernel package has no {relative} for {release}")
+
+
+def _unzstd(path: Path) -> bytes:
+    if shutil.which("zstd") is None:
+        raise RuntimeError(f"{path.name} is zstd-compressed: install the zstd package")
+    return subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True).stdout
+
+
+def _init_script(variant: str) -> str:
+    acpid = _ACPID if variant == "acpi" else "# no acpid: the power button is ignored"
+    return (_INIT.replace("@ACPID@", acpid).replace("@READY@", GUEST_READY)
+            .replace("@BROKEN@", GUEST_BROKEN).replace("@VARIANT@", variant))
+
+
+def _initramfs(variant: str, busybox: bytes, modules: dict[str, bytes]) -> bytes:
+    archive = _Cpio()
+    for directory in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "sys", "run", "tmp",
+                      "sbin", "usr", "usr/bin", "usr/sbin", "root"):
+        archive.directory(directory)
+    archive.device("dev/console", 5, 1)
+    archive.file("bin/busybox", busybox, 0o755)
+    archive.symlink("bin/sh", "busybox")
+    archive.file("init", _init_script(variant).encode(), 0o755)
+    for name, data in sorted(modules.items()):
+        archive.file(f"lib/modules/{name}", data, 0o644)
+    if variant == "acpi":
+        archive.directory("etc/acpi")
+        archive.directory("etc/acpi/PWRF")
+        archive.file("etc/acpi/PWRF/00000080", _POWER_BUTTON.encode(), 0o755)
+    return gzip.compress(archive.finish(), compresslevel=6, mtime=0)
+
+
+class _Cpio:
+    """A newc ("070701") cpio archive, the format the kernel unpacks an initramfs from."""
+
+    def __init__(self) -> None:
+        self._out = io.BytesIO()
+        self._ino = 0
+
+    def directory(self, name: str, mode: int = 0o755) -> None:
+        self._entry(name, stat.S_IFDIR | mode, b"", nlink=2)
+
+    def file(self, name: str, data: bytes, mode: int) -> None:
+        self._entry(name, stat.S_IFREG | mode, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def device(self, name: str, major: int, minor: int, mode: int = 0o600) -> None:
+        self._entry(name, stat.S_IFCHR | mode, b"", rdev=(major, minor))
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0, b"", nlink=1, ino=0)
+        return self._out.getvalue()
+
+    def _entry(self, name: str, mode: int, data: bytes, *, nlink: int = 1,
+               rdev: tuple[int, int] = (0, 0), ino: int | None = None) -> None:
+        if ino is None:
+            self._ino += 1
+            ino = self._ino
+        encoded = name.encode() + b"\0"
+        fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1],
+                  len(encoded), 0)
+        header = b"070701" + b"".join(b"%08X" % value for value in fields)
+        self._out.write(header + encoded)
+        self._pad()
+        self._out.write(data)
+        self._pad()
+
+    def _pad(self) -> None:
+        self._out.write(b"\0" * (-self._out.tell() % 4))
+
+
+def _mkdir_public(path: Path) -> None:
+    """Create ``path`` (and parents) traversable by QEMU's unprivileged user."""
+    missing = []
+    for parent in (path, *path.parents):
+        if parent.exists():
+            break
+        missing.append(parent)
+    path.mkdir(parents=True, exist_ok=True)
+    for created in missing:
+        created.chmod(0o755)
