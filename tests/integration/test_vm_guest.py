@@ -11,7 +11,7 @@ import pytest
 from tests import guests
 from tests.agentproc import AgentProcess
 from tests.conftest import ClientFactory
-from tests.integration.conftest import make_image, vm_name
+from tests.integration.conftest import make_image, next_event, vm_name
 from tests.integration.test_vm_lifecycle import expect_error
 from virtnode.client import Client
 
@@ -99,3 +99,17 @@ async def test_unplug_completes_when_the_guest_releases_the_disk(
     await client.call("VM.hotunplugDisk", {"vm_id": vm_id, "target": target, "timeout": 30})
     disks = (await client.call("VM.getInfo", {"vm_id": vm_id}))["devices"]["disks"]
     assert disks == []
+    event = await next_event(client, "vm.device", lambda data: data["vm_id"] == vm_id)
+    assert event["event"] == "removed" and event["alias"].startswith("virtio-disk")
+
+
+async def test_nic_unplug_completes_when_the_guest_releases_it(
+    qemu_agent: AgentProcess, checked_client: ClientFactory, bridge: str,
+) -> None:
+    client = await checked_client(qemu_agent.unix_url)
+    vm_id, console = await linux_vm(client, "acpi")
+    mac = (await client.call("VM.hotplugNic", {"vm_id": vm_id,
+                                               "nic": {"bridge": bridge}}))["mac"]
+    await guests.wait_for_console(console, "[1af4:1000]", timeout=30)  # virtio-net found
+    await client.call("VM.hotunplugNic", {"vm_id": vm_id, "mac": mac, "timeout": 30})
+    assert (await client.call("VM.getInfo", {"vm_id": vm_id}))["devices"]["nics"] == []
