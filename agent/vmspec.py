@@ -298,6 +298,9 @@ def nic_element(nic: Nic) -> etree._Element:
 
 def _os(root: etree._Element, spec: Spec) -> None:
     os_el = _sub(root, "os", **({"firmware": "efi"} if spec.firmware == "uefi" else {}))
+    if spec.firmware == "uefi":
+        # Secure-boot builds need SMM, which nested or TCG hosts may lack: plain UEFI.
+        _sub(_sub(os_el, "firmware"), "feature", enabled="no", name="secure-boot")
     _sub(os_el, "type", "hvm", arch="x86_64", machine=spec.machine)
     if spec.kernel:
         _sub(os_el, "kernel", spec.kernel)

@@ -309,3 +309,20 @@ async def test_concurrent_creates_of_one_name_make_one_vm(
     assert all(r.name == "AlreadyExists" for r in refused)
     names = await virt(lambda conn: [d.name() for d in conn.listAllDomains()])
     assert names.count(name) == 1
+
+
+async def test_uefi_guest_gets_and_loses_its_nvram(
+    qemu_agent: AgentProcess, checked_client: ClientFactory,
+) -> None:
+    client = await checked_client(qemu_agent.unix_url)
+    name = vm_name()
+    vm_id = await create(client, name, spec=firmware_spec(name, firmware="uefi", machine="q35",
+                                                          memory_mib=256))
+    xml = (await client.call("VM.getXML", {"vm_id": vm_id}))["xml"]
+    root = etree.fromstring(xml.encode())
+    loader = root.findtext("os/loader") or ""
+    nvram = root.findtext("os/nvram") or ""
+    assert "OVMF" in loader and nvram
+    assert await virt(lambda _conn: Path(nvram).exists())
+    await client.call("VM.undefine", {"vm_id": vm_id, "force": True})
+    assert not await virt(lambda _conn: Path(nvram).exists()), "undefine removes the NVRAM"
