@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from virtnode import jsonrpc
+from virtnode.aiotools import wait_event
 from virtnode.errors import (
     ApiError,
     InternalError,
@@ -102,12 +103,7 @@ class Dispatcher:
 
     async def drain(self, timeout: float) -> bool:
         """Wait until no request is in flight; False if ``timeout`` passed first."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await wait_event(self._idle, timeout)
 
     async def handle(self, raw: str | bytes, session: Session) -> str | None:
         """Answer one message; None when nothing goes back (notifications only)."""

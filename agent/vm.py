@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from virtnode import virconst as vc
 from virtnode import vmops
+from virtnode.aiotools import wait_event
 from virtnode.config import VmConfig
 from virtnode.errors import (
     ApiError,
@@ -112,12 +113,7 @@ class VmService:
 
     async def wait_recovered(self, timeout: float) -> bool:
         """Wait for the first view of the VMs; False if ``timeout`` passed first."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self._recovered.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await wait_event(self._recovered, timeout)
 
     async def close(self) -> None:
         """Nothing of its own runs in the background; kept for the agent's stop stages."""
@@ -153,9 +149,7 @@ class VmService:
         waiters = self._stop_waiters.setdefault(vm_id, set())
         waiters.add(stopped)
         try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await stopped.wait()
+            await wait_event(stopped, timeout)
         finally:
             waiters.discard(stopped)
             if not waiters:

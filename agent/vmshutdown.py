@@ -15,7 +15,6 @@ destroying the VM when asked. Where peers go wrong, this does not:
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -113,12 +112,3 @@ async def _wait(guest: Guest, method: str, until: float, acpi_interval: float) -
                 return await guest.state() in STOPPED
     return await guest.state() in STOPPED
 
-
-async def sleep_until_stopped(stopped: asyncio.Event, timeout: float) -> bool:
-    """Helper for :meth:`Guest.wait_stopped` implementations built on an event."""
-    try:
-        async with asyncio.timeout(timeout):
-            await stopped.wait()
-    except TimeoutError:
-        return False
-    return True
