@@ -8,8 +8,9 @@ from collections import Counter
 
 import pytest
 
+from virtnode.aiotools import wait_event
 from virtnode.errors import DeadlineExceeded, FailedPrecondition, NotFound, Unavailable
-from virtnode.vmshutdown import Guest, Outcome, shutdown, sleep_until_stopped
+from virtnode.vmshutdown import Guest, Outcome, shutdown
 
 INTERVAL = 0.05  # seconds between ACPI presses in these tests
 
@@ -80,7 +81,7 @@ class FakeGuest:
         self._stop()
 
     async def wait_stopped(self, timeout: float) -> bool:
-        return await sleep_until_stopped(self._stopped, timeout)
+        return await wait_event(self._stopped, timeout)
 
     def close(self) -> None:
         for timer in self._timers:
@@ -251,8 +252,8 @@ async def test_guest_gone_before_any_request_is_not_running() -> None:
     assert not guest.destroyed
 
 
-async def test_sleep_until_stopped() -> None:
+async def test_wait_event_returns_whether_the_event_was_set() -> None:
     stopped = asyncio.Event()
-    assert await sleep_until_stopped(stopped, 0.01) is False
+    assert await wait_event(stopped, 0.01) is False
     asyncio.get_running_loop().call_soon(stopped.set)
-    assert await sleep_until_stopped(stopped, 5) is True
+    assert await wait_event(stopped, 5) is True
