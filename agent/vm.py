@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from virtnode import virconst as vc
 from virtnode import vmops
 from virtnode.aiotools import wait_event
+from virtnode.capabilities import parse_capabilities
 from virtnode.config import VmConfig
 from virtnode.errors import (
     ApiError,
@@ -93,6 +94,7 @@ class VmService:
         self._stop_waiters: dict[str, set[asyncio.Event]] = {}
         self._removals: dict[tuple[str, str], asyncio.Future[str]] = {}
         self._recovered = asyncio.Event()
+        self._domain_type: str | None = None
 
     @property
     def recovering(self) -> bool:
@@ -169,6 +171,7 @@ class VmService:
 
     async def _on_connect(self, _conn: Connection) -> None:
         # Run inside the connect: the connection is announced once the view is rebuilt.
+        self._domain_type = None
         await self._resync_states()
 
     async def _resync_states(self) -> None:
@@ -280,13 +283,14 @@ class VmService:
         return {"vm_id": vm_id, "name": name, "state": state}
 
     async def _default_domain_type(self) -> str:
+        """kvm when the host has it, else qemu (TCG); read once per connection."""
         def pick(conn: Connection) -> str:
-            from virtnode.capabilities import parse_capabilities
-
             types = parse_capabilities(conn.getCapabilities())["domain_types"]
             return next((t for t in ("kvm", "qemu", "test") if t in types), "qemu")
 
-        return await self._hv.call(pick, what="reading domain types")
+        if self._domain_type is None:
+            self._domain_type = await self._hv.call(pick, what="reading domain types")
+        return self._domain_type
 
     @rpc_method("VM.start")
     async def start_vm(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
