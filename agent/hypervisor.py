@@ -286,7 +286,10 @@ class Hypervisor:
                 await hook(conn)
         except Exception as exc:
             # A connection whose callbacks are not in place would miss events: retry it.
-            log.exception("setting up the connection to %s failed", self.uri)
+            if isinstance(exc, ApiError):
+                log.warning("setting up the connection to %s failed: %s", self.uri, exc)
+            else:
+                log.exception("setting up the connection to %s failed", self.uri)
             await self._drop("connection set-up failed")
             raise Unavailable(f"setting up the connection failed: {exc}",
                               reason="hypervisor_setup_failed") from None

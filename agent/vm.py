@@ -21,7 +21,6 @@ from virtnode.aiotools import wait_event
 from virtnode.capabilities import parse_capabilities
 from virtnode.config import VmConfig
 from virtnode.errors import (
-    ApiError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -175,12 +174,11 @@ class VmService:
         await self._resync_states()
 
     async def _resync_states(self) -> None:
-        """Rebuild the view from libvirt; report changes missed while disconnected."""
-        try:
-            vms = await self._hv.call(_snapshot, what="listing VMs for recovery")
-        except ApiError as exc:
-            log.warning("VM resync failed: %s", exc.message)
-            return
+        """Rebuild the view from libvirt; report changes missed while disconnected.
+
+        Raises the API error of a failed listing: the connection is then set up again.
+        """
+        vms = await self._hv.call(_snapshot, what="listing VMs for recovery")
         first = self.recovering
         seen = set()
         for vm_id, name, state in vms:

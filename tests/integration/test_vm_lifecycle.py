@@ -111,7 +111,8 @@ async def test_defined_but_not_started(qemu_agent: AgentProcess,
     name = vm_name()
     result = await client.call("VM.create", {"spec": firmware_spec(name), "start": False})
     assert result["state"] == "defined"
-    assert (await client.call("VM.list", {"state": "defined"}))["vms"][0]["name"] == name
+    defined = (await client.call("VM.list", {"state": "defined"}))["vms"]
+    assert name in [vm["name"] for vm in defined]
     xml = (await client.call("VM.getXML", {"vm_id": result["vm_id"], "inactive": True}))["xml"]
     assert etree.fromstring(xml.encode()).findtext("name") == name
     await client.call("VM.undefine", {"vm_id": result["vm_id"]})
