@@ -28,12 +28,7 @@ import asyncio
 import contextlib
 import json
 import math
-import os
-import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,8 +38,19 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
 from aiohttp import WSMsgType, web
+
+from common import (
+    BenchError,
+    JsonObject,
+    Server,
+    cpu_seconds,
+    free_port,
+    machine,
+    spawn,
+    start_agent,
+    wait_ready,
+)
 
 #: Targets: agent pipelined throughput relative to the echo server's, and sequential p50.
 TARGET_THROUGHPUT_RATIO = 0.50
@@ -52,17 +58,8 @@ TARGET_P50_US = 300.0
 
 REQUEST = '{"jsonrpc":"2.0","method":"Host.ping","params":{},"id":%d}'
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
-READY_TIMEOUT = 30.0
-STOP_TIMEOUT = 20.0
 #: Longest a warm-up or a round against one server may take before the run is abandoned.
 ROUND_TIMEOUT = 600.0
-
-JsonObject = dict[str, Any]
-
-
-class BenchError(Exception):
-    """The benchmark could not run (a server did not start, a response was wrong)."""
-
 
 # --- the baseline server -------------------------------------------------------------------
 
@@ -101,94 +98,10 @@ def run_echo_server(port: int) -> int:
 # --- server subprocesses -------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/rpc"
-
-    @property
-    def health_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/healthz"
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self) -> None:
-        """SIGTERM the process we started (by its pid) and wait; SIGKILL if it hangs."""
-        if self.proc.poll() is not None:
-            return
-        try:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=STOP_TIMEOUT)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            print(f"{self.name} did not stop on SIGTERM; killing it", file=sys.stderr)
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
-def _spawn(name: str, argv: list[str], log_path: Path, port: int) -> Server:
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=log)
-    return Server(name, proc, port, log_path)
-
-
-def start_agent(tmp: Path) -> Server:
-    port = free_port()
-    config = tmp / "virtnode.toml"
-    config.write_text("")  # isolate the run from a host-wide configuration file
-    argv = [
-        sys.executable, "-m", "virtnode", "serve",
-        "--config", str(config),
-        "--listen", f"tcp://127.0.0.1:{port}",
-        "--state-dir", str(tmp / "state"),
-        "--hypervisor", "test:///default",
-        "--log-level", "warning",
-    ]
-    return _spawn("agent", argv, tmp / "agent.log", port)
-
-
 def start_echo(tmp: Path) -> Server:
     port = free_port()
     argv = [sys.executable, str(Path(__file__).resolve()), "--echo-server", str(port)]
-    return _spawn("echo", argv, tmp / "echo.log", port)
-
-
-async def wait_ready(session: aiohttp.ClientSession, server: Server) -> None:
-    """Poll ``GET /healthz`` until it answers 200."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        if server.proc.poll() is not None:
-            raise BenchError(f"{server.name} exited with status {server.proc.returncode}:\n"
-                             f"{server.log_tail()}")
-        try:
-            async with session.get(server.health_url) as resp:
-                if resp.status == 200:
-                    return
-        except (aiohttp.ClientError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise BenchError(f"{server.name} not ready after {READY_TIMEOUT:.0f}s:\n"
-                             f"{server.log_tail()}")
-        await asyncio.sleep(0.05)
+    return spawn("echo", argv, f"tcp://127.0.0.1:{port}", tmp / "echo.log")
 
 
 # --- the client ----------------------------------------------------------------------------
@@ -271,12 +184,6 @@ class Options:
     rounds: int
 
 
-def cpu_seconds(proc: psutil.Process) -> float:
-    """User and system CPU time the process has used so far."""
-    times = proc.cpu_times()
-    return float(times.user + times.system)
-
-
 @dataclass
 class Connection:
     """The client's WebSocket to one server; request ids are unique on it."""
@@ -303,11 +210,10 @@ async def measure_round(conn: Connection, opts: Options, figures: Figures) -> No
     figures.p50_us.append(percentile(samples, 50))
     figures.p90_us.append(percentile(samples, 90))
     figures.p99_us.append(percentile(samples, 99))
-    proc = psutil.Process(conn.server.proc.pid)
-    cpu_before = cpu_seconds(proc)
+    cpu_before = cpu_seconds(conn.server.pid)
     rps = await pipelined(conn.ws, conn.ids(opts.pipelined), opts.pipelined, opts.window)
     figures.throughput_rps.append(rps)
-    figures.server_cpu_us.append((cpu_seconds(proc) - cpu_before) * 1e6 / opts.pipelined)
+    figures.server_cpu_us.append((cpu_seconds(conn.server.pid) - cpu_before) * 1e6 / opts.pipelined)
 
 
 @contextlib.asynccontextmanager
@@ -324,7 +230,7 @@ async def run_bench(servers: list[Server], opts: Options) -> dict[str, Figures]:
     figures = {server.name: Figures() for server in servers}
     async with aiohttp.ClientSession() as session:
         for server in servers:
-            await wait_ready(session, server)
+            await wait_ready(server)
         conns: list[Connection] = []
         try:
             for server in servers:
@@ -345,21 +251,8 @@ async def run_bench(servers: list[Server], opts: Options) -> dict[str, Figures]:
 # --- report --------------------------------------------------------------------------------
 
 
-def machine() -> JsonObject:
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu_model": model,
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "aiohttp": aiohttp.__version__,
-    }
+def _machine() -> JsonObject:
+    return machine(aiohttp=aiohttp.__version__)
 
 
 def evaluate(figures: dict[str, Figures]) -> JsonObject:
@@ -387,7 +280,7 @@ def evaluate(figures: dict[str, Figures]) -> JsonObject:
 
 
 def print_table(figures: dict[str, Figures], verdict: JsonObject, opts: Options) -> None:
-    info = machine()
+    info = _machine()
     print(f"machine: {info['cpus']} x {info['cpu_model']}; Python {info['python']}, "
           f"aiohttp {info['aiohttp']}")
     print(f"Host.ping over one WebSocket on 127.0.0.1; {opts.rounds} round(s), medians shown; "
@@ -451,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmpdir)
         try:
             servers.append(start_echo(tmp))
-            servers.append(start_agent(tmp))
+            servers.append(start_agent(tmp, "test:///default",
+                                          listen=f"tcp://127.0.0.1:{free_port()}"))
             figures = asyncio.run(run_bench(servers, opts))
         except (BenchError, aiohttp.ClientError, OSError) as exc:
             print(f"bench/rpc.py: {exc}", file=sys.stderr)
@@ -463,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         report = {
             "benchmark": "Host.ping over one WebSocket (127.0.0.1)",
-            "machine": machine(),
+            "machine": _machine(),
             "options": asdict(opts),
             "results": {
                 name: {"rounds": asdict(f), "median": {k: f.median(k) for k in asdict(f)}}

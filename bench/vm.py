@@ -36,10 +36,7 @@ import contextlib
 import fcntl
 import json
 import os
-import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,13 +44,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import libvirt
-import psutil
 
-import virtnode
 from virtnode.client import Client, ClientError
 from virtnode.vmspec import check_spec, domain_xml
+
+from common import (
+    READY_TIMEOUT,
+    BenchError,
+    JsonObject,
+    Server,
+    cpu_seconds,
+    machine,
+    start_agent,
+    wait_ready,
+)
 
 #: Target: the agent's wall time relative to libvirt's, for one guest and for ``--count``.
 TARGET_RATIO = 1.15
@@ -62,10 +67,8 @@ URI = "qemu:///system"
 PREFIX = "vn-bench-"
 PID_FILES = (Path("/run/libvirtd.pid"), Path("/var/run/libvirtd.pid"),
              Path("/run/virtqemud.pid"))
-READY_TIMEOUT = 120.0
 #: How long the first connection may wait for libvirtd (it may be restarting).
 OPEN_TIMEOUT = 30.0
-STOP_TIMEOUT = 30.0
 #: Longest one VM.create (or one raw define + start) may take before the run is abandoned.
 CALL_TIMEOUT = 600.0
 #: Held while a run goes on: two runs at once would remove each other's guests.
@@ -80,13 +83,8 @@ _UNDEFINE_FLAGS = (
     | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
 )
 
-JsonObject = dict[str, Any]
 Conn = Any  # libvirt.virConnect; libvirt ships no type information
 Dom = Any  # libvirt.virDomain
-
-
-class BenchError(Exception):
-    """The benchmark could not run (no libvirtd, the agent did not start, a create failed)."""
 
 
 # --- the guests ----------------------------------------------------------------------------
@@ -185,84 +183,6 @@ def take_lock() -> int:
     return fd
 
 
-# --- the agent subprocess ------------------------------------------------------------------
-
-
-@dataclass
-class Agent:
-    proc: subprocess.Popen[bytes]
-    socket_path: Path
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"unix:{self.socket_path}"
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self) -> None:
-        """SIGTERM the process we started (by its pid) and wait; SIGKILL if it hangs."""
-        if self.proc.poll() is not None:
-            return
-        try:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=STOP_TIMEOUT)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            print("agent did not stop on SIGTERM; killing it", file=sys.stderr)
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
-def start_agent(tmp: Path, overrides: list[str]) -> Agent:
-    config = tmp / "virtnode.toml"
-    config.write_text("")  # isolate the run from a host-wide configuration file
-    socket_path = tmp / "agent.sock"
-    argv = [
-        sys.executable, "-m", "virtnode", "serve",
-        "--config", str(config),
-        "--listen", f"unix:{socket_path}",
-        "--state-dir", str(tmp / "state"),
-        "--hypervisor", URI,
-        "--log-level", "warning",
-    ]
-    for item in overrides:
-        argv += ["--set", item]
-    log_path = tmp / "agent.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=log)
-    return Agent(proc, socket_path, log_path)
-
-
-async def wait_ready(agent: Agent) -> None:
-    """Poll ``GET /healthz`` on the unix socket until the agent reports ``ok``."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        if agent.proc.poll() is not None:
-            raise BenchError(f"the agent exited with status {agent.proc.returncode}:\n"
-                             f"{agent.log_tail()}")
-        if agent.socket_path.exists():
-            connector = aiohttp.UnixConnector(path=str(agent.socket_path))
-            try:
-                async with (aiohttp.ClientSession(connector=connector) as session,
-                            session.get("http://localhost/healthz") as resp):
-                    if resp.status == 200:
-                        return
-            except (aiohttp.ClientError, OSError):
-                pass
-        if time.monotonic() > deadline:
-            raise BenchError(f"the agent was not ready after {READY_TIMEOUT:.0f}s:\n"
-                             f"{agent.log_tail()}")
-        await asyncio.sleep(0.1)
-
-
 # --- one measurement -----------------------------------------------------------------------
 
 
@@ -279,21 +199,16 @@ class Disturbed(Exception):
     """A measurement to take again: libvirtd restarted during it, or a call failed."""
 
 
-def _cpu_seconds(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
-
-
 def _first_error(results: list[Any]) -> BaseException | None:
     return next((r for r in results if isinstance(r, BaseException)), None)
 
 
-async def via_agent(agent: Agent, names: list[str], memory_mib: int) -> Sample:
+async def via_agent(agent: Server, names: list[str], memory_mib: int) -> Sample:
     """``VM.create`` of every guest at once on one connection."""
     client = await Client.connect(agent.url)
     try:
         await client.call("Host.ping", timeout=CALL_TIMEOUT)  # the connection is warm
-        cpu_before = _cpu_seconds(agent.proc.pid)
+        cpu_before = cpu_seconds(agent.pid)
         started = time.perf_counter()
 
         async def create(name: str) -> float:
@@ -312,7 +227,7 @@ async def via_agent(agent: Agent, names: list[str], memory_mib: int) -> Sample:
         results = await asyncio.gather(*(create(name) for name in names),
                                        return_exceptions=True)
         wall = time.perf_counter() - started
-        cpu = round(_cpu_seconds(agent.proc.pid) - cpu_before, 3)
+        cpu = round(cpu_seconds(agent.pid) - cpu_before, 3)
     finally:
         await client.close()
     error = _first_error(results)
@@ -408,7 +323,7 @@ class Run:
 class Bench:
     """Takes the measurements, alternating between the agent and libvirt."""
 
-    def __init__(self, agent: Agent, lv: Libvirt, opts: Options, run: Run,
+    def __init__(self, agent: Server, lv: Libvirt, opts: Options, run: Run,
                  pool: concurrent.futures.Executor) -> None:
         self.agent = agent
         self.lv = lv
@@ -447,10 +362,7 @@ class Bench:
                 return sample
             except (Disturbed, BenchError, ClientError, libvirt.libvirtError,
                     TimeoutError) as exc:
-                if self.agent.proc.poll() is not None:
-                    raise BenchError(f"the agent exited with status "
-                                     f"{self.agent.proc.returncode}:\n"
-                                     f"{self.agent.log_tail()}") from None
+                self.agent.check_alive()
                 why = f"{what}: {str(exc) or type(exc).__name__}"
                 if attempt == RETRIES:
                     raise BenchError(f"{why} (gave up after {RETRIES} retries)") from None
@@ -472,7 +384,7 @@ class Bench:
                     self.run.series[key(path, count)].add(await self.measure(path, names))
 
 
-async def run_bench(agent: Agent, lv: Libvirt, opts: Options, run: Run) -> None:
+async def run_bench(agent: Server, lv: Libvirt, opts: Options, run: Run) -> None:
     with concurrent.futures.ThreadPoolExecutor(max_workers=opts.count,
                                                thread_name_prefix="raw") as pool:
         await Bench(agent, lv, opts, run, pool).run_all()
@@ -481,38 +393,9 @@ async def run_bench(agent: Agent, lv: Libvirt, opts: Options, run: Run) -> None:
 # --- report --------------------------------------------------------------------------------
 
 
-def source_revision() -> str:
-    """The git commit of the source tree the agent runs from, if it is a checkout."""
-    root = Path(virtnode.__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=10, check=True)
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
-                                 "agent"], capture_output=True, text=True, timeout=10,
-                                check=True)
-    except (OSError, subprocess.SubprocessError):
-        return "not a git checkout"
-    return commit.stdout.strip() + (", agent/ modified" if status.stdout.strip() else "")
-
-
-def machine() -> JsonObject:
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+def _machine() -> JsonObject:
     lib = libvirt.getVersion()
-    return {
-        "virtnode": f"{virtnode.__version__} ({source_revision()})",
-        "cpu_model": model,
-        "cpus": os.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
-        "python": platform.python_version(),
-        "libvirt": f"{lib // 1_000_000}.{lib // 1000 % 1000}.{lib % 1000}",
-    }
+    return machine(libvirt=f"{lib // 1_000_000}.{lib // 1000 % 1000}.{lib % 1000}")
 
 
 def evaluate(run: Run, opts: Options) -> JsonObject:
@@ -537,7 +420,7 @@ def _load(load: tuple[float, float, float]) -> str:
 
 
 def print_table(run: Run, verdict: JsonObject, opts: Options) -> None:
-    info = machine()
+    info = _machine()
     print(f"machine: {info['cpus']} x {info['cpu_model']}, {info['memory_gib']} GiB; "
           f"Python {info['python']}, libvirt {info['libvirt']}; virtnode {info['virtnode']}")
     others = ["?" if n is None else str(n) for n in (run.foreign_vms_before,
@@ -623,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised
     run = Run({key(p, c): Series() for c in opts.counts for p in PATHS}, os.getloadavg())
     lv = Libvirt()
-    agent: Agent | None = None
+    agent: Server | None = None
     try:
         take_lock()
         with tempfile.TemporaryDirectory(prefix="virtnode-bench-") as tmpdir:
@@ -631,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
                 lv.open(OPEN_TIMEOUT)
                 run.removed_at_start = remove_bench_vms(lv.conn)
                 run.foreign_vms_before = foreign_running(lv.conn)
-                agent = start_agent(Path(tmpdir), opts.agent_set)
+                agent = start_agent(Path(tmpdir), URI, overrides=opts.agent_set)
                 asyncio.run(run_bench(agent, lv, opts, run))
                 run.foreign_vms_after = foreign_running(lv.conn)
             finally:
@@ -646,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         report = {
             "benchmark": f"VM create and start on {URI}: agent VM.create vs libvirt-python",
-            "machine": machine(),
+            "machine": _machine(),
             "options": {**asdict(opts), "counts": list(opts.counts)},
             "load_average": {"before": run.load_before, "after": run.load_after},
             "other_running_vms": {"before": run.foreign_vms_before,

@@ -1,0 +1,184 @@
+"""What the benchmarks share: servers in subprocesses, readiness, CPU time, the machine.
+
+The benchmark scripts are run as ``python bench/NAME.py``, so this module is imported as
+``common`` from the scripts' own folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+import virtnode
+
+JsonObject = dict[str, Any]
+
+#: How long a started server may take to answer ``GET /healthz`` with 200.
+READY_TIMEOUT = 120.0
+#: How long a server may take to exit after SIGTERM before it is killed.
+STOP_TIMEOUT = 30.0
+
+
+class BenchError(Exception):
+    """The benchmark could not run (a server did not start, a response was wrong)."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """A server this benchmark started, listening on ``url`` (``unix:PATH`` or ``tcp://``)."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    @property
+    def ws_url(self) -> str:
+        """The WebSocket URL of a TCP listener."""
+        return "ws://" + self.url.removeprefix("tcp://") + "/rpc"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise BenchError(f"{self.name} exited with status {self.proc.returncode}:\n"
+                             f"{self.log_tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM the process we started (by its pid) and wait; SIGKILL if it hangs."""
+        if self.proc.poll() is not None:
+            return
+        try:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=STOP_TIMEOUT)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            print(f"{self.name} did not stop on SIGTERM; killing it", file=sys.stderr)
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def spawn(name: str, argv: Sequence[str], url: str, log_path: Path) -> Server:
+    """Start ``argv`` with its stderr in ``log_path``."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=log)
+    return Server(name, proc, url, log_path)
+
+
+def start_agent(tmp: Path, hypervisor: str, *, listen: str | None = None,
+                overrides: Sequence[str] = (), name: str = "agent") -> Server:
+    """Start ``python -m virtnode serve`` with its state and an empty config in ``tmp``.
+
+    ``listen`` defaults to a unix socket in ``tmp``; ``overrides`` are ``--set`` items.
+    """
+    config = tmp / f"{name}.toml"
+    config.write_text("")  # isolate the run from a host-wide configuration file
+    url = listen or f"unix:{tmp / (name + '.sock')}"
+    argv = [
+        sys.executable, "-m", "virtnode", "serve",
+        "--config", str(config),
+        "--listen", url,
+        "--state-dir", str(tmp / f"{name}-state"),
+        "--hypervisor", hypervisor,
+        "--log-level", "warning",
+    ]
+    for item in overrides:
+        argv += ["--set", item]
+    return spawn(name, argv, url, tmp / f"{name}.log")
+
+
+async def wait_ready(server: Server, timeout: float = READY_TIMEOUT) -> None:
+    """Poll ``GET /healthz`` until it answers 200; BenchError if the server exits first."""
+    deadline = time.monotonic() + timeout
+    if server.url.startswith("unix:"):
+        path = server.url.removeprefix("unix:")
+        base = "http://localhost"
+    else:
+        path = ""
+        base = "http://" + server.url.removeprefix("tcp://")
+    while True:
+        server.check_alive()
+        connector = aiohttp.UnixConnector(path=path) if path else None
+        try:
+            async with (aiohttp.ClientSession(connector=connector) as session,
+                        session.get(base + "/healthz") as resp):
+                if resp.status == 200:
+                    return
+        except (aiohttp.ClientError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise BenchError(f"{server.name} was not ready after {timeout:.0f}s:\n"
+                             f"{server.log_tail()}")
+        await asyncio.sleep(0.05)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def _git(root: str, *args: str) -> str:
+    return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
+                          timeout=10, check=True).stdout.strip()
+
+
+def source_revision() -> str:
+    """The git revision the benchmark runs from, with ``+dirty`` for local changes."""
+    root = str(Path(__file__).resolve().parent.parent)
+    try:
+        rev = _git(root, "rev-parse", "--short", "HEAD")
+        dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+def machine(**extra: Any) -> JsonObject:
+    """The machine and software the figures were taken on."""
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "virtnode": f"{virtnode.__version__} ({source_revision()})",
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
+        "python": platform.python_version(),
+        **extra,
+    }
