@@ -32,6 +32,7 @@ from virtnode.config import (
     toml_value,
 )
 from virtnode.schema import SchemaError
+from virtnode.store import StoreError
 
 EXIT_REMOTE_ERROR = 1
 EXIT_USAGE = 2
@@ -115,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     try:
         asyncio.run(serve(config))
-    except (OSError, ValueError, SchemaError) as exc:
+    except (OSError, ValueError, SchemaError, StoreError) as exc:
         logging.getLogger("virtnode").error("cannot start: %s", exc)
         return 1
     return 0

@@ -19,6 +19,7 @@ from virtnode.hypervisor import Hypervisor
 from virtnode.rpc import Dispatcher, handlers_of
 from virtnode.schema import load_schema
 from virtnode.server import ApiServer
+from virtnode.store import Store
 from virtnode.subscriptions import EventsService
 from virtnode.vm import VmService
 from virtnode.vmdevices import VmDeviceService
@@ -33,6 +34,7 @@ class Agent:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.store = Store(Path(config.state.dir))
         self.bus = EventBus()
         self.hypervisor = Hypervisor(config.hypervisor, self.bus)
         self.vms = VmService(self.hypervisor, self.bus, config.vm)
@@ -53,6 +55,7 @@ class Agent:
             self.bus.check = schema.check_event
         state_dir = Path(self.config.state.dir)
         host_id = await asyncio.to_thread(load_host_id, state_dir)
+        await self.store.open()
         host = HostService(self.hypervisor, schema, host_id)
         services = (
             ApiService(schema),
@@ -76,6 +79,7 @@ class Agent:
             await self.server.close()
             await self.vms.close()
             await self.hypervisor.close()
+            await self.store.close()
             raise
         log.info("virtnode ready in %.0f ms (hypervisor %s: %s)",
                  (time.perf_counter() - started) * 1000, self.hypervisor.uri,
@@ -114,6 +118,8 @@ class Agent:
         if server is not None:
             async with _stage("release listeners", stage_timeout):
                 await server.close()
+        async with _stage("close the state store", stage_timeout):
+            await self.store.close()
         log.info("virtnode stopped")
 
 

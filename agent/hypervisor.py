@@ -10,10 +10,8 @@ translated into the API's vocabulary by :func:`translate_error`.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
-import queue
 import random
 import threading
 from collections.abc import Awaitable, Callable
@@ -24,6 +22,7 @@ from typing import Any, TypeVar
 import libvirt
 import libvirtaio
 
+from virtnode.aiotools import DaemonThreadPool
 from virtnode.config import HypervisorConfig
 from virtnode.errors import (
     AlreadyExists,
@@ -139,48 +138,6 @@ def _register_event_impl(loop: asyncio.AbstractEventLoop) -> None:
             _event_impl_loop = loop
         elif _event_impl_loop is not loop:
             raise RuntimeError("libvirt's event loop is bound to another asyncio loop")
-
-
-class DaemonThreadPool(concurrent.futures.Executor):
-    """A fixed pool of daemon threads.
-
-    A libvirt call stuck in the kernel or in a frozen libvirtd cannot be interrupted; with
-    daemon threads it at least cannot keep the agent from exiting.
-    """
-
-    def __init__(self, size: int, name: str) -> None:
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
-            for i in range(size)
-        ]
-
-    def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, fn: Callable[..., T], /, *args: Any,
-               **kwargs: Any) -> concurrent.futures.Future[T]:
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put((future, fn, args, kwargs))
-        return future
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        for _ in self._threads:
-            self._queue.put(None)
-        if wait:
-            for thread in self._threads:
-                thread.join()
-
-    def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            future, fn, args, kwargs = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as exc:
-                future.set_exception(exc)
 
 
 class Hypervisor:

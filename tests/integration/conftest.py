@@ -19,7 +19,7 @@ from tests.subproc import run
 from virtnode.client import Client
 
 #: Names of VMs the tests create start with this, so that cleanup finds them all.
-VM_PREFIX = "vn-it-"
+VM_PREFIX = os.environ.get("VIRTNODE_TEST_VM_PREFIX", "vn-it-")
 
 FAST_RECOVERY = {
     "hypervisor": {

@@ -1,0 +1,139 @@
+"""The state store: one SQLite database under the state directory.
+
+What must survive a restart lives here: the event journal, jobs, and later the storage
+domain registry and network configuration. Every statement runs on the store's own thread
+(:meth:`Store.run`), one at a time, so the event loop never waits on the disk and no two
+writers race. The database is in WAL mode with ``synchronous=FULL``: a transaction that
+returned is on disk, even across a power loss (about 0.3 ms per commit on these machines;
+callers batch where that matters, as the journal does).
+
+A database that cannot be read (corrupt, not SQLite) is moved aside, kept for inspection,
+and replaced by an empty one; :attr:`Store.fresh` tells the services that what they kept
+is gone (the journal then starts a new epoch). A database written by a newer virtnode
+(a component's schema version above what this one knows) is refused, never rewritten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from virtnode.aiotools import DaemonThreadPool
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DB_NAME = "state.db"
+
+
+class StoreError(Exception):
+    """The state store cannot be used (unreadable directory, newer schema)."""
+
+
+class Store:
+    """The agent's SQLite database, used from one thread."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / DB_NAME
+        #: True when the database was created by this start (none before, or unreadable).
+        self.fresh = False
+        self._conn: sqlite3.Connection | None = None
+        self._pool = DaemonThreadPool(1, "state-store")
+        self._started = False
+
+    async def open(self) -> None:
+        """Open (or create) the database. Raises :class:`StoreError`."""
+        if not self._started:
+            self._pool.start()
+            self._started = True
+        await self.run_unopened(self._open)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(connection)`` on the store's thread and return its result."""
+        conn = self._conn
+        if conn is None:
+            raise StoreError("the state store is not open")
+        return await asyncio.wrap_future(self._pool.submit(fn, conn))
+
+    async def run_unopened(self, fn: Callable[[], T]) -> T:
+        return await asyncio.wrap_future(self._pool.submit(fn))
+
+    async def ensure_schema(self, component: str, version: int, sql: str) -> None:
+        """Create ``component``'s tables with ``sql`` unless they exist at ``version``.
+
+        ``sql`` must be idempotent (``CREATE ... IF NOT EXISTS``). Raises
+        :class:`StoreError` when the database holds a newer version of the component.
+        """
+
+        def ensure(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT version FROM schema WHERE component = ?",
+                               (component,)).fetchone()
+            if row is not None and row[0] > version:
+                raise StoreError(
+                    f"{self.path}: {component} tables are version {row[0]}, written by a "
+                    f"newer virtnode (this one knows version {version}); refusing to use them"
+                )
+            if row is not None and row[0] == version:
+                return
+            conn.executescript(sql)  # idempotent: a crash here is repaired by the next start
+            conn.execute("INSERT OR REPLACE INTO schema (component, version) VALUES (?, ?)",
+                             (component, version))
+
+        await self.run(ensure)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await asyncio.wrap_future(self._pool.submit(conn.close))
+        if self._started:
+            self._pool.shutdown(wait=False)
+            self._started = False
+
+    # --- on the store's thread -------------------------------------------------------------
+
+    def _open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create {self.path.parent}: {exc.strerror}") from None
+        existed = self.path.exists()
+        try:
+            conn = self._connect()
+        except sqlite3.DatabaseError as exc:
+            if not existed:
+                raise StoreError(f"cannot create {self.path}: {exc}") from None
+            aside = self.path.with_name(f"{DB_NAME}.unreadable-{int(time.time())}")
+            log.error("state store %s is unreadable (%s); moved to %s, starting empty",
+                      self.path, exc, aside)
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(f"{self.path}{suffix}")
+                if src.exists():
+                    src.rename(Path(f"{aside}{suffix}"))
+            existed = False
+            try:
+                conn = self._connect()
+            except sqlite3.DatabaseError as exc2:
+                raise StoreError(f"cannot create {self.path}: {exc2}") from None
+        self.fresh = not existed
+        self._conn = conn
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            row = conn.execute("PRAGMA quick_check").fetchone()
+            if row is None or row[0] != "ok":
+                raise sqlite3.DatabaseError(f"integrity check failed: {row}")
+            conn.execute("CREATE TABLE IF NOT EXISTS schema "
+                         "(component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
