@@ -161,6 +161,15 @@ class StateConfig:
 
 
 @dataclass(frozen=True)
+class EventsConfig:
+    journal_max_events: int = _spec(100_000, _positive, "events the journal keeps at most")
+    journal_max_age: float = _spec(86_400.0, _positive, "seconds the journal keeps an event")
+    subscriber_queue: int = _spec(
+        10_000, _positive, "events queued for one slow subscriber before it is dropped"
+    )
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = _spec("info", _check_level, "debug logs one line per request")
 
@@ -172,6 +181,7 @@ class Config:
     vm: VmConfig = field(default_factory=VmConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

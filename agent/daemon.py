@@ -16,6 +16,7 @@ from virtnode.config import Config
 from virtnode.events import EventBus
 from virtnode.host import HostService, load_host_id
 from virtnode.hypervisor import Hypervisor
+from virtnode.journal import Journal
 from virtnode.rpc import Dispatcher, handlers_of
 from virtnode.schema import load_schema
 from virtnode.server import ApiServer
@@ -38,6 +39,7 @@ class Agent:
         self.bus = EventBus()
         self.hypervisor = Hypervisor(config.hypervisor, self.bus)
         self.vms = VmService(self.hypervisor, self.bus, config.vm)
+        self.events: EventsService | None = None
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None
         self._stopped = False
@@ -56,13 +58,17 @@ class Agent:
         state_dir = Path(self.config.state.dir)
         host_id = await asyncio.to_thread(load_host_id, state_dir)
         await self.store.open()
+        events_config = self.config.events
+        await self.bus.attach_journal(Journal(self.store, events_config.journal_max_events,
+                                              events_config.journal_max_age))
+        self.events = EventsService(self.bus, events_config)
         host = HostService(self.hypervisor, schema, host_id)
         services = (
             ApiService(schema),
             host,
             self.vms,
             VmDeviceService(self.vms),
-            EventsService(self.bus),
+            self.events,
         )
         self.dispatcher = Dispatcher(schema, handlers_of(*services), check_results=check)
         await host.start()
@@ -79,6 +85,7 @@ class Agent:
             await self.server.close()
             await self.vms.close()
             await self.hypervisor.close()
+            await self.bus.flush()
             await self.store.close()
             raise
         log.info("virtnode ready in %.0f ms (hypervisor %s: %s)",
@@ -118,7 +125,10 @@ class Agent:
         if server is not None:
             async with _stage("release listeners", stage_timeout):
                 await server.close()
-        async with _stage("close the state store", stage_timeout):
+        async with _stage("write the last events and close the state store", stage_timeout):
+            if self.events is not None:
+                self.events.close()
+            await self.bus.flush()
             await self.store.close()
         log.info("virtnode stopped")
 

@@ -1,21 +1,29 @@
 """The in-process event bus.
 
 Services publish typed events by topic; subscribers register a callback for topic globs
-and get an unsubscribe function back. Publishing never waits: a callback must only hand
-the event on (to a queue), and a callback that raises is logged and kept away from the
-publisher.
+and get an unsubscribe function back. Publishing never waits: it numbers the event and
+returns. With a journal (:mod:`virtnode.journal`), events are written to it in batches on
+the store's thread and handed to subscribers only once written, in seq order, so anything
+a client has seen can be replayed after a restart. Without one (unit tests), subscribers
+get each event at once. A callback must only hand the event on (to a queue); one that
+raises is logged and kept away from the publisher.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
-import itertools
 import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from virtnode import jsonrpc
+
+if TYPE_CHECKING:
+    from virtnode.journal import Journal
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +37,8 @@ class Event:
     topic: str
     time: float
     data: JsonObject
+    #: ``data`` encoded once, for the journal and for every subscriber.
+    data_json: str = field(default="", compare=False)
 
     def to_params(self) -> JsonObject:
         """The ``params`` of the ``event`` notification that carries this event."""
@@ -39,6 +49,13 @@ class Event:
             "time": self.time,
             "data": self.data,
         }
+
+    def notification_text(self) -> str:
+        """The encoded ``event`` notification, the same bytes for every subscriber."""
+        data = self.data_json or jsonrpc.encode(self.data)
+        head = jsonrpc.encode({"epoch": self.epoch, "seq": self.seq, "topic": self.topic,
+                               "time": self.time})
+        return f'{{"jsonrpc":"2.0","method":"event","params":{head[:-1]},"data":{data}}}}}'
 
 
 Listener = Callable[[Event], None]
@@ -60,9 +77,32 @@ class EventBus:
         self.epoch = epoch or str(uuid.uuid4())
         #: Called with (topic, payload) before publishing; raises ValueError on a bad one.
         self.check: Callable[[str, JsonObject], None] | None = None
-        self._seq = itertools.count(1)
+        #: Called with the topic of every published event (metrics).
+        self.on_publish: Callable[[str], None] | None = None
         self._subscriptions: set[_Subscription] = set()
+        #: The seq of the newest event published.
         self.last_seq = 0
+        #: The seq of the newest event handed to subscribers (written to the journal first).
+        self.delivered_seq = 0
+        self._journal: Journal | None = None
+        self._pending: list[Event] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def attach_journal(self, journal: Journal) -> None:
+        """Continue the journal's epoch and numbering; events are journaled from now on.
+
+        Called before anything publishes.
+        """
+        position = await journal.open()
+        self.epoch = position.epoch
+        self.last_seq = self.delivered_seq = position.last_seq
+        self._journal = journal
+
+    @property
+    def journal(self) -> Journal | None:
+        return self._journal
 
     def publish(self, topic: str, data: JsonObject) -> Event:
         """Publish an event now; returns it with its sequence number.
@@ -71,21 +111,65 @@ class EventBus:
         """
         if self.check is not None:
             self.check(topic, data)
-        event = Event(self.epoch, next(self._seq), topic, time.time(), data)
-        self.last_seq = event.seq
+        self.last_seq += 1
+        event = Event(self.epoch, self.last_seq, topic, time.time(), data,
+                      jsonrpc.encode(data))
+        if self.on_publish is not None:
+            self.on_publish(topic)
+        if self._journal is None:
+            self._deliver(event)
+            return event
+        self._pending.append(event)
+        if self._writer is None:
+            self._idle.clear()
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write_pending(), name="event-journal-writer")
+        return event
+
+    async def _write_pending(self) -> None:
+        journal = self._journal
+        assert journal is not None
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await journal.write(batch)
+                except Exception:
+                    # Subscribers still get the events; a replay from before them cannot.
+                    log.exception("event journal: cannot write seq %d-%d; replays from before "
+                                  "%d will require a resync", batch[0].seq, batch[-1].seq,
+                                  batch[-1].seq + 1)
+                    journal.lost(batch[-1].seq)
+                for event in batch:
+                    self._deliver(event)
+        finally:
+            self._writer = None
+            self._idle.set()
+
+    def _deliver(self, event: Event) -> None:
+        self.delivered_seq = event.seq
         for sub in list(self._subscriptions):
-            if sub.wants(topic):
+            if sub.wants(event.topic):
                 try:
                     sub.listener(event)
                 except Exception:
-                    log.exception("event listener failed on %s", topic)
-        return event
+                    log.exception("event listener failed on %s", event.topic)
+
+    async def flush(self) -> None:
+        """Wait until every event published so far is journaled and delivered."""
+        await self._idle.wait()
 
     def subscribe(self, patterns: Iterable[str], listener: Listener) -> Callable[[], None]:
         """Call ``listener`` for every event whose topic matches one of the globs.
 
-        Returns a function that ends the subscription (calling it twice is harmless).
+        Events delivered after this call are those with ``seq > delivered_seq`` at the
+        time of the call: a reader of the journal up to that seq misses none and sees
+        none twice. Returns a function that ends the subscription (twice is harmless).
         """
         sub = _Subscription(tuple(patterns), listener)
         self._subscriptions.add(sub)
         return lambda: self._subscriptions.discard(sub)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscriptions)

@@ -48,6 +48,22 @@ class Session(Protocol):
         """Queue a notification to the peer; False if this session cannot push."""
         ...
 
+    def push_text(self, text: str) -> bool:
+        """Queue an encoded notification; False if this session cannot push."""
+        ...
+
+    @property
+    def backlog(self) -> int:
+        """Notifications queued and not yet written to the peer."""
+        ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def wait_backlog(self, size: int) -> None:
+        """Return once at most ``size`` notifications wait to be written, or on close."""
+        ...
+
     def on_close(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` when the session ends."""
         ...

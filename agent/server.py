@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 JsonObject = dict[str, Any]
 HealthFn = Callable[[], JsonObject]
 
-#: Notifications waiting for a slow WebSocket peer before new ones are dropped.
-OUTBOX_LIMIT = 4096
+#: Notifications waiting for a slow WebSocket peer before new ones are dropped. Event
+#: subscriptions give up on a slow peer long before (config events.subscriber_queue); this
+#: only bounds memory if something else pushes without looking at the backlog.
+OUTBOX_LIMIT = 1_000_000
 
 
 class _BaseSession:
@@ -61,9 +63,17 @@ class HttpSession(_BaseSession):
     """One POST request: no pushing."""
 
     can_push = False
+    backlog = 0
+    closed = False
 
     def push(self, message: JsonObject) -> bool:
         return False
+
+    def push_text(self, text: str) -> bool:
+        return False
+
+    async def wait_backlog(self, size: int) -> None:
+        return None
 
 
 class _Cork:
@@ -116,12 +126,42 @@ class WsSession(_BaseSession):
         self.unanswered = 0
         self._outbox: asyncio.Queue[str] = asyncio.Queue(OUTBOX_LIMIT)
         self._dropped = 0
+        #: (backlog, future) of callers waiting for the backlog to fall to that size.
+        self._drain_waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    async def wait_backlog(self, size: int) -> None:
+        """Return once at most ``size`` notifications wait to be written (or on close)."""
+        if self._outbox.qsize() <= size or self.ws.closed:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append((size, future))
+        try:
+            await future
+        finally:
+            self._drain_waiters = [w for w in self._drain_waiters if w[1] is not future]
+
+    def _wake_drain_waiters(self, closing: bool = False) -> None:
+        backlog = self._outbox.qsize()
+        for size, future in self._drain_waiters:
+            if (closing or backlog <= size) and not future.done():
+                future.set_result(None)
+
+    @property
+    def backlog(self) -> int:
+        return self._outbox.qsize()
+
+    @property
+    def closed(self) -> bool:
+        return self.ws.closed
 
     def push(self, message: JsonObject) -> bool:
+        return self.push_text(jsonrpc.encode(message))
+
+    def push_text(self, text: str) -> bool:
         if self.ws.closed:
             return False
         try:
-            self._outbox.put_nowait(jsonrpc.encode(message))
+            self._outbox.put_nowait(text)
         except asyncio.QueueFull:
             self._dropped += 1
             if self._dropped == 1:
@@ -140,8 +180,14 @@ class WsSession(_BaseSession):
             pass  # the peer went away; its calls' answers have nowhere to go
 
     async def write_pushed(self) -> None:
-        while True:
-            await self.send(await self._outbox.get())
+        try:
+            while True:
+                text = await self._outbox.get()
+                if self._drain_waiters:
+                    self._wake_drain_waiters()
+                await self.send(text)
+        finally:
+            self._wake_drain_waiters(closing=True)
 
 
 class ApiServer:

@@ -31,6 +31,18 @@ _UNDEFINE_FLAGS = (
     | vc.DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
     | vc.DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
 )
+#: Flag sets tried in order: drivers refuse flags they do not know (the test driver has
+#: no checkpoints), and a domain without NVRAM may refuse the NVRAM flag.
+_UNDEFINE_ATTEMPTS = (
+    _UNDEFINE_FLAGS | vc.DOMAIN_UNDEFINE_NVRAM,
+    _UNDEFINE_FLAGS,
+    vc.DOMAIN_UNDEFINE_MANAGED_SAVE | vc.DOMAIN_UNDEFINE_SNAPSHOTS_METADATA,
+)
+
+
+def _refused_flags(exc: BaseException) -> bool:
+    code = getattr(exc, "get_error_code", None)
+    return callable(code) and code() in (vc.ERR_INVALID_ARG, vc.ERR_NO_SUPPORT)
 
 
 def is_no_domain(exc: BaseException) -> bool:
@@ -103,14 +115,23 @@ def create(conn: Connection, xml: str, *, persistent: bool, start: bool) -> Doma
 
 def undefine_quietly(dom: Domain) -> None:
     with contextlib.suppress(Exception):  # best effort during a rollback
-        dom.undefineFlags(_UNDEFINE_FLAGS)
+        undefine(dom)
 
 
 def undefine(dom: Domain) -> None:
-    try:
-        dom.undefineFlags(_UNDEFINE_FLAGS | vc.DOMAIN_UNDEFINE_NVRAM)
-    except Exception:
-        dom.undefineFlags(_UNDEFINE_FLAGS)
+    """Undefine with its managed save, snapshot/checkpoint metadata and NVRAM.
+
+    Falls back to fewer flags only when the driver refuses the flags themselves.
+    """
+    for flags in _UNDEFINE_ATTEMPTS[:-1]:
+        try:
+            dom.undefineFlags(flags)
+        except Exception as exc:
+            if not _refused_flags(exc):
+                raise
+        else:
+            return
+    dom.undefineFlags(_UNDEFINE_ATTEMPTS[-1])
 
 
 def mark_started(dom: Domain, metadata: JsonObject | None) -> None:
