@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import tomllib
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -169,6 +170,45 @@ class EventsConfig:
     )
 
 
+def _check_uplinks(value: tuple[str, ...]) -> str | None:
+    for item in value:
+        parts = urlsplit(item)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            return f"{item!r}: expected ws://HOST[:PORT]/PATH or wss://..."
+        if parts.scheme == "ws" and not _is_loopback(parts.hostname):
+            return f"{item!r}: plain ws:// goes to loopback only; use wss:// for remote hosts"
+    return None
+
+
+def _check_topics(value: tuple[str, ...]) -> str | None:
+    if not value:
+        return "needs at least one topic glob"
+    bad = [t for t in value if not re.fullmatch(r"[a-z0-9_.*?\[\]]{1,200}", t)]
+    return f"not topic globs: {bad}" if bad else None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class UplinkConfig:
+    urls: tuple[str, ...] = _spec(
+        (), _check_uplinks, "upstream WebSocket URLs the agent dials out to (wss://, or ws:// "
+        "on loopback)"
+    )
+    role: Role = _spec(Role.READER, None, "role of requests that arrive over an uplink")
+    topics: tuple[str, ...] = _spec(("*",), _check_topics, "event topics streamed upstream")
+    hello_timeout: float = _spec(10.0, _positive, "seconds to wait for the upstream's hello answer")
+    reconnect_min: float = _spec(1.0, _positive, "first reconnect delay, seconds")
+    reconnect_max: float = _spec(60.0, _positive, "longest reconnect delay, seconds")
+
+
 @dataclass(frozen=True)
 class LogConfig:
     level: str = _spec("info", _check_level, "debug logs one line per request")
@@ -182,6 +222,7 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     state: StateConfig = field(default_factory=StateConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
+    uplink: UplinkConfig = field(default_factory=UplinkConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

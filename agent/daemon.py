@@ -22,6 +22,7 @@ from virtnode.schema import load_schema
 from virtnode.server import ApiServer
 from virtnode.store import Store
 from virtnode.subscriptions import EventsService
+from virtnode.uplink import Uplink, Uplinks
 from virtnode.vm import VmService
 from virtnode.vmdevices import VmDeviceService
 
@@ -40,6 +41,7 @@ class Agent:
         self.hypervisor = Hypervisor(config.hypervisor, self.bus)
         self.vms = VmService(self.hypervisor, self.bus, config.vm)
         self.events: EventsService | None = None
+        self.uplinks = Uplinks([])
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None
         self._stopped = False
@@ -88,6 +90,14 @@ class Agent:
             await self.bus.flush()
             await self.store.close()
             raise
+        self.uplinks = Uplinks([
+            Uplink(url, self.config.uplink, server=self.server, events=self.events,
+                   bus=self.bus, host_id=host_id,
+                   max_message_size=self.config.server.max_message_size,
+                   api_version=schema.version)
+            for url in self.config.uplink.urls
+        ])
+        self.uplinks.start()
         log.info("virtnode ready in %.0f ms (hypervisor %s: %s)",
                  (time.perf_counter() - started) * 1000, self.hypervisor.uri,
                  self.hypervisor.state.value)
@@ -95,11 +105,14 @@ class Agent:
     def health(self) -> JsonObject:
         """What ``GET /healthz`` reports."""
         hv = self.hypervisor
-        return {
+        health: JsonObject = {
             "status": "ok" if hv.connected and not self.vms.recovering else "degraded",
             "recovering": self.vms.recovering,
             "hypervisor": {"uri": hv.uri, "state": hv.state.value, "reason": hv.reason},
         }
+        if self.uplinks.links:
+            health["uplinks"] = self.uplinks.status()
+        return health
 
     async def stop(self) -> None:
         """Stop in stages, each bounded by a timeout. Idempotent."""
@@ -108,6 +121,8 @@ class Agent:
         self._stopped = True
         stage_timeout = self.config.server.stage_timeout
         server, dispatcher = self.server, self.dispatcher
+        async with _stage("close uplinks", stage_timeout):
+            await self.uplinks.stop()
         if server is not None:
             async with _stage("stop accepting", stage_timeout):
                 await server.stop_accepting()

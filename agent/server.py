@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import ClientWebSocketResponse, WSMsgType, web
 
 from virtnode import jsonrpc
 from virtnode.config import AccessConfig, Listener, ServerConfig
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 JsonObject = dict[str, Any]
 HealthFn = Callable[[], JsonObject]
+#: A server-side WebSocketResponse, or a client-side ClientWebSocketResponse (uplinks).
+WebSocketLike = web.WebSocketResponse | ClientWebSocketResponse
 
 #: Notifications waiting for a slow WebSocket peer before new ones are dropped. Event
 #: subscriptions give up on a slow peer long before (config events.subscriber_queue); this
@@ -117,7 +119,7 @@ class WsSession(_BaseSession):
 
     can_push = True
 
-    def __init__(self, ws: web.WebSocketResponse, caller: Caller, max_inflight: int,
+    def __init__(self, ws: WebSocketLike, caller: Caller, max_inflight: int,
                  cork: _Cork | None = None) -> None:
         super().__init__(caller, max_inflight)
         self.ws = ws
@@ -300,6 +302,16 @@ class ApiServer:
         await ws.prepare(request)
         session = WsSession(ws, self._caller(request), self._config.max_inflight_per_connection,
                             _cork_for(request))
+        await self.serve_session(session)
+        return ws
+
+    def new_session(self, ws: WebSocketLike, caller: Caller) -> WsSession:
+        """A session for a WebSocket this agent opened itself (an uplink)."""
+        return WsSession(ws, caller, self._config.max_inflight_per_connection)
+
+    async def serve_session(self, session: WsSession) -> None:
+        """Answer the requests that arrive on ``session`` until its WebSocket closes."""
+        ws = session.ws
         self._sessions.add(session)
         writer = asyncio.create_task(session.write_pushed(), name="ws-push-writer")
         try:
@@ -307,14 +319,13 @@ class ApiServer:
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                     self._spawn(session, msg.data)
                 elif msg.type is WSMsgType.ERROR:
-                    log.info("websocket from %s closed: %s", session.caller.identity,
+                    log.info("websocket of %s closed: %s", session.caller.identity,
                              ws.exception())
         finally:
             self._sessions.discard(session)
             session.close_session()
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
-        return ws
 
     def _spawn(self, session: WsSession, data: str | bytes) -> None:
         session.unanswered += 1

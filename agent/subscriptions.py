@@ -159,9 +159,16 @@ class EventsService:
                 "events are pushed over WebSocket connections only; poll with Events.get",
                 reason="push_unsupported",
             )
-        since: int | None = params.get("since")
-        self._check_since(since, params.get("epoch"))
-        subscriber = _Subscriber(self, str(uuid.uuid4()), session, params["topics"],
+        return self.open(session, params["topics"], params.get("since"), params.get("epoch"))
+
+    def open(self, session: Session, topics: Sequence[str], since: int | None = None,
+             epoch: str | None = None) -> JsonObject:
+        """Subscribe ``session`` to ``topics``, replaying after ``since``; the result.
+
+        Raises FailedPrecondition (resync_required) when the journal cannot replay.
+        """
+        self._check_since(since, epoch)
+        subscriber = _Subscriber(self, str(uuid.uuid4()), session, topics,
                                  self._config.subscriber_queue)
         upto = self.bus.delivered_seq
         subscriber.last_seq = upto

@@ -352,3 +352,23 @@ def test_dump_of_a_changed_config_parses_back(tmp_path: Path) -> None:
     """)
     config = load_config(path)
     assert _round_trip(config) == config
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1/up",             # not a WebSocket URL
+    "ws://192.0.2.10/up",              # plain text to another host
+    "ws:///no-host",
+])
+def test_uplink_urls_are_checked(url: str) -> None:
+    config_error(r"^uplink\.urls:", {"uplink": {"urls": [url]}})
+
+
+def test_uplink_urls_accepted() -> None:
+    config = build_config({"uplink": {"urls": ["ws://127.0.0.1:9/up", "wss://engine.example/x"],
+                                      "role": "admin"}})
+    assert config.uplink.urls == ("ws://127.0.0.1:9/up", "wss://engine.example/x")
+    assert config.uplink.role == "admin"
+
+
+def test_uplink_topics_must_be_globs() -> None:
+    config_error(r"^uplink\.topics:", {"uplink": {"topics": ["VM lifecycle"]}})
