@@ -32,6 +32,15 @@ class Role(StrEnum):
     ADMIN = "admin"
 
 
+class DeviceSource(StrEnum):
+    """Where host device events come from."""
+
+    AUTO = "auto"  # udev when udevd runs, kernel uevents otherwise
+    UDEV = "udev"
+    KERNEL = "kernel"
+    OFF = "off"
+
+
 @dataclass(frozen=True)
 class Listener:
     """A parsed listen address: ``unix:PATH`` or ``tcp://host:port``.
@@ -99,6 +108,10 @@ def _check_uri(value: str) -> str | None:
     return None if "://" in value or value.startswith("test:") else "is not a libvirt URI"
 
 
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
 def _check_level(value: str) -> str | None:
     levels = ("debug", "info", "warning", "error")
     return None if value in levels else f"must be one of {', '.join(levels)}"
@@ -149,6 +162,16 @@ class VmConfig:
 
 
 @dataclass(frozen=True)
+class DevicesConfig:
+    source: DeviceSource = _spec(
+        DeviceSource.AUTO, None, "host.device events from: auto, udev, kernel or off"
+    )
+    coalesce_window: float = _spec(
+        0.1, _non_negative, "seconds a device change waits to be merged with later ones"
+    )
+
+
+@dataclass(frozen=True)
 class AccessConfig:
     unix_admin_uids: tuple[int, ...] = _spec((0,), None, "unix peer uids given the admin role")
     unix_role: Role = _spec(Role.READER, None, "role of other unix peers")
@@ -170,6 +193,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     vm: VmConfig = field(default_factory=VmConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     state: StateConfig = field(default_factory=StateConfig)
     log: LogConfig = field(default_factory=LogConfig)

@@ -13,6 +13,7 @@ from typing import Any
 
 from virtnode.apiservice import ApiService
 from virtnode.config import Config
+from virtnode.devices import DeviceMonitor
 from virtnode.events import EventBus
 from virtnode.host import HostService, load_host_id
 from virtnode.hypervisor import Hypervisor
@@ -38,6 +39,7 @@ class Agent:
         self.bus = EventBus()
         self.hypervisor = Hypervisor(config.hypervisor, self.bus)
         self.vms = VmService(self.hypervisor, self.bus, config.vm)
+        self.devices = DeviceMonitor(config.devices, self.bus)
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None
         self._stopped = False
@@ -56,7 +58,8 @@ class Agent:
         state_dir = Path(self.config.state.dir)
         host_id = await asyncio.to_thread(load_host_id, state_dir)
         await self.store.open()
-        host = HostService(self.hypervisor, schema, host_id)
+        host = HostService(self.hypervisor, schema, host_id,
+                           device_events=lambda: self.devices.state.value)
         services = (
             ApiService(schema),
             host,
@@ -66,6 +69,7 @@ class Agent:
         )
         self.dispatcher = Dispatcher(schema, handlers_of(*services), check_results=check)
         await host.start()
+        await self.devices.start()
         await self.vms.start()
         await self.hypervisor.start()
         if self.hypervisor.connected:
@@ -77,6 +81,7 @@ class Agent:
             await self.server.start()
         except BaseException:
             await self.server.close()
+            await self.devices.close()
             await self.vms.close()
             await self.hypervisor.close()
             await self.store.close()
@@ -109,6 +114,9 @@ class Agent:
             if not await dispatcher.drain(self.config.server.drain_timeout):
                 log.warning("stop: %d calls still running after %.1fs; cancelling them",
                             dispatcher.inflight, self.config.server.drain_timeout)
+        async with _stage("close the device monitor", stage_timeout):
+            # Before the connections close, so device events still waiting reach them.
+            await self.devices.close()
         if server is not None:
             async with _stage("cancel calls and close connections", stage_timeout):
                 await server.close_sessions()
