@@ -42,8 +42,8 @@ def root_tools() -> None:
 
 
 @pytest.fixture
-async def devices(agent: AgentProcess, checked_client: ClientFactory,
-                  root_tools: None) -> AsyncIterator[Client]:
+async def devices(root_tools: None, agent: AgentProcess,
+                  checked_client: ClientFactory) -> AsyncIterator[Client]:
     """A client subscribed to host.device on the agent."""
     client = await checked_client(agent.unix_url)
     await client.call("Events.subscribe", {"topics": ["host.device"]})
