@@ -1,7 +1,8 @@
-"""The ``virtnode`` command: ``serve``, ``call`` and ``methods``.
+"""The ``virtnode`` command: ``serve``, ``call``, ``methods`` and ``events``.
 
-Exit status: 0 success; 1 the agent answered with an error (printed as JSON on stderr);
-2 bad usage or configuration; 3 the agent could not be reached.
+Exit status: 0 success (and ``events`` interrupted); 1 the agent answered with an error
+(printed as JSON on stderr); 2 bad usage or configuration; 3 the agent could not be
+reached or the connection dropped.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +34,7 @@ from virtnode.config import (
     load_config,
     toml_value,
 )
+from virtnode.eventwatch import EventWatch, json_line, pretty_line
 from virtnode.schema import SchemaError
 from virtnode.store import StoreError
 
@@ -73,6 +77,27 @@ def _methods_parser(sub: Any) -> None:
                    help="read the schema installed with this command instead of asking the agent")
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def _events_parser(sub: Any) -> None:
+    p = sub.add_parser("events", help="print the agent's events as they happen")
+    p.add_argument("--topic", action="append", metavar="GLOB", dest="topics",
+                   help="topics to follow, e.g. 'vm.*' (repeatable; default: all)")
+    p.add_argument("--since", type=_non_negative_int, metavar="SEQ",
+                   help="first replay the journal's events after SEQ")
+    p.add_argument("--pretty", action="store_true",
+                   help="one readable line per event instead of JSON")
+    p.add_argument("--url", default=DEFAULT_URL, help=f"agent URL (default {DEFAULT_URL})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="virtnode", description="virtnode host agent")
     parser.add_argument("--version", action="version", version=f"virtnode {__version__}")
@@ -80,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _call_parser(sub)
     _methods_parser(sub)
+    _events_parser(sub)
     return parser
 
 
@@ -207,9 +233,51 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _notice(text: str) -> None:
+    print(f"virtnode: {text}", file=sys.stderr, flush=True)
+
+
+def _warn(text: str) -> None:
+    print(f"virtnode: warning: {text}", file=sys.stderr, flush=True)
+
+
+async def _follow(url: str, topics: list[str], since: int | None, pretty: bool) -> None:
+    """Print events until SIGINT or SIGTERM (returns) or the connection ends (raises)."""
+    def write(params: dict[str, Any]) -> None:
+        print(pretty_line(params) if pretty else json_line(params), flush=True)
+
+    loop = asyncio.get_running_loop()
+    async with await Client.connect(url) as client:
+        follower = EventWatch(client, topics, since, write=write, warn=_warn, notice=_notice)
+        watch = asyncio.create_task(follower.run(), name="virtnode-events")
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, watch.cancel)
+        try:
+            await watch
+        except asyncio.CancelledError:
+            if not watch.cancelled():
+                raise
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    if not _check_url(args.url):
+        return EXIT_USAGE
+    try:
+        status, _ = _run_client(_follow(args.url, args.topics or ["*"], args.since, args.pretty))
+    except BrokenPipeError:
+        # The reader went away (| head): that ends the stream like Ctrl-C does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"serve": cmd_serve, "call": cmd_call, "methods": cmd_methods}[args.command]
+    handler = {"serve": cmd_serve, "call": cmd_call, "methods": cmd_methods,
+               "events": cmd_events}[args.command]
     return handler(args)
 
 

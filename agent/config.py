@@ -33,6 +33,15 @@ class Role(StrEnum):
     ADMIN = "admin"
 
 
+class DeviceSource(StrEnum):
+    """Where host device events come from."""
+
+    AUTO = "auto"  # udev when udevd runs, kernel uevents otherwise
+    UDEV = "udev"
+    KERNEL = "kernel"
+    OFF = "off"
+
+
 @dataclass(frozen=True)
 class Listener:
     """A parsed listen address: ``unix:PATH`` or ``tcp://host:port``.
@@ -100,6 +109,10 @@ def _check_uri(value: str) -> str | None:
     return None if "://" in value or value.startswith("test:") else "is not a libvirt URI"
 
 
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
 def _check_level(value: str) -> str | None:
     levels = ("debug", "info", "warning", "error")
     return None if value in levels else f"must be one of {', '.join(levels)}"
@@ -147,6 +160,16 @@ class HypervisorConfig:
 class VmConfig:
     lock_wait: float = _spec(60.0, _positive, "seconds a call waits for another on the same VM")
     acpi_interval: float = _spec(3.0, _positive, "seconds between ACPI presses in VM.shutdown")
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    source: DeviceSource = _spec(
+        DeviceSource.AUTO, None, "host.device events from: auto, udev, kernel or off"
+    )
+    coalesce_window: float = _spec(
+        0.1, _non_negative, "seconds a device change waits to be merged with later ones"
+    )
 
 
 @dataclass(frozen=True)
@@ -219,6 +242,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     vm: VmConfig = field(default_factory=VmConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     state: StateConfig = field(default_factory=StateConfig)
     events: EventsConfig = field(default_factory=EventsConfig)

@@ -13,6 +13,7 @@ from typing import Any
 
 from virtnode.apiservice import ApiService
 from virtnode.config import Config
+from virtnode.devices import DeviceMonitor
 from virtnode.events import EventBus
 from virtnode.host import HostService, load_host_id
 from virtnode.hypervisor import Hypervisor
@@ -42,6 +43,7 @@ class Agent:
         self.vms = VmService(self.hypervisor, self.bus, config.vm)
         self.events: EventsService | None = None
         self.uplinks = Uplinks([])
+        self.devices = DeviceMonitor(config.devices, self.bus)
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None
         self._stopped = False
@@ -64,7 +66,8 @@ class Agent:
         await self.bus.attach_journal(Journal(self.store, events_config.journal_max_events,
                                               events_config.journal_max_age))
         self.events = EventsService(self.bus, events_config)
-        host = HostService(self.hypervisor, schema, host_id)
+        host = HostService(self.hypervisor, schema, host_id,
+                           device_events=lambda: self.devices.state.value)
         services = (
             ApiService(schema),
             host,
@@ -74,6 +77,7 @@ class Agent:
         )
         self.dispatcher = Dispatcher(schema, handlers_of(*services), check_results=check)
         await host.start()
+        await self.devices.start()
         await self.vms.start()
         await self.hypervisor.start()
         if self.hypervisor.connected:
@@ -85,6 +89,7 @@ class Agent:
             await self.server.start()
         except BaseException:
             await self.server.close()
+            await self.devices.close()
             await self.vms.close()
             await self.hypervisor.close()
             await self.bus.flush()
@@ -131,6 +136,10 @@ class Agent:
             if not await dispatcher.drain(self.config.server.drain_timeout):
                 log.warning("stop: %d calls still running after %.1fs; cancelling them",
                             dispatcher.inflight, self.config.server.drain_timeout)
+        async with _stage("close the device monitor", stage_timeout):
+            # Before the connections close, so device events still waiting reach them.
+            await self.devices.close()
+            await self.bus.flush()
         if server is not None:
             async with _stage("cancel calls and close connections", stage_timeout):
                 await server.close_sessions()

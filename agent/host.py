@@ -6,6 +6,7 @@ import asyncio
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +69,12 @@ def load_host_id(state_dir: Path) -> str:
 class HostService:
     """Answers questions about this host; hypervisor facts are cached per connection."""
 
-    def __init__(self, hypervisor: Hypervisor, schema: ApiSchema, host_id: str) -> None:
+    def __init__(self, hypervisor: Hypervisor, schema: ApiSchema, host_id: str,
+                 device_events: Callable[[], str] = lambda: "off") -> None:
         self._hypervisor = hypervisor
         self._schema = schema
         self._host_id = host_id
+        self._device_events = device_events
         self._facts: JsonObject | None = None
         self._cpu_times: Any = None
         self._stats_lock = asyncio.Lock()
@@ -100,6 +103,7 @@ class HostService:
             "features": {
                 "methods": sorted(self._schema.methods),
                 "events": sorted(self._schema.events),
+                "device_events": self._device_events(),
             },
         }
 
