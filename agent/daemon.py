@@ -16,6 +16,8 @@ from virtnode.config import Config
 from virtnode.events import EventBus
 from virtnode.host import HostService, load_host_id
 from virtnode.hypervisor import Hypervisor
+from virtnode.jobs import JobManager
+from virtnode.jobservice import JobService
 from virtnode.rpc import Dispatcher, handlers_of
 from virtnode.schema import load_schema
 from virtnode.server import ApiServer
@@ -37,7 +39,8 @@ class Agent:
         self.store = Store(Path(config.state.dir))
         self.bus = EventBus()
         self.hypervisor = Hypervisor(config.hypervisor, self.bus)
-        self.vms = VmService(self.hypervisor, self.bus, config.vm)
+        self.jobs = JobManager(self.store, self.bus, config.jobs)
+        self.vms = VmService(self.hypervisor, self.bus, config.vm, self.jobs)
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None
         self._stopped = False
@@ -56,6 +59,7 @@ class Agent:
         state_dir = Path(self.config.state.dir)
         host_id = await asyncio.to_thread(load_host_id, state_dir)
         await self.store.open()
+        await self.jobs.start()
         host = HostService(self.hypervisor, schema, host_id)
         services = (
             ApiService(schema),
@@ -63,6 +67,7 @@ class Agent:
             self.vms,
             VmDeviceService(self.vms),
             EventsService(self.bus),
+            JobService(self.jobs),
         )
         self.dispatcher = Dispatcher(schema, handlers_of(*services), check_results=check)
         await host.start()
@@ -77,6 +82,7 @@ class Agent:
             await self.server.start()
         except BaseException:
             await self.server.close()
+            await self.jobs.close()
             await self.vms.close()
             await self.hypervisor.close()
             await self.store.close()
@@ -106,9 +112,13 @@ class Agent:
                 await server.stop_accepting()
         if dispatcher is not None:
             dispatcher.refuse_new()
-            if not await dispatcher.drain(self.config.server.drain_timeout):
-                log.warning("stop: %d calls still running after %.1fs; cancelling them",
-                            dispatcher.inflight, self.config.server.drain_timeout)
+        # Before the drain: interrupted jobs are recorded, and Job.wait calls answer.
+        async with _stage("stop running jobs", stage_timeout):
+            await self.jobs.close()
+        if dispatcher is not None and not await dispatcher.drain(
+                self.config.server.drain_timeout):
+            log.warning("stop: %d calls still running after %.1fs; cancelling them",
+                        dispatcher.inflight, self.config.server.drain_timeout)
         if server is not None:
             async with _stage("cancel calls and close connections", stage_timeout):
                 await server.close_sessions()
