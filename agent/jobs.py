@@ -106,6 +106,7 @@ class _Running:
     def __init__(self) -> None:
         self.task: asyncio.Task[None] | None = None
         self.began = False
+        self.finishing = False  # the outcome is being recorded; no more progress or cancel
         self.cancel_error: ApiError | None = None
         self.done = asyncio.Event()
         self.reported_progress = 0
@@ -335,7 +336,7 @@ class JobManager:
 
     def _request_cancel(self, job_id: str, error: ApiError) -> None:
         running = self._running.get(job_id)
-        if running is None or running.cancel_error is not None:
+        if running is None or running.finishing or running.cancel_error is not None:
             return
         running.cancel_error = error
         # A task that has not begun sees cancel_error when it does and never runs.
@@ -382,7 +383,7 @@ class JobManager:
 
     async def _finish(self, job_id: str, running: _Running, state: str,
                       error: JsonObject | None, result: JsonObject | None) -> None:
-        del self._running[job_id]
+        running.finishing = True
         if running.timer is not None:
             running.timer.cancel()
         if running.flush is not None:
@@ -399,6 +400,7 @@ class JobManager:
         if final.progress != running.reported_progress:
             self._publish_progress(final)
         self._publish_state(final, job.state)
+        del self._running[job_id]
         running.done.set()
         log.info("job %s (%s) %s", job_id, job.kind, state)
 
@@ -407,7 +409,7 @@ class JobManager:
     def _set_progress(self, job_id: str, percent: float) -> None:
         running = self._running.get(job_id)
         value = max(0, min(100, int(percent)))
-        if running is None or self._jobs[job_id].progress == value:
+        if running is None or running.finishing or self._jobs[job_id].progress == value:
             return
         self._jobs[job_id] = replace(self._jobs[job_id], progress=value)
         self._schedule_flush(job_id, running)
@@ -434,8 +436,8 @@ class JobManager:
             await self._store.run(lambda conn: jobstore.save_progress(conn, job_id, value))
         except Exception:
             log.exception("cannot record the progress of job %s", job_id)
-        if job_id not in self._running:
-            return  # finished meanwhile; _finish reports the last value
+        if running.finishing:
+            return  # _finish reports the last value
         running.flush = None
         running.reported_progress = value
         self._publish_progress(self._jobs[job_id], value)

@@ -80,6 +80,21 @@ class Gate:
         return self.result
 
 
+class SlowStore(Store):
+    """A real store whose writes can be held back, to look at a job while it is recorded."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir)
+        self.hold: asyncio.Event | None = None
+        self.held = asyncio.Event()
+
+    async def run(self, fn: Callable[[Any], Any]) -> Any:
+        if self.hold is not None:
+            self.held.set()
+            await self.hold.wait()
+        return await super().run(fn)
+
+
 class Harness:
     def __init__(self, tmp_path: Path, schema: ApiSchema, config: JobsConfig) -> None:
         self.tmp_path = tmp_path
@@ -90,8 +105,9 @@ class Harness:
 
     async def manager(self, *kinds: JobKind) -> tuple[JobManager, Recorder]:
         """A manager on the shared database, as a freshly started agent would have."""
-        store = Store(self.tmp_path)
+        store = SlowStore(self.tmp_path)
         await store.open()
+        self.store = store
         bus = EventBus()
         bus.check = self.schema.check_event  # every payload must match the schema
         manager = JobManager(store, bus, self.config, clock=self.clock)
@@ -176,6 +192,23 @@ async def test_wait_returns_the_running_job_when_the_timeout_passes(harness: Har
     assert (await manager.wait(job_id, 0.05)).state == "running"
     gate.opened.set()
     assert (await manager.wait(job_id, 5)).state == "succeeded"
+
+
+async def test_wait_does_not_return_while_the_outcome_is_being_recorded(
+        harness: Harness) -> None:
+    manager, _ = await harness.manager()
+    gate = Gate()
+    job_id = await submit(manager, gate)
+    await gate.entered.wait()
+    harness.store.hold = asyncio.Event()
+    gate.opened.set()
+    await harness.store.held.wait()  # the job ended; its outcome waits for the store
+    waiter = asyncio.create_task(manager.wait(job_id, 5))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    assert manager.get(job_id).state == "running"  # not visible before it is written
+    harness.store.hold.set()
+    assert (await waiter).state == "succeeded"
 
 
 async def test_unknown_jobs_are_not_found(harness: Harness) -> None:
