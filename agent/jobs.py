@@ -239,11 +239,11 @@ class JobManager:
 
     async def wait(self, job_id: str, timeout: float) -> JobRecord:
         """The job once it has finished, or as it is after ``timeout`` seconds."""
-        self.get(job_id)
+        job = self.get(job_id)
         running = self._running.get(job_id)
         if running is not None:
             await wait_event(running.done, timeout)
-        return self._jobs[job_id]
+        return self._jobs.get(job_id, job)  # a very short retention may have purged it
 
     # --- starting and cancelling -----------------------------------------------------------
 

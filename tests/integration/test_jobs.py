@@ -8,6 +8,7 @@ guest that ignores the power button: the ``noacpi`` Linux guest on qemu:///syste
 from __future__ import annotations
 
 import asyncio
+import io
 import signal
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from tests.integration import libvirtd as daemon
 from tests.integration.test_vm_guest import linux_vm
 from tests.integration.test_vm_lifecycle import expect_error
 from tests.subproc import virtnode
+from virtnode import jobcli
 from virtnode.client import Client
 
 pytestmark = [pytest.mark.integration]
@@ -82,7 +84,7 @@ async def test_async_shutdown_is_a_job_with_events_and_a_request_key(
                        "job_finished")
 
 
-async def test_a_failed_shutdown_job_carries_the_error(
+async def test_a_failed_shutdown_job_carries_the_error_the_call_would_give(
     agent: AgentProcess, checked_client: ClientFactory,
 ) -> None:
     client = await checked_client(agent.unix_url)
@@ -94,6 +96,12 @@ async def test_a_failed_shutdown_job_carries_the_error(
     assert job["error"]["code"] == 4
     assert job["error"]["data"]["name"] == "DeadlineExceeded"
     assert job["error"]["data"]["reason"] == "shutdown_timeout"
+    # The synchronous call is unchanged: the same error as an answer, then a result.
+    await expect_error(client, "VM.shutdown", {"vm_id": vm_id, "timeout": 1},
+                       "DeadlineExceeded", "shutdown_timeout")
+    result = await client.call("VM.shutdown", {"vm_id": vm_id, "fallback": "destroy"})
+    assert result["stopped_by"] == "destroy"
+    assert (await client.call("Job.list"))["jobs"] == [job]
 
 
 async def test_requests_that_cannot_start_make_no_job(
@@ -136,6 +144,10 @@ async def test_the_cli_watches_lists_and_reports_the_outcome(
     cancel = await virtnode("job", "cancel", done, *url)
     assert cancel.status == 1 and "job_finished" in cancel.err
     assert (await virtnode("job", "watch", MISSING, *url)).status == 1
+    drawn = io.StringIO()
+    assert (await jobcli.watch(client, done, drawn, tty=True))["state"] == "succeeded"
+    assert drawn.getvalue().startswith("\r[" + "#" * jobcli.BAR_WIDTH + "] 100%  succeeded")
+    assert drawn.getvalue().endswith("\x1b[K\n")
 
 
 async def test_jobs_outlive_an_agent_restart(tmp_path: Path,
