@@ -16,7 +16,11 @@ def _type_of(schema: JsonObject) -> str:
         return str(schema["$ref"]).rsplit("/", 1)[-1]
     if "enum" in schema:
         return " \\| ".join(f"`{v}`" for v in schema["enum"])
+    if "oneOf" in schema:
+        return " or ".join(_type_of(alternative) for alternative in schema["oneOf"])
     kind = schema.get("type", "any")
+    if isinstance(kind, list):
+        return " or ".join(str(k) for k in kind)
     if kind == "array":
         return f"array of {_type_of(schema.get('items', {}))}"
     return str(kind)
@@ -24,6 +28,8 @@ def _type_of(schema: JsonObject) -> str:
 
 def _fields(schema: JsonObject) -> list[str]:
     properties = schema.get("properties", {})
+    if not properties and "oneOf" in schema:
+        return [f"One of: {_type_of(schema)} (see Shared types).", ""]
     if not properties:
         return ["_none_", ""]
     required = set(schema.get("required", []))

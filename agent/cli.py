@@ -1,8 +1,8 @@
-"""The ``virtnode`` command: ``serve``, ``call``, ``methods`` and ``events``.
+"""The ``virtnode`` command: ``serve``, ``call``, ``methods``, ``events`` and ``job``.
 
 Exit status: 0 success (and ``events`` interrupted); 1 the agent answered with an error
-(printed as JSON on stderr); 2 bad usage or configuration; 3 the agent could not be
-reached or the connection dropped.
+(printed as JSON on stderr), or the watched job failed or was cancelled; 2 bad usage or
+configuration; 3 the agent could not be reached or the connection dropped.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from virtnode import __version__, jsonrpc
+from virtnode import __version__, jobcli, jsonrpc
 from virtnode.client import (
     DEFAULT_URL,
     Client,
@@ -98,6 +98,24 @@ def _events_parser(sub: Any) -> None:
     p.add_argument("--url", default=DEFAULT_URL, help=f"agent URL (default {DEFAULT_URL})")
 
 
+def _job_parser(sub: Any) -> None:
+    p = sub.add_parser("job", help="follow, list and cancel jobs")
+    jobs = p.add_subparsers(dest="job_command", required=True)
+    watch = jobs.add_parser("watch", help="show a job's progress until it ends; exit 0 "
+                            "if it succeeded, 1 if it failed or was cancelled")
+    watch.add_argument("job_id")
+    listing = jobs.add_parser("list", help="list the jobs the agent knows")
+    listing.add_argument("--state", choices=("pending", "running", "succeeded", "failed",
+                                             "cancelled"))
+    listing.add_argument("--kind", help="e.g. VM.shutdown")
+    listing.add_argument("--json", action="store_true", help="print the jobs as JSON")
+    cancel = jobs.add_parser("cancel", help="cancel a job and print it")
+    cancel.add_argument("job_id")
+    for parser in (watch, listing, cancel):
+        parser.add_argument("--url", default=DEFAULT_URL,
+                            help=f"agent URL (default {DEFAULT_URL})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="virtnode", description="virtnode host agent")
     parser.add_argument("--version", action="version", version=f"virtnode {__version__}")
@@ -106,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     _call_parser(sub)
     _methods_parser(sub)
     _events_parser(sub)
+    _job_parser(sub)
     return parser
 
 
@@ -274,10 +293,43 @@ def cmd_events(args: argparse.Namespace) -> int:
     return status
 
 
+async def _watch(url: str, job_id: str) -> Any:
+    async with await Client.connect(url) as client:
+        return await jobcli.watch(client, job_id, sys.stdout, tty=sys.stdout.isatty())
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    if not _check_url(args.url):
+        return EXIT_USAGE
+    if args.job_command == "watch":
+        status, job = _run_client(_watch(args.url, args.job_id))
+        if status:
+            return status
+        out, err = jobcli.outcome_lines(job)
+        if out:
+            print(out)
+        if err:
+            print(err, file=sys.stderr)
+        return 0 if job["state"] == "succeeded" else EXIT_REMOTE_ERROR
+    if args.job_command == "cancel":
+        status, result = _run_client(_call(args.url, "Job.cancel", {"job_id": args.job_id}, 60))
+        if status == 0:
+            print(json.dumps(result["job"], indent=2, sort_keys=True))
+        return status
+    params = {k: v for k, v in (("state", args.state), ("kind", args.kind)) if v is not None}
+    status, result = _run_client(_call(args.url, "Job.list", params, 30))
+    if status == 0:
+        if args.json:
+            print(json.dumps(result["jobs"], indent=2, sort_keys=True))
+        else:
+            print("\n".join(jobcli.job_table(result["jobs"])))
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"serve": cmd_serve, "call": cmd_call, "methods": cmd_methods,
-               "events": cmd_events}[args.command]
+               "events": cmd_events, "job": cmd_job}[args.command]
     return handler(args)
 
 

@@ -173,6 +173,16 @@ class DevicesConfig:
 
 
 @dataclass(frozen=True)
+class JobsConfig:
+    retention: float = _spec(3600.0, _positive,
+                             "seconds a finished job (and its request key) is kept")
+    purge_interval: float = _spec(60.0, _positive, "seconds between purges of expired jobs")
+    progress_interval: float = _spec(
+        0.5, _positive, "least seconds between two progress events (and writes) of one job")
+    cancel_wait: float = _spec(10.0, _positive, "seconds Job.cancel waits for the job to end")
+
+
+@dataclass(frozen=True)
 class AccessConfig:
     unix_admin_uids: tuple[int, ...] = _spec((0,), None, "unix peer uids given the admin role")
     unix_role: Role = _spec(Role.READER, None, "role of other unix peers")
@@ -243,6 +253,7 @@ class Config:
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     vm: VmConfig = field(default_factory=VmConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     state: StateConfig = field(default_factory=StateConfig)
     events: EventsConfig = field(default_factory=EventsConfig)

@@ -17,6 +17,8 @@ from virtnode.devices import DeviceMonitor
 from virtnode.events import EventBus
 from virtnode.host import HostService, load_host_id
 from virtnode.hypervisor import Hypervisor
+from virtnode.jobs import JobManager
+from virtnode.jobservice import JobService
 from virtnode.journal import Journal
 from virtnode.rpc import Dispatcher, handlers_of
 from virtnode.schema import load_schema
@@ -40,7 +42,8 @@ class Agent:
         self.store = Store(Path(config.state.dir))
         self.bus = EventBus()
         self.hypervisor = Hypervisor(config.hypervisor, self.bus)
-        self.vms = VmService(self.hypervisor, self.bus, config.vm)
+        self.jobs = JobManager(self.store, self.bus, config.jobs)
+        self.vms = VmService(self.hypervisor, self.bus, config.vm, self.jobs)
         self.events: EventsService | None = None
         self.uplinks = Uplinks([])
         self.devices = DeviceMonitor(config.devices, self.bus)
@@ -66,6 +69,7 @@ class Agent:
         await self.bus.attach_journal(Journal(self.store, events_config.journal_max_events,
                                               events_config.journal_max_age))
         self.events = EventsService(self.bus, events_config)
+        await self.jobs.start()
         host = HostService(self.hypervisor, schema, host_id,
                            device_events=lambda: self.devices.state.value)
         services = (
@@ -74,6 +78,7 @@ class Agent:
             self.vms,
             VmDeviceService(self.vms),
             self.events,
+            JobService(self.jobs),
         )
         self.dispatcher = Dispatcher(schema, handlers_of(*services), check_results=check)
         await host.start()
@@ -90,6 +95,7 @@ class Agent:
         except BaseException:
             await self.server.close()
             await self.devices.close()
+            await self.jobs.close()
             await self.vms.close()
             await self.hypervisor.close()
             await self.bus.flush()
@@ -133,9 +139,13 @@ class Agent:
                 await server.stop_accepting()
         if dispatcher is not None:
             dispatcher.refuse_new()
-            if not await dispatcher.drain(self.config.server.drain_timeout):
-                log.warning("stop: %d calls still running after %.1fs; cancelling them",
-                            dispatcher.inflight, self.config.server.drain_timeout)
+        # Before the drain: interrupted jobs are recorded, and Job.wait calls answer.
+        async with _stage("stop running jobs", stage_timeout):
+            await self.jobs.close()
+        if dispatcher is not None and not await dispatcher.drain(
+                self.config.server.drain_timeout):
+            log.warning("stop: %d calls still running after %.1fs; cancelling them",
+                        dispatcher.inflight, self.config.server.drain_timeout)
         async with _stage("close the device monitor", stage_timeout):
             # Before the connections close, so device events still waiting reach them.
             await self.devices.close()

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from virtnode import virconst as vc
@@ -28,6 +28,7 @@ from virtnode.errors import (
 )
 from virtnode.events import EventBus
 from virtnode.hypervisor import Connection, DomainEvent, Hypervisor
+from virtnode.jobs import JobHandle, JobKind, JobManager
 from virtnode.rpc import CallContext, rpc_method
 from virtnode.vmlocks import VmLocks
 from virtnode.vmshutdown import STOPPED, shutdown
@@ -42,6 +43,8 @@ T = TypeVar("T")
 LIFECYCLE_TOPIC = "vm.lifecycle"
 DEVICE_TOPIC = "vm.device"
 _REBOOT_FLAGS = {"default": 0, "acpi": 1, "agent": 2}
+#: Cancelling stops the agent's waiting; the guest keeps any request it has received.
+SHUTDOWN_JOB = JobKind("VM.shutdown", cancellable=True)
 _SHUTDOWN_FLAGS = {"acpi": vc.DOMAIN_SHUTDOWN_ACPI_POWER_BTN,
                    "agent": vc.DOMAIN_SHUTDOWN_GUEST_AGENT}
 
@@ -84,10 +87,13 @@ class VmGuest:
 class VmService:
     """Owns the agent's view of VMs; every libvirt call goes via the hypervisor."""
 
-    def __init__(self, hypervisor: Hypervisor, bus: EventBus, config: VmConfig) -> None:
+    def __init__(self, hypervisor: Hypervisor, bus: EventBus, config: VmConfig,
+                 jobs: JobManager) -> None:
         self._hv = hypervisor
         self._bus = bus
         self._config = config
+        self._jobs = jobs
+        jobs.register(SHUTDOWN_JOB)
         self._locks = VmLocks(config.lock_wait)
         self._states: dict[str, str] = {}
         self._stop_waiters: dict[str, set[asyncio.Event]] = {}
@@ -365,16 +371,54 @@ class VmService:
 
     @rpc_method("VM.shutdown")
     async def shutdown(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
-        vm_id = params["vm_id"]
+        vm_id, timeout, fallback = params["vm_id"], params["timeout"], params["fallback"]
         methods = tuple(dict.fromkeys(params["methods"]))
         if not methods:
             raise InvalidArgument("methods must name at least one of agent, acpi",
                                   reason="invalid_spec", field="methods")
+        request_key = params.get("request_key")
+        if not params["async"]:
+            if request_key is not None:
+                raise InvalidArgument("request_key is for async calls only",
+                                      reason="request_key_needs_async", field="request_key")
+            self.require_ready()
+            async with self._locks.hold(vm_id, "VM.shutdown"):
+                return await self._shutdown(vm_id, methods, timeout, fallback)
+
+        async def run(handle: JobHandle) -> JsonObject:
+            ticker = asyncio.create_task(_tick(handle, timeout), name=f"progress {handle.job_id}")
+            try:
+                return await self._shutdown(vm_id, methods, timeout, fallback)
+            finally:
+                ticker.cancel()
+
+        job = await self._jobs.submit(
+            SHUTDOWN_JOB.name,
+            {k: v for k, v in params.items() if k not in ("async", "request_key")},
+            run, description=f"shut down VM {vm_id}", target=vm_id, request_key=request_key,
+            prepare=lambda: self._hold_running(vm_id, "VM.shutdown"),
+        )
+        return {"job_id": job.job_id, "job": job.to_api()}
+
+    @contextlib.asynccontextmanager
+    async def _hold_running(self, vm_id: str, method: str) -> AsyncIterator[None]:
+        """Hold a VM that is running, so a job is only made for a request that can start.
+
+        Raises ``Unavailable`` (recovering), ``Aborted`` (busy), ``NotFound`` and
+        ``FailedPrecondition`` (``vm_not_running``).
+        """
         self.require_ready()
-        async with self._locks.hold(vm_id, "VM.shutdown"):
-            outcome = await shutdown(VmGuest(self, vm_id), methods=methods,
-                                     timeout=params["timeout"], fallback=params["fallback"],
-                                     acpi_interval=self._config.acpi_interval)
+        async with self._locks.hold(vm_id, method):
+            state, _ = await self.on_vm(vm_id, vmops.state_of)
+            if state in STOPPED:
+                raise FailedPrecondition(f"the VM is not running (state {state})",
+                                         reason="vm_not_running", object="vm", id=vm_id)
+            yield
+
+    async def _shutdown(self, vm_id: str, methods: tuple[str, ...], timeout: float,
+                        fallback: str) -> JsonObject:
+        outcome = await shutdown(VmGuest(self, vm_id), methods=methods, timeout=timeout,
+                                 fallback=fallback, acpi_interval=self._config.acpi_interval)
         return {"stopped_by": outcome.stopped_by, "seconds": round(outcome.seconds, 3),
                 "tried": list(outcome.tried)}
 
@@ -389,6 +433,14 @@ class VmService:
     async def get_xml(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
         flags = vc.DOMAIN_XML_INACTIVE if params["inactive"] else 0
         return {"xml": await self.on_vm(params["vm_id"], lambda dom: dom.XMLDesc(flags))}
+
+
+async def _tick(handle: JobHandle, timeout: float) -> None:
+    """Report the share of ``timeout`` spent as progress (short of 100 until the end)."""
+    started = time.monotonic()
+    while True:
+        handle.progress(min(99.0, (time.monotonic() - started) / timeout * 100))
+        await asyncio.sleep(1.0)
 
 
 def _file_sources(xml: str) -> list[str]:
