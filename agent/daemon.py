@@ -58,7 +58,7 @@ class Agent:
         when a listener cannot be bound; nothing is left running in either case.
         """
         started = time.perf_counter()
-        schema = load_schema()
+        schema = await asyncio.to_thread(load_schema)  # compiling validators takes a while
         check = self.config.server.check_results
         if check:
             self.bus.check = schema.check_event

@@ -39,6 +39,8 @@ class Event:
     data: JsonObject
     #: ``data`` encoded once, for the journal and for every subscriber.
     data_json: str = field(default="", compare=False)
+    #: The encoded ``event`` notification, built once for every subscriber.
+    text: str = field(default="", compare=False)
 
     def to_params(self) -> JsonObject:
         """The ``params`` of the ``event`` notification that carries this event."""
@@ -51,23 +53,35 @@ class Event:
         }
 
     def notification_text(self) -> str:
-        """The encoded ``event`` notification, the same bytes for every subscriber."""
-        data = self.data_json or jsonrpc.encode(self.data)
-        head = jsonrpc.encode({"epoch": self.epoch, "seq": self.seq, "topic": self.topic,
-                               "time": self.time})
-        return f'{{"jsonrpc":"2.0","method":"event","params":{head[:-1]},"data":{data}}}}}'
+        """The encoded ``event`` notification, the same text for every subscriber."""
+        return self.text or notification_text(self.epoch, self.seq, self.topic, self.time,
+                                              self.data_json or jsonrpc.encode(self.data))
+
+
+def notification_text(epoch: str, seq: int, topic: str, when: float, data_json: str) -> str:
+    head = jsonrpc.encode({"epoch": epoch, "seq": seq, "topic": topic, "time": when})
+    return f'{{"jsonrpc":"2.0","method":"event","params":{head[:-1]},"data":{data_json}}}}}'
 
 
 Listener = Callable[[Event], None]
 
 
-@dataclass(frozen=True, slots=True)
 class _Subscription:
-    patterns: tuple[str, ...]
-    listener: Listener
+    __slots__ = ("_matches", "listener", "patterns")
+
+    def __init__(self, patterns: tuple[str, ...], listener: Listener) -> None:
+        self.patterns = patterns
+        self.listener = listener
+        #: Topic -> whether a pattern matches it (topics are few; matching is not free).
+        self._matches: dict[str, bool] = {}
 
     def wants(self, topic: str) -> bool:
-        return any(fnmatch.fnmatchcase(topic, p) for p in self.patterns)
+        hit = self._matches.get(topic)
+        if hit is None:
+            hit = any(fnmatch.fnmatchcase(topic, p) for p in self.patterns)
+            if len(self._matches) < 1024:
+                self._matches[topic] = hit
+        return hit
 
 
 class EventBus:
@@ -112,8 +126,9 @@ class EventBus:
         if self.check is not None:
             self.check(topic, data)
         self.last_seq += 1
-        event = Event(self.epoch, self.last_seq, topic, time.time(), data,
-                      jsonrpc.encode(data))
+        seq, now, data_json = self.last_seq, time.time(), jsonrpc.encode(data)
+        event = Event(self.epoch, seq, topic, now, data, data_json,
+                      notification_text(self.epoch, seq, topic, now, data_json))
         if self.on_publish is not None:
             self.on_publish(topic)
         if self._journal is None:

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from virtnode.events import Event
+from virtnode.events import Event, notification_text
 from virtnode.store import Store
 
 log = logging.getLogger(__name__)
@@ -144,5 +144,6 @@ class Journal:
         args = (after_seq, upto_seq, *patterns, limit)
         rows = await self._store.run(lambda conn: conn.execute(sql, args).fetchall())
         epoch = self.epoch
-        return [Event(epoch, seq, topic, when, json.loads(data), data)
+        return [Event(epoch, seq, topic, when, json.loads(data), data,
+                      notification_text(epoch, seq, topic, when, data))
                 for seq, topic, when, data in rows]

@@ -8,6 +8,7 @@ requests on one socket run concurrently and each response goes out when it is re
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import socket
@@ -35,6 +36,12 @@ WebSocketLike = web.WebSocketResponse | ClientWebSocketResponse
 #: subscriptions give up on a slow peer long before (config events.subscriber_queue); this
 #: only bounds memory if something else pushes without looking at the backlog.
 OUTBOX_LIMIT = 1_000_000
+#: Bytes of notifications framed into one transport write at most.
+WRITE_BATCH = 256 * 1024
+#: Pushing pauses while the transport holds more than this many unsent bytes...
+WRITE_HIGH_WATER = 256 * 1024
+#: ...checking again this often, seconds.
+WRITE_POLL = 0.005
 
 
 class _BaseSession:
@@ -120,20 +127,26 @@ class WsSession(_BaseSession):
     can_push = True
 
     def __init__(self, ws: WebSocketLike, caller: Caller, max_inflight: int,
-                 cork: _Cork | None = None) -> None:
+                 cork: _Cork | None = None,
+                 transport: asyncio.BaseTransport | None = None) -> None:
         super().__init__(caller, max_inflight)
         self.ws = ws
         self._cork = cork
+        #: The server side's transport: pushed notifications are framed here, many per
+        #: write (a subscriber gets events in batches; one write each, not one per event).
+        self._transport = transport if isinstance(transport, asyncio.WriteTransport) else None
         #: Messages received on this connection whose answer has not been sent yet.
         self.unanswered = 0
-        self._outbox: asyncio.Queue[str] = asyncio.Queue(OUTBOX_LIMIT)
+        self._outbox: collections.deque[str] = collections.deque()
+        #: Set while the outbox has something for the writer.
+        self._ready = asyncio.Event()
         self._dropped = 0
         #: (backlog, future) of callers waiting for the backlog to fall to that size.
         self._drain_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     async def wait_backlog(self, size: int) -> None:
         """Return once at most ``size`` notifications wait to be written (or on close)."""
-        if self._outbox.qsize() <= size or self.ws.closed:
+        if len(self._outbox) <= size or self.ws.closed:
             return
         future = asyncio.get_running_loop().create_future()
         self._drain_waiters.append((size, future))
@@ -143,14 +156,14 @@ class WsSession(_BaseSession):
             self._drain_waiters = [w for w in self._drain_waiters if w[1] is not future]
 
     def _wake_drain_waiters(self, closing: bool = False) -> None:
-        backlog = self._outbox.qsize()
+        backlog = len(self._outbox)
         for size, future in self._drain_waiters:
             if (closing or backlog <= size) and not future.done():
                 future.set_result(None)
 
     @property
     def backlog(self) -> int:
-        return self._outbox.qsize()
+        return len(self._outbox)
 
     @property
     def closed(self) -> bool:
@@ -162,12 +175,15 @@ class WsSession(_BaseSession):
     def push_text(self, text: str) -> bool:
         if self.ws.closed:
             return False
-        try:
-            self._outbox.put_nowait(text)
-        except asyncio.QueueFull:
+        outbox = self._outbox
+        if len(outbox) >= OUTBOX_LIMIT:
             self._dropped += 1
             if self._dropped == 1:
                 log.warning("%s is not reading; dropping notifications", self.caller.identity)
+            return True
+        outbox.append(text)
+        if len(outbox) == 1:
+            self._ready.set()
         return True
 
     async def send(self, text: str) -> None:
@@ -182,14 +198,61 @@ class WsSession(_BaseSession):
             pass  # the peer went away; its calls' answers have nowhere to go
 
     async def write_pushed(self) -> None:
+        outbox, ready = self._outbox, self._ready
         try:
             while True:
-                text = await self._outbox.get()
-                if self._drain_waiters:
-                    self._wake_drain_waiters()
-                await self.send(text)
+                await ready.wait()
+                while outbox:
+                    if self._transport is not None:
+                        await self._write_frames(self._transport)
+                    else:
+                        await self._send_one(outbox.popleft())
+                    if self._drain_waiters:
+                        self._wake_drain_waiters()
+                ready.clear()
         finally:
             self._wake_drain_waiters(closing=True)
+
+    async def _send_one(self, text: str) -> None:
+        if self.ws.closed:
+            return
+        try:  # noqa: SIM105 - contextlib.suppress costs an object per message
+            await self.ws.send_str(text)
+        except (ConnectionError, RuntimeError):
+            pass  # the peer went away
+
+    async def _write_frames(self, transport: asyncio.WriteTransport) -> None:
+        """Write what the outbox holds (up to a bound) as text frames in one write.
+
+        Server frames are unmasked and this agent never compresses, so a frame is a
+        header and the UTF-8 text (RFC 6455, 5.2). Each write is whole, so frames from
+        here and responses from aiohttp's writer never interleave inside a frame.
+        """
+        outbox = self._outbox
+        if self.ws.closed or transport.is_closing():
+            outbox.clear()
+            return
+        parts: list[bytes] = []
+        size = 0
+        while outbox and size < WRITE_BATCH:
+            data = outbox.popleft().encode()
+            parts.append(_text_frame_header(len(data)))
+            parts.append(data)
+            size += len(data)
+        transport.write(b"".join(parts))
+        # The peer reads slower than we write: hold further notifications in the outbox,
+        # where the subscriptions see the backlog, not in the transport's buffer.
+        while (transport.get_write_buffer_size() > WRITE_HIGH_WATER  # noqa: ASYNC110
+               and not transport.is_closing()):
+            await asyncio.sleep(WRITE_POLL)
+
+
+def _text_frame_header(length: int) -> bytes:
+    if length < 126:
+        return bytes((0x81, length))
+    if length < 1 << 16:
+        return bytes((0x81, 126)) + length.to_bytes(2, "big")
+    return bytes((0x81, 127)) + length.to_bytes(8, "big")
 
 
 class ApiServer:
@@ -301,7 +364,7 @@ class ApiServer:
             return _json(jsonrpc.error(None, error), status=400)
         await ws.prepare(request)
         session = WsSession(ws, self._caller(request), self._config.max_inflight_per_connection,
-                            _cork_for(request))
+                            _cork_for(request), request.transport)
         await self.serve_session(session)
         return ws
 
