@@ -149,6 +149,20 @@ class VmConfig:
 
 
 @dataclass(frozen=True)
+class StatsConfig:
+    host_interval: float = _spec(5.0, _positive, "seconds between host statistics samples")
+    vm_interval: float = _spec(10.0, _positive, "seconds between VM statistics samples")
+    history: float = _spec(3600.0, _positive, "seconds of host statistics kept in memory")
+    vm_timeout: float = _spec(
+        5.0, _positive, "deadline of the bulk VM statistics call; past it, stuck VMs are sought"
+    )
+    probe_timeout: float = _spec(1.0, _positive, "deadline of a call probing for a stuck VM")
+    stuck_retry: float = _spec(
+        60.0, _positive, "seconds before a stuck VM is sampled again when libvirt cannot tell"
+    )
+
+
+@dataclass(frozen=True)
 class AccessConfig:
     unix_admin_uids: tuple[int, ...] = _spec((0,), None, "unix peer uids given the admin role")
     unix_role: Role = _spec(Role.READER, None, "role of other unix peers")
@@ -170,6 +184,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     vm: VmConfig = field(default_factory=VmConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     state: StateConfig = field(default_factory=StateConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -228,6 +243,8 @@ def build_config(raw: Mapping[str, Any]) -> Config:
     hv = config.hypervisor
     if hv.reconnect_min > hv.reconnect_max:
         raise ConfigError("hypervisor.reconnect_min: must not exceed hypervisor.reconnect_max")
+    if config.stats.history < config.stats.host_interval:
+        raise ConfigError("stats.history: must be at least stats.host_interval")
     return config
 
 

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,11 @@ from virtnode.config import Config
 from virtnode.events import EventBus
 from virtnode.host import HostService, load_host_id
 from virtnode.hypervisor import Hypervisor
+from virtnode.metrics import AgentCollector, HostCollector, Metrics, VmCollector
 from virtnode.rpc import Dispatcher, handlers_of
 from virtnode.schema import load_schema
 from virtnode.server import ApiServer
+from virtnode.stats import StatsSampler, StatsService
 from virtnode.store import Store
 from virtnode.subscriptions import EventsService
 from virtnode.vm import VmService
@@ -38,6 +40,10 @@ class Agent:
         self.bus = EventBus()
         self.hypervisor = Hypervisor(config.hypervisor, self.bus)
         self.vms = VmService(self.hypervisor, self.bus, config.vm)
+        self.stats = StatsSampler(config.stats, self.hypervisor, self.bus,
+                                  pool_size=config.hypervisor.pool_size,
+                                  paths=(config.state.dir,))
+        self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None
         self._stopped = False
@@ -63,20 +69,25 @@ class Agent:
             self.vms,
             VmDeviceService(self.vms),
             EventsService(self.bus),
+            StatsService(self.stats),
         )
-        self.dispatcher = Dispatcher(schema, handlers_of(*services), check_results=check)
+        self.metrics = metrics = self._metrics(schema.methods)
+        self.dispatcher = Dispatcher(schema, handlers_of(*services), check_results=check,
+                                     observer=metrics.requests.observe)
         await host.start()
         await self.vms.start()
         await self.hypervisor.start()
         if self.hypervisor.connected:
             # Serve with a complete view of the VMs when libvirt is there to give it.
             await self.vms.wait_recovered(self.config.hypervisor.call_timeout)
+        await self.stats.start()
         self.server = ApiServer(self.config.server, self.config.access, self.dispatcher,
-                                self.health)
+                                self.health, metrics.render)
         try:
             await self.server.start()
         except BaseException:
             await self.server.close()
+            await self.stats.close()
             await self.vms.close()
             await self.hypervisor.close()
             await self.store.close()
@@ -84,6 +95,15 @@ class Agent:
         log.info("virtnode ready in %.0f ms (hypervisor %s: %s)",
                  (time.perf_counter() - started) * 1000, self.hypervisor.uri,
                  self.hypervisor.state.value)
+
+    def _metrics(self, methods: Iterable[str]) -> Metrics:
+        metrics = Metrics(methods)
+        metrics.events.attach(self.bus)
+        metrics.add_collector(AgentCollector(metrics.requests, metrics.events, self.stats,
+                                             lambda: self.hypervisor.connected))
+        metrics.add_collector(HostCollector(self.stats))
+        metrics.add_collector(VmCollector(self.stats))
+        return metrics
 
     def health(self) -> JsonObject:
         """What ``GET /healthz`` reports."""
@@ -112,6 +132,8 @@ class Agent:
         if server is not None:
             async with _stage("cancel calls and close connections", stage_timeout):
                 await server.close_sessions()
+        async with _stage("stop sampling statistics", stage_timeout):
+            await self.stats.close()
         async with _stage("close the hypervisor connection", stage_timeout):
             await self.vms.close()
             await self.hypervisor.close()
