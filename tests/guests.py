@@ -189,7 +189,7 @@ def console_log_path(name: str, cache: Path | None = None) -> Path:
 
 
 def domain_xml(image: GuestImage, name: str, uuid: str, console_log: Path,
-               cmdline: str = "", disk: Path | None = None) -> str:
+               cmdline: str = "", *, disk: Path | None = None) -> str:
     """A TCG domain booting ``image`` directly, its serial console written to a file.
 
     1 vCPU, 256 MiB, ACPI, no network, no disk unless ``disk`` (a raw image, attached as
