@@ -29,7 +29,7 @@ from virtnode import virconst as vc
 from virtnode.config import StatsConfig
 from virtnode.errors import ApiError, DeadlineExceeded, Unavailable
 from virtnode.events import EventBus
-from virtnode.hypervisor import Connection, Hypervisor
+from virtnode.hypervisor import Connection, DomainEvent, Hypervisor
 from virtnode.rpc import CallContext, rpc_method
 from virtnode.statsrates import (
     downsample,
@@ -55,7 +55,7 @@ class CallTracker:
 
     A call that misses its deadline keeps its pool thread until libvirt returns; the
     sampler stops making calls while too many of its own are in that state, so it never
-    takes the pool from the other services.
+    takes more than half of the pool from the other services.
     """
 
     def __init__(self) -> None:
@@ -116,10 +116,16 @@ class StatsSampler:
             maxlen=max(1, int(config.history // config.host_interval)))
         self.vms: dict[str, VmEntry] = {}
         self.vm_time: float | None = None
-        #: VMs left out of the bulk call, with the monotonic time they were found stuck.
+        #: VMs left out of the bulk call, with the monotonic time they were last probed.
         self._stuck: dict[str, float] = {}
+        #: Domain handles of the VMs sampled last, to sample them without listing.
+        self._handles: dict[str, Any] = {}
+        #: VMs started since the last listing (from lifecycle events).
+        self._new: set[str] = set()
+        #: VMs with a probe still running in a pool thread.
+        self._probing: set[str] = set()
         self._tracker = CallTracker()
-        self._max_overdue = max(1, pool_size // 4)
+        self._max_overdue = max(2, pool_size // 2)
         self.cycles = {"host": CycleStats(), "vm": CycleStats()}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -154,6 +160,7 @@ class StatsSampler:
 
     async def start(self) -> None:
         """Take the first host sample, then sample in the background."""
+        self._hv.add_domain_listener(self._on_domain_event)
         await self._host_cycle()
         self._tasks = [
             asyncio.create_task(self._every("host", self._config.host_interval, self._host_cycle),
@@ -232,7 +239,10 @@ class StatsSampler:
         timeout = self._config.vm_timeout
         try:
             if self._stuck:
-                return await self._collect_without(frozenset(self._stuck))
+                await self._retry_stuck()
+            if self._stuck:
+                return await self._collect_others()
+            self._new.clear()
             return await self._call(domstats.bulk, timeout, "reading VM statistics")
         except DeadlineExceeded:
             pass
@@ -252,72 +262,100 @@ class StatsSampler:
         if self._tracker.overdue() >= self._max_overdue:
             return None
         try:  # the others still get fresh numbers in this cycle
-            return await self._collect_without(frozenset(self._stuck))
+            return await self._collect_others()
         except ApiError as exc:
             log.warning("reading VM statistics failed again: %s", exc)
             return None
 
-    async def _collect_without(self, exclude: frozenset[str]) -> list[domstats.Record]:
-        records, held = await self._call(
-            functools.partial(domstats.without, exclude=exclude), self._config.vm_timeout,
-            "reading VM statistics")
-        now = time.monotonic()
-        for vm_id in exclude:
-            if vm_id not in held:  # stopped meanwhile
-                del self._stuck[vm_id]
-                self.vms.pop(vm_id, None)
-                continue
-            state = held[vm_id]
-            if state is None:
-                if now - self._stuck[vm_id] >= self._config.stuck_retry:
-                    del self._stuck[vm_id]  # libvirt cannot tell: try it again
-            elif state[0] not in _STUCK_STATES:
-                log.info("VM %s answers again; sampling it from the next cycle", vm_id)
-                del self._stuck[vm_id]
-        return records
+    async def _collect_others(self) -> list[domstats.Record]:
+        """Statistics of every VM but the stuck ones, by handle: nothing is listed."""
+        doms = [dom for vm_id, dom in self._handles.items() if vm_id not in self._stuck]
+        new = [vm_id for vm_id in self._new if vm_id not in self._handles]
+        return await self._call(functools.partial(domstats.of, doms=doms, new_ids=new),
+                                self._config.vm_timeout, "reading VM statistics")
+
+    async def _is_stuck(self, vm_id: str, dom: Any) -> bool:
+        """Probe one VM's control interface with a short deadline.
+
+        A probe that misses it waits on the lock a stuck call holds; a monitor occupied
+        for longer than the bulk call could wait is stuck as well.
+        """
+        threshold_ms = min(1000.0, self._config.vm_timeout * 500)
+        self._probing.add(vm_id)
+
+        def probe(_conn: Connection) -> tuple[int, int] | None:
+            try:
+                return domstats.control_state(dom)
+            finally:
+                self._probing.discard(vm_id)
+
+        try:
+            state = await self._call(probe, self._config.probe_timeout, f"probing VM {vm_id}")
+        except DeadlineExceeded:
+            return True
+        except ApiError:
+            self._probing.discard(vm_id)
+            return False  # gone meanwhile, or failing for another reason: not stuck
+        return state is not None and state[0] in _STUCK_STATES and state[1] >= threshold_ms
 
     async def _find_stuck(self) -> set[str]:
-        """The running VMs whose monitor is stuck."""
-        timeout = self._config.probe_timeout
-        threshold_ms = min(1000.0, self._config.vm_timeout * 500)
-        try:
-            states = await self._call(domstats.control_states, timeout, "reading VM control states")
-            if states is not None:
-                return {vm_id for vm_id, (state, ms) in states.items()
-                        if state in _STUCK_STATES and ms >= threshold_ms}
-            ids = await self._call(domstats.running_ids, timeout, "listing running VMs")
-        except ApiError as exc:
-            log.warning("looking for stuck VMs failed: %s", exc)
-            return set()
-        # The driver cannot report control states: probe each VM, waiting for its job.
+        """The VMs whose collection is stuck, probed one by one."""
         found = set()
-        for vm_id in ids:
+        for vm_id, dom in list(self._handles.items()):
+            if vm_id in self._stuck:
+                continue
             if self._tracker.overdue() >= self._max_overdue:
                 break
-            try:
-                await self._call(functools.partial(domstats.probe, vm_id=vm_id), timeout,
-                                 f"probing VM {vm_id}")
-            except DeadlineExceeded:
+            if await self._is_stuck(vm_id, dom):
                 found.add(vm_id)
-            except ApiError:
-                pass  # gone meanwhile, or failing for another reason: not stuck
         return found
+
+    async def _retry_stuck(self) -> None:
+        """Every ``stuck_retry`` seconds, probe each stuck VM again (one probe at a time)."""
+        now = time.monotonic()
+        for vm_id, since in list(self._stuck.items()):
+            dom = self._handles.get(vm_id)
+            if dom is None:
+                del self._stuck[vm_id]
+                continue
+            if now - since < self._config.stuck_retry or vm_id in self._probing:
+                continue
+            if self._tracker.overdue() >= self._max_overdue:
+                return
+            self._stuck[vm_id] = now
+            if not await self._is_stuck(vm_id, dom):
+                log.info("VM %s answers again; sampling it again", vm_id)
+                del self._stuck[vm_id]
+
+    def _on_domain_event(self, event: DomainEvent) -> None:
+        if event.kind != "lifecycle":
+            return
+        if event.event == vc.DOMAIN_EVENT_STARTED:
+            self._new.add(event.vm_id)
+        elif event.event in (vc.DOMAIN_EVENT_STOPPED, vc.DOMAIN_EVENT_UNDEFINED):
+            self._new.discard(event.vm_id)
+            self._handles.pop(event.vm_id, None)
+            self._stuck.pop(event.vm_id, None)
+            self.vms.pop(event.vm_id, None)
 
     def _update(self, records: list[domstats.Record]) -> None:
         now, wall = time.monotonic(), time.time()
-        seen = set()
-        for vm_id, name, raw in records:
-            seen.add(vm_id)
+        handles = {vm_id: self._handles[vm_id] for vm_id in self._stuck
+                   if vm_id in self._handles}
+        for vm_id, name, raw, dom in records:
+            handles[vm_id] = dom
+            self._new.discard(vm_id)
             counters = parse_domain(raw)
             old = self.vms.get(vm_id)
             seconds = now - old.sampled if old is not None else 0.0
             stats = vm_stats(vm_id, name, old.counters if old else None, counters,
                              seconds=seconds, time=wall)
             self.vms[vm_id] = VmEntry(counters, stats, now)
+        self._handles = handles
         for vm_id in list(self.vms):
             if vm_id in self._stuck:
                 self.vms[vm_id].fresh = False
-            elif vm_id not in seen:
+            elif vm_id not in handles:
                 del self.vms[vm_id]
         self.vm_time = wall
 

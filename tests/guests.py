@@ -62,7 +62,7 @@ KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 MEMORY_MIB = 256
 # Bump when the initramfs layout changes: it is part of every image's cache key.
-RECIPE = 1
+RECIPE = 2
 
 # The modules busybox acpid needs, and the kernel options that may build them in instead.
 _MODULES = {
@@ -92,8 +92,8 @@ while :; do sleep 3600; done
 # The virtio block driver and what it needs, in load order (they are modules in Debian's
 # cloud kernel), with the kernel options that may build them in instead.
 _DISK_MODULES = {
-    "drivers/virtio/virtio.ko": "CONFIG_VIRTIO",
     "drivers/virtio/virtio_ring.ko": "CONFIG_VIRTIO",
+    "drivers/virtio/virtio.ko": "CONFIG_VIRTIO",
     "drivers/virtio/virtio_pci_legacy_dev.ko": "CONFIG_VIRTIO_PCI_LIB_LEGACY",
     "drivers/virtio/virtio_pci_modern_dev.ko": "CONFIG_VIRTIO_PCI_LIB",
     "drivers/virtio/virtio_pci.ko": "CONFIG_VIRTIO_PCI",
