@@ -1,4 +1,4 @@
-"""The ``virtnode`` command: ``serve``, ``call``, ``methods``, ``events`` and ``job``.
+"""The ``virtnode`` command: ``serve``, ``call``, ``methods``, ``events``, ``job`` and ``stats``.
 
 Exit status: 0 success (and ``events`` interrupted); 1 the agent answered with an error
 (printed as JSON on stderr), or the watched job failed or was cancelled; 2 bad usage or
@@ -116,6 +116,14 @@ def _job_parser(sub: Any) -> None:
                             help=f"agent URL (default {DEFAULT_URL})")
 
 
+def _stats_parser(sub: Any) -> None:
+    p = sub.add_parser("stats", help="print host and VM statistics as tables")
+    p.add_argument("--url", default=DEFAULT_URL, help=f"agent URL (default {DEFAULT_URL})")
+    p.add_argument("--json", action="store_true", help="print both results as JSON instead")
+    p.add_argument("--host", action="store_true", help="only the host")
+    p.add_argument("--vms", action="store_true", help="only the VMs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="virtnode", description="virtnode host agent")
     parser.add_argument("--version", action="version", version=f"virtnode {__version__}")
@@ -125,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     _methods_parser(sub)
     _events_parser(sub)
     _job_parser(sub)
+    _stats_parser(sub)
     return parser
 
 
@@ -326,10 +335,39 @@ def cmd_job(args: argparse.Namespace) -> int:
     return status
 
 
+async def _stats(url: str) -> tuple[Any, Any]:
+    async with await Client.connect(url) as client:
+        host, vms = await asyncio.gather(client.call("Host.getStats", {}, timeout=30.0),
+                                         client.call("VM.getStats", {}, timeout=30.0))
+        return host, vms
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from virtnode.statstable import host_table, vm_table
+
+    if not _check_url(args.url):
+        return EXIT_USAGE
+    status, answer = _run_client(_stats(args.url))
+    if status:
+        return status
+    host, vms = answer
+    if args.json:
+        print(json.dumps({"host": host, "vms": vms["vms"]}, indent=2, sort_keys=True))
+        return 0
+    parts = []
+    if not args.vms:
+        parts.append(host_table(host))
+    if not args.host:
+        parts.append(vm_table(vms["vms"]))
+    print("\n\n".join(parts))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"serve": cmd_serve, "call": cmd_call, "methods": cmd_methods,
-               "events": cmd_events, "job": cmd_job}[args.command]
+               "events": cmd_events, "job": cmd_job,
+               "stats": cmd_stats}[args.command]
     return handler(args)
 
 

@@ -173,6 +173,20 @@ class DevicesConfig:
 
 
 @dataclass(frozen=True)
+class StatsConfig:
+    host_interval: float = _spec(5.0, _positive, "seconds between host statistics samples")
+    vm_interval: float = _spec(10.0, _positive, "seconds between VM statistics samples")
+    history: float = _spec(3600.0, _positive, "seconds of host statistics kept in memory")
+    vm_timeout: float = _spec(
+        5.0, _positive, "deadline of the bulk VM statistics call; past it, stuck VMs are sought"
+    )
+    probe_timeout: float = _spec(1.0, _positive, "deadline of a call probing for a stuck VM")
+    stuck_retry: float = _spec(
+        60.0, _positive, "seconds before a stuck VM is sampled again when libvirt cannot tell"
+    )
+
+
+@dataclass(frozen=True)
 class JobsConfig:
     retention: float = _spec(3600.0, _positive,
                              "seconds a finished job (and its request key) is kept")
@@ -254,6 +268,7 @@ class Config:
     vm: VmConfig = field(default_factory=VmConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     state: StateConfig = field(default_factory=StateConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
@@ -314,6 +329,8 @@ def build_config(raw: Mapping[str, Any]) -> Config:
     hv = config.hypervisor
     if hv.reconnect_min > hv.reconnect_max:
         raise ConfigError("hypervisor.reconnect_min: must not exceed hypervisor.reconnect_max")
+    if config.stats.history < config.stats.host_interval:
+        raise ConfigError("stats.history: must be at least stats.host_interval")
     return config
 
 

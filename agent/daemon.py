@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,17 @@ from virtnode.hypervisor import Hypervisor
 from virtnode.jobs import JobManager
 from virtnode.jobservice import JobService
 from virtnode.journal import Journal
+from virtnode.metrics import (
+    AgentCollector,
+    HostCollector,
+    Metrics,
+    ServicesCollector,
+    VmCollector,
+)
 from virtnode.rpc import Dispatcher, handlers_of
 from virtnode.schema import load_schema
 from virtnode.server import ApiServer
+from virtnode.stats import StatsSampler, StatsService
 from virtnode.store import Store
 from virtnode.subscriptions import EventsService
 from virtnode.uplink import Uplink, Uplinks
@@ -47,6 +55,10 @@ class Agent:
         self.events: EventsService | None = None
         self.uplinks = Uplinks([])
         self.devices = DeviceMonitor(config.devices, self.bus)
+        self.stats = StatsSampler(config.stats, self.hypervisor, self.bus,
+                                  pool_size=config.hypervisor.pool_size,
+                                  paths=(config.state.dir,))
+        self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None
         self._stopped = False
@@ -79,8 +91,11 @@ class Agent:
             VmDeviceService(self.vms),
             self.events,
             JobService(self.jobs),
+            StatsService(self.stats),
         )
-        self.dispatcher = Dispatcher(schema, handlers_of(*services), check_results=check)
+        self.metrics = metrics = self._metrics(schema.methods)
+        self.dispatcher = Dispatcher(schema, handlers_of(*services), check_results=check,
+                                     observer=metrics.requests.observe)
         await host.start()
         await self.devices.start()
         await self.vms.start()
@@ -88,14 +103,16 @@ class Agent:
         if self.hypervisor.connected:
             # Serve with a complete view of the VMs when libvirt is there to give it.
             await self.vms.wait_recovered(self.config.hypervisor.call_timeout)
+        await self.stats.start()
         self.server = ApiServer(self.config.server, self.config.access, self.dispatcher,
-                                self.health)
+                                self.health, metrics.render)
         try:
             await self.server.start()
         except BaseException:
             await self.server.close()
             await self.devices.close()
             await self.jobs.close()
+            await self.stats.close()
             await self.vms.close()
             await self.hypervisor.close()
             await self.bus.flush()
@@ -112,6 +129,19 @@ class Agent:
         log.info("virtnode ready in %.0f ms (hypervisor %s: %s)",
                  (time.perf_counter() - started) * 1000, self.hypervisor.uri,
                  self.hypervisor.state.value)
+
+    def _metrics(self, methods: Iterable[str]) -> Metrics:
+        metrics = Metrics(methods)
+        metrics.events.attach(self.bus)
+        metrics.add_collector(AgentCollector(metrics.requests, metrics.events, self.stats,
+                                             lambda: self.hypervisor.connected))
+        metrics.add_collector(HostCollector(self.stats))
+        metrics.add_collector(VmCollector(self.stats))
+        metrics.add_collector(ServicesCollector(
+            lambda: self.events.subscriber_count if self.events is not None else 0,
+            self.jobs.counts,
+            lambda: [(link.where, link.up) for link in self.uplinks.links]))
+        return metrics
 
     def health(self) -> JsonObject:
         """What ``GET /healthz`` reports."""
@@ -153,6 +183,8 @@ class Agent:
         if server is not None:
             async with _stage("cancel calls and close connections", stage_timeout):
                 await server.close_sessions()
+        async with _stage("stop sampling statistics", stage_timeout):
+            await self.stats.close()
         async with _stage("close the hypervisor connection", stage_timeout):
             await self.vms.close()
             await self.hypervisor.close()

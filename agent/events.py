@@ -91,8 +91,6 @@ class EventBus:
         self.epoch = epoch or str(uuid.uuid4())
         #: Called with (topic, payload) before publishing; raises ValueError on a bad one.
         self.check: Callable[[str, JsonObject], None] | None = None
-        #: Called with the topic of every published event (metrics).
-        self.on_publish: Callable[[str], None] | None = None
         self._subscriptions: set[_Subscription] = set()
         #: The seq of the newest event published.
         self.last_seq = 0
@@ -129,8 +127,6 @@ class EventBus:
         seq, now, data_json = self.last_seq, time.time(), jsonrpc.encode(data)
         event = Event(self.epoch, seq, topic, now, data, data_json,
                       notification_text(self.epoch, seq, topic, now, data_json))
-        if self.on_publish is not None:
-            self.on_publish(topic)
         if self._journal is None:
             self._deliver(event)
             return event

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import time
 import uuid
@@ -10,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from virtnode import __version__, hoststats
+from virtnode import __version__
 from virtnode.capabilities import parse_capabilities
 from virtnode.fileutil import atomic_write
 from virtnode.hypervisor import Connection, Hypervisor
@@ -76,8 +75,6 @@ class HostService:
         self._host_id = host_id
         self._device_events = device_events
         self._facts: JsonObject | None = None
-        self._cpu_times: Any = None
-        self._stats_lock = asyncio.Lock()
 
     async def start(self) -> None:
         self._hypervisor.add_connect_hook(self._forget_facts)
@@ -106,9 +103,3 @@ class HostService:
                 "device_events": self._device_events(),
             },
         }
-
-    @rpc_method("Host.getStats")
-    async def get_stats(self, _ctx: CallContext, _params: JsonObject) -> JsonObject:
-        async with self._stats_lock:
-            stats, self._cpu_times = await asyncio.to_thread(hoststats.collect, self._cpu_times)
-        return stats

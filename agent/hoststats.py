@@ -1,9 +1,14 @@
-"""Host statistics from psutil. Blocking (reads /proc): call it from a worker thread."""
+"""Host counters from psutil. Blocking (reads /proc): call it from a worker thread.
+
+:func:`collect` returns raw, cumulative counters in plain dicts; rates are computed
+from two of them by :mod:`virtnode.statsrates`.
+"""
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import psutil
@@ -11,33 +16,36 @@ import psutil
 JsonObject = dict[str, Any]
 
 
-def _busy_fraction(before: Any, after: Any) -> float:
-    idle_fields = ("idle", "iowait")
-    total = sum(after) - (sum(before) if before is not None else 0.0)
-    idle = sum(getattr(after, f, 0.0) for f in idle_fields) - (
-        sum(getattr(before, f, 0.0) for f in idle_fields) if before is not None else 0.0
-    )
-    return 0.0 if total <= 0 else max(0.0, min(1.0, 1.0 - idle / total))
+def _times(cpu: Any) -> dict[str, float]:
+    return {key: float(value) for key, value in cpu._asdict().items()}
 
 
-def collect(previous_cpu_times: Any = None) -> tuple[JsonObject, Any]:
-    """Return host statistics and the CPU times to pass in next time.
+def _filesystem(path: str) -> JsonObject | None:
+    try:
+        usage = psutil.disk_usage(path)
+    except OSError:
+        return None  # not mounted (yet) or gone: report nothing rather than fail the cycle
+    return {
+        "path": path,
+        "total_bytes": usage.total,
+        "used_bytes": usage.used,
+        "free_bytes": usage.free,
+        "percent": float(usage.percent),
+    }
 
-    CPU percent is measured since ``previous_cpu_times`` (since boot on the first call).
-    """
-    cpu_times = psutil.cpu_times()
+
+def collect(paths: Iterable[str] = ()) -> JsonObject:
+    """Read the host's counters now; ``paths`` are the filesystems whose usage to report."""
     memory = psutil.virtual_memory()
     swap = psutil.swap_memory()
     load1, load5, load15 = os.getloadavg()
     nics = psutil.net_io_counters(pernic=True)
     disks = psutil.disk_io_counters(perdisk=True) or {}
-    stats: JsonObject = {
+    return {
         "time": time.time(),
-        "cpu": {
-            "count": psutil.cpu_count() or 1,
-            "percent": round(100.0 * _busy_fraction(previous_cpu_times, cpu_times), 2),
-            "times_seconds": {k: float(v) for k, v in cpu_times._asdict().items()},
-        },
+        "monotonic": time.monotonic(),
+        "cpu": _times(psutil.cpu_times()),
+        "cores": [_times(core) for core in psutil.cpu_times(percpu=True)],
         "memory": {
             "total_bytes": memory.total,
             "available_bytes": memory.available,
@@ -52,9 +60,8 @@ def collect(previous_cpu_times: Any = None) -> tuple[JsonObject, Any]:
             "percent": float(swap.percent),
         },
         "load": {"1m": load1, "5m": load5, "15m": load15},
-        "nics": [
-            {
-                "name": name,
+        "nics": {
+            name: {
                 "rx_bytes": c.bytes_recv,
                 "tx_bytes": c.bytes_sent,
                 "rx_packets": c.packets_recv,
@@ -64,11 +71,10 @@ def collect(previous_cpu_times: Any = None) -> tuple[JsonObject, Any]:
                 "rx_dropped": c.dropin,
                 "tx_dropped": c.dropout,
             }
-            for name, c in sorted(nics.items())
-        ],
-        "disks": [
-            {
-                "name": name,
+            for name, c in nics.items()
+        },
+        "disks": {
+            name: {
                 "read_bytes": c.read_bytes,
                 "write_bytes": c.write_bytes,
                 "reads": c.read_count,
@@ -76,7 +82,7 @@ def collect(previous_cpu_times: Any = None) -> tuple[JsonObject, Any]:
                 "read_time_ms": c.read_time,
                 "write_time_ms": c.write_time,
             }
-            for name, c in sorted(disks.items())
-        ],
+            for name, c in disks.items()
+        },
+        "filesystems": [fs for fs in map(_filesystem, dict.fromkeys(paths)) if fs is not None],
     }
-    return stats, cpu_times

@@ -2,7 +2,8 @@
 
 ``GET /rpc`` upgraded to WebSocket carries requests, batches and pushed notifications;
 requests on one socket run concurrently and each response goes out when it is ready.
-``POST /rpc`` answers one message per request. ``GET /healthz`` reports readiness.
+``POST /rpc`` answers one message per request. ``GET /healthz`` reports readiness and
+``GET /metrics`` serves Prometheus text to callers with the reader role or above.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ WRITE_BATCH = 256 * 1024
 WRITE_HIGH_WATER = 256 * 1024
 #: ...checking again this often, seconds.
 WRITE_POLL = 0.005
+MetricsFn = Callable[[], bytes]
+
+#: Prometheus text exposition format 0.0.4.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _BaseSession:
@@ -259,8 +264,9 @@ class ApiServer:
     """Serves the dispatcher on every configured listener."""
 
     def __init__(self, config: ServerConfig, access: AccessConfig, dispatcher: Dispatcher,
-                 health: HealthFn) -> None:
+                 health: HealthFn, metrics: MetricsFn | None = None) -> None:
         self._config = config
+        self._metrics = metrics
         self._access = access
         self._dispatcher = dispatcher
         self._health = health
@@ -276,6 +282,8 @@ class ApiServer:
         app.router.add_get("/rpc", self._get_rpc)
         app.router.add_post("/rpc", self._post_rpc)
         app.router.add_get("/healthz", self._healthz)
+        if self._metrics is not None:
+            app.router.add_get("/metrics", self._get_metrics)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         for listener in self._config.listeners:
@@ -333,6 +341,13 @@ class ApiServer:
         health = self._health()
         status = 200 if health["status"] == "ok" else 503
         return web.json_response(health, status=status)
+
+    async def _get_metrics(self, request: web.Request) -> web.Response:
+        assert self._metrics is not None
+        if not self._caller(request).may("read"):
+            return web.Response(status=403, text="metrics need the reader role\n")
+        return web.Response(body=self._metrics(),
+                            headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def _post_rpc(self, request: web.Request) -> web.StreamResponse:
         try:

@@ -74,12 +74,12 @@ class Uplink:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         parts = urlsplit(url)  # logged without credentials or query (tokens)
         port = f":{parts.port}" if parts.port else ""
-        self._where = f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
+        self.where = f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
         #: Connected and past the hello.
         self.up = False
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"uplink {self._where}")
+        self._task = asyncio.create_task(self._run(), name=f"uplink {self.where}")
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -105,7 +105,7 @@ class Uplink:
             if time.monotonic() - began > STABLE_AFTER:
                 delay = self._config.reconnect_min
             wait = delay * random.uniform(0.8, 1.2)
-            log.warning("uplink %s: %s; dialing again in %.1fs", self._where, reason, wait)
+            log.warning("uplink %s: %s; dialing again in %.1fs", self.where, reason, wait)
             await asyncio.sleep(wait)
             delay = min(delay * 2, self._config.reconnect_max)
 
@@ -118,11 +118,11 @@ class Uplink:
         ):
             self._ws = ws
             hello = await self._hello(ws)
-            caller = Caller(f"uplink:{self._where}", self._config.role, "uplink")
+            caller = Caller(f"uplink:{self.where}", self._config.role, "uplink")
             session = self._server.new_session(ws, caller)
             self._subscribe(session, hello)
             self.up = True
-            log.info("uplink %s: connected, streaming events", self._where)
+            log.info("uplink %s: connected, streaming events", self.where)
             await self._server.serve_session(session)
 
     async def _hello(self, ws: aiohttp.ClientWebSocketResponse) -> JsonObject:
@@ -155,7 +155,7 @@ class Uplink:
             self._events.open(session, topics, since, epoch)
         except FailedPrecondition as exc:
             log.warning("uplink %s: cannot replay after seq %s of epoch %s: %s",
-                        self._where, since, epoch, exc)
+                        self.where, since, epoch, exc)
             sub = self._events.open(session, topics)
             journal = self._bus.journal
             session.push(jsonrpc.notification("events.resync_required", {

@@ -14,6 +14,9 @@ Variants:
   it boots again.
 - ``noacpi``: the same guest without ``acpid``: the power button does nothing, so ACPI
   shutdown and reboot requests are ignored.
+- ``writer``: the ``acpi`` guest that also loads the virtio block driver and keeps writing
+  to and reading from its first virtio disk (``/dev/vda``, given with ``domain_xml(disk=)``)
+  with ``dd``: real guest disk I/O for statistics tests.
 
 Both print :data:`GUEST_READY` on the serial console once they are ready for the power
 button (after a reboot it appears again). They need TCG (``<domain type='qemu'>``): a Linux
@@ -52,14 +55,14 @@ from xml.sax.saxutils import escape, quoteattr
 GUEST_READY = "VIRTNODE-GUEST-READY"
 GUEST_POWEROFF = "VIRTNODE-GUEST-POWEROFF"
 GUEST_BROKEN = "VIRTNODE-GUEST-BROKEN"  # the guest could not get ready: no GUEST_READY
-VARIANTS = ("acpi", "noacpi")
+VARIANTS = ("acpi", "noacpi", "writer")
 DEFAULT_CACHE = Path("/var/cache/virtnode-tests/guests")
 CACHE_ENV = "VIRTNODE_TEST_CACHE"
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 MEMORY_MIB = 256
 # Bump when the initramfs layout changes: it is part of every image's cache key.
-RECIPE = 1
+RECIPE = 2
 
 # The modules busybox acpid needs, and the kernel options that may build them in instead.
 _MODULES = {
@@ -85,6 +88,28 @@ if [ $ready = yes ]; then
 fi
 while :; do sleep 3600; done
 """
+
+# The virtio block driver and what it needs, in load order (they are modules in Debian's
+# cloud kernel), with the kernel options that may build them in instead.
+_DISK_MODULES = {
+    "drivers/virtio/virtio_ring.ko": "CONFIG_VIRTIO",
+    "drivers/virtio/virtio.ko": "CONFIG_VIRTIO",
+    "drivers/virtio/virtio_pci_legacy_dev.ko": "CONFIG_VIRTIO_PCI_LIB_LEGACY",
+    "drivers/virtio/virtio_pci_modern_dev.ko": "CONFIG_VIRTIO_PCI_LIB",
+    "drivers/virtio/virtio_pci.ko": "CONFIG_VIRTIO_PCI",
+    "drivers/block/virtio_blk.ko": "CONFIG_VIRTIO_BLK",
+}
+
+# Write 4 MiB to the disk and read it back without the page cache, forever.
+_WRITER = """n=0
+while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do usleep 50000; n=$((n + 1)); done
+[ -b /dev/vda ] || { echo "@BROKEN@: no /dev/vda"; ready=no; }
+( while :; do
+    dd if=/dev/zero of=/dev/vda bs=65536 count=64 conv=fsync 2>/dev/null
+    echo 3 > /proc/sys/vm/drop_caches
+    dd if=/dev/vda of=/dev/null bs=65536 count=64 2>/dev/null
+    usleep 200000
+  done ) &"""
 
 # acpid writes its pid file only after it has opened every /dev/input/event*: waiting for
 # it means a power-button press right after the ready marker is not lost.
@@ -164,12 +189,19 @@ def console_log_path(name: str, cache: Path | None = None) -> Path:
 
 
 def domain_xml(image: GuestImage, name: str, uuid: str, console_log: Path,
-               cmdline: str = "") -> str:
+               cmdline: str = "", *, disk: Path | None = None) -> str:
     """A TCG domain booting ``image`` directly, its serial console written to a file.
 
-    1 vCPU, 256 MiB, ACPI, no disk, no network; a guest reboot restarts it.
+    1 vCPU, 256 MiB, ACPI, no network, no disk unless ``disk`` (a raw image, attached as
+    virtio ``vda``); a guest reboot restarts it.
     """
     args = " ".join(filter(None, ("console=ttyS0", cmdline)))
+    disk_xml = "" if disk is None else f"""
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw' cache='none'/>
+      <source file={quoteattr(str(disk))}/>
+      <target dev='vda' bus='virtio'/>
+    </disk>"""
     return f"""<domain type='qemu'>
   <name>{escape(name)}</name>
   <uuid>{escape(uuid)}</uuid>
@@ -186,7 +218,7 @@ def domain_xml(image: GuestImage, name: str, uuid: str, console_log: Path,
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>restart</on_reboot>
   <on_crash>destroy</on_crash>
-  <devices>
+  <devices>{disk_xml}
     <serial type='file'>
       <source path={quoteattr(str(console_log))}/>
       <target port='0'/>
@@ -347,7 +379,8 @@ def _build(plan: _Plan, cache: Path) -> None:
         if not vmlinuz.is_file():
             raise RuntimeError(f"{plan.kernel_deb} has no boot/vmlinuz-{release}")
         vmlinuz = shutil.copyfile(vmlinuz, work / "vmlinuz")
-        modules = _modules(work / "kernel", release)
+        modules = _modules(work / "kernel", release, _MODULES)
+        disk_modules = _modules(work / "kernel", release, _DISK_MODULES)
         busybox = (work / "busybox" / "bin" / "busybox").read_bytes()
         for variant in VARIANTS:
             final = cache / plan.key(variant)
@@ -357,7 +390,8 @@ def _build(plan: _Plan, cache: Path) -> None:
             out.mkdir()
             # One copy of the kernel per build, linked into each variant.
             os.link(vmlinuz, out / "vmlinuz")
-            (out / "initrd.gz").write_bytes(_initramfs(variant, busybox, modules))
+            extra = disk_modules if variant == "writer" else {}
+            (out / "initrd.gz").write_bytes(_initramfs(variant, busybox, {**modules, **extra}))
             (out / "image.json").write_text(json.dumps({
                 "variant": variant,
                 "kernel_release": release,
@@ -378,14 +412,19 @@ def _build(plan: _Plan, cache: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _modules(tree: Path, release: str) -> dict[str, bytes]:
-    """The modules acpid needs, by file name; none for those built into the kernel."""
+def _modules(tree: Path, release: str, wanted: dict[str, str]) -> dict[str, bytes]:
+    """The ``wanted`` modules by file name; none for those built into the kernel.
+
+    The init script loads modules in the order of their names: names after the first
+    of a set get a numbered prefix so that a set loads in its given order.
+    """
     config = (tree / "boot" / f"config-{release}").read_text()
     modules = {}
-    for relative, option in _MODULES.items():
+    for i, (relative, option) in enumerate(wanted.items()):
         if re.search(rf"^{option}=y$", config, re.MULTILINE):
             continue
-        modules[Path(relative).name] = _module(tree, release, relative)
+        prefix = f"z{i:02d}-" if len(wanted) > 2 else ""
+        modules[prefix + Path(relative).name] = _module(tree, release, relative)
     return modules
 
 
@@ -411,7 +450,9 @@ def _unzstd(path: Path) -> bytes:
 
 
 def _init_script(variant: str) -> str:
-    acpid = _ACPID if variant == "acpi" else "# no acpid: the power button is ignored"
+    acpid = _ACPID if variant in ("acpi", "writer") else "# no acpid: the power button is ignored"
+    if variant == "writer":
+        acpid += "\n" + _WRITER
     return (_INIT.replace("@ACPID@", acpid).replace("@READY@", GUEST_READY)
             .replace("@BROKEN@", GUEST_BROKEN).replace("@VARIANT@", variant))
 
@@ -427,7 +468,7 @@ def _initramfs(variant: str, busybox: bytes, modules: dict[str, bytes]) -> bytes
     archive.file("init", _init_script(variant).encode(), 0o755)
     for name, data in sorted(modules.items()):
         archive.file(f"lib/modules/{name}", data, 0o644)
-    if variant == "acpi":
+    if variant in ("acpi", "writer"):
         archive.directory("etc/acpi")
         archive.directory("etc/acpi/PWRF")
         archive.file("etc/acpi/PWRF/00000080", _POWER_BUTTON.encode(), 0o755)

@@ -134,12 +134,19 @@ async def test_image_is_built_once_and_readable_by_qemu(variant: str) -> None:
     init = archive["init"][1].decode()
     assert guests.GUEST_READY in init
     handler = "etc/acpi/PWRF/00000080"
-    if variant == "acpi":
+    if variant in ("acpi", "writer"):
         assert "acpid" in init
         assert b"poweroff -f" in archive[handler][1]
     else:
         assert "acpid -d" not in init
         assert handler not in archive
+    disk_modules = [name for name in archive if name.startswith("lib/modules/z")]
+    if variant == "writer":
+        assert "of=/dev/vda" in init
+        assert disk_modules[-1].endswith("virtio_blk.ko"), disk_modules
+        assert disk_modules == sorted(disk_modules), "the init loads them in name order"
+    else:
+        assert not disk_modules
 
 
 async def test_racing_builders_make_one_image(tmp_path: Path) -> None:

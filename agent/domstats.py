@@ -1,0 +1,69 @@
+"""Blocking libvirt calls of the statistics sampler, run through ``Hypervisor.call``.
+
+Records come back as ``(vm_id, name, stats, handle)`` with libvirt's flat stats dict. Every call
+passes ``NOWAIT``: libvirt then skips the monitor queries of a domain whose job another
+call holds, instead of waiting for it (see docs/architecture.md, "Statistics").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+from virtnode import virconst as vc
+
+Connection = Any
+#: (vm_id, name, libvirt's flat stats, the domain handle)
+Record = tuple[str, str, dict[str, Any], Any]
+
+GROUPS = (vc.DOMAIN_STATS_STATE | vc.DOMAIN_STATS_CPU_TOTAL | vc.DOMAIN_STATS_BALLOON
+          | vc.DOMAIN_STATS_VCPU | vc.DOMAIN_STATS_INTERFACE | vc.DOMAIN_STATS_BLOCK)
+BULK_FLAGS = vc.CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE | vc.CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+LIST_FLAGS = vc.CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+
+
+def _records(pairs: Any) -> list[Record]:
+    # UUIDString() and name() read the handle; they make no call to libvirtd.
+    return [(dom.UUIDString(), dom.name(), stats, dom) for dom, stats in pairs
+            if stats.get("state.state") != vc.DOMAIN_SHUTOFF]
+
+
+def _unsupported(exc: BaseException) -> bool:
+    code = getattr(exc, "get_error_code", None)
+    return callable(code) and code() == vc.ERR_NO_SUPPORT
+
+
+def bulk(conn: Connection) -> list[Record]:
+    """Statistics of every running domain in one call (it lists them, locking each)."""
+    return _records(conn.getAllDomainStats(GROUPS, BULK_FLAGS))
+
+
+def of(conn: Connection, doms: Collection[Any], new_ids: Collection[str]) -> list[Record]:
+    """Statistics of the domains ``doms`` and those with ``new_ids``, in one call.
+
+    Lists nothing: libvirt locks every domain to list them, and a stats call stuck on a
+    domain may hold its lock. Only the given domains, and the new ones looked up by UUID,
+    are touched.
+    """
+    handles = list(doms)
+    for vm_id in new_ids:
+        try:
+            handles.append(conn.lookupByUUIDString(vm_id))
+        except Exception as exc:
+            if getattr(exc, "get_error_code", lambda: None)() != vc.ERR_NO_DOMAIN:
+                raise
+    return _records(conn.domainListGetStats(handles, GROUPS, LIST_FLAGS)) if handles else []
+
+
+def control_state(dom: Any) -> tuple[int, int] | None:
+    """The domain's control interface state and its age in ms; None if unknown.
+
+    Blocks while another call holds the domain's lock.
+    """
+    try:
+        state, _details, ms = dom.controlInfo()
+    except Exception as exc:
+        if _unsupported(exc):
+            return None
+        raise
+    return int(state), int(ms)
