@@ -73,6 +73,7 @@ class Agent:
         schema = await asyncio.to_thread(load_schema)  # compiling validators takes a while
         check = self.config.server.check_results
         if check:
+            await asyncio.to_thread(schema.compile_checks)
             self.bus.check = schema.check_event
         state_dir = Path(self.config.state.dir)
         host_id = await asyncio.to_thread(load_host_id, state_dir)

@@ -104,11 +104,26 @@ class ApiSchema:
         """Validate an event payload; raises ``ValueError`` naming the mismatch."""
         self._check(f"event:{topic}", self.events[topic].payload, payload)
 
-    def _check(self, key: str, schema: JsonObject, value: Any) -> None:
+    def compile_checks(self) -> None:
+        """Compile every result and event validator now (they are otherwise compiled on
+        first use, keeping the agent's start short). Raises :class:`SchemaError`."""
+        for name, spec in self.methods.items():
+            self._validator(f"result:{name}", spec.result)
+        for topic, event in self.events.items():
+            self._validator(f"event:{topic}", event.payload)
+
+    def _validator(self, key: str, schema: JsonObject) -> Validator:
         validator = self._validators.get(key)
         if validator is None:
-            validator = _compile(schema, self.definitions, use_default=False)
+            try:
+                validator = _compile(schema, self.definitions, use_default=False)
+            except fastjsonschema.JsonSchemaDefinitionException as exc:
+                raise SchemaError(f"{key}: {exc}") from None
             self._validators[key] = validator
+        return validator
+
+    def _check(self, key: str, schema: JsonObject, value: Any) -> None:
+        validator = self._validator(key, schema)
         try:
             validator(value)
         except fastjsonschema.JsonSchemaValueException as exc:
@@ -171,9 +186,32 @@ def _invalid_params(exc: fastjsonschema.JsonSchemaValueException) -> InvalidPara
 def _compile(schema: JsonObject, definitions: Mapping[str, JsonObject], *,
              use_default: bool) -> Validator:
     full = {"$schema": "http://json-schema.org/draft-07/schema#", **schema}
-    full["definitions"] = dict(definitions)
+    # Only the definitions the schema uses: the generated code grows with every one given,
+    # and compiling them all for every method made the agent's start take seconds.
+    full["definitions"] = {name: definitions[name]
+                           for name in _referenced(schema, definitions, set())}
     compiled: Validator = fastjsonschema.compile(full, use_default=use_default)
     return compiled
+
+
+_DEFINITION_REF = "#/definitions/"
+
+
+def _referenced(node: Any, definitions: Mapping[str, JsonObject], found: set[str]) -> set[str]:
+    """The names of the definitions ``node`` refers to, directly or through others."""
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith(_DEFINITION_REF):
+            name = ref.removeprefix(_DEFINITION_REF)
+            if name in definitions and name not in found:
+                found.add(name)
+                _referenced(definitions[name], definitions, found)
+        for value in node.values():
+            _referenced(value, definitions, found)
+    elif isinstance(node, list):
+        for value in node:
+            _referenced(value, definitions, found)
+    return found
 
 
 def _object_schema(where: str, raw: Any, *, closed: bool) -> JsonObject:
@@ -189,11 +227,15 @@ def _object_schema(where: str, raw: Any, *, closed: bool) -> JsonObject:
     return schema
 
 
+#: libyaml's safe loader where PyYAML was built with it (ten times faster), else Python's.
+_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _read_files(files: Iterable[tuple[str, str]]) -> JsonObject:
     merged: JsonObject = {"methods": {}, "events": {}, "errors": {}, "definitions": {}}
     for name, text in files:
         try:
-            doc = yaml.safe_load(text) or {}
+            doc = yaml.load(text, Loader=_YAML_LOADER) or {}
         except yaml.YAMLError as exc:
             raise SchemaError(f"{name}: not valid YAML: {exc}") from None
         if not isinstance(doc, dict):
@@ -231,7 +273,6 @@ def _build_method(name: str, raw: JsonObject, errors: Mapping[str, ErrorSpec],
     result = _object_schema(f"{name} result", raw.get("result"), closed=False)
     try:
         validator = _compile(params, definitions, use_default=True)
-        _compile(result, definitions, use_default=False)
     except fastjsonschema.JsonSchemaDefinitionException as exc:
         raise SchemaError(f"method {name}: {exc}") from None
     return MethodSpec(

@@ -60,6 +60,16 @@ def test_shipped_schema_loads(schema: ApiSchema) -> None:
     assert "hypervisor.connection" in schema.events
 
 
+def test_every_result_and_event_schema_compiles(schema: ApiSchema) -> None:
+    schema.compile_checks()
+
+
+def test_a_broken_result_schema_is_found_by_compile_checks() -> None:
+    built = build(method_yaml(result={"properties": {"x": {"$ref": "#/definitions/Missing"}}}))
+    with pytest.raises(SchemaError, match=r"result:Test\.ping"):
+        built.compile_checks()
+
+
 def test_every_method_declares_access_since_and_description(schema: ApiSchema) -> None:
     for name, method in schema.methods.items():
         assert re.fullmatch(r"[A-Z][A-Za-z]*\.[a-z][A-Za-z]*", name), name
