@@ -25,6 +25,8 @@ docs: venv
 
 bench: setup
 	$(BIN)/python bench/rpc.py
+	$(BIN)/python bench/events.py
+	$(BIN)/python bench/vm.py
 
 setup: host venv
 
