@@ -74,7 +74,12 @@ TARGET_LOADED_MB = 150.0
 
 URI = "qemu:///system"
 PREFIX = "vn-bench-stats-"
-AGENT_SET = ("stats.vm_interval=1", "stats.host_interval=3600")
+VM_INTERVAL = 1.0
+AGENT_SET = (f"stats.vm_interval={VM_INTERVAL:g}", "stats.host_interval=3600")
+#: In "before" rounds a raw call is timed to end this long before the next cycle is due.
+MARGIN = 0.1
+#: Where the raw call goes between two cycles, alternating by round.
+POSITIONS = ("after", "before")
 #: Held while guests of this script exist: bench/stats.py and bench/scrape.py share it.
 LOCK_PATH = Path(tempfile.gettempdir()) / "virtnode-bench-stats.lock"
 #: Longest wait for the next ``stats.vm`` event.
@@ -264,8 +269,9 @@ class Series:
     #: Agent CPU over all rounds, and the cycles in them.
     agent_cpu_total_s: float = 0.0
     cycles: int = 0
-    #: Median agent / median raw, one figure per round.
+    #: Median agent / median raw, one figure per round, and where its raw calls were.
     round_ratios: list[float] = field(default_factory=list)
+    round_positions: list[str] = field(default_factory=list)
     #: Mean cycle time from /metrics over the whole series.
     metrics_mean_s: float = float("nan")
     dropped: int = 0
@@ -285,6 +291,10 @@ class Series:
             "metrics_mean_cycle_s": self.metrics_mean_s,
             "samples": len(self.agent_s),
             "dropped": self.dropped,
+            "round_ratios": self.round_ratios,
+            "round_positions": self.round_positions,
+            "agent_samples_s": [round(v, 6) for v in self.agent_s],
+            "raw_samples_s": [round(v, 6) for v in self.raw_s],
         }
 
 
@@ -296,8 +306,20 @@ def raw_call(conn: Conn) -> tuple[float, float, float]:
     return wall, time.thread_time() - cpu, time.time()
 
 
+async def until_slot(cycle: Cycle, position: str, estimate: float) -> None:
+    """Wait until a raw call of ``estimate`` seconds belongs at ``position``.
+
+    "after": at once, right after the cycle; "before": ending :data:`MARGIN` before the
+    next cycle is due. Alternating the two keeps either side from always going first.
+    """
+    if position == "before":
+        wait = cycle.started + VM_INTERVAL - MARGIN - estimate - time.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+
 async def measure(agent: Server, conn: Conn, vms: int, rounds: int, pairs: int) -> Series:
-    """``rounds`` rounds of ``pairs`` agent cycles, each followed by one raw call."""
+    """``rounds`` rounds of ``pairs`` agent cycles, each with one raw call before the next."""
     series = Series(vms)
     watch = CycleWatch(agent)
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="raw")
@@ -307,12 +329,16 @@ async def measure(agent: Server, conn: Conn, vms: int, rounds: int, pairs: int) 
         await watch.settle(vms)
         count0, sum0 = cycle_totals(await scrape(agent))
         await watch.next()  # the scrape is not in a measured cycle
-        for _ in range(rounds):
+        for rnd in range(rounds):
+            position = POSITIONS[rnd % len(POSITIONS)]
             cpu0 = cpu_seconds(agent.pid)
             cycles: list[Cycle] = []
             raws: list[tuple[float, float, float]] = []
             for _ in range(pairs):
                 cycles.append(await watch.next())
+                estimate = statistics.median(series.raw_s) if series.raw_s else \
+                    cycles[-1].seconds
+                await until_slot(cycles[-1], position, estimate)
                 raws.append(await loop.run_in_executor(pool, raw_call, conn))
             cycles.append(await watch.next())
             # Every cycle of the round, its first included, began after cpu0 was read.
@@ -338,6 +364,7 @@ async def measure(agent: Server, conn: Conn, vms: int, rounds: int, pairs: int) 
             series.cycles += len(cycles)
             series.round_ratios.append(statistics.median(round_agent)
                                        / statistics.median(round_raw))
+            series.round_positions.append(position)
         count1, sum1 = cycle_totals(await scrape(agent))
         series.metrics_mean_s = (sum1 - sum0) / (count1 - count0)
     finally:
@@ -368,12 +395,12 @@ class Options:
     rounds: int
     pairs: int
     scale_rounds: int
+    settle: float
 
 
 @dataclass
 class Results:
     kvm: JsonObject | None = None
-    kvm_rounds: list[float] = field(default_factory=list)
     scale: list[JsonObject] = field(default_factory=list)
     rss: JsonObject = field(default_factory=dict)
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -409,7 +436,10 @@ async def run_kvm(agents: Agents, opts: Options, results: Results) -> None:
         results.removed_at_start = remove_guests(conn)
         try:
             start_guests(conn, opts.count, opts.memory_mib, "kvm")
+            booted = time.monotonic()
             agent = await agents.start(URI, "agent-kvm")
+            # Firmware starting up makes the first monitor queries slow: not what is measured.
+            await asyncio.sleep(max(0.0, booted + opts.settle - time.monotonic()))
             series = await measure(agent, conn, opts.count, opts.rounds, opts.pairs)
             agents.stop(agent)
         finally:
@@ -417,7 +447,6 @@ async def run_kvm(agents: Agents, opts: Options, results: Results) -> None:
     finally:
         conn.close()
     results.kvm = series.summary()
-    results.kvm_rounds = series.round_ratios
 
 
 async def run_scale(agents: Agents, opts: Options, results: Results) -> None:
@@ -526,9 +555,10 @@ def print_table(results: Results, targets: list[JsonObject], opts: Options) -> N
             extra = f", {s['dropped']} pair(s) dropped (overlap)" if s["dropped"] else ""
             print(f"  {kind} {s['vms']}: mean cycle from /metrics "
                   f"{_ms(s['metrics_mean_cycle_s'])} ms{extra}")
-        if results.kvm_rounds:
-            print(f"  kvm agent/raw by round: "
-                  f"{', '.join(f'{v:.2f}' for v in results.kvm_rounds)}")
+        for kind, s in rows:
+            by_round = ", ".join(f"{v:.2f} ({where})" for v, where in
+                                 zip(s["round_ratios"], s["round_positions"], strict=True))
+            print(f"  {kind} {s['vms']}: agent/raw by round (raw call): {by_round}")
     if results.rss:
         print()
         print(f"{'agent RSS':<12}{'VMs':>6}{'RSS MB':>10}{'peak MB':>10}")
@@ -558,6 +588,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale-rounds", type=int, default=3, help="rounds per test-driver N")
     p.add_argument("--pairs", type=int, default=6,
                    help="agent cycles (each followed by a raw call) per round")
+    p.add_argument("--settle", type=float, default=30.0, metavar="SECONDS",
+                   help="wait after starting the KVM guests before measuring")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
     args.parts = tuple(x for x in args.parts.split(",") if x)
@@ -572,7 +604,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     opts = Options(args.parts, args.count, args.memory, args.rounds, args.pairs,
-                   args.scale_rounds)
+                   args.scale_rounds, args.settle)
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised
     results = Results(load_before=os.getloadavg())
     try:
@@ -592,7 +624,6 @@ def main(argv: list[str] | None = None) -> int:
             "agent_set": list(AGENT_SET),
             "load_average": {"before": results.load_before, "after": results.load_after},
             "kvm": results.kvm,
-            "kvm_round_ratios": results.kvm_rounds,
             "scale": results.scale,
             "rss": results.rss,
             "targets": targets,
