@@ -381,7 +381,7 @@ def rss_mb(pid: int) -> tuple[float, float]:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 peak = int(line.split()[1]) / 1024
-    return rss, peak
+    return rss, max(rss, peak)  # VmHWM is updated lazily and can trail the RSS
 
 
 # --- the parts -----------------------------------------------------------------------------
