@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import ProcessCollector
+
 from virtnode.apiservice import ApiService
 from virtnode.config import Config
 from virtnode.devices import DeviceMonitor
@@ -138,6 +140,7 @@ class Agent:
                                              lambda: self.hypervisor.connected))
         metrics.add_collector(HostCollector(self.stats))
         metrics.add_collector(VmCollector(self.stats))
+        metrics.add_collector(ProcessCollector(registry=None))  # process_* of the agent
         metrics.add_collector(ServicesCollector(
             lambda: self.events.subscriber_count if self.events is not None else 0,
             self.jobs.counts,

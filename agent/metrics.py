@@ -1,7 +1,10 @@
 """Prometheus metrics: ``GET /metrics`` from the sampler's cache and the agent's counters.
 
-Nothing here calls libvirt or reads /proc: the collectors turn what the statistics sampler
-already holds into metric families when a scrape comes in. Names start with ``virtnode_``,
+Nothing here calls libvirt: the collectors turn what the statistics sampler already holds
+into metric families when a scrape comes in (the only reads are a sysfs link per VM NIC,
+for its bridge, and /proc/self for the agent's own process_* metrics). The text is written
+by :func:`render_text`, not prometheus-client's writer, which took three quarters of a
+scrape. Names start with ``virtnode_``,
 values are in base units (bytes, seconds), counters end in ``_total``; VM series carry
 ``vm_id`` and ``vm_name``. Each :class:`Metrics` owns its registry (no global state).
 
@@ -12,10 +15,11 @@ with a ``collect()`` method returning prometheus-client metric families.
 from __future__ import annotations
 
 import bisect
+import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from prometheus_client import generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -298,27 +302,44 @@ class VmCollector:
         gauges = {k: _gauge(f"virtnode_vm_disk_{n}", f"VM disk {k}.", labels)
                   for k, n in self._DISK_GAUGES}
         divisors = {k: d for k, _, d in self._DISK_COUNTERS}
+        info = _gauge("virtnode_vm_disk_info", "One series per VM disk, with its source path.",
+                      [*labels, "path"])
         for stats, raw, _ in entries:
             for device, disk in sorted(raw["disks"].items()):
                 series = [stats["vm_id"], stats["name"], device]
+                info.add_metric([*series, str(disk.get("path", ""))], 1)
                 for key, family in counters.items():
                     if disk.get(key) is not None:
                         family.add_metric(series, disk[key] / divisors[key])
                 for key, gauge in gauges.items():
                     if disk.get(key) is not None:
                         gauge.add_metric(series, disk[key])
-        yield from (*counters.values(), *gauges.values())
+        yield from (info, *counters.values(), *gauges.values())
 
     def _nics(self, entries: list[tuple[JsonObject, JsonObject, float]]) -> Iterator[Metric]:
         labels = [*_VM, "interface"]
         families = {k: _counter(f"virtnode_vm_network_{n}_total", f"VM NIC counter {k}.", labels)
                     for k, n in self._NICS}
+        info = _gauge("virtnode_vm_network_info",
+                      "One series per VM NIC, with the bridge its host device is a port of.",
+                      [*labels, "bridge"])
         for stats, raw, _ in entries:
             for device, nic in sorted(raw["nics"].items()):
+                info.add_metric([stats["vm_id"], stats["name"], device, _bridge_of(device)], 1)
                 for key, family in families.items():
                     if nic.get(key) is not None:
                         family.add_metric([stats["vm_id"], stats["name"], device], nic[key])
-        yield from families.values()
+        yield from (info, *families.values())
+
+
+def _bridge_of(device: str) -> str:
+    """The bridge a host network device is a port of ('' for none); reads sysfs only."""
+    if not device or "/" in device or device.startswith("."):
+        return ""
+    try:
+        return os.path.basename(os.readlink(f"/sys/class/net/{device}/master"))
+    except OSError:
+        return ""
 
 
 class Metrics:
@@ -341,5 +362,45 @@ class Metrics:
         self._registry.unregister(collector)
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of every collector."""
-        return generate_latest(self._registry)
+        """The Prometheus text exposition (format 0.0.4) of every collector."""
+        return render_text(self._registry.collect())
+
+
+_LABEL_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n"})
+_TYPES = {"unknown": "untyped", "info": "gauge", "stateset": "gauge"}
+
+
+def render_text(metrics: Iterable[Metric]) -> bytes:
+    """Families as Prometheus text, several times faster than prometheus-client's writer.
+
+    The VM series repeat the same label sets across dozens of families, so each label
+    set is escaped and joined once per scrape.
+    """
+    out: list[str] = []
+    append = out.append
+    label_text: dict[tuple[tuple[str, str], ...], str] = {}
+    for metric in metrics:
+        name = metric.name + "_total" if metric.type == "counter" else metric.name
+        doc = metric.documentation.replace("\\", "\\\\").replace("\n", "\\n")
+        append(f"# HELP {name} {doc}\n# TYPE {name} {_TYPES.get(metric.type, metric.type)}\n")
+        for sample in metric.samples:
+            labels = sample.labels
+            if labels:
+                key = tuple(labels.items())
+                text = label_text.get(key)
+                if text is None:
+                    text = label_text[key] = "{" + ",".join(
+                        f'{k}="{v.translate(_LABEL_ESCAPES)}"' for k, v in sorted(key)) + "}"
+            else:
+                text = ""
+            append(f"{sample.name}{text} {_number(sample.value)}\n")
+    return "".join(out).encode()
+
+
+def _number(value: float) -> str:
+    v = float(value)
+    if v != v:  # noqa: PLR0124 - NaN is the one value not equal to itself
+        return "NaN"
+    if v in (math.inf, -math.inf):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(v)

@@ -52,15 +52,6 @@ import aiohttp
 import libvirt
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
-from stats import (
-    PREFIX,
-    URI,
-    CycleWatch,
-    open_libvirt,
-    remove_guests,
-    start_guests,
-    take_lock,
-)
 
 from common import (
     BenchError,
@@ -71,6 +62,15 @@ from common import (
     spawn,
     start_agent,
     wait_ready,
+)
+from stats import (
+    PREFIX,
+    URI,
+    CycleWatch,
+    open_libvirt,
+    remove_guests,
+    start_guests,
+    take_lock,
 )
 
 TARGET_SPEEDUP = 10.0
