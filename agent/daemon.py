@@ -28,6 +28,7 @@ from virtnode.metrics import (
     Metrics,
     ServicesCollector,
     VmCollector,
+    VmStaleCollector,
 )
 from virtnode.rpc import Dispatcher, handlers_of
 from virtnode.schema import load_schema
@@ -138,8 +139,10 @@ class Agent:
         metrics.events.attach(self.bus)
         metrics.add_collector(AgentCollector(metrics.requests, metrics.events, self.stats,
                                              lambda: self.hypervisor.connected))
-        metrics.add_collector(HostCollector(self.stats))
-        metrics.add_collector(VmCollector(self.stats))
+        stats = self.stats
+        metrics.add_collector(HostCollector(stats), version=lambda: stats.host_generation)
+        metrics.add_collector(VmCollector(stats), version=lambda: stats.vm_generation)
+        metrics.add_collector(VmStaleCollector(stats))
         metrics.add_collector(ProcessCollector(registry=None))  # process_* of the agent
         metrics.add_collector(ServicesCollector(
             lambda: self.events.subscriber_count if self.events is not None else 0,

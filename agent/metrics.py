@@ -27,7 +27,7 @@ from prometheus_client.core import (
     Metric,
     SummaryMetricFamily,
 )
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import Collector
 
 from virtnode import __version__
 from virtnode.events import Event, EventBus
@@ -242,6 +242,21 @@ class HostCollector:
             yield usage
 
 
+class VmStaleCollector:
+    """How old each VM's values are: it grows between cycles, so it is never cached."""
+
+    def __init__(self, sampler: StatsSampler) -> None:
+        self._sampler = sampler
+
+    def collect(self) -> Iterator[Metric]:
+        stale = _gauge("virtnode_vm_stale_seconds",
+                       "Age of a VM's values when its collection is stuck; 0 when fresh.", _VM)
+        for entry in self._sampler.vms.values():
+            stale.add_metric([entry.stats["vm_id"], entry.stats["name"]],
+                             self._sampler.stale_seconds(entry))
+        yield stale
+
+
 class VmCollector:
     """Per-VM series from the sampler's cache, labelled ``vm_id`` and ``vm_name``."""
 
@@ -267,18 +282,15 @@ class VmCollector:
                    for e in self._sampler.vms.values()]
         info = _gauge("virtnode_vm_info", "One series per sampled VM, with its state.",
                       [*_VM, "state"])
-        stale = _gauge("virtnode_vm_stale_seconds",
-                       "Age of a VM's values when its collection is stuck; 0 when fresh.", _VM)
         vcpus = _gauge("virtnode_vm_vcpus", "vCPUs the VM runs with.", _VM)
         cpu = {key: _counter(f"virtnode_vm_cpu_{key}_total", f"VM CPU time ({key}).", _VM)
                for key in ("seconds", "user_seconds", "system_seconds")}
         vcpu = _counter("virtnode_vm_vcpu_seconds_total", "Time each vCPU ran.", [*_VM, "vcpu"])
         memory = {key: _gauge(f"virtnode_vm_memory_{key}", f"VM memory, {key}.", _VM)
                   for key in self._MEMORY}
-        for stats, counters, age in entries:
+        for stats, counters, _age in entries:
             labels = [stats["vm_id"], stats["name"]]
             info.add_metric([*labels, stats["state"]], 1)
-            stale.add_metric(labels, age)
             vcpus.add_metric(labels, counters["vcpu_count"])
             for key, ns in (("seconds", "cpu_ns"), ("user_seconds", "user_ns"),
                             ("system_seconds", "system_ns")):
@@ -290,7 +302,7 @@ class VmCollector:
             for key, family in memory.items():
                 if stats["memory"].get(key) is not None:
                     family.add_metric(labels, stats["memory"][key])
-        yield from (info, stale, vcpus, *cpu.values(), vcpu, *memory.values())
+        yield from (info, vcpus, *cpu.values(), vcpu, *memory.values())
         yield from self._disks(entries)
         yield from self._nics(entries)
 
@@ -343,27 +355,50 @@ def _bridge_of(device: str) -> str:
 
 
 class Metrics:
-    """The agent's metrics registry and the counters the RPC layer and the bus feed."""
+    """The agent's metrics: its collectors, and the counters the RPC layer and the bus feed."""
 
     def __init__(self, methods: Iterable[str]) -> None:
         self.requests = RequestMetrics(methods)
         self.events = EventCounter()
-        self._registry = CollectorRegistry(auto_describe=False)
+        #: Each collector with its version function and the text last written for it.
+        self._collectors: list[_Entry] = []
 
-    def add_collector(self, collector: Collector) -> None:
+    def add_collector(self, collector: Collector,
+                      version: Callable[[], object] | None = None) -> None:
         """Serve the families ``collector.collect()`` yields on every scrape.
 
         ``collect`` runs on the event loop: it must only read state the service keeps
-        anyway, never do I/O.
+        anyway, never do I/O. With ``version``, the text is written again only when
+        ``version()`` changes (the statistics change once per sampling cycle, and a
+        scrape should not pay for writing them again).
         """
-        self._registry.register(collector)
+        self._collectors.append(_Entry(collector, version))
 
     def remove_collector(self, collector: Collector) -> None:
-        self._registry.unregister(collector)
+        self._collectors = [e for e in self._collectors if e.collector is not collector]
 
     def render(self) -> bytes:
         """The Prometheus text exposition (format 0.0.4) of every collector."""
-        return render_text(self._registry.collect())
+        return b"".join(entry.text() for entry in self._collectors)
+
+
+class _Entry:
+    __slots__ = ("_text", "_version", "_written_at", "collector")
+
+    def __init__(self, collector: Collector, version: Callable[[], object] | None) -> None:
+        self.collector = collector
+        self._version = version
+        self._written_at: object = None
+        self._text = b""
+
+    def text(self) -> bytes:
+        if self._version is None:
+            return render_text(self.collector.collect())
+        version = self._version()
+        if version != self._written_at or not self._text:
+            self._text = render_text(self.collector.collect())
+            self._written_at = version
+        return self._text
 
 
 _LABEL_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n"})

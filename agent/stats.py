@@ -127,6 +127,9 @@ class StatsSampler:
         self._tracker = CallTracker()
         self._max_overdue = max(2, pool_size // 2)
         self.cycles = {"host": CycleStats(), "vm": CycleStats()}
+        #: Raised whenever :attr:`host` or :attr:`vms` change (what /metrics caches on).
+        self.host_generation = 0
+        self.vm_generation = 0
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -206,6 +209,7 @@ class StatsSampler:
         raw = await asyncio.to_thread(hoststats.collect, tuple(self._paths))
         stats = host_stats(self._host_raw, raw)
         self._host_raw, self.host = raw, stats
+        self.host_generation += 1
         summary = host_summary(stats)
         self.history.append(summary)
         seconds = self._record("host", started)
@@ -352,6 +356,7 @@ class StatsSampler:
                              seconds=seconds, time=wall)
             self.vms[vm_id] = VmEntry(counters, stats, now)
         self._handles = handles
+        self.vm_generation += 1
         for vm_id in list(self.vms):
             if vm_id in self._stuck:
                 self.vms[vm_id].fresh = False

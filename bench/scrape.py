@@ -109,7 +109,8 @@ MAPPING: dict[str, tuple[str, str, str]] = {
 }
 #: Labels of the exporter's series and the virtnode label with the same meaning.
 LABELS = {"domain": "vm_name", "uuid": "vm_id", "target_device": "device or interface",
-          "source_file": None, "source_bridge": None}
+          "source_file": "path (on virtnode_vm_disk_info)",
+          "source_bridge": "bridge (on virtnode_vm_network_info)"}
 #: Families about the exporter's own process and runtime, not about libvirt.
 SELF_PREFIXES = ("go_", "process_", "promhttp_")
 
@@ -449,7 +450,8 @@ def print_table(result: JsonObject, targets: list[JsonObject], opts: Options) ->
     print(f"  labels: {labels}")
     print(f"  about the exporter itself ({len(itself)} families: "
           f"{', '.join(sorted({r['exporter'].split('_')[0] + '_*' for r in itself}))}): "
-          "no counterpart; the agent exports no process_* families about itself")
+          "the agent exports its own process_* families; go_* and promhttp_* describe "
+          "the exporter's runtime")
     if not content["promtool_passed"]:
         print(f"  promtool check metrics:\n{content['promtool_output']}")
     print()

@@ -45,3 +45,28 @@ def test_same_families_and_samples_as_prometheus_client_writes() -> None:
     assert parsed(ours) == parsed(theirs)
     assert 'vm_name="we\\"ird\\\\name\\nx"' in ours
     assert "# TYPE virtnode_vm_disk_read_bytes_total counter" in ours
+
+
+def test_versioned_collectors_are_written_again_only_when_their_version_changes() -> None:
+    from virtnode.metrics import Metrics
+
+    class Counting:
+        calls = 0
+        value = 1.0
+
+        def collect(self):  # type: ignore[no-untyped-def]
+            Counting.calls += 1
+            gauge = GaugeMetricFamily("virtnode_test_value", "A value.")
+            gauge.add_metric([], Counting.value)
+            yield gauge
+
+    version = [1]
+    metrics = Metrics([])
+    metrics.add_collector(Counting(), version=lambda: version[0])
+    first = metrics.render()
+    Counting.value = 2.0
+    assert metrics.render() == first  # same cycle: the text written before
+    assert Counting.calls == 1
+    version[0] = 2
+    assert b"virtnode_test_value 2.0" in metrics.render()
+    assert Counting.calls == 2
