@@ -27,6 +27,8 @@ bench: setup
 	$(BIN)/python bench/rpc.py
 	$(BIN)/python bench/events.py
 	$(BIN)/python bench/vm.py
+	$(BIN)/python bench/stats.py
+	$(BIN)/python bench/scrape.py
 
 setup: host venv
 
