@@ -7,12 +7,15 @@ The benchmark scripts are run as ``python bench/NAME.py``, so this module is imp
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 import platform
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import libvirt
 import psutil
 
 import virtnode
@@ -30,6 +34,14 @@ JsonObject = dict[str, Any]
 READY_TIMEOUT = 120.0
 #: How long a server may take to exit after SIGTERM before it is killed.
 STOP_TIMEOUT = 30.0
+
+
+#: Held by every benchmark that makes guests on qemu:///system while it runs: two at
+#: once would disturb each other's figures (and ``vn-bench-`` covers both prefixes).
+GUEST_LOCK = Path(tempfile.gettempdir()) / "virtnode-bench-guests.lock"
+_UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                   | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                   | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
 
 
 class BenchError(Exception):
@@ -182,3 +194,34 @@ def machine(**extra: Any) -> JsonObject:
         "python": platform.python_version(),
         **extra,
     }
+
+
+def take_guest_lock() -> int:
+    """Lock :data:`GUEST_LOCK` for this process's lifetime; BenchError if another run has it."""
+    fd = os.open(GUEST_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BenchError(f"another benchmark with guests is running ({GUEST_LOCK} is locked)"
+                         ) from None
+    return fd
+
+
+def remove_guests(conn: Any, prefix: str) -> int:
+    """Destroy and undefine every domain whose name starts with ``prefix``; how many."""
+    removed = 0
+    for dom in conn.listAllDomains(0):
+        if not dom.name().startswith(prefix):
+            continue
+        removed += 1
+        with contextlib.suppress(libvirt.libvirtError):
+            if dom.isActive():
+                dom.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            if dom.isPersistent():
+                dom.undefineFlags(_UNDEFINE_FLAGS)
+    left = [d.name() for d in conn.listAllDomains(0) if d.name().startswith(prefix)]
+    if left:
+        raise BenchError(f"cannot remove the benchmark's VMs: {', '.join(sorted(left))}")
+    return removed

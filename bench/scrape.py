@@ -59,8 +59,10 @@ from common import (
     Server,
     free_port,
     machine,
+    remove_guests,
     spawn,
     start_agent,
+    take_guest_lock,
     wait_ready,
 )
 from stats import (
@@ -68,9 +70,7 @@ from stats import (
     URI,
     CycleWatch,
     open_libvirt,
-    remove_guests,
     start_guests,
-    take_lock,
 )
 
 TARGET_SPEEDUP = 10.0
@@ -486,15 +486,15 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     conn = None
     try:
-        take_lock()
+        take_guest_lock()
         with tempfile.TemporaryDirectory(prefix="virtnode-bench-") as tmpdir:
             conn = open_libvirt()
             try:
-                removed = remove_guests(conn)
+                removed = remove_guests(conn, PREFIX)
                 start_guests(conn, opts.count, opts.memory_mib, "scrape")
                 result = asyncio.run(run_bench(Path(tmpdir), conn, opts))
             finally:
-                remove_guests(conn)
+                remove_guests(conn, PREFIX)
     except (BenchError, OSError, aiohttp.ClientError, libvirt.libvirtError) as exc:
         print(f"bench/scrape.py: {exc}", file=sys.stderr)
         return 2

@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -64,7 +63,9 @@ from common import (
     cpu_seconds,
     free_port,
     machine,
+    remove_guests,
     start_agent,
+    take_guest_lock,
     wait_ready,
 )
 
@@ -81,7 +82,6 @@ MARGIN = 0.1
 #: Where the raw call goes between two cycles, alternating by round.
 POSITIONS = ("after", "before")
 #: Held while guests of this script exist: bench/stats.py and bench/scrape.py share it.
-LOCK_PATH = Path(tempfile.gettempdir()) / "virtnode-bench-stats.lock"
 #: Longest wait for the next ``stats.vm`` event.
 EVENT_TIMEOUT = 30.0
 SCALE_COUNTS = (10, 100, 1000)
@@ -108,42 +108,12 @@ def open_libvirt(uri: str = URI) -> Conn:
         raise BenchError(f"cannot connect to {uri}: {exc}") from None
 
 
-def remove_guests(conn: Conn) -> int:
-    """Destroy and undefine every domain named ``vn-bench-stats-*``; how many there were."""
-    removed = 0
-    for dom in conn.listAllDomains(0):
-        if not dom.name().startswith(PREFIX):
-            continue
-        removed += 1
-        with contextlib.suppress(libvirt.libvirtError):
-            if dom.isActive():
-                dom.destroy()
-        with contextlib.suppress(libvirt.libvirtError):
-            if dom.isPersistent():
-                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-    left = [d.name() for d in conn.listAllDomains(0) if d.name().startswith(PREFIX)]
-    if left:
-        raise BenchError(f"cannot remove the benchmark's VMs: {', '.join(sorted(left))}")
-    return removed
-
-
 def start_guests(conn: Conn, count: int, memory_mib: int, tag: str) -> list[str]:
     """Start ``count`` transient firmware-only guests; their names."""
     names = [f"{PREFIX}{tag}-{i:02d}" for i in range(count)]
     for name in names:
         conn.createXML(guest_xml(name, memory_mib), 0)
     return names
-
-
-def take_lock() -> int:
-    """Lock :data:`LOCK_PATH` for this process's lifetime; BenchError if another run has it."""
-    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise BenchError(f"another run holds {LOCK_PATH}") from None
-    return fd
 
 
 def node_xml(count: int) -> str:
@@ -433,7 +403,7 @@ class Agents:
 async def run_kvm(agents: Agents, opts: Options, results: Results) -> None:
     conn = open_libvirt()
     try:
-        results.removed_at_start = remove_guests(conn)
+        results.removed_at_start = remove_guests(conn, PREFIX)
         try:
             start_guests(conn, opts.count, opts.memory_mib, "kvm")
             booted = time.monotonic()
@@ -443,7 +413,7 @@ async def run_kvm(agents: Agents, opts: Options, results: Results) -> None:
             series = await measure(agent, conn, opts.count, opts.rounds, opts.pairs)
             agents.stop(agent)
         finally:
-            remove_guests(conn)
+            remove_guests(conn, PREFIX)
     finally:
         conn.close()
     results.kvm = series.summary()
@@ -608,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised
     results = Results(load_before=os.getloadavg())
     try:
-        take_lock()
+        take_guest_lock()
         with tempfile.TemporaryDirectory(prefix="virtnode-bench-") as tmpdir:
             asyncio.run(run_all(Path(tmpdir), opts, results))
     except (BenchError, OSError, aiohttp.ClientError, libvirt.libvirtError) as exc:

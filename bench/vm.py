@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
-import fcntl
 import json
 import os
 import statistics
@@ -56,7 +55,9 @@ from common import (
     Server,
     cpu_seconds,
     machine,
+    remove_guests,
     start_agent,
+    take_guest_lock,
     wait_ready,
 )
 
@@ -71,17 +72,9 @@ PID_FILES = (Path("/run/libvirtd.pid"), Path("/var/run/libvirtd.pid"),
 OPEN_TIMEOUT = 30.0
 #: Longest one VM.create (or one raw define + start) may take before the run is abandoned.
 CALL_TIMEOUT = 600.0
-#: Held while a run goes on: two runs at once would remove each other's guests.
-LOCK_PATH = Path(tempfile.gettempdir()) / "virtnode-bench-vm.lock"
 #: A measurement disturbed by a libvirtd restart or a failed call is taken again this often.
 RETRIES = 5
 
-_UNDEFINE_FLAGS = (
-    libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-    | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
-    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
-)
 
 Conn = Any  # libvirt.virConnect; libvirt ships no type information
 Dom = Any  # libvirt.virDomain
@@ -144,25 +137,6 @@ class Libvirt:
                 conn.close()
 
 
-def remove_bench_vms(conn: Conn) -> int:
-    """Destroy and undefine every domain named ``vn-bench-*``; how many there were."""
-    removed = 0
-    for dom in conn.listAllDomains(0):
-        if not dom.name().startswith(PREFIX):
-            continue
-        removed += 1
-        with contextlib.suppress(libvirt.libvirtError):
-            if dom.isActive():
-                dom.destroy()
-        with contextlib.suppress(libvirt.libvirtError):
-            if dom.isPersistent():
-                dom.undefineFlags(_UNDEFINE_FLAGS)
-    left = [d.name() for d in conn.listAllDomains(0) if d.name().startswith(PREFIX)]
-    if left:
-        raise BenchError(f"cannot remove the benchmark's VMs: {', '.join(sorted(left))}")
-    return removed
-
-
 def foreign_running(conn: Conn) -> int | None:
     """Running domains that are not this benchmark's (other work on the host)."""
     try:
@@ -170,17 +144,6 @@ def foreign_running(conn: Conn) -> int | None:
         return sum(1 for dom in active if not dom.name().startswith(PREFIX))
     except libvirt.libvirtError:
         return None  # libvirtd went away in between: not worth failing the run for
-
-
-def take_lock() -> int:
-    """Lock :data:`LOCK_PATH` for this process's lifetime; BenchError if another run has it."""
-    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise BenchError(f"another bench/vm.py is running ({LOCK_PATH} is locked)") from None
-    return fd
 
 
 # --- one measurement -----------------------------------------------------------------------
@@ -332,7 +295,7 @@ class Bench:
         self.pool = pool
 
     async def clean(self, settle: float) -> None:
-        await asyncio.to_thread(remove_bench_vms, self.lv.conn)
+        await asyncio.to_thread(remove_guests, self.lv.conn, PREFIX)
         await asyncio.sleep(settle)
 
     async def recover(self) -> None:
@@ -492,7 +455,7 @@ def _final_cleanup(lv: Libvirt) -> None:
         try:
             if lv.conn is None:
                 lv.open(READY_TIMEOUT)
-            remove_bench_vms(lv.conn)
+            remove_guests(lv.conn, PREFIX)
             break
         except (BenchError, libvirt.libvirtError) as exc:
             print(f"bench/vm.py: cleanup: {exc}", file=sys.stderr)
@@ -508,11 +471,11 @@ def main(argv: list[str] | None = None) -> int:
     lv = Libvirt()
     agent: Server | None = None
     try:
-        take_lock()
+        take_guest_lock()
         with tempfile.TemporaryDirectory(prefix="virtnode-bench-") as tmpdir:
             try:
                 lv.open(OPEN_TIMEOUT)
-                run.removed_at_start = remove_bench_vms(lv.conn)
+                run.removed_at_start = remove_guests(lv.conn, PREFIX)
                 run.foreign_vms_before = foreign_running(lv.conn)
                 agent = start_agent(Path(tmpdir), URI, overrides=opts.agent_set)
                 asyncio.run(run_bench(agent, lv, opts, run))
