@@ -197,6 +197,21 @@ class JobsConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    mount_root: str = _spec(
+        "", None, "where posixfs domains are mounted, one directory per domain; empty: "
+        "<state.dir>/mnt")
+    monitor_interval: float = _spec(10.0, _positive, "seconds between checks of each domain")
+    monitor_timeout: float = _spec(
+        5.0, _positive, "deadline of one domain check; past it the domain is unreachable")
+    monitor_slow: float = _spec(
+        1.0, _positive, "metadata read latency, seconds, above which a domain is slow")
+    mount_timeout: float = _spec(60.0, _positive, "deadline of one mount or umount command")
+    io_timeout: float = _spec(
+        60.0, _positive, "deadline of the storage I/O of one call (formatting, reading metadata)")
+
+
+@dataclass(frozen=True)
 class AccessConfig:
     unix_admin_uids: tuple[int, ...] = _spec((0,), None, "unix peer uids given the admin role")
     unix_role: Role = _spec(Role.READER, None, "role of other unix peers")
@@ -269,6 +284,7 @@ class Config:
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     state: StateConfig = field(default_factory=StateConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
@@ -329,6 +345,8 @@ def build_config(raw: Mapping[str, Any]) -> Config:
     hv = config.hypervisor
     if hv.reconnect_min > hv.reconnect_max:
         raise ConfigError("hypervisor.reconnect_min: must not exceed hypervisor.reconnect_max")
+    if config.storage.mount_root and not Path(config.storage.mount_root).is_absolute():
+        raise ConfigError("storage.mount_root: must be an absolute path")
     if config.stats.history < config.stats.host_interval:
         raise ConfigError("stats.history: must be at least stats.host_interval")
     return config
