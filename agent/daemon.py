@@ -34,6 +34,9 @@ from virtnode.rpc import Dispatcher, handlers_of
 from virtnode.schema import load_schema
 from virtnode.server import ApiServer
 from virtnode.stats import StatsSampler, StatsService
+from virtnode.storage import usage
+from virtnode.storage.domains import StorageDomainService
+from virtnode.storage.monitor import StorageCollector
 from virtnode.store import Store
 from virtnode.subscriptions import EventsService
 from virtnode.uplink import Uplink, Uplinks
@@ -61,6 +64,10 @@ class Agent:
         self.stats = StatsSampler(config.stats, self.hypervisor, self.bus,
                                   pool_size=config.hypervisor.pool_size,
                                   paths=(config.state.dir,))
+        state_dir = Path(config.state.dir)
+        self.storage = StorageDomainService(
+            config.storage, Path(config.storage.mount_root or state_dir / "mnt"), self.store,
+            self.bus, lambda: usage.running_vm_disks(self.hypervisor))
         self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None
@@ -96,11 +103,13 @@ class Agent:
             self.events,
             JobService(self.jobs),
             StatsService(self.stats),
+            self.storage,
         )
         self.metrics = metrics = self._metrics(schema.methods)
         self.dispatcher = Dispatcher(schema, handlers_of(*services), check_results=check,
                                      observer=metrics.requests.observe)
         await host.start()
+        await self.storage.start(host_id)
         await self.devices.start()
         await self.vms.start()
         await self.hypervisor.start()
@@ -117,6 +126,7 @@ class Agent:
             await self.devices.close()
             await self.jobs.close()
             await self.stats.close()
+            await self.storage.close()
             await self.vms.close()
             await self.hypervisor.close()
             await self.bus.flush()
@@ -143,6 +153,7 @@ class Agent:
         metrics.add_collector(HostCollector(stats), version=lambda: stats.host_generation)
         metrics.add_collector(VmCollector(stats), version=lambda: stats.vm_generation)
         metrics.add_collector(VmStaleCollector(stats))
+        metrics.add_collector(StorageCollector(self.storage.results))
         metrics.add_collector(ProcessCollector(registry=None))  # process_* of the agent
         metrics.add_collector(ServicesCollector(
             lambda: self.events.subscriber_count if self.events is not None else 0,
@@ -192,6 +203,8 @@ class Agent:
                 await server.close_sessions()
         async with _stage("stop sampling statistics", stage_timeout):
             await self.stats.close()
+        async with _stage("stop the storage domain monitors", stage_timeout):
+            await self.storage.close()
         async with _stage("close the hypervisor connection", stage_timeout):
             await self.vms.close()
             await self.hypervisor.close()

@@ -1,0 +1,431 @@
+"""``StorageDomain.*``: create, attach, detach, list, inspect and delete storage domains.
+
+A domain is a directory ``<root>/<sd_id>/`` laid out as :mod:`virtnode.storage.layout`
+says. ``localfs`` roots are local directories; ``posixfs`` roots are filesystems the
+agent mounts itself at ``<storage.mount_root>/<sd_id>``. Attached domains are recorded in
+the state store and attached again (re-mounted) when the agent starts; a domain that
+cannot be attached again stays listed with its ``error`` and ``unreachable``, so it can be
+attached again or detached.
+
+Mutating calls are serialised by one lock (they are rare, and it makes the checks for
+duplicate ids and names exact). Storage I/O runs in a pool of daemon threads with a
+deadline (``storage.io_timeout``), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from virtnode.aiotools import DaemonThreadPool
+from virtnode.config import StorageConfig
+from virtnode.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from virtnode.events import EventBus
+from virtnode.rpc import CallContext, rpc_method
+from virtnode.storage import layout as lay
+from virtnode.storage import mounts, registry, usage
+from virtnode.storage.layout import DomainLayout, DomainMetadata, DomainType
+from virtnode.storage.monitor import CheckResult, DomainMonitor, DomainState
+from virtnode.storage.mounts import MountSpec
+from virtnode.store import Store
+
+log = logging.getLogger(__name__)
+
+JsonObject = dict[str, Any]
+T = TypeVar("T")
+#: Disk paths of running VMs by VM name; raises when that cannot be known.
+VmDisks = Callable[[], Awaitable[dict[str, list[str]]]]
+TOPIC = "storage.domain"
+#: What a freshly made filesystem may hold and still count as empty.
+_EMPTY_FS_ENTRIES = frozenset({"lost+found"})
+
+
+@dataclass
+class Domain:
+    """An attached domain as the agent holds it."""
+
+    sd_id: str
+    name: str
+    type: DomainType
+    layout: DomainLayout
+    monitor: DomainMonitor
+    mount: MountSpec | None = None
+    metadata: DomainMetadata | None = None
+    error: str | None = None
+    attached: float = field(default_factory=time.time)
+
+    def to_api(self) -> JsonObject:
+        result = self.monitor.result
+        if self.error is not None and result.state is DomainState.UNKNOWN:
+            result = CheckResult(DomainState.UNREACHABLE, error=self.error)
+        return {
+            "sd_id": self.sd_id,
+            "name": self.name,
+            "type": self.type,
+            "state": result.state.value,
+            "root": str(self.layout.root),
+            "path": str(self.layout.domain_dir),
+            "mount": None if self.mount is None else self.mount.to_api(),
+            "attached": self.attached,
+            "error": self.error,
+            "metadata": None if self.metadata is None else self.metadata.to_api(),
+            "monitor": result.to_api(),
+        }
+
+
+class StorageDomainService:
+    """The storage domains attached to this host."""
+
+    def __init__(self, config: StorageConfig, mount_root: Path, store: Store, bus: EventBus,
+                 vm_disks: VmDisks) -> None:
+        self._config = config
+        self._mount_root = mount_root
+        self._store = store
+        self._bus = bus
+        self._vm_disks = vm_disks
+        self._host_id = ""
+        self._domains: dict[str, Domain] = {}
+        self._lock = asyncio.Lock()
+        self._io = DaemonThreadPool(4, "storage-io")
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    async def start(self, host_id: str) -> None:
+        """Create the registry table and attach again what was attached. Failures to
+        attach a domain are logged and reported on the domain, never fatal."""
+        self._host_id = host_id
+        self._io.start()
+        await self._store.ensure_schema(registry.COMPONENT, registry.VERSION, registry.SCHEMA)
+        for reg in await self._store.run(registry.load):
+            await self._reattach(reg)
+
+    async def close(self) -> None:
+        """Stop the monitors. Mounts stay: running VMs keep using them."""
+        for domain in self._domains.values():
+            await domain.monitor.close()
+        self._io.shutdown(wait=False)
+
+    def results(self) -> Iterator[tuple[str, str, CheckResult]]:
+        """``(sd_id, name, latest check)`` of every domain, for metrics."""
+        for domain in self._domains.values():
+            yield domain.sd_id, domain.name, domain.monitor.result
+
+    # --- methods --------------------------------------------------------------------------
+
+    @rpc_method("StorageDomain.list")
+    async def list(self, _ctx: CallContext, _params: JsonObject) -> JsonObject:
+        return {"domains": [d.to_api() for d in self._domains.values()]}
+
+    @rpc_method("StorageDomain.getInfo")
+    async def get_info(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        return {"domain": self._get(params["sd_id"]).to_api()}
+
+    @rpc_method("StorageDomain.create")
+    async def create(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        dtype = cast(DomainType, params["type"])
+        name = lay.check_name(params["name"])
+        spec = _where(dtype, params)
+        async with self._lock:
+            self._check_name_free(name)
+            sd_id = str(uuid.uuid4())
+            metadata = DomainMetadata.new(sd_id, name, dtype, self._host_id,
+                                          params["block_size"])
+            if spec is None:
+                root = await self._io_call(_localfs_root, Path(params["path"]),
+                                           what="preparing the domain directory")
+            else:
+                root = await self._mount(sd_id, spec)
+            layout = DomainLayout.of(root, sd_id)
+            try:
+                await self._io_call(_format, layout, metadata, params["force"],
+                                    spec is not None, what="formatting the domain")
+            except BaseException:
+                if spec is not None:
+                    await self._unmount(root, quiet=True)
+                raise
+            domain = await self._register(layout, metadata, spec)
+        self._publish(domain, "created")
+        return {"domain": domain.to_api()}
+
+    @rpc_method("StorageDomain.attach")
+    async def attach(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        sd_id = lay.check_uuid(params["sd_id"], "sd_id")
+        dtype = cast(DomainType, params["type"])
+        spec = _where(dtype, params)
+        async with self._lock:
+            old = self._domains.get(sd_id)
+            if old is not None and old.error is None:
+                raise AlreadyExists(f"storage domain {sd_id} is attached", reason="attached",
+                                    object="storage_domain", id=sd_id)
+            if old is not None:  # attached before but not reachable at start: try again
+                await self._forget(old)
+            if spec is None:
+                root = await self._io_call(_existing_dir, Path(params["path"]),
+                                           what="resolving the path")
+            else:
+                root = await self._mount(sd_id, spec)
+            try:
+                layout = DomainLayout.of(root, sd_id)
+                metadata = await self._read_metadata(layout)
+                if metadata.type != dtype:
+                    raise InvalidArgument(f"storage domain {sd_id} is {metadata.type}, not "
+                                          f"{dtype}", reason="type_mismatch", field="type")
+                self._check_name_free(metadata.name)
+            except BaseException:
+                if spec is not None:
+                    await self._unmount(root, quiet=True)
+                raise
+            domain = await self._register(layout, metadata, spec)
+        self._publish(domain, "attached")
+        return {"domain": domain.to_api()}
+
+    @rpc_method("StorageDomain.detach")
+    async def detach(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        async with self._lock:
+            domain = self._get(params["sd_id"])
+            await self._check_unused(domain)
+            await self._forget(domain)
+        self._publish(domain, "detached")
+        return {}
+
+    @rpc_method("StorageDomain.delete")
+    async def delete(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        async with self._lock:
+            domain = self._get(params["sd_id"])
+            if domain.error is not None:
+                raise FailedPrecondition(f"storage domain {domain.sd_id} is not reachable: "
+                                         f"{domain.error}", reason="domain_unreachable",
+                                         object="storage_domain", id=domain.sd_id)
+            await self._check_unused(domain)
+            await self._io_call(_remove_domain, domain.layout, params["force"],
+                                what="deleting the domain")
+            await self._forget(domain)
+        self._publish(domain, "deleted")
+        return {}
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _get(self, sd_id: str) -> Domain:
+        domain = self._domains.get(lay.check_uuid(sd_id, "sd_id"))
+        if domain is None:
+            raise NotFound(f"storage domain {sd_id} is not attached", object="storage_domain",
+                           id=sd_id, reason="not_attached")
+        return domain
+
+    def _check_name_free(self, name: str) -> None:
+        for other in self._domains.values():
+            if other.name == name:
+                raise AlreadyExists(f"storage domain {other.sd_id} is named {name!r}",
+                                    reason="name_in_use", object="storage_domain",
+                                    id=other.sd_id)
+
+    async def _io_call(self, fn: Callable[..., T], *args: Any, what: str) -> T:
+        timeout = self._config.io_timeout
+        future = asyncio.wrap_future(self._io.submit(fn, *args))
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(future)
+        except TimeoutError:
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise DeadlineExceeded(f"{what} did not finish within {timeout:g}s",
+                                   reason="storage_timeout") from None
+
+    async def _read_metadata(self, layout: DomainLayout) -> DomainMetadata:
+        try:
+            return await self._io_call(lay.read_domain_metadata, layout,
+                                       what="reading the domain metadata")
+        except FileNotFoundError:
+            raise NotFound(f"no storage domain {layout.sd_id} under {layout.root}",
+                           object="storage_domain", id=layout.sd_id,
+                           reason="no_domain") from None
+        except OSError as exc:
+            raise FailedPrecondition(f"cannot read {layout.sd_id}'s metadata: {exc.strerror}",
+                                     reason="domain_unreachable") from None
+
+    async def _mount(self, sd_id: str, spec: MountSpec) -> Path:
+        target = self._mount_root / sd_id
+        await self._io_call(_mount_point, target, what="making the mount point")
+        if await self._io_call(mounts.is_mounted, target, what="reading mounts"):
+            raise FailedPrecondition(f"{target} is already mounted", reason="already_mounted")
+        try:
+            await mounts.mount(spec, target, self._config.mount_timeout)
+        except BaseException:
+            await self._io_call(_remove_mount_point, target, what="removing the mount point")
+            raise
+        return target
+
+    async def _unmount(self, target: Path, *, quiet: bool = False) -> None:
+        try:
+            if await self._io_call(mounts.is_mounted, target, what="reading mounts"):
+                await mounts.unmount(target, self._config.mount_timeout)
+            await self._io_call(_remove_mount_point, target, what="removing the mount point")
+        except Exception:
+            if not quiet:
+                raise
+            log.exception("cannot unmount %s", target)
+
+    def _new_domain(self, layout: DomainLayout, name: str, dtype: DomainType,
+                    spec: MountSpec | None, attached: float) -> Domain:
+        monitor = DomainMonitor(layout, self._config, self._on_state,
+                                mount_point=None if spec is None else layout.root)
+        return Domain(layout.sd_id, name, dtype, layout, monitor, spec, attached=attached)
+
+    async def _register(self, layout: DomainLayout, metadata: DomainMetadata,
+                        spec: MountSpec | None) -> Domain:
+        domain = self._new_domain(layout, metadata.name, metadata.type, spec, time.time())
+        domain.metadata = metadata
+        await self._store.run(lambda conn: registry.insert(conn, registry.Registration(
+            domain.sd_id, domain.name, domain.type, str(layout.root),
+            None if spec is None else spec.to_api(), domain.attached)))
+        self._domains[domain.sd_id] = domain
+        domain.monitor.start()
+        await domain.monitor.check()
+        return domain
+
+    async def _forget(self, domain: Domain) -> None:
+        await domain.monitor.close()
+        if domain.mount is not None:
+            await self._unmount(domain.layout.root)
+        await self._store.run(lambda conn: registry.delete(conn, domain.sd_id))
+        self._domains.pop(domain.sd_id, None)
+
+    async def _check_unused(self, domain: Domain) -> None:
+        directory = str(domain.layout.domain_dir)
+        users = {vm: used for vm, paths in (await self._vm_disks()).items()
+                 if (used := usage.paths_under(paths, directory))}
+        if users:
+            raise FailedPrecondition(
+                f"storage domain {domain.sd_id} is used by running VMs: "
+                f"{', '.join(sorted(users))}", reason="domain_in_use",
+                object="storage_domain", id=domain.sd_id, vms=sorted(users))
+
+    async def _reattach(self, reg: registry.Registration) -> None:
+        dtype = cast(DomainType, reg.type)
+        try:
+            layout = DomainLayout.of(Path(reg.root), reg.sd_id)
+            spec = None if reg.mount is None else MountSpec.parse(reg.mount)
+        except InvalidArgument as exc:  # only a damaged store gets here
+            log.error("storage domain %s: bad registry entry (%s); ignoring it",
+                      reg.sd_id, exc.message)
+            return
+        domain = self._new_domain(layout, reg.name, dtype, spec, reg.attached)
+        self._domains[reg.sd_id] = domain
+        try:
+            if spec is not None and not await self._io_call(
+                    mounts.is_mounted, layout.root, what="reading mounts"):
+                await self._io_call(_mount_point, layout.root, what="making the mount point")
+                await mounts.mount(spec, layout.root, self._config.mount_timeout)
+            domain.metadata = await self._read_metadata(layout)
+            domain.name = domain.metadata.name
+        except Exception as exc:
+            domain.error = getattr(exc, "message", None) or str(exc)
+            log.error("storage domain %s (%s): cannot attach it again: %s", reg.sd_id,
+                      reg.name, domain.error)
+            self._publish(domain, "attach_failed")
+        domain.monitor.start()
+
+    def _on_state(self, sd_id: str, previous: CheckResult, result: CheckResult) -> None:
+        domain = self._domains.get(sd_id)
+        if domain is not None:
+            self._publish(domain, "state", previous.state)
+
+    def _publish(self, domain: Domain, event: str, previous: DomainState | None = None) -> None:
+        data: JsonObject = {"sd_id": domain.sd_id, "name": domain.name, "event": event,
+                            "state": domain.monitor.result.state.value}
+        if event == "attach_failed":
+            data["state"] = DomainState.UNREACHABLE.value
+        if previous is not None:
+            data["previous_state"] = previous.value
+        error = domain.error or domain.monitor.result.error
+        if error is not None:
+            data["error"] = error
+        self._bus.publish(TOPIC, data)
+
+
+def _where(dtype: str, params: JsonObject) -> MountSpec | None:
+    """The mount spec of a posixfs call (None for localfs); checks that the call gives
+    exactly what its type needs."""
+    if dtype == "localfs":
+        if "mount" in params or "path" not in params:
+            raise InvalidArgument("a localfs domain takes path, not mount",
+                                  reason="invalid_location", field="path")
+        _check_path(params["path"])
+        return None
+    if "path" in params or "mount" not in params:
+        raise InvalidArgument("a posixfs domain takes mount, not path",
+                              reason="invalid_location", field="mount")
+    return MountSpec.parse(params["mount"])
+
+
+def _check_path(text: str) -> None:
+    if not text.startswith("/") or "\0" in text or ".." in Path(text).parts:
+        raise InvalidArgument(f"path {text[:200]!r} must be absolute, without '..'",
+                              reason="invalid_path", field="path")
+
+
+# --- blocking helpers, run in the storage I/O threads --------------------------------------
+
+
+def _existing_dir(path: Path) -> Path:
+    resolved = path.resolve()
+    if not resolved.is_dir():
+        raise NotFound(f"{path} is not a directory", reason="no_directory", object="path",
+                       id=str(path))
+    return resolved
+
+
+def _localfs_root(path: Path) -> Path:
+    """The resolved root of a new localfs domain; its last component is made if missing."""
+    if not path.exists() and path.parent.is_dir():
+        path.mkdir(mode=0o755)
+    return _existing_dir(path)
+
+
+def _format(layout: DomainLayout, metadata: DomainMetadata, force: bool, fresh_fs: bool) -> None:
+    ignore = _EMPTY_FS_ENTRIES if fresh_fs else frozenset()
+    present = sorted(set(os.listdir(layout.root)) - ignore)
+    if present and not force:
+        raise FailedPrecondition(f"{layout.root} is not empty ({', '.join(present[:5])}); "
+                                 "use force to add a domain next to what is there",
+                                 reason="not_empty")
+    if os.path.lexists(layout.domain_dir):
+        raise AlreadyExists(f"{layout.domain_dir} exists", reason="exists",
+                            object="storage_domain", id=layout.sd_id)
+    lay.format_domain(layout, metadata)
+
+
+def _mount_point(target: Path) -> None:
+    target.mkdir(mode=0o755, parents=True, exist_ok=True)
+
+
+def _remove_mount_point(target: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        target.rmdir()
+
+
+def _remove_domain(layout: DomainLayout, force: bool) -> None:
+    """Remove a domain's directory: renamed away first (one atomic step after which it is
+    no longer a domain), then removed. Symlinks inside are removed, never followed."""
+    layout.safe(layout.domain_dir)
+    if not force and lay.has_volumes(layout):
+        raise FailedPrecondition(f"storage domain {layout.sd_id} holds volumes; delete them "
+                                 "or use force", reason="has_volumes",
+                                 object="storage_domain", id=layout.sd_id)
+    doomed = layout.root / f".deleted-{layout.sd_id}-{int(time.time())}"
+    os.rename(layout.domain_dir, doomed)
+    shutil.rmtree(doomed)

@@ -1,0 +1,44 @@
+"""Which storage domain paths running VMs use, read from their live domain XML.
+
+Kept simple on purpose: the disk sources (and backing chains) of active libvirt domains
+are compared, as normalised paths, with a domain's directory. A path reached through a
+symlink from elsewhere is not recognised; volumes, which VMs will use by id, make that
+case moot.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import PurePosixPath
+from typing import Any
+
+from virtnode import virconst as vc
+from virtnode.hypervisor import Hypervisor
+from virtnode.xmlutil import parse_xml
+
+
+def disk_sources(xml: str) -> list[str]:
+    """Every file or block device path in a domain XML's disks, backing stores included."""
+    root = parse_xml(xml, what="domain XML")
+    return [str(source.get(attr)) for source in root.iterfind("devices/disk//source")
+            for attr in ("file", "dev") if source.get(attr)]
+
+
+def paths_under(paths: Iterable[str], directory: str) -> list[str]:
+    """The absolute ``paths`` inside ``directory`` (after normalising ``..`` and ``//``)."""
+    base = PurePosixPath(os.path.normpath(directory))
+    return [p for p in paths
+            if p.startswith("/") and PurePosixPath(os.path.normpath(p)).is_relative_to(base)]
+
+
+async def running_vm_disks(hypervisor: Hypervisor) -> dict[str, list[str]]:
+    """Disk paths of every running VM, by VM name. Raises what ``Hypervisor.call`` raises
+    (``Unavailable`` while libvirt is disconnected)."""
+
+    def read(conn: Any) -> list[tuple[str, str]]:
+        return [(dom.name(), dom.XMLDesc(0))
+                for dom in conn.listAllDomains(vc.CONNECT_LIST_DOMAINS_ACTIVE)]
+
+    domains = await hypervisor.call(read, what="listing the disks of running VMs")
+    return {name: disk_sources(xml) for name, xml in domains}
