@@ -1,0 +1,341 @@
+"""Storage domains through a real agent: localfs in a temp dir, posixfs on loop-mounted ext4."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.agentproc import AgentProcess, start_agent
+from tests.conftest import ClientFactory, missing
+from tests.integration.conftest import next_event
+from tests.subproc import run
+from virtnode.client import Client, RemoteError
+
+pytestmark = pytest.mark.integration
+
+FAST = {"storage": {"monitor_interval": 0.2, "monitor_timeout": 2.0}}
+
+
+@pytest.fixture
+async def sd_agent(tmp_path: Path) -> AsyncIterator[AgentProcess]:
+    agent = await start_agent(tmp_path / "a", sections=FAST)
+    yield agent
+    status = await agent.stop()
+    assert status == 0, agent.log
+
+
+async def error_of(client: Client, method: str, params: dict[str, Any]) -> RemoteError:
+    with pytest.raises(RemoteError) as err:
+        await client.call(method, params)
+    return err.value
+
+
+async def wait_state(client: Client, sd_id: str, state: str, timeout: float = 10) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        while True:
+            domain: dict[str, Any] = (await client.call("StorageDomain.getInfo",
+                                                        {"sd_id": sd_id}))["domain"]
+            if domain["state"] == state:
+                return domain
+            await asyncio.sleep(0.05)
+
+
+async def test_localfs_create_list_info_detach_attach_delete(
+        sd_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
+    client = await checked_client(sd_agent.unix_url)
+    await client.call("Events.subscribe", {"topics": ["storage.*"]})
+    root = tmp_path / "local"
+    created = (await client.call("StorageDomain.create",
+                                 {"type": "localfs", "name": "local", "path": str(root)}))
+    domain = created["domain"]
+    sd_id = domain["sd_id"]
+    assert domain["path"] == str(root / sd_id)
+    metadata = json.loads((root / sd_id / "dom_md" / "metadata.json").read_text())
+    assert metadata["uuid"] == sd_id and metadata["type"] == "localfs"
+    assert metadata == domain["metadata"]
+    assert (root / sd_id / "images").is_dir()
+    event = await next_event(client, "storage.domain", lambda d: d["event"] == "created")
+    assert event["sd_id"] == sd_id
+
+    info = await wait_state(client, sd_id, "ok")
+    monitor = info["monitor"]
+    assert monitor["direct_io"] is True and monitor["read_latency_seconds"] >= 0
+    assert 0 < monitor["free_bytes"] <= monitor["total_bytes"]
+    listed = (await client.call("StorageDomain.list"))["domains"]
+    assert [d["sd_id"] for d in listed] == [sd_id]
+
+    dup = await error_of(client, "StorageDomain.create",
+                         {"type": "localfs", "name": "local", "path": str(tmp_path / "x")})
+    assert (dup.name, dup.data["reason"]) == ("AlreadyExists", "name_in_use")
+    busy = await error_of(client, "StorageDomain.create",
+                          {"type": "localfs", "name": "other", "path": str(root)})
+    assert (busy.name, busy.data["reason"]) == ("FailedPrecondition", "not_empty")
+
+    await client.call("StorageDomain.detach", {"sd_id": sd_id})
+    assert (await client.call("StorageDomain.list"))["domains"] == []
+    assert (root / sd_id / "dom_md" / "metadata.json").exists()  # detach keeps the data
+    gone = await error_of(client, "StorageDomain.getInfo", {"sd_id": sd_id})
+    assert gone.name == "NotFound"
+
+    again = await client.call("StorageDomain.attach",
+                              {"sd_id": sd_id, "type": "localfs", "path": str(root)})
+    assert again["domain"]["metadata"] == metadata
+    twice = await error_of(client, "StorageDomain.attach",
+                           {"sd_id": sd_id, "type": "localfs", "path": str(root)})
+    assert twice.name == "AlreadyExists"
+
+    (root / sd_id / "images" / str(uuid.uuid4())).mkdir()
+    (next((root / sd_id / "images").iterdir()) / "volume").write_bytes(b"x")
+    held = await error_of(client, "StorageDomain.delete", {"sd_id": sd_id})
+    assert held.data["reason"] == "has_volumes"
+    await client.call("StorageDomain.delete", {"sd_id": sd_id, "force": True})
+    assert list(root.iterdir()) == []
+    await next_event(client, "storage.domain", lambda d: d["event"] == "deleted")
+
+
+@pytest.mark.parametrize("params", [
+    {"sd_id": "../x"}, {"sd_id": "a/b"}, {"sd_id": "not-a-uuid"},
+])
+async def test_bad_ids_are_refused(sd_agent: AgentProcess, checked_client: ClientFactory,
+                                   params: dict[str, Any]) -> None:
+    client = await checked_client(sd_agent.unix_url)
+    err = await error_of(client, "StorageDomain.getInfo", params)
+    assert err.name == "InvalidParams"
+    err = await error_of(client, "StorageDomain.attach",
+                         {**params, "type": "localfs", "path": "/tmp"})
+    assert err.name == "InvalidParams"
+
+
+async def test_bad_create_params_are_refused(sd_agent: AgentProcess,
+                                             checked_client: ClientFactory,
+                                             tmp_path: Path) -> None:
+    client = await checked_client(sd_agent.unix_url)
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"type": "localfs", "name": "a/b", "path": str(tmp_path)}, "InvalidParams"),
+        ({"type": "localfs", "name": "x\n", "path": str(tmp_path)}, "InvalidParams"),
+        ({"type": "localfs", "name": "x", "path": "relative"}, "InvalidParams"),
+        ({"type": "localfs", "name": "x", "path": f"{tmp_path}/../etc"}, "InvalidArgument"),
+        ({"type": "localfs", "name": "x"}, "InvalidArgument"),
+        ({"type": "posixfs", "name": "x", "path": str(tmp_path)}, "InvalidArgument"),
+        ({"type": "posixfs", "name": "x",
+          "mount": {"source": "-oremount", "vfs_type": "ext4"}}, "InvalidArgument"),
+        ({"type": "posixfs", "name": "x",
+          "mount": {"source": "/dev/null", "vfs_type": "ext4", "options": "a b"}},
+         "InvalidArgument"),
+        ({"type": "posixfs", "name": "x",
+          "mount": {"source": "/dev/null", "vfs_type": "-t"}}, "InvalidParams"),
+    ]
+    for params, name in cases:
+        err = await error_of(client, "StorageDomain.create", params)
+        assert err.name == name, (params, err)
+    assert (await client.call("StorageDomain.list"))["domains"] == []
+
+
+async def test_attach_refuses_corrupt_and_newer_metadata(
+        sd_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
+    client = await checked_client(sd_agent.unix_url)
+    root = tmp_path / "shared"
+    sd_id = (await client.call("StorageDomain.create", {
+        "type": "localfs", "name": "s", "path": str(root)}))["domain"]["sd_id"]
+    await client.call("StorageDomain.detach", {"sd_id": sd_id})
+    path = root / sd_id / "dom_md" / "metadata.json"
+    good = path.read_text()
+    params = {"sd_id": sd_id, "type": "localfs", "path": str(root)}
+    for text, reason in ((good.replace('"version": 1', '"version": 9'), "metadata_newer"),
+                         ("{not json", "metadata_corrupt"),
+                         (good.replace('"block_size": 512', '"block_size": "512"'),
+                          "metadata_corrupt")):
+        path.write_text(text)
+        err = await error_of(client, "StorageDomain.attach", params)
+        assert (err.name, err.data["reason"]) == ("FailedPrecondition", reason)
+        assert path.read_text() == text  # never rewritten
+    path.write_text(good)
+    wrong = await error_of(client, "StorageDomain.attach", {**params, "type": "posixfs"})
+    assert wrong.name == "InvalidArgument"
+    missing_sd = await error_of(client, "StorageDomain.attach",
+                                {**params, "sd_id": str(uuid.uuid4())})
+    assert (missing_sd.name, missing_sd.data["reason"]) == ("NotFound", "no_domain")
+
+
+async def test_the_registry_survives_a_restart(tmp_path: Path,
+                                               checked_client: ClientFactory) -> None:
+    root = tmp_path / "local"
+    agent = await start_agent(tmp_path / "a", sections=FAST)
+    try:
+        client = await checked_client(agent.unix_url)
+        sd_id = (await client.call("StorageDomain.create", {
+            "type": "localfs", "name": "keep", "path": str(root)}))["domain"]["sd_id"]
+        await client.close()
+    finally:
+        assert await agent.stop() == 0, agent.log
+    agent = await start_agent(tmp_path / "a", sections=FAST)
+    try:
+        client = await checked_client(agent.unix_url)
+        domain = await wait_state(client, sd_id, "ok")
+        assert domain["name"] == "keep" and domain["error"] is None
+        await client.call("StorageDomain.detach", {"sd_id": sd_id})
+    finally:
+        assert await agent.stop() == 0, agent.log
+
+
+async def test_metrics_report_the_monitor(sd_agent: AgentProcess,
+                                          checked_client: ClientFactory,
+                                          tmp_path: Path) -> None:
+    client = await checked_client(sd_agent.unix_url)
+    sd_id = (await client.call("StorageDomain.create", {
+        "type": "localfs", "name": "m", "path": str(tmp_path / "m")}))["domain"]["sd_id"]
+    await wait_state(client, sd_id, "ok")
+    async with (aiohttp.ClientSession() as session,
+                session.get(sd_agent.http_url + "/metrics") as resp):
+        text = await resp.text()
+    labels = f'sd_id="{sd_id}",sd_name="m"'
+    assert f'virtnode_storage_domain_state{{{labels},state="ok"}} 1.0' in text
+    assert f"virtnode_storage_domain_free_bytes{{{labels}}}" in text
+    assert f"virtnode_storage_domain_read_latency_seconds{{{labels}}}" in text
+
+
+# --- posixfs on loop devices ----------------------------------------------------------------
+
+
+def sparse_file(path: Path, size: int) -> None:
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+
+
+@pytest.fixture
+async def loop_ext4(tmp_path: Path) -> AsyncIterator[str]:
+    """A sparse ext4 image under tmp_path on a loop device; the device is detached after."""
+    if os.geteuid() != 0:
+        missing("posixfs tests mount loop devices and need root")
+    if not await asyncio.to_thread(os.path.exists, "/dev/loop-control"):
+        missing("no loop devices (/dev/loop-control is absent)")
+    image = tmp_path / "posix.img"
+    await asyncio.to_thread(sparse_file, image, 64 * 1024 * 1024)
+    (await run("mkfs.ext4", "-q", "-F", image)).check()
+    device = (await run("losetup", "--find", "--show", image)).check().strip()
+    try:
+        yield device
+    finally:
+        points = await asyncio.to_thread(lambda: sorted(tmp_path.glob("*/state/mnt/*")))
+        for point in points:  # left by an agent that failed
+            await run("umount", point)
+        await run("losetup", "-d", device)
+
+
+async def test_posixfs_create_detach_and_two_agents(
+        tmp_path: Path, loop_ext4: str, checked_client: ClientFactory) -> None:
+    spec = {"source": loop_ext4, "vfs_type": "ext4"}
+    first = await start_agent(tmp_path / "a", sections=FAST)
+    second = await start_agent(tmp_path / "b", sections=FAST)
+    try:
+        one = await checked_client(first.unix_url)
+        two = await checked_client(second.unix_url)
+        await one.call("Events.subscribe", {"topics": ["storage.domain"]})
+        domain = (await one.call("StorageDomain.create",
+                                 {"type": "posixfs", "name": "shared", "mount": spec}))["domain"]
+        sd_id = domain["sd_id"]
+        mount_point = tmp_path / "a" / "state" / "mnt" / sd_id
+        assert domain["root"] == str(mount_point)
+        assert await asyncio.to_thread(os.path.ismount, mount_point)
+        event = await next_event(one, "storage.domain",
+                                 lambda d: d["event"] == "state" and d["state"] == "ok")
+        assert event["previous_state"] == "unknown"
+        options = (await run("findmnt", "-no", "OPTIONS", mount_point)).check()
+        assert {"nosuid", "nodev", "noexec"} <= set(options.strip().split(","))
+
+        attached = (await two.call("StorageDomain.attach",
+                                   {"sd_id": sd_id, "type": "posixfs", "mount": spec}))["domain"]
+        assert attached["metadata"] == domain["metadata"]
+        assert attached["root"] == str(tmp_path / "b" / "state" / "mnt" / sd_id)
+        info = await wait_state(two, sd_id, "ok")
+        assert info["monitor"]["total_bytes"] < 64 * 1024 * 1024
+
+        # What one host writes in the domain, the other sees.
+        image_id = str(uuid.uuid4())
+        (mount_point / sd_id / "images" / image_id).mkdir()
+        assert (Path(attached["path"]) / "images" / image_id).is_dir()
+        (mount_point / sd_id / "images" / image_id).rmdir()
+
+        await two.call("StorageDomain.detach", {"sd_id": sd_id})
+        assert not await asyncio.to_thread(os.path.ismount, attached["root"])
+        assert not await asyncio.to_thread(os.path.exists, attached["root"])
+        await one.call("StorageDomain.detach", {"sd_id": sd_id})
+        assert not await asyncio.to_thread(os.path.ismount, mount_point)
+        await next_event(one, "storage.domain", lambda d: d["event"] == "detached")
+    finally:
+        assert await first.stop() == 0, first.log
+        assert await second.stop() == 0, second.log
+
+
+async def test_posixfs_is_mounted_again_after_a_restart(
+        tmp_path: Path, loop_ext4: str, checked_client: ClientFactory) -> None:
+    spec = {"source": loop_ext4, "vfs_type": "ext4", "options": "noatime"}
+    agent = await start_agent(tmp_path / "a", sections=FAST)
+    try:
+        client = await checked_client(agent.unix_url)
+        sd_id = (await client.call("StorageDomain.create", {
+            "type": "posixfs", "name": "p", "mount": spec}))["domain"]["sd_id"]
+    finally:
+        assert await agent.stop() == 0, agent.log
+    mount_point = tmp_path / "a" / "state" / "mnt" / sd_id
+    (await run("umount", mount_point)).check()  # as after a reboot
+    agent = await start_agent(tmp_path / "a", sections=FAST)
+    try:
+        client = await checked_client(agent.unix_url)
+        domain = await wait_state(client, sd_id, "ok")
+        assert domain["mount"] == spec and domain["error"] is None
+        assert await asyncio.to_thread(os.path.ismount, mount_point)
+        await client.call("StorageDomain.delete", {"sd_id": sd_id})
+        assert not await asyncio.to_thread(os.path.ismount, mount_point)
+    finally:
+        assert await agent.stop() == 0, agent.log
+
+
+async def test_posixfs_on_a_tiny_filesystem(tmp_path: Path,
+                                            checked_client: ClientFactory) -> None:
+    """A nearly full filesystem still takes a domain (later work checks no_space)."""
+    if os.geteuid() != 0:
+        missing("posixfs tests mount loop devices and need root")
+    image = tmp_path / "tiny.img"
+    await asyncio.to_thread(sparse_file, image, 2 * 1024 * 1024)
+    (await run("mkfs.ext4", "-q", "-F", "-m", "0", image)).check()
+    device = (await run("losetup", "--find", "--show", image)).check().strip()
+    agent = await start_agent(tmp_path / "a", sections=FAST)
+    try:
+        client = await checked_client(agent.unix_url)
+        domain = (await client.call("StorageDomain.create", {
+            "type": "posixfs", "name": "tiny",
+            "mount": {"source": device, "vfs_type": "ext4"}}))["domain"]
+        info = await wait_state(client, domain["sd_id"], "ok")
+        assert info["monitor"]["total_bytes"] <= 2 * 1024 * 1024
+        await client.call("StorageDomain.detach", {"sd_id": domain["sd_id"]})
+    finally:
+        assert await agent.stop() == 0, agent.log
+        for point in (tmp_path / "a" / "state" / "mnt").glob("*"):
+            await run("umount", point)
+        await run("losetup", "-d", device)
+
+
+async def test_a_failed_mount_leaves_nothing(sd_agent: AgentProcess,
+                                             checked_client: ClientFactory,
+                                             tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        missing("posixfs tests mount and need root")
+    client = await checked_client(sd_agent.unix_url)
+    not_a_fs = tmp_path / "zeros.img"
+    not_a_fs.write_bytes(bytes(1024 * 1024))
+    err = await error_of(client, "StorageDomain.create", {
+        "type": "posixfs", "name": "bad",
+        "mount": {"source": str(not_a_fs), "vfs_type": "ext4", "options": "loop,ro"}})
+    assert (err.name, err.data["reason"]) == ("FailedPrecondition", "mount_failed")
+    mnt = tmp_path / "a" / "state" / "mnt"
+    assert not mnt.exists() or list(mnt.iterdir()) == []
+    assert (await client.call("StorageDomain.list"))["domains"] == []
