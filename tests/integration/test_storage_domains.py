@@ -308,17 +308,19 @@ async def test_posixfs_on_a_tiny_filesystem(tmp_path: Path,
     await asyncio.to_thread(sparse_file, image, 2 * 1024 * 1024)
     (await run("mkfs.ext4", "-q", "-F", "-m", "0", image)).check()
     device = (await run("losetup", "--find", "--show", image)).check().strip()
-    agent = await start_agent(tmp_path / "a", sections=FAST)
     try:
-        client = await checked_client(agent.unix_url)
-        domain = (await client.call("StorageDomain.create", {
-            "type": "posixfs", "name": "tiny",
-            "mount": {"source": device, "vfs_type": "ext4"}}))["domain"]
-        info = await wait_state(client, domain["sd_id"], "ok")
-        assert info["monitor"]["total_bytes"] <= 2 * 1024 * 1024
-        await client.call("StorageDomain.detach", {"sd_id": domain["sd_id"]})
+        agent = await start_agent(tmp_path / "a", sections=FAST)
+        try:
+            client = await checked_client(agent.unix_url)
+            domain = (await client.call("StorageDomain.create", {
+                "type": "posixfs", "name": "tiny",
+                "mount": {"source": device, "vfs_type": "ext4"}}))["domain"]
+            info = await wait_state(client, domain["sd_id"], "ok")
+            assert info["monitor"]["total_bytes"] <= 2 * 1024 * 1024
+            await client.call("StorageDomain.detach", {"sd_id": domain["sd_id"]})
+        finally:
+            assert await agent.stop() == 0, agent.log
     finally:
-        assert await agent.stop() == 0, agent.log
         for point in (tmp_path / "a" / "state" / "mnt").glob("*"):
             await run("umount", point)
         await run("losetup", "-d", device)
