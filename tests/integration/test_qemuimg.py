@@ -243,3 +243,24 @@ async def test_names_with_spaces_dashes_and_colons_are_only_file_names(
     with pytest.raises(ValueError, match="protocol"):
         await qemuimg.create("top.qcow2", "qcow2", None, backing="nbd:localhost:1",
                              backing_fmt="qcow2")
+
+
+
+async def test_an_image_open_for_writing_elsewhere_is_in_use(tmp_path: Path) -> None:
+    image = tmp_path / "busy.qcow2"
+    await qemuimg.create(image, "qcow2", MiB)
+    # qemu-io holds the image's write lock from its open to its exit; the line its write
+    # prints (line-buffered through stdbuf) says the image is open.
+    holder = await asyncio.create_subprocess_exec(
+        "stdbuf", "-oL", qemu_io(), "-f", "qcow2", "-c", "write 0 512", "-c", "sleep 60000",
+        image, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    assert holder.stdout is not None
+    try:
+        async with asyncio.timeout(10):
+            assert (await holder.stdout.readline()).startswith(b"wrote 512/512")
+        with pytest.raises(qemuimg.ImageInUse):
+            await qemuimg.resize(image, 2 * MiB, "qcow2")
+        assert (await qemuimg.info(image, fmt="qcow2")).virtual_size == MiB
+    finally:
+        holder.kill()
+        await holder.wait()
