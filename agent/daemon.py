@@ -37,6 +37,7 @@ from virtnode.stats import StatsSampler, StatsService
 from virtnode.storage import usage
 from virtnode.storage.domains import StorageDomainService
 from virtnode.storage.monitor import StorageCollector
+from virtnode.storage.volumes import VolumeService
 from virtnode.store import Store
 from virtnode.subscriptions import EventsService
 from virtnode.uplink import Uplink, Uplinks
@@ -68,6 +69,8 @@ class Agent:
         self.storage = StorageDomainService(
             config.storage, Path(config.storage.mount_root or state_dir / "mnt"), self.store,
             self.bus, lambda: usage.running_vm_disks(self.hypervisor))
+        self.volumes = VolumeService(self.storage, self.jobs, self.bus,
+                                     lambda: usage.running_vm_disks(self.hypervisor))
         self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None
@@ -104,12 +107,14 @@ class Agent:
             JobService(self.jobs),
             StatsService(self.stats),
             self.storage,
+            self.volumes,
         )
         self.metrics = metrics = self._metrics(schema.methods)
         self.dispatcher = Dispatcher(schema, handlers_of(*services), check_results=check,
                                      observer=metrics.requests.observe)
         await host.start()
         await self.storage.start(host_id)
+        await self.volumes.start()
         await self.devices.start()
         await self.vms.start()
         await self.hypervisor.start()

@@ -218,6 +218,31 @@ class StorageDomainService:
         self._publish(domain, "deleted")
         return {}
 
+    # --- for the volume service -----------------------------------------------------------
+
+    def domain(self, sd_id: str) -> Domain:
+        """An attached, reachable domain. Raises InvalidArgument (a bad id), NotFound, and
+        FailedPrecondition (``domain_unreachable``) for one that could not be attached."""
+        domain = self._get(sd_id)
+        if domain.error is not None:
+            raise FailedPrecondition(f"storage domain {domain.sd_id} is not reachable: "
+                                     f"{domain.error}", reason="domain_unreachable",
+                                     object="storage_domain", id=domain.sd_id)
+        return domain
+
+    def attached(self) -> tuple[Domain, ...]:
+        """The domains that were attached without error."""
+        return tuple(d for d in self._domains.values() if d.error is None)
+
+    @property
+    def io_timeout(self) -> float:
+        return self._config.io_timeout
+
+    async def io_call(self, fn: Callable[[], T], *, what: str) -> T:
+        """Run blocking ``fn`` in the storage I/O threads with ``storage.io_timeout``;
+        raises DeadlineExceeded (``storage_timeout``) past it."""
+        return await self._io_call(fn, what=what)
+
     # --- helpers --------------------------------------------------------------------------
 
     def _get(self, sd_id: str) -> Domain:

@@ -1,0 +1,55 @@
+"""Shared by the volume service and its jobs: a volume as the API shows it, and the API
+errors for what qemu-img raises."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from virtnode.errors import (
+    AlreadyExists,
+    ApiError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+)
+from virtnode.storage import qemuimg
+from virtnode.storage.domains import Domain
+from virtnode.storage.volfiles import Found
+
+JsonObject = dict[str, Any]
+
+
+def qemu_error(exc: BaseException, what: str) -> ApiError:
+    """The API error for what a qemu-img call raised."""
+    if isinstance(exc, qemuimg.NoSpace):
+        return ResourceExhausted(f"{what}: no space left", reason="no_space")
+    if isinstance(exc, qemuimg.ImageInUse):
+        return FailedPrecondition(f"{what}: the image is in use by another process",
+                                  reason="in_use")
+    if isinstance(exc, qemuimg.Timeout):
+        return DeadlineExceeded(f"{what}: qemu-img did not finish in time",
+                                reason="storage_timeout")
+    if isinstance(exc, qemuimg.ShrinkRefused):
+        return InvalidArgument(f"{what}: {exc}", reason="shrink_refused", field="size")
+    if isinstance(exc, FileExistsError):
+        return AlreadyExists(f"{what}: {exc}", reason="exists")
+    return Internal(f"{what}: {exc}", reason="qemu_img_failed")
+
+
+@contextlib.contextmanager
+def qemu_guard(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (qemuimg.QemuImgError, qemuimg.ShrinkRefused, FileExistsError) as exc:
+        raise qemu_error(exc, what) from None
+
+
+def volume_api(domain: Domain, found: Found) -> JsonObject:
+    return {"sd_id": domain.sd_id, "image_id": found.image_id,
+            "volume_id": found.volume_id,
+            "path": str(domain.layout.volume_path(found.image_id, found.volume_id)),
+            **found.metadata.to_api()}

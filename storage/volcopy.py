@@ -1,0 +1,174 @@
+"""The two volume jobs: ``Volume.copy`` (qemu-img convert) and ``Volume.merge`` (commit).
+
+Both are checked before a job exists (bad ids, missing or illegal volumes, no space, a
+volume in use are errors of the call), hold the volumes they read or change busy until
+they end, and report qemu-img's progress as the job's.
+
+- Copy writes the target's metadata ``illegal`` in a new image, converts, flushes the
+  target file and its directory (a finished ``qemu-img convert`` is not durable), then
+  marks it ``legal``. A failed or cancelled copy removes the target and its metadata.
+- Merge commits a leaf into its parent: the parent is marked ``illegal`` first (a commit
+  cut short leaves it half written), then the leaf; after the commit the parent is flushed,
+  marked ``legal`` and becomes the leaf, and the merged layer is removed. A merge cut short
+  leaves both illegal; running ``Volume.merge`` again on the same layer finishes it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from virtnode.errors import FailedPrecondition, InvalidArgument
+from virtnode.jobs import JobHandle, JobKind
+from virtnode.storage import layout as lay
+from virtnode.storage import qemuimg, volfiles
+from virtnode.storage.layout import VolumeMetadata
+from virtnode.storage.volapi import qemu_guard, volume_api
+from virtnode.storage.volfiles import Found
+
+if TYPE_CHECKING:
+    from virtnode.storage.domains import Domain
+    from virtnode.storage.volumes import VolumeService
+
+JsonObject = dict[str, Any]
+COPY_JOB = JobKind("Volume.copy", cancellable=True)
+#: Cancelling a merge stops qemu-img; the chain stays illegal and the merge can be rerun.
+MERGE_JOB = JobKind("Volume.merge", cancellable=True)
+
+
+def _job_params(params: JsonObject) -> JsonObject:
+    return {k: v for k, v in params.items() if k != "request_key"}
+
+
+def _progress(handle: JobHandle) -> qemuimg.ProgressCallback:
+    # 100 is the job manager's to give, once the target is durable and legal.
+    return lambda percent: handle.progress(min(percent, 99.0))
+
+
+def _illegal_in(chain: Sequence[Found]) -> None:
+    for item in chain:
+        if item.metadata.legality != "legal":
+            raise FailedPrecondition(f"volume {item.volume_id} is illegal",
+                                     reason="volume_illegal", object="volume",
+                                     id=item.volume_id)
+
+
+async def start_copy(service: VolumeService, params: JsonObject) -> JsonObject:
+    """Check a ``Volume.copy`` call and start its job; returns ``{job_id, job}``."""
+    src_domain, leaf = await service.volume(params["src"])
+    dst = service.domains.domain(params["dst_sd"])
+    dst_fmt, allocation = params["dst_format"], params["allocation"]
+    if not params["collapse"] and leaf.metadata.parent is not None:
+        raise InvalidArgument(
+            "collapse=false copies a single volume, and this one has a parent; use "
+            "collapse=true to copy its whole chain into one volume",
+            reason="has_parent", field="collapse")
+    chain = await service.chain(src_domain, leaf)
+    _illegal_in(chain)
+    src_path = src_domain.layout.volume_path(leaf.image_id, leaf.volume_id)
+    src_fmt = leaf.metadata.format
+    prealloc = "falloc" if allocation == "preallocated" else None
+    await service.check_space(dst, dst_fmt, 0, allocation, measured=qemuimg.measure(
+        dst_fmt, src=src_path, src_fmt=src_fmt, timeout=service.domains.io_timeout))
+
+    async def run(handle: JobHandle) -> JsonObject:
+        image_id, volume_id = str(uuid.uuid4()), str(uuid.uuid4())
+        metadata = VolumeMetadata(
+            version=lay.LAYOUT_VERSION, format=dst_fmt, allocation=allocation,
+            virtual_size=leaf.metadata.virtual_size, parent=None,
+            role="shared" if params["shared"] else "leaf", legality="illegal", generation=0,
+            description=params.get("description", leaf.metadata.description),
+            ctime=round(time.time(), 3))
+        async with service.lock(dst):
+            await service.io(dst, volfiles.start_new, dst.layout, image_id, volume_id,
+                             metadata, new_image=True, what="writing volume metadata")
+        target = Found(image_id, volume_id, metadata)
+        dst_path = dst.layout.volume_path(image_id, volume_id)
+        try:
+            with qemu_guard(f"copying volume {leaf.volume_id}"):
+                await qemuimg.convert(src_path, dst_path, src_fmt=src_fmt, dst_fmt=dst_fmt,
+                                      preallocation=prealloc, progress=_progress(handle))
+            await service.io(dst, volfiles.sync_data, dst_path, what="flushing the copy")
+            async with service.lock(dst):
+                target = await service.io(dst, volfiles.update, dst.layout, target,
+                                          legality="legal", what="writing volume metadata")
+        except BaseException:
+            await service.discard(dst, target)
+            raise
+        service.publish(dst, image_id, volume_id, "created")
+        return {"volume": volume_api(dst, target)}
+
+    job = await service.jobs.submit(
+        COPY_JOB.name, _job_params(params), run,
+        description=f"copy volume {leaf.volume_id} to storage domain {dst.sd_id}",
+        target=leaf.volume_id, request_key=params.get("request_key"),
+        prepare=lambda: service.hold(chain, "Volume.copy"))
+    return {"job_id": job.job_id, "job": job.to_api()}
+
+
+async def _merge_pair(service: VolumeService, params: JsonObject
+                      ) -> tuple[Domain, Found, Found]:
+    domain, top = await service.volume(params)
+    parent_id = top.metadata.parent
+    if parent_id is None:
+        raise FailedPrecondition(f"volume {top.volume_id} has no parent to merge into",
+                                 reason="no_parent", object="volume", id=top.volume_id)
+    parent = await service.io(domain, volfiles.find, domain.layout, parent_id, top.image_id,
+                              what="reading the parent")
+    if parent.metadata.role == "shared" or parent.image_id != top.image_id:
+        raise FailedPrecondition(
+            f"parent {parent_id} is a template; merging into it would change every image "
+            "made from it", reason="parent_shared", object="volume", id=parent_id)
+    kids = await service.io(domain, volfiles.children, domain.layout, top.volume_id,
+                            what="looking for children")
+    if kids:
+        raise FailedPrecondition(f"volume {top.volume_id} has child volumes; only an image's "
+                                 "leaf can be merged", reason="has_children",
+                                 object="volume", id=top.volume_id)
+    # Both legal, or the parent illegal: a merge cut short, which may be run again.
+    if parent.metadata.legality == "legal" and top.metadata.legality != "legal":
+        raise FailedPrecondition(f"volume {top.volume_id} is illegal",
+                                 reason="volume_illegal", object="volume", id=top.volume_id)
+    await service.check_unused(domain, [top, parent])
+    return domain, top, parent
+
+
+async def start_merge(service: VolumeService, params: JsonObject) -> JsonObject:
+    """Check a ``Volume.merge`` call and start its job; returns ``{job_id, job}``."""
+    domain, top, parent = await _merge_pair(service, params)
+    top_path = domain.layout.volume_path(top.image_id, top.volume_id)
+    base_path = domain.layout.volume_path(parent.image_id, parent.volume_id)
+
+    async def run(handle: JobHandle) -> JsonObject:
+        nonlocal top, parent
+        async with service.lock(domain):
+            # The parent first: a crash between the two leaves an illegal parent under a
+            # legal leaf, never an illegal leaf over a legal parent (which the start-up
+            # scan would take for a half-made volume and remove).
+            if parent.metadata.legality == "legal":
+                parent = await service.io(domain, volfiles.update, domain.layout, parent,
+                                          legality="illegal", what="marking the chain")
+            if top.metadata.legality == "legal":
+                top = await service.io(domain, volfiles.update, domain.layout, top,
+                                       legality="illegal", what="marking the chain")
+        with qemu_guard(f"merging volume {top.volume_id}"):
+            await qemuimg.commit(top_path, top_fmt=top.metadata.format, base=base_path,
+                                 progress=_progress(handle))
+        await service.io(domain, volfiles.sync_data, base_path, what="flushing the parent")
+        async with service.lock(domain):
+            parent = await service.io(
+                domain, volfiles.update, domain.layout, parent, legality="legal", role="leaf",
+                virtual_size=max(parent.metadata.virtual_size, top.metadata.virtual_size),
+                what="writing volume metadata")
+            await service.discard(domain, top)
+        service.publish(domain, top.image_id, top.volume_id, "merged")
+        return {"volume": volume_api(domain, parent)}
+
+    job = await service.jobs.submit(
+        MERGE_JOB.name, _job_params(params), run,
+        description=f"merge volume {top.volume_id} into {parent.volume_id}",
+        target=top.volume_id, request_key=params.get("request_key"),
+        prepare=lambda: service.hold([top, parent], "Volume.merge"))
+    return {"job_id": job.job_id, "job": job.to_api()}

@@ -1,0 +1,215 @@
+"""Blocking file work on volumes: finding them, their chains and children, making and
+removing their files, and the crash-recovery scan. Run it off the event loop.
+
+A volume's metadata names its parent by volume id only. The parent lies in the same image
+(a snapshot layer) or, for a clone, in another image of the same domain: the parent is then
+a template (role ``shared``) and is found by looking through the domain's images. Volume
+ids are UUIDs the agent generates, so one id names one volume in a domain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from virtnode.storage import layout as lay
+from virtnode.storage.layout import DomainLayout, MetadataError, VolumeMetadata
+
+log = logging.getLogger(__name__)
+
+#: Longest chain followed; a longer one is a loop in damaged metadata.
+MAX_CHAIN = 128
+
+
+@dataclass(frozen=True)
+class Found:
+    """A volume with readable metadata, and where it is."""
+
+    image_id: str
+    volume_id: str
+    metadata: VolumeMetadata
+
+
+def find(layout: DomainLayout, volume_id: str, image_hint: str | None = None) -> Found:
+    """The volume ``volume_id``, looked for first in ``image_hint`` then in every image.
+
+    Raises ``FileNotFoundError`` when no image holds it, and what reading metadata raises.
+    """
+    volume_id = lay.check_uuid(volume_id, "volume_id")
+    images = lay.list_images(layout)
+    if image_hint is not None:
+        images = [image_hint, *(i for i in images if i != image_hint)]
+    for image_id in images:
+        try:
+            metadata = lay.read_volume_metadata(layout, image_id, volume_id)
+        except FileNotFoundError:
+            continue
+        return Found(image_id, volume_id, metadata)
+    raise FileNotFoundError(f"no volume {volume_id} in domain {layout.sd_id}")
+
+
+def read(layout: DomainLayout, image_id: str, volume_id: str) -> Found:
+    """One volume by its full id. Raises ``FileNotFoundError`` and metadata errors."""
+    return Found(image_id, volume_id, lay.read_volume_metadata(layout, image_id, volume_id))
+
+
+def chain(layout: DomainLayout, leaf: Found) -> list[Found]:
+    """``leaf`` and every volume below it, leaf first. Raises :class:`MetadataError` for a
+    missing parent or a loop, and what reading metadata raises."""
+    result = [leaf]
+    while (parent := result[-1].metadata.parent) is not None:
+        if len(result) >= MAX_CHAIN or any(f.volume_id == parent for f in result):
+            raise MetadataError(f"volume {leaf.volume_id}: its chain loops or is longer than "
+                                f"{MAX_CHAIN}", reason="metadata_corrupt")
+        try:
+            result.append(find(layout, parent, result[-1].image_id))
+        except FileNotFoundError:
+            raise MetadataError(f"volume {result[-1].volume_id}: parent {parent} is missing",
+                                reason="broken_chain") from None
+    return result
+
+
+def all_volumes(layout: DomainLayout) -> list[Found]:
+    """Every volume of the domain whose metadata can be read."""
+    found = []
+    for image_id in lay.list_images(layout):
+        with contextlib.suppress(FileNotFoundError):
+            for entry in lay.list_volumes(layout, image_id):
+                if entry.metadata is not None:
+                    found.append(Found(image_id, entry.volume_id, entry.metadata))
+    return found
+
+
+def children(layout: DomainLayout, volume_id: str) -> list[Found]:
+    """The volumes whose parent is ``volume_id``, in any image of the domain."""
+    return [f for f in all_volumes(layout) if f.metadata.parent == volume_id]
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem of ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def backing_name(layout: DomainLayout, image_id: str, parent: Found) -> str:
+    """How a layer in ``image_id`` names its parent in its qcow2 header: relative, so that
+    the domain can be mounted anywhere."""
+    if parent.image_id == image_id:
+        return parent.volume_id
+    return f"../{parent.image_id}/{parent.volume_id}"
+
+
+def start_new(layout: DomainLayout, image_id: str, volume_id: str, metadata: VolumeMetadata,
+              *, new_image: bool) -> None:
+    """Write a new volume's metadata (``illegal``) before its data exists.
+
+    Makes the image directory when ``new_image`` (refusing one that exists). Raises
+    ``FileExistsError`` when the image (new) or the volume exists.
+    """
+    assert metadata.legality == "illegal"
+    image_dir = layout.image_dir(image_id)
+    if new_image:
+        image_dir.mkdir(mode=0o755)
+    elif not image_dir.is_dir():
+        raise FileNotFoundError(f"no image {image_id}")
+    if (os.path.lexists(layout.volume_path(image_id, volume_id))
+            or os.path.lexists(layout.volume_meta_path(image_id, volume_id))):
+        raise FileExistsError(f"volume {volume_id} exists")
+    lay.write_volume_metadata(layout, image_id, volume_id, metadata)
+
+
+def update(layout: DomainLayout, found: Found, **changes: object) -> Found:
+    """Write ``found``'s metadata with ``changes`` and the generation raised."""
+    metadata = dataclasses.replace(found.metadata, generation=found.metadata.generation + 1,
+                                   **changes)  # type: ignore[arg-type]
+    lay.write_volume_metadata(layout, found.image_id, found.volume_id, metadata)
+    return Found(found.image_id, found.volume_id, metadata)
+
+
+def sync_data(path: Path) -> None:
+    """Make a volume's data durable: fsync the file, then its directory."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _sync_dir(path.parent)
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove(layout: DomainLayout, image_id: str, volume_id: str) -> None:
+    """Remove a volume: its data first, its metadata last (a crash in between leaves an
+    illegal volume with no data, which the start-up scan removes), then the image
+    directory if nothing is left in it."""
+    image_dir = layout.image_dir(image_id)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(layout.volume_path(image_id, volume_id))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(layout.volume_meta_path(image_id, volume_id))
+    with contextlib.suppress(FileNotFoundError):
+        _sync_dir(image_dir)
+    with contextlib.suppress(FileNotFoundError, OSError):
+        image_dir.rmdir()  # only when empty
+
+
+def restore_parent_role(layout: DomainLayout, parent_id: str, image_hint: str) -> None:
+    """A parent left ``internal`` with no child in its image becomes the image's leaf."""
+    try:
+        parent = find(layout, parent_id, image_hint)
+    except (FileNotFoundError, MetadataError):
+        return
+    if parent.metadata.role == "internal" and not any(
+            c.image_id == parent.image_id for c in children(layout, parent_id)):
+        update(layout, parent, role="leaf")
+
+
+@dataclass(frozen=True)
+class Illegal:
+    """A volume found ``illegal`` by the start-up scan, and what was done with it."""
+
+    image_id: str
+    volume_id: str
+    removed: bool
+    why: str
+
+
+def scan_illegal(layout: DomainLayout) -> list[Illegal]:
+    """Find volumes a crash left ``illegal`` and remove the half-made ones.
+
+    The rule: an illegal volume with no children whose parent is legal (or that has no
+    parent) was being made by create or copy, or being deleted; it holds nothing anyone
+    needs, and is removed (its parent, left ``internal``, becomes the leaf again). Any
+    other illegal volume (one with children, or whose parent is illegal too) belongs to an
+    interrupted merge: the parent may be half written, so the chain is kept illegal and
+    reported; ``Volume.merge`` of the same layer can be run again to finish it.
+    """
+    volumes = all_volumes(layout)
+    by_id = {f.volume_id: f for f in volumes}
+    parents = {f.metadata.parent for f in volumes}
+    result = []
+    for found in volumes:
+        if found.metadata.legality != "illegal":
+            continue
+        parent = by_id.get(found.metadata.parent or "")
+        if found.volume_id not in parents and (parent is None
+                                               or parent.metadata.legality == "legal"):
+            remove(layout, found.image_id, found.volume_id)
+            if parent is not None:
+                restore_parent_role(layout, parent.volume_id, parent.image_id)
+            result.append(Illegal(found.image_id, found.volume_id, True,
+                                  "half-made by an interrupted create, copy or delete"))
+        else:
+            result.append(Illegal(found.image_id, found.volume_id, False,
+                                  "part of an interrupted merge; run Volume.merge again"))
+    return result

@@ -1,0 +1,408 @@
+"""``Volume.*``: create, list, inspect, delete, resize, copy and merge volumes.
+
+An image is a chain of volumes, base first; its leaf is what a VM writes. A layer over a
+parent in the same image is a snapshot (the parent becomes ``internal``); a layer in a new
+image over a template (role ``shared``) is a clone, and the template stays ``shared``.
+
+Crash safety rests on legality: a volume's metadata is written ``illegal`` before its data
+is made or changed and ``legal`` only once the data is complete and durable. The rule the
+start-up scan applies is in :func:`virtnode.storage.volfiles.scan_illegal`.
+
+Copy and merge are jobs (cancellable; qemu-img's progress is the job's). Changes to one
+domain's metadata are serialised by a per-domain lock; volumes a job works on are marked
+busy so that delete, resize, merge and new layers refuse them until the job ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+from virtnode.errors import (
+    AlreadyExists,
+    ApiError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from virtnode.events import EventBus
+from virtnode.jobs import JobManager
+from virtnode.rpc import CallContext, rpc_method
+from virtnode.storage import layout as lay
+from virtnode.storage import qemuimg, usage, volcopy, volfiles
+from virtnode.storage.domains import Domain, StorageDomainService, VmDisks
+from virtnode.storage.layout import VolumeMetadata
+from virtnode.storage.volapi import qemu_guard, volume_api
+from virtnode.storage.volfiles import Found
+
+log = logging.getLogger(__name__)
+
+JsonObject = dict[str, Any]
+TOPIC = "storage.volume"
+_PREALLOCATION = {"raw": "falloc", "qcow2": "falloc"}
+
+
+class VolumeService:
+    """The volumes of the attached storage domains."""
+
+    def __init__(self, domains: StorageDomainService, jobs: JobManager, bus: EventBus,
+                 vm_disks: VmDisks) -> None:
+        self._domains = domains
+        self._jobs = jobs
+        self._bus = bus
+        self._vm_disks = vm_disks
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._busy: dict[str, str] = {}  # volume id -> what holds it
+        jobs.register(volcopy.COPY_JOB)
+        jobs.register(volcopy.MERGE_JOB)
+
+    async def start(self) -> None:
+        """Scan the attached domains for volumes a crash left illegal (logged, published)."""
+        for domain in self._domains.attached():
+            try:
+                found = await self.io(domain, volfiles.scan_illegal, domain.layout,
+                                       what="scanning for illegal volumes")
+            except ApiError as exc:
+                log.error("storage domain %s: cannot scan volumes: %s", domain.sd_id,
+                          exc.message)
+                continue
+            for item in found:
+                log.warning("storage domain %s: volume %s/%s was left illegal (%s): %s",
+                            domain.sd_id, item.image_id, item.volume_id, item.why,
+                            "removed" if item.removed else "kept")
+                self.publish(domain, item.image_id, item.volume_id,
+                              "removed_incomplete" if item.removed else "illegal",
+                              reason=item.why)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    @rpc_method("Volume.list")
+    async def list(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        domain = self._domains.domain(params["sd_id"])
+        image_id = params.get("image_id")
+
+        def read() -> list[JsonObject]:
+            images = [image_id] if image_id is not None else lay.list_images(domain.layout)
+            result: list[JsonObject] = []
+            for image in images:
+                for entry in lay.list_volumes(domain.layout, image):
+                    if entry.metadata is not None:
+                        result.append(volume_api(domain, Found(image, entry.volume_id,
+                                                               entry.metadata)))
+                    else:
+                        result.append({"sd_id": domain.sd_id, "image_id": image,
+                                       "volume_id": entry.volume_id, "error": entry.error})
+            return result
+
+        if image_id is not None:
+            lay.check_uuid(image_id, "image_id")
+        try:
+            volumes = await self.io(domain, read, what="listing volumes")
+        except FileNotFoundError:
+            raise NotFound(f"no image {image_id} in storage domain {domain.sd_id}",
+                           reason="no_image", object="image", id=image_id) from None
+        return {"volumes": volumes}
+
+    @rpc_method("Volume.getInfo")
+    async def get_info(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        domain, found = await self.volume(params)
+        result = volume_api(domain, found)
+        path = domain.layout.volume_path(found.image_id, found.volume_id)
+        chain = await self.chain(domain, found)
+        with qemu_guard(f"reading volume {found.volume_id}"):
+            info = await qemuimg.info(path, fmt=found.metadata.format,
+                                      timeout=self._domains.io_timeout)
+        result["actual_size"] = info.actual_size
+        result["qemu_virtual_size"] = info.virtual_size
+        result["chain"] = [{"image_id": f.image_id, "volume_id": f.volume_id,
+                            "format": f.metadata.format, "role": f.metadata.role,
+                            "legality": f.metadata.legality} for f in chain]
+        return {"volume": result}
+
+    async def resolve(self, ref: JsonObject, *, readonly: bool) -> Sequence[tuple[str, str]]:
+        """``(path, format)`` of a volume's chain, leaf first, for a VM's disk.
+
+        The whole chain must be legal, and the volume a leaf (a template only read-only).
+        Raises NotFound, FailedPrecondition (``volume_illegal``, ``not_leaf``).
+        """
+        domain, found = await self.volume(ref)
+        role = found.metadata.role
+        if role == "internal" or (role == "shared" and not readonly):
+            raise FailedPrecondition(
+                f"volume {found.volume_id} is {role}: a VM writes only to the leaf of an "
+                "image (a template may be attached read-only)", reason="not_leaf",
+                object="volume", id=found.volume_id)
+        chain = await self.chain(domain, found)
+        for item in chain:
+            if item.metadata.legality != "legal":
+                raise FailedPrecondition(f"volume {item.volume_id} is illegal",
+                                         reason="volume_illegal", object="volume",
+                                         id=item.volume_id)
+        return [(str(domain.layout.volume_path(f.image_id, f.volume_id)), f.metadata.format)
+                for f in chain]
+
+    # --- changing ----------------------------------------------------------------------------
+
+    @rpc_method("Volume.create")
+    async def create(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        domain = self._domains.domain(params["sd_id"])
+        fmt, allocation = params["format"], params["allocation"]
+        image_id = params.get("image_id")
+        if image_id is not None:
+            image_id = lay.check_uuid(image_id, "image_id")
+        volume_id = str(uuid.uuid4())
+        async with self.lock(domain):
+            parent = await self._parent_for(domain, params.get("parent"), image_id, fmt)
+            if image_id is None and parent is not None and parent.metadata.role != "shared":
+                image_id = parent.image_id  # a snapshot in the parent's image
+            wanted = image_id
+            new_image = wanted is None or not await self.io(
+                domain, lambda: domain.layout.image_dir(wanted).is_dir(),
+                what="reading the image")
+            if not new_image and parent is None:
+                raise AlreadyExists(f"image {image_id} exists; a volume in it needs a parent "
+                                    "(its leaf)", reason="image_exists", object="image",
+                                    id=image_id)
+            image_id = image_id or str(uuid.uuid4())
+            if parent is not None:
+                self._check_parent(parent, image_id)
+            size = params.get("size") or (parent.metadata.virtual_size if parent else None)
+            if size is None:
+                raise InvalidArgument("size is needed for a volume without parent",
+                                      reason="invalid_size", field="size")
+            if parent is not None and size < parent.metadata.virtual_size:
+                raise InvalidArgument("a layer cannot be smaller than its parent",
+                                      reason="invalid_size", field="size")
+            await self.check_space(domain, fmt, size, allocation)
+            metadata = VolumeMetadata(
+                version=lay.LAYOUT_VERSION, format=fmt, allocation=allocation,
+                virtual_size=size, parent=None if parent is None else parent.volume_id,
+                role="shared" if params["shared"] else "leaf", legality="illegal",
+                generation=0, description=params["description"],
+                ctime=round(time.time(), 3))
+            await self.io(domain, volfiles.start_new, domain.layout, image_id, volume_id,
+                           metadata, new_image=new_image, what="writing volume metadata")
+            found = Found(image_id, volume_id, metadata)
+            try:
+                await self._make(domain, found, parent)
+                if parent is not None and parent.metadata.role == "leaf":
+                    await self.io(domain, volfiles.update, domain.layout, parent,
+                                   role="internal", what="updating the parent")
+                found = await self.io(domain, volfiles.update, domain.layout, found,
+                                       legality="legal", what="writing volume metadata")
+            except BaseException:
+                await self.discard(domain, found)
+                raise
+        self.publish(domain, image_id, volume_id, "created")
+        return {"volume": volume_api(domain, found)}
+
+    @rpc_method("Volume.delete")
+    async def delete(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        domain, found = await self.volume(params)
+        async with self.lock(domain):
+            found = await self.io(domain, volfiles.read, domain.layout, found.image_id,
+                                   found.volume_id, what="reading the volume")
+            self.check_free(found)
+            kids = await self.io(domain, volfiles.children, domain.layout, found.volume_id,
+                                  what="looking for children")
+            if kids:
+                raise FailedPrecondition(
+                    f"volume {found.volume_id} has {len(kids)} child volume(s); delete or "
+                    "merge them first", reason="has_children", object="volume",
+                    id=found.volume_id, children=[k.volume_id for k in kids])
+            await self.check_unused(domain, [found])
+            found = await self.io(domain, volfiles.update, domain.layout, found,
+                                   legality="illegal", what="writing volume metadata")
+            await self.discard(domain, found)
+        self.publish(domain, found.image_id, found.volume_id, "deleted")
+        return {}
+
+    @rpc_method("Volume.resize")
+    async def resize(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        domain, found = await self.volume(params)
+        size = params["size"]
+        async with self.lock(domain):
+            found = await self.io(domain, volfiles.read, domain.layout, found.image_id,
+                                   found.volume_id, what="reading the volume")
+            self.check_free(found)
+            if found.metadata.role != "leaf" or found.metadata.legality != "legal":
+                raise FailedPrecondition("only a legal leaf volume can be resized",
+                                         reason="not_leaf", object="volume",
+                                         id=found.volume_id)
+            if size < found.metadata.virtual_size:
+                raise InvalidArgument(f"volume is {found.metadata.virtual_size} bytes; "
+                                      "shrinking is refused", reason="shrink_refused",
+                                      field="size")
+            await self.check_unused(domain, [found])
+            path = domain.layout.volume_path(found.image_id, found.volume_id)
+            prealloc = (_PREALLOCATION[found.metadata.format]
+                        if found.metadata.allocation == "preallocated" else None)
+            if prealloc is not None:
+                await self.check_space(domain, "raw", size - found.metadata.virtual_size,
+                                        "preallocated")
+            with qemu_guard(f"resizing volume {found.volume_id}"):
+                await qemuimg.resize(path, size, found.metadata.format,
+                                     preallocation=prealloc,
+                                     timeout=self._domains.io_timeout)
+            found = await self.io(domain, volfiles.update, domain.layout, found,
+                                   virtual_size=size, what="writing volume metadata")
+        return {"volume": volume_api(domain, found)}
+
+    @rpc_method("Volume.copy")
+    async def copy(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        return await volcopy.start_copy(self, params)
+
+    @rpc_method("Volume.merge")
+    async def merge(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        return await volcopy.start_merge(self, params)
+
+    # --- helpers (also used by the copy and merge jobs) ---------------------------------------
+
+    @property
+    def domains(self) -> StorageDomainService:
+        return self._domains
+
+    @property
+    def jobs(self) -> JobManager:
+        return self._jobs
+
+    def lock(self, domain: Domain) -> asyncio.Lock:
+        return self._locks.setdefault(domain.sd_id, asyncio.Lock())
+
+
+    async def io(self, domain: Domain, fn: Callable[..., Any], *args: Any, what: str,
+                  **kwargs: Any) -> Any:
+        return await self._domains.io_call(lambda: fn(*args, **kwargs), what=what)
+
+
+    async def volume(self, ref: JsonObject) -> tuple[Domain, Found]:
+        domain = self._domains.domain(ref["sd_id"])
+        image_id = lay.check_uuid(ref["image_id"], "image_id")
+        volume_id = lay.check_uuid(ref["volume_id"], "volume_id")
+        try:
+            found = await self.io(domain, volfiles.read, domain.layout, image_id, volume_id,
+                                   what="reading the volume")
+        except FileNotFoundError:
+            raise NotFound(f"no volume {volume_id} in image {image_id} of storage domain "
+                           f"{domain.sd_id}", reason="no_volume", object="volume",
+                           id=volume_id) from None
+        return domain, found
+
+
+    async def chain(self, domain: Domain, found: Found) -> Sequence[Found]:
+        result: Sequence[Found] = await self.io(domain, volfiles.chain, domain.layout, found,
+                                             what="reading the chain")
+        return result
+
+
+    async def _parent_for(self, domain: Domain, ref: JsonObject | None, image_id: str | None,
+                          fmt: str) -> Found | None:
+        if ref is None:
+            return None
+        if fmt != "qcow2":
+            raise InvalidArgument("a layer over a parent must be qcow2", reason="invalid_format",
+                                  field="format")
+        _, parent = await self.volume({"sd_id": domain.sd_id, **ref})
+        self.check_free(parent)
+        if parent.metadata.legality != "legal":
+            raise FailedPrecondition(f"parent {parent.volume_id} is illegal",
+                                     reason="volume_illegal", object="volume",
+                                     id=parent.volume_id)
+        return parent
+
+    def _check_parent(self, parent: Found, image_id: str) -> None:
+        """A layer goes over its image's leaf (a snapshot), or over a template in a new
+        image (a clone)."""
+        role = parent.metadata.role
+        if parent.image_id == image_id and role != "leaf":
+            raise FailedPrecondition(f"parent {parent.volume_id} is {role}, not the image's "
+                                     "leaf", reason="not_leaf", object="volume",
+                                     id=parent.volume_id)
+        if parent.image_id != image_id and role != "shared":
+            raise FailedPrecondition(
+                f"parent {parent.volume_id} is in image {parent.image_id} and is not a "
+                "template (role shared); only a template can be the base of another image",
+                reason="not_shared", object="volume", id=parent.volume_id)
+
+    def check_free(self, found: Found) -> None:
+        holder = self._busy.get(found.volume_id)
+        if holder is not None:
+            raise FailedPrecondition(f"volume {found.volume_id} is busy ({holder})",
+                                     reason="volume_busy", object="volume",
+                                     id=found.volume_id)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, volumes: Sequence[Found], what: str) -> AsyncIterator[None]:
+        """Mark volumes busy for a job; raises FailedPrecondition (``volume_busy``)."""
+        for found in volumes:
+            self.check_free(found)
+        for found in volumes:
+            self._busy[found.volume_id] = what
+        try:
+            yield
+        finally:
+            for found in volumes:
+                self._busy.pop(found.volume_id, None)
+
+    async def check_unused(self, domain: Domain, volumes: Sequence[Found]) -> None:
+        paths = [str(domain.layout.volume_path(f.image_id, f.volume_id)) for f in volumes]
+        users = sorted(vm for vm, used in (await self._vm_disks()).items()
+                       if any(usage.paths_under(used, p) for p in paths))
+        if users:
+            raise FailedPrecondition(f"volume {volumes[0].volume_id} is used by running VMs: "
+                                     f"{', '.join(users)}", reason="in_use", object="volume",
+                                     id=volumes[0].volume_id, vms=users)
+
+
+    async def check_space(self, domain: Domain, fmt: str, size: int, allocation: str,
+                           measured: Awaitable[qemuimg.Measurement] | None = None) -> None:
+        if measured is None:
+            with qemu_guard("measuring the volume"):
+                measured = qemuimg.measure(fmt, size=size, timeout=self._domains.io_timeout)
+        with qemu_guard("measuring the volume"):
+            measurement = await measured
+        need = (measurement.fully_allocated if allocation == "preallocated"
+                else measurement.required)
+        free = await self.io(domain, volfiles.free_bytes, domain.layout.images_dir,
+                              what="reading free space")
+        if need > free:
+            raise ResourceExhausted(f"the volume needs {need} bytes; storage domain "
+                                    f"{domain.sd_id} has {free} free", reason="no_space",
+                                    need=need, free=free)
+
+
+    async def _make(self, domain: Domain, found: Found, parent: Found | None) -> None:
+        md = found.metadata
+        path = domain.layout.volume_path(found.image_id, found.volume_id)
+        backing = (None if parent is None
+                   else volfiles.backing_name(domain.layout, found.image_id, parent))
+        with qemu_guard(f"creating volume {found.volume_id}"):
+            await qemuimg.create(
+                path, md.format, md.virtual_size, backing=backing,
+                backing_fmt=None if parent is None else parent.metadata.format,
+                preallocation=(_PREALLOCATION[md.format] if md.allocation == "preallocated"
+                               else None), timeout=self._domains.io_timeout)
+        await self.io(domain, volfiles.sync_data, path, what="flushing the volume")
+
+    async def discard(self, domain: Domain, found: Found) -> None:
+        """Remove a volume (shielded: runs to its end), and give its parent back its role."""
+        async def run() -> None:
+            await self.io(domain, volfiles.remove, domain.layout, found.image_id,
+                           found.volume_id, what="removing the volume")
+            if found.metadata.parent is not None:
+                await self.io(domain, volfiles.restore_parent_role, domain.layout,
+                               found.metadata.parent, found.image_id,
+                               what="updating the parent")
+        await asyncio.shield(asyncio.ensure_future(run()))
+
+
+    def publish(self, domain: Domain, image_id: str, volume_id: str, event: str,
+                 **extra: str) -> None:
+        self._bus.publish(TOPIC, {"sd_id": domain.sd_id, "image_id": image_id,
+                                  "volume_id": volume_id, "event": event, **extra})
