@@ -362,6 +362,8 @@ class VolumeService:
 
     async def check_space(self, domain: Domain, fmt: str, size: int, allocation: str,
                            measured: Awaitable[qemuimg.Measurement] | None = None) -> None:
+        if measured is None and fmt == "raw" and allocation == "sparse":
+            return  # a sparse raw file takes no space until written
         if measured is None:
             with qemu_guard("measuring the volume"):
                 measured = qemuimg.measure(fmt, size=size, timeout=self._domains.io_timeout)

@@ -1,0 +1,297 @@
+"""Volumes through a real agent on test:///default: shapes, errors, chains, copy and merge
+jobs with real data, cancel, a SIGKILL during a copy, and a full filesystem."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agentproc import AgentProcess, start_agent
+from tests.conftest import ClientFactory, missing
+from tests.integration.conftest import next_event
+from tests.subproc import run
+from virtnode.client import Client, RemoteError
+
+pytestmark = pytest.mark.integration
+
+MiB = 1024 * 1024
+
+
+async def error_of(client: Client, method: str, params: dict[str, Any]) -> RemoteError:
+    with pytest.raises(RemoteError) as err:
+        await client.call(method, params)
+    return err.value
+
+
+async def new_domain(client: Client, path: Path, name: str = "vols") -> str:
+    created = await client.call("StorageDomain.create",
+                                {"type": "localfs", "name": name, "path": str(path)})
+    return str(created["domain"]["sd_id"])
+
+
+async def qemu_io(path: str, fmt: str, command: str) -> str:
+    return (await run("qemu-io", "-f", fmt, "-c", command, path)).check()
+
+
+async def wait_job(client: Client, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    job: dict[str, Any] = (await client.call("Job.wait",
+                                             {"job_id": job_id, "timeout": timeout}))["job"]
+    return job
+
+
+@pytest.fixture
+async def vol_agent(tmp_path: Path) -> AsyncIterator[AgentProcess]:
+    agent = await start_agent(tmp_path / "a")
+    yield agent
+    status = await agent.stop()
+    assert status == 0, agent.log
+
+
+async def test_create_snapshot_clone_list_info_delete(
+        vol_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
+    client = await checked_client(vol_agent.unix_url)
+    await client.call("Events.subscribe", {"topics": ["storage.volume"]})
+    sd_id = await new_domain(client, tmp_path / "sd")
+    base = (await client.call("Volume.create", {"sd_id": sd_id, "size": 16 * MiB,
+                                                "format": "raw"}))["volume"]
+    assert (base["role"], base["legality"], base["parent"]) == ("leaf", "legal", None)
+    assert Path(base["path"]).stat().st_size == 16 * MiB
+    await next_event(client, "storage.volume", lambda d: d["event"] == "created")
+    ref = {k: base[k] for k in ("sd_id", "image_id", "volume_id")}
+
+    snap = (await client.call("Volume.create", {"sd_id": sd_id, "parent": {
+        "image_id": base["image_id"], "volume_id": base["volume_id"]}}))["volume"]
+    assert snap["image_id"] == base["image_id"] and snap["parent"] == base["volume_id"]
+    assert snap["virtual_size"] == 16 * MiB
+    info = (await client.call("Volume.getInfo", ref))["volume"]
+    assert info["role"] == "internal" and info["generation"] == 2
+    top = (await client.call("Volume.getInfo", {**ref, "volume_id": snap["volume_id"]}))
+    chain = top["volume"]["chain"]
+    assert [c["volume_id"] for c in chain] == [snap["volume_id"], base["volume_id"]]
+    assert top["volume"]["qemu_virtual_size"] == 16 * MiB
+
+    # A layer over an internal volume, or a clone of a non-template, is refused.
+    err = await error_of(client, "Volume.create", {"sd_id": sd_id, "parent": {
+        "image_id": base["image_id"], "volume_id": base["volume_id"]}})
+    assert err.data["reason"] == "not_leaf"
+    err = await error_of(client, "Volume.create", {"sd_id": sd_id, "image_id": str(uuid.uuid4()),
+                                                   "parent": {"image_id": snap["image_id"],
+                                                              "volume_id": snap["volume_id"]}})
+    assert err.data["reason"] == "not_shared"
+    err = await error_of(client, "Volume.delete", ref)
+    assert (err.name, err.data["reason"]) == ("FailedPrecondition", "has_children")
+
+    template = (await client.call("Volume.create", {"sd_id": sd_id, "size": 8 * MiB,
+                                                    "format": "qcow2", "shared": True}))["volume"]
+    clones = [(await client.call("Volume.create", {"sd_id": sd_id, "parent": {
+        "image_id": template["image_id"], "volume_id": template["volume_id"]}}))["volume"]
+        for _ in range(2)]
+    assert len({c["image_id"] for c in clones} | {template["image_id"]}) == 3
+    tref = {k: template[k] for k in ("sd_id", "image_id", "volume_id")}
+    assert (await client.call("Volume.getInfo", tref))["volume"]["role"] == "shared"
+    info = (await client.call("Volume.getInfo", {k: clones[0][k] for k in tref}))["volume"]
+    assert [c["volume_id"] for c in info["chain"]] == [clones[0]["volume_id"],
+                                                       template["volume_id"]]
+
+    listed = (await client.call("Volume.list", {"sd_id": sd_id}))["volumes"]
+    assert len(listed) == 5
+    one = (await client.call("Volume.list", {"sd_id": sd_id, "image_id": base["image_id"]}))
+    assert {v["volume_id"] for v in one["volumes"]} == {base["volume_id"], snap["volume_id"]}
+
+    resized = await client.call("Volume.resize", {**ref, "volume_id": snap["volume_id"],
+                                                  "size": 32 * MiB})
+    assert resized["volume"]["virtual_size"] == 32 * MiB
+    err = await error_of(client, "Volume.resize", {**ref, "volume_id": snap["volume_id"],
+                                                   "size": MiB})
+    assert err.data["reason"] == "shrink_refused"
+
+    await client.call("Volume.delete", {**ref, "volume_id": snap["volume_id"]})
+    assert (await client.call("Volume.getInfo", ref))["volume"]["role"] == "leaf"
+    await client.call("Volume.delete", ref)
+    assert not Path(base["path"]).parent.exists()
+    gone = await error_of(client, "Volume.getInfo", ref)
+    assert (gone.name, gone.data["reason"]) == ("NotFound", "no_volume")
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "{12345678-1234-1234-1234-123456789abc}",
+                                 "12345678123412341234123456789abc"])
+async def test_traversal_ids_are_refused(vol_agent: AgentProcess, checked_client: ClientFactory,
+                                         tmp_path: Path, bad: str) -> None:
+    client = await checked_client(vol_agent.unix_url)
+    sd_id = await new_domain(client, tmp_path / "sd")
+    good = str(uuid.uuid4())
+    for params in ({"sd_id": sd_id, "image_id": bad, "volume_id": good},
+                   {"sd_id": sd_id, "image_id": good, "volume_id": bad}):
+        err = await error_of(client, "Volume.getInfo", params)
+        assert err.name == "InvalidParams"
+        err = await error_of(client, "Volume.delete", params)
+        assert err.name == "InvalidParams"
+    err = await error_of(client, "Volume.create", {"sd_id": sd_id, "image_id": bad, "size": 1})
+    assert err.name == "InvalidParams"
+    assert sorted(os.listdir(tmp_path / "sd" / sd_id / "images")) == []
+
+
+async def test_copy_and_merge_keep_the_data(
+        vol_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
+    client = await checked_client(vol_agent.unix_url)
+    await client.call("Events.subscribe", {"topics": ["job.*"]})
+    sd_a = await new_domain(client, tmp_path / "sd-a", "a")
+    sd_b = await new_domain(client, tmp_path / "sd-b", "b")
+    base = (await client.call("Volume.create", {"sd_id": sd_a, "size": 64 * MiB,
+                                                "format": "raw"}))["volume"]
+    await qemu_io(base["path"], "raw", "write -P 0x11 0 32M")
+    top = (await client.call("Volume.create", {"sd_id": sd_a, "parent": {
+        "image_id": base["image_id"], "volume_id": base["volume_id"]}}))["volume"]
+    await qemu_io(top["path"], "qcow2", "write -P 0x22 16M 16M")
+    ref = {k: top[k] for k in ("sd_id", "image_id", "volume_id")}
+
+    err = await error_of(client, "Volume.copy", {"src": ref, "dst_sd": sd_b, "collapse": False})
+    assert (err.name, err.data["reason"]) == ("InvalidArgument", "has_parent")
+
+    started = await client.call("Volume.copy", {"src": ref, "dst_sd": sd_b,
+                                                "dst_format": "qcow2", "request_key": "copy-1"})
+    again = await client.call("Volume.copy", {"src": ref, "dst_sd": sd_b,
+                                              "dst_format": "qcow2", "request_key": "copy-1"})
+    assert again["job_id"] == started["job_id"]
+    job = await wait_job(client, started["job_id"])
+    assert job["state"] == "succeeded", job
+    assert job["progress"] == 100
+    copy = job["result"]["volume"]
+    assert (copy["sd_id"], copy["format"], copy["parent"]) == (sd_b, "qcow2", None)
+    await qemu_io(copy["path"], "qcow2", "read -P 0x11 0 16M")
+    await qemu_io(copy["path"], "qcow2", "read -P 0x22 16M 16M")
+    await qemu_io(copy["path"], "qcow2", "read -P 0 32M 32M")
+
+    merged = await client.call("Volume.merge", ref)
+    job = await wait_job(client, merged["job_id"])
+    assert job["state"] == "succeeded", job
+    parent = job["result"]["volume"]
+    assert (parent["volume_id"], parent["role"], parent["legality"]) == (
+        base["volume_id"], "leaf", "legal")
+    assert not Path(top["path"]).exists()
+    await qemu_io(base["path"], "raw", "read -P 0x11 0 16M")
+    await qemu_io(base["path"], "raw", "read -P 0x22 16M 16M")
+    err = await error_of(client, "Volume.merge", {**ref, "volume_id": base["volume_id"]})
+    assert err.data["reason"] == "no_parent"
+
+
+async def big_volume(client: Client, sd_id: str, size: int) -> dict[str, Any]:
+    """A raw volume filled with real (non-zero, incompressible enough) data."""
+    volume: dict[str, Any] = (await client.call(
+        "Volume.create", {"sd_id": sd_id, "size": size, "format": "raw"}))["volume"]
+    await run("dd", "if=/dev/urandom", f"of={volume['path']}", "bs=4M",
+              f"count={size // (4 * MiB)}", "conv=notrunc", "status=none", timeout=300)
+    return volume
+
+
+async def test_cancel_removes_the_target(
+        vol_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
+    client = await checked_client(vol_agent.unix_url)
+    await client.call("Events.subscribe", {"topics": ["job.*"]})
+    sd_id = await new_domain(client, tmp_path / "sd")
+    src = await big_volume(client, sd_id, 512 * MiB)
+    ref = {k: src[k] for k in ("sd_id", "image_id", "volume_id")}
+    started = await client.call("Volume.copy", {"src": ref, "dst_sd": sd_id,
+                                                "dst_format": "qcow2"})
+    await next_event(client, "job.progress", lambda d: d["job_id"] == started["job_id"]
+                     and 0 < d["progress"] < 100, timeout=60)
+    held = await error_of(client, "Volume.delete", ref)
+    assert held.data["reason"] == "volume_busy"
+    cancelled = (await client.call("Job.cancel", {"job_id": started["job_id"]}))["job"]
+    assert cancelled["state"] == "cancelled"
+    images = sorted(os.listdir(tmp_path / "sd" / sd_id / "images"))
+    assert images == [src["image_id"]]
+    assert len((await client.call("Volume.list", {"sd_id": sd_id}))["volumes"]) == 1
+
+
+async def test_sigkill_during_copy_then_restart_removes_the_half_made_target(
+        tmp_path: Path, checked_client: ClientFactory) -> None:
+    root = Path("/var/tmp") / f"vn-it-vol-{uuid.uuid4().hex[:8]}"
+    agent = await start_agent(tmp_path / "a")
+    try:
+        client = await checked_client(agent.unix_url)
+        await client.call("Events.subscribe", {"topics": ["job.*"]})
+        sd_id = await new_domain(client, root)
+        src = await big_volume(client, sd_id, 768 * MiB)
+        ref = {k: src[k] for k in ("sd_id", "image_id", "volume_id")}
+        started = await client.call("Volume.copy", {"src": ref, "dst_sd": sd_id,
+                                                    "dst_format": "raw"})
+        await next_event(client, "job.progress", lambda d: d["job_id"] == started["job_id"]
+                         and 0 < d["progress"] < 100, timeout=60)
+        images = root / sd_id / "images"
+        assert len(os.listdir(images)) == 2  # the target is there, illegal
+        await client.close()
+        children = (await run("pgrep", "-P", str(agent.pid))).out.split()
+        os.kill(agent.pid, signal.SIGKILL)
+        await agent.stop()
+        # qemu-img runs in a session of its own and outlives the agent: stop it by its id.
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        agent = await start_agent(tmp_path / "a")
+        client = await checked_client(agent.unix_url)
+        assert sorted(os.listdir(images)) == [src["image_id"]]
+        volumes = (await client.call("Volume.list", {"sd_id": sd_id}))["volumes"]
+        assert [v["volume_id"] for v in volumes] == [src["volume_id"]]
+        job = (await client.call("Job.get", {"job_id": started["job_id"]}))["job"]
+        assert (job["state"], job["error"]["data"]["reason"]) == ("failed", "interrupted")
+        assert "was left illegal" in agent.log
+    finally:
+        await agent.stop()
+        await asyncio.to_thread(shutil.rmtree, root, True)
+
+
+@pytest.fixture
+async def tiny_posix(tmp_path: Path) -> AsyncIterator[str]:
+    """A 32 MiB ext4 image on a loop device, detached after."""
+    if os.geteuid() != 0:
+        missing("the full-filesystem test mounts a loop device and needs root")
+    image = tmp_path / "tiny.img"
+    await asyncio.to_thread(lambda: open(image, "wb").truncate(32 * MiB))
+    (await run("mkfs.ext4", "-q", "-F", image)).check()
+    device = (await run("losetup", "--find", "--show", image)).check().strip()
+    try:
+        yield device
+    finally:
+        points = await asyncio.to_thread(lambda: sorted(tmp_path.glob("*/state/mnt/*")))
+        for point in points:
+            await run("umount", point)
+        await run("losetup", "-d", device)
+
+
+async def test_no_space_leaves_nothing_behind(
+        tmp_path: Path, tiny_posix: str, checked_client: ClientFactory) -> None:
+    agent = await start_agent(tmp_path / "a")
+    try:
+        client = await checked_client(agent.unix_url)
+        created = await client.call("StorageDomain.create", {
+            "type": "posixfs", "name": "tiny",
+            "mount": {"source": tiny_posix, "vfs_type": "ext4"}})
+        sd_id = created["domain"]["sd_id"]
+        images = Path(created["domain"]["path"]) / "images"
+        err = await error_of(client, "Volume.create", {
+            "sd_id": sd_id, "size": 256 * MiB, "format": "raw", "allocation": "preallocated"})
+        assert (err.name, err.data["reason"]) == ("ResourceExhausted", "no_space")
+        assert os.listdir(images) == []
+        # A sparse source that fits, filled so that a preallocated copy cannot.
+        src = (await client.call("Volume.create", {"sd_id": sd_id, "size": 24 * MiB,
+                                                   "format": "raw"}))["volume"]
+        await qemu_io(src["path"], "raw", "write -P 0x33 0 20M")
+        ref = {k: src[k] for k in ("sd_id", "image_id", "volume_id")}
+        err = await error_of(client, "Volume.copy", {"src": ref, "dst_sd": sd_id,
+                                                     "dst_format": "raw"})
+        assert (err.name, err.data["reason"]) == ("ResourceExhausted", "no_space")
+        assert os.listdir(images) == [src["image_id"]]
+        await client.call("Volume.delete", ref)
+        await client.call("StorageDomain.delete", {"sd_id": sd_id})
+    finally:
+        await agent.stop()
