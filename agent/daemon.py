@@ -58,7 +58,8 @@ class Agent:
         self.bus = EventBus()
         self.hypervisor = Hypervisor(config.hypervisor, self.bus)
         self.jobs = JobManager(self.store, self.bus, config.jobs)
-        self.vms = VmService(self.hypervisor, self.bus, config.vm, self.jobs)
+        self.vms = VmService(self.hypervisor, self.bus, config.vm, self.jobs,
+                             lambda ref, readonly: self.volumes.resolve(ref, readonly=readonly))
         self.events: EventsService | None = None
         self.uplinks = Uplinks([])
         self.devices = DeviceMonitor(config.devices, self.bus)

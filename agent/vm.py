@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from virtnode import virconst as vc
@@ -32,13 +32,16 @@ from virtnode.jobs import JobHandle, JobKind, JobManager
 from virtnode.rpc import CallContext, rpc_method
 from virtnode.vmlocks import VmLocks
 from virtnode.vmshutdown import STOPPED, shutdown
-from virtnode.vmspec import check_domain_xml, check_spec, domain_xml, read_metadata
+from virtnode.vmspec import check_domain_xml, check_spec, domain_xml, read_metadata, with_chain
 from virtnode.vmstate import lifecycle, vm_state
 
 log = logging.getLogger(__name__)
 
 JsonObject = dict[str, Any]
 T = TypeVar("T")
+#: Resolves ``{sd_id, image_id, volume_id}`` (and whether the disk is read-only) to the
+#: volume's chain as ``(path, format)``, leaf first.
+VolumeResolver = Callable[[JsonObject, bool], Awaitable[Sequence[tuple[str, str]]]]
 
 LIFECYCLE_TOPIC = "vm.lifecycle"
 DEVICE_TOPIC = "vm.device"
@@ -88,8 +91,9 @@ class VmService:
     """Owns the agent's view of VMs; every libvirt call goes via the hypervisor."""
 
     def __init__(self, hypervisor: Hypervisor, bus: EventBus, config: VmConfig,
-                 jobs: JobManager) -> None:
+                 jobs: JobManager, volumes: VolumeResolver | None = None) -> None:
         self._hv = hypervisor
+        self._volumes = volumes
         self._bus = bus
         self._config = config
         self._jobs = jobs
@@ -259,10 +263,14 @@ class VmService:
         metadata = {"owner": "virtnode", "created": f"{time.time():.3f}",
                     "labels": dict(params.get("spec", {}).get("labels", {}))}
         if "spec" in params:
-            spec = check_spec(params["spec"], await self._default_domain_type())
+            raw = dict(params["spec"])
+            if "disks" in raw:
+                raw["disks"] = [await self.resolve_disk(d) for d in raw["disks"]]
+            spec = check_spec(raw, await self._default_domain_type())
             name, vm_id = spec.name, spec.uuid
             xml = domain_xml(spec, metadata)
-            paths = [d.path for d in spec.disks] + [p for p in (spec.kernel, spec.initrd) if p]
+            paths = [p for d in spec.disks for p in (d.path, *(b for b, _ in d.backing))]
+            paths += [p for p in (spec.kernel, spec.initrd) if p]
         else:
             name, vm_id, xml = check_domain_xml(params["xml"], metadata)
             paths = _file_sources(xml)
@@ -285,6 +293,19 @@ class VmService:
 
             state = await self._hv.call(make, what=f"creating VM {name}")
         return {"vm_id": vm_id, "name": name, "state": state}
+
+    async def resolve_disk(self, raw: JsonObject) -> JsonObject:
+        """A disk spec with ``volume`` rewritten as its chain's paths; others as given.
+
+        Raises what resolving a volume raises (NotFound, FailedPrecondition), and
+        Unavailable when this agent has no volumes.
+        """
+        if "volume" not in raw:
+            return raw
+        if self._volumes is None:
+            raise Unavailable("volumes are not available", reason="no_volumes")
+        chain = await self._volumes(raw["volume"], bool(raw.get("readonly", False)))
+        return with_chain(raw, list(chain))
 
     async def _default_domain_type(self) -> str:
         """kvm when the host has it, else qemu (TCG); read once per connection."""

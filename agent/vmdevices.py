@@ -76,9 +76,11 @@ class VmDeviceService:
 
     @rpc_method("VM.hotplugDisk")
     async def hotplug_disk(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
-        vm_id, raw = params["vm_id"], params["disk"]
-        check_disk(raw, "disk", "vda")  # shape and path, before touching anything
-        missing = await asyncio.to_thread(vmops.missing_paths, [raw["path"]])
+        vm_id = params["vm_id"]
+        raw = await self._vms.resolve_disk(params["disk"])
+        checked = check_disk(raw, "disk", "vda")  # shape and path, before touching anything
+        missing = await asyncio.to_thread(
+            vmops.missing_paths, [checked.path, *(p for p, _ in checked.backing)])
         if missing:
             raise NotFound(f"no such file: {missing[0]}", reason="no_such_file",
                            object="file", id=missing[0])

@@ -93,6 +93,8 @@ class Disk:
     target: str
     readonly: bool
     boot_order: int | None
+    #: The images below ``path``, nearest first, as ``(path, format)``: a volume's chain.
+    backing: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,10 @@ def check_disk(raw: Mapping[str, Any], field: str, target: str | None = None) ->
     if name is None:
         raise invalid(f"{field}.target", "is required")
     boot = raw.get("boot_order")
+    backing = tuple((_check_path(p, f"{field}.volume"), _choice(f, DISK_FORMATS, f"{field}.volume"))
+                    for p, f in raw.get(CHAIN_KEY, ()))
+    if "volume" in raw:
+        raise invalid(f"{field}.volume", "must be resolved to paths first")
     return Disk(
         path=_check_path(raw.get("path"), f"{field}.path"),
         format=_choice(raw.get("format", "raw"), DISK_FORMATS, f"{field}.format"),
@@ -122,7 +128,21 @@ def check_disk(raw: Mapping[str, Any], field: str, target: str | None = None) ->
         target=name,
         readonly=bool(raw.get("readonly", False)),
         boot_order=None if boot is None else _int_range(boot, 1, 64, f"{field}.boot_order"),
+        backing=backing,
     )
+
+
+#: Where a disk resolved from a volume carries its backing chain. Not in the API schema,
+#: so a caller cannot pass it; :func:`with_chain` puts it there.
+CHAIN_KEY = "_backing_chain"
+
+
+def with_chain(raw: Mapping[str, Any], chain: list[tuple[str, str]]) -> dict[str, Any]:
+    """A disk given as ``{"volume": ...}`` rewritten with its chain (leaf first) as paths."""
+    disk = {k: v for k, v in raw.items() if k != "volume"}
+    disk["path"], disk["format"] = chain[0]
+    disk[CHAIN_KEY] = chain[1:]
+    return disk
 
 
 def check_nic(raw: Mapping[str, Any], field: str) -> Nic:
@@ -278,6 +298,13 @@ def disk_element(disk: Disk) -> etree._Element:
     element = etree.Element("disk", type="file", device="disk")
     _sub(element, "driver", name="qemu", type=disk.format, cache="none", io="native")
     _sub(element, "source", file=disk.path)
+    if disk.backing:
+        below = element
+        for path, fmt in disk.backing:
+            below = _sub(below, "backingStore", type="file")
+            _sub(below, "format", type=fmt)
+            _sub(below, "source", file=path)
+        _sub(below, "backingStore")  # the chain ends here: libvirt is not to probe further
     _sub(element, "target", dev=disk.target, bus=disk.bus)
     if disk.readonly:
         _sub(element, "readonly")

@@ -295,3 +295,26 @@ async def test_no_space_leaves_nothing_behind(
         await client.call("StorageDomain.delete", {"sd_id": sd_id})
     finally:
         await agent.stop()
+
+
+async def test_vm_create_with_a_volume_disk_writes_the_chain(
+        vol_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
+    client = await checked_client(vol_agent.unix_url)
+    sd_id = await new_domain(client, tmp_path / "sd")
+    template = (await client.call("Volume.create", {"sd_id": sd_id, "size": 8 * MiB,
+                                                    "format": "raw", "shared": True}))["volume"]
+    clone = (await client.call("Volume.create", {"sd_id": sd_id, "parent": {
+        "image_id": template["image_id"], "volume_id": template["volume_id"]}}))["volume"]
+    ref = {k: clone[k] for k in ("sd_id", "image_id", "volume_id")}
+    tref = {k: template[k] for k in ref}
+    err = await error_of(client, "VM.create", {"spec": {
+        "name": "vn-it-vol-t", "domain_type": "test", "disks": [{"volume": tref}]}})
+    assert err.data["reason"] == "not_leaf"
+    created = await client.call("VM.create", {"spec": {
+        "name": "vn-it-vol-a", "domain_type": "test", "disks": [{"volume": ref}]},
+        "start": False})
+    xml = (await client.call("VM.getXML", {"vm_id": created["vm_id"],
+                                           "inactive": True}))["xml"]
+    assert f"file='{clone['path']}'" in xml or f'file="{clone["path"]}"' in xml
+    assert template["path"] in xml and "<backingStore" in xml
+    await client.call("VM.undefine", {"vm_id": created["vm_id"]})

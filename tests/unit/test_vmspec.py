@@ -737,3 +737,28 @@ def test_client_xml_with_the_stock_emulator_and_qemu_ns_in_metadata_is_accepted(
 def test_boot_settings_that_libvirt_would_drop_or_refuse(spec: dict[str, Any],
                                                           field: str) -> None:
     assert rejected(spec).details["field"] == field
+
+
+def test_a_volume_disk_carries_its_backing_chain() -> None:
+    from virtnode.vmspec import check_disk, disk_element, with_chain
+
+    raw = with_chain({"volume": {}, "bus": "virtio"},
+                     [("/sd/i/leaf", "qcow2"), ("/sd/i/mid", "qcow2"), ("/sd/t/base", "raw")])
+    disk = check_disk(raw, "disk", "vda")
+    assert (disk.path, disk.format) == ("/sd/i/leaf", "qcow2")
+    element = disk_element(disk)
+    stores = element.findall(".//backingStore")
+    assert [s.findtext("x") for s in stores] == [None, None, None]
+    assert [s.find("source").get("file") for s in stores[:2]] == ["/sd/i/mid", "/sd/t/base"]
+    assert [s.find("format").get("type") for s in stores[:2]] == ["qcow2", "raw"]
+    assert len(stores[2]) == 0  # an empty element ends the chain
+
+
+def test_an_unresolved_volume_disk_is_refused() -> None:
+    import pytest
+
+    from virtnode.errors import InvalidArgument
+    from virtnode.vmspec import check_disk
+
+    with pytest.raises(InvalidArgument):
+        check_disk({"volume": {"sd_id": "x"}, "path": "/x"}, "disk", "vda")
