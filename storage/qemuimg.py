@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import time
 from collections.abc import Callable, Collection, Coroutine, Sequence
@@ -47,6 +48,13 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 QEMU_IMG = "qemu-img"
+#: qemu-img is started through util-linux's ``setpriv --pdeathsig KILL`` where it exists:
+#: its own process group keeps it from the agent's signals, and without a death signal
+#: a copy would go on writing after the agent was killed (into a target the restarted
+#: agent removes as half-made).
+_PREFIX: tuple[str, ...] = (
+    (shutil.which("setpriv") or "setpriv", "--pdeathsig", "KILL", "--")
+    if shutil.which("setpriv") else ())
 #: Default timeout of the calls that only read metadata (info, measure).
 METADATA_TIMEOUT = 60.0
 #: Seconds between SIGTERM and SIGKILL when a call is cancelled or times out.
@@ -312,7 +320,7 @@ async def _run(args: Sequence[str], *, timeout: float | None = None,
     Raises the error that matches stderr unless the exit status is in ``accept``.
     """
     proc = await asyncio.create_subprocess_exec(
-        QEMU_IMG, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        *_PREFIX, QEMU_IMG, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, start_new_session=True, env=_ENV,
     )
     assert proc.stdout is not None and proc.stderr is not None

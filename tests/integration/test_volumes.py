@@ -4,10 +4,10 @@ jobs with real data, cancel, a SIGKILL during a copy, and a full filesystem."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -230,13 +230,13 @@ async def test_sigkill_during_copy_then_restart_removes_the_half_made_target(
         images = root / sd_id / "images"
         assert len(os.listdir(images)) == 2  # the target is there, illegal
         await client.close()
-        children = (await run("pgrep", "-P", str(agent.pid))).out.split()
+        children = [int(pid) for pid in
+                    (await run("pgrep", "-P", str(agent.pid))).out.split()]
+        assert children, "no qemu-img was running"
         os.kill(agent.pid, signal.SIGKILL)
         await agent.stop()
-        # qemu-img runs in a session of its own and outlives the agent: stop it by its id.
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
+        # qemu-img dies with the agent (its death signal), not left writing on its own.
+        assert await asyncio.to_thread(all_gone, children, 10.0), "qemu-img outlived the agent"
         agent = await start_agent(tmp_path / "a")
         client = await checked_client(agent.unix_url)
         assert sorted(os.listdir(images)) == [src["image_id"]]
@@ -248,6 +248,16 @@ async def test_sigkill_during_copy_then_restart_removes_the_half_made_target(
     finally:
         await agent.stop()
         await asyncio.to_thread(shutil.rmtree, root, True)
+
+
+def all_gone(pids: list[int], timeout: float) -> bool:
+    """Whether every process in ``pids`` exits within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while any(os.path.exists(f"/proc/{pid}") for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 @pytest.fixture
