@@ -1,0 +1,63 @@
+"""A real KVM guest whose disk is a qcow2 clone of a template volume on a storage domain."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lxml import etree
+
+from tests.agentproc import AgentProcess
+from tests.conftest import ClientFactory
+from tests.integration.conftest import vm_name
+from tests.integration.test_vm_lifecycle import firmware_spec
+from tests.integration.test_volumes import error_of, new_domain
+from tests.subproc import run
+
+MiB = 1024 * 1024
+
+
+async def test_a_guest_runs_on_a_clone_of_a_template(qemu_agent: AgentProcess,
+                                                     checked_client: ClientFactory,
+                                                     image_dir: Path, cleanup_vms: None) -> None:
+    client = await checked_client(qemu_agent.unix_url)
+    sd_id = await new_domain(client, image_dir / "sd", name="vm-disks")
+    template = (await client.call("Volume.create", {"sd_id": sd_id, "size": 64 * MiB,
+                                                    "format": "qcow2", "shared": True}))["volume"]
+    clone = (await client.call("Volume.create", {"sd_id": sd_id, "parent": {
+        "image_id": template["image_id"], "volume_id": template["volume_id"]}}))["volume"]
+    ref = {k: clone[k] for k in ("sd_id", "image_id", "volume_id")}
+
+    name = vm_name()
+    spec = firmware_spec(name, disks=[{"volume": ref}])
+    vm_id = (await client.call("VM.create", {"spec": spec}))["vm_id"]
+    info = await client.call("VM.getInfo", {"vm_id": vm_id})
+    assert info["state"] == "running"
+
+    # libvirt has the whole chain: the clone, then the template, each with its format.
+    xml = etree.fromstring((await client.call("VM.getXML", {"vm_id": vm_id}))["xml"].encode())
+    disk = xml.find("devices/disk")
+    assert disk is not None
+    assert disk.find("source").get("file") == clone["path"]  # type: ignore[union-attr]
+    backing = disk.find("backingStore")
+    assert backing is not None
+    assert backing.find("source").get("file") == template["path"]  # type: ignore[union-attr]
+    assert backing.find("format").get("type") == "qcow2"  # type: ignore[union-attr]
+    # On disk the clone names the template (relative, so the domain can be mounted anywhere).
+    out = (await run("qemu-img", "info", "-U", "--backing-chain", "--output=json", "-f",
+                     "qcow2", clone["path"])).check()
+    chain = [os.path.realpath(image["filename"]) for image in json.loads(out)]
+    assert chain == [os.path.realpath(clone["path"]), os.path.realpath(template["path"])]
+
+    # What the guest uses cannot go away under it.
+    err = await error_of(client, "Volume.delete", ref)
+    assert (err.name, err.data["reason"]) == ("FailedPrecondition", "in_use")
+    tref = {k: template[k] for k in ("sd_id", "image_id", "volume_id")}
+    err = await error_of(client, "Volume.delete", tref)
+    assert err.data["reason"] in ("has_children", "in_use")
+
+    await client.call("VM.destroy", {"vm_id": vm_id})
+    await client.call("VM.undefine", {"vm_id": vm_id})
+    await client.call("Volume.delete", ref)
+    await client.call("Volume.delete", tref)
