@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -16,6 +17,10 @@ from tests.integration.test_volumes import error_of, new_domain
 from tests.subproc import run
 
 MiB = 1024 * 1024
+
+
+def real_paths(paths: list[str]) -> list[str]:
+    return [os.path.realpath(p) for p in paths]
 
 
 async def test_a_guest_runs_on_a_clone_of_a_template(qemu_agent: AgentProcess,
@@ -47,8 +52,8 @@ async def test_a_guest_runs_on_a_clone_of_a_template(qemu_agent: AgentProcess,
     # On disk the clone names the template (relative, so the domain can be mounted anywhere).
     out = (await run("qemu-img", "info", "-U", "--backing-chain", "--output=json", "-f",
                      "qcow2", clone["path"])).check()
-    chain = [os.path.realpath(image["filename"]) for image in json.loads(out)]
-    assert chain == [os.path.realpath(clone["path"]), os.path.realpath(template["path"])]
+    chain = await asyncio.to_thread(real_paths, [i["filename"] for i in json.loads(out)])
+    assert chain == await asyncio.to_thread(real_paths, [clone["path"], template["path"]])
 
     # What the guest uses cannot go away under it.
     err = await error_of(client, "Volume.delete", ref)
