@@ -106,7 +106,9 @@ class Agent:
             VmDeviceService(self.vms),
             self.events,
             JobService(self.jobs),
-            StatsService(self.stats),
+            StatsService(self.stats, lambda: [
+                {"sd_id": sd_id, "name": name, "monitor": result.to_api()}
+                for sd_id, name, result in self.storage.results()]),
             self.storage,
             self.volumes,
         )

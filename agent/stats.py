@@ -377,14 +377,17 @@ class StatsSampler:
 class StatsService:
     """``Host.getStats``, ``Host.getStatsHistory`` and ``VM.getStats``: reads of the cache."""
 
-    def __init__(self, sampler: StatsSampler) -> None:
+    def __init__(self, sampler: StatsSampler,
+                 storage: Callable[[], list[JsonObject]] = list) -> None:
         self.sampler = sampler
+        #: The storage domains' latest monitor checks (a cache read, no I/O).
+        self._storage = storage
 
     @rpc_method("Host.getStats")
     async def get_host_stats(self, _ctx: CallContext, _params: JsonObject) -> JsonObject:
         if self.sampler.host is None:
             raise Unavailable("no host statistics yet", reason="not_sampled")
-        return self.sampler.host
+        return {**self.sampler.host, "storage_domains": self._storage()}
 
     @rpc_method("Host.getStatsHistory")
     async def get_history(self, _ctx: CallContext, params: JsonObject) -> JsonObject:

@@ -200,6 +200,11 @@ async def test_metrics_report_the_monitor(sd_agent: AgentProcess,
     assert f'virtnode_storage_domain_state{{{labels},state="ok"}} 1.0' in text
     assert f"virtnode_storage_domain_free_bytes{{{labels}}}" in text
     assert f"virtnode_storage_domain_read_latency_seconds{{{labels}}}" in text
+    # The same check in the host statistics, read from the monitor's cache.
+    stats = await client.call("Host.getStats")
+    [entry] = [d for d in stats["storage_domains"] if d["sd_id"] == sd_id]
+    assert entry["name"] == "m" and entry["monitor"]["state"] == "ok"
+    assert entry["monitor"]["total_bytes"] > entry["monitor"]["free_bytes"] > 0
 
 
 # --- posixfs on loop devices ----------------------------------------------------------------
