@@ -78,8 +78,11 @@ async def test_disk_rates_follow_guest_io(stats_agent: AgentProcess,
         if vm is None or not vm["disks"]:
             return False
         vda = vm["disks"][0]
+        # Rates move as soon as the guest writes; a slow (TCG, loaded) guest may need a few
+        # cycles more to have written the 4 MiB checked below.
         return bool(vda["write_bytes_per_second"] and vda["read_bytes_per_second"]
-                    and vda["write_ops_per_second"] and vda["write_latency_seconds"])
+                    and vda["write_ops_per_second"] and vda["write_latency_seconds"]
+                    and vda["write_bytes"] >= 4 * 1024 * 1024)
 
     vm = by_id(await wait_stats(client, writing), vm_id)
     assert vm is not None
