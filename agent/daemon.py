@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +66,13 @@ class Agent:
         self.stats = StatsSampler(config.stats, self.hypervisor, self.bus,
                                   pool_size=config.hypervisor.pool_size,
                                   paths=(config.state.dir,))
-        state_dir = Path(config.state.dir)
-        self.storage = StorageDomainService(
-            config.storage, Path(config.storage.mount_root or state_dir / "mnt"), self.store,
-            self.bus, lambda: usage.running_vm_disks(self.hypervisor))
-        self.volumes = VolumeService(self.storage, self.jobs, self.bus,
-                                     lambda: usage.running_vm_disks(self.hypervisor))
+        def vm_disks() -> Awaitable[dict[str, list[str]]]:
+            return usage.running_vm_disks(self.hypervisor)
+
+        mount_root = Path(config.storage.mount_root or Path(config.state.dir) / "mnt")
+        self.storage = StorageDomainService(config.storage, mount_root, self.store, self.bus,
+                                            vm_disks)
+        self.volumes = VolumeService(self.storage, self.jobs, self.bus, vm_disks)
         self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None

@@ -28,11 +28,6 @@ def _records(pairs: Any) -> list[Record]:
             if stats.get("state.state") != vc.DOMAIN_SHUTOFF]
 
 
-def _unsupported(exc: BaseException) -> bool:
-    code = getattr(exc, "get_error_code", None)
-    return callable(code) and code() == vc.ERR_NO_SUPPORT
-
-
 def bulk(conn: Connection) -> list[Record]:
     """Statistics of every running domain in one call (it lists them, locking each)."""
     return _records(conn.getAllDomainStats(GROUPS, BULK_FLAGS))
@@ -50,7 +45,7 @@ def of(conn: Connection, doms: Collection[Any], new_ids: Collection[str]) -> lis
         try:
             handles.append(conn.lookupByUUIDString(vm_id))
         except Exception as exc:
-            if getattr(exc, "get_error_code", lambda: None)() != vc.ERR_NO_DOMAIN:
+            if not vc.has_error_code(exc, vc.ERR_NO_DOMAIN):
                 raise
     return _records(conn.domainListGetStats(handles, GROUPS, LIST_FLAGS)) if handles else []
 
@@ -63,7 +58,7 @@ def control_state(dom: Any) -> tuple[int, int] | None:
     try:
         state, _details, ms = dom.controlInfo()
     except Exception as exc:
-        if _unsupported(exc):
+        if vc.has_error_code(exc, vc.ERR_NO_SUPPORT):
             return None
         raise
     return int(state), int(ms)

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from virtnode.store import transaction
+
 JsonObject = dict[str, Any]
 
 COMPONENT = "jobs"
@@ -106,18 +108,13 @@ def insert(conn: sqlite3.Connection, job: JobRecord) -> None:
 
 def save_state(conn: sqlite3.Connection, jobs: Iterable[JobRecord]) -> None:
     """Write the state, progress and outcome of ``jobs`` in one transaction."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn, "IMMEDIATE"):
         conn.executemany(
             "UPDATE jobs SET state = ?, progress = ?, finished = ?, error = ?, result = ? "
             "WHERE job_id = ?",
             [(j.state, j.progress, j.finished, _dump(j.error), _dump(j.result), j.job_id)
              for j in jobs],
         )
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 def save_progress(conn: sqlite3.Connection, job_id: str, progress: int) -> None:
@@ -131,10 +128,5 @@ def load_all(conn: sqlite3.Connection) -> list[JobRecord]:
 
 def delete(conn: sqlite3.Connection, job_ids: Iterable[str]) -> None:
     """Remove jobs (and with them their request keys) in one transaction."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn, "IMMEDIATE"):
         conn.executemany("DELETE FROM jobs WHERE job_id = ?", [(i,) for i in job_ids])
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from virtnode.events import Event, notification_text
-from virtnode.store import Store
+from virtnode.store import Store, transaction
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,10 @@ class Journal:
         row = conn.execute("SELECT value FROM journal_meta WHERE key = 'epoch'").fetchone()
         if row is None or fresh:
             epoch = str(uuid.uuid4())
-            conn.execute("BEGIN")
-            conn.execute("DELETE FROM journal")
-            conn.execute("INSERT OR REPLACE INTO journal_meta (key, value) VALUES ('epoch', ?)",
-                         (epoch,))
-            conn.execute("COMMIT")
+            with transaction(conn):
+                conn.execute("DELETE FROM journal")
+                conn.execute("INSERT OR REPLACE INTO journal_meta (key, value) "
+                             "VALUES ('epoch', ?)", (epoch,))
             log.info("event journal: new epoch %s", epoch)
         else:
             epoch = str(row[0])
@@ -108,14 +107,9 @@ class Journal:
 
     def _write(self, conn: sqlite3.Connection, rows: list[tuple[int, str, float, str]],
                trim: bool) -> int | None:
-        conn.execute("BEGIN")
-        try:
+        with transaction(conn):
             conn.executemany("INSERT INTO journal (seq, topic, time, data) VALUES (?, ?, ?, ?)",
                              rows)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         return self._trim(conn) if trim else None
 
     def _trim(self, conn: sqlite3.Connection) -> int | None:
@@ -124,10 +118,8 @@ class Journal:
         if last is None:
             return None
         cutoff = time.time() - self._max_age
-        conn.execute("BEGIN")
         conn.execute("DELETE FROM journal WHERE seq < ? AND (seq <= ? OR time < ?)",
                      (last, last - self._max_events, cutoff))
-        conn.execute("COMMIT")
         first = conn.execute("SELECT MIN(seq) FROM journal").fetchone()[0]
         return int(first)
 

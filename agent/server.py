@@ -211,20 +211,12 @@ class WsSession(_BaseSession):
                     if self._transport is not None:
                         await self._write_frames(self._transport)
                     else:
-                        await self._send_one(outbox.popleft())
+                        await self.send(outbox.popleft())
                     if self._drain_waiters:
                         self._wake_drain_waiters()
                 ready.clear()
         finally:
             self._wake_drain_waiters(closing=True)
-
-    async def _send_one(self, text: str) -> None:
-        if self.ws.closed:
-            return
-        try:  # noqa: SIM105 - contextlib.suppress costs an object per message
-            await self.ws.send_str(text)
-        except (ConnectionError, RuntimeError):
-            pass  # the peer went away
 
     async def _write_frames(self, transport: asyncio.WriteTransport) -> None:
         """Write what the outbox holds (up to a bound) as text frames in one write.

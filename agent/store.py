@@ -16,10 +16,11 @@ is gone (the journal then starts a new epoch). A database written by a newer vir
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -34,6 +35,21 @@ DB_NAME = "state.db"
 
 class StoreError(Exception):
     """The state store cannot be used (unreadable directory, newer schema)."""
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection, mode: str = "") -> Iterator[sqlite3.Connection]:
+    """``BEGIN [mode]`` ... ``COMMIT``, or ``ROLLBACK`` when the block raises.
+
+    For connections in autocommit mode (``isolation_level=None``), as the store's is.
+    """
+    conn.execute(f"BEGIN {mode}".rstrip())
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 class Store:
@@ -52,7 +68,7 @@ class Store:
         if not self._started:
             self._pool.start()
             self._started = True
-        await self.run_unopened(self._open)
+        await asyncio.wrap_future(self._pool.submit(self._open))
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(connection)`` on the store's thread and return its result."""
@@ -60,9 +76,6 @@ class Store:
         if conn is None:
             raise StoreError("the state store is not open")
         return await asyncio.wrap_future(self._pool.submit(fn, conn))
-
-    async def run_unopened(self, fn: Callable[[], T]) -> T:
-        return await asyncio.wrap_future(self._pool.submit(fn))
 
     async def ensure_schema(self, component: str, version: int, sql: str) -> None:
         """Create ``component``'s tables with ``sql`` unless they exist at ``version``.
@@ -83,7 +96,7 @@ class Store:
                 return
             conn.executescript(sql)  # idempotent: a crash here is repaired by the next start
             conn.execute("INSERT OR REPLACE INTO schema (component, version) VALUES (?, ?)",
-                             (component, version))
+                         (component, version))
 
         await self.run(ensure)
 

@@ -63,13 +63,16 @@ DOMAIN_STATS_INTERFACE = 16
 DOMAIN_STATS_BLOCK = 32
 CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE = 1
 CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT = 1 << 29
-CONNECT_LIST_DOMAINS_ACTIVE = 1
 
 # State of a domain's control interface (virDomainControlState).
-DOMAIN_CONTROL_OK = 0
-DOMAIN_CONTROL_JOB = 1
 DOMAIN_CONTROL_OCCUPIED = 2
 DOMAIN_CONTROL_ERROR = 3
 
 # virConnectListAllDomains filters.
 CONNECT_LIST_DOMAINS_ACTIVE = 1
+
+
+def has_error_code(exc: BaseException, *codes: int) -> bool:
+    """Whether ``exc`` is a libvirt error with one of ``codes`` (``ERR_*``)."""
+    code = getattr(exc, "get_error_code", None)
+    return callable(code) and code() in codes

@@ -40,15 +40,9 @@ _UNDEFINE_ATTEMPTS = (
 )
 
 
-def _refused_flags(exc: BaseException) -> bool:
-    code = getattr(exc, "get_error_code", None)
-    return callable(code) and code() in (vc.ERR_INVALID_ARG, vc.ERR_NO_SUPPORT)
-
-
 def is_no_domain(exc: BaseException) -> bool:
     """Whether a libvirt exception says the domain does not exist."""
-    code = getattr(exc, "get_error_code", None)
-    return callable(code) and code() == vc.ERR_NO_DOMAIN
+    return vc.has_error_code(exc, vc.ERR_NO_DOMAIN)
 
 
 def lookup(conn: Connection, vm_id: str) -> Domain:
@@ -127,7 +121,7 @@ def undefine(dom: Domain) -> None:
         try:
             dom.undefineFlags(flags)
         except Exception as exc:
-            if not _refused_flags(exc):
+            if not vc.has_error_code(exc, vc.ERR_INVALID_ARG, vc.ERR_NO_SUPPORT):
                 raise
         else:
             return
