@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -20,6 +21,43 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+class LockTimeout(Exception):
+    """:meth:`KeyedLocks.hold` waited longer than its timeout for ``key``."""
+
+    def __init__(self, key: Hashable) -> None:
+        super().__init__(f"timed out waiting for {key!r}")
+        self.key = key
+
+
+class KeyedLocks:
+    """One FIFO lock per key, kept only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        #: key -> [lock, holders and waiters]
+        self._locks: dict[Hashable, list[Any]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: Hashable, timeout: float | None = None) -> AsyncIterator[None]:
+        """Hold ``key``'s lock; :class:`LockTimeout` if not acquired within ``timeout``."""
+        entry = self._locks.setdefault(key, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            lock: asyncio.Lock = entry[0]
+            try:
+                async with asyncio.timeout(timeout):
+                    await lock.acquire()
+            except TimeoutError:
+                raise LockTimeout(key) from None
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._locks[key]
 
 
 class DaemonThreadPool(concurrent.futures.Executor):

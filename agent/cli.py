@@ -59,6 +59,10 @@ def _serve_parser(sub: Any) -> None:
                    help="print the effective configuration and exit")
 
 
+def _url_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"agent URL (default {DEFAULT_URL})")
+
+
 def _call_parser(sub: Any) -> None:
     p = sub.add_parser("call", help="call one API method and print its result")
     p.add_argument("method", help="e.g. Host.getCapabilities")
@@ -66,13 +70,13 @@ def _call_parser(sub: Any) -> None:
                    help="a parameter; VALUE is JSON, or a plain string if it is not JSON")
     p.add_argument("--json", dest="json_params", metavar="OBJECT",
                    help="parameters as one JSON object (merged under KEY=VALUE ones)")
-    p.add_argument("--url", default=DEFAULT_URL, help=f"agent URL (default {DEFAULT_URL})")
+    _url_arg(p)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer")
 
 
 def _methods_parser(sub: Any) -> None:
     p = sub.add_parser("methods", help="list the API methods with one-line descriptions")
-    p.add_argument("--url", default=DEFAULT_URL, help=f"agent URL (default {DEFAULT_URL})")
+    _url_arg(p)
     p.add_argument("--local", action="store_true",
                    help="read the schema installed with this command instead of asking the agent")
 
@@ -95,7 +99,7 @@ def _events_parser(sub: Any) -> None:
                    help="first replay the journal's events after SEQ")
     p.add_argument("--pretty", action="store_true",
                    help="one readable line per event instead of JSON")
-    p.add_argument("--url", default=DEFAULT_URL, help=f"agent URL (default {DEFAULT_URL})")
+    _url_arg(p)
 
 
 def _job_parser(sub: Any) -> None:
@@ -112,13 +116,12 @@ def _job_parser(sub: Any) -> None:
     cancel = jobs.add_parser("cancel", help="cancel a job and print it")
     cancel.add_argument("job_id")
     for parser in (watch, listing, cancel):
-        parser.add_argument("--url", default=DEFAULT_URL,
-                            help=f"agent URL (default {DEFAULT_URL})")
+        _url_arg(parser)
 
 
 def _stats_parser(sub: Any) -> None:
     p = sub.add_parser("stats", help="print host and VM statistics as tables")
-    p.add_argument("--url", default=DEFAULT_URL, help=f"agent URL (default {DEFAULT_URL})")
+    _url_arg(p)
     p.add_argument("--json", action="store_true", help="print both results as JSON instead")
     p.add_argument("--host", action="store_true", help="only the host")
     p.add_argument("--vms", action="store_true", help="only the VMs")
@@ -335,11 +338,9 @@ def cmd_job(args: argparse.Namespace) -> int:
     return status
 
 
-async def _stats(url: str) -> tuple[Any, Any]:
+async def _stats(url: str, methods: Sequence[str]) -> list[Any]:
     async with await Client.connect(url) as client:
-        host, vms = await asyncio.gather(client.call("Host.getStats", {}, timeout=30.0),
-                                         client.call("VM.getStats", {}, timeout=30.0))
-        return host, vms
+        return list(await asyncio.gather(*(client.call(m, {}, timeout=30.0) for m in methods)))
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -347,18 +348,23 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     if not _check_url(args.url):
         return EXIT_USAGE
-    status, answer = _run_client(_stats(args.url))
+    # --json prints both; otherwise only what is shown is asked for.
+    want_host, want_vms = args.json or not args.vms, args.json or not args.host
+    methods = [m for m, wanted in (("Host.getStats", want_host), ("VM.getStats", want_vms))
+               if wanted]
+    status, answer = _run_client(_stats(args.url, methods))
     if status:
         return status
-    host, vms = answer
+    results = dict(zip(methods, answer, strict=True))
     if args.json:
-        print(json.dumps({"host": host, "vms": vms["vms"]}, indent=2, sort_keys=True))
+        print(json.dumps({"host": results["Host.getStats"],
+                          "vms": results["VM.getStats"]["vms"]}, indent=2, sort_keys=True))
         return 0
     parts = []
-    if not args.vms:
-        parts.append(host_table(host))
-    if not args.host:
-        parts.append(vm_table(vms["vms"]))
+    if want_host:
+        parts.append(host_table(results["Host.getStats"]))
+    if want_vms:
+        parts.append(vm_table(results["VM.getStats"]["vms"]))
     print("\n\n".join(parts))
     return 0
 

@@ -31,12 +31,12 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from virtnode import jobstore
-from virtnode.aiotools import wait_event
+from virtnode.aiotools import KeyedLocks, wait_event
 from virtnode.config import JobsConfig
 from virtnode.errors import (
     Aborted,
@@ -103,8 +103,9 @@ def interrupted(message: str) -> Aborted:
 class _Running:
     """The runtime side of an unfinished job."""
 
+    task: asyncio.Task[None]  # set by JobManager._spawn right after this is made
+
     def __init__(self) -> None:
-        self.task: asyncio.Task[None] | None = None
         self.began = False
         self.finishing = False  # the outcome is being recorded; no more progress or cancel
         self.cancel_error: ApiError | None = None
@@ -113,30 +114,6 @@ class _Running:
         self.last_flush = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.flush: asyncio.Task[None] | None = None
-
-
-class _KeyLocks:
-    """Serialises submits that carry the same request key."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str | None) -> AsyncIterator[None]:
-        if key is None:
-            yield
-            return
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
 
 
 class JobManager:
@@ -152,7 +129,7 @@ class JobManager:
         self._jobs: dict[str, JobRecord] = {}
         self._keys: dict[str, str] = {}
         self._running: dict[str, _Running] = {}
-        self._key_locks = _KeyLocks()
+        self._key_locks = KeyedLocks()
         self._purger: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -206,8 +183,7 @@ class JobManager:
         tasks = []
         for job_id, running in list(self._running.items()):
             self._request_cancel(job_id, interrupted("the agent stopped while the job ran"))
-            if running.task is not None:
-                tasks.append(running.task)
+            tasks.append(running.task)
         if tasks:
             log.info("stopping %d running jobs", len(tasks))
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -261,7 +237,8 @@ class JobManager:
         """
         spec = self._kinds[kind]
         digest = params_hash(kind, params) if request_key is not None else None
-        async with self._key_locks.hold(request_key):
+        async with (self._key_locks.hold(request_key) if request_key is not None
+                    else contextlib.nullcontext()):
             existing = self._by_key(request_key, kind, digest)
             if existing is not None:
                 return existing
@@ -340,7 +317,7 @@ class JobManager:
             return
         running.cancel_error = error
         # A task that has not begun sees cancel_error when it does and never runs.
-        if running.began and running.task is not None:
+        if running.began:
             running.task.cancel()
 
     # --- running ---------------------------------------------------------------------------

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from virtnode.aiotools import KeyedLocks, LockTimeout
 from virtnode.errors import Aborted
 
 
@@ -25,50 +25,36 @@ class Operation:
                 "running_seconds": round(time.monotonic() - self.started, 3)}
 
 
-@dataclass
-class _Slot:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    holder: Operation | None = None
-    users: int = 0
-
-
 class VmLocks:
     """One FIFO lock per VM; waiting longer than ``wait`` seconds answers ``Aborted``."""
 
     def __init__(self, wait: float) -> None:
         self._wait = wait
-        self._slots: dict[str, _Slot] = {}
+        self._locks = KeyedLocks()
+        self._holders: dict[str, Operation] = {}
 
     def holder(self, vm_id: str) -> Operation | None:
-        slot = self._slots.get(vm_id)
-        return None if slot is None else slot.holder
+        return self._holders.get(vm_id)
 
     @contextlib.asynccontextmanager
     async def hold(self, vm_id: str, method: str,
                    wait: float | None = None) -> AsyncIterator[Operation]:
         """Hold ``vm_id`` for ``method``; raises :class:`Aborted` naming the operation
         in progress when the wait runs out."""
-        slot = self._slots.setdefault(vm_id, _Slot())
-        slot.users += 1
         try:
-            try:
-                async with asyncio.timeout(self._wait if wait is None else wait):
-                    await slot.lock.acquire()
-            except TimeoutError:
-                busy = slot.holder
-                raise Aborted(
-                    f"vm {vm_id} is busy with {busy.method if busy else 'another call'}",
-                    reason="vm_busy", object="vm", id=vm_id,
-                    operation=busy.describe() if busy else None,
-                ) from None
-            operation = Operation(str(uuid.uuid4()), method, time.monotonic())
-            slot.holder = operation
-            try:
-                yield operation
-            finally:
-                slot.holder = None
-                slot.lock.release()
-        finally:
-            slot.users -= 1
-            if not slot.users:
-                self._slots.pop(vm_id, None)
+            async with self._locks.hold(vm_id, self._wait if wait is None else wait):
+                operation = Operation(str(uuid.uuid4()), method, time.monotonic())
+                self._holders[vm_id] = operation
+                try:
+                    yield operation
+                finally:
+                    del self._holders[vm_id]
+        except LockTimeout as exc:
+            if exc.key != vm_id:
+                raise
+            busy = self._holders.get(vm_id)
+            raise Aborted(
+                f"vm {vm_id} is busy with {busy.method if busy else 'another call'}",
+                reason="vm_busy", object="vm", id=vm_id,
+                operation=busy.describe() if busy else None,
+            ) from None

@@ -21,7 +21,8 @@ async def settle() -> None:
 
 
 def slots(locks: VmLocks) -> dict[str, object]:
-    return dict(locks._slots)
+    """The per-VM state the locks keep (nothing once every holder and waiter is gone)."""
+    return {**locks._locks._locks, **locks._holders}
 
 
 class Holder:
