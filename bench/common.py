@@ -27,6 +27,7 @@ import libvirt
 import psutil
 
 import virtnode
+from virtnode.vmspec import check_spec, domain_xml
 
 JsonObject = dict[str, Any]
 
@@ -39,6 +40,10 @@ STOP_TIMEOUT = 30.0
 #: Held by every benchmark that makes guests on qemu:///system while it runs: two at
 #: once would disturb each other's figures (and ``vn-bench-`` covers both prefixes).
 GUEST_LOCK = Path(tempfile.gettempdir()) / "virtnode-bench-guests.lock"
+#: Where the host's libvirt daemon writes its pid: the monolithic libvirtd, or the modular
+#: virtqemud that serves qemu:///system in its place.
+LIBVIRTD_PID_FILES = (Path("/run/libvirtd.pid"), Path("/var/run/libvirtd.pid"),
+                      Path("/run/virtqemud.pid"))
 _UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
@@ -206,6 +211,29 @@ def take_guest_lock() -> int:
         raise BenchError(f"another benchmark with guests is running ({GUEST_LOCK} is locked)"
                          ) from None
     return fd
+
+
+def guest_spec(name: str, memory_mib: int) -> JsonObject:
+    """The ``VM.create`` spec of a firmware-only benchmark guest (``kvm``, machine ``pc``)."""
+    return {"name": name, "memory_mib": memory_mib, "domain_type": "kvm", "machine": "pc"}
+
+
+def guest_xml(name: str, memory_mib: int) -> str:
+    """The domain XML the agent writes for :func:`guest_spec` (with its metadata)."""
+    metadata = {"owner": "virtnode", "created": f"{time.time():.3f}", "labels": {}}
+    return domain_xml(check_spec(guest_spec(name, memory_mib), "kvm"), metadata)
+
+
+def libvirtd_pid() -> int | None:
+    """The pid of the host's libvirt daemon, to notice a restart or to read its CPU time."""
+    for path in LIBVIRTD_PID_FILES:
+        try:
+            value = int(path.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if Path(f"/proc/{value}").exists():
+            return value
+    return None
 
 
 def remove_guests(conn: Any, prefix: str) -> int:

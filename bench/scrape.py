@@ -58,6 +58,7 @@ from common import (
     JsonObject,
     Server,
     free_port,
+    libvirtd_pid,
     machine,
     remove_guests,
     spawn,
@@ -75,7 +76,6 @@ from stats import (
 
 TARGET_SPEEDUP = 10.0
 EXPORTER = "prometheus-libvirt-exporter"
-PID_FILES = (Path("/run/libvirtd.pid"), Path("/var/run/libvirtd.pid"))
 READY_TIMEOUT = 30.0
 
 #: The exporter's families about libvirt, and the virtnode family with the same meaning.
@@ -118,15 +118,6 @@ Samples = dict[str, list[dict[str, str]]]
 
 
 # --- the servers ---------------------------------------------------------------------------
-
-
-def libvirtd_pid() -> int | None:
-    for path in PID_FILES:
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(path.read_text().strip())
-            if psutil.pid_exists(pid):
-                return pid
-    return None
 
 
 def start_exporter(tmp: Path) -> Server:

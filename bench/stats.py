@@ -54,7 +54,6 @@ import libvirt
 import psutil
 
 from virtnode import domstats
-from virtnode.vmspec import check_spec, domain_xml
 
 from common import (
     BenchError,
@@ -62,6 +61,7 @@ from common import (
     Server,
     cpu_seconds,
     free_port,
+    guest_xml,
     machine,
     remove_guests,
     start_agent,
@@ -92,13 +92,6 @@ Conn = Any  # libvirt.virConnect; libvirt ships no type information
 
 
 # --- guests --------------------------------------------------------------------------------
-
-
-def guest_xml(name: str, memory_mib: int) -> str:
-    """The domain XML the agent would write for a firmware-only guest."""
-    spec = {"name": name, "memory_mib": memory_mib, "domain_type": "kvm", "machine": "pc"}
-    metadata = {"owner": "virtnode", "created": f"{time.time():.3f}", "labels": {}}
-    return domain_xml(check_spec(spec, "kvm"), metadata)
 
 
 def open_libvirt(uri: str = URI) -> Conn:

@@ -46,7 +46,6 @@ from typing import Any
 import libvirt
 
 from virtnode.client import Client, ClientError
-from virtnode.vmspec import check_spec, domain_xml
 
 from common import (
     READY_TIMEOUT,
@@ -54,6 +53,9 @@ from common import (
     JsonObject,
     Server,
     cpu_seconds,
+    guest_spec,
+    guest_xml,
+    libvirtd_pid,
     machine,
     remove_guests,
     start_agent,
@@ -66,8 +68,6 @@ TARGET_RATIO = 1.15
 
 URI = "qemu:///system"
 PREFIX = "vn-bench-"
-PID_FILES = (Path("/run/libvirtd.pid"), Path("/var/run/libvirtd.pid"),
-             Path("/run/virtqemud.pid"))
 #: How long the first connection may wait for libvirtd (it may be restarting).
 OPEN_TIMEOUT = 30.0
 #: Longest one VM.create (or one raw define + start) may take before the run is abandoned.
@@ -80,31 +80,7 @@ Conn = Any  # libvirt.virConnect; libvirt ships no type information
 Dom = Any  # libvirt.virDomain
 
 
-# --- the guests ----------------------------------------------------------------------------
-
-
-def spec(name: str, memory_mib: int) -> JsonObject:
-    """The ``VM.create`` spec of one benchmark guest."""
-    return {"name": name, "memory_mib": memory_mib, "domain_type": "kvm", "machine": "pc"}
-
-
-def guest_xml(name: str, memory_mib: int) -> str:
-    """The domain XML the agent writes for :func:`spec` (with its metadata)."""
-    checked = check_spec(spec(name, memory_mib), "kvm")
-    metadata = {"owner": "virtnode", "created": f"{time.time():.3f}", "labels": {}}
-    return domain_xml(checked, metadata)
-
-
-def libvirtd_pid() -> int | None:
-    """The pid of the host's libvirtd, to notice a restart by other work on the host."""
-    for path in PID_FILES:
-        try:
-            value = int(path.read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if Path(f"/proc/{value}").exists():
-            return value
-    return None
+# --- libvirt -------------------------------------------------------------------------------
 
 
 class Libvirt:
@@ -177,7 +153,7 @@ async def via_agent(agent: Server, names: list[str], memory_mib: int) -> Sample:
         async def create(name: str) -> float:
             result = await client.call(
                 "VM.create",
-                {"spec": spec(name, memory_mib), "persistent": True, "start": True},
+                {"spec": guest_spec(name, memory_mib), "persistent": True, "start": True},
                 timeout=CALL_TIMEOUT,
             )
             done = time.perf_counter() - started
