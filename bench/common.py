@@ -31,7 +31,8 @@ from virtnode.vmspec import check_spec, domain_xml
 
 JsonObject = dict[str, Any]
 
-#: How long a started server may take to answer ``GET /healthz`` with 200.
+#: How long a started server may take to be ready (answer ``GET /healthz`` with 200), and
+#: bench/events.py's subscriber processes to have subscribed.
 READY_TIMEOUT = 120.0
 #: How long a server may take to exit after SIGTERM before it is killed.
 STOP_TIMEOUT = 30.0
@@ -134,29 +135,57 @@ def start_agent(tmp: Path, hypervisor: str, *, listen: str | None = None,
     return spawn(name, argv, url, tmp / f"{name}.log")
 
 
-async def wait_ready(server: Server, timeout: float = READY_TIMEOUT) -> None:
-    """Poll ``GET /healthz`` until it answers 200; BenchError if the server exits first."""
+async def wait_ready(server: Server, timeout: float = READY_TIMEOUT, *, path: str = "/healthz",
+                     session: aiohttp.ClientSession | None = None) -> None:
+    """Poll ``GET path`` until it answers 200; BenchError if the server exits first.
+
+    With ``session`` (TCP servers only) the polls go through it, so its connection to the
+    server is open for what follows.
+    """
     deadline = time.monotonic() + timeout
     if server.url.startswith("unix:"):
-        path = server.url.removeprefix("unix:")
+        socket_path = server.url.removeprefix("unix:")
         base = "http://localhost"
     else:
-        path = ""
+        socket_path = ""
         base = "http://" + server.url.removeprefix("tcp://")
     while True:
         server.check_alive()
-        connector = aiohttp.UnixConnector(path=path) if path else None
         try:
-            async with (aiohttp.ClientSession(connector=connector) as session,
-                        session.get(base + "/healthz") as resp):
-                if resp.status == 200:
-                    return
+            if session is not None:
+                async with session.get(base + path) as resp:
+                    if resp.status == 200:
+                        return
+            else:
+                connector = aiohttp.UnixConnector(path=socket_path) if socket_path else None
+                async with (aiohttp.ClientSession(connector=connector) as own,
+                            own.get(base + path) as resp):
+                    if resp.status == 200:
+                        return
         except (aiohttp.ClientError, OSError):
             pass
         if time.monotonic() > deadline:
-            raise BenchError(f"{server.name} was not ready after {timeout:.0f}s:\n"
-                             f"{server.log_tail()}")
+            raise BenchError(f"{server.name} did not answer GET {path} with 200 within "
+                             f"{timeout:.0f}s:\n{server.log_tail()}")
         await asyncio.sleep(0.05)
+
+
+async def scrape_metrics(server: Server,
+                         session: aiohttp.ClientSession | None = None) -> tuple[float, str]:
+    """``GET /metrics`` of a TCP server: seconds from sending the request to having read
+    the whole body, and the body. Without ``session``, one is opened for this request.
+    """
+    if session is None:
+        async with aiohttp.ClientSession() as own:
+            return await scrape_metrics(server, own)
+    url = "http://" + server.url.removeprefix("tcp://") + "/metrics"
+    started = time.perf_counter()
+    async with session.get(url) as resp:
+        body = await resp.text()
+    seconds = time.perf_counter() - started
+    if resp.status != 200:
+        raise BenchError(f"{server.name}: GET /metrics answered {resp.status}")
+    return seconds, body
 
 
 def cpu_seconds(pid: int) -> float:

@@ -37,14 +37,13 @@ import aiohttp
 from virtnode.config import build_config
 from virtnode.daemon import Agent
 
-from common import BenchError, JsonObject, cpu_seconds, machine
+from common import READY_TIMEOUT, BenchError, JsonObject, cpu_seconds, machine
 
 TARGET_P99_MS = 50.0
 TOPIC = "bench.tick"
 END_TOPIC = "bench.end"
 #: Publishing happens in slices of this many seconds (a timer per slice, not per event).
 SLICE = 0.005
-READY_TIMEOUT = 60.0
 SELF = str(Path(__file__).resolve())
 #: The start of an event notification as the agent writes it.
 HEAD = re.compile(r'\{"jsonrpc":"2.0","method":"event","params":\{"epoch":"[^"]*",'

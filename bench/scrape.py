@@ -42,7 +42,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,17 +49,18 @@ from typing import Any
 
 import aiohttp
 import libvirt
-import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from common import (
     BenchError,
     JsonObject,
     Server,
+    cpu_seconds,
     free_port,
     libvirtd_pid,
     machine,
     remove_guests,
+    scrape_metrics,
     spawn,
     start_agent,
     take_guest_lock,
@@ -76,7 +76,6 @@ from stats import (
 
 TARGET_SPEEDUP = 10.0
 EXPORTER = "prometheus-libvirt-exporter"
-READY_TIMEOUT = 30.0
 
 #: The exporter's families about libvirt, and the virtnode family with the same meaning.
 #: ``key`` says how a series of the exporter finds its counterpart: by VM, by VM and
@@ -130,23 +129,6 @@ def start_exporter(tmp: Path) -> Server:
                  f"tcp://127.0.0.1:{port}", tmp / "exporter.log")
 
 
-def metrics_url(server: Server) -> str:
-    return "http://" + server.url.removeprefix("tcp://") + "/metrics"
-
-
-async def wait_metrics(server: Server, session: aiohttp.ClientSession) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        server.check_alive()
-        with contextlib.suppress(aiohttp.ClientError, OSError):
-            async with session.get(metrics_url(server)) as resp:
-                if resp.status == 200:
-                    return
-        if time.monotonic() > deadline:
-            raise BenchError(f"{server.name} did not serve /metrics:\n{server.log_tail()}")
-        await asyncio.sleep(0.1)
-
-
 def content_guest_xml(name: str, disk: Path, tap: str) -> str:
     """A firmware-only guest with one raw disk and one NIC on a tap device of its own."""
     return (f"<domain type='kvm'><name>{name}</name><memory unit='MiB'>64</memory>"
@@ -182,50 +164,33 @@ class Timing:
                 "body_bytes": self.body_bytes, "samples": self.samples}
 
 
-def _cpu(proc: psutil.Process | None) -> float:
-    if proc is None:
-        return 0.0
-    times = proc.cpu_times()
-    return float(times.user + times.system)
-
-
-async def timed_scrape(session: aiohttp.ClientSession, url: str) -> tuple[float, str]:
-    started = time.perf_counter()
-    async with session.get(url) as resp:
-        body = await resp.text()
-    seconds = time.perf_counter() - started
-    if resp.status != 200:
-        raise BenchError(f"GET {url} answered {resp.status}")
-    return seconds, body
-
-
 async def time_scrapes(servers: dict[str, Server], rounds: int, per_round: int,
                        warmup: int) -> dict[str, Timing]:
     daemon = libvirtd_pid()
-    libvirtd = psutil.Process(daemon) if daemon is not None else None
-    procs = {name: psutil.Process(s.pid) for name, s in servers.items()}
     timings = {name: Timing() for name in servers}
     sessions = {name: aiohttp.ClientSession() for name in servers}
     try:
         for name, server in servers.items():
-            await wait_metrics(server, sessions[name])
+            await wait_ready(server, path="/metrics", session=sessions[name])
             for _ in range(warmup):
-                await timed_scrape(sessions[name], metrics_url(server))
+                await scrape_metrics(server, sessions[name])
         names = list(servers)
         for rnd in range(rounds):
             order = names if rnd % 2 == 0 else names[::-1]
             for _ in range(per_round):
                 for name in order:
-                    cpu0, lv0 = _cpu(procs[name]), _cpu(libvirtd)
-                    seconds, body = await timed_scrape(sessions[name],
-                                                       metrics_url(servers[name]))
+                    pid = servers[name].pid
+                    cpu0 = cpu_seconds(pid)
+                    lv0 = cpu_seconds(daemon) if daemon is not None else 0.0
+                    seconds, body = await scrape_metrics(servers[name], sessions[name])
                     timing = timings[name]
-                    timing.cpu_s += _cpu(procs[name]) - cpu0
-                    timing.libvirtd_cpu_s += _cpu(libvirtd) - lv0
+                    timing.cpu_s += cpu_seconds(pid) - cpu0
+                    if daemon is not None:
+                        timing.libvirtd_cpu_s += cpu_seconds(daemon) - lv0
                     timing.seconds.append(seconds)
                     timing.body_bytes = len(body.encode())
         for name, server in servers.items():
-            _, body = await timed_scrape(sessions[name], metrics_url(server))
+            _, body = await scrape_metrics(server, sessions[name])
             timings[name].samples = sum(len(samples_of(body)[k]) for k in samples_of(body))
     finally:
         for session in sessions.values():
@@ -328,8 +293,8 @@ async def content_check(agent: Server, exporter: Server, conn: Any, tmp: Path,
     finally:
         await watch.close()
     async with aiohttp.ClientSession() as session:
-        _, theirs = await timed_scrape(session, metrics_url(exporter))
-        _, ours = await timed_scrape(session, metrics_url(agent))
+        _, theirs = await scrape_metrics(exporter, session)
+        _, ours = await scrape_metrics(agent, session)
     passed, said = promtool(ours)
     return {"families": compare(theirs, ours), "promtool_passed": passed,
             "promtool_output": said, "vms": count + 1}

@@ -64,6 +64,7 @@ from common import (
     guest_xml,
     machine,
     remove_guests,
+    scrape_metrics,
     start_agent,
     take_guest_lock,
     wait_ready,
@@ -196,14 +197,6 @@ class CycleWatch:
         raise BenchError(f"the agent's cycles did not settle on {vms} VMs")
 
 
-async def scrape(agent: Server) -> str:
-    url = "http://" + agent.url.removeprefix("tcp://") + "/metrics"
-    async with aiohttp.ClientSession() as session, session.get(url) as resp:
-        if resp.status != 200:
-            raise BenchError(f"GET /metrics answered {resp.status}")
-        return await resp.text()
-
-
 def cycle_totals(text: str) -> tuple[float, float]:
     """``virtnode_stats_cycle_duration_seconds`` count and sum for the VM cycles."""
     values = {}
@@ -290,7 +283,7 @@ async def measure(agent: Server, conn: Conn, vms: int, rounds: int, pairs: int) 
     try:
         await watch.open()
         await watch.settle(vms)
-        count0, sum0 = cycle_totals(await scrape(agent))
+        count0, sum0 = cycle_totals((await scrape_metrics(agent))[1])
         await watch.next()  # the scrape is not in a measured cycle
         for rnd in range(rounds):
             position = POSITIONS[rnd % len(POSITIONS)]
@@ -328,7 +321,7 @@ async def measure(agent: Server, conn: Conn, vms: int, rounds: int, pairs: int) 
             series.round_ratios.append(statistics.median(round_agent)
                                        / statistics.median(round_raw))
             series.round_positions.append(position)
-        count1, sum1 = cycle_totals(await scrape(agent))
+        count1, sum1 = cycle_totals((await scrape_metrics(agent))[1])
         series.metrics_mean_s = (sum1 - sum0) / (count1 - count0)
     finally:
         await watch.close()
@@ -426,7 +419,7 @@ async def run_scale(agents: Agents, opts: Options, results: Results) -> None:
         results.scale.append(series.summary())
         if count == max(SCALE_COUNTS) and "rss" in opts.parts:
             for _ in range(3):
-                await scrape(agent)
+                await scrape_metrics(agent)
             rss, peak = rss_mb(agent.pid)
             results.rss["loaded"] = {"vms": count, "rss_mb": rss, "peak_mb": peak}
         agents.stop(agent)
