@@ -230,6 +230,12 @@ def machine(**extra: Any) -> JsonObject:
     }
 
 
+def libvirt_version() -> str:
+    """The version of the libvirt library this process uses, as ``MAJOR.MINOR.MICRO``."""
+    lib = libvirt.getVersion()
+    return f"{lib // 1_000_000}.{lib // 1000 % 1000}.{lib % 1000}"
+
+
 def take_guest_lock() -> int:
     """Lock :data:`GUEST_LOCK` for this process's lifetime; BenchError if another run has it."""
     fd = os.open(GUEST_LOCK, os.O_RDWR | os.O_CREAT, 0o600)

@@ -57,6 +57,7 @@ from common import (
     Server,
     cpu_seconds,
     free_port,
+    libvirt_version,
     libvirtd_pid,
     machine,
     remove_guests,
@@ -356,11 +357,9 @@ def evaluate(result: JsonObject) -> list[JsonObject]:
 
 
 def _machine() -> JsonObject:
-    lib = libvirt.getVersion()
     version = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", EXPORTER],
                              capture_output=True, text=True, check=False).stdout.strip()
-    return machine(libvirt=f"{lib // 1_000_000}.{lib // 1000 % 1000}.{lib % 1000}",
-                   exporter=version or "unknown")
+    return machine(libvirt=libvirt_version(), exporter=version or "unknown")
 
 
 def _lines(rows: Iterable[JsonObject]) -> Iterable[str]:

@@ -62,6 +62,7 @@ from common import (
     cpu_seconds,
     free_port,
     guest_xml,
+    libvirt_version,
     machine,
     remove_guests,
     scrape_metrics,
@@ -457,8 +458,7 @@ async def run_all(tmp: Path, opts: Options, results: Results) -> None:
 
 
 def _machine() -> JsonObject:
-    lib = libvirt.getVersion()
-    return machine(libvirt=f"{lib // 1_000_000}.{lib // 1000 % 1000}.{lib % 1000}")
+    return machine(libvirt=libvirt_version())
 
 
 def evaluate(results: Results) -> list[JsonObject]:

@@ -55,6 +55,7 @@ from common import (
     cpu_seconds,
     guest_spec,
     guest_xml,
+    libvirt_version,
     libvirtd_pid,
     machine,
     remove_guests,
@@ -333,8 +334,7 @@ async def run_bench(agent: Server, lv: Libvirt, opts: Options, run: Run) -> None
 
 
 def _machine() -> JsonObject:
-    lib = libvirt.getVersion()
-    return machine(libvirt=f"{lib // 1_000_000}.{lib // 1000 % 1000}.{lib % 1000}")
+    return machine(libvirt=libvirt_version())
 
 
 def evaluate(run: Run, opts: Options) -> JsonObject:
