@@ -6,6 +6,7 @@ The benchmark scripts are run as ``python bench/NAME.py``, so this module is imp
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import fcntl
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,26 @@ def machine(**extra: Any) -> JsonObject:
         "python": platform.python_version(),
         **extra,
     }
+
+
+def require_at_least_one(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                         *names: str) -> None:
+    """Reject (``parser.error``) any of the options ``names`` (dest names) below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def _value(target: JsonObject) -> str:
+    return f"{target['value']}"
+
+
+def print_targets(targets: Sequence[JsonObject],
+                  shown: Callable[[JsonObject], str] = _value) -> None:
+    """``PASS`` or ``FAIL``, the name, the value as ``shown`` writes it, and the target."""
+    for target in targets:
+        status = "PASS" if target["passed"] else "FAIL"
+        print(f"{status}  {target['name']}: {shown(target)} (target {target['target']})")
 
 
 def libvirt_version() -> str:

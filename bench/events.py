@@ -37,7 +37,15 @@ import aiohttp
 from virtnode.config import build_config
 from virtnode.daemon import Agent
 
-from common import READY_TIMEOUT, BenchError, JsonObject, cpu_seconds, machine
+from common import (
+    READY_TIMEOUT,
+    BenchError,
+    JsonObject,
+    cpu_seconds,
+    machine,
+    print_targets,
+    require_at_least_one,
+)
 
 TARGET_P99_MS = 50.0
 TOPIC = "bench.tick"
@@ -232,9 +240,7 @@ def print_table(result: JsonObject) -> None:
           f"of one core); subscribers' CPU {result['subscriber_cpu_s']} s; all received "
           f"{result['until_all_received_s']} s after the first publish")
     print()
-    for target in result["targets"]:
-        status = "PASS" if target["passed"] else "FAIL"
-        print(f"{status}  {target['name']}: {target['value']} (target {target['target']})")
+    print_targets(result["targets"])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -249,9 +255,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--subscriber", nargs=2, metavar=("SOCKET", "COUNT"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("subscribers", "procs", "rate"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+    require_at_least_one(p, args, "subscribers", "procs", "rate")
     return args
 
 

@@ -47,6 +47,8 @@ from common import (
     cpu_seconds,
     free_port,
     machine,
+    print_targets,
+    require_at_least_one,
     spawn,
     start_agent,
     wait_ready,
@@ -305,11 +307,8 @@ def print_table(figures: dict[str, Figures], verdict: JsonObject, opts: Options)
         spread = ", ".join(f"{v:.0f}" for v in echo.throughput_rps)
         print(f"{'echo req/s by round':<26}{spread}")
     print()
-    for target in verdict["targets"]:
-        value = target["value"]
-        shown = f"{value:.0%}" if "/" in target["name"] else f"{value:.0f} us"
-        status = "PASS" if target["passed"] else "FAIL"
-        print(f"{status}  {target['name']}: {shown} (target {target['target']})")
+    print_targets(verdict["targets"], lambda t: f"{t['value']:.0%}" if "/" in t["name"]
+                  else f"{t['value']:.0f} us")
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -328,9 +327,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--echo-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("warmup", "calls", "pipelined", "window", "rounds"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+    require_at_least_one(p, args, "warmup", "calls", "pipelined", "window", "rounds")
     return args
 
 

@@ -60,7 +60,9 @@ from common import (
     libvirt_version,
     libvirtd_pid,
     machine,
+    print_targets,
     remove_guests,
+    require_at_least_one,
     scrape_metrics,
     spawn,
     start_agent,
@@ -410,9 +412,7 @@ def print_table(result: JsonObject, targets: list[JsonObject], opts: Options) ->
     if not content["promtool_passed"]:
         print(f"  promtool check metrics:\n{content['promtool_output']}")
     print()
-    for t in targets:
-        status = "PASS" if t["passed"] else "FAIL"
-        print(f"{status}  {t['name']}: {t['value']} (target {t['target']})")
+    print_targets(targets)
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -428,9 +428,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed scrapes per server first")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
-    for name in ("count", "rounds", "scrapes"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+    require_at_least_one(p, args, "count", "rounds", "scrapes")
     return args
 
 

@@ -64,7 +64,9 @@ from common import (
     guest_xml,
     libvirt_version,
     machine,
+    print_targets,
     remove_guests,
+    require_at_least_one,
     scrape_metrics,
     start_agent,
     take_guest_lock,
@@ -523,10 +525,8 @@ def print_table(results: Results, targets: list[JsonObject], opts: Options) -> N
     if results.removed_at_start:
         print(f"\nremoved {results.removed_at_start} {PREFIX}* VM(s) left from an earlier run")
     print()
-    for t in targets:
-        status = "PASS" if t["passed"] else "FAIL"
-        value = f"{t['value']:.2f}x" if t["unit"] == "x" else f"{t['value']:.1f} MB"
-        print(f"{status}  {t['name']}: {value} (target {t['target']})")
+    print_targets(targets, lambda t: f"{t['value']:.2f}x" if t["unit"] == "x"
+                  else f"{t['value']:.1f} MB")
     if "kvm" not in opts.parts:
         print("SKIP  VM sampling cycle with KVM guests (--parts)")
 
@@ -551,9 +551,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.parts = tuple(x for x in args.parts.split(",") if x)
     if not args.parts or set(args.parts) - set(PARTS):
         p.error(f"--parts takes a comma-separated list of {', '.join(PARTS)}")
-    for name in ("count", "rounds", "scale_rounds", "pairs"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(p, args, "count", "rounds", "scale_rounds", "pairs")
     return args
 
 

@@ -58,7 +58,9 @@ from common import (
     libvirt_version,
     libvirtd_pid,
     machine,
+    print_targets,
     remove_guests,
+    require_at_least_one,
     start_agent,
     take_guest_lock,
     wait_ready,
@@ -394,9 +396,7 @@ def print_table(run: Run, verdict: JsonObject, opts: Options) -> None:
         print(f"measurement taken again: {why}")
     if run.removed_at_start or run.retries:
         print()
-    for target in verdict["targets"]:
-        status = "PASS" if target["passed"] else "FAIL"
-        print(f"{status}  {target['name']}: {target['value']:.2f} (target {target['target']})")
+    print_targets(verdict["targets"], lambda t: f"{t['value']:.2f}")
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -415,9 +415,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="pass --set to the agent (e.g. hypervisor.pool_size=20); repeatable")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
-    for name in ("count", "rounds"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+    require_at_least_one(p, args, "count", "rounds")
     if args.memory < 16:
         p.error("--memory must be at least 16")
     return args

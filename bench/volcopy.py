@@ -38,7 +38,7 @@ from typing import Any
 
 from virtnode.client import Client
 
-from common import BenchError, JsonObject, machine, start_agent, wait_ready
+from common import BenchError, JsonObject, machine, print_targets, start_agent, wait_ready
 
 TARGET_RATIO = 1.05
 MiB = 1024 * 1024
@@ -153,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("median", "fastest"):
             print(f"{key:<16}{result[key]['direct']:>10.2f}{result[key]['agent']:>10.2f}")
         print(f"median of per-round ratios: {result['paired_ratio']:.3f}")
-        status = "PASS" if result["passed"] else "FAIL"
-        print(f"{status}  Volume.copy / qemu-img convert: {result['ratio']:.3f} "
-              f"(target <= {TARGET_RATIO})")
+        print_targets([{"name": "Volume.copy / qemu-img convert", "value": result["ratio"],
+                        "target": f"<= {TARGET_RATIO}", "passed": result["passed"]}],
+                      lambda t: f"{t['value']:.3f}")
     return 0 if result["passed"] else 1
 
 
