@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import math
 import os
 import platform
 import signal
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,22 @@ def cpu_seconds(pid: int) -> float:
     """User and system CPU time a process has used so far."""
     times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
+
+
+def percentile(values: Iterable[float], pct: float) -> float:
+    """The ``pct`` percentile (0 to 100) of ``values``, NaN if there are none.
+
+    Linear interpolation between the two closest ranks, as ``numpy.percentile`` does and
+    ``statistics.quantiles(method="inclusive")``: the 50th is the median, the 100th the
+    largest value.
+    """
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    position = pct / 100 * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def _git(root: str, *args: str) -> str:

@@ -43,6 +43,7 @@ from common import (
     JsonObject,
     cpu_seconds,
     machine,
+    percentile,
     print_targets,
     require_at_least_one,
 )
@@ -183,13 +184,6 @@ async def run(opts: argparse.Namespace) -> JsonObject:
                       "drain_wall": drain_wall})
 
 
-def percentile(values: list[int], pct: float) -> float:
-    if not values:
-        return float("nan")
-    index = min(len(values) - 1, round(pct / 100 * (len(values) - 1)))
-    return values[index] / 1000.0
-
-
 def summarize(opts: argparse.Namespace, published: int, reports: list[JsonObject],
               times: dict[str, float]) -> JsonObject:
     agent_cpu, publish_wall = times["agent_cpu"], times["publish_wall"]
@@ -198,7 +192,7 @@ def summarize(opts: argparse.Namespace, published: int, reports: list[JsonObject
     lost = sum(published - s["count"] for s in subs)
     disordered = sum(1 for s in subs if not s["in_order_no_repeats"])
     notices = sorted({m for s in subs for m in s["other"]})
-    p99 = percentile(latencies, 99)
+    p99 = percentile(latencies, 99) / 1000
     return {
         "benchmark": "event fan-out over WebSocket (agent in-process, test:///default)",
         "machine": machine(aiohttp=aiohttp.__version__),
@@ -209,8 +203,9 @@ def summarize(opts: argparse.Namespace, published: int, reports: list[JsonObject
         "lost": lost,
         "subscribers_out_of_order": disordered,
         "other_notifications": notices,
-        "latency_ms": {"p50": percentile(latencies, 50), "p90": percentile(latencies, 90),
-                       "p99": p99, "max": percentile(latencies, 100)},
+        "latency_ms": {"p50": percentile(latencies, 50) / 1000,
+                       "p90": percentile(latencies, 90) / 1000,
+                       "p99": p99, "max": percentile(latencies, 100) / 1000},
         "agent_cpu_s": round(agent_cpu, 2),
         "agent_cpu_percent_of_one_core": round(100 * agent_cpu / publish_wall, 1),
         "subscriber_cpu_s": round(sum(r["cpu_s"] for r in reports), 2),

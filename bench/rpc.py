@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from common import (
     cpu_seconds,
     free_port,
     machine,
+    percentile,
     print_targets,
     require_at_least_one,
     spawn,
@@ -156,12 +156,6 @@ async def pipelined(ws: aiohttp.ClientWebSocketResponse, first_id: int, count: i
 # --- measurement ---------------------------------------------------------------------------
 
 
-def percentile(sorted_ns: list[int], pct: float) -> float:
-    """Nearest-rank percentile, in microseconds."""
-    rank = max(1, math.ceil(pct / 100 * len(sorted_ns)))
-    return sorted_ns[rank - 1] / 1000
-
-
 @dataclass
 class Figures:
     """The figures of one server: one entry per round, and their medians."""
@@ -208,10 +202,10 @@ async def warm_up(conn: Connection, opts: Options) -> None:
 
 
 async def measure_round(conn: Connection, opts: Options, figures: Figures) -> None:
-    samples = sorted(await sequential(conn.ws, conn.ids(opts.calls), opts.calls))
-    figures.p50_us.append(percentile(samples, 50))
-    figures.p90_us.append(percentile(samples, 90))
-    figures.p99_us.append(percentile(samples, 99))
+    samples = await sequential(conn.ws, conn.ids(opts.calls), opts.calls)
+    figures.p50_us.append(percentile(samples, 50) / 1000)
+    figures.p90_us.append(percentile(samples, 90) / 1000)
+    figures.p99_us.append(percentile(samples, 99) / 1000)
     cpu_before = cpu_seconds(conn.server.pid)
     rps = await pipelined(conn.ws, conn.ids(opts.pipelined), opts.pipelined, opts.window)
     figures.throughput_rps.append(rps)

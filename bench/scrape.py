@@ -38,7 +38,6 @@ import contextlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,6 +59,7 @@ from common import (
     libvirt_version,
     libvirtd_pid,
     machine,
+    percentile,
     print_targets,
     remove_guests,
     require_at_least_one,
@@ -155,13 +155,10 @@ class Timing:
     body_bytes: int = 0
     samples: int = 0
 
-    def quantile(self, q: int) -> float:
-        return statistics.quantiles(self.seconds, n=100, method="inclusive")[q - 1]
-
     def summary(self) -> JsonObject:
         n = len(self.seconds)
-        return {"scrapes": n, "p50_s": statistics.median(self.seconds),
-                "p90_s": self.quantile(90), "min_s": min(self.seconds),
+        return {"scrapes": n, "p50_s": percentile(self.seconds, 50),
+                "p90_s": percentile(self.seconds, 90), "min_s": min(self.seconds),
                 "cpu_per_scrape_s": self.cpu_s / n,
                 "libvirtd_cpu_per_scrape_s": self.libvirtd_cpu_s / n,
                 "body_bytes": self.body_bytes, "samples": self.samples}
