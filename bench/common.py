@@ -15,6 +15,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,8 @@ READY_TIMEOUT = 120.0
 #: How long a server may take to exit after SIGTERM before it is killed.
 STOP_TIMEOUT = 30.0
 
+
+MiB = 1024 * 1024
 
 #: Held by every benchmark that makes guests on qemu:///system while it runs: two at
 #: once would disturb each other's figures (and ``vn-bench-`` covers both prefixes).
@@ -210,6 +213,28 @@ def percentile(values: Iterable[float], pct: float) -> float:
     low = math.floor(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def paired_ratio(ours: Sequence[float], theirs: Sequence[float]) -> float:
+    """The median over rounds of ``ours[i] / theirs[i]``, the two measured in the same round."""
+    return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
+
+
+def sync() -> None:
+    """``sync``: write back every dirty page, so the next measurement does not pay for it."""
+    subprocess.run(["sync"], check=True)
+
+
+def write_incompressible(path: str | Path, size: int) -> None:
+    """Write ``size`` bytes of non-zero data that does not compress (one random MiB over
+    and over) from the start of ``path``, created if missing, not truncated; then sync.
+    """
+    block = os.urandom(MiB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    with os.fdopen(fd, "wb") as out:
+        for _ in range(size // MiB):
+            out.write(block)
+    sync()
 
 
 def _git(root: str, *args: str) -> str:
