@@ -62,7 +62,7 @@ HEAD = re.compile(r'\{"jsonrpc":"2.0","method":"event","params":\{"epoch":"[^"]*
 # --- subscriber processes ------------------------------------------------------------------
 
 
-async def _subscriber(session: aiohttp.ClientSession, url: str, ready: asyncio.Event,
+async def _subscriber(session: aiohttp.ClientSession, ready: asyncio.Event,
                       stats: JsonObject) -> None:
     async with session.ws_connect("http://localhost/rpc", max_msg_size=0) as ws:
         await ws.send_str(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "Events.subscribe",
@@ -96,7 +96,7 @@ async def run_subscribers(socket_path: str, count: int) -> None:
     readies = [asyncio.Event() for _ in range(count)]
     connector = aiohttp.UnixConnector(path=socket_path, limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        tasks = [asyncio.create_task(_subscriber(session, socket_path, r, s))
+        tasks = [asyncio.create_task(_subscriber(session, r, s))
                  for r, s in zip(readies, stats, strict=True)]
         await asyncio.gather(*(r.wait() for r in readies))
         print("ready", flush=True)

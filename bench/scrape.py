@@ -191,7 +191,7 @@ async def time_scrapes(servers: dict[str, Server], rounds: int, per_round: int,
                     timing.body_bytes = len(body.encode())
         for name, server in servers.items():
             _, body = await scrape_metrics(server, sessions[name])
-            timings[name].samples = sum(len(samples_of(body)[k]) for k in samples_of(body))
+            timings[name].samples = sum(len(labels) for labels in samples_of(body).values())
     finally:
         for session in sessions.values():
             await session.close()

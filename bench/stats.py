@@ -85,7 +85,6 @@ AGENT_SET = (f"stats.vm_interval={VM_INTERVAL:g}", "stats.host_interval=3600")
 MARGIN = 0.1
 #: Where the raw call goes between two cycles, alternating by round.
 POSITIONS = ("after", "before")
-#: Held while guests of this script exist: bench/stats.py and bench/scrape.py share it.
 #: Longest wait for the next ``stats.vm`` event.
 EVENT_TIMEOUT = 30.0
 SCALE_COUNTS = (10, 100, 1000)
@@ -223,8 +222,6 @@ class Series:
     agent_s: list[float] = field(default_factory=list)
     raw_s: list[float] = field(default_factory=list)
     raw_cpu_s: list[float] = field(default_factory=list)
-    #: Agent CPU per cycle, one figure per round (the clock ticks at 10 ms).
-    agent_cpu_s: list[float] = field(default_factory=list)
     #: Agent CPU over all rounds, and the cycles in them.
     agent_cpu_total_s: float = 0.0
     cycles: int = 0
@@ -318,7 +315,6 @@ async def measure(agent: Server, conn: Conn, vms: int, rounds: int, pairs: int) 
                                  "raise stats.vm_interval")
             series.agent_s += round_agent
             series.raw_s += round_raw
-            series.agent_cpu_s.append(agent_cpu / len(cycles))
             series.agent_cpu_total_s += agent_cpu
             series.cycles += len(cycles)
             series.round_ratios.append(statistics.median(round_agent)
@@ -381,9 +377,6 @@ class Agents:
         await wait_ready(agent)
         return agent
 
-    def stop(self, agent: Server) -> None:
-        agent.stop()
-
     def stop_all(self) -> None:
         for agent in self.started:
             agent.stop()
@@ -400,7 +393,7 @@ async def run_kvm(agents: Agents, opts: Options, results: Results) -> None:
             # Firmware starting up makes the first monitor queries slow: not what is measured.
             await asyncio.sleep(max(0.0, booted + opts.settle - time.monotonic()))
             series = await measure(agent, conn, opts.count, opts.rounds, opts.pairs)
-            agents.stop(agent)
+            agent.stop()
         finally:
             remove_guests(conn, PREFIX)
     finally:
@@ -425,7 +418,7 @@ async def run_scale(agents: Agents, opts: Options, results: Results) -> None:
                 await scrape_metrics(agent)
             rss, peak = rss_mb(agent.pid)
             results.rss["loaded"] = {"vms": count, "rss_mb": rss, "peak_mb": peak}
-        agents.stop(agent)
+        agent.stop()
 
 
 async def run_idle(agents: Agents, results: Results) -> None:
@@ -440,7 +433,7 @@ async def run_idle(agents: Agents, results: Results) -> None:
         await watch.close()
     rss, peak = rss_mb(agent.pid)
     results.rss["idle"] = {"vms": 0, "rss_mb": rss, "peak_mb": peak}
-    agents.stop(agent)
+    agent.stop()
 
 
 async def run_all(tmp: Path, opts: Options, results: Results) -> None:
