@@ -6,18 +6,21 @@ The benchmark scripts are run as ``python bench/NAME.py``, so this module is imp
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import fcntl
+import math
 import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,18 +30,26 @@ import libvirt
 import psutil
 
 import virtnode
+from virtnode.vmspec import check_spec, domain_xml
 
 JsonObject = dict[str, Any]
 
-#: How long a started server may take to answer ``GET /healthz`` with 200.
+#: How long a started server may take to be ready (answer ``GET /healthz`` with 200), and
+#: bench/events.py's subscriber processes to have subscribed.
 READY_TIMEOUT = 120.0
 #: How long a server may take to exit after SIGTERM before it is killed.
 STOP_TIMEOUT = 30.0
 
 
+MiB = 1024 * 1024
+
 #: Held by every benchmark that makes guests on qemu:///system while it runs: two at
 #: once would disturb each other's figures (and ``vn-bench-`` covers both prefixes).
 GUEST_LOCK = Path(tempfile.gettempdir()) / "virtnode-bench-guests.lock"
+#: Where the host's libvirt daemon writes its pid: the monolithic libvirtd, or the modular
+#: virtqemud that serves qemu:///system in its place.
+LIBVIRTD_PID_FILES = (Path("/run/libvirtd.pid"), Path("/var/run/libvirtd.pid"),
+                      Path("/run/virtqemud.pid"))
 _UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
@@ -129,35 +140,101 @@ def start_agent(tmp: Path, hypervisor: str, *, listen: str | None = None,
     return spawn(name, argv, url, tmp / f"{name}.log")
 
 
-async def wait_ready(server: Server, timeout: float = READY_TIMEOUT) -> None:
-    """Poll ``GET /healthz`` until it answers 200; BenchError if the server exits first."""
+async def wait_ready(server: Server, timeout: float = READY_TIMEOUT, *, path: str = "/healthz",
+                     session: aiohttp.ClientSession | None = None) -> None:
+    """Poll ``GET path`` until it answers 200; BenchError if the server exits first.
+
+    With ``session`` (TCP servers only) the polls go through it, so its connection to the
+    server is open for what follows.
+    """
     deadline = time.monotonic() + timeout
     if server.url.startswith("unix:"):
-        path = server.url.removeprefix("unix:")
+        socket_path = server.url.removeprefix("unix:")
         base = "http://localhost"
     else:
-        path = ""
+        socket_path = ""
         base = "http://" + server.url.removeprefix("tcp://")
     while True:
         server.check_alive()
-        connector = aiohttp.UnixConnector(path=path) if path else None
         try:
-            async with (aiohttp.ClientSession(connector=connector) as session,
-                        session.get(base + "/healthz") as resp):
-                if resp.status == 200:
-                    return
+            if session is not None:
+                async with session.get(base + path) as resp:
+                    if resp.status == 200:
+                        return
+            else:
+                connector = aiohttp.UnixConnector(path=socket_path) if socket_path else None
+                async with (aiohttp.ClientSession(connector=connector) as own,
+                            own.get(base + path) as resp):
+                    if resp.status == 200:
+                        return
         except (aiohttp.ClientError, OSError):
             pass
         if time.monotonic() > deadline:
-            raise BenchError(f"{server.name} was not ready after {timeout:.0f}s:\n"
-                             f"{server.log_tail()}")
+            raise BenchError(f"{server.name} did not answer GET {path} with 200 within "
+                             f"{timeout:.0f}s:\n{server.log_tail()}")
         await asyncio.sleep(0.05)
+
+
+async def scrape_metrics(server: Server,
+                         session: aiohttp.ClientSession | None = None) -> tuple[float, str]:
+    """``GET /metrics`` of a TCP server: seconds from sending the request to having read
+    the whole body, and the body. Without ``session``, one is opened for this request.
+    """
+    if session is None:
+        async with aiohttp.ClientSession() as own:
+            return await scrape_metrics(server, own)
+    url = "http://" + server.url.removeprefix("tcp://") + "/metrics"
+    started = time.perf_counter()
+    async with session.get(url) as resp:
+        body = await resp.text()
+    seconds = time.perf_counter() - started
+    if resp.status != 200:
+        raise BenchError(f"{server.name}: GET /metrics answered {resp.status}")
+    return seconds, body
 
 
 def cpu_seconds(pid: int) -> float:
     """User and system CPU time a process has used so far."""
     times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
+
+
+def percentile(values: Iterable[float], pct: float) -> float:
+    """The ``pct`` percentile (0 to 100) of ``values``, NaN if there are none.
+
+    Linear interpolation between the two closest ranks, as ``numpy.percentile`` does and
+    ``statistics.quantiles(method="inclusive")``: the 50th is the median, the 100th the
+    largest value.
+    """
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    position = pct / 100 * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def paired_ratio(ours: Sequence[float], theirs: Sequence[float]) -> float:
+    """The median over rounds of ``ours[i] / theirs[i]``, the two measured in the same round."""
+    return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
+
+
+def sync() -> None:
+    """``sync``: write back every dirty page, so the next measurement does not pay for it."""
+    subprocess.run(["sync"], check=True)
+
+
+def write_incompressible(path: str | Path, size: int) -> None:
+    """Write ``size`` bytes of non-zero data that does not compress (one random MiB over
+    and over) from the start of ``path``, created if missing, not truncated; then sync.
+    """
+    block = os.urandom(MiB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    with os.fdopen(fd, "wb") as out:
+        for _ in range(size // MiB):
+            out.write(block)
+    sync()
 
 
 def _git(root: str, *args: str) -> str:
@@ -196,6 +273,32 @@ def machine(**extra: Any) -> JsonObject:
     }
 
 
+def require_at_least_one(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                         *names: str) -> None:
+    """Reject (``parser.error``) any of the options ``names`` (dest names) below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def _value(target: JsonObject) -> str:
+    return f"{target['value']}"
+
+
+def print_targets(targets: Sequence[JsonObject],
+                  shown: Callable[[JsonObject], str] = _value) -> None:
+    """``PASS`` or ``FAIL``, the name, the value as ``shown`` writes it, and the target."""
+    for target in targets:
+        status = "PASS" if target["passed"] else "FAIL"
+        print(f"{status}  {target['name']}: {shown(target)} (target {target['target']})")
+
+
+def libvirt_version() -> str:
+    """The version of the libvirt library this process uses, as ``MAJOR.MINOR.MICRO``."""
+    lib = libvirt.getVersion()
+    return f"{lib // 1_000_000}.{lib // 1000 % 1000}.{lib % 1000}"
+
+
 def take_guest_lock() -> int:
     """Lock :data:`GUEST_LOCK` for this process's lifetime; BenchError if another run has it."""
     fd = os.open(GUEST_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
@@ -206,6 +309,29 @@ def take_guest_lock() -> int:
         raise BenchError(f"another benchmark with guests is running ({GUEST_LOCK} is locked)"
                          ) from None
     return fd
+
+
+def guest_spec(name: str, memory_mib: int) -> JsonObject:
+    """The ``VM.create`` spec of a firmware-only benchmark guest (``kvm``, machine ``pc``)."""
+    return {"name": name, "memory_mib": memory_mib, "domain_type": "kvm", "machine": "pc"}
+
+
+def guest_xml(name: str, memory_mib: int) -> str:
+    """The domain XML the agent writes for :func:`guest_spec` (with its metadata)."""
+    metadata = {"owner": "virtnode", "created": f"{time.time():.3f}", "labels": {}}
+    return domain_xml(check_spec(guest_spec(name, memory_mib), "kvm"), metadata)
+
+
+def libvirtd_pid() -> int | None:
+    """The pid of the host's libvirt daemon, to notice a restart or to read its CPU time."""
+    for path in LIBVIRTD_PID_FILES:
+        try:
+            value = int(path.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if Path(f"/proc/{value}").exists():
+            return value
+    return None
 
 
 def remove_guests(conn: Any, prefix: str) -> int:

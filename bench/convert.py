@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import resource
 import shutil
 import statistics
@@ -40,10 +39,9 @@ from typing import Any
 
 from virtnode.storage import qemuimg
 
-from common import machine
+from common import BenchError, MiB, machine, paired_ratio, sync, write_incompressible
 
 TARGET_RATIO = 1.05
-MiB = 1024 * 1024
 
 
 @dataclass
@@ -60,17 +58,9 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def make_source(path: Path, size: int) -> None:
-    block = os.urandom(MiB)
-    with path.open("wb") as out:
-        for _ in range(size // MiB):
-            out.write(block)
-    subprocess.run(["sync"], check=True)
-
-
 def fresh_target(dst: Path) -> None:
     dst.unlink(missing_ok=True)
-    subprocess.run(["sync"], check=True)
+    sync()
 
 
 def direct(src: Path, dst: Path) -> Copy:
@@ -98,7 +88,7 @@ def wrapper(src: Path, dst: Path) -> Copy:
     finally:
         loop.close()
     if not calls or calls[-1] != 100.0:
-        raise RuntimeError(f"progress did not reach 100: {calls[-3:]}")
+        raise BenchError(f"progress did not reach 100: {calls[-3:]}")
     return Copy("wrapper", seconds, spent[0], spent[1], len(calls))
 
 
@@ -106,13 +96,24 @@ def median(copies: list[Copy], way: str, field: str) -> float:
     return statistics.median(getattr(c, field) for c in copies if c.way == way)
 
 
-def paired_ratio(copies: list[Copy]) -> float:
-    """Median over rounds of wrapper / direct, the two copies of a round run back to back."""
-    ratios = []
-    for first, second in zip(copies[0::2], copies[1::2], strict=True):
-        by_way = {first.way: first.seconds, second.way: second.seconds}
-        ratios.append(by_way["wrapper"] / by_way["direct"])
-    return statistics.median(ratios)
+def seconds_of(copies: list[Copy], way: str) -> list[float]:
+    """The wall times of one way's copies, one per round, in order."""
+    return [c.seconds for c in copies if c.way == way]
+
+
+def measure(tmp: Path, size: int, rounds: int) -> list[Copy]:
+    src, dst = tmp / "src.raw", tmp / "dst.qcow2"
+    write_incompressible(src, size)
+    fresh_target(dst)
+    direct(src, dst)  # warm-up: the source into the page cache
+    copies: list[Copy] = []
+    for round_ in range(rounds):
+        ways = (direct, wrapper) if round_ % 2 == 0 else (wrapper, direct)
+        for way in ways:
+            fresh_target(dst)
+            copies.append(way(src, dst))
+    fresh_target(dst)
+    return copies
 
 
 def main() -> int:
@@ -126,18 +127,13 @@ def main() -> int:
         print("qemu-img is not installed", file=sys.stderr)
         return 2
     size = int(options.size_gib * 1024) * MiB
-    copies: list[Copy] = []
-    with tempfile.TemporaryDirectory(prefix="virtnode-bench-convert-", dir=options.dir) as tmp:
-        src, dst = Path(tmp) / "src.raw", Path(tmp) / "dst.qcow2"
-        make_source(src, size)
-        fresh_target(dst)
-        direct(src, dst)  # warm-up: the source into the page cache
-        for round_ in range(options.rounds):
-            ways = (direct, wrapper) if round_ % 2 == 0 else (wrapper, direct)
-            for way in ways:
-                fresh_target(dst)
-                copies.append(way(src, dst))
-        fresh_target(dst)
+    try:
+        with tempfile.TemporaryDirectory(prefix="virtnode-bench-convert-",
+                                         dir=options.dir) as tmp:
+            copies = measure(Path(tmp), size, options.rounds)
+    except (BenchError, OSError, subprocess.CalledProcessError, qemuimg.QemuImgError) as exc:
+        print(f"bench/convert.py: {exc}", file=sys.stderr)
+        return 2
     ratio = median(copies, "wrapper", "seconds") / median(copies, "direct", "seconds")
     result: dict[str, Any] = {
         "machine": machine(),
@@ -146,9 +142,10 @@ def main() -> int:
         "copies": [asdict(c) for c in copies],
         "median": {way: {f: median(copies, way, f) for f in ("seconds", "qemu_cpu", "own_cpu")}
                    for way in ("direct", "wrapper")},
-        "fastest": {way: min(c.seconds for c in copies if c.way == way)
+        "fastest": {way: min(seconds_of(copies, way))
                     for way in ("direct", "wrapper")},
-        "paired_ratio": paired_ratio(copies),
+        "paired_ratio": paired_ratio(seconds_of(copies, "wrapper"),
+                                     seconds_of(copies, "direct")),
         "ratio": ratio,
         "target": TARGET_RATIO,
         "passed": ratio <= TARGET_RATIO,

@@ -37,14 +37,22 @@ import aiohttp
 from virtnode.config import build_config
 from virtnode.daemon import Agent
 
-from common import BenchError, JsonObject, cpu_seconds, machine
+from common import (
+    READY_TIMEOUT,
+    BenchError,
+    JsonObject,
+    cpu_seconds,
+    machine,
+    percentile,
+    print_targets,
+    require_at_least_one,
+)
 
 TARGET_P99_MS = 50.0
 TOPIC = "bench.tick"
 END_TOPIC = "bench.end"
 #: Publishing happens in slices of this many seconds (a timer per slice, not per event).
 SLICE = 0.005
-READY_TIMEOUT = 60.0
 SELF = str(Path(__file__).resolve())
 #: The start of an event notification as the agent writes it.
 HEAD = re.compile(r'\{"jsonrpc":"2.0","method":"event","params":\{"epoch":"[^"]*",'
@@ -54,7 +62,7 @@ HEAD = re.compile(r'\{"jsonrpc":"2.0","method":"event","params":\{"epoch":"[^"]*
 # --- subscriber processes ------------------------------------------------------------------
 
 
-async def _subscriber(session: aiohttp.ClientSession, url: str, ready: asyncio.Event,
+async def _subscriber(session: aiohttp.ClientSession, ready: asyncio.Event,
                       stats: JsonObject) -> None:
     async with session.ws_connect("http://localhost/rpc", max_msg_size=0) as ws:
         await ws.send_str(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "Events.subscribe",
@@ -88,7 +96,7 @@ async def run_subscribers(socket_path: str, count: int) -> None:
     readies = [asyncio.Event() for _ in range(count)]
     connector = aiohttp.UnixConnector(path=socket_path, limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        tasks = [asyncio.create_task(_subscriber(session, socket_path, r, s))
+        tasks = [asyncio.create_task(_subscriber(session, r, s))
                  for r, s in zip(readies, stats, strict=True)]
         await asyncio.gather(*(r.wait() for r in readies))
         print("ready", flush=True)
@@ -176,13 +184,6 @@ async def run(opts: argparse.Namespace) -> JsonObject:
                       "drain_wall": drain_wall})
 
 
-def percentile(values: list[int], pct: float) -> float:
-    if not values:
-        return float("nan")
-    index = min(len(values) - 1, round(pct / 100 * (len(values) - 1)))
-    return values[index] / 1000.0
-
-
 def summarize(opts: argparse.Namespace, published: int, reports: list[JsonObject],
               times: dict[str, float]) -> JsonObject:
     agent_cpu, publish_wall = times["agent_cpu"], times["publish_wall"]
@@ -191,7 +192,11 @@ def summarize(opts: argparse.Namespace, published: int, reports: list[JsonObject
     lost = sum(published - s["count"] for s in subs)
     disordered = sum(1 for s in subs if not s["in_order_no_repeats"])
     notices = sorted({m for s in subs for m in s["other"]})
-    p99 = percentile(latencies, 99)
+    def ms(pct: float) -> float:
+        # Latencies are whole microseconds; so are the percentiles shown.
+        return round(percentile(latencies, pct) / 1000, 3)
+
+    p99 = ms(99)
     return {
         "benchmark": "event fan-out over WebSocket (agent in-process, test:///default)",
         "machine": machine(aiohttp=aiohttp.__version__),
@@ -202,8 +207,7 @@ def summarize(opts: argparse.Namespace, published: int, reports: list[JsonObject
         "lost": lost,
         "subscribers_out_of_order": disordered,
         "other_notifications": notices,
-        "latency_ms": {"p50": percentile(latencies, 50), "p90": percentile(latencies, 90),
-                       "p99": p99, "max": percentile(latencies, 100)},
+        "latency_ms": {"p50": ms(50), "p90": ms(90), "p99": p99, "max": ms(100)},
         "agent_cpu_s": round(agent_cpu, 2),
         "agent_cpu_percent_of_one_core": round(100 * agent_cpu / publish_wall, 1),
         "subscriber_cpu_s": round(sum(r["cpu_s"] for r in reports), 2),
@@ -233,9 +237,7 @@ def print_table(result: JsonObject) -> None:
           f"of one core); subscribers' CPU {result['subscriber_cpu_s']} s; all received "
           f"{result['until_all_received_s']} s after the first publish")
     print()
-    for target in result["targets"]:
-        status = "PASS" if target["passed"] else "FAIL"
-        print(f"{status}  {target['name']}: {target['value']} (target {target['target']})")
+    print_targets(result["targets"])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -250,9 +252,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--subscriber", nargs=2, metavar=("SOCKET", "COUNT"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("subscribers", "procs", "rate"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+    require_at_least_one(p, args, "subscribers", "procs", "rate")
     return args
 
 

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -47,6 +46,9 @@ from common import (
     cpu_seconds,
     free_port,
     machine,
+    percentile,
+    print_targets,
+    require_at_least_one,
     spawn,
     start_agent,
     wait_ready,
@@ -154,12 +156,6 @@ async def pipelined(ws: aiohttp.ClientWebSocketResponse, first_id: int, count: i
 # --- measurement ---------------------------------------------------------------------------
 
 
-def percentile(sorted_ns: list[int], pct: float) -> float:
-    """Nearest-rank percentile, in microseconds."""
-    rank = max(1, math.ceil(pct / 100 * len(sorted_ns)))
-    return sorted_ns[rank - 1] / 1000
-
-
 @dataclass
 class Figures:
     """The figures of one server: one entry per round, and their medians."""
@@ -206,10 +202,10 @@ async def warm_up(conn: Connection, opts: Options) -> None:
 
 
 async def measure_round(conn: Connection, opts: Options, figures: Figures) -> None:
-    samples = sorted(await sequential(conn.ws, conn.ids(opts.calls), opts.calls))
-    figures.p50_us.append(percentile(samples, 50))
-    figures.p90_us.append(percentile(samples, 90))
-    figures.p99_us.append(percentile(samples, 99))
+    samples = await sequential(conn.ws, conn.ids(opts.calls), opts.calls)
+    figures.p50_us.append(percentile(samples, 50) / 1000)
+    figures.p90_us.append(percentile(samples, 90) / 1000)
+    figures.p99_us.append(percentile(samples, 99) / 1000)
     cpu_before = cpu_seconds(conn.server.pid)
     rps = await pipelined(conn.ws, conn.ids(opts.pipelined), opts.pipelined, opts.window)
     figures.throughput_rps.append(rps)
@@ -305,11 +301,8 @@ def print_table(figures: dict[str, Figures], verdict: JsonObject, opts: Options)
         spread = ", ".join(f"{v:.0f}" for v in echo.throughput_rps)
         print(f"{'echo req/s by round':<26}{spread}")
     print()
-    for target in verdict["targets"]:
-        value = target["value"]
-        shown = f"{value:.0%}" if "/" in target["name"] else f"{value:.0f} us"
-        status = "PASS" if target["passed"] else "FAIL"
-        print(f"{status}  {target['name']}: {shown} (target {target['target']})")
+    print_targets(verdict["targets"], lambda t: f"{t['value']:.0%}" if "/" in t["name"]
+                  else f"{t['value']:.0f} us")
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -328,9 +321,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--echo-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("warmup", "calls", "pipelined", "window", "rounds"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+    require_at_least_one(p, args, "warmup", "calls", "pipelined", "window", "rounds")
     return args
 
 

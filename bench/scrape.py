@@ -38,11 +38,9 @@ import contextlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,16 +48,22 @@ from typing import Any
 
 import aiohttp
 import libvirt
-import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from common import (
     BenchError,
     JsonObject,
     Server,
+    cpu_seconds,
     free_port,
+    libvirt_version,
+    libvirtd_pid,
     machine,
+    percentile,
+    print_targets,
     remove_guests,
+    require_at_least_one,
+    scrape_metrics,
     spawn,
     start_agent,
     take_guest_lock,
@@ -75,8 +79,6 @@ from stats import (
 
 TARGET_SPEEDUP = 10.0
 EXPORTER = "prometheus-libvirt-exporter"
-PID_FILES = (Path("/run/libvirtd.pid"), Path("/var/run/libvirtd.pid"))
-READY_TIMEOUT = 30.0
 
 #: The exporter's families about libvirt, and the virtnode family with the same meaning.
 #: ``key`` says how a series of the exporter finds its counterpart: by VM, by VM and
@@ -120,15 +122,6 @@ Samples = dict[str, list[dict[str, str]]]
 # --- the servers ---------------------------------------------------------------------------
 
 
-def libvirtd_pid() -> int | None:
-    for path in PID_FILES:
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(path.read_text().strip())
-            if psutil.pid_exists(pid):
-                return pid
-    return None
-
-
 def start_exporter(tmp: Path) -> Server:
     binary = shutil.which(EXPORTER)
     if binary is None:
@@ -137,23 +130,6 @@ def start_exporter(tmp: Path) -> Server:
     return spawn("exporter", [binary, f"--web.listen-address=127.0.0.1:{port}",
                               f"--libvirt.uri={URI}"],
                  f"tcp://127.0.0.1:{port}", tmp / "exporter.log")
-
-
-def metrics_url(server: Server) -> str:
-    return "http://" + server.url.removeprefix("tcp://") + "/metrics"
-
-
-async def wait_metrics(server: Server, session: aiohttp.ClientSession) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        server.check_alive()
-        with contextlib.suppress(aiohttp.ClientError, OSError):
-            async with session.get(metrics_url(server)) as resp:
-                if resp.status == 200:
-                    return
-        if time.monotonic() > deadline:
-            raise BenchError(f"{server.name} did not serve /metrics:\n{server.log_tail()}")
-        await asyncio.sleep(0.1)
 
 
 def content_guest_xml(name: str, disk: Path, tap: str) -> str:
@@ -179,63 +155,43 @@ class Timing:
     body_bytes: int = 0
     samples: int = 0
 
-    def quantile(self, q: int) -> float:
-        return statistics.quantiles(self.seconds, n=100, method="inclusive")[q - 1]
-
     def summary(self) -> JsonObject:
         n = len(self.seconds)
-        return {"scrapes": n, "p50_s": statistics.median(self.seconds),
-                "p90_s": self.quantile(90), "min_s": min(self.seconds),
+        return {"scrapes": n, "p50_s": percentile(self.seconds, 50),
+                "p90_s": percentile(self.seconds, 90), "min_s": min(self.seconds),
                 "cpu_per_scrape_s": self.cpu_s / n,
                 "libvirtd_cpu_per_scrape_s": self.libvirtd_cpu_s / n,
                 "body_bytes": self.body_bytes, "samples": self.samples}
 
 
-def _cpu(proc: psutil.Process | None) -> float:
-    if proc is None:
-        return 0.0
-    times = proc.cpu_times()
-    return float(times.user + times.system)
-
-
-async def timed_scrape(session: aiohttp.ClientSession, url: str) -> tuple[float, str]:
-    started = time.perf_counter()
-    async with session.get(url) as resp:
-        body = await resp.text()
-    seconds = time.perf_counter() - started
-    if resp.status != 200:
-        raise BenchError(f"GET {url} answered {resp.status}")
-    return seconds, body
-
-
 async def time_scrapes(servers: dict[str, Server], rounds: int, per_round: int,
                        warmup: int) -> dict[str, Timing]:
     daemon = libvirtd_pid()
-    libvirtd = psutil.Process(daemon) if daemon is not None else None
-    procs = {name: psutil.Process(s.pid) for name, s in servers.items()}
     timings = {name: Timing() for name in servers}
     sessions = {name: aiohttp.ClientSession() for name in servers}
     try:
         for name, server in servers.items():
-            await wait_metrics(server, sessions[name])
+            await wait_ready(server, path="/metrics", session=sessions[name])
             for _ in range(warmup):
-                await timed_scrape(sessions[name], metrics_url(server))
+                await scrape_metrics(server, sessions[name])
         names = list(servers)
         for rnd in range(rounds):
             order = names if rnd % 2 == 0 else names[::-1]
             for _ in range(per_round):
                 for name in order:
-                    cpu0, lv0 = _cpu(procs[name]), _cpu(libvirtd)
-                    seconds, body = await timed_scrape(sessions[name],
-                                                       metrics_url(servers[name]))
+                    pid = servers[name].pid
+                    cpu0 = cpu_seconds(pid)
+                    lv0 = cpu_seconds(daemon) if daemon is not None else 0.0
+                    seconds, body = await scrape_metrics(servers[name], sessions[name])
                     timing = timings[name]
-                    timing.cpu_s += _cpu(procs[name]) - cpu0
-                    timing.libvirtd_cpu_s += _cpu(libvirtd) - lv0
+                    timing.cpu_s += cpu_seconds(pid) - cpu0
+                    if daemon is not None:
+                        timing.libvirtd_cpu_s += cpu_seconds(daemon) - lv0
                     timing.seconds.append(seconds)
                     timing.body_bytes = len(body.encode())
         for name, server in servers.items():
-            _, body = await timed_scrape(sessions[name], metrics_url(server))
-            timings[name].samples = sum(len(samples_of(body)[k]) for k in samples_of(body))
+            _, body = await scrape_metrics(server, sessions[name])
+            timings[name].samples = sum(len(labels) for labels in samples_of(body).values())
     finally:
         for session in sessions.values():
             await session.close()
@@ -337,8 +293,8 @@ async def content_check(agent: Server, exporter: Server, conn: Any, tmp: Path,
     finally:
         await watch.close()
     async with aiohttp.ClientSession() as session:
-        _, theirs = await timed_scrape(session, metrics_url(exporter))
-        _, ours = await timed_scrape(session, metrics_url(agent))
+        _, theirs = await scrape_metrics(exporter, session)
+        _, ours = await scrape_metrics(agent, session)
     passed, said = promtool(ours)
     return {"families": compare(theirs, ours), "promtool_passed": passed,
             "promtool_output": said, "vms": count + 1}
@@ -400,11 +356,9 @@ def evaluate(result: JsonObject) -> list[JsonObject]:
 
 
 def _machine() -> JsonObject:
-    lib = libvirt.getVersion()
     version = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", EXPORTER],
                              capture_output=True, text=True, check=False).stdout.strip()
-    return machine(libvirt=f"{lib // 1_000_000}.{lib // 1000 % 1000}.{lib % 1000}",
-                   exporter=version or "unknown")
+    return machine(libvirt=libvirt_version(), exporter=version or "unknown")
 
 
 def _lines(rows: Iterable[JsonObject]) -> Iterable[str]:
@@ -455,9 +409,7 @@ def print_table(result: JsonObject, targets: list[JsonObject], opts: Options) ->
     if not content["promtool_passed"]:
         print(f"  promtool check metrics:\n{content['promtool_output']}")
     print()
-    for t in targets:
-        status = "PASS" if t["passed"] else "FAIL"
-        print(f"{status}  {t['name']}: {t['value']} (target {t['target']})")
+    print_targets(targets)
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -473,9 +425,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed scrapes per server first")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
-    for name in ("count", "rounds", "scrapes"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+    require_at_least_one(p, args, "count", "rounds", "scrapes")
     return args
 
 

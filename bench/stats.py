@@ -54,7 +54,6 @@ import libvirt
 import psutil
 
 from virtnode import domstats
-from virtnode.vmspec import check_spec, domain_xml
 
 from common import (
     BenchError,
@@ -62,8 +61,13 @@ from common import (
     Server,
     cpu_seconds,
     free_port,
+    guest_xml,
+    libvirt_version,
     machine,
+    print_targets,
     remove_guests,
+    require_at_least_one,
+    scrape_metrics,
     start_agent,
     take_guest_lock,
     wait_ready,
@@ -81,7 +85,6 @@ AGENT_SET = (f"stats.vm_interval={VM_INTERVAL:g}", "stats.host_interval=3600")
 MARGIN = 0.1
 #: Where the raw call goes between two cycles, alternating by round.
 POSITIONS = ("after", "before")
-#: Held while guests of this script exist: bench/stats.py and bench/scrape.py share it.
 #: Longest wait for the next ``stats.vm`` event.
 EVENT_TIMEOUT = 30.0
 SCALE_COUNTS = (10, 100, 1000)
@@ -92,13 +95,6 @@ Conn = Any  # libvirt.virConnect; libvirt ships no type information
 
 
 # --- guests --------------------------------------------------------------------------------
-
-
-def guest_xml(name: str, memory_mib: int) -> str:
-    """The domain XML the agent would write for a firmware-only guest."""
-    spec = {"name": name, "memory_mib": memory_mib, "domain_type": "kvm", "machine": "pc"}
-    metadata = {"owner": "virtnode", "created": f"{time.time():.3f}", "labels": {}}
-    return domain_xml(check_spec(spec, "kvm"), metadata)
 
 
 def open_libvirt(uri: str = URI) -> Conn:
@@ -203,14 +199,6 @@ class CycleWatch:
         raise BenchError(f"the agent's cycles did not settle on {vms} VMs")
 
 
-async def scrape(agent: Server) -> str:
-    url = "http://" + agent.url.removeprefix("tcp://") + "/metrics"
-    async with aiohttp.ClientSession() as session, session.get(url) as resp:
-        if resp.status != 200:
-            raise BenchError(f"GET /metrics answered {resp.status}")
-        return await resp.text()
-
-
 def cycle_totals(text: str) -> tuple[float, float]:
     """``virtnode_stats_cycle_duration_seconds`` count and sum for the VM cycles."""
     values = {}
@@ -234,8 +222,6 @@ class Series:
     agent_s: list[float] = field(default_factory=list)
     raw_s: list[float] = field(default_factory=list)
     raw_cpu_s: list[float] = field(default_factory=list)
-    #: Agent CPU per cycle, one figure per round (the clock ticks at 10 ms).
-    agent_cpu_s: list[float] = field(default_factory=list)
     #: Agent CPU over all rounds, and the cycles in them.
     agent_cpu_total_s: float = 0.0
     cycles: int = 0
@@ -297,7 +283,7 @@ async def measure(agent: Server, conn: Conn, vms: int, rounds: int, pairs: int) 
     try:
         await watch.open()
         await watch.settle(vms)
-        count0, sum0 = cycle_totals(await scrape(agent))
+        count0, sum0 = cycle_totals((await scrape_metrics(agent))[1])
         await watch.next()  # the scrape is not in a measured cycle
         for rnd in range(rounds):
             position = POSITIONS[rnd % len(POSITIONS)]
@@ -329,13 +315,12 @@ async def measure(agent: Server, conn: Conn, vms: int, rounds: int, pairs: int) 
                                  "raise stats.vm_interval")
             series.agent_s += round_agent
             series.raw_s += round_raw
-            series.agent_cpu_s.append(agent_cpu / len(cycles))
             series.agent_cpu_total_s += agent_cpu
             series.cycles += len(cycles)
             series.round_ratios.append(statistics.median(round_agent)
                                        / statistics.median(round_raw))
             series.round_positions.append(position)
-        count1, sum1 = cycle_totals(await scrape(agent))
+        count1, sum1 = cycle_totals((await scrape_metrics(agent))[1])
         series.metrics_mean_s = (sum1 - sum0) / (count1 - count0)
     finally:
         await watch.close()
@@ -392,9 +377,6 @@ class Agents:
         await wait_ready(agent)
         return agent
 
-    def stop(self, agent: Server) -> None:
-        agent.stop()
-
     def stop_all(self) -> None:
         for agent in self.started:
             agent.stop()
@@ -411,7 +393,7 @@ async def run_kvm(agents: Agents, opts: Options, results: Results) -> None:
             # Firmware starting up makes the first monitor queries slow: not what is measured.
             await asyncio.sleep(max(0.0, booted + opts.settle - time.monotonic()))
             series = await measure(agent, conn, opts.count, opts.rounds, opts.pairs)
-            agents.stop(agent)
+            agent.stop()
         finally:
             remove_guests(conn, PREFIX)
     finally:
@@ -433,10 +415,10 @@ async def run_scale(agents: Agents, opts: Options, results: Results) -> None:
         results.scale.append(series.summary())
         if count == max(SCALE_COUNTS) and "rss" in opts.parts:
             for _ in range(3):
-                await scrape(agent)
+                await scrape_metrics(agent)
             rss, peak = rss_mb(agent.pid)
             results.rss["loaded"] = {"vms": count, "rss_mb": rss, "peak_mb": peak}
-        agents.stop(agent)
+        agent.stop()
 
 
 async def run_idle(agents: Agents, results: Results) -> None:
@@ -451,7 +433,7 @@ async def run_idle(agents: Agents, results: Results) -> None:
         await watch.close()
     rss, peak = rss_mb(agent.pid)
     results.rss["idle"] = {"vms": 0, "rss_mb": rss, "peak_mb": peak}
-    agents.stop(agent)
+    agent.stop()
 
 
 async def run_all(tmp: Path, opts: Options, results: Results) -> None:
@@ -471,8 +453,7 @@ async def run_all(tmp: Path, opts: Options, results: Results) -> None:
 
 
 def _machine() -> JsonObject:
-    lib = libvirt.getVersion()
-    return machine(libvirt=f"{lib // 1_000_000}.{lib // 1000 % 1000}.{lib % 1000}")
+    return machine(libvirt=libvirt_version())
 
 
 def evaluate(results: Results) -> list[JsonObject]:
@@ -537,10 +518,8 @@ def print_table(results: Results, targets: list[JsonObject], opts: Options) -> N
     if results.removed_at_start:
         print(f"\nremoved {results.removed_at_start} {PREFIX}* VM(s) left from an earlier run")
     print()
-    for t in targets:
-        status = "PASS" if t["passed"] else "FAIL"
-        value = f"{t['value']:.2f}x" if t["unit"] == "x" else f"{t['value']:.1f} MB"
-        print(f"{status}  {t['name']}: {value} (target {t['target']})")
+    print_targets(targets, lambda t: f"{t['value']:.2f}x" if t["unit"] == "x"
+                  else f"{t['value']:.1f} MB")
     if "kvm" not in opts.parts:
         print("SKIP  VM sampling cycle with KVM guests (--parts)")
 
@@ -565,9 +544,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.parts = tuple(x for x in args.parts.split(",") if x)
     if not args.parts or set(args.parts) - set(PARTS):
         p.error(f"--parts takes a comma-separated list of {', '.join(PARTS)}")
-    for name in ("count", "rounds", "scale_rounds", "pairs"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(p, args, "count", "rounds", "scale_rounds", "pairs")
     return args
 
 

@@ -46,7 +46,6 @@ from typing import Any
 import libvirt
 
 from virtnode.client import Client, ClientError
-from virtnode.vmspec import check_spec, domain_xml
 
 from common import (
     READY_TIMEOUT,
@@ -54,8 +53,14 @@ from common import (
     JsonObject,
     Server,
     cpu_seconds,
+    guest_spec,
+    guest_xml,
+    libvirt_version,
+    libvirtd_pid,
     machine,
+    print_targets,
     remove_guests,
+    require_at_least_one,
     start_agent,
     take_guest_lock,
     wait_ready,
@@ -66,8 +71,6 @@ TARGET_RATIO = 1.15
 
 URI = "qemu:///system"
 PREFIX = "vn-bench-"
-PID_FILES = (Path("/run/libvirtd.pid"), Path("/var/run/libvirtd.pid"),
-             Path("/run/virtqemud.pid"))
 #: How long the first connection may wait for libvirtd (it may be restarting).
 OPEN_TIMEOUT = 30.0
 #: Longest one VM.create (or one raw define + start) may take before the run is abandoned.
@@ -80,31 +83,7 @@ Conn = Any  # libvirt.virConnect; libvirt ships no type information
 Dom = Any  # libvirt.virDomain
 
 
-# --- the guests ----------------------------------------------------------------------------
-
-
-def spec(name: str, memory_mib: int) -> JsonObject:
-    """The ``VM.create`` spec of one benchmark guest."""
-    return {"name": name, "memory_mib": memory_mib, "domain_type": "kvm", "machine": "pc"}
-
-
-def guest_xml(name: str, memory_mib: int) -> str:
-    """The domain XML the agent writes for :func:`spec` (with its metadata)."""
-    checked = check_spec(spec(name, memory_mib), "kvm")
-    metadata = {"owner": "virtnode", "created": f"{time.time():.3f}", "labels": {}}
-    return domain_xml(checked, metadata)
-
-
-def libvirtd_pid() -> int | None:
-    """The pid of the host's libvirtd, to notice a restart by other work on the host."""
-    for path in PID_FILES:
-        try:
-            value = int(path.read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if Path(f"/proc/{value}").exists():
-            return value
-    return None
+# --- libvirt -------------------------------------------------------------------------------
 
 
 class Libvirt:
@@ -177,7 +156,7 @@ async def via_agent(agent: Server, names: list[str], memory_mib: int) -> Sample:
         async def create(name: str) -> float:
             result = await client.call(
                 "VM.create",
-                {"spec": spec(name, memory_mib), "persistent": True, "start": True},
+                {"spec": guest_spec(name, memory_mib), "persistent": True, "start": True},
                 timeout=CALL_TIMEOUT,
             )
             done = time.perf_counter() - started
@@ -357,8 +336,7 @@ async def run_bench(agent: Server, lv: Libvirt, opts: Options, run: Run) -> None
 
 
 def _machine() -> JsonObject:
-    lib = libvirt.getVersion()
-    return machine(libvirt=f"{lib // 1_000_000}.{lib // 1000 % 1000}.{lib % 1000}")
+    return machine(libvirt=libvirt_version())
 
 
 def evaluate(run: Run, opts: Options) -> JsonObject:
@@ -418,9 +396,7 @@ def print_table(run: Run, verdict: JsonObject, opts: Options) -> None:
         print(f"measurement taken again: {why}")
     if run.removed_at_start or run.retries:
         print()
-    for target in verdict["targets"]:
-        status = "PASS" if target["passed"] else "FAIL"
-        print(f"{status}  {target['name']}: {target['value']:.2f} (target {target['target']})")
+    print_targets(verdict["targets"], lambda t: f"{t['value']:.2f}")
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -439,9 +415,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="pass --set to the agent (e.g. hypervisor.pool_size=20); repeatable")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
-    for name in ("count", "rounds"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+    require_at_least_one(p, args, "count", "rounds")
     if args.memory < 16:
         p.error("--memory must be at least 16")
     return args

@@ -38,20 +38,21 @@ from typing import Any
 
 from virtnode.client import Client
 
-from common import BenchError, JsonObject, machine, start_agent, wait_ready
+from common import (
+    BenchError,
+    JsonObject,
+    MiB,
+    machine,
+    paired_ratio,
+    print_targets,
+    start_agent,
+    sync,
+    wait_ready,
+    write_incompressible,
+)
 
 TARGET_RATIO = 1.05
-MiB = 1024 * 1024
 CALL_TIMEOUT = 600.0
-
-
-def fill(path: str, size: int) -> None:
-    """Overwrite the raw volume at ``path`` with ``size`` bytes of non-zero data."""
-    block = os.urandom(MiB)
-    with open(path, "r+b") as out:
-        for _ in range(size // MiB):
-            out.write(block)
-    subprocess.run(["sync"], check=True)
 
 
 def direct_copy(src: str, dst: Path) -> float:
@@ -65,7 +66,7 @@ def direct_copy(src: str, dst: Path) -> float:
         os.close(fd)
     seconds = time.perf_counter() - start
     dst.unlink()
-    subprocess.run(["sync"], check=True)
+    sync()
     return seconds
 
 
@@ -80,7 +81,7 @@ async def agent_copy(client: Client, ref: JsonObject, sd_id: str) -> float:
         raise BenchError(f"the copy job ended {job['state']}: {job.get('error')}")
     copy = job["result"]["volume"]
     await client.call("Volume.delete", {k: copy[k] for k in ("sd_id", "image_id", "volume_id")})
-    await asyncio.to_thread(subprocess.run, ["sync"], check=True)
+    await asyncio.to_thread(sync)
     return seconds
 
 
@@ -96,7 +97,7 @@ async def run(opts: argparse.Namespace, tmp: Path) -> JsonObject:
             size = opts.size_gib * 1024 * MiB
             source = (await client.call("Volume.create", {
                 "sd_id": sd_id, "size": size, "format": "raw"}))["volume"]
-            await asyncio.to_thread(fill, source["path"], size)
+            await asyncio.to_thread(write_incompressible, source["path"], size)
             ref = {k: source[k] for k in ("sd_id", "image_id", "volume_id")}
             agent_s: list[float] = []
             direct_s: list[float] = []
@@ -121,8 +122,7 @@ async def run(opts: argparse.Namespace, tmp: Path) -> JsonObject:
         "direct_s": direct_s,
         "median": {"agent": statistics.median(agent_s), "direct": statistics.median(direct_s)},
         "fastest": {"agent": min(agent_s), "direct": min(direct_s)},
-        "paired_ratio": statistics.median(a / d for a, d in zip(agent_s, direct_s,
-                                                                 strict=True)),
+        "paired_ratio": paired_ratio(agent_s, direct_s),
         "ratio": ratio,
         "passed": ratio <= TARGET_RATIO,
     }
@@ -153,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("median", "fastest"):
             print(f"{key:<16}{result[key]['direct']:>10.2f}{result[key]['agent']:>10.2f}")
         print(f"median of per-round ratios: {result['paired_ratio']:.3f}")
-        status = "PASS" if result["passed"] else "FAIL"
-        print(f"{status}  Volume.copy / qemu-img convert: {result['ratio']:.3f} "
-              f"(target <= {TARGET_RATIO})")
+        print_targets([{"name": "Volume.copy / qemu-img convert", "value": result["ratio"],
+                        "target": f"<= {TARGET_RATIO}", "passed": result["passed"]}],
+                      lambda t: f"{t['value']:.3f}")
     return 0 if result["passed"] else 1
 
 
