@@ -285,9 +285,11 @@ class StatsSampler:
         for longer than the bulk call could wait is stuck as well.
         """
         threshold_ms = min(1000.0, self._config.vm_timeout * 500)
-        self._probing.add(vm_id)
 
         def probe(_conn: Connection) -> tuple[int, int] | None:
+            # Marked only once the probe runs: a call that never got a pool slot leaves
+            # nothing behind that would keep the VM from being probed again.
+            self._probing.add(vm_id)
             try:
                 return domstats.control_state(dom)
             finally:
@@ -298,7 +300,6 @@ class StatsSampler:
         except DeadlineExceeded:
             return True
         except ApiError:
-            self._probing.discard(vm_id)
             return False  # gone meanwhile, or failing for another reason: not stuck
         return state is not None and state[0] in _STUCK_STATES and state[1] >= threshold_ms
 

@@ -1,0 +1,39 @@
+"""The statistics sampler's bookkeeping, on a hypervisor stand-in: no libvirt."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from virtnode.config import StatsConfig
+from virtnode.errors import DeadlineExceeded
+from virtnode.events import EventBus
+from virtnode.stats import StatsSampler
+
+VM = "0d4f6a3e-0000-4000-8000-000000000001"
+
+
+class NoSlotHypervisor:
+    """Every call misses its deadline while waiting for a pool slot: nothing runs."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.hooks: list[Callable[[Any], Any]] = []
+
+    def add_connect_hook(self, hook: Callable[[Any], Any]) -> None:
+        self.hooks.append(hook)
+
+    async def call(self, _fn: Callable[[Any], Any], *, timeout: float | None = None,
+                   what: str = "") -> Any:
+        raise DeadlineExceeded(f"{what}: no pool slot within {timeout}s")
+
+
+def sampler(hypervisor: Any) -> StatsSampler:
+    return StatsSampler(StatsConfig(), hypervisor, EventBus(), pool_size=4)
+
+
+async def test_a_probe_that_never_ran_leaves_the_vm_probeable() -> None:
+    stats = sampler(NoSlotHypervisor())
+    assert await stats._is_stuck(VM, object())
+    assert VM not in stats._probing
