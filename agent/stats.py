@@ -127,7 +127,8 @@ class StatsSampler:
         self._tracker = CallTracker()
         self._max_overdue = max(2, pool_size // 2)
         self.cycles = {"host": CycleStats(), "vm": CycleStats()}
-        #: Raised whenever :attr:`host` or :attr:`vms` change (what /metrics caches on).
+        #: Raised whenever :attr:`host` or :attr:`vms` change (what /metrics caches on);
+        #: :attr:`vms` changes only through :meth:`_put_vm` and :meth:`_drop_vm`.
         self.host_generation = 0
         self.vm_generation = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -341,7 +342,18 @@ class StatsSampler:
             self._new.discard(event.vm_id)
             self._handles.pop(event.vm_id, None)
             self._stuck.pop(event.vm_id, None)
-            self.vms.pop(event.vm_id, None)
+            self._drop_vm(event.vm_id)
+
+    # Every change of :attr:`vms` goes through these two, so /metrics never serves a VM
+    # that is gone or values that were replaced.
+
+    def _put_vm(self, vm_id: str, entry: VmEntry) -> None:
+        self.vms[vm_id] = entry
+        self.vm_generation += 1
+
+    def _drop_vm(self, vm_id: str) -> None:
+        if self.vms.pop(vm_id, None) is not None:
+            self.vm_generation += 1
 
     def _update(self, records: list[domstats.Record]) -> None:
         now, wall = time.monotonic(), time.time()
@@ -355,14 +367,13 @@ class StatsSampler:
             seconds = now - old.sampled if old is not None else 0.0
             stats = vm_stats(vm_id, name, old.counters if old else None, counters,
                              seconds=seconds, time=wall)
-            self.vms[vm_id] = VmEntry(counters, stats, now)
+            self._put_vm(vm_id, VmEntry(counters, stats, now))
         self._handles = handles
-        self.vm_generation += 1
         for vm_id in list(self.vms):
             if vm_id in self._stuck:
                 self.vms[vm_id].fresh = False
             elif vm_id not in handles:
-                del self.vms[vm_id]
+                self._drop_vm(vm_id)
         self.vm_time = wall
 
     def _publish_vms(self, seconds: float) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from virtnode import virconst as vc
 from virtnode.config import StatsConfig
 from virtnode.errors import DeadlineExceeded
 from virtnode.events import EventBus
-from virtnode.stats import StatsSampler
+from virtnode.hypervisor import DomainEvent
+from virtnode.stats import StatsSampler, VmEntry
 
 VM = "0d4f6a3e-0000-4000-8000-000000000001"
 
@@ -37,3 +39,12 @@ async def test_a_probe_that_never_ran_leaves_the_vm_probeable() -> None:
     stats = sampler(NoSlotHypervisor())
     assert await stats._is_stuck(VM, object())
     assert VM not in stats._probing
+
+
+def test_a_stopped_vm_leaves_the_cache_and_raises_its_generation() -> None:
+    stats = sampler(NoSlotHypervisor())
+    stats.vms[VM] = VmEntry({}, {"vm_id": VM, "name": "a"}, 0.0)
+    generation = stats.vm_generation
+    stats._on_domain_event(DomainEvent("lifecycle", VM, "a", vc.DOMAIN_EVENT_STOPPED))
+    assert VM not in stats.vms
+    assert stats.vm_generation > generation, "/metrics would keep serving the stopped VM"
