@@ -165,6 +165,7 @@ class StatsSampler:
     async def start(self) -> None:
         """Take the first host sample, then sample in the background."""
         self._hv.add_domain_listener(self._on_domain_event)
+        self._hv.add_connect_hook(self._on_connect)
         await self._host_cycle()
         self._tasks = [
             asyncio.create_task(self._every("host", self._config.host_interval, self._host_cycle),
@@ -332,6 +333,13 @@ class StatsSampler:
             if not await self._is_stuck(vm_id, dom):
                 log.info("VM %s answers again; sampling it again", vm_id)
                 del self._stuck[vm_id]
+
+    async def _on_connect(self, _conn: Connection) -> None:
+        # The handles belong to the old connection, and what was stuck or new under it
+        # says nothing of the new one: the next cycle lists every VM in one bulk call.
+        self._handles.clear()
+        self._stuck.clear()
+        self._new.clear()
 
     def _on_domain_event(self, event: DomainEvent) -> None:
         if event.kind != "lifecycle":

@@ -26,6 +26,9 @@ class NoSlotHypervisor:
     def add_connect_hook(self, hook: Callable[[Any], Any]) -> None:
         self.hooks.append(hook)
 
+    def add_domain_listener(self, _listener: Callable[[DomainEvent], None]) -> None:
+        pass
+
     async def call(self, _fn: Callable[[Any], Any], *, timeout: float | None = None,
                    what: str = "") -> Any:
         raise DeadlineExceeded(f"{what}: no pool slot within {timeout}s")
@@ -48,3 +51,18 @@ def test_a_stopped_vm_leaves_the_cache_and_raises_its_generation() -> None:
     stats._on_domain_event(DomainEvent("lifecycle", VM, "a", vc.DOMAIN_EVENT_STOPPED))
     assert VM not in stats.vms
     assert stats.vm_generation > generation, "/metrics would keep serving the stopped VM"
+
+
+
+async def test_a_reconnect_forgets_what_the_old_connection_left() -> None:
+    hypervisor = NoSlotHypervisor()
+    stats = sampler(hypervisor)
+    await stats.start()  # registers its hooks; samples the host once
+    await stats.close()
+    stats._handles = {VM: object()}
+    stats._stuck = {VM: 0.0}
+    stats._new = {VM}
+    for hook in hypervisor.hooks:
+        await hook(None)
+    assert not stats._handles and not stats._stuck and not stats._new, \
+        "the next cycle would sample the old connection's handles instead of listing"
