@@ -190,7 +190,6 @@ class DeviceMonitor:
         self._config = config
         self._bus = bus
         self.state = MonitorState.OFF
-        self.lost = 0
         self._monitor: Any = None
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -245,7 +244,6 @@ class DeviceMonitor:
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     # The kernel dropped events it could not queue; nothing brings them back.
-                    self.lost += 1
                     log.warning("host device events were lost: the monitor's queue overflowed")
                     continue
                 log.error("reading device events failed, stopping the monitor: %s", exc)

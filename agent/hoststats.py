@@ -84,5 +84,5 @@ def collect(paths: Iterable[str] = ()) -> JsonObject:
             }
             for name, c in disks.items()
         },
-        "filesystems": [fs for fs in map(_filesystem, dict.fromkeys(paths)) if fs is not None],
+        "filesystems": [fs for fs in map(_filesystem, paths) if fs is not None],
     }

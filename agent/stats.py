@@ -109,7 +109,8 @@ class StatsSampler:
         self._config = config
         self._hv = hypervisor
         self._bus = bus
-        self._paths = list(paths)
+        #: The filesystems whose usage the host samples report (the agent's state dir).
+        self._paths = tuple(paths)
         self._host_raw: JsonObject | None = None
         self.host: JsonObject | None = None
         self.history: deque[JsonObject] = deque(
@@ -145,15 +146,6 @@ class StatsSampler:
     @property
     def overdue_calls(self) -> int:
         return self._tracker.overdue()
-
-    def add_path(self, path: str) -> None:
-        """Report the usage of the filesystem holding ``path`` too (e.g. a storage domain)."""
-        if path not in self._paths:
-            self._paths.append(path)
-
-    def remove_path(self, path: str) -> None:
-        if path in self._paths:
-            self._paths.remove(path)
 
     def stale_seconds(self, entry: VmEntry) -> float:
         return 0.0 if entry.fresh else round(time.monotonic() - entry.sampled, 1)
@@ -208,7 +200,7 @@ class StatsSampler:
 
     async def _host_cycle(self) -> None:
         started = time.perf_counter()
-        raw = await asyncio.to_thread(hoststats.collect, tuple(self._paths))
+        raw = await asyncio.to_thread(hoststats.collect, self._paths)
         stats = host_stats(self._host_raw, raw)
         self._host_raw, self.host = raw, stats
         self.host_generation += 1
