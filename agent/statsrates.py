@@ -196,10 +196,12 @@ def parse_domain(record: Counters) -> JsonObject:
             disk = {ours: v[theirs] for theirs, ours in _BLOCK_KEYS.items() if theirs in v}
             disk["path"] = str(v.get("path", ""))
             disks[str(v["name"])] = disk
-    nics = {
-        str(v["name"]): {ours: v[theirs] for theirs, ours in _NIC_KEYS.items() if theirs in v}
-        for v in _indexed(record, "net.").values() if "name" in v
-    }
+    nics: dict[str, JsonObject] = {}
+    for v in _indexed(record, "net.").values():
+        if "name" in v:
+            nic = {ours: v[theirs] for theirs, ours in _NIC_KEYS.items() if theirs in v}
+            nic["bridge"] = str(v.get("bridge", ""))  # added by domstats
+            nics[str(v["name"])] = nic
     memory = {
         ours: int(record[f"balloon.{theirs}"]) * 1024
         for theirs, ours in _BALLOON_KIB.items() if f"balloon.{theirs}" in record

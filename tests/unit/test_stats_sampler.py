@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from virtnode import domstats
 from virtnode import virconst as vc
 from virtnode.config import StatsConfig
 from virtnode.errors import DeadlineExceeded
@@ -66,3 +67,16 @@ async def test_a_reconnect_forgets_what_the_old_connection_left() -> None:
         await hook(None)
     assert not stats._handles and not stats._stuck and not stats._new, \
         "the next cycle would sample the old connection's handles instead of listing"
+
+
+def test_records_carry_each_nic_s_bridge() -> None:
+    class Dom:
+        def UUIDString(self) -> str:  # noqa: N802 - libvirt's name
+            return VM
+
+        def name(self) -> str:
+            return "a"
+
+    stats = {"state.state": vc.DOMAIN_RUNNING, "net.0.name": "vn-no-such-nic", "net.1.name": "lo"}
+    ((_, _, raw, _),) = domstats._records([(Dom(), stats)])
+    assert raw["net.0.bridge"] == "" and raw["net.1.bridge"] == ""
