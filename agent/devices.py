@@ -190,7 +190,6 @@ class DeviceMonitor:
         self._config = config
         self._bus = bus
         self.state = MonitorState.OFF
-        self.lost = 0
         self._monitor: Any = None
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -229,10 +228,7 @@ class DeviceMonitor:
 
     async def close(self) -> None:
         """Stop watching, close the monitor and publish what is still waiting. Idempotent."""
-        if self._monitor is not None and self._loop is not None:
-            self._loop.remove_reader(self._fd)
-        # pyudev has no close(): the socket closes when the last reference goes.
-        self._monitor, self._fd = None, -1
+        self._detach()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -245,7 +241,6 @@ class DeviceMonitor:
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     # The kernel dropped events it could not queue; nothing brings them back.
-                    self.lost += 1
                     log.warning("host device events were lost: the monitor's queue overflowed")
                     continue
                 log.error("reading device events failed, stopping the monitor: %s", exc)
@@ -261,10 +256,15 @@ class DeviceMonitor:
             self._flush_handle = self._loop.call_later(self._config.coalesce_window,
                                                        self._flush)
 
-    def _fail(self) -> None:
-        if self._loop is not None and self._monitor is not None:
+    def _detach(self) -> None:
+        """Stop watching the monitor and drop it. Idempotent."""
+        if self._monitor is not None and self._loop is not None:
             self._loop.remove_reader(self._fd)
+        # pyudev has no close(): the socket closes when the last reference goes.
         self._monitor, self._fd = None, -1
+
+    def _fail(self) -> None:
+        self._detach()
         self.state = MonitorState.UNAVAILABLE
 
     def _flush(self) -> None:

@@ -1,19 +1,22 @@
 """Blocking libvirt calls of the statistics sampler, run through ``Hypervisor.call``.
 
-Records come back as ``(vm_id, name, stats, handle)`` with libvirt's flat stats dict. Every call
+Records come back as ``(vm_id, name, stats, handle)`` with libvirt's flat stats dict, to
+which each NIC's bridge is added as ``net.N.bridge`` (read here, in the worker thread, so
+nothing on the event loop reads sysfs for it). Every call
 passes ``NOWAIT``: libvirt then skips the monitor queries of a domain whose job another
 call holds, instead of waiting for it (see docs/architecture.md, "Statistics").
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 from typing import Any
 
 from virtnode import virconst as vc
 
 Connection = Any
-#: (vm_id, name, libvirt's flat stats, the domain handle)
+#: (vm_id, name, libvirt's flat stats with net.N.bridge, the domain handle)
 Record = tuple[str, str, dict[str, Any], Any]
 
 GROUPS = (vc.DOMAIN_STATS_STATE | vc.DOMAIN_STATS_CPU_TOTAL | vc.DOMAIN_STATS_BALLOON
@@ -22,9 +25,26 @@ BULK_FLAGS = vc.CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE | vc.CONNECT_GET_ALL_DOMAIN
 LIST_FLAGS = vc.CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
 
 
+def bridge_of(device: str) -> str:
+    """The bridge a host network device is a port of ('' for none); reads sysfs only."""
+    if not device or "/" in device or device.startswith("."):
+        return ""
+    try:
+        return os.path.basename(os.readlink(f"/sys/class/net/{device}/master"))
+    except OSError:
+        return ""
+
+
+def _with_bridges(stats: dict[str, Any]) -> dict[str, Any]:
+    for key, value in list(stats.items()):
+        if key.startswith("net.") and key.endswith(".name"):
+            stats[key.removesuffix("name") + "bridge"] = bridge_of(str(value))
+    return stats
+
+
 def _records(pairs: Any) -> list[Record]:
     # UUIDString() and name() read the handle; they make no call to libvirtd.
-    return [(dom.UUIDString(), dom.name(), stats, dom) for dom, stats in pairs
+    return [(dom.UUIDString(), dom.name(), _with_bridges(stats), dom) for dom, stats in pairs
             if stats.get("state.state") != vc.DOMAIN_SHUTOFF]
 
 

@@ -1,8 +1,8 @@
 """Prometheus metrics: ``GET /metrics`` from the sampler's cache and the agent's counters.
 
 Nothing here calls libvirt: the collectors turn what the statistics sampler already holds
-into metric families when a scrape comes in (the only reads are a sysfs link per VM NIC,
-for its bridge, and /proc/self for the agent's own process_* metrics). The text is written
+into metric families when a scrape comes in (the only read is of /proc/self, for the
+agent's own process_* metrics). The text is written
 by :func:`render_text`, not prometheus-client's writer, which took three quarters of a
 scrape. Names start with ``virtnode_``,
 values are in base units (bytes, seconds), counters end in ``_total``; VM series carry
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -278,8 +277,7 @@ class VmCollector:
         self._sampler = sampler
 
     def collect(self) -> Iterator[Metric]:
-        entries = [(e.stats, e.counters, self._sampler.stale_seconds(e))
-                   for e in self._sampler.vms.values()]
+        entries = [(e.stats, e.counters) for e in self._sampler.vms.values()]
         info = _gauge("virtnode_vm_info", "One series per sampled VM, with its state.",
                       [*_VM, "state"])
         vcpus = _gauge("virtnode_vm_vcpus", "vCPUs the VM runs with.", _VM)
@@ -288,7 +286,7 @@ class VmCollector:
         vcpu = _counter("virtnode_vm_vcpu_seconds_total", "Time each vCPU ran.", [*_VM, "vcpu"])
         memory = {key: _gauge(f"virtnode_vm_memory_{key}", f"VM memory, {key}.", _VM)
                   for key in self._MEMORY}
-        for stats, counters, _age in entries:
+        for stats, counters in entries:
             labels = [stats["vm_id"], stats["name"]]
             info.add_metric([*labels, stats["state"]], 1)
             vcpus.add_metric(labels, counters["vcpu_count"])
@@ -306,7 +304,7 @@ class VmCollector:
         yield from self._disks(entries)
         yield from self._nics(entries)
 
-    def _disks(self, entries: list[tuple[JsonObject, JsonObject, float]]) -> Iterator[Metric]:
+    def _disks(self, entries: list[tuple[JsonObject, JsonObject]]) -> Iterator[Metric]:
         labels = [*_VM, "device"]
         counters = {k: _counter(f"virtnode_vm_disk_{n.removesuffix('_total')}_total",
                                 f"VM disk counter {k}.", labels)
@@ -316,7 +314,7 @@ class VmCollector:
         divisors = {k: d for k, _, d in self._DISK_COUNTERS}
         info = _gauge("virtnode_vm_disk_info", "One series per VM disk, with its source path.",
                       [*labels, "path"])
-        for stats, raw, _ in entries:
+        for stats, raw in entries:
             for device, disk in sorted(raw["disks"].items()):
                 series = [stats["vm_id"], stats["name"], device]
                 info.add_metric([*series, str(disk.get("path", ""))], 1)
@@ -328,30 +326,20 @@ class VmCollector:
                         gauge.add_metric(series, disk[key])
         yield from (info, *counters.values(), *gauges.values())
 
-    def _nics(self, entries: list[tuple[JsonObject, JsonObject, float]]) -> Iterator[Metric]:
+    def _nics(self, entries: list[tuple[JsonObject, JsonObject]]) -> Iterator[Metric]:
         labels = [*_VM, "interface"]
         families = {k: _counter(f"virtnode_vm_network_{n}_total", f"VM NIC counter {k}.", labels)
                     for k, n in self._NICS}
         info = _gauge("virtnode_vm_network_info",
                       "One series per VM NIC, with the bridge its host device is a port of.",
                       [*labels, "bridge"])
-        for stats, raw, _ in entries:
+        for stats, raw in entries:
             for device, nic in sorted(raw["nics"].items()):
-                info.add_metric([stats["vm_id"], stats["name"], device, _bridge_of(device)], 1)
+                info.add_metric([stats["vm_id"], stats["name"], device, nic.get("bridge", "")], 1)
                 for key, family in families.items():
                     if nic.get(key) is not None:
                         family.add_metric([stats["vm_id"], stats["name"], device], nic[key])
         yield from (info, *families.values())
-
-
-def _bridge_of(device: str) -> str:
-    """The bridge a host network device is a port of ('' for none); reads sysfs only."""
-    if not device or "/" in device or device.startswith("."):
-        return ""
-    try:
-        return os.path.basename(os.readlink(f"/sys/class/net/{device}/master"))
-    except OSError:
-        return ""
 
 
 class Metrics:

@@ -109,7 +109,8 @@ class StatsSampler:
         self._config = config
         self._hv = hypervisor
         self._bus = bus
-        self._paths = list(paths)
+        #: The filesystems whose usage the host samples report (the agent's state dir).
+        self._paths = tuple(paths)
         self._host_raw: JsonObject | None = None
         self.host: JsonObject | None = None
         self.history: deque[JsonObject] = deque(
@@ -127,7 +128,8 @@ class StatsSampler:
         self._tracker = CallTracker()
         self._max_overdue = max(2, pool_size // 2)
         self.cycles = {"host": CycleStats(), "vm": CycleStats()}
-        #: Raised whenever :attr:`host` or :attr:`vms` change (what /metrics caches on).
+        #: Raised whenever :attr:`host` or :attr:`vms` change (what /metrics caches on);
+        #: :attr:`vms` changes only through :meth:`_put_vm` and :meth:`_drop_vm`.
         self.host_generation = 0
         self.vm_generation = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -145,15 +147,6 @@ class StatsSampler:
     def overdue_calls(self) -> int:
         return self._tracker.overdue()
 
-    def add_path(self, path: str) -> None:
-        """Report the usage of the filesystem holding ``path`` too (e.g. a storage domain)."""
-        if path not in self._paths:
-            self._paths.append(path)
-
-    def remove_path(self, path: str) -> None:
-        if path in self._paths:
-            self._paths.remove(path)
-
     def stale_seconds(self, entry: VmEntry) -> float:
         return 0.0 if entry.fresh else round(time.monotonic() - entry.sampled, 1)
 
@@ -164,6 +157,7 @@ class StatsSampler:
     async def start(self) -> None:
         """Take the first host sample, then sample in the background."""
         self._hv.add_domain_listener(self._on_domain_event)
+        self._hv.add_connect_hook(self._on_connect)
         await self._host_cycle()
         self._tasks = [
             asyncio.create_task(self._every("host", self._config.host_interval, self._host_cycle),
@@ -206,7 +200,7 @@ class StatsSampler:
 
     async def _host_cycle(self) -> None:
         started = time.perf_counter()
-        raw = await asyncio.to_thread(hoststats.collect, tuple(self._paths))
+        raw = await asyncio.to_thread(hoststats.collect, self._paths)
         stats = host_stats(self._host_raw, raw)
         self._host_raw, self.host = raw, stats
         self.host_generation += 1
@@ -285,9 +279,11 @@ class StatsSampler:
         for longer than the bulk call could wait is stuck as well.
         """
         threshold_ms = min(1000.0, self._config.vm_timeout * 500)
-        self._probing.add(vm_id)
 
         def probe(_conn: Connection) -> tuple[int, int] | None:
+            # Marked only once the probe runs: a call that never got a pool slot leaves
+            # nothing behind that would keep the VM from being probed again.
+            self._probing.add(vm_id)
             try:
                 return domstats.control_state(dom)
             finally:
@@ -298,7 +294,6 @@ class StatsSampler:
         except DeadlineExceeded:
             return True
         except ApiError:
-            self._probing.discard(vm_id)
             return False  # gone meanwhile, or failing for another reason: not stuck
         return state is not None and state[0] in _STUCK_STATES and state[1] >= threshold_ms
 
@@ -331,6 +326,13 @@ class StatsSampler:
                 log.info("VM %s answers again; sampling it again", vm_id)
                 del self._stuck[vm_id]
 
+    async def _on_connect(self, _conn: Connection) -> None:
+        # The handles belong to the old connection, and what was stuck or new under it
+        # says nothing of the new one: the next cycle lists every VM in one bulk call.
+        self._handles.clear()
+        self._stuck.clear()
+        self._new.clear()
+
     def _on_domain_event(self, event: DomainEvent) -> None:
         if event.kind != "lifecycle":
             return
@@ -340,7 +342,18 @@ class StatsSampler:
             self._new.discard(event.vm_id)
             self._handles.pop(event.vm_id, None)
             self._stuck.pop(event.vm_id, None)
-            self.vms.pop(event.vm_id, None)
+            self._drop_vm(event.vm_id)
+
+    # Every change of :attr:`vms` goes through these two, so /metrics never serves a VM
+    # that is gone or values that were replaced.
+
+    def _put_vm(self, vm_id: str, entry: VmEntry) -> None:
+        self.vms[vm_id] = entry
+        self.vm_generation += 1
+
+    def _drop_vm(self, vm_id: str) -> None:
+        if self.vms.pop(vm_id, None) is not None:
+            self.vm_generation += 1
 
     def _update(self, records: list[domstats.Record]) -> None:
         now, wall = time.monotonic(), time.time()
@@ -354,14 +367,13 @@ class StatsSampler:
             seconds = now - old.sampled if old is not None else 0.0
             stats = vm_stats(vm_id, name, old.counters if old else None, counters,
                              seconds=seconds, time=wall)
-            self.vms[vm_id] = VmEntry(counters, stats, now)
+            self._put_vm(vm_id, VmEntry(counters, stats, now))
         self._handles = handles
-        self.vm_generation += 1
         for vm_id in list(self.vms):
             if vm_id in self._stuck:
                 self.vms[vm_id].fresh = False
             elif vm_id not in handles:
-                del self.vms[vm_id]
+                self._drop_vm(vm_id)
         self.vm_time = wall
 
     def _publish_vms(self, seconds: float) -> None:

@@ -25,6 +25,9 @@ _NIC_RATES = ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")
 _NIC_KEYS = {"rx.bytes": "rx_bytes", "tx.bytes": "tx_bytes", "rx.pkts": "rx_packets",
              "tx.pkts": "tx_packets", "rx.errs": "rx_errors", "tx.errs": "tx_errors",
              "rx.drop": "rx_dropped", "tx.drop": "tx_dropped"}
+# Disk counters and the names of their rates, the same for host and VM disks.
+_DISK_RATES = (("read_bytes", "read_bytes_per_second"), ("write_bytes", "write_bytes_per_second"),
+               ("reads", "read_ops_per_second"), ("writes", "write_ops_per_second"))
 _BLOCK_KEYS = {"rd.bytes": "read_bytes", "wr.bytes": "write_bytes", "rd.reqs": "reads",
                "wr.reqs": "writes", "rd.times": "read_time_ns", "wr.times": "write_time_ns",
                "fl.reqs": "flushes", "fl.times": "flush_time_ns", "capacity": "capacity_bytes",
@@ -73,6 +76,11 @@ def _with_rates(before: Counters | None, after: Counters, fields: Iterable[str],
     return out
 
 
+def _disk_rates(before: Counters | None, after: Counters, seconds: float) -> JsonObject:
+    return {out: _round(rate(before.get(field) if before else None, after.get(field), seconds))
+            for field, out in _DISK_RATES}
+
+
 def host_stats(before: Counters | None, after: Counters) -> JsonObject:
     """The ``Host.getStats`` result from two samples of :func:`hoststats.collect`."""
     seconds = after["monotonic"] - before["monotonic"] if before is not None else 0.0
@@ -89,13 +97,8 @@ def host_stats(before: Counters | None, after: Counters) -> JsonObject:
     disks = []
     for name in sorted(after["disks"]):
         old = before["disks"].get(name) if before is not None else None
-        disk = dict(after["disks"][name])
-        for field, out in (("read_bytes", "read_bytes_per_second"),
-                           ("write_bytes", "write_bytes_per_second"),
-                           ("reads", "read_ops_per_second"),
-                           ("writes", "write_ops_per_second")):
-            disk[out] = _round(rate(old and old[field], disk[field], seconds))
-        disks.append({"name": name, **disk})
+        disk = after["disks"][name]
+        disks.append({"name": name, **disk, **_disk_rates(old, disk, seconds)})
     return {
         "time": after["time"],
         "interval_seconds": round(seconds, 3) if before is not None else None,
@@ -196,10 +199,12 @@ def parse_domain(record: Counters) -> JsonObject:
             disk = {ours: v[theirs] for theirs, ours in _BLOCK_KEYS.items() if theirs in v}
             disk["path"] = str(v.get("path", ""))
             disks[str(v["name"])] = disk
-    nics = {
-        str(v["name"]): {ours: v[theirs] for theirs, ours in _NIC_KEYS.items() if theirs in v}
-        for v in _indexed(record, "net.").values() if "name" in v
-    }
+    nics: dict[str, JsonObject] = {}
+    for v in _indexed(record, "net.").values():
+        if "name" in v:
+            nic = {ours: v[theirs] for theirs, ours in _NIC_KEYS.items() if theirs in v}
+            nic["bridge"] = str(v.get("bridge", ""))  # added by domstats
+            nics[str(v["name"])] = nic
     memory = {
         ours: int(record[f"balloon.{theirs}"]) * 1024
         for theirs, ours in _BALLOON_KIB.items() if f"balloon.{theirs}" in record
@@ -247,17 +252,11 @@ def _latency(before: Counters | None, after: Counters, time_key: str,
 
 
 def _disk(name: str, before: Counters | None, after: Counters, seconds: float) -> JsonObject:
-    def per_second(key: str) -> float | None:
-        return _round(rate(before.get(key) if before else None, after.get(key), seconds))
-
     return {
         "name": name,
         "path": after.get("path", ""),
         **{key: after.get(key, 0) for key in ("read_bytes", "write_bytes", "reads", "writes")},
-        "read_bytes_per_second": per_second("read_bytes"),
-        "write_bytes_per_second": per_second("write_bytes"),
-        "read_ops_per_second": per_second("reads"),
-        "write_ops_per_second": per_second("writes"),
+        **_disk_rates(before, after, seconds),
         "read_latency_seconds": _latency(before, after, "read_time_ns", "reads"),
         "write_latency_seconds": _latency(before, after, "write_time_ns", "writes"),
         "capacity_bytes": after.get("capacity_bytes"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from virtnode.statsrates import vm_summary
+
 JsonObject = dict[str, Any]
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
@@ -25,11 +27,6 @@ def human_bytes(value: float | None, suffix: str = "") -> str:
 
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}%"
-
-
-def _sum(items: Sequence[JsonObject], key: str) -> float | None:
-    values = [item[key] for item in items if item.get(key) is not None]
-    return sum(values) if values else None
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -79,15 +76,15 @@ def vm_table(vms: Sequence[JsonObject]) -> str:
     """One line per VM: CPU, memory, disk and network rates, and staleness."""
     rows = []
     for vm in vms:
-        disks, nics = vm["disks"], vm["nics"]
-        stale = vm["stale_seconds"]
+        summary = vm_summary(vm)
+        stale = summary["stale_seconds"]
         rows.append((
-            vm["name"], vm["state"], _percent(vm["cpu"]["percent"]),
-            human_bytes(vm["memory"]["used_bytes"]),
-            human_bytes(_sum(disks, "read_bytes_per_second"), "/s"),
-            human_bytes(_sum(disks, "write_bytes_per_second"), "/s"),
-            human_bytes(_sum(nics, "rx_bytes_per_second"), "/s"),
-            human_bytes(_sum(nics, "tx_bytes_per_second"), "/s"),
+            summary["name"], summary["state"], _percent(summary["cpu_percent"]),
+            human_bytes(summary["memory_used_bytes"]),
+            human_bytes(summary["disk_read_bytes_per_second"], "/s"),
+            human_bytes(summary["disk_write_bytes_per_second"], "/s"),
+            human_bytes(summary["net_rx_bytes_per_second"], "/s"),
+            human_bytes(summary["net_tx_bytes_per_second"], "/s"),
             f"stale {stale:.0f}s" if stale else "",
         ))
     if not rows:

@@ -141,3 +141,11 @@ def test_request_metrics_bound_their_labels(method: str) -> None:
     assert metrics.counts == {(label, "ok"): 2}
     assert metrics.buckets[label][1] == 1, "0.0007 s is under the 1 ms bound"
     assert metrics.buckets[label][-1] == 1
+
+
+def test_nic_counters_carry_the_bridge_the_sampler_read() -> None:
+    record = {**domain(1.0, 0, 0, 0, 0), "net.0.bridge": "br0"}
+    assert parse_domain(record)["nics"]["vnet0"]["bridge"] == "br0"
+    assert parse_domain(domain(1.0, 0, 0, 0, 0))["nics"]["vnet0"]["bridge"] == ""
+    stats = vm_stats(VM, "a", None, parse_domain(record), seconds=0.0, time=1.0)
+    assert "bridge" not in stats["nics"][0], "VM.getStats NICs stay as they were"
