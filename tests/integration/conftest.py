@@ -16,7 +16,7 @@ import pytest
 from tests.agentproc import AgentProcess, start_agent
 from tests.integration import libvirtd as daemon
 from tests.subproc import run
-from virtnode.client import Client
+from virtnode.client import Client, RemoteError
 
 #: Names of VMs the tests create start with this, so that cleanup finds them all.
 VM_PREFIX = os.environ.get("VIRTNODE_TEST_VM_PREFIX", "vn-it-")
@@ -130,3 +130,15 @@ async def next_event(client: Client, topic: str, predicate: Callable[[dict[str, 
                     params["data"]):
                 return dict(params["data"])
     raise AssertionError("connection closed before the event")
+
+
+async def expect_error(client: Client, method: str, params: dict[str, Any],
+                       name: str | None = None, reason: str | None = None) -> RemoteError:
+    """The error ``method`` answers with; its name and reason checked when given."""
+    with pytest.raises(RemoteError) as caught:
+        await client.call(method, params)
+    if name is not None:
+        assert caught.value.name == name, caught.value.error
+    if reason is not None:
+        assert caught.value.reason == reason, caught.value.error
+    return caught.value

@@ -19,8 +19,8 @@ import pytest
 from tests.agentproc import AgentProcess, start_agent
 from tests.conftest import ClientFactory
 from tests.integration import libvirtd as daemon
+from tests.integration.conftest import expect_error
 from tests.integration.test_vm_guest import linux_vm
-from tests.integration.test_vm_lifecycle import expect_error
 from tests.subproc import virtnode
 from virtnode import jobcli
 from virtnode.client import Client

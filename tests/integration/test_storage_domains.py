@@ -15,9 +15,9 @@ import pytest
 
 from tests.agentproc import AgentProcess, start_agent
 from tests.conftest import ClientFactory, missing
-from tests.integration.conftest import next_event
+from tests.integration.conftest import expect_error, next_event
 from tests.subproc import run
-from virtnode.client import Client, RemoteError
+from virtnode.client import Client
 
 pytestmark = pytest.mark.integration
 
@@ -30,12 +30,6 @@ async def sd_agent(tmp_path: Path) -> AsyncIterator[AgentProcess]:
     yield agent
     status = await agent.stop()
     assert status == 0, agent.log
-
-
-async def error_of(client: Client, method: str, params: dict[str, Any]) -> RemoteError:
-    with pytest.raises(RemoteError) as err:
-        await client.call(method, params)
-    return err.value
 
 
 async def wait_state(client: Client, sd_id: str, state: str, timeout: float = 10) -> dict[str, Any]:
@@ -72,29 +66,29 @@ async def test_localfs_create_list_info_detach_attach_delete(
     listed = (await client.call("StorageDomain.list"))["domains"]
     assert [d["sd_id"] for d in listed] == [sd_id]
 
-    dup = await error_of(client, "StorageDomain.create",
-                         {"type": "localfs", "name": "local", "path": str(tmp_path / "x")})
+    dup = await expect_error(client, "StorageDomain.create",
+                             {"type": "localfs", "name": "local", "path": str(tmp_path / "x")})
     assert (dup.name, dup.data["reason"]) == ("AlreadyExists", "name_in_use")
-    busy = await error_of(client, "StorageDomain.create",
-                          {"type": "localfs", "name": "other", "path": str(root)})
+    busy = await expect_error(client, "StorageDomain.create",
+                              {"type": "localfs", "name": "other", "path": str(root)})
     assert (busy.name, busy.data["reason"]) == ("FailedPrecondition", "not_empty")
 
     await client.call("StorageDomain.detach", {"sd_id": sd_id})
     assert (await client.call("StorageDomain.list"))["domains"] == []
     assert (root / sd_id / "dom_md" / "metadata.json").exists()  # detach keeps the data
-    gone = await error_of(client, "StorageDomain.getInfo", {"sd_id": sd_id})
+    gone = await expect_error(client, "StorageDomain.getInfo", {"sd_id": sd_id})
     assert gone.name == "NotFound"
 
     again = await client.call("StorageDomain.attach",
                               {"sd_id": sd_id, "type": "localfs", "path": str(root)})
     assert again["domain"]["metadata"] == metadata
-    twice = await error_of(client, "StorageDomain.attach",
-                           {"sd_id": sd_id, "type": "localfs", "path": str(root)})
+    twice = await expect_error(client, "StorageDomain.attach",
+                               {"sd_id": sd_id, "type": "localfs", "path": str(root)})
     assert twice.name == "AlreadyExists"
 
     (root / sd_id / "images" / str(uuid.uuid4())).mkdir()
     (next((root / sd_id / "images").iterdir()) / "volume").write_bytes(b"x")
-    held = await error_of(client, "StorageDomain.delete", {"sd_id": sd_id})
+    held = await expect_error(client, "StorageDomain.delete", {"sd_id": sd_id})
     assert held.data["reason"] == "has_volumes"
     await client.call("StorageDomain.delete", {"sd_id": sd_id, "force": True})
     assert list(root.iterdir()) == []
@@ -107,10 +101,10 @@ async def test_localfs_create_list_info_detach_attach_delete(
 async def test_bad_ids_are_refused(sd_agent: AgentProcess, checked_client: ClientFactory,
                                    params: dict[str, Any]) -> None:
     client = await checked_client(sd_agent.unix_url)
-    err = await error_of(client, "StorageDomain.getInfo", params)
+    err = await expect_error(client, "StorageDomain.getInfo", params)
     assert err.name == "InvalidParams"
-    err = await error_of(client, "StorageDomain.attach",
-                         {**params, "type": "localfs", "path": "/tmp"})
+    err = await expect_error(client, "StorageDomain.attach",
+                             {**params, "type": "localfs", "path": "/tmp"})
     assert err.name == "InvalidParams"
 
 
@@ -134,7 +128,7 @@ async def test_bad_create_params_are_refused(sd_agent: AgentProcess,
           "mount": {"source": "/dev/null", "vfs_type": "-t"}}, "InvalidParams"),
     ]
     for params, name in cases:
-        err = await error_of(client, "StorageDomain.create", params)
+        err = await expect_error(client, "StorageDomain.create", params)
         assert err.name == name, (params, err)
     assert (await client.call("StorageDomain.list"))["domains"] == []
 
@@ -154,14 +148,14 @@ async def test_attach_refuses_corrupt_and_newer_metadata(
                          (good.replace('"block_size": 512', '"block_size": "512"'),
                           "metadata_corrupt")):
         path.write_text(text)
-        err = await error_of(client, "StorageDomain.attach", params)
+        err = await expect_error(client, "StorageDomain.attach", params)
         assert (err.name, err.data["reason"]) == ("FailedPrecondition", reason)
         assert path.read_text() == text  # never rewritten
     path.write_text(good)
-    wrong = await error_of(client, "StorageDomain.attach", {**params, "type": "posixfs"})
+    wrong = await expect_error(client, "StorageDomain.attach", {**params, "type": "posixfs"})
     assert wrong.name == "InvalidArgument"
-    missing_sd = await error_of(client, "StorageDomain.attach",
-                                {**params, "sd_id": str(uuid.uuid4())})
+    missing_sd = await expect_error(client, "StorageDomain.attach",
+                                    {**params, "sd_id": str(uuid.uuid4())})
     assert (missing_sd.name, missing_sd.data["reason"]) == ("NotFound", "no_domain")
 
 
@@ -339,7 +333,7 @@ async def test_a_failed_mount_leaves_nothing(sd_agent: AgentProcess,
     client = await checked_client(sd_agent.unix_url)
     not_a_fs = tmp_path / "zeros.img"
     not_a_fs.write_bytes(bytes(1024 * 1024))
-    err = await error_of(client, "StorageDomain.create", {
+    err = await expect_error(client, "StorageDomain.create", {
         "type": "posixfs", "name": "bad",
         "mount": {"source": str(not_a_fs), "vfs_type": "ext4", "options": "loop,ro"}})
     assert (err.name, err.data["reason"]) == ("FailedPrecondition", "mount_failed")
