@@ -7,13 +7,14 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
 from tests.agentproc import AgentProcess, start_agent
+from tests.conftest import missing
 from tests.integration import libvirtd as daemon
 from tests.subproc import run
 from virtnode.client import Client, RemoteError
@@ -108,6 +109,55 @@ async def make_image(directory: Path, name: str, size: str = "16M",
     path = directory / name
     (await run("qemu-img", "create", "-q", "-f", fmt, path, size)).check()
     return path
+
+
+def sparse_file(path: Path, size: int) -> None:
+    """A file of ``size`` bytes that takes no space until written."""
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+
+
+class LoopFsFactory(Protocol):
+    async def __call__(self, size: int, *, mount: Path | None = None,
+                       mkfs_options: Sequence[str] = ()) -> str: ...
+
+
+@pytest.fixture
+async def loop_fs(tmp_path: Path) -> AsyncIterator[LoopFsFactory]:
+    """Make sparse ext4 images under tmp_path on loop devices; returns the device.
+
+    ``mount`` (a directory, made if absent) mounts the filesystem there. Afterwards every
+    mount of each device, the fixture's own or one an agent left, is unmounted and the
+    device detached.
+    """
+    if os.geteuid() != 0:
+        missing("loop devices need root")
+    if not await asyncio.to_thread(os.path.exists, "/dev/loop-control"):
+        missing("no loop devices (/dev/loop-control is absent)")
+    folder = tmp_path / "loop-fs"
+    devices: list[str] = []
+
+    async def make(size: int, *, mount: Path | None = None,
+                   mkfs_options: Sequence[str] = ()) -> str:
+        await asyncio.to_thread(folder.mkdir, exist_ok=True)
+        image = folder / f"{len(devices)}.img"
+        await asyncio.to_thread(sparse_file, image, size)
+        (await run("mkfs.ext4", "-q", "-F", *mkfs_options, image)).check()
+        device = (await run("losetup", "--find", "--show", image)).check().strip()
+        devices.append(device)
+        if mount is not None:
+            await asyncio.to_thread(mount.mkdir, parents=True, exist_ok=True)
+            (await run("mount", device, mount)).check()
+        return device
+
+    try:
+        yield make
+    finally:
+        for device in devices:
+            targets = await run("findmnt", "--list", "-no", "TARGET", "--source", device)
+            for target in targets.out.splitlines():
+                await run("umount", target)
+            await run("losetup", "-d", device)
 
 
 @pytest.fixture

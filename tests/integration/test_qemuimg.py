@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.conftest import missing
+from tests.integration.conftest import LoopFsFactory
 from tests.subproc import run
 from virtnode.storage import qemuimg
 
@@ -202,24 +202,10 @@ async def test_failed_convert_keeps_a_target_it_did_not_create(tmp_path: Path) -
     assert dst.exists()
 
 
-@pytest.fixture
-async def tiny_fs(tmp_path: Path) -> AsyncIterator[Path]:
-    """A 16 MiB ext4 loop mount, unmounted (and its loop device freed) afterwards."""
-    if os.geteuid() != 0:
-        missing("a loop mount needs root")
-    image, mount = tmp_path / "fs.img", tmp_path / "mnt"
-    mount.mkdir()
-    (await run("truncate", "-s", "16M", image)).check()
-    (await run("mkfs.ext4", "-q", image)).check()
-    (await run("mount", "-o", "loop", image, mount)).check()
-    try:
-        yield mount
-    finally:
-        (await run("umount", mount)).check()
-
-
 async def test_full_filesystem_is_no_space_and_leaves_no_partial_file(
-        tiny_fs: Path, tmp_path: Path) -> None:
+        loop_fs: LoopFsFactory, tmp_path: Path) -> None:
+    tiny_fs = tmp_path / "mnt"
+    await loop_fs(16 * MiB, mount=tiny_fs)
     src = tmp_path / "data.raw"
     await asyncio.to_thread(fill_with_data, src, 64 * MiB)
     with pytest.raises(qemuimg.NoSpace) as failed:

@@ -15,7 +15,7 @@ import pytest
 
 from tests.agentproc import AgentProcess, start_agent
 from tests.conftest import ClientFactory, missing
-from tests.integration.conftest import expect_error, next_event
+from tests.integration.conftest import LoopFsFactory, expect_error, next_event
 from tests.subproc import run
 from virtnode.client import Client
 
@@ -204,34 +204,9 @@ async def test_metrics_report_the_monitor(sd_agent: AgentProcess,
 # --- posixfs on loop devices ----------------------------------------------------------------
 
 
-def sparse_file(path: Path, size: int) -> None:
-    with open(path, "wb") as handle:
-        handle.truncate(size)
-
-
-@pytest.fixture
-async def loop_ext4(tmp_path: Path) -> AsyncIterator[str]:
-    """A sparse ext4 image under tmp_path on a loop device; the device is detached after."""
-    if os.geteuid() != 0:
-        missing("posixfs tests mount loop devices and need root")
-    if not await asyncio.to_thread(os.path.exists, "/dev/loop-control"):
-        missing("no loop devices (/dev/loop-control is absent)")
-    image = tmp_path / "posix.img"
-    await asyncio.to_thread(sparse_file, image, 64 * 1024 * 1024)
-    (await run("mkfs.ext4", "-q", "-F", image)).check()
-    device = (await run("losetup", "--find", "--show", image)).check().strip()
-    try:
-        yield device
-    finally:
-        points = await asyncio.to_thread(lambda: sorted(tmp_path.glob("*/state/mnt/*")))
-        for point in points:  # left by an agent that failed
-            await run("umount", point)
-        await run("losetup", "-d", device)
-
-
 async def test_posixfs_create_detach_and_two_agents(
-        tmp_path: Path, loop_ext4: str, checked_client: ClientFactory) -> None:
-    spec = {"source": loop_ext4, "vfs_type": "ext4"}
+        tmp_path: Path, loop_fs: LoopFsFactory, checked_client: ClientFactory) -> None:
+    spec = {"source": await loop_fs(64 * 1024 * 1024), "vfs_type": "ext4"}
     first = await start_agent(tmp_path / "a", sections=FAST)
     second = await start_agent(tmp_path / "b", sections=FAST)
     try:
@@ -275,8 +250,8 @@ async def test_posixfs_create_detach_and_two_agents(
 
 
 async def test_posixfs_is_mounted_again_after_a_restart(
-        tmp_path: Path, loop_ext4: str, checked_client: ClientFactory) -> None:
-    spec = {"source": loop_ext4, "vfs_type": "ext4", "options": "noatime"}
+        tmp_path: Path, loop_fs: LoopFsFactory, checked_client: ClientFactory) -> None:
+    spec = {"source": await loop_fs(64 * 1024 * 1024), "vfs_type": "ext4", "options": "noatime"}
     agent = await start_agent(tmp_path / "a", sections=FAST)
     try:
         client = await checked_client(agent.unix_url)
@@ -298,31 +273,21 @@ async def test_posixfs_is_mounted_again_after_a_restart(
         assert await agent.stop() == 0, agent.log
 
 
-async def test_posixfs_on_a_tiny_filesystem(tmp_path: Path,
+async def test_posixfs_on_a_tiny_filesystem(tmp_path: Path, loop_fs: LoopFsFactory,
                                             checked_client: ClientFactory) -> None:
     """A nearly full filesystem still takes a domain (later work checks no_space)."""
-    if os.geteuid() != 0:
-        missing("posixfs tests mount loop devices and need root")
-    image = tmp_path / "tiny.img"
-    await asyncio.to_thread(sparse_file, image, 2 * 1024 * 1024)
-    (await run("mkfs.ext4", "-q", "-F", "-m", "0", image)).check()
-    device = (await run("losetup", "--find", "--show", image)).check().strip()
+    device = await loop_fs(2 * 1024 * 1024, mkfs_options=("-m", "0"))
+    agent = await start_agent(tmp_path / "a", sections=FAST)
     try:
-        agent = await start_agent(tmp_path / "a", sections=FAST)
-        try:
-            client = await checked_client(agent.unix_url)
-            domain = (await client.call("StorageDomain.create", {
-                "type": "posixfs", "name": "tiny",
-                "mount": {"source": device, "vfs_type": "ext4"}}))["domain"]
-            info = await wait_state(client, domain["sd_id"], "ok")
-            assert info["monitor"]["total_bytes"] <= 2 * 1024 * 1024
-            await client.call("StorageDomain.detach", {"sd_id": domain["sd_id"]})
-        finally:
-            assert await agent.stop() == 0, agent.log
+        client = await checked_client(agent.unix_url)
+        domain = (await client.call("StorageDomain.create", {
+            "type": "posixfs", "name": "tiny",
+            "mount": {"source": device, "vfs_type": "ext4"}}))["domain"]
+        info = await wait_state(client, domain["sd_id"], "ok")
+        assert info["monitor"]["total_bytes"] <= 2 * 1024 * 1024
+        await client.call("StorageDomain.detach", {"sd_id": domain["sd_id"]})
     finally:
-        for point in (tmp_path / "a" / "state" / "mnt").glob("*"):
-            await run("umount", point)
-        await run("losetup", "-d", device)
+        assert await agent.stop() == 0, agent.log
 
 
 async def test_a_failed_mount_leaves_nothing(sd_agent: AgentProcess,

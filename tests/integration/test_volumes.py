@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from tests.agentproc import AgentProcess, start_agent
-from tests.conftest import ClientFactory, missing
-from tests.integration.conftest import expect_error, next_event
+from tests.conftest import ClientFactory
+from tests.integration.conftest import LoopFsFactory, expect_error, next_event
 from tests.subproc import run
 from virtnode.client import Client
 
@@ -254,26 +254,9 @@ def all_gone(pids: list[int], timeout: float) -> bool:
     return True
 
 
-@pytest.fixture
-async def tiny_posix(tmp_path: Path) -> AsyncIterator[str]:
-    """A 32 MiB ext4 image on a loop device, detached after."""
-    if os.geteuid() != 0:
-        missing("the full-filesystem test mounts a loop device and needs root")
-    image = tmp_path / "tiny.img"
-    (await run("truncate", "-s", str(32 * MiB), image)).check()
-    (await run("mkfs.ext4", "-q", "-F", image)).check()
-    device = (await run("losetup", "--find", "--show", image)).check().strip()
-    try:
-        yield device
-    finally:
-        points = await asyncio.to_thread(lambda: sorted(tmp_path.glob("*/state/mnt/*")))
-        for point in points:
-            await run("umount", point)
-        await run("losetup", "-d", device)
-
-
 async def test_no_space_leaves_nothing_behind(
-        tmp_path: Path, tiny_posix: str, checked_client: ClientFactory) -> None:
+        tmp_path: Path, loop_fs: LoopFsFactory, checked_client: ClientFactory) -> None:
+    tiny_posix = await loop_fs(32 * MiB)
     agent = await start_agent(tmp_path / "a")
     try:
         client = await checked_client(agent.unix_url)
