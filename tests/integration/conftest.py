@@ -192,3 +192,10 @@ async def expect_error(client: Client, method: str, params: dict[str, Any],
     if reason is not None:
         assert caught.value.reason == reason, caught.value.error
     return caught.value
+
+
+async def wait_job(client: Client, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    """The job once it has finished, or as it is after ``timeout`` seconds (Job.wait)."""
+    job: dict[str, Any] = (await client.call("Job.wait",
+                                             {"job_id": job_id, "timeout": timeout}))["job"]
+    return job

@@ -17,7 +17,7 @@ import pytest
 
 from tests.agentproc import AgentProcess, start_agent
 from tests.conftest import ClientFactory
-from tests.integration.conftest import LoopFsFactory, expect_error, next_event
+from tests.integration.conftest import LoopFsFactory, expect_error, next_event, wait_job
 from tests.subproc import run
 from virtnode.client import Client
 
@@ -34,12 +34,6 @@ async def new_domain(client: Client, path: Path, name: str = "vols") -> str:
 
 async def qemu_io(path: str, fmt: str, command: str) -> str:
     return (await run("qemu-io", "-f", fmt, "-c", command, path)).check()
-
-
-async def wait_job(client: Client, job_id: str, timeout: float = 120) -> dict[str, Any]:
-    job: dict[str, Any] = (await client.call("Job.wait",
-                                             {"job_id": job_id, "timeout": timeout}))["job"]
-    return job
 
 
 @pytest.fixture
