@@ -160,6 +160,26 @@ async def loop_fs(tmp_path: Path) -> AsyncIterator[LoopFsFactory]:
             await run("losetup", "-d", device)
 
 
+def qemu_io_command() -> str:
+    """Where qemu-io is; its absence is ``missing``."""
+    path = shutil.which("qemu-io")
+    if path is None:
+        missing("qemu-io is not installed (qemu-utils)")
+    assert path is not None
+    return path
+
+
+async def qemu_io(image: str | Path, fmt: str, command: str) -> str:
+    """Run one qemu-io command (``write -P 0x11 0 1M``, ``read -P ...``) on ``image``."""
+    return (await run(qemu_io_command(), "-f", fmt, "-c", command, image)).check()
+
+
+async def qemu_pid(name: str) -> int:
+    """The pid of the QEMU process libvirtd runs for VM ``name``."""
+    text = await asyncio.to_thread(Path(f"/run/libvirt/qemu/{name}.pid").read_text)
+    return int(text.strip())
+
+
 @pytest.fixture
 async def bridge() -> AsyncIterator[str]:
     """A Linux bridge with no uplink for NIC tests, deleted afterwards."""

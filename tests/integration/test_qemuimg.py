@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from tests.conftest import missing
-from tests.integration.conftest import LoopFsFactory
+from tests.integration.conftest import LoopFsFactory, qemu_io, qemu_io_command
 from tests.subproc import run
 from virtnode.storage import qemuimg
 
@@ -26,17 +26,8 @@ def qemu_img() -> None:
         missing("qemu-img is not installed (tools/ensure-host installs qemu-utils)")
 
 
-def qemu_io() -> str:
-    path = shutil.which("qemu-io")
-    if path is None:
-        missing("qemu-io is not installed (qemu-utils)")
-    assert path is not None
-    return path
-
-
 async def write_pattern(image: Path, fmt: str, pattern: int, offset: int, length: int) -> None:
-    (await run(qemu_io(), "-f", fmt, "-c", f"write -P {pattern:#x} {offset} {length}",
-              image)).check()
+    await qemu_io(image, fmt, f"write -P {pattern:#x} {offset} {length}")
 
 
 def fill_with_data(path: Path, size: int) -> None:
@@ -238,7 +229,7 @@ async def test_an_image_open_for_writing_elsewhere_is_in_use(tmp_path: Path) -> 
     # qemu-io holds the image's write lock from its open to its exit; the line its write
     # prints (line-buffered through stdbuf) says the image is open.
     holder = await asyncio.create_subprocess_exec(
-        "stdbuf", "-oL", qemu_io(), "-f", "qcow2", "-c", "write 0 512", "-c", "sleep 60000",
+        "stdbuf", "-oL", qemu_io_command(), "-f", "qcow2", "-c", "write 0 512", "-c", "sleep 60000",
         image, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     assert holder.stdout is not None
     try:

@@ -18,7 +18,7 @@ from tests import guests
 from tests.agentproc import AgentProcess, start_agent
 from tests.conftest import ClientFactory
 from tests.integration import libvirtd as daemon
-from tests.integration.conftest import FAST_RECOVERY, make_image, next_event, vm_name
+from tests.integration.conftest import FAST_RECOVERY, make_image, next_event, qemu_pid, vm_name
 from tests.integration.test_vm_lifecycle import create, firmware_spec
 from virtnode.client import Client
 
@@ -102,10 +102,6 @@ async def test_disk_rates_follow_guest_io(stats_agent: AgentProcess,
     assert float(line.split()[-1]) >= 4 * 1024 * 1024
 
 
-def qemu_pid(name: str) -> int:
-    return int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
-
-
 async def test_stuck_monitor_goes_stale_while_others_stay_fresh(
         stats_agent: AgentProcess, checked_client: ClientFactory) -> None:
     client = await checked_client(stats_agent.unix_url)
@@ -117,7 +113,7 @@ async def test_stuck_monitor_goes_stale_while_others_stay_fresh(
         (vm := by_id(vms, i)) is not None and vm["cpu"]["percent"] is not None
         for i in (stuck_id, fresh_id)))
 
-    pid = await asyncio.to_thread(qemu_pid, stuck_name)
+    pid = await qemu_pid(stuck_name)
     os.kill(pid, signal.SIGSTOP)
     try:
         await check_stuck_and_fresh(stats_agent, client, stuck_id, fresh_id)

@@ -16,6 +16,7 @@ from tests.integration.conftest import (
     FAST_RECOVERY,
     expect_error,
     next_event,
+    qemu_pid,
     virt,
     vm_name,
 )
@@ -23,11 +24,6 @@ from tests.integration.test_vm_lifecycle import create, firmware_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu,
               pytest.mark.usefixtures("libvirtd", "cleanup_vms")]
-
-
-async def qemu_pid(name: str) -> int:
-    path = Path(f"/run/libvirt/qemu/{name}.pid")
-    return int((await virt(lambda _conn: path.read_text())).strip())
 
 
 async def define_external(name: str) -> str:

@@ -17,7 +17,13 @@ import pytest
 
 from tests.agentproc import AgentProcess, start_agent
 from tests.conftest import ClientFactory
-from tests.integration.conftest import LoopFsFactory, expect_error, next_event, wait_job
+from tests.integration.conftest import (
+    LoopFsFactory,
+    expect_error,
+    next_event,
+    qemu_io,
+    wait_job,
+)
 from tests.subproc import run
 from virtnode.client import Client
 
@@ -30,10 +36,6 @@ async def new_domain(client: Client, path: Path, name: str = "vols") -> str:
     created = await client.call("StorageDomain.create",
                                 {"type": "localfs", "name": name, "path": str(path)})
     return str(created["domain"]["sd_id"])
-
-
-async def qemu_io(path: str, fmt: str, command: str) -> str:
-    return (await run("qemu-io", "-f", fmt, "-c", command, path)).check()
 
 
 @pytest.fixture
