@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import aiohttp
 import pytest
 
 from tests.agentproc import AgentProcess, start_agent
@@ -219,3 +220,12 @@ async def wait_job(client: Client, job_id: str, timeout: float = 120) -> dict[st
     job: dict[str, Any] = (await client.call("Job.wait",
                                              {"job_id": job_id, "timeout": timeout}))["job"]
     return job
+
+
+async def scrape(url: str, path: str = "/metrics",
+                 unix: Path | None = None) -> tuple[int, str, str]:
+    """GET ``url + path`` (over the unix socket ``unix`` if given): status, type, body."""
+    connector = aiohttp.UnixConnector(path=str(unix)) if unix else None
+    async with (aiohttp.ClientSession(connector=connector) as session,
+                session.get(url + path) as resp):
+        return resp.status, resp.headers["Content-Type"], await resp.text()

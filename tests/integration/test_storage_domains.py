@@ -10,12 +10,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from tests.agentproc import AgentProcess, start_agent
 from tests.conftest import ClientFactory, missing
-from tests.integration.conftest import LoopFsFactory, expect_error, next_event
+from tests.integration.conftest import LoopFsFactory, expect_error, next_event, scrape
 from tests.subproc import run
 from virtnode.client import Client
 
@@ -187,9 +186,7 @@ async def test_metrics_report_the_monitor(sd_agent: AgentProcess,
     sd_id = (await client.call("StorageDomain.create", {
         "type": "localfs", "name": "m", "path": str(tmp_path / "m")}))["domain"]["sd_id"]
     await wait_state(client, sd_id, "ok")
-    async with (aiohttp.ClientSession() as session,
-                session.get(sd_agent.http_url + "/metrics") as resp):
-        text = await resp.text()
+    _, _, text = await scrape(sd_agent.http_url)
     labels = f'sd_id="{sd_id}",sd_name="m"'
     assert f'virtnode_storage_domain_state{{{labels},state="ok"}} 1.0' in text
     assert f"virtnode_storage_domain_free_bytes{{{labels}}}" in text
