@@ -9,7 +9,6 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +37,9 @@ async def new_domain(client: Client, path: Path, name: str = "vols") -> str:
     return str(created["domain"]["sd_id"])
 
 
-@pytest.fixture
-async def vol_agent(tmp_path: Path) -> AsyncIterator[AgentProcess]:
-    agent = await start_agent(tmp_path / "a")
-    yield agent
-    status = await agent.stop()
-    assert status == 0, agent.log
-
-
 async def test_create_snapshot_clone_list_info_delete(
-        vol_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
-    client = await checked_client(vol_agent.unix_url)
+        agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
+    client = await checked_client(agent.unix_url)
     await client.call("Events.subscribe", {"topics": ["storage.volume"]})
     sd_id = await new_domain(client, tmp_path / "sd")
     base = (await client.call("Volume.create", {"sd_id": sd_id, "size": 16 * MiB,
@@ -114,9 +105,9 @@ async def test_create_snapshot_clone_list_info_delete(
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", "{12345678-1234-1234-1234-123456789abc}",
                                  "12345678123412341234123456789abc"])
-async def test_traversal_ids_are_refused(vol_agent: AgentProcess, checked_client: ClientFactory,
+async def test_traversal_ids_are_refused(agent: AgentProcess, checked_client: ClientFactory,
                                          tmp_path: Path, bad: str) -> None:
-    client = await checked_client(vol_agent.unix_url)
+    client = await checked_client(agent.unix_url)
     sd_id = await new_domain(client, tmp_path / "sd")
     good = str(uuid.uuid4())
     for params in ({"sd_id": sd_id, "image_id": bad, "volume_id": good},
@@ -131,8 +122,8 @@ async def test_traversal_ids_are_refused(vol_agent: AgentProcess, checked_client
 
 
 async def test_copy_and_merge_keep_the_data(
-        vol_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
-    client = await checked_client(vol_agent.unix_url)
+        agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
+    client = await checked_client(agent.unix_url)
     await client.call("Events.subscribe", {"topics": ["job.*"]})
     sd_a = await new_domain(client, tmp_path / "sd-a", "a")
     sd_b = await new_domain(client, tmp_path / "sd-b", "b")
@@ -184,8 +175,8 @@ async def big_volume(client: Client, sd_id: str, size: int) -> dict[str, Any]:
 
 
 async def test_cancel_removes_the_target(
-        vol_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
-    client = await checked_client(vol_agent.unix_url)
+        agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
+    client = await checked_client(agent.unix_url)
     await client.call("Events.subscribe", {"topics": ["job.*"]})
     sd_id = await new_domain(client, tmp_path / "sd")
     src = await big_volume(client, sd_id, 512 * MiB)
@@ -281,8 +272,8 @@ async def test_no_space_leaves_nothing_behind(
 
 
 async def test_vm_create_with_a_volume_disk_writes_the_chain(
-        vol_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
-    client = await checked_client(vol_agent.unix_url)
+        agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
+    client = await checked_client(agent.unix_url)
     sd_id = await new_domain(client, tmp_path / "sd")
     template = (await client.call("Volume.create", {"sd_id": sd_id, "size": 8 * MiB,
                                                     "format": "raw", "shared": True}))["volume"]
