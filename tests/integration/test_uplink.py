@@ -8,11 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import WSMsgType, web
 
 from tests.agentproc import AgentProcess, free_port, start_agent
 from tests.conftest import ClientFactory
 from tests.integration.test_events_journal import position, vm_cycle
+
+pytestmark = pytest.mark.integration
 
 JsonObject = dict[str, Any]
 

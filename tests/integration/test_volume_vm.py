@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from lxml import etree
 
 from tests.agentproc import AgentProcess
@@ -15,6 +16,9 @@ from tests.integration.conftest import expect_error, vm_name
 from tests.integration.test_vm_lifecycle import firmware_spec
 from tests.integration.test_volumes import new_domain
 from tests.subproc import run
+
+pytestmark = [pytest.mark.integration, pytest.mark.qemu,
+              pytest.mark.usefixtures("libvirtd", "cleanup_vms")]
 
 MiB = 1024 * 1024
 
@@ -25,7 +29,7 @@ def real_paths(paths: list[str]) -> list[str]:
 
 async def test_a_guest_runs_on_a_clone_of_a_template(qemu_agent: AgentProcess,
                                                      checked_client: ClientFactory,
-                                                     image_dir: Path, cleanup_vms: None) -> None:
+                                                     image_dir: Path) -> None:
     client = await checked_client(qemu_agent.unix_url)
     sd_id = await new_domain(client, image_dir / "sd", name="vm-disks")
     template = (await client.call("Volume.create", {"sd_id": sd_id, "size": 64 * MiB,
