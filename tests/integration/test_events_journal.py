@@ -20,6 +20,8 @@ from tests.agentproc import AgentProcess, start_agent
 from tests.conftest import ClientFactory
 from virtnode.client import Client, RemoteError
 
+pytestmark = pytest.mark.integration
+
 JsonObject = dict[str, Any]
 
 

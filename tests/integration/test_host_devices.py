@@ -20,6 +20,7 @@ import pytest
 
 from tests.agentproc import AgentProcess
 from tests.conftest import ClientFactory, missing
+from tests.integration.conftest import sparse_file
 from tests.subproc import run
 from virtnode.client import Client
 
@@ -110,27 +111,20 @@ async def test_veth_pair_add_and_remove(devices: Client) -> None:
         await run("ip", "link", "del", name)
 
 
-@contextlib.asynccontextmanager
-async def backing_file(tmp_path: Path) -> AsyncIterator[Path]:
-    path = tmp_path / "loop.img"
-    with path.open("wb") as f:
-        f.truncate(IMAGE_SIZE)
-    yield path
-
-
 async def test_attaching_a_loop_device_is_a_change(devices: Client, tmp_path: Path) -> None:
-    async with backing_file(tmp_path) as image:
-        node = (await run("losetup", "-f", "--show", image)).check().strip()
-        name = Path(node).name
-        try:
-            # losetup -f may first create the device (add); either way attaching changes it.
-            attached = await expect(devices, event("change", name, size_bytes=IMAGE_SIZE))
-            assert attached[0]["devnode"] == node
-            assert attached[0]["devtype"] == "disk"
-            assert attached[0]["major"] == 7
-        finally:
-            await run("losetup", "-d", node)
-        await expect(devices, event("change", name, size_bytes=0))
+    image = tmp_path / "loop.img"
+    await asyncio.to_thread(sparse_file, image, IMAGE_SIZE)
+    node = (await run("losetup", "-f", "--show", image)).check().strip()
+    name = Path(node).name
+    try:
+        # losetup -f may first create the device (add); either way attaching changes it.
+        attached = await expect(devices, event("change", name, size_bytes=IMAGE_SIZE))
+        assert attached[0]["devnode"] == node
+        assert attached[0]["devtype"] == "disk"
+        assert attached[0]["major"] == 7
+    finally:
+        await run("losetup", "-d", node)
+    await expect(devices, event("change", name, size_bytes=0))
 
 
 def _free_loop_number() -> int:
@@ -151,23 +145,24 @@ def _remove_loop_device(number: int) -> None:
 async def test_loop_device_add_and_remove(devices: Client, tmp_path: Path) -> None:
     number = await asyncio.to_thread(_free_loop_number)
     name, node = f"loop{number}", f"/dev/loop{number}"
-    async with backing_file(tmp_path) as image:
+    image = tmp_path / "loop.img"
+    await asyncio.to_thread(sparse_file, image, IMAGE_SIZE)
+    created = False
+    try:
+        # losetup creates a loop device that does not exist yet.
+        (await run("losetup", "--show", node, image)).check()
+        created = True
+        added = await expect(devices, event("add", name))
+        assert added[0]["devnode"] == node
+        assert added[0]["minor"] == number
+        (await run("losetup", "-d", node)).check()
+        await asyncio.to_thread(_remove_loop_device, number)
         created = False
-        try:
-            # losetup creates a loop device that does not exist yet.
-            (await run("losetup", "--show", node, image)).check()
-            created = True
-            added = await expect(devices, event("add", name))
-            assert added[0]["devnode"] == node
-            assert added[0]["minor"] == number
-            (await run("losetup", "-d", node)).check()
-            await asyncio.to_thread(_remove_loop_device, number)
-            created = False
-            removed = await expect(devices, event("remove", name))
-            assert removed[0]["major"] == 7
-            assert "size_bytes" not in removed[0]
-        finally:
-            if created:
-                await run("losetup", "-d", node)
-                with contextlib.suppress(OSError):
-                    await asyncio.to_thread(_remove_loop_device, number)
+        removed = await expect(devices, event("remove", name))
+        assert removed[0]["major"] == 7
+        assert "size_bytes" not in removed[0]
+    finally:
+        if created:
+            await run("losetup", "-d", node)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(_remove_loop_device, number)

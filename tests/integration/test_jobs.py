@@ -19,8 +19,8 @@ import pytest
 from tests.agentproc import AgentProcess, start_agent
 from tests.conftest import ClientFactory
 from tests.integration import libvirtd as daemon
+from tests.integration.conftest import expect_error, next_event, wait_job
 from tests.integration.test_vm_guest import linux_vm
-from tests.integration.test_vm_lifecycle import expect_error
 from tests.subproc import virtnode
 from virtnode import jobcli
 from virtnode.client import Client
@@ -62,7 +62,7 @@ async def test_async_shutdown_is_a_job_with_events_and_a_request_key(
     job_id = started["job_id"]
     assert started["job"]["kind"] == "VM.shutdown" and started["job"]["target"] == vm_id
     assert started["job"]["cancellable"] is True
-    job = (await client.call("Job.wait", {"job_id": job_id, "timeout": 10}))["job"]
+    job = await wait_job(client, job_id, timeout=10)
     assert job["state"] == "succeeded", (job, agent.log)
     assert job["result"]["stopped_by"] == "destroy" and job["result"]["tried"] == ["destroy"]
     assert job["progress"] == 100 and job["error"] is None
@@ -91,7 +91,7 @@ async def test_a_failed_shutdown_job_carries_the_error_the_call_would_give(
     vm_id = await running_test_vm(client)
     started = await client.call("VM.shutdown", {"vm_id": vm_id, "async": True,
                                                 "fallback": "none", "timeout": 1})
-    job = (await client.call("Job.wait", {"job_id": started["job_id"]}))["job"]
+    job = await wait_job(client, started["job_id"])
     assert job["state"] == "failed" and job["result"] is None
     assert job["error"]["code"] == 4
     assert job["error"]["data"]["name"] == "DeadlineExceeded"
@@ -157,7 +157,7 @@ async def test_jobs_outlive_an_agent_restart(tmp_path: Path,
     vm_id = await running_test_vm(client)
     job_id = (await client.call("VM.shutdown", {"vm_id": vm_id, "async": True,
                                                 "fallback": "destroy"}))["job_id"]
-    job = (await client.call("Job.wait", {"job_id": job_id}))["job"]
+    job = await wait_job(client, job_id)
     await client.close()
     assert await agent.stop() == 0
     agent = await start_agent(tmp_path)
@@ -177,7 +177,7 @@ async def held_shutdown(client: Client, vm_id: str, timeout: float) -> str:
         "vm_id": vm_id, "async": True, "methods": ["acpi"], "fallback": "none",
         "timeout": timeout})
     job_id = str(started["job_id"])
-    job = (await client.call("Job.wait", {"job_id": job_id, "timeout": 0.5}))["job"]
+    job = await wait_job(client, job_id, timeout=0.5)
     assert job["state"] == "running", job
     return job_id
 
@@ -201,10 +201,8 @@ async def test_a_running_job_holds_the_vm_and_cancel_stops_waiting(
             sys.executable, "-m", "virtnode", "job", "watch", job_id, "--url", agent.unix_url,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         async with asyncio.timeout(10):  # about 3 % a second of a 30 s timeout
-            async for note in client.notifications():
-                if note["params"]["data"]["job_id"] == job_id:
-                    assert 0 < note["params"]["data"]["progress"] < 100
-                    break
+            progress = await next_event(client, "job.progress", lambda d: d["job_id"] == job_id)
+            assert 0 < progress["progress"] < 100
             assert watcher.stdout is not None
             first = (await watcher.stdout.readline()).decode()
         assert first.startswith(f"job {job_id} running"), first

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.conftest import missing
+from tests.integration.conftest import LoopFsFactory, qemu_io, qemu_io_command
 from tests.subproc import run
 from virtnode.storage import qemuimg
 
@@ -26,17 +26,8 @@ def qemu_img() -> None:
         missing("qemu-img is not installed (tools/ensure-host installs qemu-utils)")
 
 
-def qemu_io() -> str:
-    path = shutil.which("qemu-io")
-    if path is None:
-        missing("qemu-io is not installed (qemu-utils)")
-    assert path is not None
-    return path
-
-
 async def write_pattern(image: Path, fmt: str, pattern: int, offset: int, length: int) -> None:
-    (await run(qemu_io(), "-f", fmt, "-c", f"write -P {pattern:#x} {offset} {length}",
-              image)).check()
+    await qemu_io(image, fmt, f"write -P {pattern:#x} {offset} {length}")
 
 
 def fill_with_data(path: Path, size: int) -> None:
@@ -202,24 +193,10 @@ async def test_failed_convert_keeps_a_target_it_did_not_create(tmp_path: Path) -
     assert dst.exists()
 
 
-@pytest.fixture
-async def tiny_fs(tmp_path: Path) -> AsyncIterator[Path]:
-    """A 16 MiB ext4 loop mount, unmounted (and its loop device freed) afterwards."""
-    if os.geteuid() != 0:
-        missing("a loop mount needs root")
-    image, mount = tmp_path / "fs.img", tmp_path / "mnt"
-    mount.mkdir()
-    (await run("truncate", "-s", "16M", image)).check()
-    (await run("mkfs.ext4", "-q", image)).check()
-    (await run("mount", "-o", "loop", image, mount)).check()
-    try:
-        yield mount
-    finally:
-        (await run("umount", mount)).check()
-
-
 async def test_full_filesystem_is_no_space_and_leaves_no_partial_file(
-        tiny_fs: Path, tmp_path: Path) -> None:
+        loop_fs: LoopFsFactory, tmp_path: Path) -> None:
+    tiny_fs = tmp_path / "mnt"
+    await loop_fs(16 * MiB, mount=tiny_fs)
     src = tmp_path / "data.raw"
     await asyncio.to_thread(fill_with_data, src, 64 * MiB)
     with pytest.raises(qemuimg.NoSpace) as failed:
@@ -252,7 +229,7 @@ async def test_an_image_open_for_writing_elsewhere_is_in_use(tmp_path: Path) -> 
     # qemu-io holds the image's write lock from its open to its exit; the line its write
     # prints (line-buffered through stdbuf) says the image is open.
     holder = await asyncio.create_subprocess_exec(
-        "stdbuf", "-oL", qemu_io(), "-f", "qcow2", "-c", "write 0 512", "-c", "sleep 60000",
+        "stdbuf", "-oL", qemu_io_command(), "-f", "qcow2", "-c", "write 0 512", "-c", "sleep 60000",
         image, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     assert holder.stdout is not None
     try:

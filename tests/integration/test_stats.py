@@ -9,12 +9,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from tests.agentproc import AgentProcess, start_agent
 from tests.conftest import ClientFactory, missing
-from tests.integration.conftest import next_event
+from tests.integration.conftest import next_event, scrape
 from tests.subproc import run, virtnode
 from virtnode.client import Client, RemoteError
 
@@ -37,14 +36,6 @@ async def sampled(client: Client, topic: str, cycles: int = 2) -> None:
     await client.call("Events.subscribe", {"topics": [topic]})
     for _ in range(cycles):
         await next_event(client, topic, lambda _data: True, timeout=10)
-
-
-async def scrape(url: str, path: str = "/metrics",
-                 unix: Path | None = None) -> tuple[int, str, str]:
-    connector = aiohttp.UnixConnector(path=str(unix)) if unix else None
-    async with (aiohttp.ClientSession(connector=connector) as session,
-                session.get(url + path) as resp):
-        return resp.status, resp.headers["Content-Type"], await resp.text()
 
 
 async def test_host_stats_have_rates_after_two_samples(

@@ -11,14 +11,20 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from tests import guests
 from tests.agentproc import AgentProcess, start_agent
 from tests.conftest import ClientFactory
 from tests.integration import libvirtd as daemon
-from tests.integration.conftest import FAST_RECOVERY, make_image, next_event, vm_name
+from tests.integration.conftest import (
+    FAST_RECOVERY,
+    make_image,
+    next_event,
+    qemu_pid,
+    scrape,
+    vm_name,
+)
 from tests.integration.test_vm_lifecycle import create, firmware_spec
 from virtnode.client import Client
 
@@ -93,17 +99,11 @@ async def test_disk_rates_follow_guest_io(stats_agent: AgentProcess,
     assert vm["cpu"]["percent"] is not None and vm["cpu"]["percent"] > 0, "TCG keeps a CPU busy"
     assert [v["id"] for v in vm["vcpus"]] == [0]
 
-    async with (aiohttp.ClientSession() as session,
-                session.get(stats_agent.http_url + "/metrics") as resp):
-        text = await resp.text()
+    _, _, text = await scrape(stats_agent.http_url)
     series = (f'virtnode_vm_disk_write_bytes_total{{device="vda",vm_id="{vm_id}",'
               f'vm_name="{name}"}}')
     line = next(line for line in text.splitlines() if line.startswith(series))
     assert float(line.split()[-1]) >= 4 * 1024 * 1024
-
-
-def qemu_pid(name: str) -> int:
-    return int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
 
 
 async def test_stuck_monitor_goes_stale_while_others_stay_fresh(
@@ -117,7 +117,7 @@ async def test_stuck_monitor_goes_stale_while_others_stay_fresh(
         (vm := by_id(vms, i)) is not None and vm["cpu"]["percent"] is not None
         for i in (stuck_id, fresh_id)))
 
-    pid = await asyncio.to_thread(qemu_pid, stuck_name)
+    pid = await qemu_pid(stuck_name)
     os.kill(pid, signal.SIGSTOP)
     try:
         await check_stuck_and_fresh(stats_agent, client, stuck_id, fresh_id)
@@ -149,8 +149,6 @@ async def check_stuck_and_fresh(agent: AgentProcess, client: Client, stuck_id: s
     assert states[fresh_id] == 0 and states[stuck_id] > 0
     # Other calls are served while the stuck call holds its thread.
     await asyncio.wait_for(client.call("VM.getInfo", {"vm_id": fresh_id}), 5)
-    async with (aiohttp.ClientSession() as session,
-                session.get(agent.http_url + "/metrics") as resp):
-        text = await resp.text()
+    _, _, text = await scrape(agent.http_url)
     assert "virtnode_stats_stale_vms 1.0" in text
     assert f'virtnode_vm_stale_seconds{{vm_id="{stuck_id}"' in text

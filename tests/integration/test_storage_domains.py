@@ -10,14 +10,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from tests.agentproc import AgentProcess, start_agent
 from tests.conftest import ClientFactory, missing
-from tests.integration.conftest import next_event
+from tests.integration.conftest import LoopFsFactory, expect_error, next_event, scrape
 from tests.subproc import run
-from virtnode.client import Client, RemoteError
+from virtnode.client import Client
 
 pytestmark = pytest.mark.integration
 
@@ -30,12 +29,6 @@ async def sd_agent(tmp_path: Path) -> AsyncIterator[AgentProcess]:
     yield agent
     status = await agent.stop()
     assert status == 0, agent.log
-
-
-async def error_of(client: Client, method: str, params: dict[str, Any]) -> RemoteError:
-    with pytest.raises(RemoteError) as err:
-        await client.call(method, params)
-    return err.value
 
 
 async def wait_state(client: Client, sd_id: str, state: str, timeout: float = 10) -> dict[str, Any]:
@@ -72,29 +65,29 @@ async def test_localfs_create_list_info_detach_attach_delete(
     listed = (await client.call("StorageDomain.list"))["domains"]
     assert [d["sd_id"] for d in listed] == [sd_id]
 
-    dup = await error_of(client, "StorageDomain.create",
-                         {"type": "localfs", "name": "local", "path": str(tmp_path / "x")})
+    dup = await expect_error(client, "StorageDomain.create",
+                             {"type": "localfs", "name": "local", "path": str(tmp_path / "x")})
     assert (dup.name, dup.data["reason"]) == ("AlreadyExists", "name_in_use")
-    busy = await error_of(client, "StorageDomain.create",
-                          {"type": "localfs", "name": "other", "path": str(root)})
+    busy = await expect_error(client, "StorageDomain.create",
+                              {"type": "localfs", "name": "other", "path": str(root)})
     assert (busy.name, busy.data["reason"]) == ("FailedPrecondition", "not_empty")
 
     await client.call("StorageDomain.detach", {"sd_id": sd_id})
     assert (await client.call("StorageDomain.list"))["domains"] == []
     assert (root / sd_id / "dom_md" / "metadata.json").exists()  # detach keeps the data
-    gone = await error_of(client, "StorageDomain.getInfo", {"sd_id": sd_id})
+    gone = await expect_error(client, "StorageDomain.getInfo", {"sd_id": sd_id})
     assert gone.name == "NotFound"
 
     again = await client.call("StorageDomain.attach",
                               {"sd_id": sd_id, "type": "localfs", "path": str(root)})
     assert again["domain"]["metadata"] == metadata
-    twice = await error_of(client, "StorageDomain.attach",
-                           {"sd_id": sd_id, "type": "localfs", "path": str(root)})
+    twice = await expect_error(client, "StorageDomain.attach",
+                               {"sd_id": sd_id, "type": "localfs", "path": str(root)})
     assert twice.name == "AlreadyExists"
 
     (root / sd_id / "images" / str(uuid.uuid4())).mkdir()
     (next((root / sd_id / "images").iterdir()) / "volume").write_bytes(b"x")
-    held = await error_of(client, "StorageDomain.delete", {"sd_id": sd_id})
+    held = await expect_error(client, "StorageDomain.delete", {"sd_id": sd_id})
     assert held.data["reason"] == "has_volumes"
     await client.call("StorageDomain.delete", {"sd_id": sd_id, "force": True})
     assert list(root.iterdir()) == []
@@ -107,10 +100,10 @@ async def test_localfs_create_list_info_detach_attach_delete(
 async def test_bad_ids_are_refused(sd_agent: AgentProcess, checked_client: ClientFactory,
                                    params: dict[str, Any]) -> None:
     client = await checked_client(sd_agent.unix_url)
-    err = await error_of(client, "StorageDomain.getInfo", params)
+    err = await expect_error(client, "StorageDomain.getInfo", params)
     assert err.name == "InvalidParams"
-    err = await error_of(client, "StorageDomain.attach",
-                         {**params, "type": "localfs", "path": "/tmp"})
+    err = await expect_error(client, "StorageDomain.attach",
+                             {**params, "type": "localfs", "path": "/tmp"})
     assert err.name == "InvalidParams"
 
 
@@ -134,7 +127,7 @@ async def test_bad_create_params_are_refused(sd_agent: AgentProcess,
           "mount": {"source": "/dev/null", "vfs_type": "-t"}}, "InvalidParams"),
     ]
     for params, name in cases:
-        err = await error_of(client, "StorageDomain.create", params)
+        err = await expect_error(client, "StorageDomain.create", params)
         assert err.name == name, (params, err)
     assert (await client.call("StorageDomain.list"))["domains"] == []
 
@@ -154,14 +147,14 @@ async def test_attach_refuses_corrupt_and_newer_metadata(
                          (good.replace('"block_size": 512', '"block_size": "512"'),
                           "metadata_corrupt")):
         path.write_text(text)
-        err = await error_of(client, "StorageDomain.attach", params)
+        err = await expect_error(client, "StorageDomain.attach", params)
         assert (err.name, err.data["reason"]) == ("FailedPrecondition", reason)
         assert path.read_text() == text  # never rewritten
     path.write_text(good)
-    wrong = await error_of(client, "StorageDomain.attach", {**params, "type": "posixfs"})
+    wrong = await expect_error(client, "StorageDomain.attach", {**params, "type": "posixfs"})
     assert wrong.name == "InvalidArgument"
-    missing_sd = await error_of(client, "StorageDomain.attach",
-                                {**params, "sd_id": str(uuid.uuid4())})
+    missing_sd = await expect_error(client, "StorageDomain.attach",
+                                    {**params, "sd_id": str(uuid.uuid4())})
     assert (missing_sd.name, missing_sd.data["reason"]) == ("NotFound", "no_domain")
 
 
@@ -193,9 +186,7 @@ async def test_metrics_report_the_monitor(sd_agent: AgentProcess,
     sd_id = (await client.call("StorageDomain.create", {
         "type": "localfs", "name": "m", "path": str(tmp_path / "m")}))["domain"]["sd_id"]
     await wait_state(client, sd_id, "ok")
-    async with (aiohttp.ClientSession() as session,
-                session.get(sd_agent.http_url + "/metrics") as resp):
-        text = await resp.text()
+    _, _, text = await scrape(sd_agent.http_url)
     labels = f'sd_id="{sd_id}",sd_name="m"'
     assert f'virtnode_storage_domain_state{{{labels},state="ok"}} 1.0' in text
     assert f"virtnode_storage_domain_free_bytes{{{labels}}}" in text
@@ -210,34 +201,9 @@ async def test_metrics_report_the_monitor(sd_agent: AgentProcess,
 # --- posixfs on loop devices ----------------------------------------------------------------
 
 
-def sparse_file(path: Path, size: int) -> None:
-    with open(path, "wb") as handle:
-        handle.truncate(size)
-
-
-@pytest.fixture
-async def loop_ext4(tmp_path: Path) -> AsyncIterator[str]:
-    """A sparse ext4 image under tmp_path on a loop device; the device is detached after."""
-    if os.geteuid() != 0:
-        missing("posixfs tests mount loop devices and need root")
-    if not await asyncio.to_thread(os.path.exists, "/dev/loop-control"):
-        missing("no loop devices (/dev/loop-control is absent)")
-    image = tmp_path / "posix.img"
-    await asyncio.to_thread(sparse_file, image, 64 * 1024 * 1024)
-    (await run("mkfs.ext4", "-q", "-F", image)).check()
-    device = (await run("losetup", "--find", "--show", image)).check().strip()
-    try:
-        yield device
-    finally:
-        points = await asyncio.to_thread(lambda: sorted(tmp_path.glob("*/state/mnt/*")))
-        for point in points:  # left by an agent that failed
-            await run("umount", point)
-        await run("losetup", "-d", device)
-
-
 async def test_posixfs_create_detach_and_two_agents(
-        tmp_path: Path, loop_ext4: str, checked_client: ClientFactory) -> None:
-    spec = {"source": loop_ext4, "vfs_type": "ext4"}
+        tmp_path: Path, loop_fs: LoopFsFactory, checked_client: ClientFactory) -> None:
+    spec = {"source": await loop_fs(64 * 1024 * 1024), "vfs_type": "ext4"}
     first = await start_agent(tmp_path / "a", sections=FAST)
     second = await start_agent(tmp_path / "b", sections=FAST)
     try:
@@ -281,8 +247,8 @@ async def test_posixfs_create_detach_and_two_agents(
 
 
 async def test_posixfs_is_mounted_again_after_a_restart(
-        tmp_path: Path, loop_ext4: str, checked_client: ClientFactory) -> None:
-    spec = {"source": loop_ext4, "vfs_type": "ext4", "options": "noatime"}
+        tmp_path: Path, loop_fs: LoopFsFactory, checked_client: ClientFactory) -> None:
+    spec = {"source": await loop_fs(64 * 1024 * 1024), "vfs_type": "ext4", "options": "noatime"}
     agent = await start_agent(tmp_path / "a", sections=FAST)
     try:
         client = await checked_client(agent.unix_url)
@@ -304,31 +270,21 @@ async def test_posixfs_is_mounted_again_after_a_restart(
         assert await agent.stop() == 0, agent.log
 
 
-async def test_posixfs_on_a_tiny_filesystem(tmp_path: Path,
+async def test_posixfs_on_a_tiny_filesystem(tmp_path: Path, loop_fs: LoopFsFactory,
                                             checked_client: ClientFactory) -> None:
     """A nearly full filesystem still takes a domain (later work checks no_space)."""
-    if os.geteuid() != 0:
-        missing("posixfs tests mount loop devices and need root")
-    image = tmp_path / "tiny.img"
-    await asyncio.to_thread(sparse_file, image, 2 * 1024 * 1024)
-    (await run("mkfs.ext4", "-q", "-F", "-m", "0", image)).check()
-    device = (await run("losetup", "--find", "--show", image)).check().strip()
+    device = await loop_fs(2 * 1024 * 1024, mkfs_options=("-m", "0"))
+    agent = await start_agent(tmp_path / "a", sections=FAST)
     try:
-        agent = await start_agent(tmp_path / "a", sections=FAST)
-        try:
-            client = await checked_client(agent.unix_url)
-            domain = (await client.call("StorageDomain.create", {
-                "type": "posixfs", "name": "tiny",
-                "mount": {"source": device, "vfs_type": "ext4"}}))["domain"]
-            info = await wait_state(client, domain["sd_id"], "ok")
-            assert info["monitor"]["total_bytes"] <= 2 * 1024 * 1024
-            await client.call("StorageDomain.detach", {"sd_id": domain["sd_id"]})
-        finally:
-            assert await agent.stop() == 0, agent.log
+        client = await checked_client(agent.unix_url)
+        domain = (await client.call("StorageDomain.create", {
+            "type": "posixfs", "name": "tiny",
+            "mount": {"source": device, "vfs_type": "ext4"}}))["domain"]
+        info = await wait_state(client, domain["sd_id"], "ok")
+        assert info["monitor"]["total_bytes"] <= 2 * 1024 * 1024
+        await client.call("StorageDomain.detach", {"sd_id": domain["sd_id"]})
     finally:
-        for point in (tmp_path / "a" / "state" / "mnt").glob("*"):
-            await run("umount", point)
-        await run("losetup", "-d", device)
+        assert await agent.stop() == 0, agent.log
 
 
 async def test_a_failed_mount_leaves_nothing(sd_agent: AgentProcess,
@@ -339,7 +295,7 @@ async def test_a_failed_mount_leaves_nothing(sd_agent: AgentProcess,
     client = await checked_client(sd_agent.unix_url)
     not_a_fs = tmp_path / "zeros.img"
     not_a_fs.write_bytes(bytes(1024 * 1024))
-    err = await error_of(client, "StorageDomain.create", {
+    err = await expect_error(client, "StorageDomain.create", {
         "type": "posixfs", "name": "bad",
         "mount": {"source": str(not_a_fs), "vfs_type": "ext4", "options": "loop,ro"}})
     assert (err.name, err.data["reason"]) == ("FailedPrecondition", "mount_failed")

@@ -8,11 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import WSMsgType, web
 
 from tests.agentproc import AgentProcess, free_port, start_agent
 from tests.conftest import ClientFactory
 from tests.integration.test_events_journal import position, vm_cycle
+
+pytestmark = pytest.mark.integration
 
 JsonObject = dict[str, Any]
 
@@ -106,10 +109,12 @@ class Upstream:
         await self.wait_until(lambda: self.last_seq >= seq, timeout)
 
 
-async def uplinked_agent(tmp_path: Path, upstream: Upstream) -> AgentProcess:
+async def uplinked_agent(tmp_path: Path, upstream: Upstream,
+                         sections: dict[str, dict[str, Any]] | None = None) -> AgentProcess:
+    """An agent that dials ``upstream``; ``sections`` add to its configuration."""
     return await start_agent(tmp_path, sections={"uplink": {
         "urls": [upstream.url], "reconnect_min": 0.2, "reconnect_max": 1.0,
-    }})
+    }, **(sections or {})})
 
 
 async def test_upstream_gets_every_event_once_across_its_absence(
@@ -171,10 +176,8 @@ async def test_upstream_requests_are_served_with_the_uplink_role(tmp_path: Path)
 async def test_an_upstream_too_far_behind_is_told_to_resync(tmp_path: Path,
                                                             checked_client: ClientFactory) -> None:
     upstream = Upstream(free_port())
-    agent = await start_agent(tmp_path, sections={
-        "uplink": {"urls": [upstream.url], "reconnect_min": 0.2, "reconnect_max": 1.0},
-        "events": {"journal_max_events": 16},
-    })
+    agent = await uplinked_agent(tmp_path, upstream,
+                                 sections={"events": {"journal_max_events": 16}})
     try:
         client = await checked_client(agent.unix_url)
         for _ in range(12):

@@ -10,8 +10,8 @@ from lxml import etree
 
 from tests.agentproc import AgentProcess
 from tests.conftest import ClientFactory
-from tests.integration.conftest import make_image, virt, vm_name
-from tests.integration.test_vm_lifecycle import create, expect_error, firmware_spec
+from tests.integration.conftest import expect_error, make_image, virt, vm_name
+from tests.integration.test_vm_lifecycle import create, firmware_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu,
               pytest.mark.usefixtures("libvirtd", "cleanup_vms")]

@@ -11,8 +11,7 @@ import pytest
 from tests import guests
 from tests.agentproc import AgentProcess
 from tests.conftest import ClientFactory
-from tests.integration.conftest import make_image, next_event, vm_name
-from tests.integration.test_vm_lifecycle import expect_error
+from tests.integration.conftest import expect_error, make_image, next_event, vm_name
 from virtnode.client import Client
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu,

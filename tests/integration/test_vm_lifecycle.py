@@ -13,7 +13,7 @@ from lxml import etree
 
 from tests.agentproc import AgentProcess
 from tests.conftest import ClientFactory
-from tests.integration.conftest import next_event, virt, vm_name
+from tests.integration.conftest import expect_error, next_event, virt, vm_name
 from virtnode.client import Client, RemoteError
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu,
@@ -52,16 +52,6 @@ async def wait_for_operation(client: Client, vm_id: str) -> dict[str, Any]:
             if operation is not None:
                 return dict(operation)
             await asyncio.sleep(0.05)
-
-
-async def expect_error(client: Client, method: str, params: dict[str, Any], name: str,
-                       reason: str | None = None) -> RemoteError:
-    with pytest.raises(RemoteError) as caught:
-        await client.call(method, params)
-    assert caught.value.name == name, caught.value.error
-    if reason is not None:
-        assert caught.value.reason == reason, caught.value.error
-    return caught.value
 
 
 async def test_persistent_vm_through_its_whole_life(qemu_agent: AgentProcess,

@@ -12,16 +12,18 @@ import pytest
 from tests.agentproc import AgentProcess, start_agent
 from tests.conftest import ClientFactory
 from tests.integration import libvirtd as daemon
-from tests.integration.conftest import FAST_RECOVERY, next_event, virt, vm_name
-from tests.integration.test_vm_lifecycle import create, expect_error, firmware_spec
+from tests.integration.conftest import (
+    FAST_RECOVERY,
+    expect_error,
+    next_event,
+    qemu_pid,
+    virt,
+    vm_name,
+)
+from tests.integration.test_vm_lifecycle import create, firmware_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu,
               pytest.mark.usefixtures("libvirtd", "cleanup_vms")]
-
-
-async def qemu_pid(name: str) -> int:
-    path = Path(f"/run/libvirt/qemu/{name}.pid")
-    return int((await virt(lambda _conn: path.read_text())).strip())
 
 
 async def define_external(name: str) -> str:

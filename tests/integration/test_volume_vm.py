@@ -7,14 +7,18 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from lxml import etree
 
 from tests.agentproc import AgentProcess
 from tests.conftest import ClientFactory
-from tests.integration.conftest import vm_name
+from tests.integration.conftest import expect_error, vm_name
 from tests.integration.test_vm_lifecycle import firmware_spec
-from tests.integration.test_volumes import error_of, new_domain
+from tests.integration.test_volumes import new_domain
 from tests.subproc import run
+
+pytestmark = [pytest.mark.integration, pytest.mark.qemu,
+              pytest.mark.usefixtures("libvirtd", "cleanup_vms")]
 
 MiB = 1024 * 1024
 
@@ -25,7 +29,7 @@ def real_paths(paths: list[str]) -> list[str]:
 
 async def test_a_guest_runs_on_a_clone_of_a_template(qemu_agent: AgentProcess,
                                                      checked_client: ClientFactory,
-                                                     image_dir: Path, cleanup_vms: None) -> None:
+                                                     image_dir: Path) -> None:
     client = await checked_client(qemu_agent.unix_url)
     sd_id = await new_domain(client, image_dir / "sd", name="vm-disks")
     template = (await client.call("Volume.create", {"sd_id": sd_id, "size": 64 * MiB,
@@ -56,10 +60,10 @@ async def test_a_guest_runs_on_a_clone_of_a_template(qemu_agent: AgentProcess,
     assert chain == await asyncio.to_thread(real_paths, [clone["path"], template["path"]])
 
     # What the guest uses cannot go away under it.
-    err = await error_of(client, "Volume.delete", ref)
+    err = await expect_error(client, "Volume.delete", ref)
     assert (err.name, err.data["reason"]) == ("FailedPrecondition", "in_use")
     tref = {k: template[k] for k in ("sd_id", "image_id", "volume_id")}
-    err = await error_of(client, "Volume.delete", tref)
+    err = await expect_error(client, "Volume.delete", tref)
     assert err.data["reason"] in ("has_children", "in_use")
 
     await client.call("VM.destroy", {"vm_id": vm_id})

@@ -9,27 +9,26 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.agentproc import AgentProcess, start_agent
-from tests.conftest import ClientFactory, missing
-from tests.integration.conftest import next_event
+from tests.conftest import ClientFactory
+from tests.integration.conftest import (
+    LoopFsFactory,
+    expect_error,
+    next_event,
+    qemu_io,
+    wait_job,
+)
 from tests.subproc import run
-from virtnode.client import Client, RemoteError
+from virtnode.client import Client
 
 pytestmark = pytest.mark.integration
 
 MiB = 1024 * 1024
-
-
-async def error_of(client: Client, method: str, params: dict[str, Any]) -> RemoteError:
-    with pytest.raises(RemoteError) as err:
-        await client.call(method, params)
-    return err.value
 
 
 async def new_domain(client: Client, path: Path, name: str = "vols") -> str:
@@ -38,27 +37,9 @@ async def new_domain(client: Client, path: Path, name: str = "vols") -> str:
     return str(created["domain"]["sd_id"])
 
 
-async def qemu_io(path: str, fmt: str, command: str) -> str:
-    return (await run("qemu-io", "-f", fmt, "-c", command, path)).check()
-
-
-async def wait_job(client: Client, job_id: str, timeout: float = 120) -> dict[str, Any]:
-    job: dict[str, Any] = (await client.call("Job.wait",
-                                             {"job_id": job_id, "timeout": timeout}))["job"]
-    return job
-
-
-@pytest.fixture
-async def vol_agent(tmp_path: Path) -> AsyncIterator[AgentProcess]:
-    agent = await start_agent(tmp_path / "a")
-    yield agent
-    status = await agent.stop()
-    assert status == 0, agent.log
-
-
 async def test_create_snapshot_clone_list_info_delete(
-        vol_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
-    client = await checked_client(vol_agent.unix_url)
+        agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
+    client = await checked_client(agent.unix_url)
     await client.call("Events.subscribe", {"topics": ["storage.volume"]})
     sd_id = await new_domain(client, tmp_path / "sd")
     base = (await client.call("Volume.create", {"sd_id": sd_id, "size": 16 * MiB,
@@ -80,14 +61,14 @@ async def test_create_snapshot_clone_list_info_delete(
     assert top["volume"]["qemu_virtual_size"] == 16 * MiB
 
     # A layer over an internal volume, or a clone of a non-template, is refused.
-    err = await error_of(client, "Volume.create", {"sd_id": sd_id, "parent": {
+    err = await expect_error(client, "Volume.create", {"sd_id": sd_id, "parent": {
         "image_id": base["image_id"], "volume_id": base["volume_id"]}})
     assert err.data["reason"] == "not_leaf"
-    err = await error_of(client, "Volume.create", {"sd_id": sd_id, "image_id": str(uuid.uuid4()),
-                                                   "parent": {"image_id": snap["image_id"],
-                                                              "volume_id": snap["volume_id"]}})
+    err = await expect_error(client, "Volume.create", {
+        "sd_id": sd_id, "image_id": str(uuid.uuid4()),
+        "parent": {"image_id": snap["image_id"], "volume_id": snap["volume_id"]}})
     assert err.data["reason"] == "not_shared"
-    err = await error_of(client, "Volume.delete", ref)
+    err = await expect_error(client, "Volume.delete", ref)
     assert (err.name, err.data["reason"]) == ("FailedPrecondition", "has_children")
 
     template = (await client.call("Volume.create", {"sd_id": sd_id, "size": 8 * MiB,
@@ -110,39 +91,39 @@ async def test_create_snapshot_clone_list_info_delete(
     resized = await client.call("Volume.resize", {**ref, "volume_id": snap["volume_id"],
                                                   "size": 32 * MiB})
     assert resized["volume"]["virtual_size"] == 32 * MiB
-    err = await error_of(client, "Volume.resize", {**ref, "volume_id": snap["volume_id"],
-                                                   "size": MiB})
+    err = await expect_error(client, "Volume.resize", {**ref, "volume_id": snap["volume_id"],
+                                                       "size": MiB})
     assert err.data["reason"] == "shrink_refused"
 
     await client.call("Volume.delete", {**ref, "volume_id": snap["volume_id"]})
     assert (await client.call("Volume.getInfo", ref))["volume"]["role"] == "leaf"
     await client.call("Volume.delete", ref)
     assert not await asyncio.to_thread(os.path.exists, os.path.dirname(base["path"]))
-    gone = await error_of(client, "Volume.getInfo", ref)
+    gone = await expect_error(client, "Volume.getInfo", ref)
     assert (gone.name, gone.data["reason"]) == ("NotFound", "no_volume")
 
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", "{12345678-1234-1234-1234-123456789abc}",
                                  "12345678123412341234123456789abc"])
-async def test_traversal_ids_are_refused(vol_agent: AgentProcess, checked_client: ClientFactory,
+async def test_traversal_ids_are_refused(agent: AgentProcess, checked_client: ClientFactory,
                                          tmp_path: Path, bad: str) -> None:
-    client = await checked_client(vol_agent.unix_url)
+    client = await checked_client(agent.unix_url)
     sd_id = await new_domain(client, tmp_path / "sd")
     good = str(uuid.uuid4())
     for params in ({"sd_id": sd_id, "image_id": bad, "volume_id": good},
                    {"sd_id": sd_id, "image_id": good, "volume_id": bad}):
-        err = await error_of(client, "Volume.getInfo", params)
+        err = await expect_error(client, "Volume.getInfo", params)
         assert err.name == "InvalidParams"
-        err = await error_of(client, "Volume.delete", params)
+        err = await expect_error(client, "Volume.delete", params)
         assert err.name == "InvalidParams"
-    err = await error_of(client, "Volume.create", {"sd_id": sd_id, "image_id": bad, "size": 1})
+    err = await expect_error(client, "Volume.create", {"sd_id": sd_id, "image_id": bad, "size": 1})
     assert err.name == "InvalidParams"
     assert sorted(os.listdir(tmp_path / "sd" / sd_id / "images")) == []
 
 
 async def test_copy_and_merge_keep_the_data(
-        vol_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
-    client = await checked_client(vol_agent.unix_url)
+        agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
+    client = await checked_client(agent.unix_url)
     await client.call("Events.subscribe", {"topics": ["job.*"]})
     sd_a = await new_domain(client, tmp_path / "sd-a", "a")
     sd_b = await new_domain(client, tmp_path / "sd-b", "b")
@@ -154,7 +135,7 @@ async def test_copy_and_merge_keep_the_data(
     await qemu_io(top["path"], "qcow2", "write -P 0x22 16M 16M")
     ref = {k: top[k] for k in ("sd_id", "image_id", "volume_id")}
 
-    err = await error_of(client, "Volume.copy", {"src": ref, "dst_sd": sd_b, "collapse": False})
+    err = await expect_error(client, "Volume.copy", {"src": ref, "dst_sd": sd_b, "collapse": False})
     assert (err.name, err.data["reason"]) == ("InvalidArgument", "has_parent")
 
     started = await client.call("Volume.copy", {"src": ref, "dst_sd": sd_b,
@@ -180,7 +161,7 @@ async def test_copy_and_merge_keep_the_data(
     assert not await asyncio.to_thread(os.path.exists, top["path"])
     await qemu_io(base["path"], "raw", "read -P 0x11 0 16M")
     await qemu_io(base["path"], "raw", "read -P 0x22 16M 16M")
-    err = await error_of(client, "Volume.merge", {**ref, "volume_id": base["volume_id"]})
+    err = await expect_error(client, "Volume.merge", {**ref, "volume_id": base["volume_id"]})
     assert err.data["reason"] == "no_parent"
 
 
@@ -194,8 +175,8 @@ async def big_volume(client: Client, sd_id: str, size: int) -> dict[str, Any]:
 
 
 async def test_cancel_removes_the_target(
-        vol_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
-    client = await checked_client(vol_agent.unix_url)
+        agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
+    client = await checked_client(agent.unix_url)
     await client.call("Events.subscribe", {"topics": ["job.*"]})
     sd_id = await new_domain(client, tmp_path / "sd")
     src = await big_volume(client, sd_id, 512 * MiB)
@@ -204,7 +185,7 @@ async def test_cancel_removes_the_target(
                                                 "dst_format": "qcow2"})
     await next_event(client, "job.progress", lambda d: d["job_id"] == started["job_id"]
                      and 0 < d["progress"] < 100, timeout=60)
-    held = await error_of(client, "Volume.delete", ref)
+    held = await expect_error(client, "Volume.delete", ref)
     assert held.data["reason"] == "volume_busy"
     cancelled = (await client.call("Job.cancel", {"job_id": started["job_id"]}))["job"]
     assert cancelled["state"] == "cancelled"
@@ -260,26 +241,9 @@ def all_gone(pids: list[int], timeout: float) -> bool:
     return True
 
 
-@pytest.fixture
-async def tiny_posix(tmp_path: Path) -> AsyncIterator[str]:
-    """A 32 MiB ext4 image on a loop device, detached after."""
-    if os.geteuid() != 0:
-        missing("the full-filesystem test mounts a loop device and needs root")
-    image = tmp_path / "tiny.img"
-    (await run("truncate", "-s", str(32 * MiB), image)).check()
-    (await run("mkfs.ext4", "-q", "-F", image)).check()
-    device = (await run("losetup", "--find", "--show", image)).check().strip()
-    try:
-        yield device
-    finally:
-        points = await asyncio.to_thread(lambda: sorted(tmp_path.glob("*/state/mnt/*")))
-        for point in points:
-            await run("umount", point)
-        await run("losetup", "-d", device)
-
-
 async def test_no_space_leaves_nothing_behind(
-        tmp_path: Path, tiny_posix: str, checked_client: ClientFactory) -> None:
+        tmp_path: Path, loop_fs: LoopFsFactory, checked_client: ClientFactory) -> None:
+    tiny_posix = await loop_fs(32 * MiB)
     agent = await start_agent(tmp_path / "a")
     try:
         client = await checked_client(agent.unix_url)
@@ -288,7 +252,7 @@ async def test_no_space_leaves_nothing_behind(
             "mount": {"source": tiny_posix, "vfs_type": "ext4"}})
         sd_id = created["domain"]["sd_id"]
         images = Path(created["domain"]["path"]) / "images"
-        err = await error_of(client, "Volume.create", {
+        err = await expect_error(client, "Volume.create", {
             "sd_id": sd_id, "size": 256 * MiB, "format": "raw", "allocation": "preallocated"})
         assert (err.name, err.data["reason"]) == ("ResourceExhausted", "no_space")
         assert os.listdir(images) == []
@@ -297,8 +261,8 @@ async def test_no_space_leaves_nothing_behind(
                                                    "format": "raw"}))["volume"]
         await qemu_io(src["path"], "raw", "write -P 0x33 0 20M")
         ref = {k: src[k] for k in ("sd_id", "image_id", "volume_id")}
-        err = await error_of(client, "Volume.copy", {"src": ref, "dst_sd": sd_id,
-                                                     "dst_format": "raw"})
+        err = await expect_error(client, "Volume.copy", {"src": ref, "dst_sd": sd_id,
+                                                         "dst_format": "raw"})
         assert (err.name, err.data["reason"]) == ("ResourceExhausted", "no_space")
         assert os.listdir(images) == [src["image_id"]]
         await client.call("Volume.delete", ref)
@@ -308,8 +272,8 @@ async def test_no_space_leaves_nothing_behind(
 
 
 async def test_vm_create_with_a_volume_disk_writes_the_chain(
-        vol_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
-    client = await checked_client(vol_agent.unix_url)
+        agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
+    client = await checked_client(agent.unix_url)
     sd_id = await new_domain(client, tmp_path / "sd")
     template = (await client.call("Volume.create", {"sd_id": sd_id, "size": 8 * MiB,
                                                     "format": "raw", "shared": True}))["volume"]
@@ -317,7 +281,7 @@ async def test_vm_create_with_a_volume_disk_writes_the_chain(
         "image_id": template["image_id"], "volume_id": template["volume_id"]}}))["volume"]
     ref = {k: clone[k] for k in ("sd_id", "image_id", "volume_id")}
     tref = {k: template[k] for k in ref}
-    err = await error_of(client, "VM.create", {"spec": {
+    err = await expect_error(client, "VM.create", {"spec": {
         "name": "vn-it-vol-t", "domain_type": "test", "disks": [{"volume": tref}]}})
     assert err.data["reason"] == "not_leaf"
     created = await client.call("VM.create", {"spec": {

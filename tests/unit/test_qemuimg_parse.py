@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
 from virtnode.storage.qemuimg import (
     ProgressParser,
     ProgressThrottle,
@@ -98,10 +102,15 @@ def test_throttle_sends_at_most_once_per_interval_and_flushes_the_last() -> None
     assert sent == [1.0, 3.0, 4.0]
 
 
-def test_a_failing_progress_callback_is_logged_not_raised() -> None:
+def test_a_failing_progress_callback_is_logged_not_raised(
+        caplog: pytest.LogCaptureFixture) -> None:
     def broken(value: float) -> None:
         raise RuntimeError("consumer broke")
 
     throttle = ProgressThrottle(broken, 0.5, Clock())
-    throttle.update(1.0)
-    throttle.flush()
+    with caplog.at_level(logging.ERROR, logger="virtnode.storage.qemuimg"):
+        throttle.update(1.0)
+        throttle.flush()
+    [record] = caplog.records
+    assert record.getMessage() == "qemu-img progress callback failed"
+    assert record.exc_info is not None and str(record.exc_info[1]) == "consumer broke"

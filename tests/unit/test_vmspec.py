@@ -748,16 +748,13 @@ def test_a_volume_disk_carries_its_backing_chain() -> None:
     assert (disk.path, disk.format) == ("/sd/i/leaf", "qcow2")
     element = disk_element(disk)
     stores = element.findall(".//backingStore")
-    assert [s.findtext("x") for s in stores] == [None, None, None]
+    assert len(stores) == 3
     assert [s.find("source").get("file") for s in stores[:2]] == ["/sd/i/mid", "/sd/t/base"]
     assert [s.find("format").get("type") for s in stores[:2]] == ["qcow2", "raw"]
     assert len(stores[2]) == 0  # an empty element ends the chain
 
 
 def test_an_unresolved_volume_disk_is_refused() -> None:
-    import pytest
-
-    from virtnode.errors import InvalidArgument
     from virtnode.vmspec import check_disk
 
     with pytest.raises(InvalidArgument):
