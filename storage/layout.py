@@ -223,9 +223,11 @@ class VolumeMetadata:
 def _no_symlinks(base: Path, path: Path) -> None:
     """Refuse ``path`` if it escapes ``base`` or a component below ``base`` is a symlink.
 
-    Components that do not exist yet are fine (they are about to be made).
+    Components that do not exist yet are fine (they are about to be made). Lexically
+    inside ``base``, with no ``..`` and no symlink below it, ``path`` cannot lead out of
+    it, so nothing is resolved: one ``lstat`` per component is all it reads.
     """
-    if not path.resolve().is_relative_to(base.resolve()) or not path.is_relative_to(base):
+    if not path.is_relative_to(base) or ".." in path.relative_to(base).parts:
         raise UnsafePath(f"{path} is outside {base}", reason="unsafe_path")
     current = base
     for part in path.relative_to(base).parts:

@@ -51,5 +51,5 @@ def qemu_guard(what: str) -> Iterator[None]:
 def volume_api(domain: Domain, found: Found) -> JsonObject:
     return {"sd_id": domain.sd_id, "image_id": found.image_id,
             "volume_id": found.volume_id,
-            "path": str(domain.layout.volume_path(found.image_id, found.volume_id)),
+            "path": str(found.path),
             **found.metadata.to_api()}

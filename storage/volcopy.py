@@ -67,7 +67,7 @@ async def start_copy(service: VolumeService, params: JsonObject) -> JsonObject:
             reason="has_parent", field="collapse")
     chain = await service.chain(src_domain, leaf)
     _illegal_in(chain)
-    src_path = src_domain.layout.volume_path(leaf.image_id, leaf.volume_id)
+    src_path = leaf.path
     src_fmt = leaf.metadata.format
     prealloc = "falloc" if allocation == "preallocated" else None
     await service.check_space(dst, dst_fmt, 0, allocation, measured=qemuimg.measure(
@@ -82,10 +82,10 @@ async def start_copy(service: VolumeService, params: JsonObject) -> JsonObject:
             description=params.get("description", leaf.metadata.description),
             ctime=round(time.time(), 3))
         async with service.lock(dst):
-            await service.io(dst, volfiles.start_new, dst.layout, image_id, volume_id,
-                             metadata, new_image=True, what="writing volume metadata")
-        target = Found(image_id, volume_id, metadata)
-        dst_path = dst.layout.volume_path(image_id, volume_id)
+            target: Found = await service.io(
+                dst, volfiles.start_new, dst.layout, image_id, volume_id, metadata,
+                new_image=True, what="writing volume metadata")
+        dst_path = target.path
         try:
             with qemu_guard(f"copying volume {leaf.volume_id}"):
                 await qemuimg.convert(src_path, dst_path, src_fmt=src_fmt, dst_fmt=dst_fmt,
@@ -138,8 +138,7 @@ async def _merge_pair(service: VolumeService, params: JsonObject
 async def start_merge(service: VolumeService, params: JsonObject) -> JsonObject:
     """Check a ``Volume.merge`` call and start its job; returns ``{job_id, job}``."""
     domain, top, parent = await _merge_pair(service, params)
-    top_path = domain.layout.volume_path(top.image_id, top.volume_id)
-    base_path = domain.layout.volume_path(parent.image_id, parent.volume_id)
+    top_path, base_path = top.path, parent.path
 
     async def run(handle: JobHandle) -> JsonObject:
         nonlocal top, parent

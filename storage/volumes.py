@@ -93,8 +93,8 @@ class VolumeService:
             for image in images:
                 for entry in lay.list_volumes(domain.layout, image):
                     if entry.metadata is not None:
-                        result.append(volume_api(domain, Found(image, entry.volume_id,
-                                                               entry.metadata)))
+                        result.append(volume_api(domain, Found.at(
+                            domain.layout, image, entry.volume_id, entry.metadata)))
                     else:
                         result.append({"sd_id": domain.sd_id, "image_id": image,
                                        "volume_id": entry.volume_id, "error": entry.error})
@@ -113,10 +113,9 @@ class VolumeService:
     async def get_info(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
         domain, found = await self.volume(params)
         result = volume_api(domain, found)
-        path = domain.layout.volume_path(found.image_id, found.volume_id)
         chain = await self.chain(domain, found)
         with qemu_guard(f"reading volume {found.volume_id}"):
-            info = await qemuimg.info(path, fmt=found.metadata.format,
+            info = await qemuimg.info(found.path, fmt=found.metadata.format,
                                       timeout=self._domains.io_timeout)
         result["actual_size"] = info.actual_size
         result["qemu_virtual_size"] = info.virtual_size
@@ -144,8 +143,7 @@ class VolumeService:
                 raise FailedPrecondition(f"volume {item.volume_id} is illegal",
                                          reason="volume_illegal", object="volume",
                                          id=item.volume_id)
-        return [(str(domain.layout.volume_path(f.image_id, f.volume_id)), f.metadata.format)
-                for f in chain]
+        return [(str(f.path), f.metadata.format) for f in chain]
 
     # --- changing ----------------------------------------------------------------------------
 
@@ -186,9 +184,9 @@ class VolumeService:
                 role="shared" if params["shared"] else "leaf", legality="illegal",
                 generation=0, description=params["description"],
                 ctime=round(time.time(), 3))
-            await self.io(domain, volfiles.start_new, domain.layout, image_id, volume_id,
-                           metadata, new_image=new_image, what="writing volume metadata")
-            found = Found(image_id, volume_id, metadata)
+            found = await self.io(domain, volfiles.start_new, domain.layout, image_id,
+                                   volume_id, metadata, new_image=new_image,
+                                   what="writing volume metadata")
             try:
                 await self._make(domain, found, parent)
                 if parent is not None and parent.metadata.role == "leaf":
@@ -240,14 +238,13 @@ class VolumeService:
                                       "shrinking is refused", reason="shrink_refused",
                                       field="size")
             await self.check_unused(domain, [found])
-            path = domain.layout.volume_path(found.image_id, found.volume_id)
             prealloc = (_PREALLOCATION[found.metadata.format]
                         if found.metadata.allocation == "preallocated" else None)
             if prealloc is not None:
                 await self.check_space(domain, "raw", size - found.metadata.virtual_size,
                                         "preallocated")
             with qemu_guard(f"resizing volume {found.volume_id}"):
-                await qemuimg.resize(path, size, found.metadata.format,
+                await qemuimg.resize(found.path, size, found.metadata.format,
                                      preallocation=prealloc,
                                      timeout=self._domains.io_timeout)
             found = await self.io(domain, volfiles.update, domain.layout, found,
@@ -351,7 +348,7 @@ class VolumeService:
                 self._busy.pop(found.volume_id, None)
 
     async def check_unused(self, domain: Domain, volumes: Sequence[Found]) -> None:
-        paths = [str(domain.layout.volume_path(f.image_id, f.volume_id)) for f in volumes]
+        paths = [str(f.path) for f in volumes]
         users = sorted(vm for vm, used in (await self._vm_disks()).items()
                        if any(usage.paths_under(used, p) for p in paths))
         if users:
@@ -371,7 +368,7 @@ class VolumeService:
             measurement = await measured
         need = (measurement.fully_allocated if allocation == "preallocated"
                 else measurement.required)
-        free = await self.io(domain, volfiles.free_bytes, domain.layout.images_dir,
+        free = await self.io(domain, volfiles.free_bytes, domain.layout,
                               what="reading free space")
         if need > free:
             raise ResourceExhausted(f"the volume needs {need} bytes; storage domain "
@@ -381,16 +378,15 @@ class VolumeService:
 
     async def _make(self, domain: Domain, found: Found, parent: Found | None) -> None:
         md = found.metadata
-        path = domain.layout.volume_path(found.image_id, found.volume_id)
         backing = (None if parent is None
                    else volfiles.backing_name(domain.layout, found.image_id, parent))
         with qemu_guard(f"creating volume {found.volume_id}"):
             await qemuimg.create(
-                path, md.format, md.virtual_size, backing=backing,
+                found.path, md.format, md.virtual_size, backing=backing,
                 backing_fmt=None if parent is None else parent.metadata.format,
                 preallocation=(_PREALLOCATION[md.format] if md.allocation == "preallocated"
                                else None), timeout=self._domains.io_timeout)
-        await self.io(domain, volfiles.sync_data, path, what="flushing the volume")
+        await self.io(domain, volfiles.sync_data, found.path, what="flushing the volume")
 
     async def discard(self, domain: Domain, found: Found) -> None:
         """Remove a volume (shielded: runs to its end), and give its parent back its role."""
