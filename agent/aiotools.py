@@ -6,7 +6,7 @@ import asyncio
 import concurrent.futures
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -20,6 +20,26 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def to_the_end(cleanup: Coroutine[Any, Any, None], name: str = "cleanup") -> None:
+    """Run a clean-up to its end even if the caller is cancelled (again) meanwhile.
+
+    A cancellation that arrives during the clean-up is raised once it has finished, so
+    the caller holds what it holds (a lock) until the clean-up is over.
+    """
+    task = asyncio.create_task(cleanup, name=name)
+    interrupted = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            interrupted = True
+    task.result()
+    if interrupted:
+        raise asyncio.CancelledError
 
 
 class DaemonThreadPool(concurrent.futures.Executor):

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from virtnode.fileutil import fsync_dir, fsync_file
 from virtnode.storage import layout as lay
 from virtnode.storage.layout import DomainLayout, MetadataError, VolumeMetadata
 
@@ -147,20 +148,8 @@ def update(layout: DomainLayout, found: Found, **changes: object) -> Found:
 
 def sync_data(path: Path) -> None:
     """Make a volume's data durable: fsync the file, then its directory."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    _sync_dir(path.parent)
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(path)
+    fsync_dir(path.parent)
 
 
 def remove(layout: DomainLayout, image_id: str, volume_id: str) -> None:
@@ -173,7 +162,7 @@ def remove(layout: DomainLayout, image_id: str, volume_id: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(layout.volume_meta_path(image_id, volume_id))
     with contextlib.suppress(FileNotFoundError):
-        _sync_dir(image_dir)
+        fsync_dir(image_dir)
     with contextlib.suppress(FileNotFoundError, OSError):
         image_dir.rmdir()  # only when empty
 

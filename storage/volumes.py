@@ -23,6 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
+from virtnode.aiotools import to_the_end
 from virtnode.errors import (
     AlreadyExists,
     ApiError,
@@ -389,7 +390,8 @@ class VolumeService:
         await self.io(domain, volfiles.sync_data, found.path, what="flushing the volume")
 
     async def discard(self, domain: Domain, found: Found) -> None:
-        """Remove a volume (shielded: runs to its end), and give its parent back its role."""
+        """Remove a volume, and give its parent back its role. Runs to its end even when
+        the caller is cancelled (which is raised afterwards, so a lock held stays held)."""
         async def run() -> None:
             await self.io(domain, volfiles.remove, domain.layout, found.image_id,
                            found.volume_id, what="removing the volume")
@@ -397,7 +399,7 @@ class VolumeService:
                 await self.io(domain, volfiles.restore_parent_role, domain.layout,
                                found.metadata.parent, found.image_id,
                                what="updating the parent")
-        await asyncio.shield(asyncio.ensure_future(run()))
+        await to_the_end(run(), "volume discard")
 
 
     def publish(self, domain: Domain, image_id: str, volume_id: str, event: str,
