@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -145,20 +145,13 @@ class StorageDomainService:
             sd_id = str(uuid.uuid4())
             metadata = DomainMetadata.new(sd_id, name, dtype, self._host_id,
                                           params["block_size"])
-            if spec is None:
-                root = await self._io_call(_localfs_root, Path(params["path"]),
-                                           what="preparing the domain directory")
-            else:
-                root = await self._mount(sd_id, spec)
-            layout = DomainLayout.of(root, sd_id)
-            try:
+            async with self._root(sd_id, spec, params, _localfs_root,
+                                  what="preparing the domain directory") as root:
+                layout = DomainLayout.of(root, sd_id)
                 await self._io_call(_format, layout, metadata, params["force"],
                                     spec is not None, what="formatting the domain")
-            except BaseException:
-                if spec is not None:
-                    await self._unmount(root, quiet=True)
-                raise
-            domain = await self._register(layout, metadata, spec)
+                domain = await self._register(layout, metadata, spec)
+            await domain.monitor.check()
         self._publish(domain, "created")
         return {"domain": domain.to_api()}
 
@@ -174,23 +167,16 @@ class StorageDomainService:
                                     object="storage_domain", id=sd_id)
             if old is not None:  # attached before but not reachable at start: try again
                 await self._forget(old)
-            if spec is None:
-                root = await self._io_call(_existing_dir, Path(params["path"]),
-                                           what="resolving the path")
-            else:
-                root = await self._mount(sd_id, spec)
-            try:
+            async with self._root(sd_id, spec, params, _existing_dir,
+                                  what="resolving the path") as root:
                 layout = DomainLayout.of(root, sd_id)
                 metadata = await self._read_metadata(layout)
                 if metadata.type != dtype:
                     raise InvalidArgument(f"storage domain {sd_id} is {metadata.type}, not "
                                           f"{dtype}", reason="type_mismatch", field="type")
                 self._check_name_free(metadata.name)
-            except BaseException:
-                if spec is not None:
-                    await self._unmount(root, quiet=True)
-                raise
-            domain = await self._register(layout, metadata, spec)
+                domain = await self._register(layout, metadata, spec)
+            await domain.monitor.check()
         self._publish(domain, "attached")
         return {"domain": domain.to_api()}
 
@@ -294,6 +280,22 @@ class StorageDomainService:
             raise
         return target
 
+    @contextlib.asynccontextmanager
+    async def _root(self, sd_id: str, spec: MountSpec | None, params: JsonObject,
+                    local: Callable[[Path], Path], *, what: str) -> AsyncIterator[Path]:
+        """The root of a domain being created or attached: ``local`` of the call's path
+        (localfs), or the filesystem mounted for it (posixfs), unmounted again if anything
+        inside fails; registering the domain belongs inside."""
+        if spec is None:
+            yield await self._io_call(local, Path(params["path"]), what=what)
+            return
+        root = await self._mount(sd_id, spec)
+        try:
+            yield root
+        except BaseException:
+            await self._unmount(root, quiet=True)
+            raise
+
     async def _unmount(self, target: Path, *, quiet: bool = False) -> None:
         try:
             if await self._io_call(mounts.is_mounted, target, what="reading mounts"):
@@ -312,6 +314,8 @@ class StorageDomainService:
 
     async def _register(self, layout: DomainLayout, metadata: DomainMetadata,
                         spec: MountSpec | None) -> Domain:
+        """Record the domain in the store, then hold and monitor it (its first check is
+        the caller's: nothing after the store write may fail or be cancelled)."""
         domain = self._new_domain(layout, metadata.name, metadata.type, spec, time.time())
         domain.metadata = metadata
         await self._store.run(lambda conn: registry.insert(conn, registry.Registration(
@@ -319,7 +323,6 @@ class StorageDomainService:
             None if spec is None else spec.to_api(), domain.attached)))
         self._domains[domain.sd_id] = domain
         domain.monitor.start()
-        await domain.monitor.check()
         return domain
 
     async def _forget(self, domain: Domain) -> None:
