@@ -198,6 +198,16 @@ class VolumeMetadata:
     ctime: float
 
     @classmethod
+    def new(cls, format: VolumeFormat, allocation: Allocation, virtual_size: int, *,
+            parent: str | None, shared: bool, description: str) -> VolumeMetadata:
+        """A volume about to be made: ``illegal`` until its data is complete and durable,
+        a template (``shared``) or its image's leaf."""
+        return cls(version=LAYOUT_VERSION, format=format, allocation=allocation,
+                   virtual_size=virtual_size, parent=parent,
+                   role="shared" if shared else "leaf", legality="illegal", generation=0,
+                   description=description, ctime=round(time.time(), 3))
+
+    @classmethod
     def parse(cls, data: bytes, where: str = "volume metadata") -> VolumeMetadata:
         """Parse the file's bytes; raises :class:`MetadataError`."""
         raw = _parse(cls, data, where)

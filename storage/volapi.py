@@ -4,7 +4,7 @@ errors for what qemu-img raises."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from virtnode.errors import (
@@ -46,6 +46,15 @@ def qemu_guard(what: str) -> Iterator[None]:
         yield
     except (qemuimg.QemuImgError, qemuimg.ShrinkRefused, FileExistsError) as exc:
         raise qemu_error(exc, what) from None
+
+
+def require_legal(chain: Sequence[Found]) -> None:
+    """Raise FailedPrecondition (``volume_illegal``) for the first illegal volume."""
+    for item in chain:
+        if item.metadata.legality != "legal":
+            raise FailedPrecondition(f"volume {item.volume_id} is illegal",
+                                     reason="volume_illegal", object="volume",
+                                     id=item.volume_id)
 
 
 def volume_api(domain: Domain, found: Found) -> JsonObject:

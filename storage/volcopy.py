@@ -15,17 +15,14 @@ they end, and report qemu-img's progress as the job's.
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from virtnode.errors import FailedPrecondition, InvalidArgument
 from virtnode.jobs import JobHandle, JobKind
-from virtnode.storage import layout as lay
 from virtnode.storage import qemuimg, volfiles
 from virtnode.storage.layout import VolumeMetadata
-from virtnode.storage.volapi import qemu_guard, volume_api
+from virtnode.storage.volapi import qemu_guard, require_legal, volume_api
 from virtnode.storage.volfiles import Found
 
 if TYPE_CHECKING:
@@ -47,14 +44,6 @@ def _progress(handle: JobHandle) -> qemuimg.ProgressCallback:
     return lambda percent: handle.progress(min(percent, 99.0))
 
 
-def _illegal_in(chain: Sequence[Found]) -> None:
-    for item in chain:
-        if item.metadata.legality != "legal":
-            raise FailedPrecondition(f"volume {item.volume_id} is illegal",
-                                     reason="volume_illegal", object="volume",
-                                     id=item.volume_id)
-
-
 async def start_copy(service: VolumeService, params: JsonObject) -> JsonObject:
     """Check a ``Volume.copy`` call and start its job; returns ``{job_id, job}``."""
     src_domain, leaf = await service.volume(params["src"])
@@ -66,7 +55,7 @@ async def start_copy(service: VolumeService, params: JsonObject) -> JsonObject:
             "collapse=true to copy its whole chain into one volume",
             reason="has_parent", field="collapse")
     chain = await service.chain(src_domain, leaf)
-    _illegal_in(chain)
+    require_legal(chain)
     src_path = leaf.path
     src_fmt = leaf.metadata.format
     prealloc = "falloc" if allocation == "preallocated" else None
@@ -75,12 +64,10 @@ async def start_copy(service: VolumeService, params: JsonObject) -> JsonObject:
 
     async def run(handle: JobHandle) -> JsonObject:
         image_id, volume_id = str(uuid.uuid4()), str(uuid.uuid4())
-        metadata = VolumeMetadata(
-            version=lay.LAYOUT_VERSION, format=dst_fmt, allocation=allocation,
-            virtual_size=leaf.metadata.virtual_size, parent=None,
-            role="shared" if params["shared"] else "leaf", legality="illegal", generation=0,
-            description=params.get("description", leaf.metadata.description),
-            ctime=round(time.time(), 3))
+        metadata = VolumeMetadata.new(
+            dst_fmt, allocation, leaf.metadata.virtual_size, parent=None,
+            shared=params["shared"],
+            description=params.get("description", leaf.metadata.description))
         async with service.lock(dst):
             target: Found = await service.io(
                 dst, volfiles.start_new, dst.layout, image_id, volume_id, metadata,

@@ -53,10 +53,12 @@ def find(layout: DomainLayout, volume_id: str, image_hint: str | None = None) ->
     Raises ``FileNotFoundError`` when no image holds it, and what reading metadata raises.
     """
     volume_id = lay.check_uuid(volume_id, "volume_id")
-    images = lay.list_images(layout)
     if image_hint is not None:
-        images = [image_hint, *(i for i in images if i != image_hint)]
-    for image_id in images:
+        with contextlib.suppress(FileNotFoundError):
+            return read(layout, image_hint, volume_id)
+    for image_id in lay.list_images(layout):
+        if image_id == image_hint:
+            continue
         try:
             metadata = lay.read_volume_metadata(layout, image_id, volume_id)
         except FileNotFoundError:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -39,7 +38,7 @@ from virtnode.storage import layout as lay
 from virtnode.storage import qemuimg, usage, volcopy, volfiles
 from virtnode.storage.domains import Domain, StorageDomainService, VmDisks
 from virtnode.storage.layout import VolumeMetadata
-from virtnode.storage.volapi import qemu_guard, volume_api
+from virtnode.storage.volapi import qemu_guard, require_legal, volume_api
 from virtnode.storage.volfiles import Found
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,7 @@ class VolumeService:
         chain = await self.chain(domain, found)
         with qemu_guard(f"reading volume {found.volume_id}"):
             info = await qemuimg.info(found.path, fmt=found.metadata.format,
-                                      timeout=self._domains.io_timeout)
+                                      backing_chain=False, timeout=self._domains.io_timeout)
         result["actual_size"] = info.actual_size
         result["qemu_virtual_size"] = info.virtual_size
         result["chain"] = [{"image_id": f.image_id, "volume_id": f.volume_id,
@@ -139,11 +138,7 @@ class VolumeService:
                 "image (a template may be attached read-only)", reason="not_leaf",
                 object="volume", id=found.volume_id)
         chain = await self.chain(domain, found)
-        for item in chain:
-            if item.metadata.legality != "legal":
-                raise FailedPrecondition(f"volume {item.volume_id} is illegal",
-                                         reason="volume_illegal", object="volume",
-                                         id=item.volume_id)
+        require_legal(chain)
         return [(str(f.path), f.metadata.format) for f in chain]
 
     # --- changing ----------------------------------------------------------------------------
@@ -179,12 +174,9 @@ class VolumeService:
                 raise InvalidArgument("a layer cannot be smaller than its parent",
                                       reason="invalid_size", field="size")
             await self.check_space(domain, fmt, size, allocation)
-            metadata = VolumeMetadata(
-                version=lay.LAYOUT_VERSION, format=fmt, allocation=allocation,
-                virtual_size=size, parent=None if parent is None else parent.volume_id,
-                role="shared" if params["shared"] else "leaf", legality="illegal",
-                generation=0, description=params["description"],
-                ctime=round(time.time(), 3))
+            metadata = VolumeMetadata.new(
+                fmt, allocation, size, parent=None if parent is None else parent.volume_id,
+                shared=params["shared"], description=params["description"])
             found = await self.io(domain, volfiles.start_new, domain.layout, image_id,
                                    volume_id, metadata, new_image=new_image,
                                    what="writing volume metadata")
@@ -203,10 +195,8 @@ class VolumeService:
 
     @rpc_method("Volume.delete")
     async def delete(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
-        domain, found = await self.volume(params)
-        async with self.lock(domain):
-            found = await self.io(domain, volfiles.read, domain.layout, found.image_id,
-                                   found.volume_id, what="reading the volume")
+        async with self.lock(self._domains.domain(params["sd_id"])):
+            domain, found = await self.volume(params)
             self.check_free(found)
             kids = await self.io(domain, volfiles.children, domain.layout, found.volume_id,
                                   what="looking for children")
@@ -224,24 +214,19 @@ class VolumeService:
 
     @rpc_method("Volume.resize")
     async def resize(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
-        domain, found = await self.volume(params)
         size = params["size"]
-        async with self.lock(domain):
-            found = await self.io(domain, volfiles.read, domain.layout, found.image_id,
-                                   found.volume_id, what="reading the volume")
+        async with self.lock(self._domains.domain(params["sd_id"])):
+            domain, found = await self.volume(params)
             self.check_free(found)
             if found.metadata.role != "leaf" or found.metadata.legality != "legal":
                 raise FailedPrecondition("only a legal leaf volume can be resized",
                                          reason="not_leaf", object="volume",
                                          id=found.volume_id)
-            if size < found.metadata.virtual_size:
-                raise InvalidArgument(f"volume is {found.metadata.virtual_size} bytes; "
-                                      "shrinking is refused", reason="shrink_refused",
-                                      field="size")
             await self.check_unused(domain, [found])
             prealloc = (_PREALLOCATION[found.metadata.format]
                         if found.metadata.allocation == "preallocated" else None)
-            if prealloc is not None:
+            # A smaller size is refused by qemuimg.resize (shrink_refused) before it runs.
+            if prealloc is not None and size > found.metadata.virtual_size:
                 await self.check_space(domain, "raw", size - found.metadata.virtual_size,
                                         "preallocated")
             with qemu_guard(f"resizing volume {found.volume_id}"):
@@ -363,8 +348,7 @@ class VolumeService:
         if measured is None and fmt == "raw" and allocation == "sparse":
             return  # a sparse raw file takes no space until written
         if measured is None:
-            with qemu_guard("measuring the volume"):
-                measured = qemuimg.measure(fmt, size=size, timeout=self._domains.io_timeout)
+            measured = qemuimg.measure(fmt, size=size, timeout=self._domains.io_timeout)
         with qemu_guard("measuring the volume"):
             measurement = await measured
         need = (measurement.fully_allocated if allocation == "preallocated"
