@@ -69,10 +69,21 @@ class Domain:
     error: str | None = None
     attached: float = field(default_factory=time.time)
 
-    def to_api(self) -> JsonObject:
+    @property
+    def result(self) -> CheckResult:
+        """The monitor's latest check; a domain that could not be attached (again) and
+        has not been checked since counts as unreachable."""
         result = self.monitor.result
         if self.error is not None and result.state is DomainState.UNKNOWN:
-            result = CheckResult(DomainState.UNREACHABLE, error=self.error)
+            return CheckResult(DomainState.UNREACHABLE, error=self.error)
+        return result
+
+    @property
+    def state(self) -> DomainState:
+        return self.result.state
+
+    def to_api(self) -> JsonObject:
+        result = self.result
         return {
             "sd_id": self.sd_id,
             "name": self.name,
@@ -148,7 +159,7 @@ class StorageDomainService:
             async with self._root(sd_id, spec, params, _localfs_root,
                                   what="preparing the domain directory") as root:
                 layout = DomainLayout.of(root, sd_id)
-                await self._io_call(_format, layout, metadata, params["force"],
+                await self.io_call(_format, layout, metadata, params["force"],
                                     spec is not None, what="formatting the domain")
                 domain = await self._register(layout, metadata, spec)
             await domain.monitor.check()
@@ -198,7 +209,7 @@ class StorageDomainService:
                                          f"{domain.error}", reason="domain_unreachable",
                                          object="storage_domain", id=domain.sd_id)
             await self._check_unused(domain)
-            await self._io_call(_remove_domain, domain.layout, params["force"],
+            await self.io_call(_remove_domain, domain.layout, params["force"],
                                 what="deleting the domain")
             await self._forget(domain)
         self._publish(domain, "deleted")
@@ -224,11 +235,6 @@ class StorageDomainService:
     def io_timeout(self) -> float:
         return self._config.io_timeout
 
-    async def io_call(self, fn: Callable[[], T], *, what: str) -> T:
-        """Run blocking ``fn`` in the storage I/O threads with ``storage.io_timeout``;
-        raises DeadlineExceeded (``storage_timeout``) past it."""
-        return await self._io_call(fn, what=what)
-
     # --- helpers --------------------------------------------------------------------------
 
     def _get(self, sd_id: str) -> Domain:
@@ -245,9 +251,11 @@ class StorageDomainService:
                                     reason="name_in_use", object="storage_domain",
                                     id=other.sd_id)
 
-    async def _io_call(self, fn: Callable[..., T], *args: Any, what: str) -> T:
+    async def io_call(self, fn: Callable[..., T], *args: Any, what: str, **kwargs: Any) -> T:
+        """Run blocking ``fn(*args, **kwargs)`` in the storage I/O threads with
+        ``storage.io_timeout``; raises DeadlineExceeded (``storage_timeout``) past it."""
         timeout = self._config.io_timeout
-        future = asyncio.wrap_future(self._io.submit(fn, *args))
+        future = asyncio.wrap_future(self._io.submit(fn, *args, **kwargs))
         try:
             async with asyncio.timeout(timeout):
                 return await asyncio.shield(future)
@@ -258,7 +266,7 @@ class StorageDomainService:
 
     async def _read_metadata(self, layout: DomainLayout) -> DomainMetadata:
         try:
-            return await self._io_call(lay.read_domain_metadata, layout,
+            return await self.io_call(lay.read_domain_metadata, layout,
                                        what="reading the domain metadata")
         except FileNotFoundError:
             raise NotFound(f"no storage domain {layout.sd_id} under {layout.root}",
@@ -270,13 +278,13 @@ class StorageDomainService:
 
     async def _mount(self, sd_id: str, spec: MountSpec) -> Path:
         target = self._mount_root / sd_id
-        await self._io_call(_mount_point, target, what="making the mount point")
-        if await self._io_call(mounts.is_mounted, target, what="reading mounts"):
+        await self.io_call(_mount_point, target, what="making the mount point")
+        if await self.io_call(mounts.is_mounted, target, what="reading mounts"):
             raise FailedPrecondition(f"{target} is already mounted", reason="already_mounted")
         try:
             await mounts.mount(spec, target, self._config.mount_timeout)
         except BaseException:
-            await self._io_call(_remove_mount_point, target, what="removing the mount point")
+            await self.io_call(_remove_mount_point, target, what="removing the mount point")
             raise
         return target
 
@@ -287,7 +295,7 @@ class StorageDomainService:
         (localfs), or the filesystem mounted for it (posixfs), unmounted again if anything
         inside fails; registering the domain belongs inside."""
         if spec is None:
-            yield await self._io_call(local, Path(params["path"]), what=what)
+            yield await self.io_call(local, Path(params["path"]), what=what)
             return
         root = await self._mount(sd_id, spec)
         try:
@@ -298,9 +306,9 @@ class StorageDomainService:
 
     async def _unmount(self, target: Path, *, quiet: bool = False) -> None:
         try:
-            if await self._io_call(mounts.is_mounted, target, what="reading mounts"):
+            if await self.io_call(mounts.is_mounted, target, what="reading mounts"):
                 await mounts.unmount(target, self._config.mount_timeout)
-            await self._io_call(_remove_mount_point, target, what="removing the mount point")
+            await self.io_call(_remove_mount_point, target, what="removing the mount point")
         except Exception:
             if not quiet:
                 raise
@@ -354,9 +362,9 @@ class StorageDomainService:
         domain = self._new_domain(layout, reg.name, dtype, spec, reg.attached)
         self._domains[reg.sd_id] = domain
         try:
-            if spec is not None and not await self._io_call(
+            if spec is not None and not await self.io_call(
                     mounts.is_mounted, layout.root, what="reading mounts"):
-                await self._io_call(_mount_point, layout.root, what="making the mount point")
+                await self.io_call(_mount_point, layout.root, what="making the mount point")
                 await mounts.mount(spec, layout.root, self._config.mount_timeout)
             domain.metadata = await self._read_metadata(layout)
             domain.name = domain.metadata.name
@@ -374,9 +382,7 @@ class StorageDomainService:
 
     def _publish(self, domain: Domain, event: str, previous: DomainState | None = None) -> None:
         data: JsonObject = {"sd_id": domain.sd_id, "name": domain.name, "event": event,
-                            "state": domain.monitor.result.state.value}
-        if event == "attach_failed":
-            data["state"] = DomainState.UNREACHABLE.value
+                            "state": domain.state.value}
         if previous is not None:
             data["previous_state"] = previous.value
         error = domain.error or domain.monitor.result.error

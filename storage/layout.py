@@ -25,7 +25,7 @@ import stat
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, Literal, get_args
 
 from virtnode.errors import FailedPrecondition, InvalidArgument
 from virtnode.fileutil import atomic_write
@@ -149,8 +149,6 @@ class DomainMetadata:
     created_by: str
     block_size: int
     created: float
-
-    KIND: ClassVar[str] = "domain metadata"
 
     @classmethod
     def new(cls, sd_id: str, name: str, type: DomainType, host_id: str,

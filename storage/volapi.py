@@ -21,6 +21,13 @@ from virtnode.storage.domains import Domain
 from virtnode.storage.volfiles import Found
 
 JsonObject = dict[str, Any]
+#: How qemu-img preallocates a ``preallocated`` volume, raw or qcow2 alike.
+PREALLOCATION = "falloc"
+
+
+def preallocation(allocation: str) -> str | None:
+    """qemu-img's ``preallocation`` option for a volume's ``allocation``."""
+    return PREALLOCATION if allocation == "preallocated" else None
 
 
 def qemu_error(exc: BaseException, what: str) -> ApiError:
