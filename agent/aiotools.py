@@ -7,7 +7,7 @@ import concurrent.futures
 import contextlib
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Callable, Coroutine, Hashable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -58,6 +58,26 @@ class KeyedLocks:
             entry[1] -= 1
             if not entry[1]:
                 del self._locks[key]
+
+
+async def to_the_end(cleanup: Coroutine[Any, Any, None], name: str = "cleanup") -> None:
+    """Run a clean-up to its end even if the caller is cancelled (again) meanwhile.
+
+    A cancellation that arrives during the clean-up is raised once it has finished, so
+    the caller holds what it holds (a lock) until the clean-up is over.
+    """
+    task = asyncio.create_task(cleanup, name=name)
+    interrupted = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            interrupted = True
+    task.result()
+    if interrupted:
+        raise asyncio.CancelledError
 
 
 class DaemonThreadPool(concurrent.futures.Executor):

@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -69,10 +69,21 @@ class Domain:
     error: str | None = None
     attached: float = field(default_factory=time.time)
 
-    def to_api(self) -> JsonObject:
+    @property
+    def result(self) -> CheckResult:
+        """The monitor's latest check; a domain that could not be attached (again) and
+        has not been checked since counts as unreachable."""
         result = self.monitor.result
         if self.error is not None and result.state is DomainState.UNKNOWN:
-            result = CheckResult(DomainState.UNREACHABLE, error=self.error)
+            return CheckResult(DomainState.UNREACHABLE, error=self.error)
+        return result
+
+    @property
+    def state(self) -> DomainState:
+        return self.result.state
+
+    def to_api(self) -> JsonObject:
+        result = self.result
         return {
             "sd_id": self.sd_id,
             "name": self.name,
@@ -145,20 +156,13 @@ class StorageDomainService:
             sd_id = str(uuid.uuid4())
             metadata = DomainMetadata.new(sd_id, name, dtype, self._host_id,
                                           params["block_size"])
-            if spec is None:
-                root = await self._io_call(_localfs_root, Path(params["path"]),
-                                           what="preparing the domain directory")
-            else:
-                root = await self._mount(sd_id, spec)
-            layout = DomainLayout.of(root, sd_id)
-            try:
-                await self._io_call(_format, layout, metadata, params["force"],
+            async with self._root(sd_id, spec, params, _localfs_root,
+                                  what="preparing the domain directory") as root:
+                layout = DomainLayout.of(root, sd_id)
+                await self.io_call(_format, layout, metadata, params["force"],
                                     spec is not None, what="formatting the domain")
-            except BaseException:
-                if spec is not None:
-                    await self._unmount(root, quiet=True)
-                raise
-            domain = await self._register(layout, metadata, spec)
+                domain = await self._register(layout, metadata, spec)
+            await domain.monitor.check()
         self._publish(domain, "created")
         return {"domain": domain.to_api()}
 
@@ -174,23 +178,16 @@ class StorageDomainService:
                                     object="storage_domain", id=sd_id)
             if old is not None:  # attached before but not reachable at start: try again
                 await self._forget(old)
-            if spec is None:
-                root = await self._io_call(_existing_dir, Path(params["path"]),
-                                           what="resolving the path")
-            else:
-                root = await self._mount(sd_id, spec)
-            try:
+            async with self._root(sd_id, spec, params, _existing_dir,
+                                  what="resolving the path") as root:
                 layout = DomainLayout.of(root, sd_id)
                 metadata = await self._read_metadata(layout)
                 if metadata.type != dtype:
                     raise InvalidArgument(f"storage domain {sd_id} is {metadata.type}, not "
                                           f"{dtype}", reason="type_mismatch", field="type")
                 self._check_name_free(metadata.name)
-            except BaseException:
-                if spec is not None:
-                    await self._unmount(root, quiet=True)
-                raise
-            domain = await self._register(layout, metadata, spec)
+                domain = await self._register(layout, metadata, spec)
+            await domain.monitor.check()
         self._publish(domain, "attached")
         return {"domain": domain.to_api()}
 
@@ -212,7 +209,7 @@ class StorageDomainService:
                                          f"{domain.error}", reason="domain_unreachable",
                                          object="storage_domain", id=domain.sd_id)
             await self._check_unused(domain)
-            await self._io_call(_remove_domain, domain.layout, params["force"],
+            await self.io_call(_remove_domain, domain.layout, params["force"],
                                 what="deleting the domain")
             await self._forget(domain)
         self._publish(domain, "deleted")
@@ -238,11 +235,6 @@ class StorageDomainService:
     def io_timeout(self) -> float:
         return self._config.io_timeout
 
-    async def io_call(self, fn: Callable[[], T], *, what: str) -> T:
-        """Run blocking ``fn`` in the storage I/O threads with ``storage.io_timeout``;
-        raises DeadlineExceeded (``storage_timeout``) past it."""
-        return await self._io_call(fn, what=what)
-
     # --- helpers --------------------------------------------------------------------------
 
     def _get(self, sd_id: str) -> Domain:
@@ -259,9 +251,11 @@ class StorageDomainService:
                                     reason="name_in_use", object="storage_domain",
                                     id=other.sd_id)
 
-    async def _io_call(self, fn: Callable[..., T], *args: Any, what: str) -> T:
+    async def io_call(self, fn: Callable[..., T], *args: Any, what: str, **kwargs: Any) -> T:
+        """Run blocking ``fn(*args, **kwargs)`` in the storage I/O threads with
+        ``storage.io_timeout``; raises DeadlineExceeded (``storage_timeout``) past it."""
         timeout = self._config.io_timeout
-        future = asyncio.wrap_future(self._io.submit(fn, *args))
+        future = asyncio.wrap_future(self._io.submit(fn, *args, **kwargs))
         try:
             async with asyncio.timeout(timeout):
                 return await asyncio.shield(future)
@@ -272,7 +266,7 @@ class StorageDomainService:
 
     async def _read_metadata(self, layout: DomainLayout) -> DomainMetadata:
         try:
-            return await self._io_call(lay.read_domain_metadata, layout,
+            return await self.io_call(lay.read_domain_metadata, layout,
                                        what="reading the domain metadata")
         except FileNotFoundError:
             raise NotFound(f"no storage domain {layout.sd_id} under {layout.root}",
@@ -284,21 +278,37 @@ class StorageDomainService:
 
     async def _mount(self, sd_id: str, spec: MountSpec) -> Path:
         target = self._mount_root / sd_id
-        await self._io_call(_mount_point, target, what="making the mount point")
-        if await self._io_call(mounts.is_mounted, target, what="reading mounts"):
+        await self.io_call(_mount_point, target, what="making the mount point")
+        if await self.io_call(mounts.is_mounted, target, what="reading mounts"):
             raise FailedPrecondition(f"{target} is already mounted", reason="already_mounted")
         try:
             await mounts.mount(spec, target, self._config.mount_timeout)
         except BaseException:
-            await self._io_call(_remove_mount_point, target, what="removing the mount point")
+            await self.io_call(_remove_mount_point, target, what="removing the mount point")
             raise
         return target
 
+    @contextlib.asynccontextmanager
+    async def _root(self, sd_id: str, spec: MountSpec | None, params: JsonObject,
+                    local: Callable[[Path], Path], *, what: str) -> AsyncIterator[Path]:
+        """The root of a domain being created or attached: ``local`` of the call's path
+        (localfs), or the filesystem mounted for it (posixfs), unmounted again if anything
+        inside fails; registering the domain belongs inside."""
+        if spec is None:
+            yield await self.io_call(local, Path(params["path"]), what=what)
+            return
+        root = await self._mount(sd_id, spec)
+        try:
+            yield root
+        except BaseException:
+            await self._unmount(root, quiet=True)
+            raise
+
     async def _unmount(self, target: Path, *, quiet: bool = False) -> None:
         try:
-            if await self._io_call(mounts.is_mounted, target, what="reading mounts"):
+            if await self.io_call(mounts.is_mounted, target, what="reading mounts"):
                 await mounts.unmount(target, self._config.mount_timeout)
-            await self._io_call(_remove_mount_point, target, what="removing the mount point")
+            await self.io_call(_remove_mount_point, target, what="removing the mount point")
         except Exception:
             if not quiet:
                 raise
@@ -312,6 +322,8 @@ class StorageDomainService:
 
     async def _register(self, layout: DomainLayout, metadata: DomainMetadata,
                         spec: MountSpec | None) -> Domain:
+        """Record the domain in the store, then hold and monitor it (its first check is
+        the caller's: nothing after the store write may fail or be cancelled)."""
         domain = self._new_domain(layout, metadata.name, metadata.type, spec, time.time())
         domain.metadata = metadata
         await self._store.run(lambda conn: registry.insert(conn, registry.Registration(
@@ -319,7 +331,6 @@ class StorageDomainService:
             None if spec is None else spec.to_api(), domain.attached)))
         self._domains[domain.sd_id] = domain
         domain.monitor.start()
-        await domain.monitor.check()
         return domain
 
     async def _forget(self, domain: Domain) -> None:
@@ -351,9 +362,9 @@ class StorageDomainService:
         domain = self._new_domain(layout, reg.name, dtype, spec, reg.attached)
         self._domains[reg.sd_id] = domain
         try:
-            if spec is not None and not await self._io_call(
+            if spec is not None and not await self.io_call(
                     mounts.is_mounted, layout.root, what="reading mounts"):
-                await self._io_call(_mount_point, layout.root, what="making the mount point")
+                await self.io_call(_mount_point, layout.root, what="making the mount point")
                 await mounts.mount(spec, layout.root, self._config.mount_timeout)
             domain.metadata = await self._read_metadata(layout)
             domain.name = domain.metadata.name
@@ -371,9 +382,7 @@ class StorageDomainService:
 
     def _publish(self, domain: Domain, event: str, previous: DomainState | None = None) -> None:
         data: JsonObject = {"sd_id": domain.sd_id, "name": domain.name, "event": event,
-                            "state": domain.monitor.result.state.value}
-        if event == "attach_failed":
-            data["state"] = DomainState.UNREACHABLE.value
+                            "state": domain.state.value}
         if previous is not None:
             data["previous_state"] = previous.value
         error = domain.error or domain.monitor.result.error

@@ -25,7 +25,7 @@ import stat
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, Literal, get_args
 
 from virtnode.errors import FailedPrecondition, InvalidArgument
 from virtnode.fileutil import atomic_write
@@ -150,8 +150,6 @@ class DomainMetadata:
     block_size: int
     created: float
 
-    KIND: ClassVar[str] = "domain metadata"
-
     @classmethod
     def new(cls, sd_id: str, name: str, type: DomainType, host_id: str,
             block_size: int) -> DomainMetadata:
@@ -198,6 +196,16 @@ class VolumeMetadata:
     ctime: float
 
     @classmethod
+    def new(cls, format: VolumeFormat, allocation: Allocation, virtual_size: int, *,
+            parent: str | None, shared: bool, description: str) -> VolumeMetadata:
+        """A volume about to be made: ``illegal`` until its data is complete and durable,
+        a template (``shared``) or its image's leaf."""
+        return cls(version=LAYOUT_VERSION, format=format, allocation=allocation,
+                   virtual_size=virtual_size, parent=parent,
+                   role="shared" if shared else "leaf", legality="illegal", generation=0,
+                   description=description, ctime=round(time.time(), 3))
+
+    @classmethod
     def parse(cls, data: bytes, where: str = "volume metadata") -> VolumeMetadata:
         """Parse the file's bytes; raises :class:`MetadataError`."""
         raw = _parse(cls, data, where)
@@ -223,9 +231,11 @@ class VolumeMetadata:
 def _no_symlinks(base: Path, path: Path) -> None:
     """Refuse ``path`` if it escapes ``base`` or a component below ``base`` is a symlink.
 
-    Components that do not exist yet are fine (they are about to be made).
+    Components that do not exist yet are fine (they are about to be made). Lexically
+    inside ``base``, with no ``..`` and no symlink below it, ``path`` cannot lead out of
+    it, so nothing is resolved: one ``lstat`` per component is all it reads.
     """
-    if not path.resolve().is_relative_to(base.resolve()) or not path.is_relative_to(base):
+    if not path.is_relative_to(base) or ".." in path.relative_to(base).parts:
         raise UnsafePath(f"{path} is outside {base}", reason="unsafe_path")
     current = base
     for part in path.relative_to(base).parts:

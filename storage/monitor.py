@@ -27,7 +27,7 @@ import mmap
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -125,15 +125,11 @@ def check_domain(layout: DomainLayout, slow: float, mount_point: Path | None) ->
     try:
         metadata = DomainMetadata.parse(data, str(path))
     except ApiError as exc:
-        return _replace(result, DomainState.INVALID, exc.message)
+        return replace(result, state=DomainState.INVALID, error=exc.message)
     if metadata.uuid != layout.sd_id:
-        return _replace(result, DomainState.INVALID, f"{path} names domain {metadata.uuid}")
+        return replace(result, state=DomainState.INVALID,
+                       error=f"{path} names domain {metadata.uuid}")
     return result
-
-
-def _replace(result: CheckResult, state: DomainState, error: str) -> CheckResult:
-    return CheckResult(state, result.checked, result.read_latency, result.free_bytes,
-                       result.total_bytes, result.direct_io, error)
 
 
 #: Told of every change of state: (sd_id, previous result, new result).

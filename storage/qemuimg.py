@@ -45,6 +45,8 @@ import time
 from collections.abc import Callable, Collection, Coroutine, Sequence
 from typing import Any
 
+from virtnode.aiotools import to_the_end
+
 log = logging.getLogger(__name__)
 
 QEMU_IMG = "qemu-img"
@@ -293,25 +295,6 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
     _signal_group(proc.pid, signal.SIGKILL)
 
 
-async def _to_the_end(cleanup: Coroutine[Any, Any, None]) -> None:
-    """Run a clean-up to its end even if the caller is cancelled again meanwhile.
-
-    A cancellation that arrives during the clean-up is raised once it has finished.
-    """
-    task = asyncio.create_task(cleanup, name="qemu-img cleanup")
-    interrupted = False
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            interrupted = True
-    task.result()
-    if interrupted:
-        raise asyncio.CancelledError
-
-
 async def _run(args: Sequence[str], *, timeout: float | None = None,
                progress: ProgressCallback | None = None,
                accept: Collection[int] = (0,)) -> bytes:
@@ -343,11 +326,11 @@ async def _run(args: Sequence[str], *, timeout: float | None = None,
                                  _drain(proc.stderr, stderr.feed))
             status = await proc.wait()
     except TimeoutError:
-        await _to_the_end(_stop(proc))
+        await to_the_end(_stop(proc), "qemu-img cleanup")
         raise Timeout(f"qemu-img {args[0]} did not finish within {timeout} s",
                       status=None, stderr=stderr.text()) from None
     except BaseException:
-        await _to_the_end(_stop(proc))
+        await to_the_end(_stop(proc), "qemu-img cleanup")
         raise
     if status not in accept:
         raise _failure(args, status, stderr.text())
@@ -383,7 +366,7 @@ async def _new_target(path: str, run: Coroutine[Any, Any, Any]) -> None:
     try:
         await run
     except BaseException:
-        await _to_the_end(_remove(path))
+        await to_the_end(_remove(path), "qemu-img cleanup")
         raise
 
 

@@ -4,7 +4,7 @@ errors for what qemu-img raises."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from virtnode.errors import (
@@ -21,6 +21,13 @@ from virtnode.storage.domains import Domain
 from virtnode.storage.volfiles import Found
 
 JsonObject = dict[str, Any]
+#: How qemu-img preallocates a ``preallocated`` volume, raw or qcow2 alike.
+PREALLOCATION = "falloc"
+
+
+def preallocation(allocation: str) -> str | None:
+    """qemu-img's ``preallocation`` option for a volume's ``allocation``."""
+    return PREALLOCATION if allocation == "preallocated" else None
 
 
 def qemu_error(exc: BaseException, what: str) -> ApiError:
@@ -48,8 +55,17 @@ def qemu_guard(what: str) -> Iterator[None]:
         raise qemu_error(exc, what) from None
 
 
+def require_legal(chain: Sequence[Found]) -> None:
+    """Raise FailedPrecondition (``volume_illegal``) for the first illegal volume."""
+    for item in chain:
+        if item.metadata.legality != "legal":
+            raise FailedPrecondition(f"volume {item.volume_id} is illegal",
+                                     reason="volume_illegal", object="volume",
+                                     id=item.volume_id)
+
+
 def volume_api(domain: Domain, found: Found) -> JsonObject:
     return {"sd_id": domain.sd_id, "image_id": found.image_id,
             "volume_id": found.volume_id,
-            "path": str(domain.layout.volume_path(found.image_id, found.volume_id)),
+            "path": str(found.path),
             **found.metadata.to_api()}

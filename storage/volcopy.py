@@ -15,17 +15,14 @@ they end, and report qemu-img's progress as the job's.
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from virtnode.errors import FailedPrecondition, InvalidArgument
 from virtnode.jobs import JobHandle, JobKind
-from virtnode.storage import layout as lay
 from virtnode.storage import qemuimg, volfiles
 from virtnode.storage.layout import VolumeMetadata
-from virtnode.storage.volapi import qemu_guard, volume_api
+from virtnode.storage.volapi import preallocation, qemu_guard, require_legal, volume_api
 from virtnode.storage.volfiles import Found
 
 if TYPE_CHECKING:
@@ -47,14 +44,6 @@ def _progress(handle: JobHandle) -> qemuimg.ProgressCallback:
     return lambda percent: handle.progress(min(percent, 99.0))
 
 
-def _illegal_in(chain: Sequence[Found]) -> None:
-    for item in chain:
-        if item.metadata.legality != "legal":
-            raise FailedPrecondition(f"volume {item.volume_id} is illegal",
-                                     reason="volume_illegal", object="volume",
-                                     id=item.volume_id)
-
-
 async def start_copy(service: VolumeService, params: JsonObject) -> JsonObject:
     """Check a ``Volume.copy`` call and start its job; returns ``{job_id, job}``."""
     src_domain, leaf = await service.volume(params["src"])
@@ -66,33 +55,31 @@ async def start_copy(service: VolumeService, params: JsonObject) -> JsonObject:
             "collapse=true to copy its whole chain into one volume",
             reason="has_parent", field="collapse")
     chain = await service.chain(src_domain, leaf)
-    _illegal_in(chain)
-    src_path = src_domain.layout.volume_path(leaf.image_id, leaf.volume_id)
+    require_legal(chain)
+    src_path = leaf.path
     src_fmt = leaf.metadata.format
-    prealloc = "falloc" if allocation == "preallocated" else None
+    prealloc = preallocation(allocation)
     await service.check_space(dst, dst_fmt, 0, allocation, measured=qemuimg.measure(
         dst_fmt, src=src_path, src_fmt=src_fmt, timeout=service.domains.io_timeout))
 
     async def run(handle: JobHandle) -> JsonObject:
         image_id, volume_id = str(uuid.uuid4()), str(uuid.uuid4())
-        metadata = VolumeMetadata(
-            version=lay.LAYOUT_VERSION, format=dst_fmt, allocation=allocation,
-            virtual_size=leaf.metadata.virtual_size, parent=None,
-            role="shared" if params["shared"] else "leaf", legality="illegal", generation=0,
-            description=params.get("description", leaf.metadata.description),
-            ctime=round(time.time(), 3))
+        metadata = VolumeMetadata.new(
+            dst_fmt, allocation, leaf.metadata.virtual_size, parent=None,
+            shared=params["shared"],
+            description=params.get("description", leaf.metadata.description))
         async with service.lock(dst):
-            await service.io(dst, volfiles.start_new, dst.layout, image_id, volume_id,
-                             metadata, new_image=True, what="writing volume metadata")
-        target = Found(image_id, volume_id, metadata)
-        dst_path = dst.layout.volume_path(image_id, volume_id)
+            target: Found = await service.io(
+                volfiles.start_new, dst.layout, image_id, volume_id, metadata,
+                new_image=True, what="writing volume metadata")
+        dst_path = target.path
         try:
             with qemu_guard(f"copying volume {leaf.volume_id}"):
                 await qemuimg.convert(src_path, dst_path, src_fmt=src_fmt, dst_fmt=dst_fmt,
                                       preallocation=prealloc, progress=_progress(handle))
-            await service.io(dst, volfiles.sync_data, dst_path, what="flushing the copy")
+            await service.io(volfiles.sync_data, dst_path, what="flushing the copy")
             async with service.lock(dst):
-                target = await service.io(dst, volfiles.update, dst.layout, target,
+                target = await service.io(volfiles.update, dst.layout, target,
                                           legality="legal", what="writing volume metadata")
         except BaseException:
             await service.discard(dst, target)
@@ -115,13 +102,13 @@ async def _merge_pair(service: VolumeService, params: JsonObject
     if parent_id is None:
         raise FailedPrecondition(f"volume {top.volume_id} has no parent to merge into",
                                  reason="no_parent", object="volume", id=top.volume_id)
-    parent = await service.io(domain, volfiles.find, domain.layout, parent_id, top.image_id,
+    parent = await service.io(volfiles.find, domain.layout, parent_id, top.image_id,
                               what="reading the parent")
     if parent.metadata.role == "shared" or parent.image_id != top.image_id:
         raise FailedPrecondition(
             f"parent {parent_id} is a template; merging into it would change every image "
             "made from it", reason="parent_shared", object="volume", id=parent_id)
-    kids = await service.io(domain, volfiles.children, domain.layout, top.volume_id,
+    kids = await service.io(volfiles.children, domain.layout, top.volume_id,
                             what="looking for children")
     if kids:
         raise FailedPrecondition(f"volume {top.volume_id} has child volumes; only an image's "
@@ -138,8 +125,7 @@ async def _merge_pair(service: VolumeService, params: JsonObject
 async def start_merge(service: VolumeService, params: JsonObject) -> JsonObject:
     """Check a ``Volume.merge`` call and start its job; returns ``{job_id, job}``."""
     domain, top, parent = await _merge_pair(service, params)
-    top_path = domain.layout.volume_path(top.image_id, top.volume_id)
-    base_path = domain.layout.volume_path(parent.image_id, parent.volume_id)
+    top_path, base_path = top.path, parent.path
 
     async def run(handle: JobHandle) -> JsonObject:
         nonlocal top, parent
@@ -148,18 +134,18 @@ async def start_merge(service: VolumeService, params: JsonObject) -> JsonObject:
             # legal leaf, never an illegal leaf over a legal parent (which the start-up
             # scan would take for a half-made volume and remove).
             if parent.metadata.legality == "legal":
-                parent = await service.io(domain, volfiles.update, domain.layout, parent,
+                parent = await service.io(volfiles.update, domain.layout, parent,
                                           legality="illegal", what="marking the chain")
             if top.metadata.legality == "legal":
-                top = await service.io(domain, volfiles.update, domain.layout, top,
+                top = await service.io(volfiles.update, domain.layout, top,
                                        legality="illegal", what="marking the chain")
         with qemu_guard(f"merging volume {top.volume_id}"):
             await qemuimg.commit(top_path, top_fmt=top.metadata.format, base=base_path,
                                  progress=_progress(handle))
-        await service.io(domain, volfiles.sync_data, base_path, what="flushing the parent")
+        await service.io(volfiles.sync_data, base_path, what="flushing the parent")
         async with service.lock(domain):
             parent = await service.io(
-                domain, volfiles.update, domain.layout, parent, legality="legal", role="leaf",
+                volfiles.update, domain.layout, parent, legality="legal", role="leaf",
                 virtual_size=max(parent.metadata.virtual_size, top.metadata.virtual_size),
                 what="writing volume metadata")
             await service.discard(domain, top)

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from virtnode.fileutil import fsync_dir, fsync_file
 from virtnode.storage import layout as lay
 from virtnode.storage.layout import DomainLayout, MetadataError, VolumeMetadata
 
@@ -27,11 +28,23 @@ MAX_CHAIN = 128
 
 @dataclass(frozen=True)
 class Found:
-    """A volume with readable metadata, and where it is."""
+    """A volume with readable metadata, and where it is.
+
+    ``path`` is the volume's data file, checked (inside the domain, no symlink on the way)
+    in the I/O thread that read the volume: code on the event loop uses it as it is and
+    never checks a path itself (that reads the filesystem, which may hang).
+    """
 
     image_id: str
     volume_id: str
     metadata: VolumeMetadata
+    path: Path
+
+    @classmethod
+    def at(cls, layout: DomainLayout, image_id: str, volume_id: str,
+           metadata: VolumeMetadata) -> Found:
+        """The volume with its checked path. Blocking; raises :class:`UnsafePath`."""
+        return cls(image_id, volume_id, metadata, layout.volume_path(image_id, volume_id))
 
 
 def find(layout: DomainLayout, volume_id: str, image_hint: str | None = None) -> Found:
@@ -40,21 +53,24 @@ def find(layout: DomainLayout, volume_id: str, image_hint: str | None = None) ->
     Raises ``FileNotFoundError`` when no image holds it, and what reading metadata raises.
     """
     volume_id = lay.check_uuid(volume_id, "volume_id")
-    images = lay.list_images(layout)
     if image_hint is not None:
-        images = [image_hint, *(i for i in images if i != image_hint)]
-    for image_id in images:
+        with contextlib.suppress(FileNotFoundError):
+            return read(layout, image_hint, volume_id)
+    for image_id in lay.list_images(layout):
+        if image_id == image_hint:
+            continue
         try:
             metadata = lay.read_volume_metadata(layout, image_id, volume_id)
         except FileNotFoundError:
             continue
-        return Found(image_id, volume_id, metadata)
+        return Found.at(layout, image_id, volume_id, metadata)
     raise FileNotFoundError(f"no volume {volume_id} in domain {layout.sd_id}")
 
 
 def read(layout: DomainLayout, image_id: str, volume_id: str) -> Found:
     """One volume by its full id. Raises ``FileNotFoundError`` and metadata errors."""
-    return Found(image_id, volume_id, lay.read_volume_metadata(layout, image_id, volume_id))
+    return Found.at(layout, image_id, volume_id,
+                    lay.read_volume_metadata(layout, image_id, volume_id))
 
 
 def chain(layout: DomainLayout, leaf: Found) -> list[Found]:
@@ -80,7 +96,7 @@ def all_volumes(layout: DomainLayout) -> list[Found]:
         with contextlib.suppress(FileNotFoundError):
             for entry in lay.list_volumes(layout, image_id):
                 if entry.metadata is not None:
-                    found.append(Found(image_id, entry.volume_id, entry.metadata))
+                    found.append(Found.at(layout, image_id, entry.volume_id, entry.metadata))
     return found
 
 
@@ -89,9 +105,9 @@ def children(layout: DomainLayout, volume_id: str) -> list[Found]:
     return [f for f in all_volumes(layout) if f.metadata.parent == volume_id]
 
 
-def free_bytes(path: Path) -> int:
-    """Bytes an unprivileged writer may still use on the filesystem of ``path``."""
-    st = os.statvfs(path)
+def free_bytes(layout: DomainLayout) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem of the domain."""
+    st = os.statvfs(layout.images_dir)
     return st.f_bavail * st.f_frsize
 
 
@@ -104,8 +120,8 @@ def backing_name(layout: DomainLayout, image_id: str, parent: Found) -> str:
 
 
 def start_new(layout: DomainLayout, image_id: str, volume_id: str, metadata: VolumeMetadata,
-              *, new_image: bool) -> None:
-    """Write a new volume's metadata (``illegal``) before its data exists.
+              *, new_image: bool) -> Found:
+    """Write a new volume's metadata (``illegal``) before its data exists; returns it.
 
     Makes the image directory when ``new_image`` (refusing one that exists). Raises
     ``FileExistsError`` when the image (new) or the volume exists.
@@ -116,10 +132,12 @@ def start_new(layout: DomainLayout, image_id: str, volume_id: str, metadata: Vol
         image_dir.mkdir(mode=0o755)
     elif not image_dir.is_dir():
         raise FileNotFoundError(f"no image {image_id}")
-    if (os.path.lexists(layout.volume_path(image_id, volume_id))
+    found = Found.at(layout, image_id, volume_id, metadata)
+    if (os.path.lexists(found.path)
             or os.path.lexists(layout.volume_meta_path(image_id, volume_id))):
         raise FileExistsError(f"volume {volume_id} exists")
     lay.write_volume_metadata(layout, image_id, volume_id, metadata)
+    return found
 
 
 def update(layout: DomainLayout, found: Found, **changes: object) -> Found:
@@ -127,25 +145,13 @@ def update(layout: DomainLayout, found: Found, **changes: object) -> Found:
     metadata = dataclasses.replace(found.metadata, generation=found.metadata.generation + 1,
                                    **changes)  # type: ignore[arg-type]
     lay.write_volume_metadata(layout, found.image_id, found.volume_id, metadata)
-    return Found(found.image_id, found.volume_id, metadata)
+    return dataclasses.replace(found, metadata=metadata)
 
 
 def sync_data(path: Path) -> None:
     """Make a volume's data durable: fsync the file, then its directory."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    _sync_dir(path.parent)
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(path)
+    fsync_dir(path.parent)
 
 
 def remove(layout: DomainLayout, image_id: str, volume_id: str) -> None:
@@ -158,7 +164,7 @@ def remove(layout: DomainLayout, image_id: str, volume_id: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(layout.volume_meta_path(image_id, volume_id))
     with contextlib.suppress(FileNotFoundError):
-        _sync_dir(image_dir)
+        fsync_dir(image_dir)
     with contextlib.suppress(FileNotFoundError, OSError):
         image_dir.rmdir()  # only when empty
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any
 
+from virtnode.aiotools import to_the_end
 from virtnode.errors import (
     AlreadyExists,
     ApiError,
@@ -38,14 +38,13 @@ from virtnode.storage import layout as lay
 from virtnode.storage import qemuimg, usage, volcopy, volfiles
 from virtnode.storage.domains import Domain, StorageDomainService, VmDisks
 from virtnode.storage.layout import VolumeMetadata
-from virtnode.storage.volapi import qemu_guard, volume_api
+from virtnode.storage.volapi import preallocation, qemu_guard, require_legal, volume_api
 from virtnode.storage.volfiles import Found
 
 log = logging.getLogger(__name__)
 
 JsonObject = dict[str, Any]
 TOPIC = "storage.volume"
-_PREALLOCATION = {"raw": "falloc", "qcow2": "falloc"}
 
 
 class VolumeService:
@@ -57,6 +56,8 @@ class VolumeService:
         self._jobs = jobs
         self._bus = bus
         self._vm_disks = vm_disks
+        #: Blocking storage work, in the storage I/O threads with their deadline.
+        self.io = domains.io_call
         self._locks: dict[str, asyncio.Lock] = {}
         self._busy: dict[str, str] = {}  # volume id -> what holds it
         jobs.register(volcopy.COPY_JOB)
@@ -66,7 +67,7 @@ class VolumeService:
         """Scan the attached domains for volumes a crash left illegal (logged, published)."""
         for domain in self._domains.attached():
             try:
-                found = await self.io(domain, volfiles.scan_illegal, domain.layout,
+                found = await self.io(volfiles.scan_illegal, domain.layout,
                                        what="scanning for illegal volumes")
             except ApiError as exc:
                 log.error("storage domain %s: cannot scan volumes: %s", domain.sd_id,
@@ -93,8 +94,8 @@ class VolumeService:
             for image in images:
                 for entry in lay.list_volumes(domain.layout, image):
                     if entry.metadata is not None:
-                        result.append(volume_api(domain, Found(image, entry.volume_id,
-                                                               entry.metadata)))
+                        result.append(volume_api(domain, Found.at(
+                            domain.layout, image, entry.volume_id, entry.metadata)))
                     else:
                         result.append({"sd_id": domain.sd_id, "image_id": image,
                                        "volume_id": entry.volume_id, "error": entry.error})
@@ -103,7 +104,7 @@ class VolumeService:
         if image_id is not None:
             lay.check_uuid(image_id, "image_id")
         try:
-            volumes = await self.io(domain, read, what="listing volumes")
+            volumes = await self.io(read, what="listing volumes")
         except FileNotFoundError:
             raise NotFound(f"no image {image_id} in storage domain {domain.sd_id}",
                            reason="no_image", object="image", id=image_id) from None
@@ -113,11 +114,10 @@ class VolumeService:
     async def get_info(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
         domain, found = await self.volume(params)
         result = volume_api(domain, found)
-        path = domain.layout.volume_path(found.image_id, found.volume_id)
         chain = await self.chain(domain, found)
         with qemu_guard(f"reading volume {found.volume_id}"):
-            info = await qemuimg.info(path, fmt=found.metadata.format,
-                                      timeout=self._domains.io_timeout)
+            info = await qemuimg.info(found.path, fmt=found.metadata.format,
+                                      backing_chain=False, timeout=self._domains.io_timeout)
         result["actual_size"] = info.actual_size
         result["qemu_virtual_size"] = info.virtual_size
         result["chain"] = [{"image_id": f.image_id, "volume_id": f.volume_id,
@@ -139,13 +139,8 @@ class VolumeService:
                 "image (a template may be attached read-only)", reason="not_leaf",
                 object="volume", id=found.volume_id)
         chain = await self.chain(domain, found)
-        for item in chain:
-            if item.metadata.legality != "legal":
-                raise FailedPrecondition(f"volume {item.volume_id} is illegal",
-                                         reason="volume_illegal", object="volume",
-                                         id=item.volume_id)
-        return [(str(domain.layout.volume_path(f.image_id, f.volume_id)), f.metadata.format)
-                for f in chain]
+        require_legal(chain)
+        return [(str(f.path), f.metadata.format) for f in chain]
 
     # --- changing ----------------------------------------------------------------------------
 
@@ -163,8 +158,7 @@ class VolumeService:
                 image_id = parent.image_id  # a snapshot in the parent's image
             wanted = image_id
             new_image = wanted is None or not await self.io(
-                domain, lambda: domain.layout.image_dir(wanted).is_dir(),
-                what="reading the image")
+                lambda: domain.layout.image_dir(wanted).is_dir(), what="reading the image")
             if not new_image and parent is None:
                 raise AlreadyExists(f"image {image_id} exists; a volume in it needs a parent "
                                     "(its leaf)", reason="image_exists", object="image",
@@ -180,21 +174,18 @@ class VolumeService:
                 raise InvalidArgument("a layer cannot be smaller than its parent",
                                       reason="invalid_size", field="size")
             await self.check_space(domain, fmt, size, allocation)
-            metadata = VolumeMetadata(
-                version=lay.LAYOUT_VERSION, format=fmt, allocation=allocation,
-                virtual_size=size, parent=None if parent is None else parent.volume_id,
-                role="shared" if params["shared"] else "leaf", legality="illegal",
-                generation=0, description=params["description"],
-                ctime=round(time.time(), 3))
-            await self.io(domain, volfiles.start_new, domain.layout, image_id, volume_id,
-                           metadata, new_image=new_image, what="writing volume metadata")
-            found = Found(image_id, volume_id, metadata)
+            metadata = VolumeMetadata.new(
+                fmt, allocation, size, parent=None if parent is None else parent.volume_id,
+                shared=params["shared"], description=params["description"])
+            found = await self.io(volfiles.start_new, domain.layout, image_id,
+                                   volume_id, metadata, new_image=new_image,
+                                   what="writing volume metadata")
             try:
                 await self._make(domain, found, parent)
                 if parent is not None and parent.metadata.role == "leaf":
-                    await self.io(domain, volfiles.update, domain.layout, parent,
+                    await self.io(volfiles.update, domain.layout, parent,
                                    role="internal", what="updating the parent")
-                found = await self.io(domain, volfiles.update, domain.layout, found,
+                found = await self.io(volfiles.update, domain.layout, found,
                                        legality="legal", what="writing volume metadata")
             except BaseException:
                 await self.discard(domain, found)
@@ -204,12 +195,10 @@ class VolumeService:
 
     @rpc_method("Volume.delete")
     async def delete(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
-        domain, found = await self.volume(params)
-        async with self.lock(domain):
-            found = await self.io(domain, volfiles.read, domain.layout, found.image_id,
-                                   found.volume_id, what="reading the volume")
+        async with self.lock(self._domains.domain(params["sd_id"])):
+            domain, found = await self.volume(params)
             self.check_free(found)
-            kids = await self.io(domain, volfiles.children, domain.layout, found.volume_id,
+            kids = await self.io(volfiles.children, domain.layout, found.volume_id,
                                   what="looking for children")
             if kids:
                 raise FailedPrecondition(
@@ -217,7 +206,7 @@ class VolumeService:
                     "merge them first", reason="has_children", object="volume",
                     id=found.volume_id, children=[k.volume_id for k in kids])
             await self.check_unused(domain, [found])
-            found = await self.io(domain, volfiles.update, domain.layout, found,
+            found = await self.io(volfiles.update, domain.layout, found,
                                    legality="illegal", what="writing volume metadata")
             await self.discard(domain, found)
         self.publish(domain, found.image_id, found.volume_id, "deleted")
@@ -225,32 +214,25 @@ class VolumeService:
 
     @rpc_method("Volume.resize")
     async def resize(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
-        domain, found = await self.volume(params)
         size = params["size"]
-        async with self.lock(domain):
-            found = await self.io(domain, volfiles.read, domain.layout, found.image_id,
-                                   found.volume_id, what="reading the volume")
+        async with self.lock(self._domains.domain(params["sd_id"])):
+            domain, found = await self.volume(params)
             self.check_free(found)
             if found.metadata.role != "leaf" or found.metadata.legality != "legal":
                 raise FailedPrecondition("only a legal leaf volume can be resized",
                                          reason="not_leaf", object="volume",
                                          id=found.volume_id)
-            if size < found.metadata.virtual_size:
-                raise InvalidArgument(f"volume is {found.metadata.virtual_size} bytes; "
-                                      "shrinking is refused", reason="shrink_refused",
-                                      field="size")
             await self.check_unused(domain, [found])
-            path = domain.layout.volume_path(found.image_id, found.volume_id)
-            prealloc = (_PREALLOCATION[found.metadata.format]
-                        if found.metadata.allocation == "preallocated" else None)
-            if prealloc is not None:
+            prealloc = preallocation(found.metadata.allocation)
+            # A smaller size is refused by qemuimg.resize (shrink_refused) before it runs.
+            if prealloc is not None and size > found.metadata.virtual_size:
                 await self.check_space(domain, "raw", size - found.metadata.virtual_size,
                                         "preallocated")
             with qemu_guard(f"resizing volume {found.volume_id}"):
-                await qemuimg.resize(path, size, found.metadata.format,
+                await qemuimg.resize(found.path, size, found.metadata.format,
                                      preallocation=prealloc,
                                      timeout=self._domains.io_timeout)
-            found = await self.io(domain, volfiles.update, domain.layout, found,
+            found = await self.io(volfiles.update, domain.layout, found,
                                    virtual_size=size, what="writing volume metadata")
         return {"volume": volume_api(domain, found)}
 
@@ -276,9 +258,6 @@ class VolumeService:
         return self._locks.setdefault(domain.sd_id, asyncio.Lock())
 
 
-    async def io(self, domain: Domain, fn: Callable[..., Any], *args: Any, what: str,
-                  **kwargs: Any) -> Any:
-        return await self._domains.io_call(lambda: fn(*args, **kwargs), what=what)
 
 
     async def volume(self, ref: JsonObject) -> tuple[Domain, Found]:
@@ -286,7 +265,7 @@ class VolumeService:
         image_id = lay.check_uuid(ref["image_id"], "image_id")
         volume_id = lay.check_uuid(ref["volume_id"], "volume_id")
         try:
-            found = await self.io(domain, volfiles.read, domain.layout, image_id, volume_id,
+            found = await self.io(volfiles.read, domain.layout, image_id, volume_id,
                                    what="reading the volume")
         except FileNotFoundError:
             raise NotFound(f"no volume {volume_id} in image {image_id} of storage domain "
@@ -296,7 +275,7 @@ class VolumeService:
 
 
     async def chain(self, domain: Domain, found: Found) -> Sequence[Found]:
-        result: Sequence[Found] = await self.io(domain, volfiles.chain, domain.layout, found,
+        result: Sequence[Found] = await self.io(volfiles.chain, domain.layout, found,
                                              what="reading the chain")
         return result
 
@@ -351,7 +330,7 @@ class VolumeService:
                 self._busy.pop(found.volume_id, None)
 
     async def check_unused(self, domain: Domain, volumes: Sequence[Found]) -> None:
-        paths = [str(domain.layout.volume_path(f.image_id, f.volume_id)) for f in volumes]
+        paths = [str(f.path) for f in volumes]
         users = sorted(vm for vm, used in (await self._vm_disks()).items()
                        if any(usage.paths_under(used, p) for p in paths))
         if users:
@@ -365,13 +344,12 @@ class VolumeService:
         if measured is None and fmt == "raw" and allocation == "sparse":
             return  # a sparse raw file takes no space until written
         if measured is None:
-            with qemu_guard("measuring the volume"):
-                measured = qemuimg.measure(fmt, size=size, timeout=self._domains.io_timeout)
+            measured = qemuimg.measure(fmt, size=size, timeout=self._domains.io_timeout)
         with qemu_guard("measuring the volume"):
             measurement = await measured
         need = (measurement.fully_allocated if allocation == "preallocated"
                 else measurement.required)
-        free = await self.io(domain, volfiles.free_bytes, domain.layout.images_dir,
+        free = await self.io(volfiles.free_bytes, domain.layout,
                               what="reading free space")
         if need > free:
             raise ResourceExhausted(f"the volume needs {need} bytes; storage domain "
@@ -381,27 +359,26 @@ class VolumeService:
 
     async def _make(self, domain: Domain, found: Found, parent: Found | None) -> None:
         md = found.metadata
-        path = domain.layout.volume_path(found.image_id, found.volume_id)
         backing = (None if parent is None
                    else volfiles.backing_name(domain.layout, found.image_id, parent))
         with qemu_guard(f"creating volume {found.volume_id}"):
             await qemuimg.create(
-                path, md.format, md.virtual_size, backing=backing,
+                found.path, md.format, md.virtual_size, backing=backing,
                 backing_fmt=None if parent is None else parent.metadata.format,
-                preallocation=(_PREALLOCATION[md.format] if md.allocation == "preallocated"
-                               else None), timeout=self._domains.io_timeout)
-        await self.io(domain, volfiles.sync_data, path, what="flushing the volume")
+                preallocation=preallocation(md.allocation), timeout=self._domains.io_timeout)
+        await self.io(volfiles.sync_data, found.path, what="flushing the volume")
 
     async def discard(self, domain: Domain, found: Found) -> None:
-        """Remove a volume (shielded: runs to its end), and give its parent back its role."""
+        """Remove a volume, and give its parent back its role. Runs to its end even when
+        the caller is cancelled (which is raised afterwards, so a lock held stays held)."""
         async def run() -> None:
-            await self.io(domain, volfiles.remove, domain.layout, found.image_id,
+            await self.io(volfiles.remove, domain.layout, found.image_id,
                            found.volume_id, what="removing the volume")
             if found.metadata.parent is not None:
-                await self.io(domain, volfiles.restore_parent_role, domain.layout,
+                await self.io(volfiles.restore_parent_role, domain.layout,
                                found.metadata.parent, found.image_id,
                                what="updating the parent")
-        await asyncio.shield(asyncio.ensure_future(run()))
+        await to_the_end(run(), "volume discard")
 
 
     def publish(self, domain: Domain, image_id: str, volume_id: str, event: str,

@@ -44,7 +44,7 @@ def test_damaged_or_missing_metadata(domain: lay.DomainLayout, tmp_path: Path) -
 async def test_a_hung_check_makes_only_that_domain_unreachable(
         domain: lay.DomainLayout) -> None:
     # A generous deadline: only the FIFO read hangs, the good read must pass under load.
-    config = StorageConfig(monitor_interval=3600, monitor_timeout=2.0)
+    config = StorageConfig(monitor_interval=3600, monitor_timeout=5.0)
     changes: list[tuple[DomainState, DomainState]] = []
 
     def on_change(_sd: str, old: CheckResult, new: CheckResult) -> None:
