@@ -48,7 +48,8 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--config", type=Path,
                    help=f"TOML config file (default: {DEFAULT_CONFIG_PATH} if it exists)")
     p.add_argument("--listen", action="append", metavar="ADDR",
-                   help="unix:/PATH or tcp://127.0.0.1:PORT; repeat for several (server.listen)")
+                   help="unix:/PATH, tcp://127.0.0.1:PORT or tls://HOST:PORT; repeat for "
+                        "several (server.listen)")
     p.add_argument("--hypervisor", metavar="URI", help="libvirt URI (hypervisor.uri)")
     p.add_argument("--state-dir", metavar="DIR", help="state directory (state.dir)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
@@ -173,6 +174,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     try:
         asyncio.run(serve(config))
+    except ConfigError as exc:  # files the configuration names, read at start
+        print(f"virtnode: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (OSError, ValueError, SchemaError, StoreError) as exc:
         logging.getLogger("virtnode").error("cannot start: %s", exc)
         return 1

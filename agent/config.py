@@ -44,7 +44,7 @@ class DeviceSource(StrEnum):
 
 @dataclass(frozen=True)
 class Listener:
-    """A parsed listen address: ``unix:PATH`` or ``tcp://host:port``.
+    """A parsed listen address: ``unix:PATH``, ``tcp://host:port`` or ``tls://host:port``.
 
     A relative unix socket path is relative to the agent's working directory.
     """
@@ -69,25 +69,24 @@ def parse_listener(text: str) -> Listener:
             raise ValueError("unix socket path is empty or has a NUL byte")
         return Listener("unix", path=path)
     parts = urlsplit(text)
-    if parts.scheme == "tls":
-        raise ValueError("tls:// listeners are not supported yet")
-    if parts.scheme != "tcp":
-        raise ValueError("expected unix:/PATH or tcp://HOST:PORT")
+    if parts.scheme not in ("tcp", "tls"):
+        raise ValueError("expected unix:/PATH, tcp://HOST:PORT or tls://HOST:PORT")
     try:
         port = parts.port
     except ValueError as exc:
         raise ValueError(str(exc)) from None
     if not parts.hostname or port is None:
-        raise ValueError("tcp listener needs HOST:PORT")
+        raise ValueError(f"{parts.scheme} listener needs HOST:PORT")
     host = parts.hostname
     if host != "localhost":
         try:
             loopback = ipaddress.ip_address(host).is_loopback
         except ValueError:
             raise ValueError(f"{host!r} is not an IP address") from None
-        if not loopback:
+        # Plain text has no identity but the peer's address: only local callers may use it.
+        if parts.scheme == "tcp" and not loopback:
             raise ValueError("plain tcp:// listens on loopback only; use tls:// for remote access")
-    return Listener("tcp", host=host, port=port)
+    return Listener(parts.scheme, host=host, port=port)
 
 
 def _positive(value: float) -> str | None:
@@ -216,6 +215,19 @@ class AccessConfig:
     unix_admin_uids: tuple[int, ...] = _spec((0,), None, "unix peer uids given the admin role")
     unix_role: Role = _spec(Role.READER, None, "role of other unix peers")
     tcp_role: Role = _spec(Role.READER, None, "role of plain tcp (loopback) callers")
+    tls_role: Role = _spec(
+        Role.ADMIN, None, "role of tls:// clients whose certificate chains to tls.ca_file")
+    tls_reader_cns: tuple[str, ...] = _spec(
+        (), None, "client certificate subject CNs given the reader role instead of tls_role")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: str = _spec(
+        "", None, "PEM certificate (with its chain) that tls:// listeners present")
+    key_file: str = _spec("", None, "PEM private key of tls.cert_file, not encrypted")
+    ca_file: str = _spec(
+        "", None, "PEM CA bundle that client certificates on tls:// listeners must chain to")
 
 
 @dataclass(frozen=True)
@@ -286,6 +298,7 @@ class Config:
     stats: StatsConfig = field(default_factory=StatsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     state: StateConfig = field(default_factory=StateConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
@@ -349,7 +362,17 @@ def build_config(raw: Mapping[str, Any]) -> Config:
         raise ConfigError("storage.mount_root: must be an absolute path")
     if config.stats.history < config.stats.host_interval:
         raise ConfigError("stats.history: must be at least stats.host_interval")
+    _check_tls(config)
     return config
+
+
+def _check_tls(config: Config) -> None:
+    """A tls:// listener needs its files named; they are read when the agent starts."""
+    if not any(listener.kind == "tls" for listener in config.server.listeners):
+        return
+    for key in ("cert_file", "key_file", "ca_file"):
+        if not getattr(config.tls, key):
+            raise ConfigError(f"tls.{key}: must be set for the tls:// listeners in server.listen")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -40,6 +40,7 @@ from virtnode.storage.monitor import StorageCollector
 from virtnode.storage.volumes import VolumeService
 from virtnode.store import Store
 from virtnode.subscriptions import EventsService
+from virtnode.tls import server_context
 from virtnode.uplink import Uplink, Uplinks
 from virtnode.vm import VmService
 from virtnode.vmdevices import VmDeviceService
@@ -81,10 +82,15 @@ class Agent:
     async def start(self) -> None:
         """Check the schema against the handlers, connect, then listen.
 
-        Raises :class:`~virtnode.schema.SchemaError` when the two disagree and ``OSError``
-        when a listener cannot be bound; nothing is left running in either case.
+        Raises :class:`~virtnode.config.ConfigError` when the TLS files cannot be used,
+        :class:`~virtnode.schema.SchemaError` when the schema and the handlers disagree and
+        ``OSError`` when a listener cannot be bound; nothing is left running in any case.
         """
         started = time.perf_counter()
+        tls = None
+        if any(listener.kind == "tls" for listener in self.config.server.listeners):
+            # First, so that unusable certificate files stop the start before anything runs.
+            tls = await asyncio.to_thread(server_context, self.config.tls)
         schema = await asyncio.to_thread(load_schema)  # compiling validators takes a while
         check = self.config.server.check_results
         if check:
@@ -127,7 +133,7 @@ class Agent:
             await self.vms.wait_recovered(self.config.hypervisor.call_timeout)
         await self.stats.start()
         self.server = ApiServer(self.config.server, self.config.access, self.dispatcher,
-                                self.health, metrics.render)
+                                self.health, metrics.render, tls=tls)
         try:
             await self.server.start()
         except BaseException:

@@ -43,7 +43,34 @@ def unix_caller(uid: int | None, access: AccessConfig) -> Caller:
     return Caller(f"uid:{uid}", role, "unix")
 
 
+def _address(peer: Any) -> str:
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "unknown"
+
+
 def tcp_caller(peer: Any, access: AccessConfig) -> Caller:
     """Map a plain TCP (loopback) peer to a caller."""
-    where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "unknown"
-    return Caller(f"tcp:{where}", access.tcp_role, "tcp")
+    return Caller(f"tcp:{_address(peer)}", access.tcp_role, "tcp")
+
+
+def certificate_cn(cert: Any) -> str | None:
+    """The subject's common name in a certificate as ``SSLSocket.getpeercert()`` gives it."""
+    if not isinstance(cert, dict):
+        return None
+    for rdn in cert.get("subject", ()):
+        for name, value in rdn:
+            if name == "commonName":
+                return str(value)
+    return None
+
+
+def tls_caller(cert: Any, peer: Any, access: AccessConfig) -> Caller:
+    """Map a TLS client, whose certificate the handshake has verified, to a caller.
+
+    The identity is the certificate's subject CN; a certificate without one is named by
+    the peer's address.
+    """
+    cn = certificate_cn(cert)
+    if cn is None:
+        return Caller(f"tls:{_address(peer)}", access.tls_role, "tls")
+    role = Role.READER if cn in access.tls_reader_cns else access.tls_role
+    return Caller(f"cn:{cn}", role, "tls")

@@ -13,6 +13,7 @@ import collections
 import logging
 import os
 import socket
+import ssl
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from aiohttp import ClientWebSocketResponse, WSMsgType, web
 from virtnode import jsonrpc
 from virtnode.config import AccessConfig, Listener, ServerConfig
 from virtnode.errors import InvalidRequest
-from virtnode.identity import Caller, peer_uid, tcp_caller, unix_caller
+from virtnode.identity import Caller, peer_uid, tcp_caller, tls_caller, unix_caller
 from virtnode.rpc import Dispatcher
 
 log = logging.getLogger(__name__)
@@ -256,8 +257,10 @@ class ApiServer:
     """Serves the dispatcher on every configured listener."""
 
     def __init__(self, config: ServerConfig, access: AccessConfig, dispatcher: Dispatcher,
-                 health: HealthFn, metrics: MetricsFn | None = None) -> None:
+                 health: HealthFn, metrics: MetricsFn | None = None,
+                 *, tls: ssl.SSLContext | None = None) -> None:
         self._config = config
+        self._tls = tls
         self._metrics = metrics
         self._access = access
         self._dispatcher = dispatcher
@@ -269,7 +272,10 @@ class ApiServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        """Bind every listener; raises ``OSError`` if one cannot be bound."""
+        """Bind every listener; raises ``OSError`` if one cannot be bound.
+
+        tls:// listeners serve with the context given to the constructor.
+        """
         app = web.Application(client_max_size=self._config.max_message_size)
         app.router.add_get("/rpc", self._get_rpc)
         app.router.add_post("/rpc", self._post_rpc)
@@ -292,7 +298,10 @@ class ApiServer:
             os.chmod(path, self._config.unix_socket_mode)
             self._sockets.append(path)
         else:
-            site = web.TCPSite(self._runner, listener.host, listener.port, reuse_address=True)
+            if listener.kind == "tls" and self._tls is None:
+                raise ValueError(f"{listener}: no TLS context to serve it with")
+            site = web.TCPSite(self._runner, listener.host, listener.port, reuse_address=True,
+                               ssl_context=self._tls if listener.kind == "tls" else None)
             await site.start()
         log.info("listening on %s", listener)
         return site
@@ -322,6 +331,11 @@ class ApiServer:
 
     def _caller(self, request: web.Request) -> Caller:
         transport = request.transport
+        tls = transport.get_extra_info("ssl_object") if transport else None
+        if transport is not None and isinstance(tls, ssl.SSLObject):
+            # Only verified certificates get this far: CERT_REQUIRED fails the handshake.
+            return tls_caller(tls.getpeercert(), transport.get_extra_info("peername"),
+                              self._access)
         sockname = transport.get_extra_info("sockname") if transport else None
         if isinstance(sockname, str | bytes):
             sock = transport.get_extra_info("socket") if transport else None

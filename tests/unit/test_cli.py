@@ -239,7 +239,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         ("[hypervisor]\nreconnect_min = 60.0\n", (), "hypervisor.reconnect_min"),
         ("[loggin]\nlevel = \"debug\"\n", (), "loggin"),
         ("[log]\nlevel = \"debug\"\n", ("--set", "log.colour=red"), "log.colour"),
-        ("", ("--listen", "tls://127.0.0.1:8765"), "server.listen"),
+        ("", ("--listen", "tls://127.0.0.1:8765"), "tls.cert_file"),
         ("", ("--state-dir", "/x", "--set", "nonsense"), "nonsense"),
     ],
 )

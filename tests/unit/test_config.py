@@ -50,6 +50,9 @@ def test_defaults() -> None:
     assert config.access.unix_admin_uids == (0,)
     assert config.access.unix_role is Role.READER
     assert config.access.tcp_role is Role.READER
+    assert config.access.tls_role is Role.ADMIN
+    assert config.access.tls_reader_cns == ()
+    assert (config.tls.cert_file, config.tls.key_file, config.tls.ca_file) == ("", "", "")
     assert config.state.dir == "/var/lib/virtnode"
     assert config.log.level == "info"
 
@@ -153,6 +156,11 @@ def test_shipped_config_files_load(name: str) -> None:
         ({"access": {"tcp_role": ["admin"]}}, "access.tcp_role"),
         ({"access": {"unix_admin_uids": 0}}, "access.unix_admin_uids"),
         ({"access": {"unix_admin_uids": ["root"]}}, r"access.unix_admin_uids\[0\]"),
+        ({"access": {"tls_role": "engine"}}, "access.tls_role"),
+        ({"access": {"tls_reader_cns": "collector"}}, "access.tls_reader_cns"),
+        ({"access": {"tls_reader_cns": [1]}}, r"access.tls_reader_cns\[0\]"),
+        ({"tls": {"cert_file": 1}}, "tls.cert_file"),
+        ({"tls": {"ca": "/etc/ca.pem"}}, "tls.ca"),
         ({"state": {"dir": 1}}, "state.dir"),
         ({"log": {"level": "verbose"}}, "log.level"),
         ({"log": {"level": "INFO"}}, "log.level"),
@@ -173,17 +181,17 @@ def test_bad_value_names_the_key(raw: dict[str, Any], key: str) -> None:
         ("tcp://[::]:8765", "loopback only"),
         ("tcp://192.168.1.1:8765", "loopback only"),
         ("tcp://agent.example.com:8765", "not an IP address"),
-        ("tls://0.0.0.0:8765", "not supported yet"),
-        ("tls://127.0.0.1:8765", "not supported yet"),
+        ("tls://agent.example.com:8765", "not an IP address"),
+        ("tls://0.0.0.0", "HOST:PORT"),
         ("tcp://127.0.0.1", "HOST:PORT"),
         ("tcp://:8765", "HOST:PORT"),
         ("tcp://127.0.0.1:99999", "out of range"),
         ("tcp://127.0.0.1:http", "integer"),
-        ("http://127.0.0.1:8765", "unix:/PATH or tcp://HOST:PORT"),
-        ("/run/virtnode.sock", "unix:/PATH or tcp://HOST:PORT"),
+        ("http://127.0.0.1:8765", "tcp://HOST:PORT or tls://HOST:PORT"),
+        ("/run/virtnode.sock", "tcp://HOST:PORT or tls://HOST:PORT"),
         ("unix:", "empty"),
         ("unix:/run/a\0b", "NUL"),
-        ("", "unix:/PATH or tcp://HOST:PORT"),
+        ("", "tcp://HOST:PORT or tls://HOST:PORT"),
     ],
 )
 def test_bad_listen_address(address: str, why: str) -> None:
@@ -203,11 +211,45 @@ def test_bad_listen_address(address: str, why: str) -> None:
         ("tcp://127.1.2.3:1", Listener("tcp", host="127.1.2.3", port=1)),
         ("tcp://localhost:8765", Listener("tcp", host="localhost", port=8765)),
         ("tcp://[::1]:8765", Listener("tcp", host="::1", port=8765)),
+        # TLS authenticates the peer, so it may listen anywhere.
+        ("tls://0.0.0.0:54321", Listener("tls", host="0.0.0.0", port=54321)),
+        ("tls://[::]:54321", Listener("tls", host="::", port=54321)),
+        ("tls://192.0.2.7:1", Listener("tls", host="192.0.2.7", port=1)),
+        ("tls://127.0.0.1:8765", Listener("tls", host="127.0.0.1", port=8765)),
     ],
 )
 def test_good_listen_address(address: str, expected: Listener) -> None:
     assert parse_listener(address) == expected
     assert str(expected) == address
+
+
+TLS_FILES = {"cert_file": "/etc/pki/virtnode/cert.pem", "key_file": "/etc/pki/virtnode/key.pem",
+             "ca_file": "/etc/pki/virtnode/ca.pem"}
+
+
+def test_tls_listener_with_its_files() -> None:
+    # The files are read when the agent starts, not when the configuration is built.
+    config = build_config({
+        "server": {"listen": ["unix:/run/a.sock", "tls://0.0.0.0:54321"]},
+        "tls": TLS_FILES,
+        "access": {"tls_role": "reader", "tls_reader_cns": ["collector", "monitor"]},
+    })
+    assert config.server.listeners[1] == Listener("tls", host="0.0.0.0", port=54321)
+    assert config.tls.ca_file == "/etc/pki/virtnode/ca.pem"
+    assert config.access.tls_role is Role.READER
+    assert config.access.tls_reader_cns == ("collector", "monitor")
+
+
+@pytest.mark.parametrize("key", ["cert_file", "key_file", "ca_file"])
+def test_tls_listener_needs_each_file(key: str) -> None:
+    files = {k: v for k, v in TLS_FILES.items() if k != key}
+    error = config_error(rf"^tls\.{key}: must be set",
+                         {"server": {"listen": ["tls://[::]:54321"]}, "tls": files})
+    assert "server.listen" in str(error)
+
+
+def test_tls_files_are_optional_without_a_tls_listener() -> None:
+    assert build_config({"tls": {"cert_file": "/x.pem"}}).tls.cert_file == "/x.pem"
 
 
 def test_file_that_is_not_toml(tmp_path: Path) -> None:
