@@ -13,8 +13,10 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from virtnode.client import (
     ConnectionLost,
     RemoteError,
     endpoint,
+    tls_context,
 )
 from virtnode.config import (
     DEFAULT_CONFIG_PATH,
@@ -62,6 +65,16 @@ def _serve_parser(sub: Any) -> None:
 
 def _url_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=DEFAULT_URL, help=f"agent URL (default {DEFAULT_URL})")
+    tls = parser.add_argument_group("TLS, for wss:// and tls://HOST:PORT URLs")
+    tls.add_argument("--ca", metavar="FILE",
+                     help="CA bundle the agent's certificate must chain to (default: the "
+                          "system's CAs)")
+    tls.add_argument("--cert", metavar="FILE", help="this client's certificate (PEM)")
+    tls.add_argument("--key", metavar="FILE",
+                     help="this client's private key (PEM; default: in --cert)")
+    tls.add_argument("--no-check-hostname", action="store_true",
+                     help="check only that the agent's certificate chains to the CA, not "
+                          "that it names the host in the URL")
 
 
 def _call_parser(sub: Any) -> None:
@@ -208,17 +221,35 @@ def parse_params(pairs: Sequence[str], json_params: str | None) -> dict[str, Any
     return params
 
 
-def _check_url(url: str) -> bool:
+@dataclass(frozen=True)
+class Target:
+    """An agent to connect to: its URL and, for wss://, the TLS context."""
+
+    url: str
+    tls: ssl.SSLContext | None = None
+
+    async def connect(self) -> Client:
+        return await Client.connect(self.url, tls=self.tls)
+
+
+def target_of(args: argparse.Namespace) -> Target | None:
+    """The agent that ``--url`` and the TLS flags name; None (after saying why) if unusable."""
     try:
-        endpoint(url)
+        ws_url, _ = endpoint(args.url)
+        if not (args.ca or args.cert or args.key or args.no_check_hostname):
+            return Target(args.url)
+        if not ws_url.startswith("wss:"):
+            raise ValueError("--ca, --cert, --key and --no-check-hostname need a wss:// or "
+                             "tls:// URL")
+        return Target(args.url, tls_context(args.ca, args.cert, args.key,
+                                            check_hostname=not args.no_check_hostname))
     except ValueError as exc:
         print(f"virtnode: {exc}", file=sys.stderr)
-        return False
-    return True
+        return None
 
 
-async def _call(url: str, method: str, params: dict[str, Any], timeout: float) -> Any:
-    async with await Client.connect(url) as client:
+async def _call(target: Target, method: str, params: dict[str, Any], timeout: float) -> Any:
+    async with await target.connect() as client:
         return await client.call(method, params, timeout=timeout)
 
 
@@ -242,9 +273,10 @@ def cmd_call(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"virtnode: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if not _check_url(args.url):
+    target = target_of(args)
+    if target is None:
         return EXIT_USAGE
-    status, result = _run_client(_call(args.url, args.method, params, args.timeout))
+    status, result = _run_client(_call(target, args.method, params, args.timeout))
     if status == 0:
         print(json.dumps(result, indent=2, sort_keys=True))
     return status
@@ -256,9 +288,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
         document = load_schema().describe()
     else:
-        if not _check_url(args.url):
+        target = target_of(args)
+        if target is None:
             return EXIT_USAGE
-        status, document = _run_client(_call(args.url, "Api.describe", {}, 30.0))
+        status, document = _run_client(_call(target, "Api.describe", {}, 30.0))
         if status:
             return status
     width = max((len(m["name"]) for m in document["methods"]), default=0)
@@ -276,13 +309,13 @@ def _warn(text: str) -> None:
     print(f"virtnode: warning: {text}", file=sys.stderr, flush=True)
 
 
-async def _follow(url: str, topics: list[str], since: int | None, pretty: bool) -> None:
+async def _follow(target: Target, topics: list[str], since: int | None, pretty: bool) -> None:
     """Print events until SIGINT or SIGTERM (returns) or the connection ends (raises)."""
     def write(params: dict[str, Any]) -> None:
         print(pretty_line(params) if pretty else json_line(params), flush=True)
 
     loop = asyncio.get_running_loop()
-    async with await Client.connect(url) as client:
+    async with await target.connect() as client:
         follower = EventWatch(client, topics, since, write=write, warn=_warn, notice=_notice)
         watch = asyncio.create_task(follower.run(), name="virtnode-events")
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -298,10 +331,11 @@ async def _follow(url: str, topics: list[str], since: int | None, pretty: bool) 
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    if not _check_url(args.url):
+    target = target_of(args)
+    if target is None:
         return EXIT_USAGE
     try:
-        status, _ = _run_client(_follow(args.url, args.topics or ["*"], args.since, args.pretty))
+        status, _ = _run_client(_follow(target, args.topics or ["*"], args.since, args.pretty))
     except BrokenPipeError:
         # The reader went away (| head): that ends the stream like Ctrl-C does.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -309,16 +343,17 @@ def cmd_events(args: argparse.Namespace) -> int:
     return status
 
 
-async def _watch(url: str, job_id: str) -> Any:
-    async with await Client.connect(url) as client:
+async def _watch(target: Target, job_id: str) -> Any:
+    async with await target.connect() as client:
         return await jobcli.watch(client, job_id, sys.stdout, tty=sys.stdout.isatty())
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    if not _check_url(args.url):
+    target = target_of(args)
+    if target is None:
         return EXIT_USAGE
     if args.job_command == "watch":
-        status, job = _run_client(_watch(args.url, args.job_id))
+        status, job = _run_client(_watch(target, args.job_id))
         if status:
             return status
         out, err = jobcli.outcome_lines(job)
@@ -328,12 +363,12 @@ def cmd_job(args: argparse.Namespace) -> int:
             print(err, file=sys.stderr)
         return 0 if job["state"] == "succeeded" else EXIT_REMOTE_ERROR
     if args.job_command == "cancel":
-        status, result = _run_client(_call(args.url, "Job.cancel", {"job_id": args.job_id}, 60))
+        status, result = _run_client(_call(target, "Job.cancel", {"job_id": args.job_id}, 60))
         if status == 0:
             print(json.dumps(result["job"], indent=2, sort_keys=True))
         return status
     params = {k: v for k, v in (("state", args.state), ("kind", args.kind)) if v is not None}
-    status, result = _run_client(_call(args.url, "Job.list", params, 30))
+    status, result = _run_client(_call(target, "Job.list", params, 30))
     if status == 0:
         if args.json:
             print(json.dumps(result["jobs"], indent=2, sort_keys=True))
@@ -342,21 +377,22 @@ def cmd_job(args: argparse.Namespace) -> int:
     return status
 
 
-async def _stats(url: str, methods: Sequence[str]) -> list[Any]:
-    async with await Client.connect(url) as client:
+async def _stats(target: Target, methods: Sequence[str]) -> list[Any]:
+    async with await target.connect() as client:
         return list(await asyncio.gather(*(client.call(m, {}, timeout=30.0) for m in methods)))
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from virtnode.statstable import host_table, vm_table
 
-    if not _check_url(args.url):
+    target = target_of(args)
+    if target is None:
         return EXIT_USAGE
     # --json prints both; otherwise only what is shown is asked for.
     want_host, want_vms = args.json or not args.vms, args.json or not args.host
     methods = [m for m, wanted in (("Host.getStats", want_host), ("VM.getStats", want_vms))
                if wanted]
-    status, answer = _run_client(_stats(args.url, methods))
+    status, answer = _run_client(_stats(target, methods))
     if status:
         return status
     results = dict(zip(methods, answer, strict=True))

@@ -6,8 +6,13 @@ notifications (events) readable with :meth:`Client.notifications`. :class:`SyncC
 wraps it for code that is not async.
 
 URLs: ``unix:/run/virtnode/virtnode.sock`` (the default), ``ws://HOST:PORT/rpc``,
-``wss://HOST:PORT/rpc``, or ``tcp://HOST:PORT`` as a short form of ``ws://HOST:PORT/rpc``.
-The environment variable ``VIRTNODE_URL`` sets the default.
+``wss://HOST:PORT/rpc``, or ``tcp://HOST:PORT`` and ``tls://HOST:PORT`` as short forms of
+``ws://HOST:PORT/rpc`` and ``wss://HOST:PORT/rpc``. The environment variable ``VIRTNODE_URL``
+sets the default.
+
+TLS: an agent's tls:// listener wants a client certificate its CA signed. Build a context
+with :func:`tls_context` (the CA that signed the agent's certificate, and this client's
+certificate and key) and pass it as ``tls``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import contextlib
 import itertools
 import json
 import os
+import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any
@@ -60,16 +66,68 @@ class RemoteError(ClientError):
         return self.data.get("reason")
 
 
+#: The WebSocket scheme of each URL scheme the client takes.
+_SCHEMES = {"tcp": "ws", "ws": "ws", "tls": "wss", "wss": "wss"}
+
+
 def endpoint(url: str) -> tuple[str, str | None]:
-    """Split a client URL into (WebSocket URL, unix socket path or None)."""
+    """Split a client URL into (WebSocket URL, unix socket path or None).
+
+    Raises ``ValueError`` for a URL the client cannot use.
+    """
     if url.startswith("unix:"):
         return "ws://localhost/rpc", url.removeprefix("unix:")
     parts = urlsplit(url)
-    if parts.scheme == "tcp":
-        return f"ws://{parts.netloc}/rpc", None
-    if parts.scheme not in ("ws", "wss"):
-        raise ValueError(f"unsupported URL {url!r}: use unix:/PATH, ws://, wss:// or tcp://")
-    return (url if parts.path not in ("", "/") else f"{parts.scheme}://{parts.netloc}/rpc"), None
+    scheme = _SCHEMES.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise ValueError(f"unsupported URL {url!r}: use unix:/PATH, ws://, wss://, tcp:// "
+                         "or tls://")
+    if parts.scheme in ("tcp", "tls") or parts.path in ("", "/"):
+        return f"{scheme}://{parts.netloc}/rpc", None
+    return url, None
+
+
+def tls_context(ca_file: str | None = None, cert_file: str | None = None,
+                key_file: str | None = None, *, check_hostname: bool = True) -> ssl.SSLContext:
+    """A client TLS context for wss:// (and tls://) URLs.
+
+    ``ca_file`` is the CA bundle the agent's certificate must chain to (the system's CAs
+    when None); ``cert_file`` and ``key_file`` are this client's certificate and key (the
+    key may be in ``cert_file``). The agent's certificate must name the host or IP address
+    in the URL, unless ``check_hostname`` is false: then only its chain is checked.
+    Raises ``ValueError`` naming a file that cannot be used.
+    """
+    if key_file and not cert_file:
+        raise ValueError("a client key needs its certificate")
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"CA file {ca_file}: {_why(exc)}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = check_hostname
+    if cert_file:
+        try:
+            context.load_cert_chain(cert_file, key_file, password=_no_password)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise ValueError(f"client certificate {cert_file}"
+                             f"{f' and key {key_file}' if key_file else ''}: {_why(exc)}"
+                             ) from None
+    return context
+
+
+def _no_password() -> str:
+    # Without a callback OpenSSL would prompt for a passphrase on the terminal.
+    raise ValueError("the key is encrypted")
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, ssl.SSLError):
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            return "the key is not the certificate's"
+        return exc.reason or str(exc)
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)
 
 
 class Client:
@@ -89,13 +147,20 @@ class Client:
     @classmethod
     async def connect(cls, url: str = DEFAULT_URL, *, timeout: float = 10.0,
                       max_msg_size: int = 64 * 1024 * 1024,
-                      result_check: ResultCheck | None = None) -> Client:
+                      result_check: ResultCheck | None = None,
+                      tls: ssl.SSLContext | None = None) -> Client:
         """Open a WebSocket to the agent at ``url``.
 
         ``result_check(method, result)`` is called on every successful result (the test
-        suite validates results against the schema with it). Raises :class:`ConnectionLost`.
+        suite validates results against the schema with it). ``tls`` (see
+        :func:`tls_context`) is used for wss:// URLs; without it they use the system's CAs
+        and no client certificate. Raises :class:`ConnectionLost` (also when the TLS
+        handshake fails), and ``ValueError`` for a URL it cannot use or ``tls`` with a URL
+        that is not wss://.
         """
         ws_url, unix_path = endpoint(url)
+        if tls is not None and not ws_url.startswith("wss:"):
+            raise ValueError(f"{url}: a TLS context needs a wss:// or tls:// URL")
         connector = aiohttp.UnixConnector(path=unix_path) if unix_path else None
         session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=None, connect=timeout)
@@ -103,7 +168,7 @@ class Client:
         try:
             ws = await session.ws_connect(
                 ws_url, timeout=aiohttp.ClientWSTimeout(ws_close=timeout),
-                max_msg_size=max_msg_size, autoping=True,
+                max_msg_size=max_msg_size, autoping=True, ssl=tls if tls is not None else True,
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             await session.close()
@@ -238,9 +303,11 @@ def _request(method: str, params: JsonObject | None, request_id: int) -> JsonObj
 class SyncClient:
     """A blocking wrapper around :class:`Client` with its own event loop."""
 
-    def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 10.0) -> None:
+    def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 10.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self._url = url
         self._timeout = timeout
+        self._tls = tls
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Client | None = None
 
@@ -256,7 +323,7 @@ class SyncClient:
         """Connect; raises :class:`ConnectionLost`."""
         self._loop = asyncio.new_event_loop()
         self._client = self._loop.run_until_complete(
-            Client.connect(self._url, timeout=self._timeout)
+            Client.connect(self._url, timeout=self._timeout, tls=self._tls)
         )
 
     def call(self, method: str, params: JsonObject | None = None, *,

@@ -13,6 +13,7 @@ import pytest
 
 from virtnode import __version__
 from virtnode.cli import EXIT_UNREACHABLE, EXIT_USAGE, main, parse_params
+from virtnode.client import endpoint
 from virtnode.config import Config, Listener, Role, build_config
 from virtnode.schema import ApiSchema
 
@@ -200,6 +201,40 @@ def test_unsupported_url_is_a_usage_error(
     err = capsys.readouterr().err
     assert "unsupported URL" in err
     assert argv[-1] in err
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("unix:/run/v.sock", ("ws://localhost/rpc", "/run/v.sock")),
+        ("tcp://127.0.0.1:8765", ("ws://127.0.0.1:8765/rpc", None)),
+        ("tls://192.0.2.7:54321", ("wss://192.0.2.7:54321/rpc", None)),
+        ("tls://[2001:db8::7]:54321", ("wss://[2001:db8::7]:54321/rpc", None)),
+        ("wss://agent.example:54321", ("wss://agent.example:54321/rpc", None)),
+        ("wss://agent.example:54321/rpc", ("wss://agent.example:54321/rpc", None)),
+    ],
+)
+def test_endpoint(url: str, expected: tuple[str, str | None]) -> None:
+    assert endpoint(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--url", "unix:/nonexistent/sock", "--ca", "/ca.pem"), "need a wss:// or tls:// URL"),
+        (("--url", "tcp://127.0.0.1:1", "--no-check-hostname"), "need a wss:// or tls:// URL"),
+        (("--url", "tls://127.0.0.1:1", "--key", "/key.pem"), "a client key needs its cert"),
+        (("--url", "tls://127.0.0.1:1", "--ca", "/nonexistent/ca.pem"),
+         "CA file /nonexistent/ca.pem: No such file"),
+        (("--url", "wss://127.0.0.1:1/rpc", "--cert", "/nonexistent/c.pem"),
+         "client certificate /nonexistent/c.pem: No such file"),
+    ],
+)
+def test_bad_tls_flags_are_a_usage_error(
+    flags: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["call", "Host.ping", *flags]) == EXIT_USAGE
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
