@@ -10,10 +10,13 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tests.pki import Pki
 
 READY_LINE = "virtnode ready"
 
@@ -47,6 +50,9 @@ class AgentProcess:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     started_at: float = 0.0
     ready_at: float = 0.0
+    #: Where the tls:// listener is, when the agent was started with one.
+    tls_host: str = ""
+    tls_port: int = 0
     _pump: asyncio.Task[None] | None = None
 
     @property
@@ -64,6 +70,17 @@ class AgentProcess:
     @property
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.tcp_port}"
+
+    @property
+    def tls_url(self) -> str:
+        """``tls://HOST:PORT``, the client's short form of ``wss://HOST:PORT/rpc``."""
+        assert self.tls_port, "the agent has no tls:// listener"
+        return f"tls://{_netloc(self.tls_host, self.tls_port)}"
+
+    @property
+    def https_url(self) -> str:
+        assert self.tls_port, "the agent has no tls:// listener"
+        return f"https://{_netloc(self.tls_host, self.tls_port)}"
 
     @property
     def log(self) -> str:
@@ -111,15 +128,31 @@ class AgentProcess:
         return self.proc.returncode
 
 
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 async def start_agent(tmp_path: Path, *, hypervisor: str = "test:///default",
                       sections: dict[str, dict[str, Any]] | None = None,
-                      extra_args: tuple[str, ...] = ()) -> AgentProcess:
-    """Start ``virtnode serve`` with a private socket, port and state dir; wait until ready."""
+                      extra_args: tuple[str, ...] = (), tls: Pki | None = None,
+                      tls_host: str = "127.0.0.1",
+                      wrapper: Sequence[str] = ()) -> AgentProcess:
+    """Start ``virtnode serve`` with a private socket, port and state dir; wait until ready.
+
+    With ``tls``, the agent also serves ``tls://tls_host:PORT`` (``AgentProcess.tls_url``)
+    with that PKI's server certificate and CA. ``wrapper`` is the command the agent runs
+    under, e.g. ``("ip", "netns", "exec", NAME)`` (its loopback must be up: the agent
+    also listens on 127.0.0.1).
+    """
     unix_path = tmp_path / "run" / "virtnode.sock"
     port = free_port()
+    tls_port = free_port() if tls is not None else 0
+    listen = [f"unix:{unix_path}", f"tcp://127.0.0.1:{port}"]
+    if tls is not None:
+        listen.append(f"tls://{_netloc(tls_host, tls_port)}")
     config: dict[str, dict[str, Any]] = {
         "server": {
-            "listen": [f"unix:{unix_path}", f"tcp://127.0.0.1:{port}"],
+            "listen": listen,
             # Every result and event is checked against the schema by the agent itself.
             "check_results": True,
         },
@@ -127,17 +160,20 @@ async def start_agent(tmp_path: Path, *, hypervisor: str = "test:///default",
         "state": {"dir": str(tmp_path / "state")},
         "log": {"level": "debug"},
     }
+    if tls is not None:
+        config["tls"] = tls.tls_section
     for name, values in (sections or {}).items():
         config.setdefault(name, {}).update(values)
     path = write_config(tmp_path / "virtnode.toml", config)
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "virtnode", "serve", "--config", str(path), *extra_args,
+        *wrapper, sys.executable, "-m", "virtnode", "serve", "--config", str(path), *extra_args,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
-    agent = AgentProcess(proc, unix_path, port, started_at=started)
+    agent = AgentProcess(proc, unix_path, port, started_at=started,
+                         tls_host=tls_host if tls is not None else "", tls_port=tls_port)
     agent._pump = asyncio.create_task(agent._read_log(), name="agent-log-pump")
     await agent.wait_ready()
     return agent

@@ -6,6 +6,7 @@
   every result against it.
 - ``require`` gives the real-thing checks: under ``CI=true`` a missing libvirtd, KVM or
   root fails the test; elsewhere it skips.
+- ``pki`` makes TLS certificates with openssl (see ``tests/pki.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import inspect
 import logging
 import os
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +27,7 @@ from virtnode.schema import ApiSchema, load_schema
 
 if TYPE_CHECKING:
     from tests.agentproc import AgentProcess
+    from tests.pki import Pki
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Generous enough for a loaded CI machine; a real blocking call (a sleep, a libvirt
@@ -108,6 +111,17 @@ async def agent(tmp_path: Path) -> AsyncIterator[AgentProcess]:
     yield proc
     status = await proc.stop()
     assert status == 0, f"agent exited with {status}:\n{proc.log}"
+
+
+@pytest.fixture
+async def pki(tmp_path: Path) -> Pki:
+    """A CA, a server certificate for 127.0.0.1 and localhost and a client certificate
+    (CN ``engine``) it signed, and an unrelated CA with a client certificate of its own."""
+    from tests.pki import make_pki
+
+    if shutil.which("openssl") is None:
+        missing("the openssl command is not installed")
+    return await make_pki(tmp_path / "pki")
 
 
 @pytest.fixture
