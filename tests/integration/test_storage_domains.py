@@ -229,11 +229,25 @@ async def test_posixfs_create_detach_and_two_agents(
         info = await wait_state(two, sd_id, "ok")
         assert info["monitor"]["total_bytes"] < 64 * 1024 * 1024
 
-        # What one host writes in the domain, the other sees.
-        image_id = str(uuid.uuid4())
-        (mount_point / sd_id / "images" / image_id).mkdir()
-        assert (Path(attached["path"]) / "images" / image_id).is_dir()
-        (mount_point / sd_id / "images" / image_id).rmdir()
+        # The volumes one host makes, the other sees: the same ids, metadata and chain.
+        base = (await one.call("Volume.create", {"sd_id": sd_id, "size": 4 * 1024 * 1024,
+                                                 "format": "raw"}))["volume"]
+        top = (await one.call("Volume.create", {"sd_id": sd_id, "parent": {
+            "image_id": base["image_id"], "volume_id": base["volume_id"]}}))["volume"]
+        ref = {k: top[k] for k in ("sd_id", "image_id", "volume_id")}
+        seen = (await two.call("Volume.list", {"sd_id": sd_id}))["volumes"]
+        mine = (await one.call("Volume.list", {"sd_id": sd_id}))["volumes"]
+        assert [without_path(v) for v in seen] == [without_path(v) for v in mine]
+        assert len(seen) == 2
+        info = (await two.call("Volume.getInfo", ref))["volume"]
+        assert info["path"].startswith(attached["path"] + "/")
+        assert [c["volume_id"] for c in info["chain"]] == [top["volume_id"], base["volume_id"]]
+        assert info["qemu_virtual_size"] == 4 * 1024 * 1024
+        await one.call("Volume.delete", ref)
+        err = await expect_error(two, "Volume.getInfo", ref)
+        assert err.data["reason"] == "no_volume"
+        await one.call("Volume.delete", {**ref, "volume_id": base["volume_id"]})
+        assert (await two.call("Volume.list", {"sd_id": sd_id}))["volumes"] == []
 
         await two.call("StorageDomain.detach", {"sd_id": sd_id})
         assert not await asyncio.to_thread(os.path.ismount, attached["root"])
@@ -302,3 +316,8 @@ async def test_a_failed_mount_leaves_nothing(sd_agent: AgentProcess,
     mnt = tmp_path / "a" / "state" / "mnt"
     assert not mnt.exists() or list(mnt.iterdir()) == []
     assert (await client.call("StorageDomain.list"))["domains"] == []
+
+
+def without_path(volume: dict[str, Any]) -> dict[str, Any]:
+    """A volume as any host sees it: everything but its path, which is per host."""
+    return {k: v for k, v in volume.items() if k != "path"}

@@ -231,6 +231,69 @@ async def test_sigkill_during_copy_then_restart_removes_the_half_made_target(
         await asyncio.to_thread(shutil.rmtree, root, True)
 
 
+async def test_sigkill_during_merge_then_restart_keeps_the_chain_and_merge_finishes(
+        tmp_path: Path, checked_client: ClientFactory) -> None:
+    root = Path("/var/tmp") / f"vn-it-vol-{uuid.uuid4().hex[:8]}"
+    agent = await start_agent(tmp_path / "a")
+    try:
+        client = await checked_client(agent.unix_url)
+        await client.call("Events.subscribe", {"topics": ["job.*"]})
+        sd_id = await new_domain(client, root)
+        base = (await client.call("Volume.create", {"sd_id": sd_id, "size": 768 * MiB,
+                                                    "format": "raw"}))["volume"]
+        await qemu_io(base["path"], "raw", "write -P 0x11 0 768M")
+        top = (await client.call("Volume.create", {"sd_id": sd_id, "parent": {
+            "image_id": base["image_id"], "volume_id": base["volume_id"]}}))["volume"]
+        await run("qemu-io", "-f", "qcow2", "-c", "write -P 0x22 0 768M", top["path"],
+                  timeout=300)
+        ref = {k: top[k] for k in ("sd_id", "image_id", "volume_id")}
+        started = await client.call("Volume.merge", ref)
+        # Freeze qemu-img as soon as it runs, so that the crash surely comes before the
+        # commit ends (it takes about a second here).
+        async with asyncio.timeout(30):
+            while True:
+                children = [int(pid) for pid in
+                            (await run("pgrep", "-P", str(agent.pid))).out.split()]
+                if children:
+                    break
+                await asyncio.sleep(0.005)
+        for pid in children:
+            os.kill(pid, signal.SIGSTOP)
+        job = (await client.call("Job.get", {"job_id": started["job_id"]}))["job"]
+        assert job["state"] == "running"
+        await client.close()
+        os.kill(agent.pid, signal.SIGKILL)
+        await agent.stop()
+        assert await asyncio.to_thread(all_gone, children, 10.0), "qemu-img outlived the agent"
+
+        agent = await start_agent(tmp_path / "a")
+        client = await checked_client(agent.unix_url)
+        # The chain is kept, illegal (the parent is half written), and says so.
+        volumes = {v["volume_id"]: v for v in
+                   (await client.call("Volume.list", {"sd_id": sd_id}))["volumes"]}
+        assert set(volumes) == {base["volume_id"], top["volume_id"]}
+        assert {v["legality"] for v in volumes.values()} == {"illegal"}
+        assert "part of an interrupted merge" in agent.log
+        job = (await client.call("Job.get", {"job_id": started["job_id"]}))["job"]
+        assert (job["state"], job["error"]["data"]["reason"]) == ("failed", "interrupted")
+        # A VM cannot use it, and its data cannot be copied out while it is so.
+        err = await expect_error(client, "Volume.copy", {"src": ref, "dst_sd": sd_id})
+        assert err.data["reason"] == "volume_illegal"
+
+        # Running the merge again finishes it, with every byte of the top in the base.
+        again = await client.call("Volume.merge", ref)
+        job = await wait_job(client, again["job_id"], timeout=300)
+        assert job["state"] == "succeeded", job
+        merged = job["result"]["volume"]
+        assert (merged["volume_id"], merged["role"], merged["legality"]) == (
+            base["volume_id"], "leaf", "legal")
+        assert not await asyncio.to_thread(os.path.exists, top["path"])
+        await qemu_io(base["path"], "raw", "read -P 0x22 0 768M")
+    finally:
+        await agent.stop()
+        await asyncio.to_thread(shutil.rmtree, root, True)
+
+
 def all_gone(pids: list[int], timeout: float) -> bool:
     """Whether every process in ``pids`` exits within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
