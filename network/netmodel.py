@@ -186,7 +186,8 @@ class SetupOptions:
 #: - ``add_address`` / ``del_address`` {address}
 #: - ``add_route`` / ``del_route`` {dst, family, gateway?, metric}: in the main table, on
 #:   ``link``.
-#: - ``start_dhcp`` / ``stop_dhcp`` {family}
+#: - ``start_dhcp`` / ``stop_dhcp`` {family}; ``start_dhcp`` also {default_route: bool}:
+#:   whether the client may install the default route it is offered.
 StepAction = Literal[
     "add_bridge", "add_vlan", "del_link", "set_master", "set_mtu", "set_up", "set_bridge",
     "add_vlan_entry", "del_vlan_entry", "add_address", "del_address", "add_route",

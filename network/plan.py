@@ -1,0 +1,240 @@
+"""The steps that apply a network request, and the steps that undo them.
+
+:func:`plan` works from configs and the kernel's state: what a running network holds
+that its request no longer wants is released (DHCP clients stopped, routes, addresses,
+VLAN entries, ports, links), then what the request wants and the state lacks is built.
+Releases of every removed and changed network come before anything is built, so a NIC,
+an address or a default route can move from one network to another in one request.
+Blocks go removals, changes, additions, each in name order::
+
+    release:  stop_dhcp, del_route, del_address, del_vlan_entry, set_master None, del_link
+    build:    set_mtu (down), add_vlan/add_bridge/set_mtu (up)/set_bridge, set_master,
+              add_vlan_entry, set_up, add_address, add_route, start_dhcp
+
+Addresses and routes on a link that is deleted are not deleted first: the kernel drops
+them with the link. Networks not named in a request are never looked at.
+
+:func:`restore` takes named links back to a snapshot in the same order. It knows nothing
+of DHCP clients (they are not in :class:`HostState`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Set
+
+from virtnode.network.converge import (
+    RouteKey,
+    Target,
+    after_teardown,
+    build,
+    route_key,
+    route_step,
+    teardown,
+    upper_first,
+)
+from virtnode.network.layout import (
+    MADE_KINDS,
+    ROUTE_METRIC,
+    Layout,
+    default_gateways,
+    families,
+    ip_config,
+    layout_of,
+    network_mtu,
+    norm_interface,
+    static_addresses,
+)
+from virtnode.network.netmodel import (
+    Address,
+    BridgeVlan,
+    Family,
+    Features,
+    HostState,
+    Link,
+    NetworkConfig,
+    Route,
+    Step,
+)
+
+Dhcp = tuple[str, Family, bool]
+
+
+def plan(state: HostState, running: Mapping[str, NetworkConfig],
+         requested: Mapping[str, NetworkConfig | None], features: Features) -> list[Step]:
+    """The steps from ``state``, where the agent runs ``running``, to ``requested``
+    (``None`` removes a network). The request must have passed
+    :func:`~virtnode.network.validate.validate`. A state that already matches gives
+    ``[]``."""
+    removed = sorted(n for n, c in requested.items() if c is None and n in running)
+    changed = sorted(n for n, c in requested.items() if c is not None and n in running)
+    added = sorted(n for n, c in requested.items() if c is not None and n not in running)
+    old = {n: layout_of(running[n], features, state) for n in removed + changed}
+    new: dict[str, tuple[NetworkConfig, Layout]] = {}
+    for n in changed + added:
+        cfg = requested[n]
+        assert cfg is not None
+        new[n] = cfg, layout_of(cfg, features, state, old.get(n))
+    steps: list[Step] = []
+    now = state
+    for n in removed + changed:
+        block = _release(now, (running[n], old[n]), new.get(n))
+        steps += block
+        now = after_teardown(now, block)
+    for n in changed + added:
+        was = (running[n], old[n]) if n in running else None
+        steps += _build(now, new[n], was)
+    return steps
+
+
+def _release(state: HostState, old: tuple[NetworkConfig, Layout],
+             new: tuple[NetworkConfig, Layout] | None) -> list[Step]:
+    old_lay = old[1]
+    delete = [n for n in old_lay.made if new is None or n not in new[1].made]
+    kept_dhcp = _dhcp(*new) if new else set()
+    steps = [Step("stop_dhcp", device, {"family": family})
+             for device, family, route in sorted(_dhcp(*old) - kept_dhcp)]
+    have = {route_key(r) for r in state.routes}
+    wanted = _routes(*new) if new else set()
+    steps += [route_step("del_route", key) for key in sorted(_routes(*old), key=str)
+              if key in have and key not in wanted and key[3] not in delete]
+    present = _address_keys(state.addresses)
+    kept = _addresses(*new) if new else set()
+    steps += [Step("del_address", link, {"address": address})
+              for link, address in sorted(_addresses(*old))
+              if (link, address) in present and (link, address) not in kept
+              and link not in delete]
+    targets = _targets(state, *new) if new else {}
+    if old_lay.nic and old_lay.nic not in targets and old_lay.nic in state.links:
+        targets[old_lay.nic] = Target(old_lay.nic, state.links[old_lay.nic].kind)
+    return steps + teardown(state, targets, delete)
+
+
+def _build(state: HostState, new: tuple[NetworkConfig, Layout],
+           old: tuple[NetworkConfig, Layout] | None) -> list[Step]:
+    steps = build(state, _targets(state, *new))
+    present = _address_keys(state.addresses)
+    steps += [Step("add_address", link, {"address": address})
+              for link, address in sorted(_addresses(*new)) if (link, address) not in present]
+    have = {route_key(r) for r in state.routes}
+    steps += [route_step("add_route", key) for key in sorted(_routes(*new), key=str)
+              if key not in have]
+    started = _dhcp(*old) if old else set()
+    steps += [Step("start_dhcp", device, {"family": family, "default_route": route})
+              for device, family, route in sorted(_dhcp(*new) - started)]
+    return steps
+
+
+def _targets(state: HostState, cfg: NetworkConfig, lay: Layout) -> dict[str, Target]:
+    """What each link of a network should be."""
+    mtu = network_mtu(cfg)
+    vid = lay.vid if lay.filtering else None
+    targets: dict[str, Target] = {}
+    if lay.nic:
+        link = state.links.get(lay.nic)
+        targets[lay.nic] = Target(
+            lay.nic, link.kind if link else "device", mtu=mtu, up=True,
+            master=lay.bridge if lay.bridge_port == lay.nic else None,
+            vlans=(BridgeVlan(vid, pvid=False, untagged=False),) if vid else ())
+    if lay.vlan_dev:
+        targets[lay.vlan_dev] = Target(lay.vlan_dev, "vlan", master=lay.bridge, mtu=mtu,
+                                       up=True, parent=lay.nic, vid=lay.vid, vlans=())
+    if lay.bridge:
+        targets[lay.bridge] = Target(
+            lay.bridge, "bridge", mtu=mtu, up=True, stp=cfg.stp,
+            vlan_filtering=lay.filtering, default_pvid=vid,
+            vlans=(BridgeVlan(vid, pvid=True, untagged=True),) if vid else ())
+    return targets
+
+
+def _addresses(cfg: NetworkConfig, lay: Layout) -> set[tuple[str, str]]:
+    if lay.device is None:
+        return set()
+    return {(lay.device, address) for _, address in static_addresses(cfg)}
+
+
+def _address_keys(addresses: Iterable[Address]) -> set[tuple[str, str]]:
+    return {(a.link, norm_interface(a.address)) for a in addresses}
+
+
+def _routes(cfg: NetworkConfig, lay: Layout) -> set[RouteKey]:
+    if lay.device is None:
+        return set()
+    return {("default", family, gateway, lay.device, ROUTE_METRIC[family])
+            for family, gateway in default_gateways(cfg)}
+
+
+def _dhcp(cfg: NetworkConfig, lay: Layout) -> set[Dhcp]:
+    if lay.device is None:
+        return set()
+    return {(lay.device, family, cfg.default_route) for family in families()
+            if ip_config(cfg, family).method == "dhcp"}
+
+
+# --- undoing ---------------------------------------------------------------------------------
+
+
+def touched(steps: Iterable[Step]) -> set[str]:
+    """Every link ``steps`` name, as the link acted on, a master or an 802.1q parent."""
+    names: set[str] = set()
+    for step in steps:
+        names.add(step.link)
+        for key in ("master", "parent"):
+            value = step.args.get(key)
+            if isinstance(value, str):
+                names.add(value)
+    return names
+
+
+def restore(current: HostState, snapshot: HostState, links: Set[str]) -> list[Step]:
+    """The steps that take ``links`` from ``current`` back to how ``snapshot`` had them:
+    bridges and 802.1q devices deleted or re-created, masters, MTUs, bridge options,
+    VLAN entries, up/down, addresses and routes. Dynamic addresses, IPv6 link-local
+    ones and ``kernel`` routes are left to the kernel and DHCP clients. A NIC that went
+    away stays away."""
+    delete = [n for n in upper_first(links & current.links.keys(), current)
+              if current.links[n].kind in MADE_KINDS
+              and not _same_device(current.links[n], snapshot.links.get(n))]
+    targets = {n: _target(link) for n in links if (link := snapshot.links.get(n))
+               and ((n in current.links and n not in delete) or link.kind in MADE_KINDS)}
+    kept_routes = {route_key(r) for r in snapshot.routes if _restorable_route(r, links)}
+    steps = [route_step("del_route", key)
+             for key in sorted({route_key(r) for r in current.routes
+                                if _restorable_route(r, links)} - kept_routes, key=str)
+             if key[3] not in delete]
+    kept_addresses = _address_keys(a for a in snapshot.addresses if _restorable(a, links))
+    steps += [Step("del_address", link, {"address": address})
+              for link, address in sorted(_address_keys(
+                  a for a in current.addresses if _restorable(a, links)) - kept_addresses)
+              if link not in delete]
+    steps += teardown(current, targets, delete)
+    now = after_teardown(current, steps)
+    steps += build(now, targets)
+    steps += [Step("add_address", link, {"address": address})
+              for link, address in sorted(kept_addresses - _address_keys(now.addresses))
+              if link in targets]
+    have = {route_key(r) for r in now.routes}
+    steps += [route_step("add_route", key) for key in sorted(kept_routes - have, key=str)
+              if key[3] in targets]
+    return steps
+
+
+def _same_device(link: Link, then: Link | None) -> bool:
+    return then is not None and then.kind == link.kind and (
+        (link.vlan_parent, link.vlan_id) == (then.vlan_parent, then.vlan_id))
+
+
+def _target(link: Link) -> Target:
+    return Target(link.name, link.kind, master=link.master, mtu=link.mtu, up=link.up,
+                  mac=link.mac if link.kind in MADE_KINDS else None,
+                  parent=link.vlan_parent, vid=link.vlan_id, stp=link.stp,
+                  vlan_filtering=link.vlan_filtering, default_pvid=link.default_pvid,
+                  vlans=link.vlans)
+
+
+def _restorable(address: Address, links: Set[str]) -> bool:
+    return (address.link in links and not address.dynamic
+            and not (address.family == 6 and address.scope == "link"))
+
+
+def _restorable_route(route: Route, links: Set[str]) -> bool:
+    return route.link in links and route.proto != "kernel"

@@ -1,0 +1,762 @@
+"""Planning network changes and undoing them, checked on a small kernel simulator.
+
+:class:`Kernel` applies steps to a host the way the kernel would, refusals included
+(an 802.1q device above its parent's MTU, a route via an unreachable gateway, deleting
+what is not there...), and with the kernel's side effects (a deleted link takes its
+addresses, routes and 802.1q devices and frees its ports; a port joining a bridge gets
+the default PVID; bridge VLAN entries are hidden while the bridge does not filter).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pytest
+
+from virtnode.network.netmodel import (
+    Address,
+    BridgeVlan,
+    Features,
+    HostState,
+    IpConfig,
+    Link,
+    NetworkConfig,
+    Route,
+    Step,
+)
+from virtnode.network.plan import plan, restore, touched
+from virtnode.network.validate import validate
+
+ALL = Features(bridge=True, vlan_filtering=True, vlan_8021q=True, bond=False)
+DOT1Q = replace(ALL, vlan_filtering=False)
+FILTERING = replace(ALL, vlan_8021q=False)
+
+
+# --- the simulator ---------------------------------------------------------------------------
+
+
+class Refused(Exception):
+    """What the kernel would answer with an errno."""
+
+
+def link(name: str, kind: str = "veth", **kw: Any) -> Link:
+    up = kw.pop("up", True)
+    attrs: dict[str, Any] = {"mac": f"52:54:00:00:00:{sum(map(ord, name)) % 256:02x}",
+                             "mtu": 1500, "min_mtu": 68, "max_mtu": 65535}
+    attrs.update(kw)
+    return Link(name=name, kind=kind, up=up, carrier=up, operstate="up" if up else "down",
+                **attrs)
+
+
+class Kernel:
+    """A host's links, addresses and routes, changed one step at a time."""
+
+    def __init__(self, state: HostState) -> None:
+        self.links: dict[str, Link] = {}
+        for name, found in state.links.items():
+            self.links[name] = found
+        # Entries a bridge that does not filter hides: what the kernel gave them.
+        for name, found in state.links.items():
+            if found.kind == "bridge" and not found.vlan_filtering:
+                self.links[name] = replace(found, vlans=self._default_entry(name))
+            elif found.master and not state.links[found.master].vlan_filtering:
+                self.links[name] = replace(found, vlans=self._default_entry(found.master))
+        self.addresses = list(state.addresses)
+        self.routes = list(state.routes)
+        self.dhcp: set[tuple[str, int]] = set()
+        self.macs = itertools.count(1)
+
+    def read(self) -> HostState:
+        links = {}
+        for name, found in self.links.items():
+            bridge = name if found.kind == "bridge" else found.master
+            visible = bridge is not None and bool(self.links[bridge].vlan_filtering)
+            links[name] = found if visible else replace(found, vlans=())
+        return HostState(links, tuple(self.addresses), tuple(sorted(self.routes, key=repr)))
+
+    def apply(self, steps: Iterable[Step]) -> None:
+        for step in steps:
+            args = dict(step.args)
+            if "self" in args:
+                args["on_bridge"] = args.pop("self")
+            getattr(self, step.action)(step.link, **args)
+
+    # links
+
+    def _new(self, name: str) -> None:
+        if name in self.links:
+            raise Refused(f"{name} exists")
+
+    def _get(self, name: str) -> Link:
+        if name not in self.links:
+            raise Refused(f"no link {name}")
+        return self.links[name]
+
+    def _default_entry(self, bridge: str) -> tuple[BridgeVlan, ...]:
+        pvid = self.links[bridge].default_pvid
+        return (BridgeVlan(pvid, True, True),) if pvid else ()
+
+    def add_bridge(self, name: str, *, stp: bool, vlan_filtering: bool, mtu: int = 1500,
+                   default_pvid: int = 1, mac: str | None = None) -> None:
+        self._new(name)
+        self.links[name] = link(name, "bridge", up=False, mtu=mtu, stp=stp,
+                                vlan_filtering=vlan_filtering, default_pvid=default_pvid,
+                                mac=mac or f"02:00:00:00:00:{next(self.macs):02x}")
+        self.links[name] = replace(self.links[name], vlans=self._default_entry(name))
+
+    def add_vlan(self, name: str, *, parent: str, vid: int, mtu: int | None = None,
+                 mac: str | None = None) -> None:
+        self._new(name)
+        below = self._get(parent)
+        if any(x.vlan_parent == parent and x.vlan_id == vid for x in self.links.values()):
+            raise Refused(f"{parent} has VLAN {vid}")
+        if mtu is not None and mtu > below.mtu:
+            raise Refused(f"MTU {mtu} over {parent}'s {below.mtu}")
+        self.links[name] = link(name, "vlan", up=False, mtu=mtu or below.mtu,
+                                mac=mac or below.mac, vlan_id=vid, vlan_parent=parent)
+
+    def del_link(self, name: str) -> None:
+        if self._get(name).kind not in ("bridge", "vlan"):
+            raise Refused(f"{name} is not a link the agent made")
+        gone = {name} | {n for n, x in self.links.items() if x.vlan_parent == name}
+        for n in gone:
+            del self.links[n]
+        for n, x in self.links.items():
+            if x.master in gone:
+                self.links[n] = replace(x, master=None, vlans=())
+        self.addresses = [a for a in self.addresses if a.link not in gone]
+        self.routes = [r for r in self.routes if r.link not in gone]
+
+    def set_master(self, name: str, *, master: str | None) -> None:
+        found = self._get(name)
+        if master is not None and self._get(master).kind != "bridge":
+            raise Refused(f"{master} is not a bridge")
+        entries = self._default_entry(master) if master else ()
+        self.links[name] = replace(found, master=master, vlans=entries)
+
+    def set_mtu(self, name: str, *, mtu: int) -> None:
+        found = self._get(name)
+        if not (found.min_mtu or 0) <= mtu <= (found.max_mtu or 65535):
+            raise Refused(f"MTU {mtu} out of range for {name}")
+        if found.vlan_parent and mtu > self.links[found.vlan_parent].mtu:
+            raise Refused(f"MTU {mtu} over {found.vlan_parent}'s")
+        self.links[name] = replace(found, mtu=mtu)
+        for n, x in self.links.items():
+            if x.vlan_parent == name and x.mtu > mtu:
+                self.links[n] = replace(x, mtu=mtu)
+
+    def set_up(self, name: str, *, up: bool) -> None:
+        self.links[name] = replace(self._get(name), up=up, carrier=up,
+                                   operstate="up" if up else "down")
+
+    def set_bridge(self, name: str, *, stp: bool | None = None,
+                   vlan_filtering: bool | None = None, default_pvid: int | None = None) -> None:
+        found = self._get(name)
+        if found.kind != "bridge":
+            raise Refused(f"{name} is not a bridge")
+        if stp is not None:
+            found = replace(found, stp=stp)
+        if vlan_filtering is not None:
+            found = replace(found, vlan_filtering=vlan_filtering)
+        self.links[name] = found
+        if default_pvid is not None and default_pvid != found.default_pvid:
+            old = found.default_pvid or 0
+            self.links[name] = replace(found, default_pvid=default_pvid)
+            # Entries still on the old default move to the new one (br_vlan.c).
+            for n in [name, *(n for n, x in self.links.items() if x.master == name)]:
+                entries = {v.vid: v for v in self.links[n].vlans}
+                if entries.get(old) == BridgeVlan(old, True, True) \
+                        and default_pvid not in entries:
+                    del entries[old]
+                    entries[default_pvid] = BridgeVlan(default_pvid, True, True)
+                    self.links[n] = replace(self.links[n], vlans=tuple(
+                        entries[v] for v in sorted(entries)))
+
+    def add_vlan_entry(self, name: str, *, vid: int, pvid: bool, untagged: bool,
+                       on_bridge: bool) -> None:
+        found = self._get(name)
+        if (found.kind != "bridge") if on_bridge else (found.master is None):
+            raise Refused(f"{name} takes no {'bridge' if on_bridge else 'port'} VLAN entry")
+        entries = {v.vid: v for v in found.vlans}
+        if pvid:
+            entries = {k: replace(v, pvid=False) for k, v in entries.items()}
+        entries[vid] = BridgeVlan(vid, pvid, untagged)
+        self.links[name] = replace(found, vlans=tuple(entries[v] for v in sorted(entries)))
+
+    def del_vlan_entry(self, name: str, *, vid: int, pvid: bool, untagged: bool,
+                       on_bridge: bool) -> None:
+        found = self._get(name)
+        if vid not in {v.vid for v in found.vlans}:
+            raise Refused(f"{name} has no VLAN {vid}")
+        self.links[name] = replace(found, vlans=tuple(v for v in found.vlans if v.vid != vid))
+
+    # addresses and routes
+
+    def add_address(self, name: str, *, address: str) -> None:
+        self._get(name)
+        iface = ipaddress.ip_interface(address)
+        if any((a.link, a.address) == (name, str(iface)) for a in self.addresses):
+            raise Refused(f"{address} exists on {name}")
+        scope = "link" if iface.ip.is_link_local and iface.version == 6 else "global"
+        self.addresses.append(Address(name, str(iface), iface.version, scope))  # type: ignore[arg-type]
+
+    def del_address(self, name: str, *, address: str) -> None:
+        kept = [a for a in self.addresses if (a.link, a.address) != (name, address)]
+        if len(kept) == len(self.addresses):
+            raise Refused(f"no {address} on {name}")
+        self.addresses = kept
+        if not any(a.link == name and a.family == 4 for a in kept):
+            self.routes = [r for r in self.routes if r.link != name or r.family != 4]
+
+    def add_route(self, name: str, *, dst: str, family: int, metric: int,
+                  gateway: str | None = None) -> None:
+        found = self._get(name)
+        if family == 4 and not found.up:
+            raise Refused(f"{name} is down")
+        if gateway is not None and not ipaddress.ip_address(gateway).is_link_local and not any(
+                a.link == name and ipaddress.ip_address(gateway)
+                in ipaddress.ip_interface(a.address).network for a in self.addresses):
+            raise Refused(f"{gateway} is not reachable on {name}")
+        route = Route(dst, family, gateway, name, metric, proto="static")  # type: ignore[arg-type]
+        if route in self.routes:
+            raise Refused("route exists")
+        self.routes.append(route)
+
+    def del_route(self, name: str, *, dst: str, family: int, metric: int,
+                  gateway: str | None = None) -> None:
+        kept = [r for r in self.routes
+                if (r.dst, r.family, r.gateway, r.link, r.metric)
+                != (dst, family, gateway, name, metric)]
+        if len(kept) == len(self.routes):
+            raise Refused("no such route")
+        self.routes = kept
+
+    def start_dhcp(self, name: str, *, family: int, default_route: bool) -> None:
+        self._get(name)
+        if (name, family) in self.dhcp:
+            raise Refused("DHCP client runs")
+        self.dhcp.add((name, family))
+
+    def stop_dhcp(self, name: str, *, family: int) -> None:
+        self.dhcp.remove((name, family))
+
+
+def view(state: HostState, links: Iterable[str]) -> tuple[Any, ...]:
+    """What restore promises to bring back on ``links``."""
+    names = set(links)
+    return (
+        {n: state.links.get(n) for n in sorted(names)},
+        sorted((a.link, a.address) for a in state.addresses if a.link in names
+               and not a.dynamic and not (a.family == 6 and a.scope == "link")),
+        sorted((r.dst, r.family, r.gateway, r.link, r.metric) for r in state.routes
+               if r.link in names and r.proto != "kernel"),
+    )
+
+
+# --- hosts and networks ---------------------------------------------------------------------
+
+
+def bridge(name: str, **kw: Any) -> Link:
+    kw.setdefault("stp", False)
+    kw.setdefault("vlan_filtering", False)
+    kw.setdefault("default_pvid", 1)
+    return link(name, "bridge", **kw)
+
+
+#: A host with free NICs (eth3 down, eth4 a jumbo-capable NIC at 9000), a management
+#: NIC with its own address and route, and a bridge with a VM tap that is not ours.
+BASE = HostState(
+    links={
+        "lo": link("lo", "loopback", mtu=65536),
+        "eth0": link("eth0", "device"),
+        "eth1": link("eth1"),
+        "eth2": link("eth2"),
+        "eth3": link("eth3", up=False),
+        "eth4": link("eth4", "device", mtu=9000, max_mtu=9000),
+        "br-ex": bridge("br-ex"),
+        "tap9": link("tap9", "tun", master="br-ex"),
+    },
+    addresses=(
+        Address("lo", "127.0.0.1/8", 4, scope="host"),
+        Address("eth0", "192.0.2.10/24", 4, dynamic=True),
+        Address("eth0", "fe80::10/64", 6, scope="link"),
+    ),
+    routes=(Route("10.99.0.0/16", 4, gateway="192.0.2.1", link="eth0", proto="dhcp"),
+            Route("192.0.2.0/24", 4, link="eth0", proto="kernel", scope="link")),
+)
+
+UNMANAGED = {"lo", "eth0", "br-ex", "tap9"}
+
+
+def net(name: str = "net1", **kw: Any) -> NetworkConfig:
+    kw.setdefault("ports", ("eth1",))
+    return NetworkConfig(name=name, **kw)
+
+
+def v4(address: str, gateway: str | None = None) -> IpConfig:
+    return IpConfig("static", address, gateway)
+
+
+v6 = v4
+
+
+def s(action: str, link_name: str, **args: Any) -> Step:
+    return Step(action, link_name, args)  # type: ignore[arg-type]
+
+
+@dataclass
+class Host:
+    """A simulated host with the networks the agent runs on it."""
+
+    kernel: Kernel
+    running: dict[str, NetworkConfig]
+    features: Features
+
+    @classmethod
+    def with_networks(cls, features: Features = ALL, **networks: NetworkConfig) -> Host:
+        host = cls(Kernel(BASE), {}, features)
+        host.setup(networks)
+        return host
+
+    @property
+    def state(self) -> HostState:
+        return self.kernel.read()
+
+    def plan(self, requested: Mapping[str, NetworkConfig | None]) -> list[Step]:
+        validate(requested, self.running, self.state, self.features)
+        return plan(self.state, self.running, requested, self.features)
+
+    def setup(self, requested: Mapping[str, NetworkConfig | None]) -> list[Step]:
+        steps = self.plan(requested)
+        self.kernel.apply(steps)
+        for name, cfg in requested.items():
+            if cfg is None:
+                del self.running[name]
+            else:
+                self.running[name] = cfg
+        return steps
+
+
+# --- additions -------------------------------------------------------------------------------
+
+
+def test_add_bridged_with_static_ipv4_and_default_route() -> None:
+    host = Host.with_networks()
+    cfg = net(ipv4=v4("10.1.0.1/24", "10.1.0.254"), default_route=True)
+    assert host.setup({"net1": cfg}) == [
+        s("add_bridge", "net1", stp=False, vlan_filtering=False, mtu=1500),
+        s("set_master", "eth1", master="net1"),
+        s("set_up", "net1", up=True),
+        s("add_address", "net1", address="10.1.0.1/24"),
+        s("add_route", "net1", dst="default", family=4, gateway="10.1.0.254", metric=0),
+    ]
+    state = host.state
+    assert state.links["eth1"].master == "net1" and state.links["net1"].up
+    assert host.plan({"net1": cfg}) == []
+
+
+def test_add_bridged_vlan_with_filtering_and_jumbo_mtu() -> None:
+    host = Host.with_networks()
+    cfg = net(vlan=10, mtu=9000, stp=True, ipv6=v6("2001:db8:1::1/64", "fe80::1"),
+              default_route=True)
+    assert host.setup({"net1": cfg}) == [
+        s("set_mtu", "eth1", mtu=9000),
+        s("add_bridge", "net1", stp=True, vlan_filtering=True, default_pvid=10, mtu=9000),
+        s("set_master", "eth1", master="net1"),
+        s("add_vlan_entry", "eth1", vid=10, pvid=False, untagged=False, self=False),
+        s("add_vlan_entry", "net1", vid=10, pvid=True, untagged=True, self=True),
+        s("set_up", "net1", up=True),
+        s("add_address", "net1", address="2001:db8:1::1/64"),
+        s("add_route", "net1", dst="default", family=6, gateway="fe80::1", metric=1024),
+    ]
+    state = host.state
+    assert state.links["eth1"].vlans == (BridgeVlan(10, False, False),)
+    assert state.links["net1"].vlans == (BridgeVlan(10, True, True),)
+    assert host.plan({"net1": cfg}) == []
+
+
+def test_add_bridged_vlan_with_8021q() -> None:
+    host = Host.with_networks(DOT1Q)
+    cfg = net(vlan=10, ports=("eth3",), ipv4=v4("10.1.0.1/24"))
+    assert host.setup({"net1": cfg}) == [
+        s("add_vlan", "eth3.10", parent="eth3", vid=10, mtu=1500),
+        s("add_bridge", "net1", stp=False, vlan_filtering=False, mtu=1500),
+        s("set_master", "eth3.10", master="net1"),
+        s("set_up", "eth3", up=True),
+        s("set_up", "eth3.10", up=True),
+        s("set_up", "net1", up=True),
+        s("add_address", "net1", address="10.1.0.1/24"),
+    ]
+    assert host.state.links["eth3"].master is None
+    assert host.plan({"net1": cfg}) == []
+
+
+def test_add_bridgeless_vlan() -> None:
+    host = Host.with_networks()
+    cfg = net(bridge=False, vlan=10, mtu=9000, ports=("eth4",),
+              ipv4=v4("10.1.0.1/24", "10.1.0.254"), default_route=True)
+    assert host.setup({"net1": cfg}) == [
+        s("add_vlan", "eth4.10", parent="eth4", vid=10, mtu=9000),
+        s("set_up", "eth4.10", up=True),
+        s("add_address", "eth4.10", address="10.1.0.1/24"),
+        s("add_route", "eth4.10", dst="default", family=4, gateway="10.1.0.254", metric=0),
+    ]
+    assert host.plan({"net1": cfg}) == []
+
+
+def test_add_bridgeless_with_dhcp_and_static_ipv6() -> None:
+    host = Host.with_networks()
+    cfg = net(bridge=False, ports=("eth3",), mtu=1400, ipv4=IpConfig("dhcp"),
+              ipv6=v6("2001:DB8:1::1/64"))
+    assert host.setup({"net1": cfg}) == [
+        s("set_mtu", "eth3", mtu=1400),
+        s("set_up", "eth3", up=True),
+        s("add_address", "eth3", address="2001:db8:1::1/64"),
+        s("start_dhcp", "eth3", family=4, default_route=False),
+    ]
+    assert host.plan({"net1": cfg}) == []
+
+
+def test_add_a_bridge_without_ports() -> None:
+    host = Host.with_networks()
+    assert host.setup({"vms": net("vms", ports=())}) == [
+        s("add_bridge", "vms", stp=False, vlan_filtering=False, mtu=1500),
+        s("set_up", "vms", up=True),
+    ]
+
+
+def test_mtu_defaults_to_1500_even_on_a_jumbo_nic() -> None:
+    host = Host.with_networks()
+    assert host.setup({"net1": net(ports=("eth4",))})[:2] == [
+        s("set_mtu", "eth4", mtu=1500),
+        s("add_bridge", "net1", stp=False, vlan_filtering=False, mtu=1500),
+    ]
+
+
+# --- removals --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("features", "cfg", "steps"), [
+    (ALL, net(ipv4=v4("10.1.0.1/24", "10.1.0.254"), default_route=True),
+     [s("set_master", "eth1", master=None), s("del_link", "net1")]),
+    (ALL, net(vlan=10),
+     [s("set_master", "eth1", master=None), s("del_link", "net1")]),
+    (DOT1Q, net(vlan=10, ipv4=IpConfig("dhcp")),
+     [s("stop_dhcp", "net1", family=4), s("del_link", "net1"), s("del_link", "eth1.10")]),
+    (ALL, net(bridge=False, vlan=10, ipv6=v6("2001:db8:1::1/64")),
+     [s("del_link", "eth1.10")]),
+    (ALL, net(bridge=False, ipv4=v4("10.1.0.1/24", "10.1.0.254"), ipv6=IpConfig("dhcp"),
+              default_route=True),
+     [s("stop_dhcp", "eth1", family=6),
+      s("del_route", "eth1", dst="default", family=4, gateway="10.1.0.254", metric=0),
+      s("del_address", "eth1", address="10.1.0.1/24")]),
+])
+def test_remove(features: Features, cfg: NetworkConfig, steps: list[Step]) -> None:
+    host = Host.with_networks(features, net1=cfg)
+    assert host.setup({"net1": None}) == steps
+    assert view(host.state, BASE.links) == view(BASE, BASE.links)
+    assert host.kernel.dhcp == set()
+
+
+# --- changes ---------------------------------------------------------------------------------
+
+
+STATIC = net(ipv4=v4("10.1.0.1/24", "10.1.0.254"), default_route=True)
+
+
+@pytest.mark.parametrize(("before", "after", "features", "steps"), [
+    pytest.param(STATIC, replace(STATIC, ipv4=v4("10.2.0.1/24", "10.2.0.254")), ALL, [
+        s("del_route", "net1", dst="default", family=4, gateway="10.1.0.254", metric=0),
+        s("del_address", "net1", address="10.1.0.1/24"),
+        s("add_address", "net1", address="10.2.0.1/24"),
+        s("add_route", "net1", dst="default", family=4, gateway="10.2.0.254", metric=0),
+    ], id="address-and-gateway"),
+    pytest.param(STATIC, replace(STATIC, ipv4=v4("10.1.0.1/24", "10.1.0.253")), ALL, [
+        s("del_route", "net1", dst="default", family=4, gateway="10.1.0.254", metric=0),
+        s("add_route", "net1", dst="default", family=4, gateway="10.1.0.253", metric=0),
+    ], id="gateway"),
+    # The kernel drops a link's IPv4 routes with its last IPv4 address: the route
+    # comes back after the new address.
+    pytest.param(STATIC, replace(STATIC, ipv4=v4("10.1.0.2/24", "10.1.0.254")), ALL, [
+        s("del_address", "net1", address="10.1.0.1/24"),
+        s("add_address", "net1", address="10.1.0.2/24"),
+        s("add_route", "net1", dst="default", family=4, gateway="10.1.0.254", metric=0),
+    ], id="address-same-subnet"),
+    pytest.param(STATIC, replace(STATIC, default_route=False), ALL, [
+        s("del_route", "net1", dst="default", family=4, gateway="10.1.0.254", metric=0),
+    ], id="default-route-off"),
+    pytest.param(net(vlan=10), net(vlan=10, mtu=9000), ALL, [
+        s("set_mtu", "eth1", mtu=9000),
+        s("set_mtu", "net1", mtu=9000),
+    ], id="mtu-up"),
+    pytest.param(net(vlan=10, mtu=9000), net(vlan=10, mtu=1500), ALL, [
+        s("set_mtu", "net1", mtu=1500),
+        s("set_mtu", "eth1", mtu=1500),
+    ], id="mtu-down"),
+    pytest.param(net(vlan=10), net(vlan=10, mtu=9000), DOT1Q, [
+        s("set_mtu", "eth1", mtu=9000),
+        s("set_mtu", "eth1.10", mtu=9000),
+        s("set_mtu", "net1", mtu=9000),
+    ], id="mtu-up-8021q"),
+    pytest.param(net(vlan=10, mtu=9000), net(vlan=10, mtu=1500), DOT1Q, [
+        s("set_mtu", "net1", mtu=1500),
+        s("set_mtu", "eth1.10", mtu=1500),
+        s("set_mtu", "eth1", mtu=1500),
+    ], id="mtu-down-8021q"),
+    pytest.param(net(), net(stp=True), ALL, [
+        s("set_bridge", "net1", stp=True),
+    ], id="stp"),
+    pytest.param(net(ipv4=v4("10.1.0.1/24")), net(ports=("eth2",), ipv4=v4("10.1.0.1/24")),
+                 ALL, [
+        s("set_master", "eth1", master=None),
+        s("set_master", "eth2", master="net1"),
+    ], id="port-swap"),
+    pytest.param(net(vlan=10), net(ports=("eth2",), vlan=10), ALL, [
+        s("set_master", "eth1", master=None),
+        s("set_master", "eth2", master="net1"),
+        s("add_vlan_entry", "eth2", vid=10, pvid=False, untagged=False, self=False),
+    ], id="port-swap-filtering"),
+    pytest.param(net(vlan=10), net(vlan=20), ALL, [
+        s("del_vlan_entry", "eth1", vid=10, pvid=False, untagged=False, self=False),
+        s("del_vlan_entry", "net1", vid=10, pvid=True, untagged=True, self=True),
+        s("set_bridge", "net1", default_pvid=20),
+        s("add_vlan_entry", "eth1", vid=20, pvid=False, untagged=False, self=False),
+        s("add_vlan_entry", "net1", vid=20, pvid=True, untagged=True, self=True),
+    ], id="vlan-filtering"),
+    pytest.param(net(vlan=10, ipv4=v4("10.1.0.1/24")), net(vlan=20, ipv4=v4("10.1.0.1/24")),
+                 DOT1Q, [
+        s("del_link", "eth1.10"),
+        s("add_vlan", "eth1.20", parent="eth1", vid=20, mtu=1500),
+        s("set_master", "eth1.20", master="net1"),
+        s("set_up", "eth1.20", up=True),
+    ], id="vlan-8021q"),
+    pytest.param(net(), net(vlan=10), ALL, [
+        s("set_bridge", "net1", vlan_filtering=True, default_pvid=10),
+        s("add_vlan_entry", "eth1", vid=10, pvid=False, untagged=False, self=False),
+        s("add_vlan_entry", "net1", vid=10, pvid=True, untagged=True, self=True),
+    ], id="vlan-added-filtering"),
+    pytest.param(net(vlan=10), net(), ALL, [
+        s("del_vlan_entry", "eth1", vid=10, pvid=False, untagged=False, self=False),
+        s("del_vlan_entry", "net1", vid=10, pvid=True, untagged=True, self=True),
+        s("set_bridge", "net1", vlan_filtering=False),
+    ], id="vlan-removed-filtering"),
+    pytest.param(net(), net(vlan=10), DOT1Q, [
+        s("set_master", "eth1", master=None),
+        s("add_vlan", "eth1.10", parent="eth1", vid=10, mtu=1500),
+        s("set_master", "eth1.10", master="net1"),
+        s("set_up", "eth1.10", up=True),
+    ], id="vlan-added-8021q"),
+    pytest.param(net(ipv4=v4("10.1.0.1/24", "10.1.0.254"), default_route=True),
+                 net(bridge=False, ipv4=v4("10.1.0.1/24", "10.1.0.254"), default_route=True),
+                 ALL, [
+        s("set_master", "eth1", master=None),
+        s("del_link", "net1"),
+        s("add_address", "eth1", address="10.1.0.1/24"),
+        s("add_route", "eth1", dst="default", family=4, gateway="10.1.0.254", metric=0),
+    ], id="bridge-to-bridgeless"),
+    pytest.param(net(bridge=False, ipv4=IpConfig("dhcp")), net(ipv4=IpConfig("dhcp")), ALL, [
+        s("stop_dhcp", "eth1", family=4),
+        s("add_bridge", "net1", stp=False, vlan_filtering=False, mtu=1500),
+        s("set_master", "eth1", master="net1"),
+        s("set_up", "net1", up=True),
+        s("start_dhcp", "net1", family=4, default_route=False),
+    ], id="bridgeless-to-bridge-dhcp"),
+    pytest.param(net(ipv6=IpConfig("dhcp")), net(ipv6=IpConfig("dhcp"), default_route=True),
+                 ALL, [
+        s("stop_dhcp", "net1", family=6),
+        s("start_dhcp", "net1", family=6, default_route=True),
+    ], id="dhcp-default-route"),
+])
+def test_change(before: NetworkConfig, after: NetworkConfig, features: Features,
+                steps: list[Step]) -> None:
+    host = Host.with_networks(features, net1=before)
+    assert host.setup({"net1": after}) == steps
+    assert host.plan({"net1": after}) == []
+
+
+def test_multi_network_change_releases_everything_first() -> None:
+    host = Host.with_networks(
+        a=net("a", ipv4=v4("10.1.0.1/24", "10.1.0.254"), default_route=True),
+        b=net("b", ports=("eth2",), vlan=10),
+        c=net("c", bridge=False, ports=("eth3",), ipv4=v4("10.3.0.1/24")))
+    requested: dict[str, NetworkConfig | None] = {
+        # a goes; d takes its NIC, its address and the default route
+        "a": None,
+        "d": net("d", bridge=False, ipv4=v4("10.1.0.1/24", "10.1.0.254"), default_route=True),
+        # b changes VLAN and MTU, c moves to another NIC and drops its address
+        "b": net("b", ports=("eth2",), vlan=20, mtu=1400),
+        "c": net("c", bridge=False, ports=("eth4",), mtu=9000),
+    }
+    assert host.setup(requested) == [
+        s("set_master", "eth1", master=None),
+        s("del_link", "a"),
+        s("del_vlan_entry", "eth2", vid=10, pvid=False, untagged=False, self=False),
+        s("del_vlan_entry", "b", vid=10, pvid=True, untagged=True, self=True),
+        s("del_address", "eth3", address="10.3.0.1/24"),
+        s("set_mtu", "b", mtu=1400),
+        s("set_mtu", "eth2", mtu=1400),
+        s("set_bridge", "b", default_pvid=20),
+        s("add_vlan_entry", "eth2", vid=20, pvid=False, untagged=False, self=False),
+        s("add_vlan_entry", "b", vid=20, pvid=True, untagged=True, self=True),
+        s("add_address", "eth1", address="10.1.0.1/24"),
+        s("add_route", "eth1", dst="default", family=4, gateway="10.1.0.254", metric=0),
+    ]
+    assert host.plan(dict(host.running)) == []
+    assert set(host.running) == {"b", "c", "d"}
+
+
+def test_networks_not_requested_are_left_alone() -> None:
+    host = Host.with_networks(a=net("a"), b=net("b", ports=("eth2",)))
+    host.kernel.set_up("b", up=False)    # drift on b...
+    assert host.plan({"a": net("a", stp=True)}) == [s("set_bridge", "a", stp=True)]
+    # ...which planning b repairs
+    assert host.plan({"b": net("b", ports=("eth2",))}) == [s("set_up", "b", up=True)]
+
+
+def test_a_request_repairs_what_drifted() -> None:
+    cfg = net(vlan=10, ipv4=v4("10.1.0.1/24", "10.1.0.254"), default_route=True)
+    host = Host.with_networks(net1=cfg)
+    host.kernel.del_route("net1", dst="default", family=4, gateway="10.1.0.254", metric=0)
+    host.kernel.set_master("eth1", master=None)
+    assert host.plan({"net1": cfg}) == [
+        s("set_master", "eth1", master="net1"),
+        s("add_vlan_entry", "eth1", vid=10, pvid=False, untagged=False, self=False),
+        s("add_route", "net1", dst="default", family=4, gateway="10.1.0.254", metric=0),
+    ]
+
+
+def test_a_vm_tap_on_a_filtering_bridge_follows_the_vlan() -> None:
+    host = Host.with_networks(net1=net(vlan=10))
+    host.kernel.links["vnet0"] = link("vnet0", "tun")
+    host.kernel.set_master("vnet0", master="net1")
+    steps = host.setup({"net1": net(vlan=20)})
+    assert "vnet0" not in touched(steps)
+    assert host.state.links["vnet0"].vlans == (BridgeVlan(20, True, True),)
+
+
+# --- restore ---------------------------------------------------------------------------------
+
+
+SCENARIOS: list[tuple[str, Features, dict[str, NetworkConfig],
+                      dict[str, NetworkConfig | None]]] = [
+    ("add-bridged", ALL, {}, {"net1": STATIC}),
+    ("add-everything", ALL, {}, {
+        "a": net("a", vlan=10, mtu=9000, ipv6=v6("2001:db8:1::1/64", "fe80::1"),
+                 default_route=True),
+        "b": net("b", ports=("eth2",), vlan=11, ipv4=v4("10.2.0.1/24")),
+        "c": net("c", bridge=False, ports=("eth4",), vlan=12, mtu=9000,
+                 ipv4=v4("10.3.0.1/24")),
+        "d": net("d", bridge=False, ports=("eth3",), ipv4=IpConfig("dhcp"))}),
+    ("add-8021q", DOT1Q, {}, {
+        "a": net("a", vlan=10, mtu=9000, ports=("eth4",), ipv4=v4("10.1.0.1/24", "10.1.0.9"),
+                 default_route=True)}),
+    ("remove-all", ALL, {
+        "a": net("a", vlan=10, ipv4=v4("10.1.0.1/24", "10.1.0.254"), default_route=True),
+        "b": net("b", bridge=False, ports=("eth2",), ipv6=v6("2001:db8:2::1/64"))},
+     {"a": None, "b": None}),
+    ("remove-8021q", DOT1Q, {"a": net("a", vlan=10, mtu=9000, ports=("eth4",))}, {"a": None}),
+    ("change-vlan-filtering", ALL, {"a": net("a", vlan=10, ipv4=v4("10.1.0.1/24"))},
+     {"a": net("a", vlan=20, mtu=1400, ipv4=v4("10.1.0.5/24"), stp=True)}),
+    ("change-vlan-8021q", DOT1Q, {"a": net("a", vlan=10, mtu=9000, ports=("eth4",))},
+     {"a": net("a", vlan=20, mtu=1500, ports=("eth4",))}),
+    ("vlan-on-off", ALL, {"a": net("a"), "b": net("b", ports=("eth2",), vlan=5)},
+     {"a": net("a", vlan=7), "b": net("b", ports=("eth2",))}),
+    ("shuffle", ALL, {
+        "a": net("a", ipv4=v4("10.1.0.1/24", "10.1.0.254"), default_route=True),
+        "b": net("b", ports=("eth2",), vlan=10),
+        "c": net("c", bridge=False, ports=("eth3",), ipv4=v4("10.3.0.1/24"))},
+     {"a": None,
+      "d": net("d", bridge=False, ipv4=v4("10.1.0.1/24", "10.1.0.254"), default_route=True),
+      "b": net("b", ports=("eth3",), vlan=20, mtu=1400),
+      "c": net("c", ports=("eth2",), ipv4=v4("10.3.0.1/24"))}),
+    ("bridge-to-bridgeless-and-back", ALL, {
+        "a": net("a", ipv4=v4("10.1.0.1/24", "10.1.0.254"), default_route=True),
+        "b": net("b", bridge=False, ports=("eth2",), ipv4=v4("10.2.0.1/24"))},
+     {"a": net("a", bridge=False, ipv4=v4("10.1.0.1/24", "10.1.0.254"), default_route=True),
+      "b": net("b", ports=("eth2",), ipv4=v4("10.2.0.1/24"))}),
+]
+
+
+@pytest.mark.parametrize(("features", "running", "requested"),
+                         [s[1:] for s in SCENARIOS], ids=[s[0] for s in SCENARIOS])
+def test_restore_after_any_part_of_a_plan(features: Features, running: dict[str, NetworkConfig],
+                                          requested: dict[str, NetworkConfig | None]) -> None:
+    host = Host.with_networks(features, **running)
+    snapshot = host.state
+    steps = host.plan(requested)
+    assert steps
+    links = touched(steps)
+    assert not links & UNMANAGED
+    assert restore(snapshot, snapshot, links) == []
+    for applied in range(len(steps) + 1):
+        kernel = Kernel(snapshot)
+        kernel.apply(steps[:applied])
+        undo = restore(kernel.read(), snapshot, links)
+        assert {step.link for step in undo} <= links
+        kernel.apply(undo)
+        assert view(kernel.read(), links) == view(snapshot, links), \
+            f"after {applied} of {len(steps)} steps"
+        assert restore(kernel.read(), snapshot, links) == []
+    # The whole plan applied, a second plan finds nothing to do.
+    host.kernel.apply(steps)
+    after = {n: c for n, c in {**host.running, **requested}.items() if c is not None}
+    assert plan(host.state, after, after, features) == []
+
+
+def test_restore_orders_its_steps() -> None:
+    before = Host.with_networks(a=net("a", vlan=10, mtu=9000, ports=("eth4",),
+                                      ipv4=v4("10.1.0.1/24", "10.1.0.254"), default_route=True))
+    snapshot = before.state
+    steps = before.setup({"a": None, "b": net("b", ports=("eth4",), ipv4=v4("10.1.0.7/24"))})
+    assert restore(before.state, snapshot, touched(steps)) == [
+        s("set_master", "eth4", master=None),
+        s("del_link", "b"),
+        s("set_mtu", "eth4", mtu=9000),
+        s("add_bridge", "a", stp=False, vlan_filtering=True, default_pvid=10, mtu=9000,
+          mac=snapshot.links["a"].mac),
+        s("set_master", "eth4", master="a"),
+        s("add_vlan_entry", "eth4", vid=10, pvid=False, untagged=False, self=False),
+        s("add_vlan_entry", "a", vid=10, pvid=True, untagged=True, self=True),
+        s("set_up", "a", up=True),
+        s("add_address", "a", address="10.1.0.1/24"),
+        s("add_route", "a", dst="default", family=4, gateway="10.1.0.254", metric=0),
+    ]
+
+
+def test_restore_recreates_an_8021q_device_and_leaves_what_the_kernel_owns() -> None:
+    host = Host.with_networks(DOT1Q, a=net("a", bridge=False, vlan=10, ports=("eth2",),
+                                           ipv4=v4("10.1.0.1/24")))
+    host.kernel.add_address("eth2.10", address="fe80::5/64")
+    host.kernel.addresses.append(Address("eth2.10", "10.9.0.5/24", 4, dynamic=True))
+    host.kernel.routes.append(Route("10.1.0.0/24", 4, link="eth2.10", proto="kernel"))
+    snapshot = host.state
+    host.kernel.del_link("eth2.10")
+    assert restore(host.state, snapshot, {"eth2", "eth2.10"}) == [
+        s("add_vlan", "eth2.10", parent="eth2", vid=10, mtu=1500,
+          mac=snapshot.links["eth2.10"].mac),
+        s("set_up", "eth2.10", up=True),
+        s("add_address", "eth2.10", address="10.1.0.1/24"),
+    ]
+
+
+def test_restore_leaves_a_vanished_nic_alone() -> None:
+    host = Host.with_networks(a=net("a"))
+    snapshot = host.state
+    host.kernel.del_link("a")
+    del host.kernel.links["eth1"]
+    assert restore(host.state, snapshot, {"a", "eth1"}) == [
+        s("add_bridge", "a", stp=False, vlan_filtering=False, mtu=1500,
+          default_pvid=1, mac=snapshot.links["a"].mac),
+        s("set_up", "a", up=True),
+    ]
+
+
+def test_touched() -> None:
+    assert touched([s("set_master", "eth1", master="net1"),
+                    s("add_vlan", "eth2.5", parent="eth2", vid=5),
+                    s("set_master", "eth3", master=None),
+                    s("del_link", "x")]) == {"eth1", "net1", "eth2.5", "eth2", "eth3", "x"}
