@@ -38,7 +38,7 @@ def decoded(cls: Any, fields: dict[str, Any], attrs: list[tuple[str, Any]]) -> A
     return wire
 
 
-def route(dst: str | None, dst_len: int, family: int = AF_INET, table: int = 254,
+def route(dst: str | None, dst_len: int, *, family: int = AF_INET, table: int = 254,
           kind: int = 1, proto: int = 3, scope: int = 0, **attrs: Any) -> Any:
     nlas: list[tuple[str, Any]] = [("RTA_TABLE", table)]
     if dst is not None:
@@ -84,7 +84,7 @@ def test_multipath_routes_are_one_route_per_hop() -> None:
     ]
 
 
-def address(family: int, prefixlen: int, index: int = 2, flags: int = 0x80, scope: int = 0,
+def address(family: int, prefixlen: int, *, index: int = 2, flags: int = 0x80, scope: int = 0,
             **attrs: Any) -> Any:
     nlas = [(f"IFA_{key.upper()}", value) for key, value in attrs.items()]
     return decoded(ifaddrmsg, {"family": family, "prefixlen": prefixlen, "flags": flags,
