@@ -103,35 +103,52 @@ def _optional_bool(value: Any) -> bool | None:
     return bool(value) if value is not None else None
 
 
+_LINK_ATTRS = frozenset({
+    "IFLA_IFNAME", "IFLA_ADDRESS", "IFLA_MTU", "IFLA_MIN_MTU", "IFLA_MAX_MTU", "IFLA_CARRIER",
+    "IFLA_OPERSTATE", "IFLA_MASTER", "IFLA_LINK", "IFLA_LINKINFO",
+})
+
+
+def attributes(msg: Message, wanted: frozenset[str]) -> dict[str, Any]:
+    """The first value of each ``wanted`` NLA, in one pass over the message (a link
+    message has some fifty; ``get_attr`` walks them all on every call)."""
+    found: dict[str, Any] = {}
+    for slot in msg["attrs"]:
+        name = slot[0]
+        if name in wanted and name not in found:
+            found[name] = slot[1]  # pyroute2 decodes the value here, when asked
+    return found
+
+
 def link_info(msg: Message) -> LinkInfo:
     """Decode an RTM_NEWLINK (or RTM_DELLINK) message of family AF_UNSPEC."""
-    linkinfo = msg.get_attr("IFLA_LINKINFO")
+    attrs = attributes(msg, _LINK_ATTRS)
+    linkinfo = attrs.get("IFLA_LINKINFO")
     kind = linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo is not None else None
     data = linkinfo.get_attr("IFLA_INFO_DATA") if linkinfo is not None else None
     if kind is None:
         kind = "loopback" if msg["ifi_type"] == ARPHRD_LOOPBACK else "device"
-    max_mtu = _optional_int(msg.get_attr("IFLA_MAX_MTU"))
-    master = msg.get_attr("IFLA_MASTER")
+    master = attrs.get("IFLA_MASTER")
     info = LinkInfo(
         index=int(msg["index"]),
-        name=str(msg.get_attr("IFLA_IFNAME")),
+        name=str(attrs.get("IFLA_IFNAME")),
         kind=str(kind),
-        mac=msg.get_attr("IFLA_ADDRESS"),
-        mtu=int(msg.get_attr("IFLA_MTU", 0)),
-        min_mtu=_optional_int(msg.get_attr("IFLA_MIN_MTU")),
+        mac=attrs.get("IFLA_ADDRESS"),
+        mtu=int(attrs.get("IFLA_MTU", 0)),
+        min_mtu=_optional_int(attrs.get("IFLA_MIN_MTU")),
         # 0 is the kernel's "no upper limit" (lo, for one).
-        max_mtu=max_mtu or None,
+        max_mtu=_optional_int(attrs.get("IFLA_MAX_MTU")) or None,
         up=bool(msg["flags"] & IFF_UP),
-        carrier=bool(msg.get_attr("IFLA_CARRIER", 0)),
-        operstate=str(msg.get_attr("IFLA_OPERSTATE", "unknown")).lower(),
+        carrier=bool(attrs.get("IFLA_CARRIER", 0)),
+        operstate=str(attrs.get("IFLA_OPERSTATE", "unknown")).lower(),
         master_index=int(master) if master else None,
     )
     if data is None:
         return info
     if kind == "vlan":
-        link = msg.get_attr("IFLA_LINK")
+        link = attrs.get("IFLA_LINK")
         return replace(info, vlan_id=_optional_int(data.get_attr("IFLA_VLAN_ID")),
-                        parent_index=int(link) if link else None)
+                       parent_index=int(link) if link else None)
     if kind == "bridge":
         return replace(
             info,
