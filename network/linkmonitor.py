@@ -2,22 +2,25 @@
 an rtnetlink socket bound to the link and address multicast groups, read on the event
 loop. :mod:`virtnode.network.linkevents` decides what is worth an event.
 
-No thread: the socket is non-blocking and watched with ``loop.add_reader``; each
-datagram is decoded by pyroute2's marshal as it arrives. Only opening the socket blocks
-(a named namespace is entered by a forked child that hands the socket back), so
-:meth:`LinkMonitor.start` does that in a worker thread.
+The multicast socket is non-blocking and watched with ``loop.add_reader``; each
+datagram is decoded by pyroute2's marshal as it arrives, so no thread reads it. Two
+things block and run in a worker thread instead: opening a socket (a named namespace is
+entered by a forked child that hands the socket back), and dumping every link and
+address, at start and after the kernel dropped messages. A dump waits for the kernel's
+RTNL lock, which someone else may hold for seconds (a namespace with many links being
+torn down), so it gets a socket of its own, opened, read and closed in that thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import logging
 import socket
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
 
 from pyroute2.netlink import (
     NETLINK_ROUTE,
@@ -54,12 +57,43 @@ from virtnode.network.rtnlmsg import (
 log = logging.getLogger(__name__)
 
 GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
-_RECEIVE_BUFFER = 4 * 1024 * 1024
+RECEIVE_BUFFER = 4 * 1024 * 1024
+#: How long a dump may wait for the kernel before the monitor gives up.
+DUMP_TIMEOUT = 30.0
 _RECEIVE_SIZE = 256 * 1024
 # Datagrams read per wake-up, so a flood cannot hold the loop; the rest wait.
 _MAX_PER_WAKEUP = 64
+# A dump the kernel marks inconsistent (links changed meanwhile) is read again.
+_DUMP_ATTEMPTS = 5
 _IFLA_EXT_MASK = 29
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+Snapshot = tuple[list[LinkInfo], dict[int, frozenset[str]]]
+
+
+def open_socket(netns: str | None, groups: int = 0,
+                receive_buffer: int = RECEIVE_BUFFER) -> socket.socket:
+    """A blocking rtnetlink socket in ``netns`` bound to ``groups``. Blocks."""
+    if netns is None:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+    else:
+        try:
+            # flags=0: enter the namespace, never create it.
+            sock = create_socket(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE,
+                                 flags=0)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT,
+                                    f"no network namespace named {netns!r}") from None
+    try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, receive_buffer)
+        except OSError:  # needs CAP_NET_ADMIN; the capped size is still better
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.bind((0, groups))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def dump_request(msg_type: int, seq: int) -> bytes:
@@ -74,29 +108,48 @@ def dump_request(msg_type: int, seq: int) -> bytes:
     return header + body
 
 
-def open_socket(netns: str | None) -> socket.socket:
-    """A non-blocking rtnetlink socket in ``netns`` bound to :data:`GROUPS`. Blocks."""
-    if netns is None:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
-    else:
-        try:
-            # flags=0: enter the namespace, never create it.
-            sock = create_socket(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE,
-                                 flags=0)
-        except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT,
-                                    f"no network namespace named {netns!r}") from None
-    try:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, _RECEIVE_BUFFER)
-        except OSError:  # needs CAP_NET_ADMIN; the capped size is still better
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER)
-        sock.bind((0, GROUPS))
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+class _Inconsistent(Exception):
+    """The kernel marked a dump as interrupted by changes (NLM_F_DUMP_INTR)."""
+
+
+def _dump(sock: socket.socket, msg_type: int, seq: int) -> Iterator[Message]:
+    marshal = MarshalRtnl()
+    sock.send(dump_request(msg_type, seq))
+    interrupted = False
+    while True:
+        for msg in marshal.parse(sock.recv(_RECEIVE_SIZE)):
+            header = msg["header"]
+            if header["sequence_number"] != seq:
+                continue
+            interrupted = interrupted or bool(header["flags"] & NLM_F_DUMP_INTR)
+            if header["type"] == NLMSG_ERROR and header.get("error") is not None:
+                raise kernel_error(header["error"])
+            if header["type"] in (NLMSG_DONE, NLMSG_ERROR):
+                if interrupted:
+                    raise _Inconsistent
+                return
+            yield msg
+
+
+def read_snapshot(netns: str | None) -> Snapshot:
+    """Every link and the addresses of each (by ifindex), on a socket of its own.
+    Blocks; raises OSError."""
+    sequence = itertools.count(1)
+    with open_socket(netns) as sock:
+        sock.settimeout(DUMP_TIMEOUT)
+        for _ in range(_DUMP_ATTEMPTS):
+            try:
+                links = [link_info(msg) for msg in _dump(sock, RTM_GETLINK, next(sequence))
+                         if msg["header"]["type"] == RTM_NEWLINK
+                         and msg["family"] == socket.AF_UNSPEC]
+                addresses: dict[int, set[str]] = {}
+                for msg in _dump(sock, RTM_GETADDR, next(sequence)):
+                    if msg["header"]["type"] == RTM_NEWADDR and (text := address_text(msg)):
+                        addresses.setdefault(int(msg["index"]), set()).add(text)
+            except _Inconsistent:
+                continue
+            return links, {index: frozenset(found) for index, found in addresses.items()}
+    raise OSError(errno.EAGAIN, "links kept changing while they were read")
 
 
 class LinkMonitor:
@@ -110,12 +163,18 @@ class LinkMonitor:
 
     ``start()`` reads every link and address first, so the first event of a link that
     already existed is ``changed``, never ``added``. When the kernel drops messages
-    because the reader fell behind (ENOBUFS), the monitor dumps links and addresses again
-    and reports the differences as events. Events queue without bound until read.
+    because the reader fell behind (ENOBUFS), the monitor reads every link and address
+    again and reports the differences as events (:attr:`overflows` counts those times).
+    ``receive_buffer`` is the multicast socket's buffer in bytes. Events queue without
+    bound until read.
     """
 
-    def __init__(self, netns: str | None = None) -> None:
+    def __init__(self, netns: str | None = None, *,
+                 receive_buffer: int = RECEIVE_BUFFER) -> None:
         self.netns = netns
+        self.receive_buffer = receive_buffer
+        #: How many times the kernel dropped messages for this monitor.
+        self.overflows = 0
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._marshal = MarshalRtnl()
@@ -123,47 +182,43 @@ class LinkMonitor:
         self._events: asyncio.Queue[LinkEvent | None] = asyncio.Queue()
         self._error: OSError | None = None
         self._stopped = False
-        self._ready: asyncio.Future[None] | None = None
-        # The dump in progress: its sequence number and phase, what it read so far,
-        # and the broadcasts that arrived meanwhile (applied after it).
-        self._port = 0
-        self._seq = 0
-        self._phase = RTM_GETLINK
-        self._syncing = False
+        # While a snapshot is read, notifications wait here, to be applied after it.
+        self._sync_task: asyncio.Task[None] | None = None
         self._sync_again = False
-        self._dumped_links: list[LinkInfo] = []
-        self._dumped_addresses: dict[int, set[str]] = {}
         self._held: list[Message] = []
 
-    async def start(self, timeout: float = 10.0) -> None:
+    async def start(self) -> None:
         """Open the socket and read the current state. Raises OSError (FileNotFoundError
-        for a missing namespace) or TimeoutError."""
+        for a missing namespace)."""
         if self._sock is not None or self._stopped:
             raise RuntimeError("a LinkMonitor starts once")
         self._loop = asyncio.get_running_loop()
-        self._sock = await asyncio.to_thread(open_socket, self.netns)
-        self._port = self._sock.getsockname()[0]
-        self._ready = self._loop.create_future()
+        self._sock = await asyncio.to_thread(open_socket, self.netns, GROUPS,
+                                             self.receive_buffer)
+        self._sock.setblocking(False)
         self._loop.add_reader(self._sock.fileno(), self._readable)
+        self._sync()
+        assert self._sync_task is not None
         try:
-            self._sync()
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(self._ready)
+            await asyncio.shield(self._sync_task)
         except BaseException:
             self.stop()
             raise
+        if self._error is not None:
+            raise self._error
 
     def stop(self) -> None:
         """Stop reading and close the socket; iteration ends. Idempotent."""
         if self._stopped:
             return
         self._stopped = True
+        # A failed snapshot stops the monitor from its own task: that one ends by itself.
+        if self._sync_task is not None and self._sync_task is not asyncio.current_task():
+            self._sync_task.cancel()
         if self._sock is not None:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
-        if self._ready is not None and not self._ready.done():
-            self._ready.cancel()
         self._events.put_nowait(None)
 
     async def __aenter__(self) -> LinkMonitor:
@@ -186,7 +241,7 @@ class LinkMonitor:
             raise StopAsyncIteration
         return event
 
-    # --- reading
+    # --- notifications
 
     def _readable(self) -> None:
         assert self._sock is not None
@@ -197,39 +252,26 @@ class LinkMonitor:
                 return
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
+                    self.overflows += 1
                     log.warning("link monitor: the kernel dropped messages; reading again")
                     self._sync()
                     continue
                 self._fail(exc)
                 return
             for msg in self._marshal.parse(data):
-                self._handle(msg)
-                if self._stopped:
-                    return
+                if self._sync_task is not None:
+                    self._held.append(msg)
+                else:
+                    self._apply(msg)
 
     def _fail(self, exc: OSError) -> None:
         log.error("link monitor: %s", exc)
         self._error = exc
-        if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(exc)
         self.stop()
 
     def _emit(self, event: LinkEvent | None) -> None:
         if event is not None:
             self._events.put_nowait(event)
-
-    def _handle(self, msg: Message) -> None:
-        header = msg["header"]
-        # Dump answers are addressed to this socket's port. Notifications carry the port
-        # and sequence number of whoever made the change; this socket makes none.
-        if header["pid"] == self._port:
-            if self._syncing and header["sequence_number"] == self._seq:
-                self._dumped(msg, header)
-            # Anything else answers a dump that was given up.
-        elif self._syncing:
-            self._held.append(msg)
-        else:
-            self._apply(msg)
 
     def _apply(self, msg: Message) -> None:
         msg_type = msg["header"]["type"]
@@ -247,51 +289,32 @@ class LinkMonitor:
                 self._emit(self._tracker.address(int(msg["index"]), text,
                                                  present=msg_type == RTM_NEWADDR))
 
-    # --- dumps
+    # --- snapshots
 
     def _sync(self) -> None:
-        """Dump links, then addresses; a dump already running starts over when done."""
-        if self._syncing:
+        """Read a snapshot; one being read already is read again once it is done."""
+        if self._sync_task is not None:
             self._sync_again = True
             return
-        self._syncing, self._sync_again, self._phase = True, False, RTM_GETLINK
-        self._dumped_links, self._dumped_addresses = [], {}
-        self._request(RTM_GETLINK)
+        assert self._loop is not None
+        self._sync_task = self._loop.create_task(self._read_snapshots(),
+                                                 name=f"link monitor snapshot {self.netns}")
 
-    def _request(self, msg_type: int) -> None:
-        assert self._sock is not None
-        self._seq = self._seq % 0xFFFFFFFF + 1
+    async def _read_snapshots(self) -> None:
         try:
-            self._sock.send(dump_request(msg_type, self._seq))
+            again = True
+            while again:
+                self._sync_again = False
+                links, addresses = await asyncio.to_thread(read_snapshot, self.netns)
+                for event in self._tracker.reset(links, addresses):
+                    self._emit(event)
+                # Notifications sent while the snapshot was read: the ones it already
+                # shows change nothing, the later ones apply on top.
+                held, self._held = self._held, []
+                for msg in held:
+                    self._apply(msg)
+                again = self._sync_again
         except OSError as exc:
             self._fail(exc)
-
-    def _dumped(self, msg: Message, header: Mapping[str, Any]) -> None:
-        if header["flags"] & NLM_F_DUMP_INTR:
-            self._sync_again = True  # links changed while they were dumped
-        msg_type = header["type"]
-        if msg_type == NLMSG_ERROR and header.get("error") is not None:
-            self._fail(kernel_error(header["error"]))
-        elif msg_type in (NLMSG_DONE, NLMSG_ERROR):
-            self._dump_done()
-        elif msg_type == RTM_NEWLINK and msg["family"] == socket.AF_UNSPEC:
-            self._dumped_links.append(link_info(msg))
-        elif msg_type == RTM_NEWADDR and (text := address_text(msg)) is not None:
-            self._dumped_addresses.setdefault(int(msg["index"]), set()).add(text)
-
-    def _dump_done(self) -> None:
-        if self._phase == RTM_GETLINK:
-            self._phase = RTM_GETADDR
-            self._request(RTM_GETADDR)
-            return
-        addresses = {index: frozenset(found) for index, found in self._dumped_addresses.items()}
-        for event in self._tracker.reset(self._dumped_links, addresses):
-            self._emit(event)
-        held, self._held = self._held, []
-        self._syncing = False
-        for msg in held:
-            self._apply(msg)
-        if self._ready is not None and not self._ready.done():
-            self._ready.set_result(None)
-        if self._sync_again:
-            self._sync()
+        finally:
+            self._sync_task = None
