@@ -16,6 +16,8 @@ import os
 import secrets
 import shutil
 import subprocess
+import tempfile
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,6 +375,31 @@ def test_refusals_made_here(host: NetlinkHost) -> None:
         assert failed.value.errno is None and "invalid arguments" in failed.value.message
 
 
+def test_a_host_belongs_to_the_thread_of_its_first_call(host: NetlinkHost) -> None:
+    host.read_state()
+    failure: list[BaseException] = []
+    other = threading.Thread(target=lambda: _capture(failure, host.read_state))
+    other.start()
+    other.join()
+    assert len(failure) == 1 and isinstance(failure[0], RuntimeError)
+    host.close()
+    host.close()
+    with pytest.raises(RuntimeError):
+        host.read_state()
+
+
+def _capture(into: list[BaseException], call: Callable[[], object]) -> None:
+    try:
+        call()
+    except BaseException as exc:
+        into.append(exc)
+
+
+async def test_a_host_refuses_to_block_the_event_loop(netns: Namespace) -> None:
+    with NetlinkHost(netns.name) as host, pytest.raises(RuntimeError, match="event loop"):
+        host.read_state()
+
+
 # --- features -------------------------------------------------------------------------------
 
 
@@ -479,6 +506,33 @@ async def test_monitor_reports_nothing_for_a_no_op(netns: Namespace,
     await ip(netns, "link", "set", "nic1", "mtu", "1400")  # the marker
     (event,) = await wait_for(monitor, lambda e: True)
     assert (event.link, event.changes) == ("nic1", ("mtu",))
+
+
+async def test_monitor_reads_again_after_the_kernel_dropped_messages(
+        netns: Namespace) -> None:
+    async with LinkMonitor(netns.name, receive_buffer=4096) as monitor:
+        bridges = {f"br{n}" for n in range(50)}
+        # Hold the loop (for well under the loop guard's limit) while the kernel sends
+        # far more than 4 KiB of notifications: a reader that fell behind.
+        with tempfile.NamedTemporaryFile("w") as script:
+            script.write("".join(f"link add {name} type bridge\n" for name in bridges))
+            script.flush()
+            subprocess.run(["ip", "-n", netns.name, "-batch", script.name],  # noqa: ASYNC221
+                           check=True)
+        added: set[str] = set()
+
+        def all_added(event: LinkEvent) -> bool:
+            if event.event == "added":
+                added.add(event.link)
+            return added == bridges
+
+        await wait_for(monitor, all_added, timeout=20.0)
+        assert monitor.overflows >= 1
+
+
+async def test_monitor_of_a_missing_namespace_does_not_start(netns: Namespace) -> None:
+    with pytest.raises(FileNotFoundError):
+        await LinkMonitor(f"vn-t-{secrets.token_hex(4)}").start()
 
 
 async def test_monitor_stops(netns: Namespace) -> None:
