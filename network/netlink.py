@@ -24,6 +24,7 @@ Errors::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno as errnos
 import ipaddress
 import logging
@@ -412,7 +413,9 @@ class NetlinkHost:
             try:
                 ipr.link("set", index=self._indexes[step.link], mtu=mtu)
             except NetlinkError:
-                ipr.link("del", index=self._indexes.pop(step.link))
+                # The step fails as a whole: take back the bridge it made.
+                with contextlib.suppress(NetlinkError):
+                    ipr.link("del", index=self._indexes.pop(step.link))
                 raise
 
     def _add_vlan(self, ipr: Any, step: Step) -> None:
