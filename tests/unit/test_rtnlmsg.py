@@ -1,0 +1,163 @@
+"""Rtnetlink messages into the model's shapes, without a kernel.
+
+Messages are built with pyroute2's own classes, encoded to bytes and decoded again,
+so the code under test sees what it would see from a socket.
+"""
+
+from __future__ import annotations
+
+from socket import AF_INET, AF_INET6
+from typing import Any
+
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+from pyroute2.netlink.rtnl.rtmsg import rtmsg
+
+from virtnode.network.netmodel import Address, BridgeVlan, Dns, Route
+from virtnode.network.rtnlmsg import (
+    address_text,
+    bridge_vlans,
+    link_info,
+    parse_resolv_conf,
+    to_address,
+    to_link,
+    to_routes,
+)
+
+NAMES = {1: "lo", 2: "eth0", 3: "br0"}
+
+
+def decoded(cls: Any, fields: dict[str, Any], attrs: list[tuple[str, Any]]) -> Any:
+    msg = cls()
+    for key, value in fields.items():
+        msg[key] = value
+    msg["attrs"] = attrs
+    msg.encode()
+    wire = cls(msg.data)
+    wire.decode()
+    return wire
+
+
+def route(dst: str | None, dst_len: int, *, family: int = AF_INET, table: int = 254,
+          kind: int = 1, proto: int = 3, scope: int = 0, **attrs: Any) -> Any:
+    nlas: list[tuple[str, Any]] = [("RTA_TABLE", table)]
+    if dst is not None:
+        nlas.append(("RTA_DST", dst))
+    nlas += [(f"RTA_{key.upper()}", value) for key, value in attrs.items()]
+    return decoded(rtmsg, {"family": family, "dst_len": dst_len, "table": table,
+                           "type": kind, "proto": proto, "scope": scope}, nlas)
+
+
+def test_main_table_unicast_routes() -> None:
+    default = route(None, 0, gateway="192.0.2.1", oif=2, priority=100)
+    onlink = route("192.0.2.0", 24, proto=2, scope=253, oif=2)
+    assert list(to_routes(default, NAMES)) == [
+        Route("default", 4, gateway="192.0.2.1", link="eth0", metric=100)]
+    assert list(to_routes(onlink, NAMES)) == [
+        Route("192.0.2.0/24", 4, link="eth0", proto="kernel", scope="link")]
+    assert next(to_routes(route(None, 0, proto=77, oif=2), NAMES)).proto == "77"
+
+
+def test_routes_left_out() -> None:
+    left_out = [
+        route("192.0.2.1", 32, table=255, kind=2, oif=2),  # local
+        route("192.0.2.255", 32, table=255, kind=3, oif=2),  # broadcast
+        route("198.51.100.0", 24, table=100, oif=2),  # another table
+        route("203.0.113.0", 24, kind=6),  # blackhole
+        route("fe80::", 64, family=AF_INET6, proto=2, oif=2),
+        route("ff00::", 8, family=AF_INET6, kind=5, table=255, oif=2),
+        route("ff00::", 8, family=AF_INET6, oif=2),  # in main on older kernels
+    ]
+    for msg in left_out:
+        assert list(to_routes(msg, NAMES)) == []
+    assert list(to_routes(route("fe80::", 10, family=AF_INET6, oif=2), NAMES)) == [
+        Route("fe80::/10", 6, link="eth0")]
+
+
+def test_multipath_routes_are_one_route_per_hop() -> None:
+    hops = [{"oif": 2, "attrs": [("RTA_GATEWAY", "192.0.2.1")]},
+            {"oif": 3, "attrs": [("RTA_GATEWAY", "198.51.100.1")]}]
+    msg = route(None, 0, multipath=hops)
+    assert list(to_routes(msg, NAMES)) == [
+        Route("default", 4, gateway="192.0.2.1", link="eth0"),
+        Route("default", 4, gateway="198.51.100.1", link="br0"),
+    ]
+
+
+def address(family: int, prefixlen: int, *, index: int = 2, flags: int = 0x80, scope: int = 0,
+            **attrs: Any) -> Any:
+    nlas = [(f"IFA_{key.upper()}", value) for key, value in attrs.items()]
+    return decoded(ifaddrmsg, {"family": family, "prefixlen": prefixlen, "flags": flags,
+                               "scope": scope, "index": index}, nlas)
+
+
+def test_addresses() -> None:
+    v4 = address(AF_INET, 24, local="192.0.2.10", address="192.0.2.10")
+    assert to_address(v4, NAMES) == Address("eth0", "192.0.2.10/24", 4)
+    # On a point-to-point link IFA_ADDRESS is the peer; the link's own is IFA_LOCAL.
+    ptp = address(AF_INET, 32, local="192.0.2.10", address="192.0.2.99")
+    assert address_text(ptp) == "192.0.2.10/32"
+    slaac = address(AF_INET6, 64, flags=0, address="2001:db8::5054:ff:fe00:1")
+    assert to_address(slaac, NAMES) == Address("eth0", "2001:db8::5054:ff:fe00:1/64", 6,
+                                               dynamic=True)
+    assert address_text(address(AF_INET6, 64, address="2001:DB8:0::1")) == "2001:db8::1/64"
+    assert to_address(address(AF_INET, 24, index=9, local="192.0.2.1"), NAMES) is None
+
+
+def test_address_flags_attribute_wins() -> None:
+    # IFA_FLAGS (32 bits) supersedes the 8-bit flags field.
+    msg = decoded(ifaddrmsg, {"family": AF_INET6, "prefixlen": 64, "flags": 0, "scope": 253,
+                              "index": 2},
+                  [("IFA_ADDRESS", "fe80::1"), ("IFA_FLAGS", 0x80)])
+    assert to_address(msg, NAMES) == Address("eth0", "fe80::1/64", 6, scope="link")
+
+
+def link(index: int, name: str, ifi_type: int = 1, flags: int = 0,
+         **attrs: Any) -> Any:
+    nlas: list[tuple[str, Any]] = [("IFLA_IFNAME", name), ("IFLA_MTU", 1500)]
+    nlas += [(key, value) for key, value in attrs.items()]
+    return decoded(ifinfmsg, {"index": index, "ifi_type": ifi_type, "flags": flags}, nlas)
+
+
+def test_links() -> None:
+    lo = link_info(link(1, "lo", ifi_type=772, IFLA_MAX_MTU=0, IFLA_MIN_MTU=0))
+    assert (lo.kind, lo.max_mtu, lo.min_mtu) == ("loopback", None, 0)
+    nic = link_info(link(2, "eth0", flags=1, IFLA_MASTER=3, IFLA_CARRIER=1,
+                         IFLA_OPERSTATE="UP", IFLA_ADDRESS="52:54:00:00:00:01"))
+    assert (nic.kind, nic.up, nic.carrier, nic.operstate) == ("device", True, True, "up")
+    assert to_link(nic, NAMES).master == "br0"
+    bridge = link_info(link(3, "br0", IFLA_LINKINFO={"attrs": [
+        ("IFLA_INFO_KIND", "bridge"),
+        ("IFLA_INFO_DATA", {"attrs": [("IFLA_BR_STP_STATE", 1),
+                                      ("IFLA_BR_VLAN_FILTERING", 1),
+                                      ("IFLA_BR_VLAN_DEFAULT_PVID", 1)]})]}))
+    assert (bridge.kind, bridge.stp, bridge.vlan_filtering, bridge.default_pvid) == (
+        "bridge", True, True, 1)
+    vlan = link_info(link(4, "eth0.20", IFLA_LINK=2, IFLA_LINKINFO={"attrs": [
+        ("IFLA_INFO_KIND", "vlan"), ("IFLA_INFO_DATA", {"attrs": [("IFLA_VLAN_ID", 20)]})]}))
+    assert (to_link(vlan, NAMES).vlan_parent, vlan.vlan_id) == ("eth0", 20)
+
+
+def test_bridge_vlans_sorted_with_their_flags() -> None:
+    msg = decoded(ifinfmsg, {"family": 7, "index": 2}, [("IFLA_AF_SPEC", {"attrs": [
+        ("IFLA_BRIDGE_VLAN_INFO", {"flags": 0, "vid": 30}),
+        ("IFLA_BRIDGE_VLAN_INFO", {"flags": 6, "vid": 1}),
+        ("IFLA_BRIDGE_VLAN_INFO", {"flags": 4, "vid": 20}),
+    ]})])
+    assert bridge_vlans(msg) == (BridgeVlan(1, pvid=True, untagged=True),
+                                 BridgeVlan(20, untagged=True), BridgeVlan(30))
+
+
+def test_resolv_conf() -> None:
+    text = """# comment
+    nameserver 192.0.2.53
+    nameserver 2001:db8::53  # trailing
+    domain ignored.example
+    search first.example
+    search example.org example.net
+    options ndots:2
+    nameserver
+    """
+    assert parse_resolv_conf(text.splitlines()) == Dns(
+        nameservers=("192.0.2.53", "2001:db8::53"), search=("example.org", "example.net"))
+    assert parse_resolv_conf([]) == Dns()
