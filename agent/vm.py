@@ -32,7 +32,14 @@ from virtnode.jobs import JobHandle, JobKind, JobManager
 from virtnode.rpc import CallContext, rpc_method
 from virtnode.vmlocks import VmLocks
 from virtnode.vmshutdown import STOPPED, shutdown
-from virtnode.vmspec import check_domain_xml, check_spec, domain_xml, read_metadata, with_chain
+from virtnode.vmspec import (
+    check_domain_xml,
+    check_spec,
+    domain_xml,
+    invalid,
+    read_metadata,
+    with_chain,
+)
 from virtnode.vmstate import lifecycle, vm_state
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,9 @@ T = TypeVar("T")
 #: Resolves ``{sd_id, image_id, volume_id}`` (and whether the disk is read-only) to the
 #: volume's chain as ``(path, format)``, leaf first.
 VolumeResolver = Callable[[JsonObject, bool], Awaitable[Sequence[tuple[str, str]]]]
+#: The bridge of a managed network, by the network's name (raises NotFound and
+#: FailedPrecondition as :meth:`NetworkService.bridge_of` says).
+NetworkResolver = Callable[[str], str]
 
 LIFECYCLE_TOPIC = "vm.lifecycle"
 DEVICE_TOPIC = "vm.device"
@@ -91,9 +101,11 @@ class VmService:
     """Owns the agent's view of VMs; every libvirt call goes via the hypervisor."""
 
     def __init__(self, hypervisor: Hypervisor, bus: EventBus, config: VmConfig,
-                 jobs: JobManager, volumes: VolumeResolver | None = None) -> None:
+                 jobs: JobManager, volumes: VolumeResolver | None = None, *,
+                 networks: NetworkResolver | None = None) -> None:
         self._hv = hypervisor
         self._volumes = volumes
+        self._networks = networks
         self._bus = bus
         self._config = config
         self._jobs = jobs
@@ -266,6 +278,9 @@ class VmService:
             raw = dict(params["spec"])
             if "disks" in raw:
                 raw["disks"] = [await self.resolve_disk(d) for d in raw["disks"]]
+            if "nics" in raw:
+                raw["nics"] = [self.resolve_nic(n, f"spec.nics.{i}")
+                               for i, n in enumerate(raw["nics"])]
             spec = check_spec(raw, await self._default_domain_type())
             name, vm_id = spec.name, spec.uuid
             xml = domain_xml(spec, metadata)
@@ -306,6 +321,18 @@ class VmService:
             raise Unavailable("volumes are not available", reason="no_volumes")
         chain = await self._volumes(raw["volume"], bool(raw.get("readonly", False)))
         return with_chain(raw, list(chain))
+
+    def resolve_nic(self, raw: JsonObject, field: str) -> JsonObject:
+        """A NIC spec on a managed network rewritten to that network's bridge."""
+        if "network" not in raw:
+            return raw
+        if raw.get("bridge") is not None or raw.get("libvirt_network") is not None:
+            raise invalid(field, "needs exactly one of bridge, network or libvirt_network")
+        if self._networks is None:
+            raise Unavailable("managed networks are not available", reason="no_networks")
+        nic = {k: v for k, v in raw.items() if k != "network"}
+        nic["bridge"] = self._networks(raw["network"])
+        return nic
 
     async def _default_domain_type(self) -> str:
         """kvm when the host has it, else qemu (TCG); read once per connection."""

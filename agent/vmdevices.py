@@ -108,7 +108,7 @@ class VmDeviceService:
     @rpc_method("VM.hotplugNic")
     async def hotplug_nic(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
         vm_id = params["vm_id"]
-        nic = check_nic(params["nic"], "nic")
+        nic = check_nic(self._vms.resolve_nic(params["nic"], "nic"), "nic")
 
         def run(dom: Any) -> str:
             vmops.require_running(dom, vm_id)

@@ -146,21 +146,24 @@ def with_chain(raw: Mapping[str, Any], chain: list[tuple[str, str]]) -> dict[str
 
 
 def check_nic(raw: Mapping[str, Any], field: str) -> Nic:
-    """Check one NIC of a spec."""
-    bridge, network = raw.get("bridge"), raw.get("network")
-    if (bridge is None) == (network is None):
-        raise invalid(field, "needs exactly one of bridge or network")
-    source = bridge if bridge is not None else network
+    """Check one NIC of a spec. A NIC on a managed network (``network``) must have been
+    rewritten to its bridge first (:meth:`VmService.resolve_nic`)."""
+    if "network" in raw:
+        raise invalid(f"{field}.network", "must be resolved to a bridge first")
+    given = [key for key in ("bridge", "libvirt_network") if raw.get(key) is not None]
+    if len(given) != 1:
+        raise invalid(field, "needs exactly one of bridge, network or libvirt_network")
+    key = given[0]
+    source = raw[key]
     if not isinstance(source, str) or not SOURCE_RE.match(source):
-        raise invalid(f"{field}.{'bridge' if bridge is not None else 'network'}",
-                      "is not a valid interface or network name")
+        raise invalid(f"{field}.{key}", "is not a valid interface or network name")
     mac = raw.get("mac")
     if mac is not None:
         mac = str(mac).lower()
         if not MAC_RE.match(mac) or int(mac[:2], 16) & 1:
             raise invalid(f"{field}.mac", "must be a unicast MAC address like 52:54:00:12:34:56")
     return Nic(
-        source_type="bridge" if bridge is not None else "network",
+        source_type="bridge" if key == "bridge" else "network",
         source=source,
         model=_choice(raw.get("model", "virtio"), NIC_MODELS, f"{field}.model"),
         mac=mac,

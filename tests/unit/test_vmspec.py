@@ -129,12 +129,13 @@ BAD_SPECS: list[tuple[dict[str, Any], str]] = [
     ({"disks": [{"path": "/a", "target": "vdb"}, {"path": "/b", "target": "vdb"}]},
      "spec.disks"),
     ({"nics": [{"bridge": "br0", "model": "ne2k"}]}, "spec.nics.0.model"),
-    ({"nics": [{"bridge": "br0", "network": "default"}]}, "spec.nics.0"),
+    ({"nics": [{"bridge": "br0", "libvirt_network": "default"}]}, "spec.nics.0"),
+    ({"nics": [{"network": "net1"}]}, "spec.nics.0.network"),  # not resolved to a bridge
     ({"nics": [{}]}, "spec.nics.0"),
     ({"nics": [{"model": "virtio"}]}, "spec.nics.0"),
     ({"nics": [{"bridge": "br0/../x"}]}, "spec.nics.0.bridge"),
     ({"nics": [{"bridge": "a-bridge-name-too-long"}]}, "spec.nics.0.bridge"),
-    ({"nics": [{"network": "net work"}]}, "spec.nics.0.network"),
+    ({"nics": [{"libvirt_network": "net work"}]}, "spec.nics.0.libvirt_network"),
     ({"nics": [{"bridge": "br0", "mac": "52:54:00:12:34"}]}, "spec.nics.0.mac"),
     ({"nics": [{"bridge": "br0", "mac": "52:54:00:12:34:zz"}]}, "spec.nics.0.mac"),
     ({"nics": [{"bridge": "br0", "mac": "52-54-00-12-34-56"}]}, "spec.nics.0.mac"),
@@ -142,7 +143,7 @@ BAD_SPECS: list[tuple[dict[str, Any], str]] = [
     ({"nics": [{"bridge": "br0", "mac": "01:00:5e:00:00:01"}]}, "spec.nics.0.mac"),
     ({"nics": [{"bridge": "br0", "mac": "ff:ff:ff:ff:ff:ff"}]}, "spec.nics.0.mac"),
     ({"nics": [{"bridge": "br0", "mac": "52:54:00:AA:BB:CC"},
-               {"network": "default", "mac": "52:54:00:aa:bb:cc"}]}, "spec.nics"),
+               {"libvirt_network": "default", "mac": "52:54:00:aa:bb:cc"}]}, "spec.nics"),
     ({"labels": {"": "x"}}, "spec.labels."),
     ({"labels": {"-key": "x"}}, "spec.labels.-key"),
     ({"labels": {"a key": "x"}}, "spec.labels.a key"),
@@ -218,7 +219,7 @@ def test_automatic_targets_go_on_past_z() -> None:
 
 def test_disk_and_nic_defaults() -> None:
     spec = check_spec({"name": "vm1", "disks": [{"path": "/img"}],
-                       "nics": [{"network": "default"}]}, "kvm")
+                       "nics": [{"libvirt_network": "default"}]}, "kvm")
     disk, nic = spec.disks[0], spec.nics[0]
     assert (disk.path, disk.format, disk.bus, disk.target) == ("/img", "raw", "virtio", "vda")
     assert (disk.readonly, disk.boot_order) == (False, None)
@@ -245,7 +246,7 @@ FULL = {
     ],
     "nics": [
         {"bridge": "br0", "mac": "52:54:00:12:34:56"},
-        {"network": "default", "model": "e1000"},
+        {"libvirt_network": "default", "model": "e1000"},
     ],
     "graphics": "vnc",
     "kernel": "/boot/vmlinuz",
