@@ -211,6 +211,15 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class NetworkSettings:
+    restore_boot_config: bool = _spec(
+        True, None, "after the host booted, set up the persisted networks at start")
+    boot_id_file: str = _spec(
+        "/proc/sys/kernel/random/boot_id", None,
+        "the file whose content changes with each boot of the host")
+
+
+@dataclass(frozen=True)
 class AccessConfig:
     unix_admin_uids: tuple[int, ...] = _spec((0,), None, "unix peer uids given the admin role")
     unix_role: Role = _spec(Role.READER, None, "role of other unix peers")
@@ -297,6 +306,7 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
     access: AccessConfig = field(default_factory=AccessConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     state: StateConfig = field(default_factory=StateConfig)

@@ -30,6 +30,7 @@ from virtnode.metrics import (
     VmCollector,
     VmStaleCollector,
 )
+from virtnode.network.service import NetworkService
 from virtnode.rpc import Dispatcher, handlers_of
 from virtnode.schema import load_schema
 from virtnode.server import ApiServer
@@ -59,8 +60,13 @@ class Agent:
         self.bus = EventBus()
         self.hypervisor = Hypervisor(config.hypervisor, self.bus)
         self.jobs = JobManager(self.store, self.bus, config.jobs)
+        self.network = NetworkService(
+            self.store, self.bus, self.jobs, boot_id_file=Path(config.network.boot_id_file),
+            restore_boot_config=config.network.restore_boot_config,
+            reached_on=self._reached_on)
         self.vms = VmService(self.hypervisor, self.bus, config.vm, self.jobs,
-                             lambda ref, readonly: self.volumes.resolve(ref, readonly=readonly))
+                             lambda ref, readonly: self.volumes.resolve(ref, readonly=readonly),
+                             networks=self.network.bridge_of)
         self.events: EventsService | None = None
         self.uplinks = Uplinks([])
         self.devices = DeviceMonitor(config.devices, self.bus)
@@ -118,6 +124,7 @@ class Agent:
                 for sd_id, name, result in self.storage.results()]),
             self.storage,
             self.volumes,
+            self.network,
         )
         self.metrics = metrics = self._metrics(schema.methods)
         self.dispatcher = Dispatcher(schema, handlers_of(*services), check_results=check,
@@ -125,6 +132,7 @@ class Agent:
         await host.start()
         await self.storage.start(host_id)
         await self.volumes.start()
+        await self.network.start()
         await self.devices.start()
         await self.vms.start()
         await self.hypervisor.start()
@@ -142,6 +150,7 @@ class Agent:
             await self.jobs.close()
             await self.stats.close()
             await self.storage.close()
+            await self.network.close()
             await self.vms.close()
             await self.hypervisor.close()
             await self.bus.flush()
@@ -175,6 +184,10 @@ class Agent:
             self.jobs.counts,
             lambda: [(link.where, link.up) for link in self.uplinks.links]))
         return metrics
+
+    def _reached_on(self) -> list[str]:
+        """The local addresses clients reach the agent on now (not loopback)."""
+        return self.server.local_addresses() if self.server is not None else []
 
     def health(self) -> JsonObject:
         """What ``GET /healthz`` reports."""
@@ -220,6 +233,8 @@ class Agent:
             await self.stats.close()
         async with _stage("stop the storage domain monitors", stage_timeout):
             await self.storage.close()
+        async with _stage("stop the network monitor", stage_timeout):
+            await self.network.close()
         async with _stage("close the hypervisor connection", stage_timeout):
             await self.vms.close()
             await self.hypervisor.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import logging
 import os
 import socket
@@ -141,6 +142,10 @@ class WsSession(_BaseSession):
         #: The server side's transport: pushed notifications are framed here, many per
         #: write (a subscriber gets events in batches; one write each, not one per event).
         self._transport = transport if isinstance(transport, asyncio.WriteTransport) else None
+        sockname = transport.get_extra_info("sockname") if transport is not None else None
+        #: The local IP address of a TCP connection (what the client dialled).
+        self._local_ip: str | None = (
+            str(sockname[0]).split("%")[0] if isinstance(sockname, tuple) else None)
         #: Messages received on this connection whose answer has not been sent yet.
         self.unanswered = 0
         self._outbox: collections.deque[str] = collections.deque()
@@ -160,6 +165,10 @@ class WsSession(_BaseSession):
             await future
         finally:
             self._drain_waiters = [w for w in self._drain_waiters if w[1] is not future]
+
+    def local_address(self) -> str | None:
+        """The local IP address a TCP client reached the agent on; None otherwise."""
+        return self._local_ip
 
     def _wake_drain_waiters(self, closing: bool = False) -> None:
         backlog = len(self._outbox)
@@ -328,6 +337,15 @@ class ApiServer:
         for path in self._sockets:
             path.unlink(missing_ok=True)
         self._sockets.clear()
+
+    def local_addresses(self) -> list[str]:
+        """The addresses (not loopback) that connected clients reached this agent on."""
+        found = set()
+        for session in self._sessions:
+            sockname = session.local_address()
+            if sockname is not None and not ipaddress.ip_address(sockname).is_loopback:
+                found.add(sockname)
+        return sorted(found)
 
     def _caller(self, request: web.Request) -> Caller:
         transport = request.transport

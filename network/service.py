@@ -1,0 +1,453 @@
+"""``Network.*``: the host's networks as one transaction, with a connectivity check,
+rollback and a boot config.
+
+How a change runs (a job of kind ``Network.setup``):
+
+1. The request is checked against the kernel's state (:mod:`.validate`) before a job
+   exists; a second change while one runs is ``Aborted`` with the running job's id.
+2. In the job: the state is read again, the steps planned (:mod:`.plan`), and the
+   transaction (its job id, the links it touches, the state before it) is written to the
+   state store before the first step.
+3. The steps are applied. A failed step, a connectivity check that times out, a cancel or
+   the agent stopping puts the touched links back as the snapshot had them
+   (:func:`.plan.restore`) and the job fails with reason ``rolled_back``.
+4. Committing writes the new running config (and the boot config with ``persist``) and
+   drops the transaction record. A transaction record found at start belongs to a change
+   that a crash cut short: it is rolled back then.
+
+All netlink work happens on one thread that owns the netlink socket; the event loop only
+waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from virtnode.aiotools import DaemonThreadPool
+from virtnode.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    Unimplemented,
+)
+from virtnode.events import EventBus
+from virtnode.jobs import JobHandle, JobKind, JobManager
+from virtnode.network import netconfig, netstore, plan, validate
+from virtnode.network.layout import layout_of
+from virtnode.network.netlink import LinkMonitor, NetlinkHost, StepError
+from virtnode.network.netmodel import (
+    Features,
+    HostState,
+    NetworkConfig,
+    SetupOptions,
+    Step,
+)
+from virtnode.network.netstore import Transaction
+from virtnode.rpc import CallContext, rpc_method
+from virtnode.store import Store
+
+log = logging.getLogger(__name__)
+
+JsonObject = dict[str, Any]
+T = TypeVar("T")
+SETUP_JOB = JobKind("Network.setup", cancellable=True)
+CONFIG_TOPIC = "network.config"
+LINK_TOPIC = "network.link"
+#: Addresses clients reach the agent on now (the local ends of their connections).
+ReachedOn = Callable[[], Iterable[str]]
+_STARTING = "starting"
+_DESTRUCTIVE = frozenset({"del_address", "del_link", "set_master", "set_up"})
+
+
+class RolledBack(Aborted):
+    """A change that was undone; ``trigger`` says why."""
+
+    def __init__(self, message: str, trigger: str, error: str | None = None) -> None:
+        data: dict[str, Any] = {"trigger": trigger}
+        if error is not None:
+            data["error"] = error
+        super().__init__(message, reason="rolled_back", **data)
+        self.trigger = trigger
+
+
+class NetworkService:
+    """Owns the netlink thread, the managed networks and the one change that may run."""
+
+    def __init__(self, store: Store, bus: EventBus, jobs: JobManager, *,
+                 boot_id_file: Path, restore_boot_config: bool,
+                 reached_on: ReachedOn = lambda: (), netns: str | None = None) -> None:
+        self._store = store
+        self._bus = bus
+        self._jobs = jobs
+        self._boot_id_file = boot_id_file
+        self._restore_boot_config = restore_boot_config
+        self._reached_on = reached_on
+        self._netns = netns
+        self._pool = DaemonThreadPool(1, "netlink")
+        self._host: NetlinkHost | None = None
+        self._monitor: LinkMonitor | None = None
+        self._monitor_task: asyncio.Task[None] | None = None
+        self.features = Features(bridge=False, vlan_filtering=False, vlan_8021q=False,
+                                 bond=False)
+        self._running: dict[str, NetworkConfig] = {}
+        self._persisted: dict[str, NetworkConfig] = {}
+        self._active: str | None = None  # the job id of the change that runs
+        self._active_key: str | None = None  # and its request key
+        self._starting = asyncio.Lock()  # checks and job creation of one change at a time
+        self._confirmations: dict[str, asyncio.Future[None]] = {}
+        jobs.register(SETUP_JOB)
+
+    # --- life -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open netlink, find what the kernel can do, load the configs, finish or undo
+        what a crash left, restore the boot config after a boot, then watch links."""
+        self._pool.start()
+        self._host = await self._call(NetlinkHost, self._netns)
+        self.features = await self._call(self._host.features)
+        log.info("network: kernel supports %s", ", ".join(
+            f"{k}={'yes' if v else 'no'}" for k, v in vars(self.features).items()))
+        await self._store.ensure_schema(netstore.COMPONENT, netstore.VERSION, netstore.SCHEMA)
+        saved = await self._store.run(netstore.load)
+        self._running, self._persisted = dict(saved.running), dict(saved.persisted)
+        if saved.transaction is not None:
+            await self._undo_interrupted(saved.transaction)
+        boot_id = await asyncio.to_thread(_read_boot_id, self._boot_id_file)
+        if saved.boot_id is not None and saved.boot_id != boot_id:
+            # The host booted since the agent last ran: what ran before is gone.
+            self._running = {}
+            if self._restore_boot_config and self._persisted:
+                await self._restore_boot()
+            await self._store.run(partial(netstore.save_configs, kind=netstore.RUNNING,
+                                                 configs=self._running))
+        await self._store.run(partial(netstore.save_boot_id, boot_id=boot_id))
+        self._monitor = LinkMonitor(self._netns)
+        await self._monitor.start()
+        self._monitor_task = asyncio.create_task(self._watch_links(), name="network-monitor")
+
+    async def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.stop()
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor_task
+        if self._host is not None:
+            host, self._host = self._host, None
+            await self._call(host.close)
+        self._pool.shutdown(wait=False)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    @rpc_method("Network.getState")
+    async def get_state(self, _ctx: CallContext, _params: JsonObject) -> JsonObject:
+        state = await self._call(self.host.read_state)
+        return state_api(state, self._running, self.features)
+
+    @rpc_method("Network.list")
+    async def list_networks(self, _ctx: CallContext, _params: JsonObject) -> JsonObject:
+        return {"networks": [
+            {"name": name, "config": netconfig.config_to_api(cfg),
+             "persisted": self._persisted.get(name) == cfg}
+            for name, cfg in sorted(self._running.items())]}
+
+    def bridge_of(self, name: str) -> str:
+        """The bridge a VM's NIC on managed network ``name`` plugs into.
+
+        Raises NotFound (``no_network``) and FailedPrecondition (``not_bridged``).
+        """
+        cfg = self._running.get(name)
+        if cfg is None:
+            raise NotFound(f"no managed network {name!r}", reason="no_network",
+                           object="network", id=name)
+        if not cfg.bridge:
+            raise FailedPrecondition(f"network {name!r} has no bridge for VMs to join",
+                                     reason="not_bridged", object="network", id=name)
+        return name
+
+    # --- changing ---------------------------------------------------------------------------
+
+    @rpc_method("Network.setup")
+    async def setup(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        requested = self._requested(params)
+        options = SetupOptions(**params.get("options", {}))
+        key = params.get("request_key")
+        async with self._starting:
+            if key is None or key != self._active_key:  # a retry gets the running job
+                self._refuse_if_busy()
+            state = await self._call(self.host.read_state)
+            validate.validate(requested, self._running, state, self.features)
+            steps = plan.plan(state, self._running, requested, self.features)
+            if not options.connectivity_check:
+                self._protect_management(state, steps)
+            job = await self._jobs.submit(
+                SETUP_JOB.name, params, lambda handle: self._transaction(
+                    handle, requested, options),
+                description="network change: " + ", ".join(sorted(requested)),
+                request_key=key, prepare=self._exclusive)
+            if self._active == _STARTING:
+                self._active, self._active_key = job.job_id, key
+        return {"job_id": job.job_id, "job": job.to_api()}
+
+    @rpc_method("Network.confirm")
+    async def confirm(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        job_id = params["job_id"]
+        job = self._jobs.get(job_id)  # NotFound
+        waiting = self._confirmations.get(job_id)
+        if job.kind != SETUP_JOB.name or waiting is None or waiting.done():
+            raise FailedPrecondition(f"job {job_id} is not waiting for a confirmation",
+                                     reason="not_pending", object="job", id=job_id)
+        waiting.set_result(None)
+        return {"job": (await self._jobs.wait(job_id, 30.0)).to_api()}
+
+    @rpc_method("Network.persist")
+    async def persist(self, _ctx: CallContext, _params: JsonObject) -> JsonObject:
+        async with self._starting:
+            self._refuse_if_busy()
+            await self._save_persisted(dict(self._running))
+        return {"networks": sorted(self._persisted)}
+
+    # --- inside -----------------------------------------------------------------------------
+
+    @property
+    def host(self) -> NetlinkHost:
+        if self._host is None:
+            raise Unavailable("host networking is not ready", reason="not_ready")
+        return self._host
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.wrap_future(self._pool.submit(fn, *args))
+
+    def _requested(self, params: JsonObject) -> dict[str, NetworkConfig | None]:
+        if params.get("bonds"):
+            if not self.features.bond:
+                raise InvalidArgument("this kernel has no bonding", reason="unsupported",
+                                      field="bonds")
+            raise Unimplemented("bonds are not implemented yet", reason="unimplemented")
+        requested = netconfig.request_from_api(params["networks"])
+        for name, cfg in requested.items():
+            for family, ip in ((4, cfg.ipv4), (6, cfg.ipv6)) if cfg is not None else ():
+                if ip.method == "dhcp":
+                    raise InvalidArgument(
+                        f"network {name!r}: DHCP needs a DHCP client, and this agent does not "
+                        "run one yet", reason="unsupported", object="network", id=name,
+                        field=f"networks.{name}.ipv{family}.method")
+        return requested
+
+    def _refuse_if_busy(self) -> None:
+        if self._active is not None:
+            raise Aborted(f"network change {self._active} is running", reason="busy",
+                          job_id=self._active)
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        self._active = _STARTING
+        try:
+            yield
+        finally:
+            self._active = self._active_key = None
+
+    def _protect_management(self, state: HostState, steps: list[Step]) -> None:
+        """Refuse steps that would take away an address a client reaches the agent on."""
+        reached = set(self._reached_on())
+        carriers = {a.link for a in state.addresses if a.address.split("/")[0] in reached}
+        carriers |= {port for link in list(carriers) for port in state.ports_of(link)}
+        for step in steps:
+            if step.action in _DESTRUCTIVE and step.link in carriers and not (
+                    step.action == "set_up" and step.args.get("up")):
+                raise FailedPrecondition(
+                    f"{step.describe()} would cut off the address a client reaches this "
+                    "host on; use connectivity_check", reason="management_address",
+                    link=step.link)
+
+    async def _transaction(self, handle: JobHandle, requested: Mapping[str, NetworkConfig | None],
+                           options: SetupOptions) -> JsonObject:
+        job_id = handle.job_id
+        state = await self._call(self.host.read_state)
+        validate.validate(requested, self._running, state, self.features)
+        steps = plan.plan(state, self._running, requested, self.features)
+        tx = Transaction(job_id, time.time(), frozenset(plan.touched(steps)), state)
+        await self._store.run(partial(netstore.begin, tx=tx))
+        names = sorted(requested)
+        try:
+            try:
+                await self._call(self.host.apply, steps)
+            except StepError as exc:
+                raise RolledBack(f"step {exc.index + 1} of {len(steps)} failed: {exc}; the "
+                                 "previous state was put back", "step_failed",
+                                 str(exc)) from None
+            handle.progress(50)
+            if options.connectivity_check:
+                waiting = self._confirmations[job_id] = asyncio.get_running_loop(
+                ).create_future()
+                try:
+                    await asyncio.wait_for(waiting, options.connectivity_timeout)
+                except TimeoutError:
+                    raise RolledBack(
+                        f"no Network.confirm within {options.connectivity_timeout:g}s; the "
+                        "previous state was put back", "connectivity_timeout") from None
+                finally:
+                    self._confirmations.pop(job_id, None)
+        except BaseException as exc:
+            trigger = exc.trigger if isinstance(exc, RolledBack) else (
+                "cancelled" if isinstance(exc, asyncio.CancelledError) else "step_failed")
+            await asyncio.shield(self._rollback(tx, names, trigger, str(exc)))
+            raise
+        running = dict(self._running)
+        for name, cfg in requested.items():
+            if cfg is None:
+                running.pop(name, None)
+            else:
+                running[name] = cfg
+        await self._commit(tx, running, options.persist)
+        self._bus.publish(CONFIG_TOPIC, {"event": "committed", "job_id": job_id,
+                                         "networks": names})
+        return {"networks": names}
+
+    async def _commit(self, tx: Transaction, running: dict[str, NetworkConfig],
+                      persist: bool) -> None:
+        def write(conn: Any) -> None:
+            netstore.save_configs(conn, netstore.RUNNING, running)
+            if persist:
+                netstore.save_configs(conn, netstore.PERSISTED, running)
+            netstore.end(conn, tx.job_id)
+
+        await self._store.run(write)
+        self._running = running
+        if persist:
+            self._persisted = dict(running)
+            self._bus.publish(CONFIG_TOPIC, {"event": "persisted", "job_id": tx.job_id,
+                                             "networks": sorted(running)})
+
+    async def _rollback(self, tx: Transaction, names: list[str], trigger: str,
+                        error: str) -> None:
+        """Put the touched links back as the snapshot had them; then forget the record."""
+        try:
+            await self._restore_snapshot(tx)
+        except Exception:
+            log.exception("network: rolling back %s failed; the transaction is kept and "
+                          "retried at the next start", tx.job_id)
+            raise
+        await self._store.run(partial(netstore.end, job_id=tx.job_id))
+        log.warning("network: change %s rolled back (%s): %s", tx.job_id, trigger, error)
+        self._bus.publish(CONFIG_TOPIC, {"event": "rolled_back", "job_id": tx.job_id,
+                                         "networks": names, "trigger": trigger,
+                                         "error": error})
+
+    async def _restore_snapshot(self, tx: Transaction) -> None:
+        # Twice at most: a step of the first pass can fail on a kernel side effect (a
+        # route that went with an address); the second pass starts from what is there.
+        for attempt in (1, 2):
+            current = await self._call(self.host.read_state)
+            steps = plan.restore(current, tx.snapshot, tx.links)
+            if not steps:
+                return
+            try:
+                await self._call(self.host.apply, steps)
+            except StepError:
+                if attempt == 2:
+                    raise
+                log.warning("network: a rollback step failed; trying again", exc_info=True)
+
+    async def _undo_interrupted(self, tx: Transaction) -> None:
+        log.warning("network: change %s was cut short by a stop or crash; rolling it back",
+                    tx.job_id)
+        await self._rollback(tx, [], "interrupted", "the agent stopped during the change")
+
+    async def _restore_boot(self) -> None:
+        """Set up the boot config, for the networks whose NICs exist."""
+        state = await self._call(self.host.read_state)
+        failed: dict[str, str] = {}
+        wanted: dict[str, NetworkConfig | None] = {}
+        for name, cfg in sorted(self._persisted.items()):
+            missing = [port for port in cfg.ports if port not in state.links]
+            if missing:
+                failed[name] = "no such NIC: " + ", ".join(missing)
+                continue
+            try:
+                validate.validate({name: cfg}, {}, state, self.features)
+            except InvalidArgument as exc:
+                failed[name] = exc.message
+                continue
+            wanted[name] = cfg
+        if wanted:
+            steps = plan.plan(state, {}, wanted, self.features)
+            try:
+                await self._call(self.host.apply, steps)
+            except StepError as exc:
+                tx = Transaction("boot", time.time(), frozenset(plan.touched(steps)), state)
+                await self._restore_snapshot(tx)
+                failed.update(dict.fromkeys(wanted, str(exc)))
+                wanted = {}
+        self._running = {name: cfg for name, cfg in wanted.items() if cfg is not None}
+        for name, why in failed.items():
+            log.error("network: boot config of %s not restored: %s", name, why)
+        self._bus.publish(CONFIG_TOPIC, {"event": "restored", "networks": sorted(self._running),
+                                         "failed": failed})
+
+    async def _save_persisted(self, configs: dict[str, NetworkConfig]) -> None:
+        await self._store.run(partial(netstore.save_configs, kind=netstore.PERSISTED,
+                                     configs=configs))
+        self._persisted = configs
+        self._bus.publish(CONFIG_TOPIC, {"event": "persisted", "networks": sorted(configs)})
+
+    async def _watch_links(self) -> None:
+        assert self._monitor is not None
+        async for event in self._monitor:
+            data: JsonObject = {
+                "link": event.link, "event": event.event, "up": event.up,
+                "carrier": event.carrier, "operstate": event.operstate, "mtu": event.mtu,
+                "master": event.master, "changes": list(event.changes)}
+            if event.address is not None:
+                data["address"] = event.address
+            self._bus.publish(LINK_TOPIC, data)
+
+
+def _read_boot_id(path: Path) -> str:
+    return path.read_text().strip()
+
+
+def state_api(state: HostState, running: Mapping[str, NetworkConfig],
+              features: Features) -> JsonObject:
+    """``Network.getState``'s result."""
+    managed = {link for cfg in running.values()
+               for link in layout_of(cfg, features, state).links}
+    links = []
+    bridges = []
+    for name, link in sorted(state.links.items()):
+        entry: JsonObject = {
+            "name": name, "kind": link.kind, "mac": link.mac, "mtu": link.mtu, "up": link.up,
+            "carrier": link.carrier, "operstate": link.operstate, "speed": link.speed,
+            "master": link.master, "managed": name in managed}
+        if link.vlan_id is not None:
+            entry["vlan"] = {"id": link.vlan_id, "parent": link.vlan_parent}
+        links.append(entry)
+        if link.kind == "bridge":
+            ports = state.ports_of(name)
+            vlans = [{"port": member, "vid": v.vid, "pvid": v.pvid, "untagged": v.untagged}
+                     for member in (name, *ports) for v in state.links[member].vlans]
+            bridges.append({"name": name, "ports": list(ports), "stp": bool(link.stp),
+                            "vlan_filtering": bool(link.vlan_filtering),
+                            "default_pvid": link.default_pvid, "vlans": vlans})
+    return {
+        "links": links,
+        "bridges": bridges,
+        "addresses": [{"link": a.link, "address": a.address, "family": a.family,
+                       "scope": a.scope, "dynamic": a.dynamic} for a in state.addresses],
+        "routes": [{"dst": r.dst, "family": r.family, "gateway": r.gateway, "link": r.link,
+                    "metric": r.metric, "proto": r.proto, "scope": r.scope}
+                   for r in state.routes],
+        "dns": {"nameservers": list(state.dns.nameservers), "search": list(state.dns.search)},
+        "managed": {"networks": sorted(running), "links": sorted(managed)},
+        "features": {"bridge": features.bridge, "vlan_filtering": features.vlan_filtering,
+                     "vlan_8021q": features.vlan_8021q, "bond": features.bond},
+    }
