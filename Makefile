@@ -29,6 +29,7 @@ bench: setup
 	$(BIN)/python bench/vm.py
 	$(BIN)/python bench/stats.py
 	$(BIN)/python bench/scrape.py
+	$(BIN)/python bench/network.py
 
 setup: host venv
 
