@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.unit.netstates import ALL, bridge, link
 from virtnode.network.netmodel import (
     Address,
     BridgeVlan,
@@ -31,7 +32,6 @@ from virtnode.network.netmodel import (
 from virtnode.network.plan import plan, restore, touched
 from virtnode.network.validate import validate
 
-ALL = Features(bridge=True, vlan_filtering=True, vlan_8021q=True, bond=False)
 DOT1Q = replace(ALL, vlan_filtering=False)
 FILTERING = replace(ALL, vlan_8021q=False)
 
@@ -43,13 +43,6 @@ class Refused(Exception):
     """What the kernel would answer with an errno."""
 
 
-def link(name: str, kind: str = "veth", **kw: Any) -> Link:
-    up = kw.pop("up", True)
-    attrs: dict[str, Any] = {"mac": f"52:54:00:00:00:{sum(map(ord, name)) % 256:02x}",
-                             "mtu": 1500, "min_mtu": 68, "max_mtu": 65535}
-    attrs.update(kw)
-    return Link(name=name, kind=kind, up=up, carrier=up, operstate="up" if up else "down",
-                **attrs)
 
 
 class Kernel:
@@ -260,11 +253,6 @@ def view(state: HostState, links: Iterable[str]) -> tuple[Any, ...]:
 # --- hosts and networks ---------------------------------------------------------------------
 
 
-def bridge(name: str, **kw: Any) -> Link:
-    kw.setdefault("stp", False)
-    kw.setdefault("vlan_filtering", False)
-    kw.setdefault("default_pvid", 1)
-    return link(name, "bridge", **kw)
 
 
 #: A host with free NICs (eth3 down, eth4 a jumbo-capable NIC at 9000), a management

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests.unit.netstates import ALL, bridge, link
 from virtnode.errors import InvalidArgument, NotFound
 from virtnode.network.netmodel import (
     Address,
@@ -18,25 +19,6 @@ from virtnode.network.netmodel import (
     Route,
 )
 from virtnode.network.validate import validate
-
-ALL = Features(bridge=True, vlan_filtering=True, vlan_8021q=True, bond=False)
-
-
-def link(name: str, kind: str = "veth", **kw: Any) -> Link:
-    up = kw.pop("up", True)
-    attrs: dict[str, Any] = {"mac": "52:54:00:00:00:01", "mtu": 1500, "min_mtu": 68,
-                             "max_mtu": 65535}
-    attrs.update(kw)
-    return Link(name=name, kind=kind, up=up, carrier=up, operstate="up" if up else "down",
-                **attrs)
-
-
-def bridge(name: str, **kw: Any) -> Link:
-    kw.setdefault("stp", False)
-    kw.setdefault("vlan_filtering", False)
-    kw.setdefault("default_pvid", 1)
-    return link(name, "bridge", **kw)
-
 
 #: net1 is managed: a bridge on eth5 with 10.1.0.1/24. eth0 carries the host's own
 #: address and default route; br-ex, eth4 and eth0.100 belong to someone else.
