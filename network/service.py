@@ -3,11 +3,11 @@ rollback and a boot config.
 
 How a change runs (a job of kind ``Network.setup``):
 
-1. The request is checked against the kernel's state (:mod:`.validate`) before a job
-   exists; a second change while one runs is ``Aborted`` with the running job's id.
-2. In the job: the state is read again, the steps planned (:mod:`.plan`), and the
-   transaction (its job id, the links it touches, the state before it) is written to the
-   state store before the first step.
+1. The request is checked against one read of the kernel's state (:mod:`.validate`) and
+   its steps planned (:mod:`.plan`) before a job exists; a second change while one runs
+   is ``Aborted`` with the running job's id.
+2. In the job, the transaction (its job id, the links it touches, that state as the
+   snapshot) is written to the state store before the first step.
 3. The steps are applied. A failed step, a connectivity check that times out, a cancel or
    the agent stopping puts the touched links back as the snapshot had them
    (:func:`.plan.restore`) and the job fails with reason ``rolled_back``.
@@ -120,7 +120,10 @@ class NetworkService:
         saved = await self._store.run(netstore.load)
         self._running, self._persisted = dict(saved.running), dict(saved.persisted)
         if saved.transaction is not None:
-            await self._undo_interrupted(saved.transaction)
+            tx = saved.transaction
+            log.warning("network: change %s was cut short by a stop or crash; rolling it "
+                        "back", tx.job_id)
+            await self._rollback(tx, [], "interrupted", "the agent stopped during the change")
         boot_id = await asyncio.to_thread(_read_boot_id, self._boot_id_file)
         if saved.boot_id is not None and saved.boot_id != boot_id:
             # The host booted since the agent last ran: what ran before is gone.
@@ -128,7 +131,7 @@ class NetworkService:
             if self._restore_boot_config and self._persisted:
                 await self._restore_boot()
             await self._store.run(partial(netstore.save_configs, kind=netstore.RUNNING,
-                                                 configs=self._running))
+                                          configs=self._running))
         await self._store.run(partial(netstore.save_boot_id, boot_id=boot_id))
         self._monitor = LinkMonitor(self._netns)
         await self._monitor.start()
@@ -189,9 +192,11 @@ class NetworkService:
             steps = plan.plan(state, self._running, requested, self.features)
             if not options.connectivity_check:
                 self._protect_management(state, steps)
+            # The job applies what was checked here: nothing else changes managed
+            # networks until it ends (the change is exclusive from now on).
             job = await self._jobs.submit(
                 SETUP_JOB.name, params, lambda handle: self._transaction(
-                    handle, requested, options),
+                    handle, requested, state, steps, options),
                 description="network change: " + ", ".join(sorted(requested)),
                 request_key=key, prepare=self._exclusive)
             if self._active == _STARTING:
@@ -270,33 +275,17 @@ class NetworkService:
                     link=step.link)
 
     async def _transaction(self, handle: JobHandle, requested: Mapping[str, NetworkConfig | None],
+                           state: HostState, steps: list[Step],
                            options: SetupOptions) -> JsonObject:
         job_id = handle.job_id
-        state = await self._call(self.host.read_state)
-        validate.validate(requested, self._running, state, self.features)
-        steps = plan.plan(state, self._running, requested, self.features)
         tx = Transaction(job_id, time.time(), frozenset(plan.touched(steps)), state)
         await self._store.run(partial(netstore.begin, tx=tx))
         names = sorted(requested)
         try:
-            try:
-                await self._call(self.host.apply, steps)
-            except StepError as exc:
-                raise RolledBack(f"step {exc.index + 1} of {len(steps)} failed: {exc}; the "
-                                 "previous state was put back", "step_failed",
-                                 str(exc)) from None
+            await self._apply(steps)
             handle.progress(50)
             if options.connectivity_check:
-                waiting = self._confirmations[job_id] = asyncio.get_running_loop(
-                ).create_future()
-                try:
-                    await asyncio.wait_for(waiting, options.connectivity_timeout)
-                except TimeoutError:
-                    raise RolledBack(
-                        f"no Network.confirm within {options.connectivity_timeout:g}s; the "
-                        "previous state was put back", "connectivity_timeout") from None
-                finally:
-                    self._confirmations.pop(job_id, None)
+                await self._wait_confirmation(job_id, options.connectivity_timeout)
         except BaseException as exc:
             trigger = exc.trigger if isinstance(exc, RolledBack) else (
                 "cancelled" if isinstance(exc, asyncio.CancelledError) else "step_failed")
@@ -313,6 +302,23 @@ class NetworkService:
                                          "networks": names})
         return {"networks": names}
 
+    async def _apply(self, steps: list[Step]) -> None:
+        try:
+            await self._call(self.host.apply, steps)
+        except StepError as exc:
+            raise RolledBack(f"step {exc.index + 1} of {len(steps)} failed: {exc}; the "
+                             "previous state was put back", "step_failed", str(exc)) from None
+
+    async def _wait_confirmation(self, job_id: str, timeout: float) -> None:
+        waiting = self._confirmations[job_id] = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(waiting, timeout)
+        except TimeoutError:
+            raise RolledBack(f"no Network.confirm within {timeout:g}s; the previous state was "
+                             "put back", "connectivity_timeout") from None
+        finally:
+            self._confirmations.pop(job_id, None)
+
     async def _commit(self, tx: Transaction, running: dict[str, NetworkConfig],
                       persist: bool) -> None:
         def write(conn: Any) -> None:
@@ -325,14 +331,13 @@ class NetworkService:
         self._running = running
         if persist:
             self._persisted = dict(running)
-            self._bus.publish(CONFIG_TOPIC, {"event": "persisted", "job_id": tx.job_id,
-                                             "networks": sorted(running)})
+            self._published_persisted(tx.job_id)
 
     async def _rollback(self, tx: Transaction, names: list[str], trigger: str,
                         error: str) -> None:
         """Put the touched links back as the snapshot had them; then forget the record."""
         try:
-            await self._restore_snapshot(tx)
+            await self._restore_snapshot(tx.snapshot, tx.links)
         except Exception:
             log.exception("network: rolling back %s failed; the transaction is kept and "
                           "retried at the next start", tx.job_id)
@@ -343,12 +348,12 @@ class NetworkService:
                                          "networks": names, "trigger": trigger,
                                          "error": error})
 
-    async def _restore_snapshot(self, tx: Transaction) -> None:
+    async def _restore_snapshot(self, snapshot: HostState, links: frozenset[str]) -> None:
         # Twice at most: a step of the first pass can fail on a kernel side effect (a
         # route that went with an address); the second pass starts from what is there.
         for attempt in (1, 2):
             current = await self._call(self.host.read_state)
-            steps = plan.restore(current, tx.snapshot, tx.links)
+            steps = plan.restore(current, snapshot, links)
             if not steps:
                 return
             try:
@@ -357,11 +362,6 @@ class NetworkService:
                 if attempt == 2:
                     raise
                 log.warning("network: a rollback step failed; trying again", exc_info=True)
-
-    async def _undo_interrupted(self, tx: Transaction) -> None:
-        log.warning("network: change %s was cut short by a stop or crash; rolling it back",
-                    tx.job_id)
-        await self._rollback(tx, [], "interrupted", "the agent stopped during the change")
 
     async def _restore_boot(self) -> None:
         """Set up the boot config, for the networks whose NICs exist."""
@@ -384,8 +384,7 @@ class NetworkService:
             try:
                 await self._call(self.host.apply, steps)
             except StepError as exc:
-                tx = Transaction("boot", time.time(), frozenset(plan.touched(steps)), state)
-                await self._restore_snapshot(tx)
+                await self._restore_snapshot(state, frozenset(plan.touched(steps)))
                 failed.update(dict.fromkeys(wanted, str(exc)))
                 wanted = {}
         self._running = {name: cfg for name, cfg in wanted.items() if cfg is not None}
@@ -396,9 +395,15 @@ class NetworkService:
 
     async def _save_persisted(self, configs: dict[str, NetworkConfig]) -> None:
         await self._store.run(partial(netstore.save_configs, kind=netstore.PERSISTED,
-                                     configs=configs))
+                                      configs=configs))
         self._persisted = configs
-        self._bus.publish(CONFIG_TOPIC, {"event": "persisted", "networks": sorted(configs)})
+        self._published_persisted(None)
+
+    def _published_persisted(self, job_id: str | None) -> None:
+        data: JsonObject = {"event": "persisted", "networks": sorted(self._persisted)}
+        if job_id is not None:
+            data["job_id"] = job_id
+        self._bus.publish(CONFIG_TOPIC, data)
 
     async def _watch_links(self) -> None:
         assert self._monitor is not None
