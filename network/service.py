@@ -43,7 +43,7 @@ from virtnode.events import EventBus
 from virtnode.jobs import JobHandle, JobKind, JobManager
 from virtnode.network import netconfig, netstore, plan, validate
 from virtnode.network.layout import layout_of
-from virtnode.network.netlink import LinkMonitor, NetlinkHost, StepError
+from virtnode.network.netlink import LinkEvent, LinkMonitor, NetlinkHost, StepError
 from virtnode.network.netmodel import (
     Features,
     HostState,
@@ -65,6 +65,8 @@ LINK_TOPIC = "network.link"
 #: Addresses clients reach the agent on now (the local ends of their connections).
 ReachedOn = Callable[[], Iterable[str]]
 _STARTING = "starting"
+#: Seconds before a failed link monitor is started again.
+MONITOR_RETRY = 1.0
 _DESTRUCTIVE = frozenset({"del_address", "del_link", "set_master", "set_up"})
 
 
@@ -133,8 +135,6 @@ class NetworkService:
             await self._store.run(partial(netstore.save_configs, kind=netstore.RUNNING,
                                           configs=self._running))
         await self._store.run(partial(netstore.save_boot_id, boot_id=boot_id))
-        self._monitor = LinkMonitor(self._netns)
-        await self._monitor.start()
         self._monitor_task = asyncio.create_task(self._watch_links(), name="network-monitor")
 
     async def close(self) -> None:
@@ -406,15 +406,28 @@ class NetworkService:
         self._bus.publish(CONFIG_TOPIC, data)
 
     async def _watch_links(self) -> None:
-        assert self._monitor is not None
-        async for event in self._monitor:
-            data: JsonObject = {
-                "link": event.link, "event": event.event, "up": event.up,
-                "carrier": event.carrier, "operstate": event.operstate, "mtu": event.mtu,
-                "master": event.master, "changes": list(event.changes)}
-            if event.address is not None:
-                data["address"] = event.address
-            self._bus.publish(LINK_TOPIC, data)
+        """Publish link events; a monitor the kernel breaks (an OSError) is started again."""
+        while True:
+            self._monitor = monitor = LinkMonitor(self._netns)
+            try:
+                await monitor.start()
+                async for event in monitor:
+                    self._publish_link(event)
+                return  # stopped
+            except OSError as exc:
+                log.warning("network: the link monitor failed (%s); starting it again in "
+                            "%.0fs", exc, MONITOR_RETRY)
+                monitor.stop()
+                await asyncio.sleep(MONITOR_RETRY)
+
+    def _publish_link(self, event: LinkEvent) -> None:
+        data: JsonObject = {
+            "link": event.link, "event": event.event, "up": event.up,
+            "carrier": event.carrier, "operstate": event.operstate, "mtu": event.mtu,
+            "master": event.master, "changes": list(event.changes)}
+        if event.address is not None:
+            data["address"] = event.address
+        self._bus.publish(LINK_TOPIC, data)
 
 
 def _read_boot_id(path: Path) -> str:
