@@ -9,6 +9,7 @@ import shutil
 import signal
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -194,32 +195,49 @@ async def test_cancel_removes_the_target(
     assert len((await client.call("Volume.list", {"sd_id": sd_id}))["volumes"]) == 1
 
 
-async def test_sigkill_during_copy_then_restart_removes_the_half_made_target(
-        tmp_path: Path, checked_client: ClientFactory) -> None:
+@pytest.fixture
+async def disk_root() -> AsyncIterator[Path]:
+    """A domain directory on disk (not tmpfs, so the copies take real I/O), removed after."""
     root = Path("/var/tmp") / f"vn-it-vol-{uuid.uuid4().hex[:8]}"
+    yield root
+    await asyncio.to_thread(shutil.rmtree, root, True)
+
+
+async def children_of(pid: int) -> list[int]:
+    """The processes ``pid`` started that still run (its qemu-img)."""
+    return [int(child) for child in (await run("pgrep", "-P", str(pid))).out.split()]
+
+
+async def crash_and_restart(agent: AgentProcess, tmp_path: Path, checked_client: ClientFactory,
+                            children: list[int]) -> tuple[AgentProcess, Client]:
+    """SIGKILL the agent, check its qemu-img died with it, start it again on its state."""
+    os.kill(agent.pid, signal.SIGKILL)
+    await agent.stop()
+    # qemu-img dies with the agent (its death signal), not left writing on its own.
+    assert await asyncio.to_thread(all_gone, children, 10.0), "qemu-img outlived the agent"
+    agent = await start_agent(tmp_path / "a")
+    return agent, await checked_client(agent.unix_url)
+
+
+async def test_sigkill_during_copy_then_restart_removes_the_half_made_target(
+        tmp_path: Path, checked_client: ClientFactory, disk_root: Path) -> None:
     agent = await start_agent(tmp_path / "a")
     try:
         client = await checked_client(agent.unix_url)
         await client.call("Events.subscribe", {"topics": ["job.*"]})
-        sd_id = await new_domain(client, root)
+        sd_id = await new_domain(client, disk_root)
         src = await big_volume(client, sd_id, 768 * MiB)
         ref = {k: src[k] for k in ("sd_id", "image_id", "volume_id")}
         started = await client.call("Volume.copy", {"src": ref, "dst_sd": sd_id,
                                                     "dst_format": "raw"})
         await next_event(client, "job.progress", lambda d: d["job_id"] == started["job_id"]
                          and 0 < d["progress"] < 100, timeout=60)
-        images = root / sd_id / "images"
+        images = disk_root / sd_id / "images"
         assert len(os.listdir(images)) == 2  # the target is there, illegal
         await client.close()
-        children = [int(pid) for pid in
-                    (await run("pgrep", "-P", str(agent.pid))).out.split()]
+        children = await children_of(agent.pid)
         assert children, "no qemu-img was running"
-        os.kill(agent.pid, signal.SIGKILL)
-        await agent.stop()
-        # qemu-img dies with the agent (its death signal), not left writing on its own.
-        assert await asyncio.to_thread(all_gone, children, 10.0), "qemu-img outlived the agent"
-        agent = await start_agent(tmp_path / "a")
-        client = await checked_client(agent.unix_url)
+        agent, client = await crash_and_restart(agent, tmp_path, checked_client, children)
         assert sorted(os.listdir(images)) == [src["image_id"]]
         volumes = (await client.call("Volume.list", {"sd_id": sd_id}))["volumes"]
         assert [v["volume_id"] for v in volumes] == [src["volume_id"]]
@@ -228,32 +246,28 @@ async def test_sigkill_during_copy_then_restart_removes_the_half_made_target(
         assert "was left illegal" in agent.log
     finally:
         await agent.stop()
-        await asyncio.to_thread(shutil.rmtree, root, True)
 
 
 async def test_sigkill_during_merge_then_restart_keeps_the_chain_and_merge_finishes(
-        tmp_path: Path, checked_client: ClientFactory) -> None:
-    root = Path("/var/tmp") / f"vn-it-vol-{uuid.uuid4().hex[:8]}"
+        tmp_path: Path, checked_client: ClientFactory, disk_root: Path) -> None:
     agent = await start_agent(tmp_path / "a")
     try:
         client = await checked_client(agent.unix_url)
         await client.call("Events.subscribe", {"topics": ["job.*"]})
-        sd_id = await new_domain(client, root)
+        sd_id = await new_domain(client, disk_root)
         base = (await client.call("Volume.create", {"sd_id": sd_id, "size": 768 * MiB,
                                                     "format": "raw"}))["volume"]
         await qemu_io(base["path"], "raw", "write -P 0x11 0 768M")
         top = (await client.call("Volume.create", {"sd_id": sd_id, "parent": {
             "image_id": base["image_id"], "volume_id": base["volume_id"]}}))["volume"]
-        await run("qemu-io", "-f", "qcow2", "-c", "write -P 0x22 0 768M", top["path"],
-                  timeout=300)
+        await qemu_io(top["path"], "qcow2", "write -P 0x22 0 768M")
         ref = {k: top[k] for k in ("sd_id", "image_id", "volume_id")}
         started = await client.call("Volume.merge", ref)
         # Freeze qemu-img as soon as it runs, so that the crash surely comes before the
         # commit ends (it takes about a second here).
         async with asyncio.timeout(30):
             while True:
-                children = [int(pid) for pid in
-                            (await run("pgrep", "-P", str(agent.pid))).out.split()]
+                children = await children_of(agent.pid)
                 if children:
                     break
                 await asyncio.sleep(0.005)
@@ -262,12 +276,7 @@ async def test_sigkill_during_merge_then_restart_keeps_the_chain_and_merge_finis
         job = (await client.call("Job.get", {"job_id": started["job_id"]}))["job"]
         assert job["state"] == "running"
         await client.close()
-        os.kill(agent.pid, signal.SIGKILL)
-        await agent.stop()
-        assert await asyncio.to_thread(all_gone, children, 10.0), "qemu-img outlived the agent"
-
-        agent = await start_agent(tmp_path / "a")
-        client = await checked_client(agent.unix_url)
+        agent, client = await crash_and_restart(agent, tmp_path, checked_client, children)
         # The chain is kept, illegal (the parent is half written), and says so.
         volumes = {v["volume_id"]: v for v in
                    (await client.call("Volume.list", {"sd_id": sd_id}))["volumes"]}
@@ -291,7 +300,6 @@ async def test_sigkill_during_merge_then_restart_keeps_the_chain_and_merge_finis
         await qemu_io(base["path"], "raw", "read -P 0x22 0 768M")
     finally:
         await agent.stop()
-        await asyncio.to_thread(shutil.rmtree, root, True)
 
 
 def all_gone(pids: list[int], timeout: float) -> bool:
