@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from virtnode.aiotools import DaemonThreadPool
 from virtnode.errors import (
@@ -43,7 +44,6 @@ from virtnode.events import EventBus
 from virtnode.jobs import JobHandle, JobKind, JobManager
 from virtnode.network import netconfig, netstore, plan, validate
 from virtnode.network.layout import layout_of
-from virtnode.network.netlink import LinkEvent, LinkMonitor, NetlinkHost, StepError
 from virtnode.network.netmodel import (
     Features,
     HostState,
@@ -54,6 +54,11 @@ from virtnode.network.netmodel import (
 from virtnode.network.netstore import Transaction
 from virtnode.rpc import CallContext, rpc_method
 from virtnode.store import Store
+
+if TYPE_CHECKING:
+    # pyroute2 takes a seventh of a second to import: the netlink modules are imported
+    # on the netlink thread while the agent starts, not before it can serve.
+    from virtnode.network.netlink import LinkEvent, LinkMonitor, NetlinkHost
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +100,7 @@ class NetworkService:
         self._reached_on = reached_on
         self._netns = netns
         self._pool = DaemonThreadPool(1, "netlink")
+        self._netlink: Any = None  # the module virtnode.network.netlink, once imported
         self._host: NetlinkHost | None = None
         self._monitor: LinkMonitor | None = None
         self._monitor_task: asyncio.Task[None] | None = None
@@ -106,16 +112,41 @@ class NetworkService:
         self._active_key: str | None = None  # and its request key
         self._starting = asyncio.Lock()  # checks and job creation of one change at a time
         self._confirmations: dict[str, asyncio.Future[None]] = {}
+        self._starting_task: asyncio.Task[None] | None = None
         jobs.register(SETUP_JOB)
 
     # --- life -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start getting ready in the background: the agent serves meanwhile, and the
+        ``Network.*`` calls wait until this service is ready."""
+        self._pool.start()
+        self._starting_task = asyncio.create_task(self._start(), name="network-start")
+
+    async def ready(self) -> None:
+        """Return once started; Unavailable (``not_ready``) if starting failed."""
+        if self._starting_task is None:
+            raise Unavailable("host networking is not started", reason="not_ready")
+        try:
+            await asyncio.shield(self._starting_task)
+        except Exception as exc:
+            raise Unavailable(f"host networking could not start: {exc}",
+                              reason="not_ready") from None
+
+    async def _start(self) -> None:
         """Open netlink, find what the kernel can do, load the configs, finish or undo
         what a crash left, restore the boot config after a boot, then watch links."""
-        self._pool.start()
-        self._host = await self._call(NetlinkHost, self._netns)
-        self.features = await self._call(self._host.features)
+        try:
+            await self._start_steps()
+        except Exception as exc:
+            log.error("network: cannot start host networking: %s", exc)
+            raise
+
+    async def _start_steps(self) -> None:
+        self._netlink = await self._call(importlib.import_module, "virtnode.network.netlink")
+        host: NetlinkHost = await self._call(self._netlink.NetlinkHost, self._netns)
+        self._host = host
+        self.features = await self._call(host.features)
         log.info("network: kernel supports %s", ", ".join(
             f"{k}={'yes' if v else 'no'}" for k, v in vars(self.features).items()))
         await self._store.ensure_schema(netstore.COMPONENT, netstore.VERSION, netstore.SCHEMA)
@@ -135,9 +166,16 @@ class NetworkService:
             await self._store.run(partial(netstore.save_configs, kind=netstore.RUNNING,
                                           configs=self._running))
         await self._store.run(partial(netstore.save_boot_id, boot_id=boot_id))
+        # Watching before ready: a client that waited for ready misses no link event.
+        self._monitor = self._netlink.LinkMonitor(self._netns)
+        await self._monitor.start()
         self._monitor_task = asyncio.create_task(self._watch_links(), name="network-monitor")
 
     async def close(self) -> None:
+        if self._starting_task is not None:
+            self._starting_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._starting_task
         if self._monitor is not None:
             self._monitor.stop()
         if self._monitor_task is not None:
@@ -153,11 +191,13 @@ class NetworkService:
 
     @rpc_method("Network.getState")
     async def get_state(self, _ctx: CallContext, _params: JsonObject) -> JsonObject:
+        await self.ready()
         state = await self._call(self.host.read_state)
         return state_api(state, self._running, self.features)
 
     @rpc_method("Network.list")
     async def list_networks(self, _ctx: CallContext, _params: JsonObject) -> JsonObject:
+        await self.ready()
         return {"networks": [
             {"name": name, "config": netconfig.config_to_api(cfg),
              "persisted": self._persisted.get(name) == cfg}
@@ -168,6 +208,8 @@ class NetworkService:
 
         Raises NotFound (``no_network``) and FailedPrecondition (``not_bridged``).
         """
+        if self._starting_task is None or not self._starting_task.done():
+            raise Unavailable("host networking is starting", reason="not_ready")
         cfg = self._running.get(name)
         if cfg is None:
             raise NotFound(f"no managed network {name!r}", reason="no_network",
@@ -181,6 +223,7 @@ class NetworkService:
 
     @rpc_method("Network.setup")
     async def setup(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        await self.ready()
         requested = self._requested(params)
         options = SetupOptions(**params.get("options", {}))
         key = params.get("request_key")
@@ -205,6 +248,7 @@ class NetworkService:
 
     @rpc_method("Network.confirm")
     async def confirm(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        await self.ready()
         job_id = params["job_id"]
         job = self._jobs.get(job_id)  # NotFound
         waiting = self._confirmations.get(job_id)
@@ -216,6 +260,7 @@ class NetworkService:
 
     @rpc_method("Network.persist")
     async def persist(self, _ctx: CallContext, _params: JsonObject) -> JsonObject:
+        await self.ready()
         async with self._starting:
             self._refuse_if_busy()
             await self._save_persisted(dict(self._running))
@@ -305,7 +350,7 @@ class NetworkService:
     async def _apply(self, steps: list[Step]) -> None:
         try:
             await self._call(self.host.apply, steps)
-        except StepError as exc:
+        except self._netlink.StepError as exc:
             raise RolledBack(f"step {exc.index + 1} of {len(steps)} failed: {exc}; the "
                              "previous state was put back", "step_failed", str(exc)) from None
 
@@ -358,7 +403,7 @@ class NetworkService:
                 return
             try:
                 await self._call(self.host.apply, steps)
-            except StepError:
+            except self._netlink.StepError:
                 if attempt == 2:
                     raise
                 log.warning("network: a rollback step failed; trying again", exc_info=True)
@@ -383,7 +428,7 @@ class NetworkService:
             steps = plan.plan(state, {}, wanted, self.features)
             try:
                 await self._call(self.host.apply, steps)
-            except StepError as exc:
+            except self._netlink.StepError as exc:
                 await self._restore_snapshot(state, frozenset(plan.touched(steps)))
                 failed.update(dict.fromkeys(wanted, str(exc)))
                 wanted = {}
@@ -408,16 +453,20 @@ class NetworkService:
     async def _watch_links(self) -> None:
         """Publish link events; a monitor the kernel breaks (an OSError) is started again."""
         while True:
-            self._monitor = monitor = LinkMonitor(self._netns)
+            monitor = self._monitor
             try:
-                await monitor.start()
+                if monitor is None:
+                    self._monitor = monitor = self._netlink.LinkMonitor(self._netns)
+                    await monitor.start()
                 async for event in monitor:
                     self._publish_link(event)
                 return  # stopped
             except OSError as exc:
                 log.warning("network: the link monitor failed (%s); starting it again in "
                             "%.0fs", exc, MONITOR_RETRY)
-                monitor.stop()
+                if monitor is not None:
+                    monitor.stop()
+                self._monitor = None
                 await asyncio.sleep(MONITOR_RETRY)
 
     def _publish_link(self, event: LinkEvent) -> None:

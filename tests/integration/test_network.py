@@ -317,9 +317,14 @@ async def test_one_change_at_a_time_and_confirm(net_host: NetHost,
     busy = await expect_error(client, "Network.setup", {
         "networks": {"other": {"ports": ["eth1"]}}})
     assert (busy.name, busy.data["reason"], busy.data["job_id"]) == ("Aborted", "busy", job_id)
-    # Applied, waiting: the bridge exists, the job runs.
-    await wait_link(net_host.host, "lan")
+    # Applied, waiting (progress 50): the bridge exists, the job runs.
+    async with asyncio.timeout(10):
+        while True:
+            if (await client.call("Job.get", {"job_id": job_id}))["job"]["progress"] >= 50:
+                break
+            await asyncio.sleep(0.02)
     assert (await client.call("Job.get", {"job_id": job_id}))["job"]["state"] == "running"
+    assert await _exists(net_host.host, "lan")
     confirmed = (await client.call("Network.confirm", {"job_id": job_id}))["job"]
     assert confirmed["state"] == "succeeded", confirmed
     event = await next_event(client, "network.config", lambda d: d["event"] == "committed")
@@ -419,6 +424,7 @@ async def test_persist_then_restore_after_a_boot(net_host: NetHost,
 async def test_link_events(net_host: NetHost, checked_client: ClientFactory) -> None:
     client = await checked_client(net_host.agent.unix_url)
     await client.call("Events.subscribe", {"topics": ["network.link"]})
+    await state_of(client)  # answers once host networking (and its monitor) is ready
     await net_host.host.ip("link", "set", "eth3", "down")
     event = await next_event(client, "network.link",
                              lambda d: d["link"] == "eth3" and "up" in d["changes"])
