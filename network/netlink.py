@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno as errnos
 import ipaddress
 import logging
+import os
 import secrets
 import socket
 import threading
@@ -78,8 +80,14 @@ RESOLV_CONF = Path("/etc/resolv.conf")
 NETNS_ETC = Path("/etc/netns")
 DHCP_UNSUPPORTED = "DHCP is not supported on this host"
 PROBE_PREFIX = "vnp"
+#: unshare(2) flag: a new network namespace.
+CLONE_NEWNET = 0x40000000
 # Privilege errors end a probe: without them nothing can be tried at all.
 _PRIVILEGE_ERRORS = frozenset({errnos.EPERM, errnos.EACCES})
+
+
+class _NoPrivateNamespace(Exception):
+    """unshare(CLONE_NEWNET) was refused (no CAP_SYS_ADMIN)."""
 
 
 class StepError(Exception):
@@ -305,12 +313,44 @@ class NetlinkHost:
     # --- features
 
     def features(self) -> Features:
-        """What the kernel can do, found by trying once in a throwaway bridge (named
-        ``vnp`` + 8 hex digits) and removed again, even on failure. Cached. Raises
-        OSError when this process may not create links at all."""
+        """What the kernel can do, found by trying once with throwaway links (named
+        ``vnp`` + 8 hex digits) in a private network namespace made for it and removed
+        again, even on failure, so nothing on the host sees them (no uevents, no link
+        events for other tools). Where no namespace can be made, the links are tried in
+        this host's namespace. Cached. Raises OSError when this process may not create
+        links at all."""
         if self._features is None:
-            self._features = self._probe(self._socket())
+            self._socket()  # the thread check
+            self._features = self._probe_privately()
         return self._features
+
+    def _probe_privately(self) -> Features:
+        # A thread of its own moves into a new, empty network namespace (unshare affects
+        # the calling thread only; no fork, nothing mounted) and probes there; the
+        # namespace goes away with the thread.
+        result: list[Features | BaseException] = []
+
+        def probe() -> None:
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.unshare(CLONE_NEWNET) != 0:
+                    raise _NoPrivateNamespace(os.strerror(ctypes.get_errno()))
+                with IPRoute(flags=0, groups=0, ext_ack=True) as ipr:
+                    result.append(self._probe(ipr))
+            except BaseException as exc:  # handed to the caller's thread
+                result.append(exc)
+
+        thread = threading.Thread(target=probe, name="netlink-probe", daemon=True)
+        thread.start()
+        thread.join()
+        outcome = result[0]
+        if isinstance(outcome, Features):
+            return outcome
+        if isinstance(outcome, _NoPrivateNamespace):
+            log.info("netlink: no private namespace for the feature probe (%s); probing "
+                     "here", outcome)
+            return self._probe(self._socket())
+        raise outcome
 
     def _probe(self, ipr: Any) -> Features:
         made: list[str] = []
