@@ -3,9 +3,9 @@ an rtnetlink socket bound to the link and address multicast groups, read on the 
 loop. :mod:`virtnode.network.linkevents` decides what is worth an event.
 
 The multicast socket is non-blocking and watched with ``loop.add_reader``; each
-datagram is decoded by pyroute2's marshal as it arrives, so no thread reads it. Two
-things block and run in a worker thread instead: opening a socket (a named namespace is
-entered by a forked child that hands the socket back), and dumping every link and
+datagram is decoded (:mod:`virtnode.network.rtnlwire`) as it arrives, so no thread reads
+it. Two things block and run in a worker thread instead: opening a socket (a named
+namespace is entered by that thread for the moment it takes), and dumping every link and
 address, at start and after the kernel dropped messages. A dump waits for the kernel's
 RTNL lock, which someone else may hold for seconds (a namespace with many links being
 torn down), so it gets a socket of its own, opened, read and closed in that thread.
@@ -18,117 +18,36 @@ import errno
 import itertools
 import logging
 import socket
-import struct
-from collections.abc import Iterator
 from types import TracebackType
 
-from pyroute2.netlink import (
-    NETLINK_ROUTE,
-    NLM_F_DUMP,
-    NLM_F_DUMP_INTR,
-    NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
-)
-from pyroute2.netlink.rtnl import (
+from virtnode.network.linkevents import LinkEvent, LinkTracker
+from virtnode.network.rtnlmsg import LinkInfo
+from virtnode.network.rtnlwire import (
     RTM_DELADDR,
     RTM_DELLINK,
-    RTM_GETADDR,
-    RTM_GETLINK,
     RTM_NEWADDR,
     RTM_NEWLINK,
-    RTMGRP_IPV4_IFADDR,
-    RTMGRP_IPV6_IFADDR,
-    RTMGRP_LINK,
-)
-from pyroute2.netlink.rtnl.marshal import MarshalRtnl
-from pyroute2.netns import create_socket
-
-from virtnode.network.linkevents import LinkEvent, LinkTracker
-from virtnode.network.rtnlmsg import (
-    RTEXT_FILTER_SKIP_STATS,
-    LinkInfo,
-    Message,
-    address_text,
-    kernel_error,
-    link_info,
+    decode_address,
+    decode_link,
+    open_socket,
+    read_addresses,
+    read_links,
+    split,
 )
 
 log = logging.getLogger(__name__)
 
-GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+# RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+GROUPS = 0x1 | 0x10 | 0x100
 RECEIVE_BUFFER = 4 * 1024 * 1024
 #: How long a dump may wait for the kernel before the monitor gives up.
 DUMP_TIMEOUT = 30.0
 _RECEIVE_SIZE = 256 * 1024
 # Datagrams read per wake-up, so a flood cannot hold the loop; the rest wait.
 _MAX_PER_WAKEUP = 64
-# A dump the kernel marks inconsistent (links changed meanwhile) is read again.
-_DUMP_ATTEMPTS = 5
-_IFLA_EXT_MASK = 29
-_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 Snapshot = tuple[list[LinkInfo], dict[int, frozenset[str]]]
-
-
-def open_socket(netns: str | None, groups: int = 0,
-                receive_buffer: int = RECEIVE_BUFFER) -> socket.socket:
-    """A blocking rtnetlink socket in ``netns`` bound to ``groups``. Blocks."""
-    if netns is None:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
-    else:
-        try:
-            # flags=0: enter the namespace, never create it.
-            sock = create_socket(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE,
-                                 flags=0)
-        except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT,
-                                    f"no network namespace named {netns!r}") from None
-    try:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, receive_buffer)
-        except OSError:  # needs CAP_NET_ADMIN; the capped size is still better
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-        sock.bind((0, groups))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def dump_request(msg_type: int, seq: int) -> bytes:
-    """An RTM_GETLINK or RTM_GETADDR dump request for every family."""
-    if msg_type == RTM_GETLINK:
-        # ifinfomsg, then IFLA_EXT_MASK: statistics are not watched, skip them.
-        body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
-        body += struct.pack("=HHI", 8, _IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS)
-    else:
-        body = struct.pack("=BBBBI", socket.AF_UNSPEC, 0, 0, 0, 0)  # ifaddrmsg
-    header = struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
-    return header + body
-
-
-class _Inconsistent(Exception):
-    """The kernel marked a dump as interrupted by changes (NLM_F_DUMP_INTR)."""
-
-
-def _dump(sock: socket.socket, msg_type: int, seq: int) -> Iterator[Message]:
-    marshal = MarshalRtnl()
-    sock.send(dump_request(msg_type, seq))
-    interrupted = False
-    while True:
-        for msg in marshal.parse(sock.recv(_RECEIVE_SIZE)):
-            header = msg["header"]
-            if header["sequence_number"] != seq:
-                continue
-            interrupted = interrupted or bool(header["flags"] & NLM_F_DUMP_INTR)
-            if header["type"] == NLMSG_ERROR and header.get("error") is not None:
-                raise kernel_error(header["error"])
-            if header["type"] in (NLMSG_DONE, NLMSG_ERROR):
-                if interrupted:
-                    raise _Inconsistent
-                return
-            yield msg
+Message = tuple[int, bytes]  # type, body
 
 
 def read_snapshot(netns: str | None) -> Snapshot:
@@ -137,19 +56,11 @@ def read_snapshot(netns: str | None) -> Snapshot:
     sequence = itertools.count(1)
     with open_socket(netns) as sock:
         sock.settimeout(DUMP_TIMEOUT)
-        for _ in range(_DUMP_ATTEMPTS):
-            try:
-                links = [link_info(msg) for msg in _dump(sock, RTM_GETLINK, next(sequence))
-                         if msg["header"]["type"] == RTM_NEWLINK
-                         and msg["family"] == socket.AF_UNSPEC]
-                addresses: dict[int, set[str]] = {}
-                for msg in _dump(sock, RTM_GETADDR, next(sequence)):
-                    if msg["header"]["type"] == RTM_NEWADDR and (text := address_text(msg)):
-                        addresses.setdefault(int(msg["index"]), set()).add(text)
-            except _Inconsistent:
-                continue
-            return links, {index: frozenset(found) for index, found in addresses.items()}
-    raise OSError(errno.EAGAIN, "links kept changing while they were read")
+        links = read_links(sock, sequence.__next__)
+        addresses: dict[int, set[str]] = {}
+        for info in read_addresses(sock, sequence.__next__):
+            addresses.setdefault(info.index, set()).add(info.address)
+    return links, {index: frozenset(found) for index, found in addresses.items()}
 
 
 class LinkMonitor:
@@ -177,7 +88,6 @@ class LinkMonitor:
         self.overflows = 0
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._marshal = MarshalRtnl()
         self._tracker = LinkTracker()
         self._events: asyncio.Queue[LinkEvent | None] = asyncio.Queue()
         self._error: OSError | None = None
@@ -258,11 +168,15 @@ class LinkMonitor:
                     continue
                 self._fail(exc)
                 return
-            for msg in self._marshal.parse(data):
-                if self._sync_task is not None:
-                    self._held.append(msg)
-                else:
-                    self._apply(msg)
+            try:
+                for kind, _flags, _seq, body in split(data):
+                    if self._sync_task is not None:
+                        self._held.append((kind, body))
+                    else:
+                        self._apply((kind, body))
+            except OSError as exc:  # a message that does not decode
+                self._fail(exc)
+                return
 
     def _fail(self, exc: OSError) -> None:
         log.error("link monitor: %s", exc)
@@ -274,19 +188,20 @@ class LinkMonitor:
             self._events.put_nowait(event)
 
     def _apply(self, msg: Message) -> None:
-        msg_type = msg["header"]["type"]
+        msg_type, body = msg
         if msg_type in (RTM_NEWLINK, RTM_DELLINK):
             # Bridge port messages (AF_BRIDGE) share the group and say nothing new.
-            if msg["family"] != socket.AF_UNSPEC:
+            if not body or body[0] != socket.AF_UNSPEC:
                 return
+            info = decode_link(body)
             if msg_type == RTM_NEWLINK:
-                self._emit(self._tracker.link(link_info(msg)))
+                self._emit(self._tracker.link(info))
             else:
-                self._emit(self._tracker.link_removed(int(msg["index"])))
+                self._emit(self._tracker.link_removed(info.index))
         elif msg_type in (RTM_NEWADDR, RTM_DELADDR):
-            text = address_text(msg)
-            if text is not None:
-                self._emit(self._tracker.address(int(msg["index"]), text,
+            address = decode_address(body)
+            if address is not None:
+                self._emit(self._tracker.address(address.index, address.address,
                                                  present=msg_type == RTM_NEWADDR))
 
     # --- snapshots

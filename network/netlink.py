@@ -52,16 +52,13 @@ from virtnode.network.rtnlmsg import (
     RT_SCOPE_UNIVERSE,
     RT_TABLE_MAIN,
     RTEXT_FILTER_BRVLAN,
-    RTEXT_FILTER_SKIP_STATS,
     RTN_UNICAST,
     RTPROT_BOOT,
-    LinkInfo,
     address_key,
     bridge_vlans,
     family_number,
     kernel_error,
     kernel_message,
-    link_info,
     parse_resolv_conf,
     route_key,
     to_address,
@@ -69,6 +66,7 @@ from virtnode.network.rtnlmsg import (
     to_routes,
     vlan_flags,
 )
+from virtnode.network.rtnlwire import RequestSocket
 
 __all__ = ["LinkEvent", "LinkMonitor", "NetlinkHost", "StepError"]
 
@@ -164,6 +162,7 @@ class NetlinkHost:
         self.netns = netns
         self._resolv_conf = resolv_conf
         self._ipr: Any = None
+        self._wire: RequestSocket | None = None
         self._owner: int | None = None
         self._closed = False
         self._indexes: dict[str, int] = {}
@@ -201,6 +200,9 @@ class NetlinkHost:
             self._check_thread()
             self._ipr.close()
             self._ipr = None
+        if self._wire is not None:
+            self._wire.close()
+            self._wire = None
         self._closed = True
 
     # --- the socket
@@ -231,37 +233,32 @@ class NetlinkHost:
                                     f"no network namespace named {self.netns!r}") from None
         self._ipr, self._owner = ipr, threading.get_ident()
         try:
-            self._learn_all(ipr)
+            self._wire = RequestSocket(self.netns)
+            self._learn_all()
         except BaseException:
             self.close()
             raise
         return ipr
 
-    def _dump_links(self, ipr: Any) -> list[LinkInfo]:
-        return [link_info(msg) for msg in ipr.link("dump", ext_mask=RTEXT_FILTER_SKIP_STATS)]
-
-    def _learn_all(self, ipr: Any) -> bool:
+    def _learn_all(self) -> bool:
         """Re-read every link's index; True if any name's index changed."""
-        try:
-            fresh = {info.name: info.index for info in self._dump_links(ipr)}
-        except NetlinkError as exc:
-            raise kernel_error(exc) from exc
+        fresh = {info.name: info.index for info in self._requests.links()}
         changed = fresh != self._indexes
         self._indexes = fresh
         return changed
 
-    def _index(self, ipr: Any, name: str) -> int:
+    def _index(self, name: str) -> int:
         index = self._indexes.get(name)
         if index is not None:
             return index
         # Not made by us: look it up once (one request, not a dump).
         try:
-            (msg,) = ipr.link("get", ifname=name)
+            index = self._requests.link(name).index
         except NetlinkError as exc:
             if exc.code == errnos.ENODEV:
                 raise _Refused(errnos.ENODEV, f"no link named {name!r}") from None
             raise
-        index = self._indexes[name] = int(msg["index"])
+        self._indexes[name] = index
         return index
 
     # --- reading
@@ -270,9 +267,9 @@ class NetlinkHost:
         """Links, addresses, main-table routes and DNS, sorted so that two reads of an
         unchanged host compare equal. Raises OSError."""
         ipr = self._socket()
+        infos = self._requests.links()
+        address_infos = self._requests.addresses()
         try:
-            infos = self._dump_links(ipr)
-            address_msgs = ipr.addr("dump")
             route_msgs = ipr.route("dump")
             filtering = {i.index for i in infos if i.kind == "bridge" and i.vlan_filtering}
             vlans = self._bridge_vlans(ipr) if filtering else {}
@@ -286,7 +283,7 @@ class NetlinkHost:
             speed = _speed(info.name) if self.netns is None else None
             links[info.name] = to_link(info, names, speed,
                                        vlans.get(info.index, ()) if filtered else ())
-        addresses = (to_address(msg, names) for msg in address_msgs)
+        addresses = (to_address(info, names) for info in address_infos)
         routes = chain.from_iterable(to_routes(msg, names) for msg in route_msgs)
         return HostState(
             links=links,
@@ -335,8 +332,8 @@ class NetlinkHost:
                 libc = ctypes.CDLL(None, use_errno=True)
                 if libc.unshare(CLONE_NEWNET) != 0:
                     raise _NoPrivateNamespace(os.strerror(ctypes.get_errno()))
-                with IPRoute(flags=0, groups=0, ext_ack=True) as ipr:
-                    result.append(self._probe(ipr))
+                with IPRoute(flags=0, groups=0, ext_ack=True) as ipr, RequestSocket() as wire:
+                    result.append(self._probe(ipr, wire))
             except BaseException as exc:  # handed to the caller's thread
                 result.append(exc)
 
@@ -349,10 +346,10 @@ class NetlinkHost:
         if isinstance(outcome, _NoPrivateNamespace):
             log.info("netlink: no private namespace for the feature probe (%s); probing "
                      "here", outcome)
-            return self._probe(self._socket())
+            return self._probe(self._socket(), self._requests)
         raise outcome
 
-    def _probe(self, ipr: Any) -> Features:
+    def _probe(self, ipr: Any, wire: RequestSocket) -> Features:
         made: list[str] = []
 
         def attempt(what: str, call: Callable[[], object]) -> bool:
@@ -374,13 +371,11 @@ class NetlinkHost:
             has_bridge = attempt("a bridge", lambda: add(bridge, kind="bridge"))
             vlan_filtering = vlan_8021q = False
             if has_bridge:
-                (msg,) = ipr.link("get", ifname=bridge)
-                index = int(msg["index"])
+                index = wire.link(bridge).index
                 vlan_filtering = attempt("bridge VLAN filtering", lambda: ipr.link(
                     "set", index=index, kind="bridge", br_vlan_filtering=1))
                 if vlan_filtering:
-                    (msg,) = ipr.link("get", index=index)
-                    vlan_filtering = bool(link_info(msg).vlan_filtering)
+                    vlan_filtering = bool(wire.link(bridge).vlan_filtering)
                 vlan_8021q = attempt("an 802.1q device", lambda: add(
                     f"{PROBE_PREFIX}{secrets.token_hex(4)}", kind="vlan", link=index,
                     vlan_id=2))
@@ -420,9 +415,19 @@ class NetlinkHost:
         except NetlinkError as exc:
             # An index we remembered may be stale (a link deleted and made again by
             # someone else): re-read them, and try once more if any changed.
-            if exc.code != errnos.ENODEV or not self._learn_all(ipr):
+            if exc.code != errnos.ENODEV or not self._learn_all():
                 raise
             action(ipr, step)
+
+    # Most steps go out as requests encoded in rtnlwire (a plain socket, no pyroute2
+    # request layer: a 100-network change is mostly this); the VLAN ones (802.1q
+    # devices, filtering, VLAN entries) through pyroute2.
+
+    @property
+    def _requests(self) -> RequestSocket:
+        if self._wire is None:
+            raise RuntimeError("NetlinkHost is closed")
+        return self._wire
 
     def _link_attrs(self, step: Step) -> dict[str, Any]:
         attrs: dict[str, Any] = {"ifname": step.link}
@@ -432,70 +437,81 @@ class NetlinkHost:
             attrs["address"] = mac
         return attrs
 
-    def _made(self, ipr: Any, name: str) -> None:
-        (msg,) = ipr.link("get", ifname=name)
-        self._indexes[name] = int(msg["index"])
+    def _made(self, name: str) -> None:
+        self._indexes[name] = self._requests.link(name).index
 
     def _add_bridge(self, ipr: Any, step: Step) -> None:
         _check_args(step, ("stp", "vlan_filtering"), ("mtu", "default_pvid", "mac"))
-        attrs = self._link_attrs(step)
-        attrs["br_stp_state"] = int(_arg(step, "stp", bool))
-        # Off is the default; saying so explicitly fails on kernels without filtering.
-        if _arg(step, "vlan_filtering", bool):
-            attrs["br_vlan_filtering"] = 1
-        if (pvid := _opt(step, "default_pvid", int)) is not None:
-            attrs["br_vlan_default_pvid"] = pvid
+        stp = _arg(step, "stp", bool)
+        filtering = _arg(step, "vlan_filtering", bool)
+        pvid = _opt(step, "default_pvid", int)
+        mtu, mac = _opt(step, "mtu", int), _opt(step, "mac", str)
+        if filtering or pvid is not None:
+            attrs = self._link_attrs(step)
+            attrs.pop("mtu", None)
+            attrs["br_stp_state"] = int(stp)
+            # Off is the default; saying so explicitly fails on kernels without filtering.
+            if filtering:
+                attrs["br_vlan_filtering"] = 1
+            if pvid is not None:
+                attrs["br_vlan_default_pvid"] = pvid
+            ipr.link("add", kind="bridge", **attrs)
+            self._made(step.link)
+        else:
+            wire = self._requests
+            index = wire.new_bridge(step.link, stp=stp, mac=_mac(mac) if mac else None)
+            self._indexes[step.link] = index if index is not None else wire.link(
+                step.link).index
         # A bridge keeps an MTU set on it; one given at creation gives way to its ports'.
-        mtu = attrs.pop("mtu", None)
-        ipr.link("add", kind="bridge", **attrs)
-        self._made(ipr, step.link)
         if mtu is not None:
             try:
-                ipr.link("set", index=self._indexes[step.link], mtu=mtu)
+                self._requests.set_link(self._indexes[step.link], mtu=mtu)
             except NetlinkError:
                 # The step fails as a whole: take back the bridge it made.
                 with contextlib.suppress(NetlinkError):
-                    ipr.link("del", index=self._indexes.pop(step.link))
+                    self._requests.del_link(self._indexes.pop(step.link))
                 raise
 
     def _add_vlan(self, ipr: Any, step: Step) -> None:
         _check_args(step, ("parent", "vid"), ("mtu", "mac"))
-        parent = self._index(ipr, _arg(step, "parent", str))
+        parent = self._index(_arg(step, "parent", str))
         ipr.link("add", kind="vlan", link=parent, vlan_id=_arg(step, "vid", int),
                  **self._link_attrs(step))
-        self._made(ipr, step.link)
+        self._made(step.link)
 
     def _del_link(self, ipr: Any, step: Step) -> None:
         _check_args(step, ())
-        ipr.link("del", index=self._index(ipr, step.link))
+        self._requests.del_link(self._index(step.link))
         self._indexes.pop(step.link, None)
 
     def _set_master(self, ipr: Any, step: Step) -> None:
         _check_args(step, ("master",))
         master = _opt(step, "master", str)
-        ipr.link("set", index=self._index(ipr, step.link),
-                 master=self._index(ipr, master) if master is not None else 0)
+        self._requests.set_link(self._index(step.link),
+                                master=self._index(master) if master is not None else 0)
 
     def _set_mtu(self, ipr: Any, step: Step) -> None:
         _check_args(step, ("mtu",))
-        ipr.link("set", index=self._index(ipr, step.link), mtu=_arg(step, "mtu", int))
+        self._requests.set_link(self._index(step.link), mtu=_arg(step, "mtu", int))
 
     def _set_up(self, ipr: Any, step: Step) -> None:
         _check_args(step, ("up",))
-        state = "up" if _arg(step, "up", bool) else "down"
-        ipr.link("set", index=self._index(ipr, step.link), state=state)
+        self._requests.set_link(self._index(step.link), up=_arg(step, "up", bool))
 
     def _set_bridge(self, ipr: Any, step: Step) -> None:
         _check_args(step, (), ("stp", "vlan_filtering", "default_pvid"))
+        stp = _opt(step, "stp", bool)
         attrs: dict[str, int] = {}
-        if (stp := _opt(step, "stp", bool)) is not None:
-            attrs["br_stp_state"] = int(stp)
         if (filtering := _opt(step, "vlan_filtering", bool)) is not None:
             attrs["br_vlan_filtering"] = int(filtering)
         if (pvid := _opt(step, "default_pvid", int)) is not None:
             attrs["br_vlan_default_pvid"] = pvid
         if attrs:
-            ipr.link("set", index=self._index(ipr, step.link), kind="bridge", **attrs)
+            if stp is not None:
+                attrs["br_stp_state"] = int(stp)
+            ipr.link("set", index=self._index(step.link), kind="bridge", **attrs)
+        elif stp is not None:
+            self._requests.set_bridge(self._index(step.link), stp=stp)
 
     def _vlan_entry(self, ipr: Any, step: Step) -> None:
         _check_args(step, ("vid", "pvid", "untagged", "self"))
@@ -506,48 +522,58 @@ class NetlinkHost:
         # a vid that exists replaces its flags.
         extra = {"vlan_flags": BRIDGE_FLAGS_SELF} if _arg(step, "self", bool) else {}
         command = "add" if step.action == "add_vlan_entry" else "del"
-        ipr.vlan_filter(command, index=self._index(ipr, step.link), vlan_info=info, **extra)
+        ipr.vlan_filter(command, index=self._index(step.link), vlan_info=info, **extra)
 
     def _address(self, ipr: Any, step: Step) -> None:
         _check_args(step, ("address",))
         iface = _interface(step)
-        command = "add" if step.action == "add_address" else "del"
-        ipr.addr(command, index=self._index(ipr, step.link), address=str(iface.ip),
-                 prefixlen=iface.network.prefixlen)
+        self._requests.address(step.action == "add_address", self._index(step.link),
+                               family_number(iface.version), iface.ip.packed,
+                               iface.network.prefixlen)
 
     def _route(self, ipr: Any, step: Step) -> None:
         _check_args(step, ("dst", "family", "metric"), ("gateway",))
         family = _arg(step, "family", int)
         if family not in (4, 6):
             raise _Refused(None, f"invalid arguments: family must be 4 or 6, not {family}")
-        request: dict[str, Any] = {
-            "family": family_number(family), "table": RT_TABLE_MAIN,
-            "oif": self._index(ipr, step.link), "priority": _arg(step, "metric", int),
-        }
+        oif, metric = self._index(step.link), _arg(step, "metric", int)
         dst, gateway = _arg(step, "dst", str), _opt(step, "gateway", str)
+        network = None
         try:
             if dst != "default":
                 network = ipaddress.ip_network(dst)
                 _same_family(network.version, family, "dst")
-                request.update(dst=str(network.network_address), dst_len=network.prefixlen)
-            if gateway is not None:
-                _same_family(ipaddress.ip_address(gateway).version, family, "gateway")
-                request["gateway"] = gateway
+            via = ipaddress.ip_address(gateway) if gateway is not None else None
+            if via is not None:
+                _same_family(via.version, family, "gateway")
         except ValueError as exc:
             raise _Refused(None, f"invalid arguments: {exc}") from None
-        if step.action == "add_route":
+        add = step.action == "add_route"
+        if add:
             # What `ip route add` does: proto boot; a route without a gateway is on-link.
-            on_link = gateway is None and family == 4
-            request.update(proto=RTPROT_BOOT, type=RTN_UNICAST,
-                           scope=RT_SCOPE_LINK if on_link else RT_SCOPE_UNIVERSE)
-            ipr.route("add", **request)
+            scope = RT_SCOPE_LINK if via is None and family == 4 else RT_SCOPE_UNIVERSE
         else:
             # Scope "nowhere" matches a route of any scope, as `ip route del` does.
             scope = RT_SCOPE_NOWHERE if family == 4 else RT_SCOPE_UNIVERSE
-            ipr.route("del", scope=scope, **request)
+        self._requests.route(
+            add, family=family_number(family), table=RT_TABLE_MAIN, oif=oif, priority=metric,
+            proto=RTPROT_BOOT if add else 0, scope=scope, kind=RTN_UNICAST,
+            dst=network.network_address.packed if network is not None else None,
+            dst_len=network.prefixlen if network is not None else 0,
+            gateway=via.packed if via is not None else None)
 
     def _dhcp(self, ipr: Any, step: Step) -> None:
         raise _Refused(None, DHCP_UNSUPPORTED)
+
+
+def _mac(text: str) -> bytes:
+    try:
+        mac = bytes.fromhex(text.replace(":", ""))
+    except ValueError:
+        mac = b""
+    if len(mac) != 6:
+        raise _Refused(None, f"invalid arguments: mac must be six bytes, not {text!r}")
+    return mac
 
 
 def _same_family(version: int, family: int, what: str) -> None:

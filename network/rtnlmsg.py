@@ -1,6 +1,7 @@
-"""Rtnetlink messages, as pyroute2 decodes them, turned into the shapes of
-:mod:`virtnode.network.netmodel`. No I/O: :mod:`virtnode.network.netlink` does the
-talking and hands the decoded messages here.
+"""Rtnetlink messages turned into the shapes of :mod:`virtnode.network.netmodel`: links
+and addresses as :mod:`virtnode.network.rtnlwire` decodes them (:class:`LinkInfo`,
+:class:`AddrInfo`), routes and bridge VLAN entries as pyroute2 decodes them. No I/O:
+:mod:`virtnode.network.netlink` does the talking and hands the decoded messages here.
 
 Numbers are the kernel's (``include/uapi/linux/rtnetlink.h``, ``if_bridge.h``...); words
 are the ones ``ip`` prints, so what the agent reports reads like ``ip -d addr``.
@@ -12,14 +13,12 @@ import errno
 import ipaddress
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from socket import AF_INET, AF_INET6
 from typing import Any, Protocol
 
 from virtnode.network.netmodel import Address, BridgeVlan, Dns, Family, Link, Route
 
-IFF_UP = 0x1
-ARPHRD_LOOPBACK = 772
 IFA_F_PERMANENT = 0x80
 RTN_UNICAST = 1
 RT_TABLE_MAIN = 254
@@ -95,70 +94,6 @@ class LinkInfo:
     default_pvid: int | None = None
 
 
-def _optional_int(value: Any) -> int | None:
-    return int(value) if value is not None else None
-
-
-def _optional_bool(value: Any) -> bool | None:
-    return bool(value) if value is not None else None
-
-
-_LINK_ATTRS = frozenset({
-    "IFLA_IFNAME", "IFLA_ADDRESS", "IFLA_MTU", "IFLA_MIN_MTU", "IFLA_MAX_MTU", "IFLA_CARRIER",
-    "IFLA_OPERSTATE", "IFLA_MASTER", "IFLA_LINK", "IFLA_LINKINFO",
-})
-
-
-def attributes(msg: Message, wanted: frozenset[str]) -> dict[str, Any]:
-    """The first value of each ``wanted`` NLA, in one pass over the message (a link
-    message has some fifty; ``get_attr`` walks them all on every call)."""
-    found: dict[str, Any] = {}
-    for slot in msg["attrs"]:
-        name = slot[0]
-        if name in wanted and name not in found:
-            found[name] = slot[1]  # pyroute2 decodes the value here, when asked
-    return found
-
-
-def link_info(msg: Message) -> LinkInfo:
-    """Decode an RTM_NEWLINK (or RTM_DELLINK) message of family AF_UNSPEC."""
-    attrs = attributes(msg, _LINK_ATTRS)
-    linkinfo = attrs.get("IFLA_LINKINFO")
-    kind = linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo is not None else None
-    data = linkinfo.get_attr("IFLA_INFO_DATA") if linkinfo is not None else None
-    if kind is None:
-        kind = "loopback" if msg["ifi_type"] == ARPHRD_LOOPBACK else "device"
-    master = attrs.get("IFLA_MASTER")
-    info = LinkInfo(
-        index=int(msg["index"]),
-        name=str(attrs.get("IFLA_IFNAME")),
-        kind=str(kind),
-        mac=attrs.get("IFLA_ADDRESS"),
-        mtu=int(attrs.get("IFLA_MTU", 0)),
-        min_mtu=_optional_int(attrs.get("IFLA_MIN_MTU")),
-        # 0 is the kernel's "no upper limit" (lo, for one).
-        max_mtu=_optional_int(attrs.get("IFLA_MAX_MTU")) or None,
-        up=bool(msg["flags"] & IFF_UP),
-        carrier=bool(attrs.get("IFLA_CARRIER", 0)),
-        operstate=str(attrs.get("IFLA_OPERSTATE", "unknown")).lower(),
-        master_index=int(master) if master else None,
-    )
-    if data is None:
-        return info
-    if kind == "vlan":
-        link = attrs.get("IFLA_LINK")
-        return replace(info, vlan_id=_optional_int(data.get_attr("IFLA_VLAN_ID")),
-                       parent_index=int(link) if link else None)
-    if kind == "bridge":
-        return replace(
-            info,
-            stp=_optional_bool(data.get_attr("IFLA_BR_STP_STATE")),
-            vlan_filtering=_optional_bool(data.get_attr("IFLA_BR_VLAN_FILTERING")),
-            default_pvid=_optional_int(data.get_attr("IFLA_BR_VLAN_DEFAULT_PVID")),
-        )
-    return info
-
-
 def to_link(info: LinkInfo, names: Mapping[int, str], speed: int | None = None,
             vlans: tuple[BridgeVlan, ...] = ()) -> Link:
     """The model's :class:`Link` of ``info``, indexes resolved through ``names``."""
@@ -206,30 +141,27 @@ def vlan_flags(pvid: bool, untagged: bool) -> int:
 # --- addresses ------------------------------------------------------------------------------
 
 
-def address_text(msg: Message) -> str | None:
-    """The address of an RTM_NEWADDR/RTM_DELADDR in interface form, None if not IP."""
-    if msg["family"] not in _FAMILIES:
-        return None
-    # IFA_LOCAL is the address of the interface; IFA_ADDRESS is the peer on
-    # point-to-point links and the same as IFA_LOCAL elsewhere. IPv6 has only IFA_ADDRESS.
-    local = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-    if local is None:
-        return None
-    return str(ipaddress.ip_interface(f"{local}/{msg['prefixlen']}"))
+@dataclass(frozen=True)
+class AddrInfo:
+    """One RTM_NEWADDR (or RTM_DELADDR) message of an IP family, the link unresolved."""
+
+    index: int
+    family: Family
+    #: Interface form (``192.0.2.1/24``): IFA_LOCAL, else IFA_ADDRESS, with the prefix.
+    address: str
+    scope: int
+    #: IFA_FLAGS when present (it supersedes the 8-bit field), else the 8-bit field.
+    flags: int
 
 
-def to_address(msg: Message, names: Mapping[int, str]) -> Address | None:
-    """The model's :class:`Address` of an RTM_NEWADDR; None for links not in ``names``."""
-    text = address_text(msg)
-    link = names.get(int(msg["index"]))
-    if text is None or link is None:
+def to_address(info: AddrInfo, names: Mapping[int, str]) -> Address | None:
+    """The model's :class:`Address`; None for links not in ``names``."""
+    link = names.get(info.index)
+    if link is None:
         return None
-    # IFA_FLAGS (32 bits) supersedes the 8-bit field when present.
-    flags = msg.get_attr("IFA_FLAGS")
-    flags = int(msg["flags"] if flags is None else flags)
-    return Address(link=link, address=text, family=_FAMILIES[msg["family"]],
-                   scope=scope_word(int(msg["scope"]), zero="global"),
-                   dynamic=not flags & IFA_F_PERMANENT)
+    return Address(link=link, address=info.address, family=info.family,
+                   scope=scope_word(info.scope, zero="global"),
+                   dynamic=not info.flags & IFA_F_PERMANENT)
 
 
 def address_key(address: Address) -> tuple[str, int, int, int]:

@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pyroute2.netlink.exceptions import NetlinkError
 
 from tests.conftest import missing
 from tests.subproc import run
 from virtnode.network.netlink import LinkEvent, LinkMonitor, NetlinkHost, StepError
 from virtnode.network.netmodel import Address, BridgeVlan, Dns, Route, Step
+from virtnode.network.rtnlwire import RequestSocket
 
 pytestmark = pytest.mark.integration
 
@@ -403,6 +405,65 @@ def _capture(into: list[BaseException], call: Callable[[], object]) -> None:
 async def test_a_host_refuses_to_block_the_event_loop(netns: Namespace) -> None:
     with NetlinkHost(netns.name) as host, pytest.raises(RuntimeError, match="event loop"):
         host.read_state()
+
+
+def test_links_decode_as_ip_shows_them(netns: Namespace, host: NetlinkHost) -> None:
+    host.apply(bridge_steps(stp=True, mtu=1400))
+    for namespace in (netns.name, None):  # a made one, and the host's own links
+        with RequestSocket(namespace) as wire:
+            decoded = {info.name: info for info in wire.links()}
+        shown = json.loads(_check(*(("-n", namespace) if namespace else ()), "-j", "-d",
+                                  "link", "show"))
+        assert sorted(decoded) == sorted(link["ifname"] for link in shown)
+        names = {link["ifindex"]: link["ifname"] for link in shown}
+        for link in shown:
+            info = decoded[link["ifname"]]
+            kind = link.get("linkinfo", {}).get("info_kind") or (
+                "loopback" if link["link_type"] == "loopback" else "device")
+            assert (info.index, info.kind, info.mtu, info.mac, info.operstate) == (
+                link["ifindex"], kind, link["mtu"], link.get("address"),
+                link["operstate"].lower())
+            assert (info.min_mtu, info.max_mtu or 0) == (link.get("min_mtu"),
+                                                         link.get("max_mtu", 0))
+            assert (names.get(info.master_index or 0), info.up) == (
+                link.get("master"), "UP" in link["flags"])
+    with RequestSocket(netns.name) as wire:
+        br0 = wire.link("br0")
+    assert (br0.kind, br0.stp, br0.vlan_filtering, br0.mtu) == ("bridge", True, False, 1400)
+
+
+def test_the_request_socket_opens_in_the_namespace(netns: Namespace) -> None:
+    own = os.stat("/proc/thread-self/ns/net").st_ino
+    wire = RequestSocket(netns.name)
+    try:
+        assert os.stat("/proc/thread-self/ns/net").st_ino == own  # the thread came back
+        index = wire.new_bridge("br0", stp=True, mac=bytes.fromhex("02005e100002"))
+        shown = netns.link("br0")
+        # This kernel echoes the new link (6.2 and later); older ones leave it to a lookup.
+        assert index in (shown["ifindex"], None)
+        assert wire.link("br0").index == shown["ifindex"]
+        assert shown["address"] == "02:00:5e:10:00:02"
+        assert shown["linkinfo"]["info_data"]["stp_state"] == 1
+
+        with pytest.raises(NetlinkError) as refused:
+            wire.new_bridge("br0", stp=False)
+        assert refused.value.code == errno.EEXIST
+        with pytest.raises(NetlinkError) as refused:
+            wire.link("nope")
+        assert refused.value.code == errno.ENODEV
+        with pytest.raises(NetlinkError) as refused:
+            wire.set_link(netns.link("nic0")["ifindex"], mtu=50)
+        assert refused.value.code == errno.EINVAL and "mtu" in str(refused.value.args[1])
+
+        wire.set_link(netns.link("nic0")["ifindex"], master=shown["ifindex"], up=True)
+        assert netns.link("nic0")["master"] == "br0" and "UP" in netns.link("nic0")["flags"]
+        wire.del_link(shown["ifindex"])
+        assert not netns.has_link("br0") and "master" not in netns.link("nic0")
+    finally:
+        wire.close()
+    with pytest.raises(FileNotFoundError):
+        RequestSocket(f"vn-t-{secrets.token_hex(4)}")
+    assert os.stat("/proc/thread-self/ns/net").st_ino == own
 
 
 # --- features -------------------------------------------------------------------------------

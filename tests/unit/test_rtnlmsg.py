@@ -1,41 +1,55 @@
 """Rtnetlink messages into the model's shapes, without a kernel.
 
-Messages are built with pyroute2's own classes, encoded to bytes and decoded again,
-so the code under test sees what it would see from a socket.
+Messages are built with pyroute2's own classes and encoded to bytes; routes and VLAN
+entries are decoded again by pyroute2, links and addresses by the agent's own decoder
+(``rtnlwire``), so the code under test sees what it would see from a socket and the two
+encoders check each other.
 """
 
 from __future__ import annotations
 
+import errno
 from socket import AF_INET, AF_INET6
 from typing import Any
 
+import pytest
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from virtnode.network.netmodel import Address, BridgeVlan, Dns, Route
 from virtnode.network.rtnlmsg import (
-    address_text,
+    AddrInfo,
+    LinkInfo,
     bridge_vlans,
-    link_info,
     parse_resolv_conf,
     to_address,
     to_link,
     to_routes,
 )
+from virtnode.network.rtnlwire import decode_address, decode_link, split
 
 NAMES = {1: "lo", 2: "eth0", 3: "br0"}
 
 
-def decoded(cls: Any, fields: dict[str, Any], attrs: list[tuple[str, Any]]) -> Any:
+def encoded(cls: Any, fields: dict[str, Any], attrs: list[tuple[str, Any]]) -> bytes:
     msg = cls()
     for key, value in fields.items():
         msg[key] = value
     msg["attrs"] = attrs
     msg.encode()
-    wire = cls(msg.data)
+    return bytes(msg.data)
+
+
+def decoded(cls: Any, fields: dict[str, Any], attrs: list[tuple[str, Any]]) -> Any:
+    wire = cls(encoded(cls, fields, attrs))
     wire.decode()
     return wire
+
+
+def body(data: bytes) -> bytes:
+    ((_kind, _flags, _seq, found),) = split(data)
+    return found
 
 
 def route(dst: str | None, dst_len: int, *, family: int = AF_INET, table: int = 254,
@@ -85,56 +99,72 @@ def test_multipath_routes_are_one_route_per_hop() -> None:
 
 
 def address(family: int, prefixlen: int, *, index: int = 2, flags: int = 0x80, scope: int = 0,
-            **attrs: Any) -> Any:
+            wide_flags: int | None = None, **attrs: Any) -> AddrInfo | None:
     nlas = [(f"IFA_{key.upper()}", value) for key, value in attrs.items()]
-    return decoded(ifaddrmsg, {"family": family, "prefixlen": prefixlen, "flags": flags,
-                               "scope": scope, "index": index}, nlas)
+    if wide_flags is not None:
+        nlas.append(("IFA_FLAGS", wide_flags))
+    return decode_address(body(encoded(ifaddrmsg, {
+        "family": family, "prefixlen": prefixlen, "flags": flags, "scope": scope,
+        "index": index}, nlas)))
+
+
+def address_text(info: AddrInfo | None) -> str | None:
+    return info.address if info is not None else None
 
 
 def test_addresses() -> None:
     v4 = address(AF_INET, 24, local="192.0.2.10", address="192.0.2.10")
-    assert to_address(v4, NAMES) == Address("eth0", "192.0.2.10/24", 4)
+    assert v4 is not None and to_address(v4, NAMES) == Address("eth0", "192.0.2.10/24", 4)
     # On a point-to-point link IFA_ADDRESS is the peer; the link's own is IFA_LOCAL.
     ptp = address(AF_INET, 32, local="192.0.2.10", address="192.0.2.99")
     assert address_text(ptp) == "192.0.2.10/32"
     slaac = address(AF_INET6, 64, flags=0, address="2001:db8::5054:ff:fe00:1")
+    assert slaac is not None
     assert to_address(slaac, NAMES) == Address("eth0", "2001:db8::5054:ff:fe00:1/64", 6,
                                                dynamic=True)
     assert address_text(address(AF_INET6, 64, address="2001:DB8:0::1")) == "2001:db8::1/64"
-    assert to_address(address(AF_INET, 24, index=9, local="192.0.2.1"), NAMES) is None
+    gone = address(AF_INET, 24, index=9, local="192.0.2.1")
+    assert gone is not None and to_address(gone, NAMES) is None
+    # Not IP, or no address at all: nothing to report.
+    assert address(17, 0, index=2) is None
+    assert address(AF_INET, 24) is None
 
 
 def test_address_flags_attribute_wins() -> None:
     # IFA_FLAGS (32 bits) supersedes the 8-bit flags field.
-    msg = decoded(ifaddrmsg, {"family": AF_INET6, "prefixlen": 64, "flags": 0, "scope": 253,
-                              "index": 2},
-                  [("IFA_ADDRESS", "fe80::1"), ("IFA_FLAGS", 0x80)])
+    msg = address(AF_INET6, 64, flags=0, scope=253, address="fe80::1", wide_flags=0x80)
+    assert msg is not None
     assert to_address(msg, NAMES) == Address("eth0", "fe80::1/64", 6, scope="link")
 
 
-def link(index: int, name: str, ifi_type: int = 1, flags: int = 0,
-         **attrs: Any) -> Any:
+def link_info(index: int, name: str, ifi_type: int = 1, flags: int = 0,
+              **attrs: Any) -> LinkInfo:
     nlas: list[tuple[str, Any]] = [("IFLA_IFNAME", name), ("IFLA_MTU", 1500)]
     nlas += [(key, value) for key, value in attrs.items()]
-    return decoded(ifinfmsg, {"index": index, "ifi_type": ifi_type, "flags": flags}, nlas)
+    return decode_link(body(encoded(ifinfmsg, {"index": index, "ifi_type": ifi_type,
+                                               "flags": flags}, nlas)))
 
 
 def test_links() -> None:
-    lo = link_info(link(1, "lo", ifi_type=772, IFLA_MAX_MTU=0, IFLA_MIN_MTU=0))
-    assert (lo.kind, lo.max_mtu, lo.min_mtu) == ("loopback", None, 0)
-    nic = link_info(link(2, "eth0", flags=1, IFLA_MASTER=3, IFLA_CARRIER=1,
-                         IFLA_OPERSTATE="UP", IFLA_ADDRESS="52:54:00:00:00:01"))
-    assert (nic.kind, nic.up, nic.carrier, nic.operstate) == ("device", True, True, "up")
+    lo = link_info(1, "lo", ifi_type=772, IFLA_MAX_MTU=0, IFLA_MIN_MTU=0)
+    assert (lo.kind, lo.max_mtu, lo.min_mtu, lo.mtu, lo.mac) == ("loopback", None, 0, 1500,
+                                                                 None)
+    nic = link_info(2, "eth0", flags=1, IFLA_MASTER=3, IFLA_CARRIER=1,
+                    IFLA_OPERSTATE="UP", IFLA_ADDRESS="52:54:00:00:00:01")
+    assert (nic.kind, nic.up, nic.carrier, nic.operstate, nic.mac, nic.name) == (
+        "device", True, True, "up", "52:54:00:00:00:01", "eth0")
     assert to_link(nic, NAMES).master == "br0"
-    bridge = link_info(link(3, "br0", IFLA_LINKINFO={"attrs": [
+    assert link_info(5, "eth1", IFLA_OPERSTATE="LOWERLAYERDOWN").operstate == "lowerlayerdown"
+    assert link_info(5, "eth1").operstate == "unknown"
+    bridge = link_info(3, "br0", IFLA_LINKINFO={"attrs": [
         ("IFLA_INFO_KIND", "bridge"),
         ("IFLA_INFO_DATA", {"attrs": [("IFLA_BR_STP_STATE", 1),
                                       ("IFLA_BR_VLAN_FILTERING", 1),
-                                      ("IFLA_BR_VLAN_DEFAULT_PVID", 1)]})]}))
+                                      ("IFLA_BR_VLAN_DEFAULT_PVID", 1)]})]})
     assert (bridge.kind, bridge.stp, bridge.vlan_filtering, bridge.default_pvid) == (
         "bridge", True, True, 1)
-    vlan = link_info(link(4, "eth0.20", IFLA_LINK=2, IFLA_LINKINFO={"attrs": [
-        ("IFLA_INFO_KIND", "vlan"), ("IFLA_INFO_DATA", {"attrs": [("IFLA_VLAN_ID", 20)]})]}))
+    vlan = link_info(4, "eth0.20", IFLA_LINK=2, IFLA_LINKINFO={"attrs": [
+        ("IFLA_INFO_KIND", "vlan"), ("IFLA_INFO_DATA", {"attrs": [("IFLA_VLAN_ID", 20)]})]})
     assert (to_link(vlan, NAMES).vlan_parent, vlan.vlan_id) == ("eth0", 20)
 
 
@@ -161,3 +191,16 @@ def test_resolv_conf() -> None:
     assert parse_resolv_conf(text.splitlines()) == Dns(
         nameservers=("192.0.2.53", "2001:db8::53"), search=("example.org", "example.net"))
     assert parse_resolv_conf([]) == Dns()
+
+
+def test_messages_that_do_not_decode_are_os_errors() -> None:
+    whole = encoded(ifinfmsg, {"index": 2}, [("IFLA_IFNAME", "eth0")])
+    for broken in (whole[:-3], whole[:10], whole[:16] + b"\x00" * 3):
+        with pytest.raises(OSError) as failed:
+            for _kind, _flags, _seq, found in split(broken):
+                decode_link(found)
+        assert failed.value.errno == errno.EBADMSG
+    with pytest.raises(OSError):
+        decode_address(b"\x02\x18")
+    # A message without any attributes still decodes.
+    assert decode_link(body(encoded(ifinfmsg, {"index": 7}, []))).index == 7
