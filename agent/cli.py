@@ -185,9 +185,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=config.log.level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # pyroute2 logs every netlink message it parses at debug: the agent's own debug log
-    # would drown in them (and pay for formatting each one).
-    logging.getLogger("pyroute2").setLevel(max(logging.INFO, logging.root.level))
     try:
         asyncio.run(serve(config))
     except ConfigError as exc:  # files the configuration names, read at start

@@ -71,6 +71,10 @@ from virtnode.network.rtnlwire import RequestSocket
 __all__ = ["LinkEvent", "LinkMonitor", "NetlinkHost", "StepError"]
 
 log = logging.getLogger(__name__)
+# pyroute2 logs every netlink message it parses at debug, and sets its logger to level 0
+# when it is imported (which is here, on the netlink thread, after logging is set up): the
+# agent's own debug log would drown in those lines and pay for formatting each one.
+logging.getLogger("pyroute2").setLevel(max(logging.INFO, logging.getLogger().level))
 
 SYS_NET = Path("/sys/class/net")
 RESOLV_CONF = Path("/etc/resolv.conf")
