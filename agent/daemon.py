@@ -63,7 +63,7 @@ class Agent:
         self.network = NetworkService(
             self.store, self.bus, self.jobs, boot_id_file=Path(config.network.boot_id_file),
             restore_boot_config=config.network.restore_boot_config,
-            reached_on=self._reached_on)
+            dhcp_dir=Path(config.state.dir) / "dhcp", reached_on=self._reached_on)
         self.vms = VmService(self.hypervisor, self.bus, config.vm, self.jobs,
                              lambda ref, readonly: self.volumes.resolve(ref, readonly=readonly),
                              networks=self.network.bridge_of)

@@ -254,7 +254,8 @@ def after_teardown(state: HostState, steps: Iterable[Step]) -> HostState:
     leave ``state`` in, with what the kernel does by itself: a deleted link takes its
     addresses, routes and 802.1q devices with it and frees its ports; a port that leaves
     loses its VLAN entries; a link that loses its last IPv4 address loses its IPv4
-    routes."""
+    routes. A DHCP client that stops releases its lease: IPv4 takes every IPv4 address
+    of the link (dhclient-script flushes them), IPv6 the link's dynamic global ones."""
     links = dict(state.links)
     addresses = list(state.addresses)
     routes = list(state.routes)
@@ -277,7 +278,13 @@ def after_teardown(state: HostState, steps: Iterable[Step]) -> HostState:
         elif step.action == "del_route":
             key = step_route_key(step)
             routes = [r for r in routes if route_key(r) != key]
-        elif step.action != "stop_dhcp":
+        elif step.action == "stop_dhcp":
+            family = args["family"]
+            addresses = [a for a in addresses if a.link != name or a.family != family or (
+                family == 6 and (not a.dynamic or a.scope != "global"))]
+            if family == 4:
+                routes = [r for r in routes if r.link != name or r.family != 4]
+        else:
             raise ValueError(f"not a teardown step: {step.describe()}")
     addresses = [a for a in addresses if a.link in links]
     routes = [r for r in routes if r.link is None or r.link in links]

@@ -14,8 +14,8 @@ map again and retry the step once.
 Errors::
 
     StepError       a step was refused (by the kernel, or here: unknown link, bad
-                    arguments, DHCP); .index, .step, .errno, .message. The steps before
-                    it stay applied.
+                    arguments, a DHCP client that would not start); .index, .step,
+                    .errno, .message. The steps before it stay applied.
     OSError         reading or probing the kernel failed (errno kept); a namespace that
                     does not exist is FileNotFoundError
     RuntimeError    misuse: a closed host, a second thread, a call on a running loop
@@ -42,6 +42,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from virtnode.network.dhcp import DhcpClients, DhcpError
 from virtnode.network.linkevents import LinkEvent
 from virtnode.network.linkmonitor import LinkMonitor
 from virtnode.network.netmodel import BridgeVlan, Dns, Features, HostState, Link, Step
@@ -162,8 +163,10 @@ class NetlinkHost:
     ``resolv_conf`` overrides where DNS settings are read.
     """
 
-    def __init__(self, netns: str | None = None, *, resolv_conf: Path | None = None) -> None:
+    def __init__(self, netns: str | None = None, *, resolv_conf: Path | None = None,
+                 dhcp: DhcpClients | None = None) -> None:
         self.netns = netns
+        self._dhcp_clients = dhcp
         self._resolv_conf = resolv_conf
         self._ipr: Any = None
         self._wire: RequestSocket | None = None
@@ -318,8 +321,8 @@ class NetlinkHost:
         ``vnp`` + 8 hex digits) in a private network namespace made for it and removed
         again, even on failure, so nothing on the host sees them (no uevents, no link
         events for other tools). Where no namespace can be made, the links are tried in
-        this host's namespace. Cached. Raises OSError when this process may not create
-        links at all."""
+        this host's namespace. Also whether a DHCP client is installed. Cached. Raises
+        OSError when this process may not create links at all."""
         if self._features is None:
             self._socket()  # the thread check
             self._features = self._probe_privately()
@@ -395,7 +398,9 @@ class NetlinkHost:
                         log.warning("netlink: could not remove probe link %s: %s", name,
                                     kernel_message(exc))
         return Features(bridge=has_bridge, vlan_filtering=vlan_filtering,
-                        vlan_8021q=vlan_8021q, bond=bond)
+                        vlan_8021q=vlan_8021q, bond=bond,
+                        dhcp_client=self._dhcp_clients is not None
+                        and self._dhcp_clients.available)
 
     # --- steps
 
@@ -567,7 +572,19 @@ class NetlinkHost:
             gateway=via.packed if via is not None else None)
 
     def _dhcp(self, ipr: Any, step: Step) -> None:
-        raise _Refused(None, DHCP_UNSUPPORTED)
+        clients = self._dhcp_clients
+        if clients is None or not clients.available:
+            raise _Refused(None, DHCP_UNSUPPORTED)
+        starting = step.action == "start_dhcp"
+        _check_args(step, ("family", "default_route") if starting else ("family",))
+        family = _arg(step, "family", int)
+        try:
+            if starting:
+                clients.start(step.link, family, _arg(step, "default_route", bool))
+            else:
+                clients.stop(step.link, family)
+        except DhcpError as exc:
+            raise _Refused(None, str(exc)) from None
 
 
 def _mac(text: str) -> bytes:

@@ -109,6 +109,8 @@ class Features:
     vlan_filtering: bool
     vlan_8021q: bool
     bond: bool
+    #: A DHCP client (dhclient) is installed: ``method: dhcp`` can be run.
+    dhcp_client: bool = False
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ Addresses and routes on a link that is deleted are not deleted first: the kernel
 them with the link. Networks not named in a request are never looked at.
 
 :func:`restore` takes named links back to a snapshot in the same order. It knows nothing
-of DHCP clients (they are not in :class:`HostState`).
+of DHCP clients (they are not in :class:`HostState`): :func:`dhcp_steps` puts those
+back.
 """
 
 from __future__ import annotations
@@ -168,6 +169,25 @@ def _dhcp(cfg: NetworkConfig, lay: Layout) -> set[Dhcp]:
         return set()
     return {(lay.device, family, cfg.default_route) for family in families()
             if ip_config(cfg, family).method == "dhcp"}
+
+
+def dhcp_clients(state: HostState, running: Mapping[str, NetworkConfig],
+                 features: Features) -> set[Dhcp]:
+    """The DHCP clients the ``running`` networks want: (device, family, default_route)."""
+    wanted: set[Dhcp] = set()
+    for cfg in running.values():
+        wanted |= _dhcp(cfg, layout_of(cfg, features, state))
+    return wanted
+
+
+def dhcp_steps(wanted: Set[Dhcp], running: Set[tuple[str, Family]]) -> list[Step]:
+    """Stop the clients in ``running`` (link, family) that are not ``wanted``, then start
+    the wanted ones that do not run."""
+    keep = {(device, family) for device, family, _ in wanted}
+    return [Step("stop_dhcp", link, {"family": family})
+            for link, family in sorted(set(running) - keep)] + [
+        Step("start_dhcp", device, {"family": family, "default_route": route})
+        for device, family, route in sorted(wanted) if (device, family) not in running]
 
 
 # --- undoing ---------------------------------------------------------------------------------

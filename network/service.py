@@ -43,6 +43,7 @@ from virtnode.errors import (
 from virtnode.events import EventBus
 from virtnode.jobs import JobHandle, JobKind, JobManager
 from virtnode.network import netconfig, netstore, plan, validate
+from virtnode.network.dhcp import DhcpClients
 from virtnode.network.layout import layout_of
 from virtnode.network.netmodel import (
     Features,
@@ -90,7 +91,7 @@ class NetworkService:
     """Owns the netlink thread, the managed networks and the one change that may run."""
 
     def __init__(self, store: Store, bus: EventBus, jobs: JobManager, *,
-                 boot_id_file: Path, restore_boot_config: bool,
+                 boot_id_file: Path, restore_boot_config: bool, dhcp_dir: Path,
                  reached_on: ReachedOn = lambda: (), netns: str | None = None) -> None:
         self._store = store
         self._bus = bus
@@ -99,6 +100,7 @@ class NetworkService:
         self._restore_boot_config = restore_boot_config
         self._reached_on = reached_on
         self._netns = netns
+        self._dhcp = DhcpClients(dhcp_dir)
         self._pool = DaemonThreadPool(1, "netlink")
         self._netlink: Any = None  # the module virtnode.network.netlink, once imported
         self._host: NetlinkHost | None = None
@@ -144,7 +146,8 @@ class NetworkService:
 
     async def _start_steps(self) -> None:
         self._netlink = await self._call(importlib.import_module, "virtnode.network.netlink")
-        host: NetlinkHost = await self._call(self._netlink.NetlinkHost, self._netns)
+        host: NetlinkHost = await self._call(partial(self._netlink.NetlinkHost, self._netns,
+                                                     dhcp=self._dhcp))
         self._host = host
         self.features = await self._call(host.features)
         log.info("network: kernel supports %s", ", ".join(
@@ -166,6 +169,8 @@ class NetworkService:
             await self._store.run(partial(netstore.save_configs, kind=netstore.RUNNING,
                                           configs=self._running))
         await self._store.run(partial(netstore.save_boot_id, boot_id=boot_id))
+        # A DHCP client that died while the agent was away is started again.
+        await self._converge_dhcp("start_dhcp")
         # Watching before ready: a client that waited for ready misses no link event.
         self._monitor = self._netlink.LinkMonitor(self._netns)
         await self._monitor.start()
@@ -286,11 +291,11 @@ class NetworkService:
         requested = netconfig.request_from_api(params["networks"])
         for name, cfg in requested.items():
             for family, ip in ((4, cfg.ipv4), (6, cfg.ipv6)) if cfg is not None else ():
-                if ip.method == "dhcp":
+                if ip.method == "dhcp" and not self.features.dhcp_client:
                     raise InvalidArgument(
-                        f"network {name!r}: DHCP needs a DHCP client, and this agent does not "
-                        "run one yet", reason="unsupported", object="network", id=name,
-                        field=f"networks.{name}.ipv{family}.method")
+                        f"network {name!r}: DHCP needs a DHCP client, and none is installed "
+                        "(dhclient, Debian's isc-dhcp-client)", reason="unsupported",
+                        object="network", id=name, field=f"networks.{name}.ipv{family}.method")
         return requested
 
     def _refuse_if_busy(self) -> None:
@@ -380,9 +385,12 @@ class NetworkService:
 
     async def _rollback(self, tx: Transaction, names: list[str], trigger: str,
                         error: str) -> None:
-        """Put the touched links back as the snapshot had them; then forget the record."""
+        """Put the touched links back as the snapshot had them, and the DHCP clients as
+        the running networks want them; then forget the record."""
         try:
+            await self._converge_dhcp("stop_dhcp")
             await self._restore_snapshot(tx.snapshot, tx.links)
+            await self._converge_dhcp("start_dhcp")
         except Exception:
             log.exception("network: rolling back %s failed; the transaction is kept and "
                           "retried at the next start", tx.job_id)
@@ -401,12 +409,30 @@ class NetworkService:
             steps = plan.restore(current, snapshot, links)
             if not steps:
                 return
+            log.info("network: putting back: %s", "; ".join(s.describe() for s in steps))
             try:
                 await self._call(self.host.apply, steps)
             except self._netlink.StepError:
                 if attempt == 2:
                     raise
                 log.warning("network: a rollback step failed; trying again", exc_info=True)
+
+    async def _converge_dhcp(self, action: str) -> None:
+        """Stop (``stop_dhcp``) the DHCP clients the running networks do not want, or
+        start (``start_dhcp``) the ones they want that do not run. A client that will not
+        start is logged, not raised: its network's links are still right."""
+        if not self.features.dhcp_client:
+            return
+        state = await self._call(self.host.read_state)
+        running = await self._call(self._dhcp.running)
+        wanted = plan.dhcp_clients(state, self._running, self.features)
+        for step in plan.dhcp_steps(wanted, running):
+            if step.action != action:
+                continue
+            try:
+                await self._call(self.host.apply, [step])
+            except self._netlink.StepError as exc:
+                log.error("network: %s", exc)
 
     async def _restore_boot(self) -> None:
         """Set up the boot config, for the networks whose NICs exist."""
@@ -516,5 +542,6 @@ def state_api(state: HostState, running: Mapping[str, NetworkConfig],
         "dns": {"nameservers": list(state.dns.nameservers), "search": list(state.dns.search)},
         "managed": {"networks": sorted(running), "links": sorted(managed)},
         "features": {"bridge": features.bridge, "vlan_filtering": features.vlan_filtering,
-                     "vlan_8021q": features.vlan_8021q, "bond": features.bond},
+                     "vlan_8021q": features.vlan_8021q, "bond": features.bond,
+                     "dhcp_client": features.dhcp_client},
     }

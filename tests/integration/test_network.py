@@ -89,7 +89,24 @@ async def _net_host(tmp_path: Path, pki: Pki | None) -> AsyncIterator[NetHost]:
             yield box
         finally:
             status = await box.agent.stop()
+            # DHCP clients outlive the agent, as they should on a host: end the ones
+            # this test's agent started.
+            for pid in dhcp_client_pids(tmp_path):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
             assert status == 0, box.agent.log
+
+
+def dhcp_client_pids(tmp_path: Path) -> list[int]:
+    """The live dhclient processes the agent of ``tmp_path`` started (by its pid files)."""
+    pids = []
+    for pid_file in (tmp_path / "agent" / "state" / "dhcp").glob("*.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pid_file.read_text())
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+            if os.path.basename(argv0) == b"dhclient":
+                pids.append(pid)
+    return pids
 
 
 NO_CHECK = {"connectivity_check": False}
@@ -150,7 +167,8 @@ async def test_bridged_networks_with_mtu_vlan_and_addresses(  # noqa: PLR0915
     host, peer = net_host.host, net_host.peer
     before = await state_of(client)
     assert before["features"]["bridge"] is True
-    assert before["features"] == await kernel_features(host)
+    assert {k: v for k, v in before["features"].items() if k != "dhcp_client"} == (
+        await kernel_features(host))
     assert before["managed"] == {"networks": [], "links": []}
 
     lan = {"ports": ["eth0"], "mtu": 1400,
@@ -505,3 +523,127 @@ async def test_a_client_cut_off_by_its_change_gets_the_previous_state_back(
     assert comparable(await state_of(client)) == comparable(before)
     listed = (await client.call("Network.list", {}))["networks"]
     assert listed[0]["config"]["ipv4"]["address"] == "10.77.1.1/24"
+
+
+@contextlib.asynccontextmanager
+async def dhcp_server(peer: Netns, tmp: Path, *subnets: tuple[str, str]) -> AsyncIterator[Path]:
+    """dnsmasq in ``peer`` serving DHCP (no DNS) on each (peer device, 10.77.N) subnet:
+    the peer end gets 10.77.N.1/24 and hands out 10.77.N.100-150 with router 10.77.N.1
+    and DNS server 10.77.N.53. Yields its lease file."""
+    dnsmasq = shutil.which("dnsmasq") or shutil.which("dnsmasq", path="/usr/sbin:/sbin")
+    if dnsmasq is None:
+        missing("dnsmasq (Debian's dnsmasq-base) is not installed")
+    leases = tmp / "dnsmasq.leases"
+    argv = [dnsmasq, "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
+            "--bind-interfaces", "--user=root", f"--dhcp-leasefile={leases}",
+            "--log-dhcp", "--log-facility=-"]
+    for dev, net in subnets:
+        await peer.ip("addr", "add", f"{net}.1/24", "dev", dev)
+        argv += [f"--interface={dev}", f"--dhcp-range={dev},{net}.100,{net}.150,255.255.255.0,1h",
+                 f"--dhcp-option={dev},option:router,{net}.1",
+                 f"--dhcp-option={dev},option:dns-server,{net}.53"]
+    log = (tmp / "dnsmasq.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(*peer.exec_prefix(), *argv,
+                                                stdout=log, stderr=log)
+    try:
+        yield leases
+    finally:
+        proc.terminate()
+        await proc.wait()
+        log.close()
+
+
+async def leased(ns: Netns, dev: str, net: str, timeout: float = 30) -> str:
+    """Wait for an address from 10.77.N.100-150 on ``dev``; return it."""
+    async with asyncio.timeout(timeout):
+        while True:
+            for found in await ns.ip_json("-4", "addr", "show", "dev", dev):
+                for a in found["addr_info"]:
+                    if a["local"].startswith(f"{net}.1") and a["local"] != f"{net}.1":
+                        return f"{a['local']}/{a['prefixlen']}"
+            await asyncio.sleep(0.1)
+
+
+async def restart_without_dhcp_clients(net_host: NetHost,
+                                       checked_client: ClientFactory) -> Client:
+    """Stop the agent, kill its DHCP clients, start it again; a client once it is ready."""
+    assert await net_host.agent.stop() == 0
+    for pid in dhcp_client_pids(net_host.tmp):
+        os.kill(pid, signal.SIGKILL)
+    async with asyncio.timeout(10):
+        while True:
+            if not dhcp_client_pids(net_host.tmp):
+                break
+            await asyncio.sleep(0.05)
+    await net_host.start()
+    client = await checked_client(net_host.agent.unix_url)
+    await state_of(client)  # ready
+    return client
+
+
+async def test_dhcp_networks(net_host: NetHost, checked_client: ClientFactory) -> None:
+    client = await checked_client(net_host.agent.unix_url)
+    host, peer = net_host.host, net_host.peer
+    before = await state_of(client)
+    if not before["features"]["dhcp_client"]:
+        missing("no DHCP client (isc-dhcp-client) is installed")
+    async with dhcp_server(peer, net_host.tmp, ("p0", "10.77.9"), ("p1", "10.77.8")):
+        job = await setup(client, {
+            "lan": {"ports": ["eth0"], "ipv4": {"method": "dhcp"}, "default_route": True},
+            "side": {"ports": ["eth1"], "ipv4": {"method": "dhcp"}},
+        })
+        assert job["state"] == "succeeded", job
+        lan = await leased(host, "lan", "10.77.9")
+        side = await leased(host, "side", "10.77.8")
+        assert await net_host.ping(lan.split("/")[0])
+        # The lease's router is the default route only where the network says so.
+        routes = await host.ip_json("route", "show", "default")
+        assert [(r["gateway"], r["dev"]) for r in routes] == [("10.77.9.1", "lan")]
+        # The lease's DNS server is not taken: the host's DNS stays as it was.
+        state = await state_of(client)
+        assert state["dns"] == before["dns"]
+        assert {(a["link"], a["address"], a["dynamic"]) for a in state["addresses"]
+                if a["family"] == 4} >= {("lan", lan, True), ("side", side, True)}
+        listed = {n["name"]: n["config"] for n in
+                  (await client.call("Network.list", {}))["networks"]}
+        assert listed["lan"]["ipv4"]["method"] == "dhcp"
+        clients = dhcp_client_pids(net_host.tmp)
+        assert len(clients) == 2
+
+        # To static: the client goes, and so does its lease (released, not left behind).
+        job = await setup(client, {"lan": {"ports": ["eth0"], "ipv4": {
+            "method": "static", "address": "10.77.9.5/24", "gateway": "10.77.9.1"},
+            "default_route": True}})
+        assert job["state"] == "succeeded", job
+        shown = {f"{a['local']}/{a['prefixlen']}" for found in await host.ip_json(
+            "-4", "addr", "show", "dev", "lan") for a in found["addr_info"]}
+        assert shown == {"10.77.9.5/24"}
+        routes = await host.ip_json("route", "show", "default")
+        assert [(r["gateway"], r["dev"]) for r in routes] == [("10.77.9.1", "lan")]
+        assert len(dhcp_client_pids(net_host.tmp)) == 1
+
+        # A change that fails rolls its DHCP clients back too: the one it started stops,
+        # the one it stopped runs again.
+        await run("ip", "netns", "exec", host.name, "sysctl", "-q", "-w",
+                  "net.ipv6.conf.default.disable_ipv6=1")
+        job = await setup(client, {
+            "lan": {"ports": ["eth0"], "ipv4": {"method": "dhcp"}, "default_route": True},
+            "side": {"remove": True},
+            "v6": {"ports": ["eth2"], "ipv6": {"method": "static", "address": "fd00:77:7::1/64"}},
+        })
+        assert job["state"] == "failed", job
+        assert job["error"]["data"]["reason"] == "rolled_back"
+        assert len(dhcp_client_pids(net_host.tmp)) == 1
+        assert await leased(host, "side", "10.77.8")
+        routes = await host.ip_json("route", "show", "default")
+        assert [(r["gateway"], r["dev"]) for r in routes] == [("10.77.9.1", "lan")]
+
+        # A client that died while the agent was away is started again when it starts.
+        client = await restart_without_dhcp_clients(net_host, checked_client)
+        assert len(dhcp_client_pids(net_host.tmp)) == 1
+
+        job = await setup(client, {"lan": {"remove": True}, "side": {"remove": True}})
+        assert job["state"] == "succeeded", job
+        assert dhcp_client_pids(net_host.tmp) == []
+    # pyroute2's per-message debug lines stay out of the agent's debug log.
+    assert "DEBUG pyroute2" not in net_host.agent.log

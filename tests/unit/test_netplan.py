@@ -29,7 +29,7 @@ from virtnode.network.netmodel import (
     Route,
     Step,
 )
-from virtnode.network.plan import plan, restore, touched
+from virtnode.network.plan import dhcp_clients, dhcp_steps, plan, restore, touched
 from virtnode.network.validate import validate
 
 DOT1Q = replace(ALL, vlan_filtering=False)
@@ -235,7 +235,20 @@ class Kernel:
         self.dhcp.add((name, family))
 
     def stop_dhcp(self, name: str, *, family: int) -> None:
+        # The lease is released: dhclient-script flushes the link's IPv4 addresses (and
+        # the kernel the routes that needed them), or its dynamic global IPv6 ones.
         self.dhcp.remove((name, family))
+        self.addresses = [a for a in self.addresses if a.link != name or a.family != family
+                          or (family == 6 and (not a.dynamic or a.scope != "global"))]
+        if family == 4:
+            self.routes = [r for r in self.routes if r.link != name or r.family != 4]
+
+    def lease(self, name: str, address: str, router: str | None) -> None:
+        """What dhclient-script does when an IPv4 lease arrives."""
+        assert (name, 4) in self.dhcp
+        self.addresses.append(Address(name, address, 4, dynamic=True))
+        if router is not None:
+            self.routes.append(Route("default", 4, gateway=router, link=name, proto="boot"))
 
 
 def view(state: HostState, links: Iterable[str]) -> tuple[Any, ...]:
@@ -407,6 +420,33 @@ def test_add_bridgeless_with_dhcp_and_static_ipv6() -> None:
         s("start_dhcp", "eth3", family=4, default_route=False),
     ]
     assert host.plan({"net1": cfg}) == []
+
+
+def test_dhcp_to_static_with_the_leased_router_as_gateway() -> None:
+    # The lease gave the address and default route the static config wants: the client
+    # releases them when it stops, so they are added again, not taken as present.
+    leased = net(ipv4=IpConfig("dhcp"), default_route=True)
+    host = Host.with_networks(net1=leased)
+    host.kernel.lease("net1", "10.1.0.1/24", "10.1.0.254")
+    static = net(ipv4=v4("10.1.0.1/24", "10.1.0.254"), default_route=True)
+    assert host.setup({"net1": static}) == [
+        s("stop_dhcp", "net1", family=4),
+        s("add_address", "net1", address="10.1.0.1/24"),
+        s("add_route", "net1", dst="default", family=4, gateway="10.1.0.254", metric=0),
+    ]
+    assert host.kernel.dhcp == set()
+    assert host.plan({"net1": static}) == []
+
+
+def test_dhcp_clients_put_back_as_the_running_networks_want() -> None:
+    host = Host.with_networks(net1=net(ipv4=IpConfig("dhcp"), default_route=True),
+                              net2=net("net2", ports=("eth2",), ipv6=IpConfig("dhcp")))
+    wanted = dhcp_clients(host.state, host.running, host.features)
+    assert wanted == {("net1", 4, True), ("net2", 6, False)}
+    assert dhcp_steps(wanted, {("net1", 4), ("net2", 6)}) == []
+    assert dhcp_steps(wanted, {("net1", 4), ("net3", 4), ("net2", 4)}) == [
+        s("stop_dhcp", "net2", family=4), s("stop_dhcp", "net3", family=4),
+        s("start_dhcp", "net2", family=6, default_route=False)]
 
 
 def test_add_a_bridge_without_ports() -> None:
