@@ -45,6 +45,12 @@ COMMAND_TIMEOUT = 30.0
 #: exit before it gets SIGTERM.
 EXIT_WAIT = 5.0
 
+#: How long to wait for a usable IPv6 link-local address before starting dhclient -6.
+LINK_LOCAL_WAIT = 10.0
+IF_INET6 = Path("/proc/net/if_inet6")
+_SCOPE_LINK = 0x20
+_NOT_READY = 0x40 | 0x08  # IFA_F_TENTATIVE, IFA_F_DADFAILED
+
 _WRAPPER_TEXT = f"""#!/bin/sh
 # Written by virtnode: applies a lease with {SYSTEM_SCRIPT}, without what the agent
 # does not take from DHCP (see virtnode.network.dhcp).
@@ -108,6 +114,10 @@ class DhcpClients:
         """Start a client for ``link``; one that runs already is left alone."""
         if self.pid(link, family) is not None:
             return
+        if family == 6:
+            # dhclient -6 binds to the link-local address and exits if it is not usable
+            # yet: a link just made up is still doing duplicate address detection.
+            _wait_link_local(link)
         command = self._command(link, family, "-nw", "-e",
                                 f"VIRTNODE_DEFAULT_ROUTE={'yes' if default_route else 'no'}")
         self._run(command, f"start the IPv{family} DHCP client on {link}")
@@ -169,6 +179,20 @@ class DhcpClients:
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
             raise DhcpError(f"cannot {what}: {last}")
+
+
+def _wait_link_local(link: str) -> None:
+    deadline = time.monotonic() + LINK_LOCAL_WAIT
+    while True:
+        try:
+            rows = [line.split() for line in IF_INET6.read_text(encoding="ascii").splitlines()]
+        except OSError:
+            rows = []  # no IPv6 at all: dhclient says so itself
+        usable = [row for row in rows if len(row) == 6 and row[5] == link
+                  and int(row[3], 16) == _SCOPE_LINK and not int(row[4], 16) & _NOT_READY]
+        if usable or not rows or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 def _is_client(pid: int, pid_file: Path) -> bool:

@@ -526,10 +526,13 @@ async def test_a_client_cut_off_by_its_change_gets_the_previous_state_back(
 
 
 @contextlib.asynccontextmanager
-async def dhcp_server(peer: Netns, tmp: Path, *subnets: tuple[str, str]) -> AsyncIterator[Path]:
+async def dhcp_server(peer: Netns, tmp: Path, *subnets: tuple[str, str],
+                      v6: tuple[str, str] | None = None) -> AsyncIterator[Path]:
     """dnsmasq in ``peer`` serving DHCP (no DNS) on each (peer device, 10.77.N) subnet:
     the peer end gets 10.77.N.1/24 and hands out 10.77.N.100-150 with router 10.77.N.1
-    and DNS server 10.77.N.53. Yields its lease file."""
+    and DNS server 10.77.N.53. With ``v6`` (peer device, fd00:77:N), DHCPv6 too: the
+    peer end gets fd00:77:N::1/64, advertises the prefix and hands out
+    fd00:77:N::100-150. Yields its lease file."""
     dnsmasq = shutil.which("dnsmasq") or shutil.which("dnsmasq", path="/usr/sbin:/sbin")
     if dnsmasq is None:
         missing("dnsmasq (Debian's dnsmasq-base) is not installed")
@@ -542,6 +545,13 @@ async def dhcp_server(peer: Netns, tmp: Path, *subnets: tuple[str, str]) -> Asyn
         argv += [f"--interface={dev}", f"--dhcp-range={dev},{net}.100,{net}.150,255.255.255.0,1h",
                  f"--dhcp-option={dev},option:router,{net}.1",
                  f"--dhcp-option={dev},option:dns-server,{net}.53"]
+    if v6 is not None:
+        dev, net = v6
+        await peer.ip("addr", "add", f"{net}::1/64", "dev", dev, "nodad")
+        # Router advertisements tell the host that the prefix is on-link (a DHCPv6 lease
+        # is a /128 and says nothing of routes).
+        argv += [f"--interface={dev}", f"--dhcp-range={dev},{net}::100,{net}::150,64,1h",
+                 "--enable-ra"]
     log = (tmp / "dnsmasq.log").open("wb")
     proc = await asyncio.create_subprocess_exec(*peer.exec_prefix(), *argv,
                                                 stdout=log, stderr=log)
@@ -554,12 +564,14 @@ async def dhcp_server(peer: Netns, tmp: Path, *subnets: tuple[str, str]) -> Asyn
 
 
 async def leased(ns: Netns, dev: str, net: str, timeout: float = 30) -> str:
-    """Wait for an address from 10.77.N.100-150 on ``dev``; return it."""
+    """Wait for an address from 10.77.N.100-150 (or fd00:77:N::100-150) on ``dev``;
+    return it."""
+    family, first = ("-6", f"{net}::1") if ":" in net else ("-4", f"{net}.1")
     async with asyncio.timeout(timeout):
         while True:
-            for found in await ns.ip_json("-4", "addr", "show", "dev", dev):
+            for found in await ns.ip_json(family, "addr", "show", "dev", dev):
                 for a in found["addr_info"]:
-                    if a["local"].startswith(f"{net}.1") and a["local"] != f"{net}.1":
+                    if a["local"].startswith(first) and a["local"] != first:
                         return f"{a['local']}/{a['prefixlen']}"
             await asyncio.sleep(0.1)
 
@@ -587,14 +599,24 @@ async def test_dhcp_networks(net_host: NetHost, checked_client: ClientFactory) -
     before = await state_of(client)
     if not before["features"]["dhcp_client"]:
         missing("no DHCP client (isc-dhcp-client) is installed")
-    async with dhcp_server(peer, net_host.tmp, ("p0", "10.77.9"), ("p1", "10.77.8")):
+    async with dhcp_server(peer, net_host.tmp, ("p0", "10.77.9"), ("p1", "10.77.8"),
+                           v6=("p3", "fd00:77:10")):
         job = await setup(client, {
             "lan": {"ports": ["eth0"], "ipv4": {"method": "dhcp"}, "default_route": True},
             "side": {"ports": ["eth1"], "ipv4": {"method": "dhcp"}},
+            "six": {"ports": ["eth3"], "ipv6": {"method": "dhcp"}},
         })
-        assert job["state"] == "succeeded", job
+        assert job["state"] == "succeeded", job["error"]
         lan = await leased(host, "lan", "10.77.9")
         side = await leased(host, "side", "10.77.8")
+        six = await leased(host, "six", "fd00:77:10")
+        # The prefix's route comes with an advertisement, and the address is usable once
+        # its duplicate address detection is over: try for a while.
+        async with asyncio.timeout(30):
+            while True:
+                if await net_host.ping(six.split("/")[0]):
+                    break
+                await asyncio.sleep(0.2)
         assert await net_host.ping(lan.split("/")[0])
         # The lease's router is the default route only where the network says so.
         routes = await host.ip_json("route", "show", "default")
@@ -607,8 +629,11 @@ async def test_dhcp_networks(net_host: NetHost, checked_client: ClientFactory) -
         listed = {n["name"]: n["config"] for n in
                   (await client.call("Network.list", {}))["networks"]}
         assert listed["lan"]["ipv4"]["method"] == "dhcp"
-        clients = dhcp_client_pids(net_host.tmp)
-        assert len(clients) == 2
+        assert (await state_of(client))["addresses"].count(
+            {"link": "six", "address": six, "family": 6, "scope": "global", "dynamic": True}) == 1
+        assert len(dhcp_client_pids(net_host.tmp)) == 3
+        job = await setup(client, {"six": {"remove": True}})
+        assert job["state"] == "succeeded", job
 
         # To static: the client goes, and so does its lease (released, not left behind).
         job = await setup(client, {"lan": {"ports": ["eth0"], "ipv4": {
