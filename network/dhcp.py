@@ -78,7 +78,8 @@ class DhcpClients:
     @property
     def available(self) -> bool:
         """Whether dhclient and the system's dhclient-script are installed."""
-        return self._dhclient is not None and SYSTEM_SCRIPT.exists()
+        return (self._dhclient is not None and os.access(self._dhclient, os.X_OK)
+                and SYSTEM_SCRIPT.exists())
 
     def _files(self, link: str, family: int) -> tuple[Path, Path]:
         if family not in (4, 6) or not link or "/" in link or link in (".", ".."):
