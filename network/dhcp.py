@@ -82,7 +82,9 @@ class DhcpClients:
                 and SYSTEM_SCRIPT.exists())
 
     def _files(self, link: str, family: int) -> tuple[Path, Path]:
-        if family not in (4, 6) or not link or "/" in link or link in (".", ".."):
+        # A name starting with '-' would be an option to dhclient.
+        if family not in (4, 6) or not link or "/" in link or link in (".", "..") or \
+                link.startswith("-"):
             raise DhcpError(f"no DHCP client for link {link!r}, family {family!r}")
         stem = self.directory / f"{link}.{family}"
         return stem.with_name(stem.name + ".pid"), stem.with_name(stem.name + ".leases")

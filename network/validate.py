@@ -6,7 +6,8 @@ order, each one completely, then the checks that span networks run. Every refusa
 :class:`InvalidArgument` with ``object="network"``, ``id=<network>`` and
 ``field="networks.<network>[.<field>]"``, and one of these reasons::
 
-    bad_name            network or 802.1q device name the kernel would refuse
+    bad_name            network or 802.1q device name the kernel would refuse, or one
+                        starting with '-' (which command-line tools read as an option)
     name_in_use         the name of a link the agent does not manage (or another network's)
     unknown_nic         a port that is not a link of this host
     bad_port            a port that is not NIC-like (bridge, loopback, vlan, tun...)
@@ -145,6 +146,9 @@ def _check_name(name: str) -> None:
         problem = f"{shown} is longer than {MAX_NAME_BYTES} bytes"
     elif any(c in "/:\0" or c.isspace() for c in name):
         problem = f"{shown} contains '/', ':', NUL or whitespace"
+    elif name.startswith("-"):
+        # Tools that take link names as arguments (dhclient, ip) read it as an option.
+        problem = f"{shown} starts with '-'"
     else:
         return
     raise _refuse(name, "bad_name", problem)

@@ -35,7 +35,7 @@ def test_a_pid_counts_only_while_it_is_a_dhclient_of_that_pid_file(tmp_path: Pat
         sleeper.wait()
 
 
-@pytest.mark.parametrize("link", ["", ".", "..", "a/b", "../etc"])
+@pytest.mark.parametrize("link", ["", ".", "..", "a/b", "../etc", "-nw", "-sf"])
 def test_link_names_cannot_leave_the_directory(tmp_path: Path, link: str) -> None:
     with pytest.raises(DhcpError):
         DhcpClients(tmp_path).pid(link, 4)

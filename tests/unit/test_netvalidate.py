@@ -103,7 +103,7 @@ def test_running_networks_check_out_against_their_own_state() -> None:
 
 
 @pytest.mark.parametrize("name", [
-    "", ".", "..", "net/2", "net 2", "net\t2", "net:2", "net\x002", "net2-456789abcde",
+    "", ".", "..", "net/2", "net 2", "net\t2", "net:2", "net\x002", "net2-456789abcde", "-nw",
     "r\u00e9seau-r\u00e9seau1",  # 14 characters, 16 bytes
     "\u00e9" * 8,
 ])
