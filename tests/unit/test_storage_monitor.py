@@ -60,10 +60,16 @@ async def test_a_hung_check_makes_only_that_domain_unreachable(
         first = await monitor.check()
         assert first.state is DomainState.UNREACHABLE and "did not finish" in str(first.error)
         assert await monitor.check() is first  # not checked again while stuck
-        writer = await asyncio.to_thread(os.open, path, os.O_WRONLY)  # releases the read
-        os.close(writer)
-        assert monitor._pending is not None
-        await asyncio.wait({monitor._pending}, timeout=5)  # the stuck call returns
+        # A writer releases the read. It stays open until the stuck call has returned:
+        # the O_DIRECT open of a FIFO waits for a writer and then fails (EINVAL), and the
+        # plain open that follows waits for a writer again.
+        writer = await asyncio.to_thread(os.open, path, os.O_WRONLY)
+        try:
+            assert monitor._pending is not None
+            await asyncio.wait({monitor._pending}, timeout=5)  # the stuck call returns
+            assert monitor._pending.done()
+        finally:
+            os.close(writer)
         path.unlink()
         path.write_bytes(good)
         assert (await monitor.check()).state is DomainState.OK
