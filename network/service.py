@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import logging
 import time
@@ -170,7 +171,7 @@ class NetworkService:
                                           configs=self._running))
         await self._store.run(partial(netstore.save_boot_id, boot_id=boot_id))
         # A DHCP client that died while the agent was away is started again.
-        await self._converge_dhcp("start_dhcp")
+        await self._apply_dhcp(await self._dhcp_steps(), "start_dhcp")
         # Watching before ready: a client that waited for ready misses no link event.
         self._monitor = self._netlink.LinkMonitor(self._netns)
         await self._monitor.start()
@@ -385,12 +386,9 @@ class NetworkService:
 
     async def _rollback(self, tx: Transaction, names: list[str], trigger: str,
                         error: str) -> None:
-        """Put the touched links back as the snapshot had them, and the DHCP clients as
-        the running networks want them; then forget the record."""
+        """Put the touched links and the DHCP clients back; then forget the record."""
         try:
-            await self._converge_dhcp("stop_dhcp")
             await self._restore_snapshot(tx.snapshot, tx.links)
-            await self._converge_dhcp("start_dhcp")
         except Exception:
             log.exception("network: rolling back %s failed; the transaction is kept and "
                           "retried at the next start", tx.job_id)
@@ -402,6 +400,15 @@ class NetworkService:
                                          "error": error})
 
     async def _restore_snapshot(self, snapshot: HostState, links: frozenset[str]) -> None:
+        """Put ``links`` back as ``snapshot`` has them, and the DHCP clients as the running
+        networks want them (the snapshot cannot show clients): the ones they do not want
+        are stopped before the links are restored, the missing ones started after."""
+        dhcp = await self._dhcp_steps()
+        await self._apply_dhcp(dhcp, "stop_dhcp")
+        await self._restore_links(snapshot, links)
+        await self._apply_dhcp(dhcp, "start_dhcp")
+
+    async def _restore_links(self, snapshot: HostState, links: frozenset[str]) -> None:
         # Twice at most: a step of the first pass can fail on a kernel side effect (a
         # route that went with an address); the second pass starts from what is there.
         for attempt in (1, 2):
@@ -417,16 +424,20 @@ class NetworkService:
                     raise
                 log.warning("network: a rollback step failed; trying again", exc_info=True)
 
-    async def _converge_dhcp(self, action: str) -> None:
-        """Stop (``stop_dhcp``) the DHCP clients the running networks do not want, or
-        start (``start_dhcp``) the ones they want that do not run. A client that will not
-        start is logged, not raised: its network's links are still right."""
+    async def _dhcp_steps(self) -> list[Step]:
+        """The steps that stop the DHCP clients the running networks do not want and
+        start the ones they want that do not run."""
         if not self.features.dhcp_client:
-            return
+            return []
         state = await self._call(self.host.read_state)
         running = await self._call(self._dhcp.running)
-        wanted = plan.dhcp_clients(state, self._running, self.features)
-        for step in plan.dhcp_steps(wanted, running):
+        return plan.dhcp_steps(plan.dhcp_clients(state, self._running, self.features),
+                               running)
+
+    async def _apply_dhcp(self, steps: list[Step], action: str) -> None:
+        """Apply the ``action`` steps of ``steps``, one at a time. A client that will not
+        start or stop is logged, not raised: the links are right either way."""
+        for step in steps:
             if step.action != action:
                 continue
             try:
@@ -541,7 +552,5 @@ def state_api(state: HostState, running: Mapping[str, NetworkConfig],
                    for r in state.routes],
         "dns": {"nameservers": list(state.dns.nameservers), "search": list(state.dns.search)},
         "managed": {"networks": sorted(running), "links": sorted(managed)},
-        "features": {"bridge": features.bridge, "vlan_filtering": features.vlan_filtering,
-                     "vlan_8021q": features.vlan_8021q, "bond": features.bond,
-                     "dhcp_client": features.dhcp_client},
+        "features": dataclasses.asdict(features),
     }
