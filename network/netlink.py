@@ -55,6 +55,7 @@ from virtnode.network.rtnlmsg import (
     RTEXT_FILTER_BRVLAN,
     RTN_UNICAST,
     RTPROT_BOOT,
+    LinkInfo,
     address_key,
     bridge_vlans,
     family_number,
@@ -67,7 +68,7 @@ from virtnode.network.rtnlmsg import (
     to_routes,
     vlan_flags,
 )
-from virtnode.network.rtnlwire import RequestSocket
+from virtnode.network.rtnlwire import CLONE_NEWNET, RequestSocket
 
 __all__ = ["LinkEvent", "LinkMonitor", "NetlinkHost", "StepError"]
 
@@ -83,8 +84,6 @@ RESOLV_CONF = Path("/etc/resolv.conf")
 NETNS_ETC = Path("/etc/netns")
 DHCP_UNSUPPORTED = "DHCP is not supported on this host"
 PROBE_PREFIX = "vnp"
-#: unshare(2) flag: a new network namespace.
-CLONE_NEWNET = 0x40000000
 # Privilege errors end a probe: without them nothing can be tried at all.
 _PRIVILEGE_ERRORS = frozenset({errnos.EPERM, errnos.EACCES})
 
@@ -249,10 +248,12 @@ class NetlinkHost:
 
     def _learn_all(self) -> bool:
         """Re-read every link's index; True if any name's index changed."""
-        fresh = {info.name: info.index for info in self._requests.links()}
-        changed = fresh != self._indexes
-        self._indexes = fresh
-        return changed
+        before = self._indexes
+        self._remember(self._requests.links())
+        return self._indexes != before
+
+    def _remember(self, infos: list[LinkInfo]) -> None:
+        self._indexes = {info.name: info.index for info in infos}
 
     def _index(self, name: str) -> int:
         index = self._indexes.get(name)
@@ -283,7 +284,7 @@ class NetlinkHost:
         except NetlinkError as exc:
             raise kernel_error(exc) from exc
         names = {info.index: info.name for info in infos}
-        self._indexes = {info.name: info.index for info in infos}
+        self._remember(infos)
         links: dict[str, Link] = {}
         for info in infos:
             filtered = info.index in filtering or info.master_index in filtering

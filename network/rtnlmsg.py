@@ -40,7 +40,8 @@ _PROTOS = {
     17: "mrouted", 18: "keepalived", 42: "babel", 99: "openr", 186: "bgp", 187: "isis",
     188: "ospf", 189: "rip", 192: "eigrp",
 }
-_FAMILIES: dict[int, Family] = {AF_INET: 4, AF_INET6: 6}
+#: Socket families of IP, as the model's families.
+FAMILIES: dict[int, Family] = {AF_INET: 4, AF_INET6: 6}
 #: IPv6 routes every link with IPv6 gets by itself; reporting them is noise.
 _IMPLICIT_V6 = frozenset({"fe80::/64", "ff00::/8"})
 
@@ -178,7 +179,7 @@ def to_routes(msg: Message, names: Mapping[int, str]) -> Iterator[Route]:
     Local, broadcast, multicast, blackhole and other non-unicast routes, other tables,
     and the IPv6 link-local and multicast routes every link has are left out.
     """
-    family = _FAMILIES.get(msg["family"])
+    family = FAMILIES.get(msg["family"])
     table = msg.get_attr("RTA_TABLE")
     table = int(msg["table"] if table is None else table)
     if family is None or table != RT_TABLE_MAIN or msg["type"] != RTN_UNICAST:

@@ -34,8 +34,7 @@ from typing import TypeVar
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from virtnode.network.netmodel import Family
-from virtnode.network.rtnlmsg import RTEXT_FILTER_SKIP_STATS, AddrInfo, LinkInfo
+from virtnode.network.rtnlmsg import FAMILIES, RTEXT_FILTER_SKIP_STATS, AddrInfo, LinkInfo
 
 T = TypeVar("T")
 NETNS_RUN = Path("/run/netns")
@@ -96,7 +95,6 @@ IFF_UP = 0x1
 ARPHRD_LOOPBACK = 772
 #: IFLA_OPERSTATE values (RFC 2863), as ``ip`` prints them but in lower case.
 OPERSTATES = ("unknown", "notpresent", "down", "lowerlayerdown", "testing", "dormant", "up")
-_FAMILIES: dict[int, Family] = {socket.AF_INET: 4, socket.AF_INET6: 6}
 
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
@@ -376,7 +374,7 @@ def decode_address(body: bytes) -> AddrInfo | None:
     OSError (EBADMSG) if it is too short to be one."""
     _short(body, _IFADDR)
     family, prefixlen, flags, scope, index = _IFADDR.unpack_from(body)
-    version = _FAMILIES.get(family)
+    version = FAMILIES.get(family)
     if version is None:
         return None
     found = dict(_first_attrs(body, _IFADDR.size, _ADDR_ATTRS))
