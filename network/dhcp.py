@@ -30,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from virtnode.network.netmodel import Family
@@ -125,12 +126,9 @@ class DhcpClients:
                                 f"VIRTNODE_DEFAULT_ROUTE={'yes' if default_route else 'no'}")
         self._run(command, f"start the IPv{family} DHCP client on {link}")
         # The daemon writes its pid file after the command that forked it has exited.
-        deadline = time.monotonic() + EXIT_WAIT
-        while self.pid(link, family) is None:
-            if time.monotonic() > deadline:
-                raise DhcpError(f"the IPv{family} DHCP client on {link} did not start (no "
-                                f"live dhclient wrote its pid file within {EXIT_WAIT:g}s)")
-            time.sleep(0.02)
+        if not _wait_until(lambda: self.pid(link, family) is not None, EXIT_WAIT):
+            raise DhcpError(f"the IPv{family} DHCP client on {link} did not start (no "
+                            f"live dhclient wrote its pid file within {EXIT_WAIT:g}s)")
         log.info("dhcp: IPv%d client started on %s", family, link)
 
     def stop(self, link: str, family: int) -> None:
@@ -144,10 +142,7 @@ class DhcpClients:
                       f"release the IPv{family} DHCP lease on {link}")
         except DhcpError as exc:
             log.warning("dhcp: %s; ending the client", exc)
-        deadline = time.monotonic() + EXIT_WAIT
-        while _is_client(pid, pid_file) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _is_client(pid, pid_file):
+        if not _wait_until(lambda: not _is_client(pid, pid_file), EXIT_WAIT):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         pid_file.unlink(missing_ok=True)
@@ -184,18 +179,30 @@ class DhcpClients:
             raise DhcpError(f"cannot {what}: {last}")
 
 
+def _wait_until(done: Callable[[], bool], seconds: float) -> bool:
+    """Poll ``done`` until it is true (True) or ``seconds`` have passed (False)."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def _wait_link_local(link: str) -> None:
-    deadline = time.monotonic() + LINK_LOCAL_WAIT
-    while True:
+    """Wait until ``link`` has a usable link-local IPv6 address; give up silently (the
+    client then says what is wrong) after LINK_LOCAL_WAIT or when there is no IPv6."""
+
+    def usable() -> bool:
         try:
             rows = [line.split() for line in IF_INET6.read_text(encoding="ascii").splitlines()]
         except OSError:
-            rows = []  # no IPv6 at all: dhclient says so itself
-        usable = [row for row in rows if len(row) == 6 and row[5] == link
-                  and int(row[3], 16) == _SCOPE_LINK and not int(row[4], 16) & _NOT_READY]
-        if usable or not rows or time.monotonic() > deadline:
-            return
-        time.sleep(0.05)
+            return True  # no IPv6 at all: dhclient says so itself
+        return not rows or any(
+            len(row) == 6 and row[5] == link and int(row[3], 16) == _SCOPE_LINK
+            and not int(row[4], 16) & _NOT_READY for row in rows)
+
+    _wait_until(usable, LINK_LOCAL_WAIT)
 
 
 def _is_client(pid: int, pid_file: Path) -> bool:
