@@ -306,7 +306,7 @@ def _consistent(read: Callable[[], list[T]]) -> list[T]:
             return read()
         except DumpInterrupted:
             continue
-    raise OSError(errnos.EAGAIN, "links kept changing while they were read")
+    raise OSError(errnos.EAGAIN, "the kernel's dump kept changing while it was read")
 
 
 def read_links(sock: socket.socket, seq: Callable[[], int]) -> list[LinkInfo]:
