@@ -6,6 +6,7 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from signal import SIGCONT
 
 from tests.subproc import run
 
@@ -40,9 +41,20 @@ async def start(timeout: float = 30.0) -> None:
         (await run("systemctl", "start", "libvirtd.service")).check()
     else:
         (await run("libvirtd", "-d")).check()
+    await _until_it_answers(timeout, "libvirtd did not come back")
+
+
+async def resume(timeout: float = 30.0) -> None:
+    """SIGCONT a stopped libvirtd and wait until it answers, so that no later test (nor
+    tools/ensure-host) meets a daemon still catching up."""
+    signal(SIGCONT)
+    await _until_it_answers(timeout, "libvirtd did not answer again after SIGCONT")
+
+
+async def _until_it_answers(timeout: float, failure: str) -> None:
     deadline = time.monotonic() + timeout
     while not await answers():
-        assert time.monotonic() < deadline, "libvirtd did not come back"
+        assert time.monotonic() < deadline, failure
         await asyncio.sleep(0.2)
 
 

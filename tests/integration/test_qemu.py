@@ -65,7 +65,7 @@ async def test_frozen_libvirtd_gives_deadline_and_the_agent_keeps_answering(
         assert caught.value.name == "DeadlineExceeded" and caught.value.code == 4
         assert 0.9 < elapsed < 3.0, elapsed
     finally:
-        daemon.signal(signal.SIGCONT)
+        await daemon.resume()
     deadline = time.monotonic() + 15
     while True:
         try:
@@ -113,7 +113,7 @@ async def test_keepalive_notices_a_libvirtd_that_stopped_answering(
         lost = await next_connection_event(client, "disconnected", timeout=15)
         assert "keepalive" in lost["reason"], lost
     finally:
-        daemon.signal(signal.SIGCONT)
+        await daemon.resume()
     await next_connection_event(client, "connected", timeout=30)
     assert "vms" in await client.call("VM.list")
 
@@ -135,6 +135,6 @@ async def test_sigterm_drains_a_call_in_flight(impatient_agent: AgentProcess,
         assert caught.value.name == "DeadlineExceeded"
         assert await stopping == 0
     finally:
-        daemon.signal(signal.SIGCONT)
+        await daemon.resume()
     assert "virtnode stopped" in qemu_agent.log
     assert "still running" not in qemu_agent.log, qemu_agent.log

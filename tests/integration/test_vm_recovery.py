@@ -94,7 +94,7 @@ async def test_mutating_calls_wait_for_recovery(
         assert body["recovering"] is True and body["status"] == "degraded"
         await expect_error(client, "VM.pause", {"vm_id": vm_id}, "Unavailable", "recovering")
     finally:
-        daemon.signal(signal.SIGCONT)
+        await daemon.resume()
     try:
         await next_event(client, "hypervisor.connection",
                          lambda data: data["state"] == "connected", timeout=30)
