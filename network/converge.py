@@ -3,18 +3,22 @@
 Planning and rollback both describe the links they want as :class:`Target` values and
 leave the ordering to this module, in two halves:
 
-- :func:`teardown`: bridge VLAN entries that go, ports that leave their bridge, links
-  that are deleted (upper links first). What follows can then reuse the names, NICs
-  and VLAN ids these held.
+- :func:`teardown`: bridge VLAN entries that go, ports that leave their bridge or bond,
+  links that are deleted (upper links first). A bond whose mode changes loses all its
+  slaves and goes down, as the kernel wants it for a new mode. What follows can then
+  reuse the names, NICs and VLAN ids these held.
 - :func:`build`: MTUs that go down (upper links first, so a bridge or 802.1q device
   never exceeds the link below it), then per link, lower links first: create it, or
-  raise its MTU and change its bridge options; then ports join their bridges, then
-  bridge VLAN entries, then links go up or down.
+  raise its MTU and change its bridge or bond options; then ports join their bridges and
+  bonds (a link joins a bond only while down, so an up one is taken down first; the
+  bond brings it up), then bridge VLAN entries, then links go up or down.
 
-Links stack three high here: NICs, 802.1q devices on NICs, and bridges over either.
+Links stack four high here: NICs, bonds of NICs, 802.1q devices on either, and bridges
+over any of them.
 
 :func:`after_teardown` predicts the state a teardown leaves, with the kernel's own
-consequences (a deleted link loses its addresses, routes and ports), so that a build
+consequences (a deleted link loses its addresses, routes and ports; a link that leaves
+a bond is down), so that a build
 can be planned on top of it. Bridge VLAN entries the kernel makes by itself are
 predicted as it makes them: a port joining, or a bridge created with filtering, gets
 its bridge's default PVID, untagged; a new ``default_pvid`` moves the entries that still
@@ -47,9 +51,9 @@ RouteKey = tuple[str, Family, str | None, str | None, int]
 @dataclass(frozen=True)
 class Target:
     """What one link should be. ``None`` leaves that attribute as it is, except
-    ``master`` (``None``: in no bridge). ``mac``, ``parent`` and ``vid`` are used only
-    to create the link; ``vlans`` are its visible bridge VLAN entries (none when its
-    bridge does not filter)."""
+    ``master`` (``None``: in no bridge or bond). ``mac``, ``parent`` and ``vid`` are
+    used only to create the link; ``vlans`` are its visible bridge VLAN entries (none
+    when its bridge does not filter)."""
 
     name: str
     kind: str
@@ -63,10 +67,12 @@ class Target:
     vlan_filtering: bool | None = None
     default_pvid: int | None = None
     vlans: tuple[BridgeVlan, ...] | None = None
+    bond_mode: str | None = None
+    miimon: int | None = None
 
 
 def depth(kind: str) -> int:
-    return {"vlan": 1, "bridge": 2}.get(kind, 0)
+    return {"bond": 1, "vlan": 2, "bridge": 3}.get(kind, 0)
 
 
 def upper_first(names: Iterable[str], state: HostState) -> list[str]:
@@ -122,6 +128,16 @@ def teardown(state: HostState, targets: Mapping[str, Target],
         if (link is not None and t.name not in delete and link.master is not None
                 and link.master != t.master):
             steps.append(Step("set_master", t.name, {"master": None}))
+    for t in _lower_first(targets.values()):
+        link = state.links.get(t.name)
+        if (link is None or t.name in delete or link.kind != "bond" or t.bond_mode is None
+                or t.bond_mode == link.bond_mode):
+            continue
+        released = {s.link for s in steps if s.action == "set_master"}
+        steps += [Step("set_master", port, {"master": None})
+                  for port in state.ports_of(t.name) if port not in released]
+        if link.up:
+            steps.append(Step("set_up", t.name, {"up": False}))
     steps += [Step("del_link", name) for name in upper_first(delete, state)]
     return steps
 
@@ -150,18 +166,28 @@ def build(state: HostState, targets: Mapping[str, Target]) -> list[Step]:
             options = _bridge_changes(link, t)
             if options:
                 steps.append(Step("set_bridge", t.name, options))
+        elif link.kind == "bond":
+            options = _bond_changes(link, t)
+            if options:
+                steps.append(Step("set_bond", t.name, options))
     exists = created | set(state.links)
+    enslaved: set[str] = set()
     for t in order:
         if t.name not in exists or t.master is None or t.master not in exists:
             continue
         if t.name in created or state.links[t.name].master != t.master:
+            master = targets.get(t.master) or state.links[t.master]
+            if master.kind == "bond":
+                enslaved.add(t.name)
+                if t.name not in created and state.links[t.name].up:
+                    steps.append(Step("set_up", t.name, {"up": False}))
             steps.append(Step("set_master", t.name, {"master": t.master}))
     for t in order:
         if t.name in exists and t.vlans is not None:
             steps += _vlan_entry_steps(state, targets, created, t)
     for t in order:
         if t.name in exists and t.up is not None:
-            up = False if t.name in created else state.links[t.name].up
+            up = t.name in enslaved or (t.name not in created and state.links[t.name].up)
             if up != t.up:
                 steps.append(Step("set_up", t.name, {"up": t.up}))
     return steps
@@ -182,6 +208,9 @@ def _create(t: Target) -> Step | None:
     elif t.kind == "vlan" and t.parent is not None and t.vid is not None:
         args.update(parent=t.parent, vid=t.vid)
         action = "add_vlan"
+    elif t.kind == "bond" and t.bond_mode is not None and t.miimon is not None:
+        args.update(mode=t.bond_mode, miimon=t.miimon)
+        action = "add_bond"
     else:
         return None  # a NIC that went away is not ours to make
     if t.mtu is not None:
@@ -196,6 +225,12 @@ def _bridge_changes(link: Link, t: Target) -> dict[str, object]:
               "default_pvid": t.default_pvid}
     current = {"stp": link.stp, "vlan_filtering": link.vlan_filtering,
                "default_pvid": link.default_pvid}
+    return {k: v for k, v in wanted.items() if v is not None and v != current[k]}
+
+
+def _bond_changes(link: Link, t: Target) -> dict[str, object]:
+    wanted = {"mode": t.bond_mode, "miimon": t.miimon}
+    current = {"mode": link.bond_mode, "miimon": link.miimon}
     return {k: v for k, v in wanted.items() if v is not None and v != current[k]}
 
 
@@ -253,9 +288,10 @@ def after_teardown(state: HostState, steps: Iterable[Step]) -> HostState:
     """The state ``steps`` (teardown steps, address and route deletions, ``stop_dhcp``)
     leave ``state`` in, with what the kernel does by itself: a deleted link takes its
     addresses, routes and 802.1q devices with it and frees its ports; a port that leaves
-    loses its VLAN entries; a link that loses its last IPv4 address loses its IPv4
-    routes. A DHCP client that stops releases its lease: IPv4 takes every IPv4 address
-    of the link (dhclient-script flushes them), IPv6 the link's dynamic global ones."""
+    loses its VLAN entries, and is down if it left a bond; a link that loses its last
+    IPv4 address loses its IPv4 routes. A DHCP client that stops releases its lease:
+    IPv4 takes every IPv4 address of the link (dhclient-script flushes them), IPv6 the
+    link's dynamic global ones."""
     links = dict(state.links)
     addresses = list(state.addresses)
     routes = list(state.routes)
@@ -264,7 +300,9 @@ def after_teardown(state: HostState, steps: Iterable[Step]) -> HostState:
         if step.action == "del_link":
             _drop_link(links, name)
         elif step.action == "set_master" and args.get("master") is None:
-            links[name] = replace(links[name], master=None, vlans=())
+            links[name] = _freed(links[name], links)
+        elif step.action == "set_up" and not args["up"]:
+            links[name] = replace(links[name], up=False)
         elif step.action == "del_vlan_entry":
             link = links[name]
             links[name] = replace(link, vlans=tuple(v for v in link.vlans
@@ -299,8 +337,17 @@ def _drop_link(links: dict[str, Link], name: str) -> None:
         if not more:
             break
         gone |= more
+    kinds = {n: links[n].kind for n in gone if n in links}
     for n in gone:
         links.pop(n, None)
     for n, link in list(links.items()):
         if link.master in gone:
-            links[n] = replace(link, master=None, vlans=())
+            links[n] = replace(link, master=None, vlans=(),
+                               up=link.up and kinds.get(link.master) != "bond")
+
+
+def _freed(link: Link, links: Mapping[str, Link]) -> Link:
+    """``link`` once it left its master: a bond takes a slave down as it lets it go."""
+    master = links.get(link.master) if link.master is not None else None
+    return replace(link, master=None, vlans=(),
+                   up=link.up and (master is None or master.kind != "bond"))

@@ -1,6 +1,7 @@
 """Which links a managed network is made of.
 
-A bridged network is a bridge named as the network. Its uplink NIC joins the bridge, or,
+A bridged network is a bridge named as the network. Its uplink NIC (which may be a
+managed bond, see :class:`~virtnode.network.netmodel.BondConfig`) joins the bridge, or,
 for a VLAN without bridge VLAN filtering, an 802.1q device ``<nic>.<vid>`` on the NIC
 joins it instead. A bridgeless network has no bridge: its addresses sit on the 802.1q
 device when it has a VLAN, on the NIC otherwise.
@@ -30,7 +31,7 @@ DEFAULT_MTU = 1500
 ROUTE_METRIC: Mapping[Family, int] = {4: 0, 6: 1024}
 
 #: Kinds of links the agent creates (and so may delete).
-MADE_KINDS = frozenset({"bridge", "vlan"})
+MADE_KINDS = frozenset({"bridge", "vlan", "bond"})
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Networks as ``Network.setup`` and ``Network.list`` carry them, and as
+"""Networks and bonds as ``Network.setup`` and ``Network.list`` carry them, and as
 :class:`~virtnode.network.netmodel.NetworkConfig`.
 
 The wire shape of one network::
@@ -21,7 +21,7 @@ from typing import Any
 
 from virtnode.errors import InvalidArgument
 from virtnode.network.layout import norm_address, norm_interface
-from virtnode.network.netmodel import IpConfig, IpMethod, NetworkConfig
+from virtnode.network.netmodel import BondConfig, IpConfig, IpMethod, NetworkConfig
 
 _KEYS = frozenset({"bridge", "ports", "vlan", "mtu", "stp", "ipv4", "ipv6",
                    "default_route", "remove"})
@@ -107,3 +107,41 @@ def _ip_to_api(ip: IpConfig) -> dict[str, Any]:
     if ip.gateway is not None:
         obj["gateway"] = ip.gateway
     return obj
+
+
+# --- bonds ------------------------------------------------------------------------------------
+
+_BOND_KEYS = frozenset({"slaves", "mode", "miimon", "remove"})
+
+
+def bonds_from_api(bonds: Mapping[str, Mapping[str, Any]]) -> dict[str, BondConfig | None]:
+    """The ``bonds`` of a ``Network.setup`` call::
+
+        {slaves: [nic...], mode?: str = active-backup, miimon?: int = 100}
+
+    or ``{remove: true}`` (``None`` here). Raises :class:`InvalidArgument`
+    (``bad_option``) for an unknown field, or a removal with other fields."""
+    request: dict[str, BondConfig | None] = {}
+    for name, obj in bonds.items():
+        unknown = sorted(set(obj) - _BOND_KEYS)
+        if obj.get("remove"):
+            unknown = unknown or sorted(set(obj) - {"remove"})
+        if unknown:
+            what = "remove takes no other fields, not" if obj.get("remove") else "unexpected"
+            raise InvalidArgument(f"bond {name!r}: {what} {', '.join(unknown)}",
+                                  reason="bad_option", object="bond", id=name,
+                                  field=f"bonds.{name}.{unknown[0]}")
+        request[name] = None if obj.get("remove") else bond_from_api(name, obj)
+    return request
+
+
+def bond_from_api(name: str, obj: Mapping[str, Any]) -> BondConfig:
+    defaults = BondConfig(name)
+    return BondConfig(name=name, slaves=tuple(obj.get("slaves", ())),
+                      mode=obj.get("mode", defaults.mode),
+                      miimon=obj.get("miimon", defaults.miimon))
+
+
+def bond_to_api(bond: BondConfig) -> dict[str, Any]:
+    """The wire form of ``bond``; :func:`bond_from_api` of it gives ``bond`` back."""
+    return {"slaves": list(bond.slaves), "mode": bond.mode, "miimon": bond.miimon}

@@ -66,6 +66,10 @@ class Link:
     default_pvid: int | None = None
     #: Bridge ports, and a bridge itself, when its bridge filters VLANs; sorted by vid.
     vlans: tuple[BridgeVlan, ...] = ()
+    #: Bonds only: the mode's name (:data:`BOND_MODES`) and the MII link check interval
+    #: in milliseconds (0: off).
+    bond_mode: str | None = None
+    miimon: int | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,12 @@ class HostState:
         return tuple(sorted(name for name, link in self.links.items() if link.master == bridge))
 
 
+#: The kernel's bonding modes (IFLA_BOND_MODE values), by the names ``ip`` and
+#: ``/proc/net/bonding`` use.
+BOND_MODES = ("balance-rr", "active-backup", "balance-xor", "broadcast", "802.3ad",
+              "balance-tlb", "balance-alb")
+
+
 # --- what a client wants --------------------------------------------------------------------
 
 
@@ -165,6 +175,21 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class BondConfig:
+    """A managed bond, as ``Network.setup`` takes it in ``bonds`` and ``Network.list``
+    gives it. A network uses it by naming it as its port.
+
+    ``mode`` defaults to active-backup, the one mode that needs nothing of the switch;
+    ``miimon`` (ms) to 100, so that a slave losing its carrier is noticed.
+    """
+
+    name: str
+    slaves: tuple[str, ...] = ()
+    mode: str = "active-backup"
+    miimon: int = 100
+
+
+@dataclass(frozen=True)
 class SetupOptions:
     connectivity_check: bool = True
     connectivity_timeout: float = 10.0
@@ -177,11 +202,16 @@ class SetupOptions:
 #:
 #: - ``add_bridge`` {mtu?, stp, vlan_filtering, default_pvid?, mac?}: a new bridge, down.
 #: - ``add_vlan`` {parent, vid, mtu?, mac?}: a new 802.1q device, down.
-#: - ``del_link`` {}: delete a bridge or VLAN device the agent made.
-#: - ``set_master`` {master: str | None}: join a bridge, or leave it.
+#: - ``add_bond`` {mode, miimon, mtu?, mac?}: a new bond, down, with no slaves.
+#: - ``del_link`` {}: delete a bridge, VLAN device or bond the agent made.
+#: - ``set_master`` {master: str | None}: join a bridge or bond, or leave it. A link
+#:   joins a bond only while down; the bond brings it up, and takes it down again when
+#:   it leaves.
 #: - ``set_mtu`` {mtu}
 #: - ``set_up`` {up: bool}
 #: - ``set_bridge`` {stp?, vlan_filtering?, default_pvid?}
+#: - ``set_bond`` {mode?, miimon?}: a bond's mode changes only while it is down and has
+#:   no slaves.
 #: - ``add_vlan_entry`` / ``del_vlan_entry`` {vid, pvid, untagged, self: bool}: bridge VLAN
 #:   filtering entries of a port (``self`` false) or of the bridge itself (``self`` true).
 #:   Adding an entry that exists replaces its flags.
@@ -191,7 +221,8 @@ class SetupOptions:
 #: - ``start_dhcp`` / ``stop_dhcp`` {family}; ``start_dhcp`` also {default_route: bool}:
 #:   whether the client may install the default route it is offered.
 StepAction = Literal[
-    "add_bridge", "add_vlan", "del_link", "set_master", "set_mtu", "set_up", "set_bridge",
+    "add_bridge", "add_vlan", "add_bond", "del_link", "set_master", "set_mtu", "set_up",
+    "set_bridge", "set_bond",
     "add_vlan_entry", "del_vlan_entry", "add_address", "del_address", "add_route",
     "del_route", "start_dhcp", "stop_dhcp",
 ]

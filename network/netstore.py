@@ -1,5 +1,5 @@
 """What host networking keeps in the state store: the running and the boot (persisted)
-config of the managed networks, the boot id they were last applied under, and the
+config of the managed networks and bonds, the boot id they were last applied under, and the
 transaction in flight.
 
 A transaction is written before its first step and removed when it commits or has been
@@ -19,6 +19,7 @@ from typing import Any
 
 from virtnode.network.netmodel import (
     Address,
+    BondConfig,
     BridgeVlan,
     Dns,
     HostState,
@@ -29,9 +30,16 @@ from virtnode.network.netmodel import (
 )
 
 COMPONENT = "network"
-VERSION = 1
+#: 2: bonds (network_bond).
+VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS network_config (
+    kind   TEXT NOT NULL,  -- running | persisted
+    name   TEXT NOT NULL,
+    config TEXT NOT NULL,
+    PRIMARY KEY (kind, name)
+);
+CREATE TABLE IF NOT EXISTS network_bond (
     kind   TEXT NOT NULL,  -- running | persisted
     name   TEXT NOT NULL,
     config TEXT NOT NULL,
@@ -69,6 +77,8 @@ class Saved:
     persisted: dict[str, NetworkConfig]
     boot_id: str | None
     transaction: Transaction | None
+    running_bonds: dict[str, BondConfig] = dataclasses.field(default_factory=dict)
+    persisted_bonds: dict[str, BondConfig] = dataclasses.field(default_factory=dict)
 
 
 def load(conn: sqlite3.Connection) -> Saved:
@@ -76,6 +86,10 @@ def load(conn: sqlite3.Connection) -> Saved:
     for kind, name, text in conn.execute(
             "SELECT kind, name, config FROM network_config ORDER BY name"):
         configs.setdefault(kind, {})[name] = config_from_json(json.loads(text))
+    bonds: dict[str, dict[str, BondConfig]] = {RUNNING: {}, PERSISTED: {}}
+    for kind, name, text in conn.execute(
+            "SELECT kind, name, config FROM network_bond ORDER BY name"):
+        bonds.setdefault(kind, {})[name] = bond_from_json(json.loads(text))
     row = conn.execute("SELECT value FROM network_meta WHERE key = 'boot_id'").fetchone()
     tx_row = conn.execute("SELECT job_id, started, links, snapshot FROM network_transaction "
                           "ORDER BY started LIMIT 1").fetchone()
@@ -84,7 +98,7 @@ def load(conn: sqlite3.Connection) -> Saved:
         transaction = Transaction(tx_row[0], tx_row[1], frozenset(json.loads(tx_row[2])),
                                   state_from_json(json.loads(tx_row[3])))
     return Saved(configs[RUNNING], configs[PERSISTED], None if row is None else row[0],
-                 transaction)
+                 transaction, bonds[RUNNING], bonds[PERSISTED])
 
 
 def save_configs(conn: sqlite3.Connection, kind: str,
@@ -94,6 +108,14 @@ def save_configs(conn: sqlite3.Connection, kind: str,
     conn.executemany("INSERT INTO network_config (kind, name, config) VALUES (?, ?, ?)",
                      [(kind, name, json.dumps(config_to_json(cfg), sort_keys=True))
                       for name, cfg in configs.items()])
+
+
+def save_bonds(conn: sqlite3.Connection, kind: str, bonds: Mapping[str, BondConfig]) -> None:
+    """Replace every bond of ``kind`` (``running`` or ``persisted``)."""
+    conn.execute("DELETE FROM network_bond WHERE kind = ?", (kind,))
+    conn.executemany("INSERT INTO network_bond (kind, name, config) VALUES (?, ?, ?)",
+                     [(kind, name, json.dumps(dataclasses.asdict(bond), sort_keys=True))
+                      for name, bond in bonds.items()])
 
 
 def save_boot_id(conn: sqlite3.Connection, boot_id: str) -> None:
@@ -123,6 +145,11 @@ def config_from_json(obj: dict[str, Any]) -> NetworkConfig:
         name=obj["name"], bridge=obj["bridge"], ports=tuple(obj["ports"]), vlan=obj["vlan"],
         mtu=obj["mtu"], stp=obj["stp"], ipv4=IpConfig(**obj["ipv4"]),
         ipv6=IpConfig(**obj["ipv6"]), default_route=obj["default_route"])
+
+
+def bond_from_json(obj: dict[str, Any]) -> BondConfig:
+    return BondConfig(name=obj["name"], slaves=tuple(obj["slaves"]), mode=obj["mode"],
+                      miimon=obj["miimon"])
 
 
 def state_to_json(state: HostState) -> dict[str, Any]:

@@ -5,11 +5,16 @@ that its request no longer wants is released (DHCP clients stopped, routes, addr
 VLAN entries, ports, links), then what the request wants and the state lacks is built.
 Releases of every removed and changed network come before anything is built, so a NIC,
 an address or a default route can move from one network to another in one request.
-Blocks go removals, changes, additions, each in name order::
+Blocks go network removals and changes, then bond removals and changes, then bonds
+built, then networks changed and added, each in name order::
 
     release:  stop_dhcp, del_route, del_address, del_vlan_entry, set_master None, del_link
-    build:    set_mtu (down), add_vlan/add_bridge/set_mtu (up)/set_bridge, set_master,
-              add_vlan_entry, set_up, add_address, add_route, start_dhcp
+    build:    set_mtu (down), add_bond/add_vlan/add_bridge/set_mtu (up)/set_bridge/
+              set_bond, set_master, add_vlan_entry, set_up, add_address, add_route,
+              start_dhcp
+
+A bond is built with the network whose port it is, so that it exists before the network
+needs it; a bond no changed network uses is built on its own.
 
 Addresses and routes on a link that is deleted are not deleted first: the kernel drops
 them with the link. Networks not named in a request are never looked at.
@@ -47,6 +52,7 @@ from virtnode.network.layout import (
 )
 from virtnode.network.netmodel import (
     Address,
+    BondConfig,
     BridgeVlan,
     Family,
     Features,
@@ -61,11 +67,16 @@ Dhcp = tuple[str, Family, bool]
 
 
 def plan(state: HostState, running: Mapping[str, NetworkConfig],
-         requested: Mapping[str, NetworkConfig | None], features: Features) -> list[Step]:
-    """The steps from ``state``, where the agent runs ``running``, to ``requested``
-    (``None`` removes a network). The request must have passed
-    :func:`~virtnode.network.validate.validate`. A state that already matches gives
-    ``[]``."""
+         requested: Mapping[str, NetworkConfig | None], features: Features, *,
+         running_bonds: Mapping[str, BondConfig] | None = None,
+         requested_bonds: Mapping[str, BondConfig | None] | None = None) -> list[Step]:
+    """The steps from ``state``, where the agent runs ``running`` and ``running_bonds``,
+    to ``requested`` and ``requested_bonds`` (``None`` removes one). The request must have
+    passed :func:`~virtnode.network.validate.validate`. A state that already matches
+    gives ``[]``."""
+    bonds_now = dict(running_bonds or {})
+    bond_request = dict(requested_bonds or {})
+    bonds = final_bonds(bonds_now, bond_request)
     removed = sorted(n for n, c in requested.items() if c is None and n in running)
     changed = sorted(n for n, c in requested.items() if c is not None and n in running)
     added = sorted(n for n, c in requested.items() if c is not None and n not in running)
@@ -78,17 +89,35 @@ def plan(state: HostState, running: Mapping[str, NetworkConfig],
     steps: list[Step] = []
     now = state
     for n in removed + changed:
-        block = _release(now, (running[n], old[n]), new.get(n))
+        block = _release(now, (running[n], old[n]), new.get(n), bonds)
         steps += block
         now = after_teardown(now, block)
+    for n in sorted(bond_request):
+        if n in bonds_now:
+            block = _release_bond(now, bonds_now[n], bond_request[n])
+            steps += block
+            now = after_teardown(now, block)
+    with_network = {lay.nic for _, lay in new.values() if lay.nic in bonds}
+    for n in sorted(set(bond_request) & bonds.keys() - with_network):
+        current = now.links.get(n)
+        steps += build(now, _bond_targets(now, bonds[n], current.master if current else None))
     for n in changed + added:
         was = (running[n], old[n]) if n in running else None
-        steps += _build(now, new[n], was)
+        steps += _build(now, new[n], was, bonds)
     return steps
 
 
+def final_bonds(running: Mapping[str, BondConfig],
+                requested: Mapping[str, BondConfig | None]) -> dict[str, BondConfig]:
+    """The bonds the agent manages once ``requested`` applies."""
+    bonds = {n: b for n, b in running.items() if n not in requested}
+    bonds.update({n: b for n, b in requested.items() if b is not None})
+    return bonds
+
+
 def _release(state: HostState, old: tuple[NetworkConfig, Layout],
-             new: tuple[NetworkConfig, Layout] | None) -> list[Step]:
+             new: tuple[NetworkConfig, Layout] | None,
+             bonds: Mapping[str, BondConfig]) -> list[Step]:
     old_lay = old[1]
     delete = [n for n in old_lay.made if new is None or n not in new[1].made]
     kept_dhcp = _dhcp(*new) if new else set()
@@ -104,15 +133,41 @@ def _release(state: HostState, old: tuple[NetworkConfig, Layout],
               for link, address in sorted(_addresses(*old))
               if (link, address) in present and (link, address) not in kept
               and link not in delete]
-    targets = _targets(state, *new) if new else {}
+    targets = _targets(state, *new, bonds) if new else {}
     if old_lay.nic and old_lay.nic not in targets and old_lay.nic in state.links:
         targets[old_lay.nic] = Target(old_lay.nic, state.links[old_lay.nic].kind)
     return steps + teardown(state, targets, delete)
 
 
+def _release_bond(state: HostState, old: BondConfig, new: BondConfig | None) -> list[Step]:
+    """A bond deleted (the kernel lets its slaves go), or the slaves it no longer has
+    released; a new mode releases them all (see :func:`converge.teardown`)."""
+    link = state.links.get(old.name)
+    if link is None:
+        return []
+    if new is None:
+        return teardown(state, {}, [old.name])
+    targets = {port: Target(port, state.links[port].kind)
+               for port in state.ports_of(old.name) if port not in new.slaves}
+    targets[old.name] = Target(old.name, "bond", master=link.master, bond_mode=new.mode)
+    return teardown(state, targets, [])
+
+
+def _bond_targets(state: HostState, bond: BondConfig, master: str | None,
+                  mtu: int | None = None, vlans: tuple[BridgeVlan, ...] | None = None,
+                  ) -> dict[str, Target]:
+    """A bond and its slaves. The bond sets its slaves' MTU: theirs is left to it."""
+    targets = {slave: Target(slave, link.kind if (link := state.links.get(slave)) else
+                             "device", master=bond.name, up=True) for slave in bond.slaves}
+    targets[bond.name] = Target(bond.name, "bond", master=master, mtu=mtu, up=True,
+                                vlans=vlans, bond_mode=bond.mode, miimon=bond.miimon)
+    return targets
+
+
 def _build(state: HostState, new: tuple[NetworkConfig, Layout],
-           old: tuple[NetworkConfig, Layout] | None) -> list[Step]:
-    steps = build(state, _targets(state, *new))
+           old: tuple[NetworkConfig, Layout] | None,
+           bonds: Mapping[str, BondConfig]) -> list[Step]:
+    steps = build(state, _targets(state, *new, bonds))
     present = _address_keys(state.addresses)
     steps += [Step("add_address", link, {"address": address})
               for link, address in sorted(_addresses(*new)) if (link, address) not in present]
@@ -125,17 +180,21 @@ def _build(state: HostState, new: tuple[NetworkConfig, Layout],
     return steps
 
 
-def _targets(state: HostState, cfg: NetworkConfig, lay: Layout) -> dict[str, Target]:
-    """What each link of a network should be."""
+def _targets(state: HostState, cfg: NetworkConfig, lay: Layout,
+             bonds: Mapping[str, BondConfig]) -> dict[str, Target]:
+    """What each link of a network should be, with its bond's slaves if its port is one."""
     mtu = network_mtu(cfg)
     vid = lay.vid if lay.filtering else None
     targets: dict[str, Target] = {}
     if lay.nic:
         link = state.links.get(lay.nic)
-        targets[lay.nic] = Target(
-            lay.nic, link.kind if link else "device", mtu=mtu, up=True,
-            master=lay.bridge if lay.bridge_port == lay.nic else None,
-            vlans=(BridgeVlan(vid, pvid=False, untagged=False),) if vid else ())
+        master = lay.bridge if lay.bridge_port == lay.nic else None
+        uplink = (BridgeVlan(vid, pvid=False, untagged=False),) if vid else ()
+        if lay.nic in bonds:
+            targets.update(_bond_targets(state, bonds[lay.nic], master, mtu, uplink))
+        else:
+            targets[lay.nic] = Target(lay.nic, link.kind if link else "device", mtu=mtu,
+                                      up=True, master=master, vlans=uplink)
     if lay.vlan_dev:
         targets[lay.vlan_dev] = Target(lay.vlan_dev, "vlan", master=lay.bridge, mtu=mtu,
                                        up=True, parent=lay.nic, vid=lay.vid, vlans=())
@@ -193,8 +252,10 @@ def dhcp_steps(wanted: Set[Dhcp], running: Set[tuple[str, Family]]) -> list[Step
 # --- undoing ---------------------------------------------------------------------------------
 
 
-def touched(steps: Iterable[Step]) -> set[str]:
-    """Every link ``steps`` name, as the link acted on, a master or an 802.1q parent."""
+def touched(steps: Iterable[Step], state: HostState) -> set[str]:
+    """Every link ``steps`` name, as the link acted on, a master or an 802.1q parent, and
+    the ports of the links they delete, which the kernel lets go (``state`` is the host
+    before the steps)."""
     names: set[str] = set()
     for step in steps:
         names.add(step.link)
@@ -202,19 +263,21 @@ def touched(steps: Iterable[Step]) -> set[str]:
             value = step.args.get(key)
             if isinstance(value, str):
                 names.add(value)
+        if step.action == "del_link":
+            names.update(state.ports_of(step.link))
     return names
 
 
 def restore(current: HostState, snapshot: HostState, links: Set[str]) -> list[Step]:
     """The steps that take ``links`` from ``current`` back to how ``snapshot`` had them:
-    bridges and 802.1q devices deleted or re-created, masters, MTUs, bridge options,
-    VLAN entries, up/down, addresses and routes. Dynamic addresses, IPv6 link-local
+    bridges, 802.1q devices and bonds deleted or re-created, masters, MTUs, bridge and
+    bond options, VLAN entries, up/down, addresses and routes. Dynamic addresses, IPv6 link-local
     ones and ``kernel`` routes are left to the kernel and DHCP clients. A NIC that went
     away stays away."""
     delete = [n for n in upper_first(links & current.links.keys(), current)
               if current.links[n].kind in MADE_KINDS
               and not _same_device(current.links[n], snapshot.links.get(n))]
-    targets = {n: _target(link) for n in links if (link := snapshot.links.get(n))
+    targets = {n: _target(link, snapshot) for n in links if (link := snapshot.links.get(n))
                and ((n in current.links and n not in delete) or link.kind in MADE_KINDS)}
     kept_routes = {route_key(r) for r in snapshot.routes if _restorable_route(r, links)}
     steps = [route_step("del_route", key)
@@ -243,12 +306,15 @@ def _same_device(link: Link, then: Link | None) -> bool:
         (link.vlan_parent, link.vlan_id) == (then.vlan_parent, then.vlan_id))
 
 
-def _target(link: Link) -> Target:
-    return Target(link.name, link.kind, master=link.master, mtu=link.mtu, up=link.up,
+def _target(link: Link, snapshot: HostState) -> Target:
+    master = snapshot.links.get(link.master) if link.master is not None else None
+    in_bond = master is not None and master.kind == "bond"
+    return Target(link.name, link.kind, master=link.master,
+                  mtu=None if in_bond else link.mtu, up=link.up,
                   mac=link.mac if link.kind in MADE_KINDS else None,
                   parent=link.vlan_parent, vid=link.vlan_id, stp=link.stp,
                   vlan_filtering=link.vlan_filtering, default_pvid=link.default_pvid,
-                  vlans=link.vlans)
+                  vlans=link.vlans, bond_mode=link.bond_mode, miimon=link.miimon)
 
 
 def _restorable(address: Address, links: Set[str]) -> bool:

@@ -1,29 +1,38 @@
 """Whether a ``Network.setup`` request makes sense on this host, decided before anything
 changes.
 
-:func:`validate` raises on the first problem it finds; networks are checked in name
-order, each one completely, then the checks that span networks run. Every refusal is
-:class:`InvalidArgument` with ``object="network"``, ``id=<network>`` and
-``field="networks.<network>[.<field>]"``, and one of these reasons::
+:func:`validate` raises on the first problem it finds; bonds are checked in name order,
+then networks, each one completely, then the checks that span networks run. Every
+refusal is :class:`InvalidArgument` with ``object="network"``, ``id=<network>`` and
+``field="networks.<network>[.<field>]"`` (``object="bond"`` and ``bonds.<bond>`` for a
+bond), and one of these reasons::
 
-    bad_name            network or 802.1q device name the kernel would refuse, or one
-                        starting with '-' (which command-line tools read as an option)
-    name_in_use         the name of a link the agent does not manage (or another network's)
-    unknown_nic         a port that is not a link of this host
-    bad_port            a port that is not NIC-like (bridge, loopback, vlan, tun...)
-    nic_in_use          a port used by another network or enslaved to an unmanaged master
+    bad_name            network, bond or 802.1q device name the kernel would refuse, or
+                        one starting with '-' (which command-line tools read as an option)
+    name_in_use         the name of a link the agent does not manage, or another network's
+                        or bond's
+    unknown_nic         a port or slave that is not a link of this host
+    bad_port            a port that is not NIC-like (bridge, loopback, vlan, tun...), a
+                        slave that is not a NIC, or one listed twice
+    nic_in_use          a port or slave used by another network or bond, or enslaved to
+                        an unmanaged master
+    bond_in_use         removing a bond that a network keeps as its port
     too_many_ports      more than one port (a network has one uplink; VMs' taps join it)
-    no_port             a bridgeless network, or a VLAN network, without its port
+    no_port             a bridgeless network, or a VLAN network, without its port; a bond
+                        without slaves
     port_has_addresses  a port carrying global addresses the agent does not manage
     bad_vlan            a VLAN id outside 1..4094
-    unsupported         the kernel lacks what the network needs (bridge, VLAN support)
+    unsupported         the kernel lacks what the network needs (bridge, VLAN support,
+                        bonding)
     bad_mtu             outside 68..65535, outside a port's range, under 1280 with IPv6
     bad_address         unparsable, wrong family, missing, or given where it means nothing
     address_overlap     a subnet that overlaps another network's or an unmanaged link's
     bad_route           default_route without a gateway or DHCP, or a second default route
-    bad_option          stp on a bridgeless network
+    bad_option          stp on a bridgeless network; an unknown bond mode, a negative
+                        miimon
 
-Removing a network the agent does not manage is :class:`NotFound` (``no_network``).
+Removing a network or bond the agent does not manage is :class:`NotFound`
+(``no_network``, ``no_bond``).
 """
 
 from __future__ import annotations
@@ -43,7 +52,9 @@ from virtnode.network.layout import (
     network_mtu,
 )
 from virtnode.network.netmodel import (
+    BOND_MODES,
     MAX_NAME_BYTES,
+    BondConfig,
     Family,
     Features,
     HostState,
@@ -52,6 +63,8 @@ from virtnode.network.netmodel import (
 )
 
 PORT_KINDS = frozenset({"device", "veth", "bond"})
+SLAVE_KINDS = frozenset({"device", "veth"})
+MAX_MIIMON = 2**31 - 1
 MIN_MTU, MAX_MTU, MIN_IPV6_MTU = 68, 65535, 1280
 
 IpInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -71,6 +84,10 @@ class _Host:
     owner: Mapping[str, str]
     #: The links carrying running networks' addresses.
     address_devices: frozenset[str]
+    bond_request: Mapping[str, BondConfig | None]
+    running_bonds: Mapping[str, BondConfig]
+    #: The bonds managed once the request applies.
+    bonds: Mapping[str, BondConfig]
 
     def may_use(self, network: str, link: str) -> bool:
         """Whether ``network`` may take the name ``link``: no such link, or one the
@@ -80,12 +97,33 @@ class _Host:
         owner = self.owner.get(link)
         return owner is not None and (owner == network or owner in self.requested)
 
+    def bond_of(self, nic: str) -> str | None:
+        """The bond ``nic`` is a slave of once the request applies."""
+        return next((b.name for b in self.bonds.values() if nic in b.slaves), None)
+
+    def may_enslave(self, bond: str, master: str) -> bool:
+        """Whether a NIC in ``master`` now may become a slave of ``bond``: ``master`` is
+        that bond, another managed bond, or a link of a network the request changes."""
+        return master == bond or master in self.running_bonds or self.may_use(bond, master)
+
 
 def validate(requested: Mapping[str, NetworkConfig | None], running: Mapping[str, NetworkConfig],
-             state: HostState, features: Features) -> None:
-    """Check a request (``None`` removes a network) against the running networks and the
-    host. Raises :class:`InvalidArgument` or :class:`NotFound` on the first problem."""
-    host = _host(requested, running, state, features)
+             state: HostState, features: Features, *,
+             bond_request: Mapping[str, BondConfig | None] | None = None,
+             running_bonds: Mapping[str, BondConfig] | None = None) -> None:
+    """Check a request (``None`` removes a network or bond) against the running networks
+    and bonds and the host. Raises :class:`InvalidArgument` or :class:`NotFound` on the
+    first problem."""
+    host = _host(requested, running, state, features, bond_request=bond_request or {},
+                 running_bonds=running_bonds or {})
+    for name in sorted(host.bond_request):
+        bond = host.bond_request[name]
+        if bond is None:
+            _check_bond_removal(host, name)
+        else:
+            if bond.name != name:
+                raise ValueError(f"config of {bond.name!r} requested as {name!r}")
+            _check_bond(host, bond)
     for name in sorted(requested):
         cfg = requested[name]
         if cfg is None:
@@ -103,24 +141,96 @@ def validate(requested: Mapping[str, NetworkConfig | None], running: Mapping[str
 
 
 def _host(requested: Mapping[str, NetworkConfig | None], running: Mapping[str, NetworkConfig],
-          state: HostState, features: Features) -> _Host:
+          state: HostState, features: Features, *,
+          bond_request: Mapping[str, BondConfig | None],
+          running_bonds: Mapping[str, BondConfig]) -> _Host:
     final = {n: c for n, c in running.items() if n not in requested}
     final.update({n: c for n, c in requested.items() if c is not None})
     old = {n: layout_of(c, features, state) for n, c in running.items()}
     layouts = {n: layout_of(c, features, state, old.get(n)) for n, c in final.items()}
     devices = frozenset(d for lay in old.values() if (d := lay.device))
+    bonds = {n: b for n, b in running_bonds.items() if n not in bond_request}
+    bonds.update({n: b for n, b in bond_request.items() if b is not None})
     return _Host(requested, running, state, features, final, layouts,
-                 managed_links(running, features, state), devices)
+                 managed_links(running, features, state), devices, bond_request,
+                 running_bonds, bonds)
 
 
-def _refuse(name: str, reason: str, message: str, where: str = "") -> InvalidArgument:
-    field = f"networks.{name}.{where}" if where else f"networks.{name}"
-    return InvalidArgument(f"network {name!r}: {message}", reason=reason, object="network",
-                           id=name, field=field)
+def _refuse(name: str, reason: str, message: str, where: str = "",
+            what: str = "network") -> InvalidArgument:
+    group = f"{what}s.{name}"
+    return InvalidArgument(f"{what} {name!r}: {message}", reason=reason, object=what,
+                           id=name, field=f"{group}.{where}" if where else group)
+
+
+def _refuse_bond(name: str, reason: str, message: str, where: str = "") -> InvalidArgument:
+    return _refuse(name, reason, message, where, "bond")
+
+
+def _check_bond_removal(host: _Host, name: str) -> None:
+    if name not in host.running_bonds:
+        raise NotFound(f"bond {name!r} is not managed by this agent", reason="no_bond",
+                       object="bond", id=name, field=f"bonds.{name}")
+    users = sorted(n for n, lay in host.layouts.items() if lay.nic == name)
+    if users:
+        raise _refuse_bond(name, "bond_in_use", f"network {users[0]!r} has it as its port; "
+                           "remove the network or give it another port in the same request")
+
+
+def _check_bond(host: _Host, bond: BondConfig) -> None:
+    name = bond.name
+    if not host.features.bond:
+        raise _refuse_bond(name, "unsupported", "the kernel has no bonding")
+    _check_name(name, "bond")
+    if name in host.final or any(name in lay.made for lay in host.layouts.values()):
+        raise _refuse_bond(name, "name_in_use", "it is the name of a network's link")
+    if name in host.state.links and name not in host.running_bonds:
+        raise _refuse_bond(name, "name_in_use", "a link of that name exists and is not a "
+                           "bond this agent manages")
+    if bond.mode not in BOND_MODES:
+        raise _refuse_bond(name, "bad_option", f"mode {bond.mode[:40]!r} is not one of "
+                           f"{', '.join(BOND_MODES)}", "mode")
+    if not 0 <= bond.miimon <= MAX_MIIMON:
+        raise _refuse_bond(name, "bad_option", f"miimon {bond.miimon} is outside "
+                           f"0..{MAX_MIIMON} ms", "miimon")
+    if not bond.slaves:
+        raise _refuse_bond(name, "no_port", "a bond needs at least one slave", "slaves")
+    for nic in bond.slaves:
+        _check_slave(host, bond, nic)
+
+
+def _check_slave(host: _Host, bond: BondConfig, nic: str) -> None:
+    name = bond.name
+    link = host.state.links.get(nic)
+    if link is None:
+        raise _refuse_bond(name, "unknown_nic", f"there is no link {nic!r}", "slaves")
+    if link.kind not in SLAVE_KINDS:
+        raise _refuse_bond(name, "bad_port", f"{nic!r} is a {link.kind} link, not a NIC",
+                           "slaves")
+    if bond.slaves.count(nic) > 1:
+        raise _refuse_bond(name, "bad_port", f"{nic!r} is listed twice", "slaves")
+    others = sorted(b.name for b in host.bonds.values() if nic in b.slaves and b.name != name)
+    if others:
+        raise _refuse_bond(name, "nic_in_use", f"{nic!r} is a slave of bond {others[0]!r}",
+                           "slaves")
+    users = sorted(n for n, lay in host.layouts.items() if lay.nic == nic)
+    if users:
+        raise _refuse_bond(name, "nic_in_use", f"{nic!r} is the port of network "
+                           f"{users[0]!r}", "slaves")
+    if link.master is not None and not host.may_enslave(name, link.master):
+        raise _refuse_bond(name, "nic_in_use", f"{nic!r} is enslaved to {link.master!r}",
+                           "slaves")
+    if nic not in host.address_devices:
+        found = [a.address for a in host.state.addresses_of(nic) if a.scope == "global"]
+        if found:
+            raise _refuse_bond(name, "port_has_addresses", f"{nic!r} carries {found[0]}, "
+                               "which this agent does not manage", "slaves")
 
 
 def _check_network(host: _Host, cfg: NetworkConfig) -> None:
-    _check_name(cfg.name)
+    _check_name(cfg.name, "network")
+    if cfg.name in host.bonds:
+        raise _refuse(cfg.name, "name_in_use", "it is the name of a bond")
     if not host.may_use(cfg.name, cfg.name):
         raise _refuse(cfg.name, "name_in_use", "a link of that name exists and is not "
                       "managed by this agent")
@@ -136,7 +246,7 @@ def _check_network(host: _Host, cfg: NetworkConfig) -> None:
                       "default_route")
 
 
-def _check_name(name: str) -> None:
+def _check_name(name: str, what: str) -> None:
     shown = repr(name[:40])
     if not name:
         problem = "a network needs a name"
@@ -151,7 +261,7 @@ def _check_name(name: str) -> None:
         problem = f"{shown} starts with '-'"
     else:
         return
-    raise _refuse(name, "bad_name", problem)
+    raise _refuse(name, "bad_name", problem, what=what)
 
 
 def _check_ports(host: _Host, cfg: NetworkConfig) -> None:
@@ -165,6 +275,8 @@ def _check_ports(host: _Host, cfg: NetworkConfig) -> None:
         raise _refuse(name, "no_port", "a VLAN network needs a port to tag", "ports")
     for nic in cfg.ports:
         link = host.state.links.get(nic)
+        if nic in host.bonds:
+            continue  # checked as a bond; it may not exist yet
         if link is None:
             raise _refuse(name, "unknown_nic", f"there is no link {nic!r}", "ports")
         if link.kind not in PORT_KINDS:
@@ -174,6 +286,8 @@ def _check_ports(host: _Host, cfg: NetworkConfig) -> None:
         if users:
             raise _refuse(name, "nic_in_use", f"{nic!r} is the port of network {users[0]!r}",
                           "ports")
+        if (bond := host.bond_of(nic)) is not None:
+            raise _refuse(name, "nic_in_use", f"{nic!r} is a slave of bond {bond!r}", "ports")
         if link.master is not None and not host.may_use(name, link.master):
             raise _refuse(name, "nic_in_use", f"{nic!r} is enslaved to {link.master!r}",
                           "ports")
@@ -216,13 +330,16 @@ def _check_mtu(host: _Host, cfg: NetworkConfig) -> None:
     if mtu < MIN_IPV6_MTU and cfg.ipv6.method != "none":
         raise _refuse(cfg.name, "bad_mtu", f"{shown} is under IPv6's minimum of "
                       f"{MIN_IPV6_MTU}", "mtu")
-    for nic in cfg.ports:
-        link = host.state.links[nic]
-        low = link.min_mtu if link.min_mtu is not None else MIN_MTU
-        high = link.max_mtu if link.max_mtu is not None else MAX_MTU
-        if not low <= mtu <= high:
-            raise _refuse(cfg.name, "bad_mtu", f"{shown} is outside {low}..{high}, what "
-                          f"{nic!r} takes", "mtu")
+    for port in cfg.ports:
+        # A bond takes the MTU its slaves take: it sets theirs.
+        bond = host.bonds.get(port)
+        for nic in bond.slaves if bond else (port,):
+            link = host.state.links[nic]
+            low = link.min_mtu if link.min_mtu is not None else MIN_MTU
+            high = link.max_mtu if link.max_mtu is not None else MAX_MTU
+            if not low <= mtu <= high:
+                raise _refuse(cfg.name, "bad_mtu", f"{shown} is outside {low}..{high}, what "
+                              f"{nic!r} takes", "mtu")
 
 
 def _check_ip(name: str, family: Family, ip: IpConfig) -> None:

@@ -661,8 +661,9 @@ def test_a_vm_tap_on_a_filtering_bridge_follows_the_vlan() -> None:
     host = Host.with_networks(net1=net(vlan=10))
     host.kernel.links["vnet0"] = link("vnet0", "tun")
     host.kernel.set_master("vnet0", master="net1")
+    before = host.state
     steps = host.setup({"net1": net(vlan=20)})
-    assert "vnet0" not in touched(steps)
+    assert "vnet0" not in touched(steps, before)
     assert host.state.links["vnet0"].vlans == (BridgeVlan(20, True, True),)
 
 
@@ -717,7 +718,7 @@ def test_restore_after_any_part_of_a_plan(features: Features, running: dict[str,
     snapshot = host.state
     steps = host.plan(requested)
     assert steps
-    links = touched(steps)
+    links = touched(steps, snapshot)
     assert not links & UNMANAGED
     assert restore(snapshot, snapshot, links) == []
     for applied in range(len(steps) + 1):
@@ -740,7 +741,7 @@ def test_restore_orders_its_steps() -> None:
                                       ipv4=v4("10.1.0.1/24", "10.1.0.254"), default_route=True))
     snapshot = before.state
     steps = before.setup({"a": None, "b": net("b", ports=("eth4",), ipv4=v4("10.1.0.7/24"))})
-    assert restore(before.state, snapshot, touched(steps)) == [
+    assert restore(before.state, snapshot, touched(steps, snapshot)) == [
         s("set_master", "eth4", master=None),
         s("del_link", "b"),
         s("set_mtu", "eth4", mtu=9000),
@@ -787,4 +788,5 @@ def test_touched() -> None:
     assert touched([s("set_master", "eth1", master="net1"),
                     s("add_vlan", "eth2.5", parent="eth2", vid=5),
                     s("set_master", "eth3", master=None),
-                    s("del_link", "x")]) == {"eth1", "net1", "eth2.5", "eth2", "eth3", "x"}
+                    s("del_link", "x")], HostState({}, (), ())) == {
+        "eth1", "net1", "eth2.5", "eth2", "eth3", "x"}
