@@ -45,7 +45,15 @@ from pyroute2.netlink.exceptions import NetlinkError
 from virtnode.network.dhcp import DhcpClients, DhcpError
 from virtnode.network.linkevents import LinkEvent
 from virtnode.network.linkmonitor import LinkMonitor
-from virtnode.network.netmodel import BridgeVlan, Dns, Features, HostState, Link, Step
+from virtnode.network.netmodel import (
+    BOND_MODES,
+    BridgeVlan,
+    Dns,
+    Features,
+    HostState,
+    Link,
+    Step,
+)
 from virtnode.network.rtnlmsg import (
     BRIDGE_FLAGS_SELF,
     RT_SCOPE_LINK,
@@ -176,6 +184,8 @@ class NetlinkHost:
         self._actions: dict[str, Callable[[Any, Step], None]] = {
             "add_bridge": self._add_bridge,
             "add_vlan": self._add_vlan,
+            "add_bond": self._add_bond,
+            "set_bond": self._set_bond,
             "del_link": self._del_link,
             "set_master": self._set_master,
             "set_mtu": self._set_mtu,
@@ -489,6 +499,20 @@ class NetlinkHost:
                  **self._link_attrs(step))
         self._made(step.link)
 
+    def _add_bond(self, ipr: Any, step: Step) -> None:
+        _check_args(step, ("mode", "miimon"), ("mtu", "mac"))
+        wire = self._requests
+        mac = _opt(step, "mac", str)
+        index = wire.new_bond(step.link, mode=_bond_mode(step), miimon=_arg(step, "miimon", int),
+                              mtu=_opt(step, "mtu", int), mac=_mac(mac) if mac else None)
+        self._indexes[step.link] = index if index is not None else wire.link(step.link).index
+
+    def _set_bond(self, ipr: Any, step: Step) -> None:
+        _check_args(step, (), ("mode", "miimon"))
+        self._requests.set_bond(self._index(step.link),
+                                mode=_bond_mode(step) if "mode" in step.args else None,
+                                miimon=_opt(step, "miimon", int))
+
     def _del_link(self, ipr: Any, step: Step) -> None:
         _check_args(step, ())
         self._requests.del_link(self._index(step.link))
@@ -586,6 +610,13 @@ class NetlinkHost:
                 clients.stop(step.link, family)
         except DhcpError as exc:
             raise _Refused(None, str(exc)) from None
+
+
+def _bond_mode(step: Step) -> int:
+    mode = _arg(step, "mode", str)
+    if mode not in BOND_MODES:
+        raise _Refused(None, f"{step.describe()}: unknown bond mode {mode!r}")
+    return BOND_MODES.index(mode)
 
 
 def _mac(text: str) -> bytes:

@@ -93,6 +93,8 @@ class LinkInfo:
     stp: bool | None = None
     vlan_filtering: bool | None = None
     default_pvid: int | None = None
+    bond_mode: str | None = None
+    miimon: int | None = None
 
 
 def to_link(info: LinkInfo, names: Mapping[int, str], speed: int | None = None,
@@ -116,6 +118,8 @@ def to_link(info: LinkInfo, names: Mapping[int, str], speed: int | None = None,
         vlan_filtering=info.vlan_filtering,
         default_pvid=info.default_pvid,
         vlans=vlans,
+        bond_mode=info.bond_mode,
+        miimon=info.miimon,
     )
 
 

@@ -34,6 +34,7 @@ from typing import TypeVar
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from virtnode.network.netmodel import BOND_MODES
 from virtnode.network.rtnlmsg import FAMILIES, RTEXT_FILTER_SKIP_STATS, AddrInfo, LinkInfo
 
 T = TypeVar("T")
@@ -88,6 +89,8 @@ IFLA_BR_STP_STATE = 5
 IFLA_BR_VLAN_FILTERING = 7
 IFLA_BR_VLAN_DEFAULT_PVID = 39
 IFLA_VLAN_ID = 1
+IFLA_BOND_MODE = 1
+IFLA_BOND_MIIMON = 3
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
 IFA_FLAGS = 8
@@ -168,6 +171,20 @@ class RequestSocket:
         echoed = self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO,
                               _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attrs)
         return int(_IFINFO.unpack_from(echoed)[2]) if echoed else None
+
+    def new_bond(self, name: str, *, mode: int, miimon: int, mtu: int | None = None,
+                 mac: bytes | None = None) -> int | None:
+        """Create a bond; its ifindex when the kernel echoes the new link, else None."""
+        attrs = string(IFLA_IFNAME, name) + _link_attrs(mtu, mac) + _bond_info(mode, miimon)
+        echoed = self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO,
+                              _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attrs)
+        return int(_IFINFO.unpack_from(echoed)[2]) if echoed else None
+
+    def set_bond(self, index: int, *, mode: int | None = None,
+                 miimon: int | None = None) -> None:
+        """Change a bond's mode (only while it is down without slaves) or miimon."""
+        self.request(RTM_NEWLINK, 0, _IFINFO.pack(socket.AF_UNSPEC, 0, index, 0, 0)
+                     + _bond_info(mode, miimon))
 
     def link(self, name: str) -> LinkInfo:
         """One link by name; NetlinkError ENODEV if there is none."""
@@ -366,6 +383,11 @@ def decode_link(body: bytes) -> LinkInfo:
         info.update(stp=None if stp is None else bool(stp),
                     vlan_filtering=None if filtering is None else bool(filtering),
                     default_pvid=_u16(bridge.get(IFLA_BR_VLAN_DEFAULT_PVID)))
+    elif data is not None and kind == "bond":
+        bond = dict(_first_attrs(data, 0, _BOND_ATTRS))
+        mode = _u8(bond.get(IFLA_BOND_MODE))
+        info.update(bond_mode=BOND_MODES[mode] if mode is not None and mode < len(BOND_MODES)
+                    else None, miimon=_u32(bond.get(IFLA_BOND_MIIMON)))
     return LinkInfo(**info)
 
 
@@ -399,6 +421,7 @@ _INFO_ATTRS = frozenset({IFLA_INFO_KIND, IFLA_INFO_DATA})
 _BRIDGE_ATTRS = frozenset({IFLA_BR_STP_STATE, IFLA_BR_VLAN_FILTERING,
                            IFLA_BR_VLAN_DEFAULT_PVID})
 _ADDR_ATTRS = frozenset({IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS})
+_BOND_ATTRS = frozenset({IFLA_BOND_MODE, IFLA_BOND_MIIMON})
 
 
 def _first_attrs(data: bytes, offset: int, wanted: frozenset[int]) -> Iterator[
@@ -444,6 +467,12 @@ def _link_attrs(mtu: int | None, mac: bytes | None) -> bytes:
 def _bridge_info(stp: bool) -> bytes:
     return attr(IFLA_LINKINFO, string(IFLA_INFO_KIND, "bridge") + attr(
         IFLA_INFO_DATA, u32(IFLA_BR_STP_STATE, int(stp))))
+
+
+def _bond_info(mode: int | None, miimon: int | None) -> bytes:
+    data = (attr(IFLA_BOND_MODE, struct.pack("=B", mode)) if mode is not None else b"") + (
+        u32(IFLA_BOND_MIIMON, miimon) if miimon is not None else b"")
+    return attr(IFLA_LINKINFO, string(IFLA_INFO_KIND, "bond") + attr(IFLA_INFO_DATA, data))
 
 
 def _raise_error(message: bytes, flags: int) -> None:

@@ -39,7 +39,6 @@ from virtnode.errors import (
     InvalidArgument,
     NotFound,
     Unavailable,
-    Unimplemented,
 )
 from virtnode.events import EventBus
 from virtnode.jobs import JobHandle, JobKind, JobManager
@@ -47,6 +46,7 @@ from virtnode.network import netconfig, netstore, plan, validate
 from virtnode.network.dhcp import DhcpClients
 from virtnode.network.layout import layout_of
 from virtnode.network.netmodel import (
+    BondConfig,
     Features,
     HostState,
     NetworkConfig,
@@ -111,6 +111,8 @@ class NetworkService:
                                  bond=False)
         self._running: dict[str, NetworkConfig] = {}
         self._persisted: dict[str, NetworkConfig] = {}
+        self._running_bonds: dict[str, BondConfig] = {}
+        self._persisted_bonds: dict[str, BondConfig] = {}
         self._active: str | None = None  # the job id of the change that runs
         self._active_key: str | None = None  # and its request key
         self._starting = asyncio.Lock()  # checks and job creation of one change at a time
@@ -156,6 +158,8 @@ class NetworkService:
         await self._store.ensure_schema(netstore.COMPONENT, netstore.VERSION, netstore.SCHEMA)
         saved = await self._store.run(netstore.load)
         self._running, self._persisted = dict(saved.running), dict(saved.persisted)
+        self._running_bonds = dict(saved.running_bonds)
+        self._persisted_bonds = dict(saved.persisted_bonds)
         if saved.transaction is not None:
             tx = saved.transaction
             log.warning("network: change %s was cut short by a stop or crash; rolling it "
@@ -164,11 +168,10 @@ class NetworkService:
         boot_id = await asyncio.to_thread(_read_boot_id, self._boot_id_file)
         if saved.boot_id is not None and saved.boot_id != boot_id:
             # The host booted since the agent last ran: what ran before is gone.
-            self._running = {}
-            if self._restore_boot_config and self._persisted:
+            self._running, self._running_bonds = {}, {}
+            if self._restore_boot_config and (self._persisted or self._persisted_bonds):
                 await self._restore_boot()
-            await self._store.run(partial(netstore.save_configs, kind=netstore.RUNNING,
-                                          configs=self._running))
+            await self._store.run(self._save_running)
         await self._store.run(partial(netstore.save_boot_id, boot_id=boot_id))
         # A DHCP client that died while the agent was away is started again.
         await self._apply_dhcp(await self._dhcp_steps(), "start_dhcp")
@@ -199,7 +202,7 @@ class NetworkService:
     async def get_state(self, _ctx: CallContext, _params: JsonObject) -> JsonObject:
         await self.ready()
         state = await self._call(self.host.read_state)
-        return state_api(state, self._running, self.features)
+        return state_api(state, self._running, self.features, self._running_bonds)
 
     @rpc_method("Network.list")
     async def list_networks(self, _ctx: CallContext, _params: JsonObject) -> JsonObject:
@@ -207,7 +210,10 @@ class NetworkService:
         return {"networks": [
             {"name": name, "config": netconfig.config_to_api(cfg),
              "persisted": self._persisted.get(name) == cfg}
-            for name, cfg in sorted(self._running.items())]}
+            for name, cfg in sorted(self._running.items())], "bonds": [
+            {"name": name, "config": netconfig.bond_to_api(bond),
+             "persisted": self._persisted_bonds.get(name) == bond}
+            for name, bond in sorted(self._running_bonds.items())]}
 
     def bridge_of(self, name: str) -> str:
         """The bridge a VM's NIC on managed network ``name`` plugs into.
@@ -231,22 +237,27 @@ class NetworkService:
     async def setup(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
         await self.ready()
         requested = self._requested(params)
+        bonds = netconfig.bonds_from_api(params.get("bonds", {}))
         options = SetupOptions(**params.get("options", {}))
         key = params.get("request_key")
         async with self._starting:
             if key is None or key != self._active_key:  # a retry gets the running job
                 self._refuse_if_busy()
             state = await self._call(self.host.read_state)
-            validate.validate(requested, self._running, state, self.features)
-            steps = plan.plan(state, self._running, requested, self.features)
+            validate.validate(requested, self._running, state, self.features,
+                              bond_request=bonds, running_bonds=self._running_bonds)
+            steps = plan.plan(state, self._running, requested, self.features,
+                              running_bonds=self._running_bonds, requested_bonds=bonds)
             if not options.connectivity_check:
                 self._protect_management(state, steps)
             # The job applies what was checked here: nothing else changes managed
             # networks until it ends (the change is exclusive from now on).
             job = await self._jobs.submit(
                 SETUP_JOB.name, params, lambda handle: self._transaction(
-                    handle, requested, state, steps, options),
-                description="network change: " + ", ".join(sorted(requested)),
+                    handle, requested=requested, bonds=bonds, state=state, steps=steps,
+                    options=options),
+                description="network change: " + ", ".join(
+                    [*sorted(requested), *(f"bond {b}" for b in sorted(bonds))]),
                 request_key=key, prepare=self._exclusive)
             if self._active == _STARTING:
                 self._active, self._active_key = job.job_id, key
@@ -269,8 +280,8 @@ class NetworkService:
         await self.ready()
         async with self._starting:
             self._refuse_if_busy()
-            await self._save_persisted(dict(self._running))
-        return {"networks": sorted(self._persisted)}
+            await self._save_persisted(dict(self._running), dict(self._running_bonds))
+        return {"networks": sorted(self._persisted), "bonds": sorted(self._persisted_bonds)}
 
     # --- inside -----------------------------------------------------------------------------
 
@@ -284,11 +295,6 @@ class NetworkService:
         return await asyncio.wrap_future(self._pool.submit(fn, *args))
 
     def _requested(self, params: JsonObject) -> dict[str, NetworkConfig | None]:
-        if params.get("bonds"):
-            if not self.features.bond:
-                raise InvalidArgument("this kernel has no bonding", reason="unsupported",
-                                      field="bonds")
-            raise Unimplemented("bonds are not implemented yet", reason="unimplemented")
         requested = netconfig.request_from_api(params["networks"])
         for name, cfg in requested.items():
             for family, ip in ((4, cfg.ipv4), (6, cfg.ipv6)) if cfg is not None else ():
@@ -316,7 +322,10 @@ class NetworkService:
         """Refuse steps that would take away an address a client reaches the agent on."""
         reached = set(self._reached_on())
         carriers = {a.link for a in state.addresses if a.address.split("/")[0] in reached}
-        carriers |= {port for link in list(carriers) for port in state.ports_of(link)}
+        below = carriers
+        while below:  # the ports under them: a bridge's, its bond's slaves
+            below = {port for link in below for port in state.ports_of(link)} - carriers
+            carriers |= below
         for step in steps:
             if step.action in _DESTRUCTIVE and step.link in carriers and not (
                     step.action == "set_up" and step.args.get("up")):
@@ -325,11 +334,12 @@ class NetworkService:
                     "host on; use connectivity_check", reason="management_address",
                     link=step.link)
 
-    async def _transaction(self, handle: JobHandle, requested: Mapping[str, NetworkConfig | None],
-                           state: HostState, steps: list[Step],
-                           options: SetupOptions) -> JsonObject:
+    async def _transaction(self, handle: JobHandle, *,
+                           requested: Mapping[str, NetworkConfig | None],
+                           bonds: Mapping[str, BondConfig | None], state: HostState,
+                           steps: list[Step], options: SetupOptions) -> JsonObject:
         job_id = handle.job_id
-        tx = Transaction(job_id, time.time(), frozenset(plan.touched(steps)), state)
+        tx = Transaction(job_id, time.time(), frozenset(plan.touched(steps, state)), state)
         await self._store.run(partial(netstore.begin, tx=tx))
         names = sorted(requested)
         try:
@@ -342,16 +352,13 @@ class NetworkService:
                 "cancelled" if isinstance(exc, asyncio.CancelledError) else "step_failed")
             await asyncio.shield(self._rollback(tx, names, trigger, str(exc)))
             raise
-        running = dict(self._running)
-        for name, cfg in requested.items():
-            if cfg is None:
-                running.pop(name, None)
-            else:
-                running[name] = cfg
-        await self._commit(tx, running, options.persist)
+        running = {n: c for n, c in self._running.items() if n not in requested}
+        running.update({n: c for n, c in requested.items() if c is not None})
+        await self._commit(tx, running, plan.final_bonds(self._running_bonds, bonds),
+                           options.persist)
         self._bus.publish(CONFIG_TOPIC, {"event": "committed", "job_id": job_id,
-                                         "networks": names})
-        return {"networks": names}
+                                         "networks": names, "bonds": sorted(bonds)})
+        return {"networks": names, "bonds": sorted(bonds)}
 
     async def _apply(self, steps: list[Step]) -> None:
         try:
@@ -371,18 +378,24 @@ class NetworkService:
             self._confirmations.pop(job_id, None)
 
     async def _commit(self, tx: Transaction, running: dict[str, NetworkConfig],
-                      persist: bool) -> None:
+                      bonds: dict[str, BondConfig], persist: bool) -> None:
         def write(conn: Any) -> None:
             netstore.save_configs(conn, netstore.RUNNING, running)
+            netstore.save_bonds(conn, netstore.RUNNING, bonds)
             if persist:
                 netstore.save_configs(conn, netstore.PERSISTED, running)
+                netstore.save_bonds(conn, netstore.PERSISTED, bonds)
             netstore.end(conn, tx.job_id)
 
         await self._store.run(write)
-        self._running = running
+        self._running, self._running_bonds = running, bonds
         if persist:
-            self._persisted = dict(running)
+            self._persisted, self._persisted_bonds = dict(running), dict(bonds)
             self._published_persisted(tx.job_id)
+
+    def _save_running(self, conn: Any) -> None:
+        netstore.save_configs(conn, netstore.RUNNING, self._running)
+        netstore.save_bonds(conn, netstore.RUNNING, self._running_bonds)
 
     async def _rollback(self, tx: Transaction, names: list[str], trigger: str,
                         error: str) -> None:
@@ -446,43 +459,68 @@ class NetworkService:
                 log.error("network: %s", exc)
 
     async def _restore_boot(self) -> None:
-        """Set up the boot config, for the networks whose NICs exist."""
+        """Set up the boot config: the bonds whose slaves exist, and the networks whose
+        NICs (or bonds) are there."""
         state = await self._call(self.host.read_state)
         failed: dict[str, str] = {}
+        bonds: dict[str, BondConfig | None] = {}
+        for name, bond in sorted(self._persisted_bonds.items()):
+            why = _missing(bond.slaves, state)
+            if why is None:
+                try:
+                    validate.validate({}, {}, state, self.features, bond_request={name: bond})
+                except InvalidArgument as exc:
+                    why = exc.message
+            if why is None:
+                bonds[name] = bond
+            else:
+                failed[f"bond {name}"] = why
         wanted: dict[str, NetworkConfig | None] = {}
         for name, cfg in sorted(self._persisted.items()):
-            missing = [port for port in cfg.ports if port not in state.links]
-            if missing:
-                failed[name] = "no such NIC: " + ", ".join(missing)
-                continue
-            try:
-                validate.validate({name: cfg}, {}, state, self.features)
-            except InvalidArgument as exc:
-                failed[name] = exc.message
-                continue
-            wanted[name] = cfg
-        if wanted:
-            steps = plan.plan(state, {}, wanted, self.features)
+            ports = [p for p in cfg.ports if p not in self._persisted_bonds]
+            why = _missing(ports, state)
+            lost = [p for p in cfg.ports if p in self._persisted_bonds and p not in bonds]
+            if why is None and lost:
+                why = f"bond {lost[0]} was not restored"
+            if why is None:
+                try:
+                    validate.validate({name: cfg}, {}, state, self.features,
+                                      bond_request=bonds)
+                except InvalidArgument as exc:
+                    why = exc.message
+            if why is None:
+                wanted[name] = cfg
+            else:
+                failed[name] = why
+        if wanted or bonds:
+            steps = plan.plan(state, {}, wanted, self.features, requested_bonds=bonds)
             try:
                 await self._call(self.host.apply, steps)
             except self._netlink.StepError as exc:
-                await self._restore_snapshot(state, frozenset(plan.touched(steps)))
-                failed.update(dict.fromkeys(wanted, str(exc)))
-                wanted = {}
+                await self._restore_snapshot(state, frozenset(plan.touched(steps, state)))
+                failed.update(dict.fromkeys([*wanted, *(f"bond {b}" for b in bonds)], str(exc)))
+                wanted, bonds = {}, {}
         self._running = {name: cfg for name, cfg in wanted.items() if cfg is not None}
+        self._running_bonds = {name: b for name, b in bonds.items() if b is not None}
         for name, why in failed.items():
             log.error("network: boot config of %s not restored: %s", name, why)
         self._bus.publish(CONFIG_TOPIC, {"event": "restored", "networks": sorted(self._running),
+                                         "bonds": sorted(self._running_bonds),
                                          "failed": failed})
 
-    async def _save_persisted(self, configs: dict[str, NetworkConfig]) -> None:
-        await self._store.run(partial(netstore.save_configs, kind=netstore.PERSISTED,
-                                      configs=configs))
-        self._persisted = configs
+    async def _save_persisted(self, configs: dict[str, NetworkConfig],
+                              bonds: dict[str, BondConfig]) -> None:
+        def write(conn: Any) -> None:
+            netstore.save_configs(conn, netstore.PERSISTED, configs)
+            netstore.save_bonds(conn, netstore.PERSISTED, bonds)
+
+        await self._store.run(write)
+        self._persisted, self._persisted_bonds = configs, bonds
         self._published_persisted(None)
 
     def _published_persisted(self, job_id: str | None) -> None:
-        data: JsonObject = {"event": "persisted", "networks": sorted(self._persisted)}
+        data: JsonObject = {"event": "persisted", "networks": sorted(self._persisted),
+                            "bonds": sorted(self._persisted_bonds)}
         if job_id is not None:
             data["job_id"] = job_id
         self._bus.publish(CONFIG_TOPIC, data)
@@ -520,13 +558,21 @@ def _read_boot_id(path: Path) -> str:
     return path.read_text().strip()
 
 
-def state_api(state: HostState, running: Mapping[str, NetworkConfig],
-              features: Features) -> JsonObject:
+def _missing(nics: Iterable[str], state: HostState) -> str | None:
+    gone = [nic for nic in nics if nic not in state.links]
+    return "no such NIC: " + ", ".join(gone) if gone else None
+
+
+def state_api(state: HostState, running: Mapping[str, NetworkConfig], features: Features,
+              bonds: Mapping[str, BondConfig] | None = None) -> JsonObject:
     """``Network.getState``'s result."""
+    bonds = bonds or {}
     managed = {link for cfg in running.values()
                for link in layout_of(cfg, features, state).links}
+    managed |= {link for bond in bonds.values() for link in (bond.name, *bond.slaves)}
     links = []
     bridges = []
+    bond_list = []
     for name, link in sorted(state.links.items()):
         entry: JsonObject = {
             "name": name, "kind": link.kind, "mac": link.mac, "mtu": link.mtu, "up": link.up,
@@ -535,6 +581,9 @@ def state_api(state: HostState, running: Mapping[str, NetworkConfig],
         if link.vlan_id is not None:
             entry["vlan"] = {"id": link.vlan_id, "parent": link.vlan_parent}
         links.append(entry)
+        if link.kind == "bond":
+            bond_list.append({"name": name, "slaves": list(state.ports_of(name)),
+                              "mode": link.bond_mode, "miimon": link.miimon})
         if link.kind == "bridge":
             ports = state.ports_of(name)
             vlans = [{"port": member, "vid": v.vid, "pvid": v.pvid, "untagged": v.untagged}
@@ -551,6 +600,8 @@ def state_api(state: HostState, running: Mapping[str, NetworkConfig],
                     "metric": r.metric, "proto": r.proto, "scope": r.scope}
                    for r in state.routes],
         "dns": {"nameservers": list(state.dns.nameservers), "search": list(state.dns.search)},
-        "managed": {"networks": sorted(running), "links": sorted(managed)},
+        "bonds": bond_list,
+        "managed": {"networks": sorted(running), "bonds": sorted(bonds),
+                    "links": sorted(managed)},
         "features": dataclasses.asdict(features),
     }
