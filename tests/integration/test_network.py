@@ -169,7 +169,7 @@ async def test_bridged_networks_with_mtu_vlan_and_addresses(  # noqa: PLR0915
     assert before["features"]["bridge"] is True
     assert {k: v for k, v in before["features"].items() if k != "dhcp_client"} == (
         await kernel_features(host))
-    assert before["managed"] == {"networks": [], "links": []}
+    assert before["managed"] == {"networks": [], "bonds": [], "links": []}
 
     lan = {"ports": ["eth0"], "mtu": 1400,
            "ipv4": {"method": "static", "address": "10.77.1.1/24"},
@@ -321,6 +321,139 @@ async def test_a_failed_step_rolls_back_every_network_of_the_change(
         "link", "show", "type", "bridge")] == ["keep"]
     listed = (await client.call("Network.list", {}))["networks"]
     assert [(n["name"], n["config"]["mtu"]) for n in listed] == [("keep", 1400)]
+
+
+async def bond_link(ns: Netns, name: str) -> dict[str, Any]:
+    return dict((await ns.ip_json("-d", "link", "show", name))[0])
+
+
+async def test_bonds(net_host: NetHost, checked_client: ClientFactory) -> None:  # noqa: PLR0915
+    client = await checked_client(net_host.agent.unix_url)
+    host, peer = net_host.host, net_host.peer
+    before = await state_of(client)
+    assert before["features"]["bond"] == (await kernel_features(host))["bond"]
+    bond = {"slaves": ["eth1", "eth2"]}
+    lan = {"ports": ["bond0"], "mtu": 1400,
+           "ipv4": {"method": "static", "address": "10.77.5.1/24"}}
+    if not before["features"]["bond"]:
+        # A kernel without bonding (this one): refused up front, nothing changes.
+        err = await expect_error(client, "Network.setup", {
+            "networks": {"lan": lan}, "bonds": {"bond0": bond}, "options": NO_CHECK})
+        assert (err.name, err.data["reason"], err.data["field"]) == (
+            "InvalidArgument", "unsupported", "bonds.bond0")
+        assert comparable(await state_of(client)) == comparable(before)
+        return
+
+    # A failed step rolls the bond back too: its slaves leave it and are up again.
+    await run("ip", "netns", "exec", host.name, "sysctl", "-q", "-w",
+              "net.ipv6.conf.default.disable_ipv6=1")
+    started = await client.call("Network.setup", {
+        "networks": {"lan": {**lan, "ipv6": {"method": "static", "address": "fd00:77:5::1/64"}}},
+        "bonds": {"bond0": bond}, "options": NO_CHECK})
+    job = await wait_job(client, started["job_id"], timeout=60)
+    assert (job["state"], job["error"]["data"]["trigger"]) == ("failed", "step_failed"), job
+    assert comparable(await state_of(client)) == comparable(before)
+    assert not await _exists(host, "bond0")
+    await run("ip", "netns", "exec", host.name, "sysctl", "-q", "-w",
+              "net.ipv6.conf.default.disable_ipv6=0")
+
+    started = await client.call("Network.setup", {
+        "networks": {"lan": lan}, "bonds": {"bond0": bond}, "options": NO_CHECK})
+    job = await wait_job(client, started["job_id"], timeout=60)
+    assert job["state"] == "succeeded", job
+    assert job["result"] == {"networks": ["lan"], "bonds": ["bond0"]}
+    found = await bond_link(host, "bond0")
+    assert found["linkinfo"]["info_kind"] == "bond"
+    assert (found["linkinfo"]["info_data"]["mode"], found["linkinfo"]["info_data"]["miimon"]) \
+        == ("active-backup", 100)
+    assert (found["master"], found["mtu"]) == ("lan", 1400)
+    for nic in ("eth1", "eth2"):
+        slave = (await host.ip_json("link", "show", nic))[0]
+        assert (slave["master"], slave["mtu"], "UP" in slave["flags"]) == ("bond0", 1400, True)
+    state = await state_of(client)
+    assert state["bonds"] == [{"name": "bond0", "slaves": ["eth1", "eth2"],
+                               "mode": "active-backup", "miimon": 100}]
+    assert state["managed"]["bonds"] == ["bond0"]
+    assert {"lan", "bond0", "eth1", "eth2"} <= set(state["managed"]["links"])
+    listed = (await client.call("Network.list", {}))["bonds"]
+    assert listed == [{"name": "bond0", "persisted": False, "config": {
+        "slaves": ["eth1", "eth2"], "mode": "active-backup", "miimon": 100}}]
+
+    # Traffic crosses the bond, and keeps crossing when its active slave loses carrier.
+    await peer.ip("link", "add", "pbr", "type", "bridge")
+    for port in ("p1", "p2"):
+        await peer.ip("link", "set", port, "master", "pbr")
+    await peer.ip("addr", "add", "10.77.5.2/24", "dev", "pbr")
+    await peer.ip("link", "set", "pbr", "up")
+    assert await ping_soon(net_host, "10.77.5.1")
+    await peer.ip("link", "set", "p1", "down")
+    assert await ping_soon(net_host, "10.77.5.1")
+    await peer.ip("link", "set", "p1", "up")
+
+    # A slave leaves; then a new mode, which the kernel takes only from a bond without
+    # slaves: the bond stays in its bridge with its slave.
+    job = await setup_bonds(client, {"bond0": {"slaves": ["eth1"]}})
+    assert job["state"] == "succeeded", job
+    assert "master" not in (await host.ip_json("link", "show", "eth2"))[0]
+    job = await setup_bonds(client, {"bond0": {"slaves": ["eth1"], "mode": "balance-rr",
+                                               "miimon": 50}})
+    assert job["state"] == "succeeded", job
+    found = await bond_link(host, "bond0")
+    assert (found["linkinfo"]["info_data"]["mode"], found["linkinfo"]["info_data"]["miimon"],
+            found["master"], "UP" in found["flags"]) == ("balance-rr", 50, "lan", True)
+    assert (await host.ip_json("link", "show", "eth1"))[0]["master"] == "bond0"
+    assert await ping_soon(net_host, "10.77.5.1")
+
+    # The boot config holds the bond; after a boot it is made again under its network.
+    assert await client.call("Network.persist", {}) == {"networks": ["lan"],
+                                                        "bonds": ["bond0"]}
+    configured = await state_of(client)
+    assert await net_host.agent.stop() == 0
+    for name in ("lan", "bond0"):
+        await host.ip("link", "del", name)
+    await host.ip("link", "set", "eth1", "up")
+    net_host.boot_id.write_text("boot-2\n")
+    await net_host.start()
+    client = await checked_client(net_host.agent.unix_url)
+    restored = await state_of(client)
+    assert restored["bonds"] == configured["bonds"]
+    assert restored["managed"] == configured["managed"]
+    found = await bond_link(host, "bond0")
+    assert (found["linkinfo"]["info_data"]["mode"], found["master"], found["mtu"]) == (
+        "balance-rr", "lan", 1400)
+    assert [b["persisted"] for b in (await client.call("Network.list", {}))["bonds"]] == [True]
+
+    # A bond a network keeps cannot go; with its network it can.
+    err = await expect_error(client, "Network.setup", {
+        "networks": {}, "bonds": {"bond0": {"remove": True}}, "options": NO_CHECK})
+    assert (err.name, err.data["reason"]) == ("InvalidArgument", "bond_in_use")
+    err = await expect_error(client, "Network.setup", {
+        "networks": {"other": {"ports": ["eth1"]}}, "options": NO_CHECK})
+    assert (err.name, err.data["reason"]) == ("InvalidArgument", "nic_in_use")
+    started = await client.call("Network.setup", {
+        "networks": {"lan": {"remove": True}}, "bonds": {"bond0": {"remove": True}},
+        "options": NO_CHECK})
+    job = await wait_job(client, started["job_id"], timeout=60)
+    assert job["state"] == "succeeded", job
+    assert not await _exists(host, "bond0") and not await _exists(host, "lan")
+    assert "master" not in (await host.ip_json("link", "show", "eth1"))[0]
+    listed = await client.call("Network.list", {})
+    assert (listed["networks"], listed["bonds"]) == ([], [])
+
+
+async def setup_bonds(client: Client, bonds: dict[str, Any]) -> dict[str, Any]:
+    started = await client.call("Network.setup", {"networks": {}, "bonds": bonds,
+                                                  "options": NO_CHECK})
+    return await wait_job(client, started["job_id"], timeout=60)
+
+
+async def ping_soon(box: NetHost, address: str, tries: int = 10) -> bool:
+    """Whether ``address`` answers within ``tries`` pings (a bond fails over in its
+    miimon interval; the peer's bridge learns the MAC again)."""
+    for _ in range(tries):
+        if await box.ping(address):
+            return True
+    return False
 
 
 async def test_one_change_at_a_time_and_confirm(net_host: NetHost,
