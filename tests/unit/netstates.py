@@ -7,7 +7,7 @@ from typing import Any
 from virtnode.network.netmodel import Features, Link
 
 #: A kernel that can do everything networks use.
-ALL = Features(bridge=True, vlan_filtering=True, vlan_8021q=True, bond=False)
+ALL = Features(bridge=True, vlan_filtering=True, vlan_8021q=True, bond=True)
 
 
 def link(name: str, kind: str = "veth", **kw: Any) -> Link:

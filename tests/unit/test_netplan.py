@@ -5,6 +5,10 @@
 what is not there...), and with the kernel's side effects (a deleted link takes its
 addresses, routes and 802.1q devices and frees its ports; a port joining a bridge gets
 the default PVID; bridge VLAN entries are hidden while the bridge does not filter).
+Bonds follow the bonding driver: a link joins one only while down, and the bond opens it
+and gives it its MTU; a slave that leaves, or whose bond is deleted, is closed and gets
+back the MTU it had before it joined; a bond takes a new mode only while down without
+slaves, and sets its slaves' MTU with its own.
 """
 
 from __future__ import annotations
@@ -12,14 +16,16 @@ from __future__ import annotations
 import ipaddress
 import itertools
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
 
 from tests.unit.netstates import ALL, bridge, link
 from virtnode.network.netmodel import (
+    BOND_MODES,
     Address,
+    BondConfig,
     BridgeVlan,
     Features,
     HostState,
@@ -29,7 +35,14 @@ from virtnode.network.netmodel import (
     Route,
     Step,
 )
-from virtnode.network.plan import dhcp_clients, dhcp_steps, plan, restore, touched
+from virtnode.network.plan import (
+    dhcp_clients,
+    dhcp_steps,
+    final_bonds,
+    plan,
+    restore,
+    touched,
+)
 from virtnode.network.validate import validate
 
 DOT1Q = replace(ALL, vlan_filtering=False)
@@ -62,6 +75,9 @@ class Kernel:
         self.routes = list(state.routes)
         self.dhcp: set[tuple[str, int]] = set()
         self.macs = itertools.count(1)
+        # What the bonding driver keeps of each slave: its MTU from before it joined.
+        self.slave_mtu = {name: found.mtu for name, found in state.links.items()
+                          if found.master and state.links[found.master].kind == "bond"}
 
     def read(self) -> HostState:
         links = {}
@@ -112,10 +128,38 @@ class Kernel:
         self.links[name] = link(name, "vlan", up=False, mtu=mtu or below.mtu,
                                 mac=mac or below.mac, vlan_id=vid, vlan_parent=parent)
 
+    def add_bond(self, name: str, *, mode: str, miimon: int, mtu: int = 1500,
+                 mac: str | None = None) -> None:
+        self._new(name)
+        if mode not in BOND_MODES:
+            raise Refused(f"no bond mode {mode}")
+        self.links[name] = link(name, "bond", up=False, mtu=mtu, bond_mode=mode,
+                                miimon=miimon,
+                                mac=mac or f"02:00:00:00:00:{next(self.macs):02x}")
+
+    def set_bond(self, name: str, *, mode: str | None = None,
+                 miimon: int | None = None) -> None:
+        found = self._get(name)
+        if found.kind != "bond":
+            raise Refused(f"{name} is not a bond")
+        if mode is not None and mode != found.bond_mode:
+            if mode not in BOND_MODES:
+                raise Refused(f"no bond mode {mode}")
+            if found.up or self._ports(name):
+                raise Refused(f"{name}: the mode changes only while down without slaves")
+            found = replace(found, bond_mode=mode)
+        if miimon is not None:
+            found = replace(found, miimon=miimon)
+        self.links[name] = found
+
     def del_link(self, name: str) -> None:
-        if self._get(name).kind not in ("bridge", "vlan"):
+        if self._get(name).kind not in ("bridge", "vlan", "bond"):
             raise Refused(f"{name} is not a link the agent made")
         gone = {name} | {n for n, x in self.links.items() if x.vlan_parent == name}
+        for n in sorted(gone):
+            if self.links[n].kind == "bond":
+                for slave in self._ports(n):
+                    self._release(slave)
         for n in gone:
             del self.links[n]
         for n, x in self.links.items():
@@ -126,10 +170,39 @@ class Kernel:
 
     def set_master(self, name: str, *, master: str | None) -> None:
         found = self._get(name)
-        if master is not None and self._get(master).kind != "bridge":
-            raise Refused(f"{master} is not a bridge")
+        if master is not None and self._get(master).kind == "bond":
+            self._enslave(name, master)
+            return
+        if master is not None and self.links[master].kind != "bridge":
+            raise Refused(f"{master} is not a bridge or bond")
+        if found.master is not None and self.links[found.master].kind == "bond":
+            self._release(name)  # rtnetlink lets go of the old master first
+            found = self.links[name]
         entries = self._default_entry(master) if master else ()
         self.links[name] = replace(found, master=master, vlans=entries)
+
+    def _ports(self, master: str) -> list[str]:
+        return sorted(n for n, x in self.links.items() if x.master == master)
+
+    def _enslave(self, name: str, bond: str) -> None:
+        found, above = self.links[name], self.links[bond]
+        if found.up:
+            raise Refused("Device can not be enslaved while up")
+        if found.master is not None:
+            raise Refused(f"{name} is enslaved to {found.master}")
+        if found.kind in ("bond", "bridge", "vlan"):
+            raise Refused(f"a {found.kind} can not be a slave")
+        if not (found.min_mtu or 0) <= above.mtu <= (found.max_mtu or 65535):
+            raise Refused(f"{name} does not take {bond}'s MTU {above.mtu}")
+        self.slave_mtu[name] = found.mtu
+        self.links[name] = replace(found, master=bond, vlans=(), mtu=above.mtu, up=True,
+                                   carrier=True, operstate="up")
+
+    def _release(self, name: str) -> None:
+        """The bonding driver letting go of a slave: closed, its own MTU back."""
+        found = self.links[name]
+        self.links[name] = replace(found, master=None, vlans=(), up=False, carrier=False,
+                                   operstate="down", mtu=self.slave_mtu.pop(name, found.mtu))
 
     def set_mtu(self, name: str, *, mtu: int) -> None:
         found = self._get(name)
@@ -137,7 +210,14 @@ class Kernel:
             raise Refused(f"MTU {mtu} out of range for {name}")
         if found.vlan_parent and mtu > self.links[found.vlan_parent].mtu:
             raise Refused(f"MTU {mtu} over {found.vlan_parent}'s")
+        slaves = self._ports(name) if found.kind == "bond" else []
+        for n in slaves:
+            x = self.links[n]
+            if not (x.min_mtu or 0) <= mtu <= (x.max_mtu or 65535):
+                raise Refused(f"MTU {mtu} out of range for {name}'s slave {n}")
         self.links[name] = replace(found, mtu=mtu)
+        for n in slaves:
+            self.links[n] = replace(self.links[n], mtu=mtu)
         for n, x in self.links.items():
             if x.vlan_parent == name and x.mtu > mtu:
                 self.links[n] = replace(x, mtu=mtu)
@@ -172,7 +252,8 @@ class Kernel:
     def add_vlan_entry(self, name: str, *, vid: int, pvid: bool, untagged: bool,
                        on_bridge: bool) -> None:
         found = self._get(name)
-        if (found.kind != "bridge") if on_bridge else (found.master is None):
+        if (found.kind != "bridge") if on_bridge else (
+                found.master is None or self.links[found.master].kind != "bridge"):
             raise Refused(f"{name} takes no {'bridge' if on_bridge else 'port'} VLAN entry")
         entries = {v.vid: v for v in found.vlans}
         if pvid:
@@ -311,34 +392,41 @@ def s(action: str, link_name: str, **args: Any) -> Step:
 
 @dataclass
 class Host:
-    """A simulated host with the networks the agent runs on it."""
+    """A simulated host with the networks and bonds the agent runs on it."""
 
     kernel: Kernel
     running: dict[str, NetworkConfig]
     features: Features
+    bonds: dict[str, BondConfig] = field(default_factory=dict)
 
     @classmethod
-    def with_networks(cls, features: Features = ALL, **networks: NetworkConfig) -> Host:
+    def with_networks(cls, features: Features = ALL, *, bonds: Iterable[BondConfig] = (),
+                      **networks: NetworkConfig) -> Host:
         host = cls(Kernel(BASE), {}, features)
-        host.setup(networks)
+        host.setup(networks, {b.name: b for b in bonds})
         return host
 
     @property
     def state(self) -> HostState:
         return self.kernel.read()
 
-    def plan(self, requested: Mapping[str, NetworkConfig | None]) -> list[Step]:
-        validate(requested, self.running, self.state, self.features)
-        return plan(self.state, self.running, requested, self.features)
+    def plan(self, requested: Mapping[str, NetworkConfig | None],
+             bonds: Mapping[str, BondConfig | None] | None = None) -> list[Step]:
+        validate(requested, self.running, self.state, self.features, bond_request=bonds,
+                 running_bonds=self.bonds)
+        return plan(self.state, self.running, requested, self.features,
+                    running_bonds=self.bonds, requested_bonds=bonds)
 
-    def setup(self, requested: Mapping[str, NetworkConfig | None]) -> list[Step]:
-        steps = self.plan(requested)
+    def setup(self, requested: Mapping[str, NetworkConfig | None],
+              bonds: Mapping[str, BondConfig | None] | None = None) -> list[Step]:
+        steps = self.plan(requested, bonds)
         self.kernel.apply(steps)
         for name, cfg in requested.items():
             if cfg is None:
                 del self.running[name]
             else:
                 self.running[name] = cfg
+        self.bonds = final_bonds(self.bonds, bonds or {})
         return steps
 
 
@@ -665,6 +753,46 @@ def test_a_vm_tap_on_a_filtering_bridge_follows_the_vlan() -> None:
     steps = host.setup({"net1": net(vlan=20)})
     assert "vnet0" not in touched(steps, before)
     assert host.state.links["vnet0"].vlans == (BridgeVlan(20, True, True),)
+
+
+# --- bonds -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("steps", "refusal"), [
+    ([s("set_master", "eth1", master="bond0")], "while up"),
+    ([s("set_up", "eth3", up=True), s("set_master", "eth3", master="bond0")], "while up"),
+    ([s("set_master", "tap9", master="bond0")], "while up"),
+    ([s("set_up", "br-ex", up=False), s("set_master", "br-ex", master="bond0")], "bridge"),
+    ([s("set_up", "eth1", up=False), s("set_master", "eth1", master="net1"),
+      s("set_master", "eth1", master="bond0")], "enslaved"),
+    ([s("set_master", "eth3", master="bond0"), s("set_up", "bond0", up=True),
+      s("set_bond", "bond0", mode="802.3ad")], "mode"),
+    ([s("set_master", "eth3", master="bond0"), s("set_bond", "bond0", mode="802.3ad")],
+     "mode"),
+    ([s("set_up", "bond0", up=True), s("set_bond", "bond0", mode="802.3ad")], "mode"),
+    ([s("set_mtu", "bond0", mtu=9001), s("set_up", "eth4", up=False),
+      s("set_master", "eth4", master="bond0")], "MTU 9001"),
+    ([s("set_master", "eth3", master="bond0"), s("set_up", "eth4", up=False),
+      s("set_master", "eth4", master="bond0"), s("set_mtu", "bond0", mtu=9001)], "eth4"),
+])
+def test_the_simulated_bonding_driver_refuses_what_the_kernel_does(
+        steps: list[Step], refusal: str) -> None:
+    kernel = Kernel(BASE)
+    kernel.add_bond("bond0", mode="active-backup", miimon=100)
+    kernel.add_bridge("net1", stp=False, vlan_filtering=False)
+    with pytest.raises(Refused, match=refusal):
+        kernel.apply(steps)
+
+
+def test_the_simulated_bonding_driver_takes_a_mode_and_miimon_when_it_may() -> None:
+    kernel = Kernel(BASE)
+    kernel.add_bond("bond0", mode="active-backup", miimon=100)
+    kernel.apply([s("set_bond", "bond0", mode="802.3ad", miimon=0),
+                  s("set_master", "eth3", master="bond0"), s("set_up", "bond0", up=True),
+                  s("set_bond", "bond0", miimon=250)])
+    found = kernel.read().links["bond0"]
+    assert (found.bond_mode, found.miimon, found.up) == ("802.3ad", 250, True)
+    assert kernel.read().links["eth3"].up
 
 
 # --- restore ---------------------------------------------------------------------------------
