@@ -758,6 +758,246 @@ def test_a_vm_tap_on_a_filtering_bridge_follows_the_vlan() -> None:
 # --- bonds -----------------------------------------------------------------------------------
 
 
+def bond(name: str = "bond0", *slaves: str, **kw: Any) -> BondConfig:
+    return BondConfig(name, slaves or ("eth1", "eth2"), **kw)
+
+
+def test_a_new_bond_as_the_port_of_a_new_bridged_network() -> None:
+    host = Host.with_networks()
+    cfg = net(ports=("bond0",), mtu=9000, ipv4=v4("10.1.0.1/24"))
+    bonds = {"bond0": bond("bond0", "eth1", "eth3", mode="802.3ad", miimon=50)}
+    assert host.setup({"net1": cfg}, bonds) == [
+        s("add_bond", "bond0", mode="802.3ad", miimon=50, mtu=9000),
+        s("add_bridge", "net1", stp=False, vlan_filtering=False, mtu=9000),
+        s("set_up", "eth1", up=False),
+        s("set_master", "eth1", master="bond0"),
+        s("set_master", "eth3", master="bond0"),
+        s("set_master", "bond0", master="net1"),
+        s("set_up", "bond0", up=True),
+        s("set_up", "net1", up=True),
+        s("add_address", "net1", address="10.1.0.1/24"),
+    ]
+    links = host.state.links
+    assert (links["bond0"].master, links["bond0"].up, links["bond0"].mtu) == ("net1", True, 9000)
+    assert (links["bond0"].bond_mode, links["bond0"].miimon) == ("802.3ad", 50)
+    for slave in ("eth1", "eth3"):
+        assert (links[slave].master, links[slave].up, links[slave].mtu) == ("bond0", True, 9000)
+    assert host.state.ports_of("net1") == ("bond0",)
+    assert host.plan({"net1": cfg}, bonds) == []
+
+
+def test_a_bond_without_a_network() -> None:
+    host = Host.with_networks()
+    bonds = {"bond0": bond("bond0", "eth2", "eth3", mode="balance-rr", miimon=0)}
+    assert host.setup({}, bonds) == [
+        s("add_bond", "bond0", mode="balance-rr", miimon=0),
+        s("set_up", "eth2", up=False),
+        s("set_master", "eth2", master="bond0"),
+        s("set_master", "eth3", master="bond0"),
+        s("set_up", "bond0", up=True),
+    ]
+    links = host.state.links
+    assert (links["bond0"].master, links["bond0"].up, links["bond0"].mtu) == (None, True, 1500)
+    assert host.state.ports_of("bond0") == ("eth2", "eth3")
+    assert links["eth2"].up and links["eth3"].up
+    assert host.plan({}, bonds) == []
+
+
+def test_a_slave_joins_a_running_bond_and_takes_its_mtu() -> None:
+    host = Host.with_networks(net1=net(ports=("bond0",)), bonds=[bond()])
+    bonds = {"bond0": bond("bond0", "eth1", "eth2", "eth3", "eth4")}
+    assert host.setup({}, bonds) == [
+        s("set_master", "eth3", master="bond0"),
+        s("set_up", "eth4", up=False),
+        s("set_master", "eth4", master="bond0"),
+    ]
+    links = host.state.links
+    assert host.state.ports_of("bond0") == ("eth1", "eth2", "eth3", "eth4")
+    assert (links["eth4"].up, links["eth4"].mtu) == (True, 1500)
+    assert links["bond0"].master == "net1"
+    assert host.plan({}, bonds) == []
+
+
+def test_a_slave_leaves_a_running_bond_down_with_its_own_mtu() -> None:
+    host = Host.with_networks(net1=net(ports=("bond0",)), bonds=[bond("bond0", "eth1", "eth4")])
+    assert host.state.links["eth4"].mtu == 1500
+    bonds = {"bond0": bond("bond0", "eth1")}
+    assert host.setup({}, bonds) == [s("set_master", "eth4", master=None)]
+    links = host.state.links
+    assert (links["eth4"].master, links["eth4"].up, links["eth4"].mtu) == (None, False, 9000)
+    assert host.state.ports_of("bond0") == ("eth1",)
+    assert links["bond0"].up and links["eth1"].up
+    assert host.plan({}, bonds) == []
+
+
+def test_the_mode_of_a_bridged_bond_changes_while_it_is_empty_and_down() -> None:
+    host = Host.with_networks(net1=net(ports=("bond0",), vlan=10, mtu=9000),
+                              bonds=[bond("bond0", "eth1", "eth4")])
+    bonds = {"bond0": bond("bond0", "eth1", "eth4", mode="802.3ad", miimon=200)}
+    assert host.setup({}, bonds) == [
+        s("set_master", "eth1", master=None),
+        s("set_master", "eth4", master=None),
+        s("set_up", "bond0", up=False),
+        s("set_bond", "bond0", mode="802.3ad", miimon=200),
+        s("set_master", "eth1", master="bond0"),
+        s("set_master", "eth4", master="bond0"),
+        s("set_up", "bond0", up=True),
+    ]
+    links = host.state.links
+    assert (links["bond0"].bond_mode, links["bond0"].miimon) == ("802.3ad", 200)
+    assert (links["bond0"].master, links["bond0"].up, links["bond0"].mtu) == ("net1", True, 9000)
+    assert links["bond0"].vlans == (BridgeVlan(10),)
+    for slave in ("eth1", "eth4"):
+        assert (links[slave].master, links[slave].up, links[slave].mtu) == ("bond0", True, 9000)
+    assert host.plan({}, bonds) == []
+
+
+def test_miimon_changes_without_letting_go_of_the_slaves() -> None:
+    host = Host.with_networks(net1=net(ports=("bond0",)), bonds=[bond()])
+    assert host.setup({}, {"bond0": bond(miimon=0)}) == [s("set_bond", "bond0", miimon=0)]
+    assert host.state.ports_of("bond0") == ("eth1", "eth2")
+
+
+def test_a_mode_change_with_the_bonds_network_changing_too() -> None:
+    host = Host.with_networks(net1=net(ports=("bond0",)), bonds=[bond()])
+    cfg = net(ports=("bond0",), mtu=9000)
+    bonds = {"bond0": bond(mode="balance-xor")}
+    assert host.setup({"net1": cfg}, bonds) == [
+        s("set_master", "eth1", master=None),
+        s("set_master", "eth2", master=None),
+        s("set_up", "bond0", up=False),
+        s("set_mtu", "bond0", mtu=9000),
+        s("set_bond", "bond0", mode="balance-xor"),
+        s("set_mtu", "net1", mtu=9000),
+        s("set_master", "eth1", master="bond0"),
+        s("set_master", "eth2", master="bond0"),
+        s("set_up", "bond0", up=True),
+    ]
+    assert host.state.links["eth2"].mtu == 9000
+    assert host.plan({"net1": cfg}, bonds) == []
+
+
+def test_a_network_and_its_bond_removed_together() -> None:
+    host = Host.with_networks(net1=net(ports=("bond0",), ipv4=v4("10.1.0.1/24")),
+                              bonds=[bond("bond0", "eth1", "eth4")])
+    before = host.state
+    steps = host.setup({"net1": None}, {"bond0": None})
+    assert steps == [
+        s("set_master", "bond0", master=None),
+        s("del_link", "net1"),
+        s("del_link", "bond0"),
+    ]
+    assert touched(steps, before) == {"net1", "bond0", "eth1", "eth4"}
+    links = host.state.links
+    assert "bond0" not in links and "net1" not in links
+    assert (links["eth1"].master, links["eth1"].up, links["eth1"].mtu) == (None, False, 1500)
+    assert (links["eth4"].master, links["eth4"].up, links["eth4"].mtu) == (None, False, 9000)
+    assert host.running == {} and host.bonds == {}
+
+
+def test_a_nic_moves_from_a_bridged_network_into_a_new_bond() -> None:
+    host = Host.with_networks(net1=net(ipv4=v4("10.1.0.1/24")), net2=net("net2", ports=("eth2",)))
+    cfg = net(ports=("bond0",), ipv4=v4("10.1.0.1/24"))
+    bonds = {"bond0": bond()}
+    assert host.setup({"net1": cfg, "net2": None}, bonds) == [
+        s("set_master", "eth2", master=None),
+        s("del_link", "net2"),
+        s("set_master", "eth1", master=None),
+        s("add_bond", "bond0", mode="active-backup", miimon=100, mtu=1500),
+        s("set_up", "eth1", up=False),
+        s("set_master", "eth1", master="bond0"),
+        s("set_up", "eth2", up=False),
+        s("set_master", "eth2", master="bond0"),
+        s("set_master", "bond0", master="net1"),
+        s("set_up", "bond0", up=True),
+    ]
+    assert host.state.ports_of("net1") == ("bond0",)
+    assert host.state.ports_of("bond0") == ("eth1", "eth2")
+    assert host.state.addresses_of("net1") == (Address("net1", "10.1.0.1/24", 4),)
+    assert host.plan({"net1": cfg}, bonds) == []
+
+
+def test_a_bridgeless_network_with_a_static_address_on_a_bond() -> None:
+    host = Host.with_networks()
+    cfg = net(bridge=False, ports=("bond0",), ipv4=v4("10.1.0.1/24", "10.1.0.254"),
+              default_route=True)
+    bonds = {"bond0": bond()}
+    assert host.setup({"net1": cfg}, bonds) == [
+        s("add_bond", "bond0", mode="active-backup", miimon=100, mtu=1500),
+        s("set_up", "eth1", up=False),
+        s("set_master", "eth1", master="bond0"),
+        s("set_up", "eth2", up=False),
+        s("set_master", "eth2", master="bond0"),
+        s("set_up", "bond0", up=True),
+        s("add_address", "bond0", address="10.1.0.1/24"),
+        s("add_route", "bond0", dst="default", family=4, gateway="10.1.0.254", metric=0),
+    ]
+    assert host.state.addresses_of("bond0") == (Address("bond0", "10.1.0.1/24", 4),)
+    assert host.state.links["bond0"].master is None
+    assert host.plan({"net1": cfg}, bonds) == []
+
+
+def test_a_vlan_network_on_a_bond_with_vlan_filtering() -> None:
+    host = Host.with_networks(FILTERING)
+    cfg = net(ports=("bond0",), vlan=10)
+    bonds = {"bond0": bond()}
+    assert host.setup({"net1": cfg}, bonds) == [
+        s("add_bond", "bond0", mode="active-backup", miimon=100, mtu=1500),
+        s("add_bridge", "net1", stp=False, vlan_filtering=True, default_pvid=10, mtu=1500),
+        s("set_up", "eth1", up=False),
+        s("set_master", "eth1", master="bond0"),
+        s("set_up", "eth2", up=False),
+        s("set_master", "eth2", master="bond0"),
+        s("set_master", "bond0", master="net1"),
+        s("add_vlan_entry", "bond0", vid=10, pvid=False, untagged=False, self=False),
+        s("add_vlan_entry", "net1", vid=10, pvid=True, untagged=True, self=True),
+        s("set_up", "bond0", up=True),
+        s("set_up", "net1", up=True),
+    ]
+    links = host.state.links
+    assert links["bond0"].vlans == (BridgeVlan(10),)
+    assert links["eth1"].vlans == () and links["eth1"].master == "bond0"
+    assert host.plan({"net1": cfg}, bonds) == []
+
+
+def test_a_vlan_network_on_a_bond_with_8021q() -> None:
+    host = Host.with_networks(DOT1Q)
+    cfg = net(ports=("bond0",), vlan=10, mtu=9000)
+    bonds = {"bond0": bond("bond0", "eth1", "eth4")}
+    assert host.setup({"net1": cfg}, bonds) == [
+        s("add_bond", "bond0", mode="active-backup", miimon=100, mtu=9000),
+        s("add_vlan", "bond0.10", parent="bond0", vid=10, mtu=9000),
+        s("add_bridge", "net1", stp=False, vlan_filtering=False, mtu=9000),
+        s("set_up", "eth1", up=False),
+        s("set_master", "eth1", master="bond0"),
+        s("set_up", "eth4", up=False),
+        s("set_master", "eth4", master="bond0"),
+        s("set_master", "bond0.10", master="net1"),
+        s("set_up", "bond0", up=True),
+        s("set_up", "bond0.10", up=True),
+        s("set_up", "net1", up=True),
+    ]
+    links = host.state.links
+    assert (links["bond0.10"].vlan_parent, links["bond0.10"].master) == ("bond0", "net1")
+    assert links["bond0"].master is None
+    assert (links["eth1"].mtu, links["eth4"].mtu) == (9000, 9000)
+    assert host.plan({"net1": cfg}, bonds) == []
+
+
+def test_the_network_mtu_goes_to_the_bond_and_the_bond_sets_its_slaves() -> None:
+    host = Host.with_networks(net1=net(ports=("bond0",)), bonds=[bond("bond0", "eth1", "eth4")])
+    assert host.setup({"net1": net(ports=("bond0",), mtu=9000)}) == [
+        s("set_mtu", "bond0", mtu=9000),
+        s("set_mtu", "net1", mtu=9000),
+    ]
+    assert {n: host.state.links[n].mtu for n in ("eth1", "eth4")} == {"eth1": 9000, "eth4": 9000}
+    assert host.setup({"net1": net(ports=("bond0",), mtu=1400)}) == [
+        s("set_mtu", "net1", mtu=1400),
+        s("set_mtu", "bond0", mtu=1400),
+    ]
+    assert {n: host.state.links[n].mtu for n in ("eth1", "eth4")} == {"eth1": 1400, "eth4": 1400}
+
+
 @pytest.mark.parametrize(("steps", "refusal"), [
     ([s("set_master", "eth1", master="bond0")], "while up"),
     ([s("set_up", "eth3", up=True), s("set_master", "eth3", master="bond0")], "while up"),
