@@ -1078,13 +1078,52 @@ SCENARIOS: list[tuple[str, Features, dict[str, NetworkConfig],
 ]
 
 
-@pytest.mark.parametrize(("features", "running", "requested"),
-                         [s[1:] for s in SCENARIOS], ids=[s[0] for s in SCENARIOS])
+#: As SCENARIOS, with the bonds that run and the bonds requested.
+BOND_SCENARIOS: list[tuple[str, Features, dict[str, NetworkConfig], list[BondConfig],
+                           dict[str, NetworkConfig | None], dict[str, BondConfig | None]]] = [
+    ("bond-add-bridged", ALL, {}, [], {
+        "a": net("a", ports=("bond0",), vlan=10, mtu=9000,
+                 ipv4=v4("10.1.0.1/24", "10.1.0.254"), default_route=True)},
+     {"bond0": bond("bond0", "eth1", "eth4")}),
+    ("bond-add-alone", ALL, {}, [], {}, {"bond0": bond("bond0", "eth2", "eth3",
+                                                       mode="balance-rr")}),
+    ("bond-add-8021q-bridgeless", DOT1Q, {}, [], {
+        "a": net("a", bridge=False, ports=("bond0",), vlan=10, ipv4=v4("10.1.0.1/24"))},
+     {"bond0": bond()}),
+    ("bond-slaves", ALL, {"a": net("a", ports=("bond0",))}, [bond()], {},
+     {"bond0": bond("bond0", "eth2", "eth3", "eth4")}),
+    ("bond-mode", ALL, {"a": net("a", ports=("bond0",), vlan=10, mtu=9000)},
+     [bond("bond0", "eth1", "eth4")], {},
+     {"bond0": bond("bond0", "eth1", "eth4", mode="802.3ad", miimon=0)}),
+    ("bond-mode-and-network", DOT1Q, {"a": net("a", ports=("bond0",), vlan=10)}, [bond()],
+     {"a": net("a", ports=("bond0",), vlan=20, mtu=9000)},
+     {"bond0": bond(mode="balance-alb")}),
+    ("bond-remove-with-network", ALL, {
+        "a": net("a", ports=("bond0",), ipv4=v4("10.1.0.1/24", "10.1.0.254"),
+                 default_route=True)},
+     [bond("bond0", "eth1", "eth4")], {"a": None}, {"bond0": None}),
+    ("bond-to-another-network", ALL, {"a": net("a", ports=("bond0",))}, [bond()],
+     {"a": None, "b": net("b", ports=("bond0",), vlan=5)}, {}),
+    ("nic-into-bond", ALL, {
+        "a": net("a", ipv4=v4("10.1.0.1/24")), "b": net("b", ports=("eth2",))}, [],
+     {"a": net("a", ports=("bond0",), ipv4=v4("10.1.0.1/24")), "b": None},
+     {"bond0": bond()}),
+    ("slave-to-another-bond", ALL, {}, [bond(), bond("bond1", "eth3")], {},
+     {"bond0": bond("bond0", "eth1"), "bond1": bond("bond1", "eth3", "eth2")}),
+]
+
+
+@pytest.mark.parametrize(("features", "running", "bonds", "requested", "bond_request"),
+                         [(*s[1:3], [], s[3], {}) for s in SCENARIOS]
+                         + [s[1:] for s in BOND_SCENARIOS],
+                         ids=[s[0] for s in SCENARIOS] + [s[0] for s in BOND_SCENARIOS])
 def test_restore_after_any_part_of_a_plan(features: Features, running: dict[str, NetworkConfig],
-                                          requested: dict[str, NetworkConfig | None]) -> None:
-    host = Host.with_networks(features, **running)
+                                          bonds: list[BondConfig],
+                                          requested: dict[str, NetworkConfig | None],
+                                          bond_request: dict[str, BondConfig | None]) -> None:
+    host = Host.with_networks(features, bonds=bonds, **running)
     snapshot = host.state
-    steps = host.plan(requested)
+    steps = host.plan(requested, bond_request)
     assert steps
     links = touched(steps, snapshot)
     assert not links & UNMANAGED
@@ -1095,13 +1134,17 @@ def test_restore_after_any_part_of_a_plan(features: Features, running: dict[str,
         undo = restore(kernel.read(), snapshot, links)
         assert {step.link for step in undo} <= links
         kernel.apply(undo)
-        assert view(kernel.read(), links) == view(snapshot, links), \
+        # Links the steps do not name are as they were too (a deleted bond's slaves).
+        everything = set(snapshot.links) | set(kernel.links)
+        assert view(kernel.read(), everything) == view(snapshot, everything), \
             f"after {applied} of {len(steps)} steps"
         assert restore(kernel.read(), snapshot, links) == []
     # The whole plan applied, a second plan finds nothing to do.
     host.kernel.apply(steps)
     after = {n: c for n, c in {**host.running, **requested}.items() if c is not None}
-    assert plan(host.state, after, after, features) == []
+    after_bonds = final_bonds(host.bonds, bond_request)
+    assert plan(host.state, after, after, features, running_bonds=after_bonds,
+                requested_bonds=after_bonds) == []
 
 
 def test_restore_orders_its_steps() -> None:
@@ -1152,9 +1195,35 @@ def test_restore_leaves_a_vanished_nic_alone() -> None:
     ]
 
 
+def test_restore_puts_a_deleted_bond_back_with_its_slaves() -> None:
+    host = Host.with_networks(net1=net(ports=("bond0",), mtu=9000),
+                              bonds=[bond("bond0", "eth1", "eth4", mode="802.3ad")])
+    snapshot = host.state
+    steps = host.setup({"net1": None}, {"bond0": None})
+    # The slaves were let go down: the bond opens them again as they join.
+    assert restore(host.state, snapshot, touched(steps, snapshot)) == [
+        s("add_bond", "bond0", mode="802.3ad", miimon=100, mtu=9000,
+          mac=snapshot.links["bond0"].mac),
+        s("add_bridge", "net1", stp=False, vlan_filtering=False, default_pvid=1, mtu=9000,
+          mac=snapshot.links["net1"].mac),
+        s("set_master", "eth1", master="bond0"),
+        s("set_master", "eth4", master="bond0"),
+        s("set_master", "bond0", master="net1"),
+        s("set_up", "bond0", up=True),
+        s("set_up", "net1", up=True),
+    ]
+
+
 def test_touched() -> None:
     assert touched([s("set_master", "eth1", master="net1"),
                     s("add_vlan", "eth2.5", parent="eth2", vid=5),
                     s("set_master", "eth3", master=None),
                     s("del_link", "x")], HostState({}, (), ())) == {
         "eth1", "net1", "eth2.5", "eth2", "eth3", "x"}
+
+
+def test_touched_counts_the_ports_a_deleted_link_lets_go() -> None:
+    state = Host.with_networks(net1=net(ports=("bond0",)), bonds=[bond()]).state
+    assert touched([s("del_link", "bond0")], state) == {"bond0", "eth1", "eth2"}
+    assert touched([s("del_link", "net1")], state) == {"net1", "bond0"}
+    assert touched([s("set_master", "eth1", master=None)], state) == {"eth1"}
