@@ -10,7 +10,9 @@ import pytest
 from tests.unit.netstates import ALL, bridge, link
 from virtnode.errors import InvalidArgument, NotFound
 from virtnode.network.netmodel import (
+    BOND_MODES,
     Address,
+    BondConfig,
     Features,
     HostState,
     IpConfig,
@@ -18,7 +20,7 @@ from virtnode.network.netmodel import (
     NetworkConfig,
     Route,
 )
-from virtnode.network.validate import validate
+from virtnode.network.validate import MAX_MIIMON, validate
 
 #: net1 is managed: a bridge on eth5 with 10.1.0.1/24. eth0 carries the host's own
 #: address and default route; br-ex, eth4 and eth0.100 belong to someone else.
@@ -371,6 +373,249 @@ def test_error_data_names_the_network() -> None:
     assert error.to_error()["data"] == {
         "name": "InvalidArgument", "reason": "unknown_nic", "object": "network",
         "id": "net2", "field": "networks.net2.ports"}
+
+
+# --- bonds -----------------------------------------------------------------------------------
+
+#: STATE with bond0, a managed bond of eth7 and eth8, that net3 has as its port, and bond9,
+#: a bond the agent does not manage.
+BONDED = replace(STATE, links={
+    **STATE.links,
+    "bond0": link("bond0", "bond", bond_mode="active-backup", miimon=100, master="net3"),
+    "eth7": link("eth7", master="bond0"),
+    "eth8": link("eth8", master="bond0"),
+    "net3": bridge("net3"),
+    "bond9": link("bond9", "bond", bond_mode="balance-rr", miimon=0),
+})
+BOND0 = BondConfig("bond0", ("eth7", "eth8"))
+NET3 = NetworkConfig(name="net3", ports=("bond0",))
+BONDED_RUNNING = {"net1": NET1, "net3": NET3}
+
+
+def bond(name: str = "bond1", *slaves: str, **kw: Any) -> BondConfig:
+    return BondConfig(name, slaves or ("eth1", "eth2"), **kw)
+
+
+def check(bonds: dict[str, BondConfig | None],
+          requested: dict[str, NetworkConfig | None] | None = None, *,
+          features: Features = ALL) -> None:
+    validate(requested or {}, BONDED_RUNNING, BONDED, features, bond_request=bonds,
+             running_bonds={"bond0": BOND0})
+
+
+def refused_bond(bonds: dict[str, BondConfig | None],
+                 requested: dict[str, NetworkConfig | None] | None = None, *,
+                 features: Features = ALL) -> InvalidArgument:
+    with pytest.raises(InvalidArgument) as caught:
+        check(bonds, requested, features=features)
+    return caught.value
+
+
+def what(error: InvalidArgument) -> tuple[Any, ...]:
+    return error.reason, error.object, error.id, error.details
+
+
+@pytest.mark.parametrize(("bonds", "requested"), [
+    ({"bond1": bond()}, {}),
+    ({"bond1": bond("bond1", "eth1")}, {}),
+    ({"bond1": bond(mode="802.3ad", miimon=0)}, {}),
+    ({"bond1": bond(miimon=MAX_MIIMON)}, {}),
+    *[({"bond1": bond(mode=mode)}, {}) for mode in BOND_MODES],
+    # A network may name as its port a bond made in the same request.
+    ({"bond1": bond()}, {"net2": net(ports=("bond1",), mtu=9000, ipv4=static4("10.2.0.1/24"))}),
+    ({"bond1": bond()}, {"net2": net(bridge=False, ports=("bond1",), vlan=10)}),
+    # net1 gives its NIC to a bond and takes the bond as its port.
+    ({"bond1": bond("bond1", "eth5", "eth6")}, {"net1": replace(NET1, ports=("bond1",))}),
+    # A running bond changes its slaves and mode; one of them moves to a new bond.
+    ({"bond0": replace(BOND0, slaves=("eth7", "eth1"), mode="balance-xor")}, {}),
+    ({"bond0": replace(BOND0, slaves=("eth7",)), "bond1": bond("bond1", "eth8")}, {}),
+    # A bond goes with the network that has it as its port, or once that network has
+    # another port.
+    ({"bond0": None}, {"net3": None}),
+    ({"bond0": None}, {"net3": replace(NET3, ports=("eth1",))}),
+    # The longest name that fits.
+    ({"bond-456789abcd": bond("bond-456789abcd")}, {}),
+])
+def test_acceptable_bonds(bonds: dict[str, BondConfig | None],
+                          requested: dict[str, NetworkConfig | None]) -> None:
+    check(bonds, requested)
+
+
+def test_running_bonds_check_out_against_their_own_state() -> None:
+    check({"bond0": BOND0}, BONDED_RUNNING)
+
+
+def test_bond_unsupported_without_bonding() -> None:
+    error = refused_bond({"bond1": bond()}, features=replace(ALL, bond=False))
+    assert what(error) == ("unsupported", "bond", "bond1", {"field": "bonds.bond1"})
+
+
+@pytest.mark.parametrize("name", ["", "..", "bond/1", "bond 1", "-bond", "bond-456789abcde"])
+def test_bond_bad_name(name: str) -> None:
+    error = refused_bond({name: bond(name)})
+    assert what(error) == ("bad_name", "bond", name, {"field": f"bonds.{name}"})
+
+
+@pytest.mark.parametrize("name", ["eth1", "br-ex", "eth0.100", "lo", "bond9"])
+def test_bond_named_as_an_unmanaged_link(name: str) -> None:
+    error = refused_bond({name: bond(name, "eth2")})
+    assert what(error) == ("name_in_use", "bond", name, {"field": f"bonds.{name}"})
+
+
+@pytest.mark.parametrize(("name", "requested"), [
+    ("net1", {}),                                     # a running network's bridge
+    ("net2", {"net2": net(ports=("eth6",))}),         # a network of the same request
+    ("eth6.7", {"net2": net(bridge=False, ports=("eth6",), vlan=7)}),  # its 802.1q device
+])
+def test_bond_named_as_a_network_or_its_link(name: str,
+                                             requested: dict[str, NetworkConfig | None]) -> None:
+    error = refused_bond({name: bond(name)}, requested)
+    assert what(error) == ("name_in_use", "bond", name, {"field": f"bonds.{name}"})
+
+
+def test_network_named_as_a_bond() -> None:
+    error = refused_bond({}, {"bond0": net("bond0", ports=("eth6",))})
+    assert what(error) == ("name_in_use", "network", "bond0", {"field": "networks.bond0"})
+    assert "bond" in error.message
+
+
+@pytest.mark.parametrize(("cfg", "field"), [
+    (bond(mode="round-robin"), "mode"),
+    (bond(mode=""), "mode"),
+    (bond(mode="802.3AD"), "mode"),
+    (bond(miimon=-1), "miimon"),
+    (bond(miimon=MAX_MIIMON + 1), "miimon"),
+])
+def test_bond_bad_option(cfg: BondConfig, field: str) -> None:
+    error = refused_bond({"bond1": cfg})
+    assert what(error) == ("bad_option", "bond", "bond1", {"field": f"bonds.bond1.{field}"})
+
+
+def test_bond_without_slaves() -> None:
+    error = refused_bond({"bond1": BondConfig("bond1")})
+    assert what(error) == ("no_port", "bond", "bond1", {"field": "bonds.bond1.slaves"})
+
+
+def test_bond_slave_unknown() -> None:
+    error = refused_bond({"bond1": bond("bond1", "eth1", "eth9")})
+    assert what(error) == ("unknown_nic", "bond", "bond1", {"field": "bonds.bond1.slaves"})
+    assert "'eth9'" in error.message
+
+
+@pytest.mark.parametrize("slave", ["br-ex", "net1", "eth0.100", "tap0", "lo", "bond9", "bond0"])
+def test_bond_slave_not_a_nic(slave: str) -> None:
+    error = refused_bond({"bond1": bond("bond1", "eth1", slave)})
+    assert what(error) == ("bad_port", "bond", "bond1", {"field": "bonds.bond1.slaves"})
+    assert repr(slave) in error.message
+
+
+def test_bond_slave_listed_twice() -> None:
+    error = refused_bond({"bond1": bond("bond1", "eth1", "eth2", "eth1")})
+    assert what(error) == ("bad_port", "bond", "bond1", {"field": "bonds.bond1.slaves"})
+    assert "twice" in error.message
+
+
+@pytest.mark.parametrize(("bonds", "requested", "holder"), [
+    ({"bond1": bond("bond1", "eth1", "eth5")}, {}, "network 'net1'"),     # net1's port
+    ({"bond1": bond("bond1", "eth1")}, {"net2": net()}, "network 'net2'"),  # net2's, new
+    ({"bond1": bond("bond1", "eth7")}, {}, "bond 'bond0'"),               # bond0's slave
+    ({"bond1": bond("bond1", "eth1"), "bond2": bond("bond2", "eth1")}, {}, "bond 'bond2'"),
+    ({"bond1": bond("bond1", "eth4")}, {}, "'br-ex'"),                    # unmanaged master
+])
+def test_bond_slave_in_use(bonds: dict[str, BondConfig | None],
+                           requested: dict[str, NetworkConfig | None], holder: str) -> None:
+    error = refused_bond(bonds, requested)
+    assert what(error) == ("nic_in_use", "bond", "bond1", {"field": "bonds.bond1.slaves"})
+    assert holder in error.message
+
+
+def test_bond_slave_in_a_managed_bridge_that_does_not_change() -> None:
+    # eth6 sits in net1's bridge although it is not net1's port; net1 is not requested.
+    state = _with(BONDED, eth6=link("eth6", master="net1"))
+    with pytest.raises(InvalidArgument) as caught:
+        validate({}, BONDED_RUNNING, state, ALL, bond_request={"bond1": bond("bond1", "eth6")},
+                 running_bonds={"bond0": BOND0})
+    assert what(caught.value) == ("nic_in_use", "bond", "bond1",
+                                  {"field": "bonds.bond1.slaves"})
+
+
+@pytest.mark.parametrize("address", [
+    Address("eth2", "203.0.113.5/24", 4),
+    Address("eth2", "2001:db8:9::5/64", 6, dynamic=True),
+])
+def test_bond_slave_has_addresses(address: Address) -> None:
+    state = replace(BONDED, addresses=(*BONDED.addresses, address))
+    with pytest.raises(InvalidArgument) as caught:
+        validate({}, BONDED_RUNNING, state, ALL, bond_request={"bond1": bond()},
+                 running_bonds={"bond0": BOND0})
+    assert what(caught.value) == ("port_has_addresses", "bond", "bond1",
+                                  {"field": "bonds.bond1.slaves"})
+    assert address.address in caught.value.message
+
+
+def test_a_bridgeless_networks_nic_may_become_a_slave_with_the_network_on_the_bond() -> None:
+    running = {**BONDED_RUNNING, "net2": net(bridge=False, ipv4=static4("10.2.0.1/24"))}
+    state = replace(BONDED, addresses=(*BONDED.addresses, Address("eth1", "10.2.0.1/24", 4)))
+    validate({"net2": net(bridge=False, ports=("bond1",), ipv4=static4("10.2.0.1/24"))},
+             running, state, ALL, bond_request={"bond1": bond()},
+             running_bonds={"bond0": BOND0})
+
+
+def test_removing_a_bond_a_network_keeps() -> None:
+    error = refused_bond({"bond0": None})
+    assert what(error) == ("bond_in_use", "bond", "bond0", {"field": "bonds.bond0"})
+    assert "'net3'" in error.message
+    # ...also when the network is requested with the bond still its port.
+    error = refused_bond({"bond0": None}, {"net3": replace(NET3, mtu=9000)})
+    assert error.reason == "bond_in_use"
+
+
+@pytest.mark.parametrize("name", ["bond9", "bond5"])
+def test_removing_a_bond_the_agent_does_not_manage(name: str) -> None:
+    with pytest.raises(NotFound) as caught:
+        check({name: None})
+    assert what(caught.value) == ("no_bond", "bond", name, {"field": f"bonds.{name}"})
+
+
+@pytest.mark.parametrize(("requested", "bonds", "holder"), [
+    ({"net2": net(ports=("eth7",))}, {}, "bond 'bond0'"),
+    ({"net2": net(ports=("eth8",), vlan=5)}, {}, "bond 'bond0'"),
+    ({"net2": net(bridge=False, ports=("eth8",), vlan=5)}, {}, "bond 'bond0'"),
+])
+def test_network_port_that_is_a_bond_slave(requested: dict[str, NetworkConfig | None],
+                                           bonds: dict[str, BondConfig | None],
+                                           holder: str) -> None:
+    error = refused_bond(bonds, requested)
+    assert what(error) == ("nic_in_use", "network", "net2", {"field": "networks.net2.ports"})
+    assert holder in error.message
+
+
+def test_bond_port_mtu_must_fit_every_slave() -> None:
+    # eth3 takes at most 9000.
+    bonds: dict[str, BondConfig | None] = {"bond1": bond("bond1", "eth1", "eth3")}
+    check(bonds, {"net2": net(ports=("bond1",), mtu=9000)})
+    error = refused_bond(bonds, {"net2": net(ports=("bond1",), mtu=9001)})
+    assert what(error) == ("bad_mtu", "network", "net2", {"field": "networks.net2.mtu"})
+    assert "'eth3'" in error.message and "9000" in error.message
+    state = _with(BONDED, eth8=link("eth8", master="bond0", max_mtu=1400))
+    with pytest.raises(InvalidArgument) as caught:
+        validate({"net3": NET3}, BONDED_RUNNING, state, ALL, running_bonds={"bond0": BOND0})
+    assert (caught.value.reason, caught.value.details) == ("bad_mtu",
+                                                           {"field": "networks.net3.mtu"})
+    assert "'eth8'" in caught.value.message
+
+
+def test_bonds_are_checked_before_networks_in_name_order() -> None:
+    error = refused_bond({"bond2": bond("bond2", "eth9"), "bond1": bond(miimon=-5)},
+                         {"a": net("a", vlan=0)})
+    assert (error.reason, error.id) == ("bad_option", "bond1")
+
+
+def test_error_data_names_the_bond() -> None:
+    error = refused_bond({"bond1": bond("bond1", "eth9")})
+    assert error.to_error()["data"] == {
+        "name": "InvalidArgument", "reason": "unknown_nic", "object": "bond",
+        "id": "bond1", "field": "bonds.bond1.slaves"}
 
 
 def _with(state: HostState, **links: Link) -> HostState:
