@@ -276,7 +276,12 @@ def _check_ports(host: _Host, cfg: NetworkConfig) -> None:
     for nic in cfg.ports:
         link = host.state.links.get(nic)
         if nic in host.bonds:
-            continue  # checked as a bond; it may not exist yet
+            # Checked as a bond (it may not exist yet), but one network has it.
+            users = sorted(n for n, lay in host.layouts.items() if lay.nic == nic and n != name)
+            if users:
+                raise _refuse(name, "nic_in_use", f"bond {nic!r} is the port of network "
+                              f"{users[0]!r}", "ports")
+            continue
         if link is None:
             raise _refuse(name, "unknown_nic", f"there is no link {nic!r}", "ports")
         if link.kind not in PORT_KINDS:

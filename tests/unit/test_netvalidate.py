@@ -590,6 +590,24 @@ def test_network_port_that_is_a_bond_slave(requested: dict[str, NetworkConfig | 
     assert holder in error.message
 
 
+@pytest.mark.parametrize(("requested", "bonds", "holder"), [
+    # net3 runs on bond0 and is not part of the request.
+    ({"net2": net(ports=("bond0",))}, {}, "'net3'"),
+    ({"net2": net(bridge=False, ports=("bond0",), vlan=7)}, {}, "'net3'"),
+    # Two networks of one request want a new bond.
+    ({"net2": net(ports=("bond1",)), "net4": net("net4", ports=("bond1",))},
+     {"bond1": bond()}, "'net4'"),
+])
+def test_a_bond_is_the_port_of_one_network(requested: dict[str, NetworkConfig | None],
+                                           bonds: dict[str, BondConfig | None],
+                                           holder: str) -> None:
+    error = refused_bond(bonds, requested)
+    assert what(error) == ("nic_in_use", "network", "net2", {"field": "networks.net2.ports"})
+    assert holder in error.message
+    # Once net3 lets it go, bond0 may move.
+    check({}, {"net3": None, "net2": net(ports=("bond0",))})
+
+
 def test_bond_port_mtu_must_fit_every_slave() -> None:
     # eth3 takes at most 9000.
     bonds: dict[str, BondConfig | None] = {"bond1": bond("bond1", "eth1", "eth3")}
