@@ -293,7 +293,10 @@ def _check_ports(host: _Host, cfg: NetworkConfig) -> None:
                           "ports")
         if (bond := host.bond_of(nic)) is not None:
             raise _refuse(name, "nic_in_use", f"{nic!r} is a slave of bond {bond!r}", "ports")
-        if link.master is not None and not host.may_use(name, link.master):
+        # A slave of a managed bond that the request removes or takes it out of is free.
+        was = host.running_bonds.get(link.master) if link.master is not None else None
+        if (link.master is not None and not (was and nic in was.slaves)
+                and not host.may_use(name, link.master)):
             raise _refuse(name, "nic_in_use", f"{nic!r} is enslaved to {link.master!r}",
                           "ports")
         if nic not in host.address_devices:

@@ -917,6 +917,42 @@ def test_a_nic_moves_from_a_bridged_network_into_a_new_bond() -> None:
     assert host.plan({"net1": cfg}, bonds) == []
 
 
+def test_a_bond_dissolved_under_its_network_which_keeps_one_of_its_nics() -> None:
+    host = Host.with_networks(net1=net(ports=("bond0",), ipv4=v4("10.1.0.1/24")),
+                              bonds=[bond()])
+    cfg = net(ports=("eth1",), ipv4=v4("10.1.0.1/24"))
+    assert host.setup({"net1": cfg}, {"bond0": None}) == [
+        s("set_master", "eth1", master=None),
+        s("set_master", "bond0", master=None),
+        s("del_link", "bond0"),
+        s("set_master", "eth1", master="net1"),
+        s("set_up", "eth1", up=True),
+    ]
+    links = host.state.links
+    assert "bond0" not in links
+    assert (links["eth1"].master, links["eth1"].up) == ("net1", True)
+    assert (links["eth2"].master, links["eth2"].up) == (None, False)
+    assert host.plan({"net1": cfg}) == []
+
+
+def test_a_slave_leaves_its_bond_for_a_new_network() -> None:
+    host = Host.with_networks(net1=net(ports=("bond0",)),
+                              bonds=[bond("bond0", "eth1", "eth2", "eth3")])
+    cfg = net("net2", ports=("eth3",), vlan=7)
+    assert host.setup({"net2": cfg}, {"bond0": bond()}) == [
+        s("set_master", "eth3", master=None),
+        s("add_bridge", "net2", stp=False, vlan_filtering=True, default_pvid=7, mtu=1500),
+        s("set_master", "eth3", master="net2"),
+        s("add_vlan_entry", "eth3", vid=7, pvid=False, untagged=False, self=False),
+        s("add_vlan_entry", "net2", vid=7, pvid=True, untagged=True, self=True),
+        s("set_up", "eth3", up=True),
+        s("set_up", "net2", up=True),
+    ]
+    assert host.state.ports_of("bond0") == ("eth1", "eth2")
+    assert host.state.links["eth3"].up
+    assert host.plan({"net2": cfg}) == []
+
+
 def test_a_bridgeless_network_with_a_static_address_on_a_bond() -> None:
     host = Host.with_networks()
     cfg = net(bridge=False, ports=("bond0",), ipv4=v4("10.1.0.1/24", "10.1.0.254"),
@@ -1110,6 +1146,14 @@ BOND_SCENARIOS: list[tuple[str, Features, dict[str, NetworkConfig], list[BondCon
      {"bond0": bond()}),
     ("slave-to-another-bond", ALL, {}, [bond(), bond("bond1", "eth3")], {},
      {"bond0": bond("bond0", "eth1"), "bond1": bond("bond1", "eth3", "eth2")}),
+    ("slave-to-a-network", ALL, {"a": net("a", ports=("bond0",))},
+     [bond("bond0", "eth1", "eth2", "eth3")],
+     {"b": net("b", ports=("eth3",), vlan=7, ipv4=v4("10.2.0.1/24"))}, {"bond0": bond()}),
+    ("bond-dissolved", ALL, {
+        "a": net("a", ports=("bond0",), ipv4=v4("10.1.0.1/24", "10.1.0.254"),
+                 default_route=True)},
+     [bond()], {"a": net("a", ports=("eth1",), ipv4=v4("10.1.0.1/24", "10.1.0.254"),
+                         default_route=True)}, {"bond0": None}),
 ]
 
 

@@ -570,6 +570,30 @@ def test_removing_a_bond_a_network_keeps() -> None:
     assert error.reason == "bond_in_use"
 
 
+@pytest.mark.parametrize(("requested", "bonds"), [
+    ({"net2": net(ports=("eth8",))}, {"bond0": replace(BOND0, slaves=("eth7",))}),
+    ({"net2": net(bridge=False, ports=("eth8",), vlan=5)},
+     {"bond0": replace(BOND0, slaves=("eth7",), mode="802.3ad")}),
+    # The bond is dissolved and its network stays on one of its NICs.
+    ({"net3": replace(NET3, ports=("eth7",))}, {"bond0": None}),
+    ({"net3": None, "net2": net(ports=("eth7",)), "net4": net("net4", ports=("eth8",))},
+     {"bond0": None}),
+])
+def test_a_nic_a_bond_lets_go_may_be_a_network_port(requested: dict[str, NetworkConfig | None],
+                                                    bonds: dict[str, BondConfig | None]) -> None:
+    check(bonds, requested)
+
+
+def test_a_nic_in_a_bond_the_agent_does_not_manage_is_in_use() -> None:
+    state = _with(BONDED, eth6=link("eth6", master="bond9"))
+    with pytest.raises(InvalidArgument) as caught:
+        validate({"net2": net(ports=("eth6",))}, BONDED_RUNNING, state, ALL,
+                 running_bonds={"bond0": BOND0})
+    assert what(caught.value) == ("nic_in_use", "network", "net2",
+                                  {"field": "networks.net2.ports"})
+    assert "'bond9'" in caught.value.message
+
+
 @pytest.mark.parametrize("name", ["bond9", "bond5"])
 def test_removing_a_bond_the_agent_does_not_manage(name: str) -> None:
     with pytest.raises(NotFound) as caught:
