@@ -47,6 +47,11 @@ from virtnode.network.netmodel import (
 
 RouteKey = tuple[str, Family, str | None, str | None, int]
 
+#: What :func:`after_teardown` predicts as the MTU of a link a bond let go of: the driver
+#: gives back the one the link had before it joined, which the state does not show.
+#: Below any wanted MTU, so a build sets the one it wants.
+UNKNOWN_MTU = 0
+
 
 @dataclass(frozen=True)
 class Target:
@@ -288,10 +293,10 @@ def after_teardown(state: HostState, steps: Iterable[Step]) -> HostState:
     """The state ``steps`` (teardown steps, address and route deletions, ``stop_dhcp``)
     leave ``state`` in, with what the kernel does by itself: a deleted link takes its
     addresses, routes and 802.1q devices with it and frees its ports; a port that leaves
-    loses its VLAN entries, and is down if it left a bond; a link that loses its last
-    IPv4 address loses its IPv4 routes. A DHCP client that stops releases its lease:
-    IPv4 takes every IPv4 address of the link (dhclient-script flushes them), IPv6 the
-    link's dynamic global ones."""
+    loses its VLAN entries, and is down with :data:`UNKNOWN_MTU` if it left a bond; a
+    link that loses its last IPv4 address loses its IPv4 routes. A DHCP client that
+    stops releases its lease: IPv4 takes every IPv4 address of the link (dhclient-script
+    flushes them), IPv6 the link's dynamic global ones."""
     links = dict(state.links)
     addresses = list(state.addresses)
     routes = list(state.routes)
@@ -342,12 +347,15 @@ def _drop_link(links: dict[str, Link], name: str) -> None:
         links.pop(n, None)
     for n, link in list(links.items()):
         if link.master in gone:
-            links[n] = replace(link, master=None, vlans=(),
-                               up=link.up and kinds.get(link.master) != "bond")
+            bond = kinds.get(link.master) == "bond"
+            links[n] = replace(link, master=None, vlans=(), up=link.up and not bond,
+                               mtu=UNKNOWN_MTU if bond else link.mtu)
 
 
 def _freed(link: Link, links: Mapping[str, Link]) -> Link:
-    """``link`` once it left its master: a bond takes a slave down as it lets it go."""
+    """``link`` once it left its master: a bond takes a slave down as it lets it go, and
+    gives it back an MTU the state does not show."""
     master = links.get(link.master) if link.master is not None else None
-    return replace(link, master=None, vlans=(),
-                   up=link.up and (master is None or master.kind != "bond"))
+    bond = master is not None and master.kind == "bond"
+    return replace(link, master=None, vlans=(), up=link.up and not bond,
+                   mtu=UNKNOWN_MTU if bond else link.mtu)

@@ -925,6 +925,9 @@ def test_a_bond_dissolved_under_its_network_which_keeps_one_of_its_nics() -> Non
         s("set_master", "eth1", master=None),
         s("set_master", "bond0", master=None),
         s("del_link", "bond0"),
+        # The driver gave eth1 back the MTU it had before it joined: whatever it was, the
+        # network's is set.
+        s("set_mtu", "eth1", mtu=1500),
         s("set_master", "eth1", master="net1"),
         s("set_up", "eth1", up=True),
     ]
@@ -941,6 +944,7 @@ def test_a_slave_leaves_its_bond_for_a_new_network() -> None:
     cfg = net("net2", ports=("eth3",), vlan=7)
     assert host.setup({"net2": cfg}, {"bond0": bond()}) == [
         s("set_master", "eth3", master=None),
+        s("set_mtu", "eth3", mtu=1500),
         s("add_bridge", "net2", stp=False, vlan_filtering=True, default_pvid=7, mtu=1500),
         s("set_master", "eth3", master="net2"),
         s("add_vlan_entry", "eth3", vid=7, pvid=False, untagged=False, self=False),
@@ -950,6 +954,24 @@ def test_a_slave_leaves_its_bond_for_a_new_network() -> None:
     ]
     assert host.state.ports_of("bond0") == ("eth1", "eth2")
     assert host.state.links["eth3"].up
+    assert host.plan({"net2": cfg}) == []
+
+
+@pytest.mark.parametrize(("bond_mtu", "slave", "mtu"), [
+    (9000, "eth1", 9000),   # eth1 had 1500 before it joined: the driver gives that back
+    (1500, "eth4", 1500),   # eth4 had 9000
+    (9000, "eth4", 1500),
+])
+def test_a_slave_that_leaves_a_bond_for_a_network_gets_the_networks_mtu(
+        bond_mtu: int, slave: str, mtu: int) -> None:
+    host = Host.with_networks(net1=net(ports=("bond0",), mtu=bond_mtu),
+                              bonds=[bond("bond0", "eth2", slave)])
+    assert host.state.links[slave].mtu == bond_mtu
+    cfg = net("net2", ports=(slave,), mtu=mtu)
+    host.setup({"net2": cfg}, {"bond0": bond("bond0", "eth2")})
+    links = host.state.links
+    assert (links[slave].master, links[slave].up, links[slave].mtu) == ("net2", True, mtu)
+    assert links["net2"].mtu == mtu
     assert host.plan({"net2": cfg}) == []
 
 
@@ -1149,6 +1171,9 @@ BOND_SCENARIOS: list[tuple[str, Features, dict[str, NetworkConfig], list[BondCon
     ("slave-to-a-network", ALL, {"a": net("a", ports=("bond0",))},
      [bond("bond0", "eth1", "eth2", "eth3")],
      {"b": net("b", ports=("eth3",), vlan=7, ipv4=v4("10.2.0.1/24"))}, {"bond0": bond()}),
+    ("slave-to-a-jumbo-network", ALL, {"a": net("a", ports=("bond0",), mtu=9000)},
+     [bond("bond0", "eth1", "eth4")], {"b": net("b", bridge=False, ports=("eth1",), mtu=9000)},
+     {"bond0": bond("bond0", "eth4")}),
     ("bond-dissolved", ALL, {
         "a": net("a", ports=("bond0",), ipv4=v4("10.1.0.1/24", "10.1.0.254"),
                  default_route=True)},
