@@ -342,7 +342,9 @@ def _check_mtu(host: _Host, cfg: NetworkConfig) -> None:
         # A bond takes the MTU its slaves take: it sets theirs.
         bond = host.bonds.get(port)
         for nic in bond.slaves if bond else (port,):
-            link = host.state.links[nic]
+            link = host.state.links.get(nic)
+            if link is None:
+                continue  # a slave that went away takes no MTU (a requested bond has all)
             low = link.min_mtu if link.min_mtu is not None else MIN_MTU
             high = link.max_mtu if link.max_mtu is not None else MAX_MTU
             if not low <= mtu <= high:

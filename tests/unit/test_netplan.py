@@ -1056,6 +1056,18 @@ def test_the_network_mtu_goes_to_the_bond_and_the_bond_sets_its_slaves() -> None
     assert {n: host.state.links[n].mtu for n in ("eth1", "eth4")} == {"eth1": 1400, "eth4": 1400}
 
 
+def test_a_network_on_a_bond_that_lost_a_slave_changes_its_mtu() -> None:
+    host = Host.with_networks(net1=net(ports=("bond0",)), bonds=[bond()])
+    del host.kernel.links["eth2"]   # unplugged: the kernel took it out of bond0
+    cfg = net(ports=("bond0",), mtu=9000)
+    assert host.setup({"net1": cfg}) == [
+        s("set_mtu", "bond0", mtu=9000),
+        s("set_mtu", "net1", mtu=9000),
+    ]
+    assert host.state.links["eth1"].mtu == 9000
+    assert host.plan({"net1": cfg}) == []
+
+
 @pytest.mark.parametrize(("steps", "refusal"), [
     ([s("set_master", "eth1", master="bond0")], "while up"),
     ([s("set_up", "eth3", up=True), s("set_master", "eth3", master="bond0")], "while up"),

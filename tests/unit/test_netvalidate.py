@@ -647,6 +647,20 @@ def test_bond_port_mtu_must_fit_every_slave() -> None:
     assert "'eth8'" in caught.value.message
 
 
+def test_a_network_on_a_bond_that_lost_a_slave_may_still_change() -> None:
+    # eth8 went away (unplugged, its driver unloaded): the kernel took it out of bond0,
+    # and the running bond0 still lists it.
+    state = replace(BONDED, links={n: x for n, x in BONDED.links.items() if n != "eth8"})
+    validate({"net3": replace(NET3, mtu=9000)}, BONDED_RUNNING, state, ALL,
+             running_bonds={"bond0": BOND0})
+    state = _with(state, eth7=link("eth7", master="bond0", max_mtu=1500))
+    with pytest.raises(InvalidArgument) as caught:
+        validate({"net3": replace(NET3, mtu=9000)}, BONDED_RUNNING, state, ALL,
+                 running_bonds={"bond0": BOND0})
+    assert (caught.value.reason, caught.value.details) == ("bad_mtu",
+                                                           {"field": "networks.net3.mtu"})
+
+
 def test_bonds_are_checked_before_networks_in_name_order() -> None:
     error = refused_bond({"bond2": bond("bond2", "eth9"), "bond1": bond(miimon=-5)},
                          {"a": net("a", vlan=0)})
