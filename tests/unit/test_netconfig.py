@@ -1,4 +1,4 @@
-"""Networks between their wire form and NetworkConfig."""
+"""Networks and bonds between their wire form and NetworkConfig and BondConfig."""
 
 from __future__ import annotations
 
@@ -7,8 +7,15 @@ from typing import Any
 import pytest
 
 from virtnode.errors import InvalidArgument
-from virtnode.network.netconfig import config_from_api, config_to_api, request_from_api
-from virtnode.network.netmodel import IpConfig, NetworkConfig
+from virtnode.network.netconfig import (
+    bond_from_api,
+    bond_to_api,
+    bonds_from_api,
+    config_from_api,
+    config_to_api,
+    request_from_api,
+)
+from virtnode.network.netmodel import BondConfig, IpConfig, NetworkConfig
 
 
 def test_defaults() -> None:
@@ -93,3 +100,60 @@ def test_request_refuses_unknown_fields(networks: dict[str, Any], field: str) ->
 def test_config_from_api_is_not_for_removals() -> None:
     with pytest.raises(InvalidArgument):
         config_from_api("a", {"remove": True})
+
+
+# --- bonds ------------------------------------------------------------------------------------
+
+
+def test_bond_defaults() -> None:
+    assert bonds_from_api({"bond0": {"slaves": ["eth1", "eth2"]}}) == {
+        "bond0": BondConfig(name="bond0", slaves=("eth1", "eth2"), mode="active-backup",
+                            miimon=100)}
+    # No slaves is left for validation to refuse (no_port).
+    assert bond_from_api("bond0", {}) == BondConfig(name="bond0", slaves=(),
+                                                    mode="active-backup", miimon=100)
+
+
+def test_bond_every_field() -> None:
+    assert bond_from_api("bond0", {"slaves": ["eth2", "eth1"], "mode": "802.3ad",
+                                   "miimon": 0}) == BondConfig(
+        name="bond0", slaves=("eth2", "eth1"), mode="802.3ad", miimon=0)
+
+
+def test_bonds_with_removal() -> None:
+    assert bonds_from_api({"a": {"remove": True}, "b": {"slaves": ["eth1"]},
+                           "c": {"remove": False, "slaves": ["eth2"], "mode": "balance-rr"}}) == {
+        "a": None, "b": BondConfig(name="b", slaves=("eth1",)),
+        "c": BondConfig(name="c", slaves=("eth2",), mode="balance-rr")}
+
+
+@pytest.mark.parametrize(("bonds", "field", "words"), [
+    ({"a": {"slaves": ["eth1"], "primary": "eth1"}}, "bonds.a.primary", "unexpected primary"),
+    ({"a": {"slaves": ["eth1"], "xmit_hash_policy": "layer3+4", "ad_select": 0}},
+     "bonds.a.ad_select", "unexpected ad_select, xmit_hash_policy"),
+    ({"a": {"remove": True, "slaves": ["eth1"]}}, "bonds.a.slaves",
+     "remove takes no other fields, not slaves"),
+    ({"a": {"remove": True, "mode": "802.3ad", "miimon": 100}}, "bonds.a.miimon",
+     "remove takes no other fields, not miimon, mode"),
+])
+def test_bonds_refuse_unknown_fields(bonds: dict[str, Any], field: str, words: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        bonds_from_api(bonds)
+    assert caught.value.reason == "bad_option"
+    assert caught.value.details == {"field": field}
+    assert (caught.value.object, caught.value.id) == ("bond", "a")
+    assert words in caught.value.message
+
+
+@pytest.mark.parametrize("bond", [
+    BondConfig(name="bond0", slaves=("eth1",)),
+    BondConfig(name="bond0", slaves=("eth2", "eth1", "eth3"), mode="balance-alb", miimon=0),
+])
+def test_bond_round_trip(bond: BondConfig) -> None:
+    assert bond_from_api(bond.name, bond_to_api(bond)) == bond
+    assert bonds_from_api({bond.name: bond_to_api(bond)}) == {bond.name: bond}
+
+
+def test_bond_to_api_gives_every_field() -> None:
+    assert bond_to_api(BondConfig(name="bond0", slaves=("eth1", "eth2"))) == {
+        "slaves": ["eth1", "eth2"], "mode": "active-backup", "miimon": 100}
