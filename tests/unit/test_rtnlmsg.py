@@ -168,6 +168,44 @@ def test_links() -> None:
     assert (to_link(vlan, NAMES).vlan_parent, vlan.vlan_id) == ("eth0", 20)
 
 
+def bond_info(**data: Any) -> dict[str, Any]:
+    return {"attrs": [("IFLA_INFO_KIND", "bond"), ("IFLA_INFO_DATA", {"attrs": [
+        (f"IFLA_BOND_{key.upper()}", value) for key, value in data.items()]})]}
+
+
+def test_bonds() -> None:
+    # As the kernel sends them: the mode and miimon among the bond's other options.
+    lacp = link_info(6, "bond0", flags=1, IFLA_LINKINFO=bond_info(
+        mode=4, active_slave=2, miimon=100, updelay=200, downdelay=0, min_links=1,
+        ad_lacp_rate=1))
+    assert (lacp.kind, lacp.bond_mode, lacp.miimon, lacp.up) == ("bond", "802.3ad", 100, True)
+    backup = link_info(7, "bond1", IFLA_MASTER=3, IFLA_LINKINFO=bond_info(miimon=0, mode=1))
+    assert (backup.bond_mode, backup.miimon) == ("active-backup", 0)
+    found = to_link(backup, NAMES)
+    assert (found.kind, found.bond_mode, found.miimon, found.master) == (
+        "bond", "active-backup", 0, "br0")
+    assert link_info(8, "bond2", IFLA_LINKINFO=bond_info(mode=0)).bond_mode == "balance-rr"
+    assert link_info(8, "bond2", IFLA_LINKINFO=bond_info(mode=6)).bond_mode == "balance-alb"
+
+
+def test_bond_mode_the_agent_does_not_know() -> None:
+    bond = link_info(6, "bond0", IFLA_LINKINFO=bond_info(mode=7, miimon=50))
+    assert (bond.kind, bond.bond_mode, bond.miimon) == ("bond", None, 50)
+    bare = link_info(6, "bond0", IFLA_LINKINFO={"attrs": [("IFLA_INFO_KIND", "bond")]})
+    assert (bare.kind, bare.bond_mode, bare.miimon) == ("bond", None, None)
+
+
+def test_a_bond_slave_is_still_a_nic() -> None:
+    # A slave's IFLA_LINKINFO carries the bond's kind as IFLA_INFO_SLAVE_KIND only.
+    slave = link_info(2, "eth0", flags=1, IFLA_MASTER=6, IFLA_LINKINFO={"attrs": [
+        ("IFLA_INFO_SLAVE_KIND", "bond"),
+        ("IFLA_INFO_SLAVE_DATA", {"attrs": [("IFLA_BOND_SLAVE_STATE", 0),
+                                            ("IFLA_BOND_SLAVE_MII_STATUS", 0)]})]})
+    assert (slave.kind, slave.master_index, slave.bond_mode, slave.miimon) == (
+        "device", 6, None, None)
+    assert to_link(slave, {**NAMES, 6: "bond0"}).master == "bond0"
+
+
 def test_bridge_vlans_sorted_with_their_flags() -> None:
     msg = decoded(ifinfmsg, {"family": 7, "index": 2}, [("IFLA_AF_SPEC", {"attrs": [
         ("IFLA_BRIDGE_VLAN_INFO", {"flags": 0, "vid": 30}),
