@@ -92,11 +92,19 @@ def plan(state: HostState, running: Mapping[str, NetworkConfig],
         block = _release(now, (running[n], old[n]), new.get(n), bonds)
         steps += block
         now = after_teardown(now, block)
+    slaves = {name for name, link in now.links.items() if link.master in bonds_now}
     for n in sorted(bond_request):
         if n in bonds_now:
             block = _release_bond(now, bonds_now[n], bond_request[n])
             steps += block
             now = after_teardown(now, block)
+    # The driver takes a slave down as it lets it go: one nothing takes up again is put
+    # back up, as it was before it joined.
+    used = {nic for bond in bonds.values() for nic in bond.slaves}
+    used |= {lay.nic for _, lay in new.values() if lay.nic}
+    for nic in sorted(slaves - used):
+        if nic in now.links and now.links[nic].master is None:
+            steps += build(now, {nic: Target(nic, now.links[nic].kind, up=True)})
     with_network = {lay.nic for _, lay in new.values() if lay.nic in bonds}
     for n in sorted(set(bond_request) & bonds.keys() - with_network):
         current = now.links.get(n)

@@ -275,21 +275,16 @@ def _check_ports(host: _Host, cfg: NetworkConfig) -> None:
         raise _refuse(name, "no_port", "a VLAN network needs a port to tag", "ports")
     for nic in cfg.ports:
         link = host.state.links.get(nic)
+        users = sorted(n for n, lay in host.layouts.items() if lay.nic == nic and n != name)
+        if users:
+            raise _refuse(name, "nic_in_use", f"{nic!r} is the port of network {users[0]!r}",
+                          "ports")
         if nic in host.bonds:
-            # Checked as a bond (it may not exist yet), but one network has it.
-            users = sorted(n for n, lay in host.layouts.items() if lay.nic == nic and n != name)
-            if users:
-                raise _refuse(name, "nic_in_use", f"bond {nic!r} is the port of network "
-                              f"{users[0]!r}", "ports")
-            continue
+            continue  # checked as a bond; it may not exist yet
         if link is None:
             raise _refuse(name, "unknown_nic", f"there is no link {nic!r}", "ports")
         if link.kind not in PORT_KINDS:
             raise _refuse(name, "bad_port", f"{nic!r} is a {link.kind} link, not a NIC",
-                          "ports")
-        users = sorted(n for n, lay in host.layouts.items() if lay.nic == nic and n != name)
-        if users:
-            raise _refuse(name, "nic_in_use", f"{nic!r} is the port of network {users[0]!r}",
                           "ports")
         if (bond := host.bond_of(nic)) is not None:
             raise _refuse(name, "nic_in_use", f"{nic!r} is a slave of bond {bond!r}", "ports")

@@ -818,13 +818,15 @@ def test_a_slave_joins_a_running_bond_and_takes_its_mtu() -> None:
     assert host.plan({}, bonds) == []
 
 
-def test_a_slave_leaves_a_running_bond_down_with_its_own_mtu() -> None:
+def test_a_slave_leaves_a_running_bond_up_again_with_its_own_mtu() -> None:
     host = Host.with_networks(net1=net(ports=("bond0",)), bonds=[bond("bond0", "eth1", "eth4")])
     assert host.state.links["eth4"].mtu == 1500
     bonds = {"bond0": bond("bond0", "eth1")}
-    assert host.setup({}, bonds) == [s("set_master", "eth4", master=None)]
+    # The driver takes it down as it lets it go; nothing else takes it, so it goes up.
+    assert host.setup({}, bonds) == [s("set_master", "eth4", master=None),
+                                     s("set_up", "eth4", up=True)]
     links = host.state.links
-    assert (links["eth4"].master, links["eth4"].up, links["eth4"].mtu) == (None, False, 9000)
+    assert (links["eth4"].master, links["eth4"].up, links["eth4"].mtu) == (None, True, 9000)
     assert host.state.ports_of("bond0") == ("eth1",)
     assert links["bond0"].up and links["eth1"].up
     assert host.plan({}, bonds) == []
@@ -886,12 +888,14 @@ def test_a_network_and_its_bond_removed_together() -> None:
         s("set_master", "bond0", master=None),
         s("del_link", "net1"),
         s("del_link", "bond0"),
+        s("set_up", "eth1", up=True),
+        s("set_up", "eth4", up=True),
     ]
     assert touched(steps, before) == {"net1", "bond0", "eth1", "eth4"}
     links = host.state.links
     assert "bond0" not in links and "net1" not in links
-    assert (links["eth1"].master, links["eth1"].up, links["eth1"].mtu) == (None, False, 1500)
-    assert (links["eth4"].master, links["eth4"].up, links["eth4"].mtu) == (None, False, 9000)
+    assert (links["eth1"].master, links["eth1"].up, links["eth1"].mtu) == (None, True, 1500)
+    assert (links["eth4"].master, links["eth4"].up, links["eth4"].mtu) == (None, True, 9000)
     assert host.running == {} and host.bonds == {}
 
 
@@ -925,6 +929,7 @@ def test_a_bond_dissolved_under_its_network_which_keeps_one_of_its_nics() -> Non
         s("set_master", "eth1", master=None),
         s("set_master", "bond0", master=None),
         s("del_link", "bond0"),
+        s("set_up", "eth2", up=True),  # let go, and no longer used
         # The driver gave eth1 back the MTU it had before it joined: whatever it was, the
         # network's is set.
         s("set_mtu", "eth1", mtu=1500),
@@ -934,7 +939,7 @@ def test_a_bond_dissolved_under_its_network_which_keeps_one_of_its_nics() -> Non
     links = host.state.links
     assert "bond0" not in links
     assert (links["eth1"].master, links["eth1"].up) == ("net1", True)
-    assert (links["eth2"].master, links["eth2"].up) == (None, False)
+    assert (links["eth2"].master, links["eth2"].up) == (None, True)
     assert host.plan({"net1": cfg}) == []
 
 
@@ -1281,13 +1286,16 @@ def test_restore_puts_a_deleted_bond_back_with_its_slaves() -> None:
                               bonds=[bond("bond0", "eth1", "eth4", mode="802.3ad")])
     snapshot = host.state
     steps = host.setup({"net1": None}, {"bond0": None})
-    # The slaves were let go down: the bond opens them again as they join.
+    # The slaves were let go and put up again: they go down to join, and the bond opens
+    # them again.
     assert restore(host.state, snapshot, touched(steps, snapshot)) == [
         s("add_bond", "bond0", mode="802.3ad", miimon=100, mtu=9000,
           mac=snapshot.links["bond0"].mac),
         s("add_bridge", "net1", stp=False, vlan_filtering=False, default_pvid=1, mtu=9000,
           mac=snapshot.links["net1"].mac),
+        s("set_up", "eth1", up=False),
         s("set_master", "eth1", master="bond0"),
+        s("set_up", "eth4", up=False),
         s("set_master", "eth4", master="bond0"),
         s("set_master", "bond0", master="net1"),
         s("set_up", "bond0", up=True),
