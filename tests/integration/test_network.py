@@ -216,6 +216,17 @@ async def test_bridged_networks_with_mtu_vlan_and_addresses(  # noqa: PLR0915
     else:
         await peer.ip("addr", "add", "10.77.2.2/24", "dev", "p1")
     assert await net_host.ping("10.77.2.1")
+    if before["features"]["vlan_filtering"]:
+        # A VM's tap as libvirt plugs it (a port joining the bridge, nothing more) is on
+        # the VLAN untagged: a "VM" namespace behind it reaches the peer over VLAN 100.
+        async with namespaces(1) as (vm,):
+            await veth(host, "vnet0", vm, "vmnic")
+            await host.ip("link", "set", "vnet0", "master", "tagged")
+            vlans = {v["ifname"]: v["vlans"] for v in await host.bridge_json("vlan", "show")}
+            assert [(v["vlan"], sorted(v.get("flags", []))) for v in vlans["vnet0"]] == [
+                (100, ["Egress Untagged", "PVID"])]
+            await vm.ip("addr", "add", "10.77.2.3/24", "dev", "vmnic")
+            assert await net_host.ping("10.77.2.2", ns=vm)
 
     listed = {n["name"]: n for n in (await client.call("Network.list", {}))["networks"]}
     assert sorted(listed) == ["lan", "tagged"]
