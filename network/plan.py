@@ -5,8 +5,9 @@ that its request no longer wants is released (DHCP clients stopped, routes, addr
 VLAN entries, ports, links), then what the request wants and the state lacks is built.
 Releases of every removed and changed network come before anything is built, so a NIC,
 an address or a default route can move from one network to another in one request.
-Blocks go network removals and changes, then bond removals and changes, then bonds
-built, then networks changed and added, each in name order::
+Blocks go network removals and changes, then bond removals and changes, then the NICs
+bonds let go of that nothing takes brought up again, then bonds built, then networks
+changed and added, each in name order::
 
     release:  stop_dhcp, del_route, del_address, del_vlan_entry, set_master None, del_link
     build:    set_mtu (down), add_bond/add_vlan/add_bridge/set_mtu (up)/set_bridge/
