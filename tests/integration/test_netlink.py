@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from tests.conftest import missing
 from tests.subproc import run
 from virtnode.network.netlink import LinkEvent, LinkMonitor, NetlinkHost, StepError
 from virtnode.network.netmodel import Address, BridgeVlan, Dns, Route, Step
+from virtnode.network.rtnlmsg import LinkInfo
 from virtnode.network.rtnlwire import RequestSocket
 
 pytestmark = pytest.mark.integration
@@ -410,10 +412,7 @@ async def test_a_host_refuses_to_block_the_event_loop(netns: Namespace) -> None:
 def test_links_decode_as_ip_shows_them(netns: Namespace, host: NetlinkHost) -> None:
     host.apply(bridge_steps(stp=True, mtu=1400))
     for namespace in (netns.name, None):  # a made one, and the host's own links
-        with RequestSocket(namespace) as wire:
-            decoded = {info.name: info for info in wire.links()}
-        shown = json.loads(_check(*(("-n", namespace) if namespace else ()), "-j", "-d",
-                                  "link", "show"))
+        decoded, shown = _links_read_twice(namespace)
         assert sorted(decoded) == sorted(link["ifname"] for link in shown)
         names = {link["ifindex"]: link["ifname"] for link in shown}
         for link in shown:
@@ -430,6 +429,21 @@ def test_links_decode_as_ip_shows_them(netns: Namespace, host: NetlinkHost) -> N
     with RequestSocket(netns.name) as wire:
         br0 = wire.link("br0")
     assert (br0.kind, br0.stp, br0.vlan_filtering, br0.mtu) == ("bridge", True, False, 1400)
+
+
+def _links_read_twice(namespace: str | None) -> tuple[dict[str, LinkInfo], Any]:
+    """The links decoded and as ``ip -j -d`` shows them, read while nothing changed: a
+    link whose operstate moves (a veth end following its peer, slowly on an emulated CPU)
+    between the two reads is read again."""
+    for _ in range(10):
+        with RequestSocket(namespace) as wire:
+            decoded = {info.name: info for info in wire.links()}
+            shown = json.loads(_check(*(("-n", namespace) if namespace else ()), "-j", "-d",
+                                      "link", "show"))
+            if {info.name: info for info in wire.links()} == decoded:
+                return decoded, shown
+        time.sleep(0.2)
+    raise AssertionError("the links kept changing while they were read")
 
 
 def test_the_request_socket_opens_in_the_namespace(netns: Namespace) -> None:
