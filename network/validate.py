@@ -249,7 +249,7 @@ def _check_network(host: _Host, cfg: NetworkConfig) -> None:
 def _check_name(name: str, what: str) -> None:
     shown = repr(name[:40])
     if not name:
-        problem = "a network needs a name"
+        problem = f"a {what} needs a name"
     elif name in (".", ".."):
         problem = f"{shown} is not a link name"
     elif len(name.encode()) > MAX_NAME_BYTES:
