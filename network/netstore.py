@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from virtnode.network.netmodel import (
     Address,
@@ -29,6 +29,7 @@ from virtnode.network.netmodel import (
     Route,
 )
 
+T = TypeVar("T")
 COMPONENT = "network"
 #: 2: bonds (network_bond).
 VERSION = 2
@@ -77,19 +78,13 @@ class Saved:
     persisted: dict[str, NetworkConfig]
     boot_id: str | None
     transaction: Transaction | None
-    running_bonds: dict[str, BondConfig] = dataclasses.field(default_factory=dict)
-    persisted_bonds: dict[str, BondConfig] = dataclasses.field(default_factory=dict)
+    running_bonds: dict[str, BondConfig]
+    persisted_bonds: dict[str, BondConfig]
 
 
 def load(conn: sqlite3.Connection) -> Saved:
-    configs: dict[str, dict[str, NetworkConfig]] = {RUNNING: {}, PERSISTED: {}}
-    for kind, name, text in conn.execute(
-            "SELECT kind, name, config FROM network_config ORDER BY name"):
-        configs.setdefault(kind, {})[name] = config_from_json(json.loads(text))
-    bonds: dict[str, dict[str, BondConfig]] = {RUNNING: {}, PERSISTED: {}}
-    for kind, name, text in conn.execute(
-            "SELECT kind, name, config FROM network_bond ORDER BY name"):
-        bonds.setdefault(kind, {})[name] = bond_from_json(json.loads(text))
+    configs = _load_table(conn, "network_config", config_from_json)
+    bonds = _load_table(conn, "network_bond", bond_from_json)
     row = conn.execute("SELECT value FROM network_meta WHERE key = 'boot_id'").fetchone()
     tx_row = conn.execute("SELECT job_id, started, links, snapshot FROM network_transaction "
                           "ORDER BY started LIMIT 1").fetchone()
@@ -101,21 +96,29 @@ def load(conn: sqlite3.Connection) -> Saved:
                  transaction, bonds[RUNNING], bonds[PERSISTED])
 
 
-def save_configs(conn: sqlite3.Connection, kind: str,
-                 configs: Mapping[str, NetworkConfig]) -> None:
-    """Replace every config of ``kind`` (``running`` or ``persisted``)."""
-    conn.execute("DELETE FROM network_config WHERE kind = ?", (kind,))
-    conn.executemany("INSERT INTO network_config (kind, name, config) VALUES (?, ?, ?)",
-                     [(kind, name, json.dumps(config_to_json(cfg), sort_keys=True))
+def save(conn: sqlite3.Connection, kind: str, networks: Mapping[str, NetworkConfig],
+         bonds: Mapping[str, BondConfig]) -> None:
+    """Replace every network and bond of ``kind`` (``running`` or ``persisted``)."""
+    _save_table(conn, "network_config", kind, networks)
+    _save_table(conn, "network_bond", kind, bonds)
+
+
+def _load_table(conn: sqlite3.Connection, table: str,
+                decode: Callable[[dict[str, Any]], T]) -> dict[str, dict[str, T]]:
+    """A config table's rows (``table`` is one of this module's names), by kind and name."""
+    found: dict[str, dict[str, T]] = {RUNNING: {}, PERSISTED: {}}
+    for kind, name, text in conn.execute(f"SELECT kind, name, config FROM {table} "
+                                         "ORDER BY name"):
+        found.setdefault(kind, {})[name] = decode(json.loads(text))
+    return found
+
+
+def _save_table(conn: sqlite3.Connection, table: str, kind: str,
+                configs: Mapping[str, NetworkConfig | BondConfig]) -> None:
+    conn.execute(f"DELETE FROM {table} WHERE kind = ?", (kind,))
+    conn.executemany(f"INSERT INTO {table} (kind, name, config) VALUES (?, ?, ?)",
+                     [(kind, name, json.dumps(dataclasses.asdict(cfg), sort_keys=True))
                       for name, cfg in configs.items()])
-
-
-def save_bonds(conn: sqlite3.Connection, kind: str, bonds: Mapping[str, BondConfig]) -> None:
-    """Replace every bond of ``kind`` (``running`` or ``persisted``)."""
-    conn.execute("DELETE FROM network_bond WHERE kind = ?", (kind,))
-    conn.executemany("INSERT INTO network_bond (kind, name, config) VALUES (?, ?, ?)",
-                     [(kind, name, json.dumps(dataclasses.asdict(bond), sort_keys=True))
-                      for name, bond in bonds.items()])
 
 
 def save_boot_id(conn: sqlite3.Connection, boot_id: str) -> None:
@@ -134,10 +137,6 @@ def end(conn: sqlite3.Connection, job_id: str) -> None:
 
 
 # --- JSON forms -----------------------------------------------------------------------------
-
-
-def config_to_json(cfg: NetworkConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
 
 
 def config_from_json(obj: dict[str, Any]) -> NetworkConfig:

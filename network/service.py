@@ -171,7 +171,8 @@ class NetworkService:
             self._running, self._running_bonds = {}, {}
             if self._restore_boot_config and (self._persisted or self._persisted_bonds):
                 await self._restore_boot()
-            await self._store.run(self._save_running)
+            await self._store.run(partial(netstore.save, kind=netstore.RUNNING,
+                                          networks=self._running, bonds=self._running_bonds))
         await self._store.run(partial(netstore.save_boot_id, boot_id=boot_id))
         # A DHCP client that died while the agent was away is started again.
         await self._apply_dhcp(await self._dhcp_steps(), "start_dhcp")
@@ -380,11 +381,9 @@ class NetworkService:
     async def _commit(self, tx: Transaction, running: dict[str, NetworkConfig],
                       bonds: dict[str, BondConfig], persist: bool) -> None:
         def write(conn: Any) -> None:
-            netstore.save_configs(conn, netstore.RUNNING, running)
-            netstore.save_bonds(conn, netstore.RUNNING, bonds)
+            netstore.save(conn, netstore.RUNNING, running, bonds)
             if persist:
-                netstore.save_configs(conn, netstore.PERSISTED, running)
-                netstore.save_bonds(conn, netstore.PERSISTED, bonds)
+                netstore.save(conn, netstore.PERSISTED, running, bonds)
             netstore.end(conn, tx.job_id)
 
         await self._store.run(write)
@@ -392,10 +391,6 @@ class NetworkService:
         if persist:
             self._persisted, self._persisted_bonds = dict(running), dict(bonds)
             self._published_persisted(tx.job_id)
-
-    def _save_running(self, conn: Any) -> None:
-        netstore.save_configs(conn, netstore.RUNNING, self._running)
-        netstore.save_bonds(conn, netstore.RUNNING, self._running_bonds)
 
     async def _rollback(self, tx: Transaction, names: list[str], trigger: str,
                         error: str) -> None:
@@ -510,11 +505,8 @@ class NetworkService:
 
     async def _save_persisted(self, configs: dict[str, NetworkConfig],
                               bonds: dict[str, BondConfig]) -> None:
-        def write(conn: Any) -> None:
-            netstore.save_configs(conn, netstore.PERSISTED, configs)
-            netstore.save_bonds(conn, netstore.PERSISTED, bonds)
-
-        await self._store.run(write)
+        await self._store.run(partial(netstore.save, kind=netstore.PERSISTED,
+                                      networks=configs, bonds=bonds))
         self._persisted, self._persisted_bonds = configs, bonds
         self._published_persisted(None)
 
