@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 #: Longest link name the kernel takes (IFNAMSIZ - 1), in bytes.
 MAX_NAME_BYTES = 15
 
 Family = Literal[4, 6]
 IpMethod = Literal["static", "dhcp", "none"]
+C = TypeVar("C")
 
 
 # --- the kernel's state ---------------------------------------------------------------------
@@ -187,6 +188,14 @@ class BondConfig:
     slaves: tuple[str, ...] = ()
     mode: str = "active-backup"
     miimon: int = 100
+
+
+def after_request(running: Mapping[str, C], requested: Mapping[str, C | None]) -> dict[str, C]:
+    """The configs (networks or bonds) that run once ``requested`` applies to ``running``:
+    ``None`` removes one, a config adds or replaces it, the rest stay."""
+    result = {name: cfg for name, cfg in running.items() if name not in requested}
+    result.update({name: cfg for name, cfg in requested.items() if cfg is not None})
+    return result
 
 
 @dataclass(frozen=True)

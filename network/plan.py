@@ -62,6 +62,7 @@ from virtnode.network.netmodel import (
     NetworkConfig,
     Route,
     Step,
+    after_request,
 )
 
 Dhcp = tuple[str, Family, bool]
@@ -77,7 +78,7 @@ def plan(state: HostState, running: Mapping[str, NetworkConfig],
     gives ``[]``."""
     bonds_now = dict(running_bonds or {})
     bond_request = dict(requested_bonds or {})
-    bonds = final_bonds(bonds_now, bond_request)
+    bonds = after_request(bonds_now, bond_request)
     removed = sorted(n for n, c in requested.items() if c is None and n in running)
     changed = sorted(n for n, c in requested.items() if c is not None and n in running)
     added = sorted(n for n, c in requested.items() if c is not None and n not in running)
@@ -114,14 +115,6 @@ def plan(state: HostState, running: Mapping[str, NetworkConfig],
         was = (running[n], old[n]) if n in running else None
         steps += _build(now, new[n], was, bonds)
     return steps
-
-
-def final_bonds(running: Mapping[str, BondConfig],
-                requested: Mapping[str, BondConfig | None]) -> dict[str, BondConfig]:
-    """The bonds the agent manages once ``requested`` applies."""
-    bonds = {n: b for n, b in running.items() if n not in requested}
-    bonds.update({n: b for n, b in requested.items() if b is not None})
-    return bonds
 
 
 def _release(state: HostState, old: tuple[NetworkConfig, Layout],

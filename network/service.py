@@ -52,6 +52,7 @@ from virtnode.network.netmodel import (
     NetworkConfig,
     SetupOptions,
     Step,
+    after_request,
 )
 from virtnode.network.netstore import Transaction
 from virtnode.rpc import CallContext, rpc_method
@@ -353,10 +354,8 @@ class NetworkService:
                 "cancelled" if isinstance(exc, asyncio.CancelledError) else "step_failed")
             await asyncio.shield(self._rollback(tx, names, trigger, str(exc)))
             raise
-        running = {n: c for n, c in self._running.items() if n not in requested}
-        running.update({n: c for n, c in requested.items() if c is not None})
-        await self._commit(tx, running, plan.final_bonds(self._running_bonds, bonds),
-                           options.persist)
+        await self._commit(tx, after_request(self._running, requested),
+                           after_request(self._running_bonds, bonds), options.persist)
         self._bus.publish(CONFIG_TOPIC, {"event": "committed", "job_id": job_id,
                                          "networks": names, "bonds": sorted(bonds)})
         return {"networks": names, "bonds": sorted(bonds)}

@@ -60,6 +60,7 @@ from virtnode.network.netmodel import (
     HostState,
     IpConfig,
     NetworkConfig,
+    after_request,
 )
 
 PORT_KINDS = frozenset({"device", "veth", "bond"})
@@ -144,16 +145,13 @@ def _host(requested: Mapping[str, NetworkConfig | None], running: Mapping[str, N
           state: HostState, features: Features, *,
           bond_request: Mapping[str, BondConfig | None],
           running_bonds: Mapping[str, BondConfig]) -> _Host:
-    final = {n: c for n, c in running.items() if n not in requested}
-    final.update({n: c for n, c in requested.items() if c is not None})
+    final = after_request(running, requested)
     old = {n: layout_of(c, features, state) for n, c in running.items()}
     layouts = {n: layout_of(c, features, state, old.get(n)) for n, c in final.items()}
     devices = frozenset(d for lay in old.values() if (d := lay.device))
-    bonds = {n: b for n, b in running_bonds.items() if n not in bond_request}
-    bonds.update({n: b for n, b in bond_request.items() if b is not None})
     return _Host(requested, running, state, features, final, layouts,
                  managed_links(running, features, state), devices, bond_request,
-                 running_bonds, bonds)
+                 running_bonds, after_request(running_bonds, bond_request))
 
 
 def _refuse(name: str, reason: str, message: str, where: str = "",

@@ -34,11 +34,11 @@ from virtnode.network.netmodel import (
     NetworkConfig,
     Route,
     Step,
+    after_request,
 )
 from virtnode.network.plan import (
     dhcp_clients,
     dhcp_steps,
-    final_bonds,
     plan,
     restore,
     touched,
@@ -426,7 +426,7 @@ class Host:
                 del self.running[name]
             else:
                 self.running[name] = cfg
-        self.bonds = final_bonds(self.bonds, bonds or {})
+        self.bonds = after_request(self.bonds, bonds or {})
         return steps
 
 
@@ -1228,7 +1228,7 @@ def test_restore_after_any_part_of_a_plan(features: Features, running: dict[str,
     # The whole plan applied, a second plan finds nothing to do.
     host.kernel.apply(steps)
     after = {n: c for n, c in {**host.running, **requested}.items() if c is not None}
-    after_bonds = final_bonds(host.bonds, bond_request)
+    after_bonds = after_request(host.bonds, bond_request)
     assert plan(host.state, after, after, features, running_bonds=after_bonds,
                 requested_bonds=after_bonds) == []
 
