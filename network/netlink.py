@@ -457,8 +457,9 @@ class NetlinkHost:
             attrs["address"] = mac
         return attrs
 
-    def _made(self, name: str) -> None:
-        self._indexes[name] = self._requests.link(name).index
+    def _made(self, name: str, index: int | None = None) -> None:
+        """Remember a new link's index: the one the kernel echoed, else asked for."""
+        self._indexes[name] = index if index is not None else self._requests.link(name).index
 
     def _add_bridge(self, ipr: Any, step: Step) -> None:
         _check_args(step, ("stp", "vlan_filtering"), ("mtu", "default_pvid", "mac"))
@@ -478,10 +479,8 @@ class NetlinkHost:
             ipr.link("add", kind="bridge", **attrs)
             self._made(step.link)
         else:
-            wire = self._requests
-            index = wire.new_bridge(step.link, stp=stp, mac=_mac(mac) if mac else None)
-            self._indexes[step.link] = index if index is not None else wire.link(
-                step.link).index
+            self._made(step.link, self._requests.new_bridge(
+                step.link, stp=stp, mac=_mac(mac) if mac else None))
         # A bridge keeps an MTU set on it; one given at creation gives way to its ports'.
         if mtu is not None:
             try:
@@ -501,11 +500,10 @@ class NetlinkHost:
 
     def _add_bond(self, ipr: Any, step: Step) -> None:
         _check_args(step, ("mode", "miimon"), ("mtu", "mac"))
-        wire = self._requests
         mac = _opt(step, "mac", str)
-        index = wire.new_bond(step.link, mode=_bond_mode(step), miimon=_arg(step, "miimon", int),
-                              mtu=_opt(step, "mtu", int), mac=_mac(mac) if mac else None)
-        self._indexes[step.link] = index if index is not None else wire.link(step.link).index
+        self._made(step.link, self._requests.new_bond(
+            step.link, mode=_bond_mode(step), miimon=_arg(step, "miimon", int),
+            mtu=_opt(step, "mtu", int), mac=_mac(mac) if mac else None))
 
     def _set_bond(self, ipr: Any, step: Step) -> None:
         _check_args(step, (), ("mode", "miimon"))

@@ -167,17 +167,17 @@ class RequestSocket:
     def new_bridge(self, name: str, *, stp: bool, mac: bytes | None = None) -> int | None:
         """Create a bridge; its ifindex when the kernel echoes the new link (6.2 and
         later), else None."""
-        attrs = string(IFLA_IFNAME, name) + _link_attrs(None, mac) + _bridge_info(stp)
-        echoed = self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO,
-                              _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attrs)
-        return int(_IFINFO.unpack_from(echoed)[2]) if echoed else None
+        return self._new_link(name, _link_attrs(None, mac) + _bridge_info(stp))
 
     def new_bond(self, name: str, *, mode: int, miimon: int, mtu: int | None = None,
                  mac: bytes | None = None) -> int | None:
         """Create a bond; its ifindex when the kernel echoes the new link, else None."""
-        attrs = string(IFLA_IFNAME, name) + _link_attrs(mtu, mac) + _bond_info(mode, miimon)
+        return self._new_link(name, _link_attrs(mtu, mac) + _bond_info(mode, miimon))
+
+    def _new_link(self, name: str, attrs: bytes) -> int | None:
         echoed = self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO,
-                              _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attrs)
+                              _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+                              + string(IFLA_IFNAME, name) + attrs)
         return int(_IFINFO.unpack_from(echoed)[2]) if echoed else None
 
     def set_bond(self, index: int, *, mode: int | None = None,
