@@ -38,7 +38,7 @@ Removing a network or bond the agent does not manage is :class:`NotFound`
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from virtnode.errors import InvalidArgument, NotFound
@@ -98,14 +98,23 @@ class _Host:
         owner = self.owner.get(link)
         return owner is not None and (owner == network or owner in self.requested)
 
-    def bond_of(self, nic: str) -> str | None:
-        """The bond ``nic`` is a slave of once the request applies."""
-        return next((b.name for b in self.bonds.values() if nic in b.slaves), None)
+    def bond_of(self, nic: str, other_than: str) -> str | None:
+        """The bond other than ``other_than`` that has ``nic`` as a slave once the
+        request applies."""
+        return next((b.name for b in self.bonds.values()
+                     if nic in b.slaves and b.name != other_than), None)
 
-    def may_enslave(self, bond: str, master: str) -> bool:
-        """Whether a NIC in ``master`` now may become a slave of ``bond``: ``master`` is
-        that bond, another managed bond, or a link of a network the request changes."""
-        return master == bond or master in self.running_bonds or self.may_use(bond, master)
+    def network_of(self, nic: str, other_than: str) -> str | None:
+        """The network other than ``other_than`` that has ``nic`` as its port once the
+        request applies."""
+        return min((n for n, lay in self.layouts.items() if lay.nic == nic and n != other_than),
+                   default=None)
+
+    def may_take(self, owner: str, master: str) -> bool:
+        """Whether a NIC in ``master`` now may become the port or slave of ``owner`` (a
+        network or bond): ``master`` is ``owner``, a managed bond, or a link of a network
+        the request changes."""
+        return master == owner or master in self.running_bonds or self.may_use(owner, master)
 
 
 def validate(requested: Mapping[str, NetworkConfig | None], running: Mapping[str, NetworkConfig],
@@ -198,31 +207,35 @@ def _check_bond(host: _Host, bond: BondConfig) -> None:
 
 
 def _check_slave(host: _Host, bond: BondConfig, nic: str) -> None:
-    name = bond.name
+    def refuse(reason: str, message: str) -> InvalidArgument:
+        return _refuse_bond(bond.name, reason, message, "slaves")
+
+    if bond.slaves.count(nic) > 1:
+        raise refuse("bad_port", f"{nic!r} is listed twice")
+    _check_nic(host, bond.name, nic, SLAVE_KINDS, refuse)
+
+
+def _check_nic(host: _Host, owner: str, nic: str, kinds: frozenset[str],
+               refuse: Callable[[str, str], InvalidArgument]) -> None:
+    """What a network's port and a bond's slave have to be: a link of one of ``kinds``
+    that no other network or bond has, in no master the agent does not manage, and
+    without global addresses the agent does not manage."""
     link = host.state.links.get(nic)
     if link is None:
-        raise _refuse_bond(name, "unknown_nic", f"there is no link {nic!r}", "slaves")
-    if link.kind not in SLAVE_KINDS:
-        raise _refuse_bond(name, "bad_port", f"{nic!r} is a {link.kind} link, not a NIC",
-                           "slaves")
-    if bond.slaves.count(nic) > 1:
-        raise _refuse_bond(name, "bad_port", f"{nic!r} is listed twice", "slaves")
-    others = sorted(b.name for b in host.bonds.values() if nic in b.slaves and b.name != name)
-    if others:
-        raise _refuse_bond(name, "nic_in_use", f"{nic!r} is a slave of bond {others[0]!r}",
-                           "slaves")
-    users = sorted(n for n, lay in host.layouts.items() if lay.nic == nic)
-    if users:
-        raise _refuse_bond(name, "nic_in_use", f"{nic!r} is the port of network "
-                           f"{users[0]!r}", "slaves")
-    if link.master is not None and not host.may_enslave(name, link.master):
-        raise _refuse_bond(name, "nic_in_use", f"{nic!r} is enslaved to {link.master!r}",
-                           "slaves")
+        raise refuse("unknown_nic", f"there is no link {nic!r}")
+    if link.kind not in kinds:
+        raise refuse("bad_port", f"{nic!r} is a {link.kind} link, not a NIC")
+    if (bond := host.bond_of(nic, other_than=owner)) is not None:
+        raise refuse("nic_in_use", f"{nic!r} is a slave of bond {bond!r}")
+    if (network := host.network_of(nic, other_than=owner)) is not None:
+        raise refuse("nic_in_use", f"{nic!r} is the port of network {network!r}")
+    if link.master is not None and not host.may_take(owner, link.master):
+        raise refuse("nic_in_use", f"{nic!r} is enslaved to {link.master!r}")
     if nic not in host.address_devices:
         found = [a.address for a in host.state.addresses_of(nic) if a.scope == "global"]
         if found:
-            raise _refuse_bond(name, "port_has_addresses", f"{nic!r} carries {found[0]}, "
-                               "which this agent does not manage", "slaves")
+            raise refuse("port_has_addresses", f"{nic!r} carries {found[0]}, which this "
+                         "agent does not manage")
 
 
 def _check_network(host: _Host, cfg: NetworkConfig) -> None:
@@ -271,32 +284,15 @@ def _check_ports(host: _Host, cfg: NetworkConfig) -> None:
         raise _refuse(name, "no_port", "a bridgeless network needs exactly one port", "ports")
     if not cfg.ports and cfg.vlan is not None:
         raise _refuse(name, "no_port", "a VLAN network needs a port to tag", "ports")
+    def refuse(reason: str, message: str) -> InvalidArgument:
+        return _refuse(name, reason, message, "ports")
+
     for nic in cfg.ports:
-        link = host.state.links.get(nic)
-        users = sorted(n for n, lay in host.layouts.items() if lay.nic == nic and n != name)
-        if users:
-            raise _refuse(name, "nic_in_use", f"{nic!r} is the port of network {users[0]!r}",
-                          "ports")
-        if nic in host.bonds:
-            continue  # checked as a bond; it may not exist yet
-        if link is None:
-            raise _refuse(name, "unknown_nic", f"there is no link {nic!r}", "ports")
-        if link.kind not in PORT_KINDS:
-            raise _refuse(name, "bad_port", f"{nic!r} is a {link.kind} link, not a NIC",
-                          "ports")
-        if (bond := host.bond_of(nic)) is not None:
-            raise _refuse(name, "nic_in_use", f"{nic!r} is a slave of bond {bond!r}", "ports")
-        # A slave of a managed bond that the request removes or takes it out of is free.
-        was = host.running_bonds.get(link.master) if link.master is not None else None
-        if (link.master is not None and not (was and nic in was.slaves)
-                and not host.may_use(name, link.master)):
-            raise _refuse(name, "nic_in_use", f"{nic!r} is enslaved to {link.master!r}",
-                          "ports")
-        if nic not in host.address_devices:
-            found = [a.address for a in host.state.addresses_of(nic) if a.scope == "global"]
-            if found:
-                raise _refuse(name, "port_has_addresses", f"{nic!r} carries {found[0]}, "
-                              "which this agent does not manage", "ports")
+        if nic not in host.bonds:
+            _check_nic(host, name, nic, PORT_KINDS, refuse)
+        elif (network := host.network_of(nic, other_than=name)) is not None:
+            # A bond is checked as one (it may not exist yet), but only one network has it.
+            raise refuse("nic_in_use", f"{nic!r} is the port of network {network!r}")
 
 
 def _check_vlan(host: _Host, cfg: NetworkConfig) -> None:
