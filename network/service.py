@@ -459,29 +459,19 @@ class NetworkService:
         failed: dict[str, str] = {}
         bonds: dict[str, BondConfig | None] = {}
         for name, bond in sorted(self._persisted_bonds.items()):
-            why = _missing(bond.slaves, state)
-            if why is None:
-                try:
-                    validate.validate({}, {}, state, self.features, bond_request={name: bond})
-                except InvalidArgument as exc:
-                    why = exc.message
+            why = _missing(bond.slaves, state) or _refusal(partial(
+                validate.validate, {}, {}, state, self.features, bond_request={name: bond}))
             if why is None:
                 bonds[name] = bond
             else:
                 failed[f"bond {name}"] = why
         wanted: dict[str, NetworkConfig | None] = {}
         for name, cfg in sorted(self._persisted.items()):
-            ports = [p for p in cfg.ports if p not in self._persisted_bonds]
-            why = _missing(ports, state)
+            nics = [p for p in cfg.ports if p not in self._persisted_bonds]
             lost = [p for p in cfg.ports if p in self._persisted_bonds and p not in bonds]
-            if why is None and lost:
-                why = f"bond {lost[0]} was not restored"
-            if why is None:
-                try:
-                    validate.validate({name: cfg}, {}, state, self.features,
-                                      bond_request=bonds)
-                except InvalidArgument as exc:
-                    why = exc.message
+            why = (_missing(nics, state) or (f"bond {lost[0]} was not restored" if lost else None)
+                   or _refusal(partial(validate.validate, {name: cfg}, {}, state,
+                                       self.features, bond_request=bonds)))
             if why is None:
                 wanted[name] = cfg
             else:
@@ -547,6 +537,15 @@ class NetworkService:
 
 def _read_boot_id(path: Path) -> str:
     return path.read_text().strip()
+
+
+def _refusal(check: Callable[[], None]) -> str | None:
+    """What ``check`` refuses (its InvalidArgument's message), or None."""
+    try:
+        check()
+    except InvalidArgument as exc:
+        return exc.message
+    return None
 
 
 def _missing(nics: Iterable[str], state: HostState) -> str | None:
