@@ -342,14 +342,11 @@ def _drop_link(links: dict[str, Link], name: str) -> None:
         if not more:
             break
         gone |= more
-    kinds = {n: links[n].kind for n in gone if n in links}
+    freed = {n: _freed(link, links) for n, link in links.items()
+             if link.master in gone and n not in gone}
     for n in gone:
         links.pop(n, None)
-    for n, link in list(links.items()):
-        if link.master in gone:
-            bond = kinds.get(link.master) == "bond"
-            links[n] = replace(link, master=None, vlans=(), up=link.up and not bond,
-                               mtu=UNKNOWN_MTU if bond else link.mtu)
+    links.update(freed)
 
 
 def _freed(link: Link, links: Mapping[str, Link]) -> Link:
