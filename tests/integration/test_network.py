@@ -125,10 +125,13 @@ async def _exists(ns: Netns, name: str) -> bool:
     return (await run("ip", "-n", ns.name, "link", "show", "dev", name)).status == 0
 
 
-async def setup(client: Client, networks: dict[str, Any], **options: Any) -> dict[str, Any]:
+async def setup(client: Client, networks: dict[str, Any], *,
+                bonds: dict[str, Any] | None = None, **options: Any) -> dict[str, Any]:
     """Run Network.setup (no connectivity check unless asked) and return the ended job."""
-    started = await client.call("Network.setup", {
-        "networks": networks, "options": {**NO_CHECK, **options}})
+    params = {"networks": networks, "options": {**NO_CHECK, **options}}
+    if bonds is not None:
+        params["bonds"] = bonds
+    started = await client.call("Network.setup", params)
     return await wait_job(client, started["job_id"], timeout=60)
 
 
@@ -358,19 +361,16 @@ async def test_bonds(net_host: NetHost, checked_client: ClientFactory) -> None: 
     # A failed step rolls the bond back too: its slaves leave it and are up again.
     await run("ip", "netns", "exec", host.name, "sysctl", "-q", "-w",
               "net.ipv6.conf.default.disable_ipv6=1")
-    started = await client.call("Network.setup", {
-        "networks": {"lan": {**lan, "ipv6": {"method": "static", "address": "fd00:77:5::1/64"}}},
-        "bonds": {"bond0": bond}, "options": NO_CHECK})
-    job = await wait_job(client, started["job_id"], timeout=60)
+    job = await setup(client, {
+        "lan": {**lan, "ipv6": {"method": "static", "address": "fd00:77:5::1/64"}}},
+        bonds={"bond0": bond})
     assert (job["state"], job["error"]["data"]["trigger"]) == ("failed", "step_failed"), job
     assert comparable(await state_of(client)) == comparable(before)
     assert not await _exists(host, "bond0")
     await run("ip", "netns", "exec", host.name, "sysctl", "-q", "-w",
               "net.ipv6.conf.default.disable_ipv6=0")
 
-    started = await client.call("Network.setup", {
-        "networks": {"lan": lan}, "bonds": {"bond0": bond}, "options": NO_CHECK})
-    job = await wait_job(client, started["job_id"], timeout=60)
+    job = await setup(client, {"lan": lan}, bonds={"bond0": bond})
     assert job["state"] == "succeeded", job
     assert job["result"] == {"networks": ["lan"], "bonds": ["bond0"]}
     found = await bond_link(host, "bond0")
@@ -403,12 +403,12 @@ async def test_bonds(net_host: NetHost, checked_client: ClientFactory) -> None: 
 
     # A slave leaves; then a new mode, which the kernel takes only from a bond without
     # slaves: the bond stays in its bridge with its slave.
-    job = await setup_bonds(client, {"bond0": {"slaves": ["eth1"]}})
+    job = await setup(client, {}, bonds={"bond0": {"slaves": ["eth1"]}})
     assert job["state"] == "succeeded", job
     eth2 = (await host.ip_json("link", "show", "eth2"))[0]
     assert ("master" in eth2, "UP" in eth2["flags"]) == (False, True)  # up, as it was
-    job = await setup_bonds(client, {"bond0": {"slaves": ["eth1"], "mode": "balance-rr",
-                                               "miimon": 50}})
+    job = await setup(client, {}, bonds={"bond0": {"slaves": ["eth1"], "mode": "balance-rr",
+                                                   "miimon": 50}})
     assert job["state"] == "succeeded", job
     found = await bond_link(host, "bond0")
     assert (found["linkinfo"]["info_data"]["mode"], found["linkinfo"]["info_data"]["miimon"],
@@ -442,22 +442,13 @@ async def test_bonds(net_host: NetHost, checked_client: ClientFactory) -> None: 
     err = await expect_error(client, "Network.setup", {
         "networks": {"other": {"ports": ["eth1"]}}, "options": NO_CHECK})
     assert (err.name, err.data["reason"]) == ("InvalidArgument", "nic_in_use")
-    started = await client.call("Network.setup", {
-        "networks": {"lan": {"remove": True}}, "bonds": {"bond0": {"remove": True}},
-        "options": NO_CHECK})
-    job = await wait_job(client, started["job_id"], timeout=60)
+    job = await setup(client, {"lan": {"remove": True}}, bonds={"bond0": {"remove": True}})
     assert job["state"] == "succeeded", job
     assert not await _exists(host, "bond0") and not await _exists(host, "lan")
     eth1 = (await host.ip_json("link", "show", "eth1"))[0]
     assert ("master" in eth1, "UP" in eth1["flags"]) == (False, True)
     listed = await client.call("Network.list", {})
     assert (listed["networks"], listed["bonds"]) == ([], [])
-
-
-async def setup_bonds(client: Client, bonds: dict[str, Any]) -> dict[str, Any]:
-    started = await client.call("Network.setup", {"networks": {}, "bonds": bonds,
-                                                  "options": NO_CHECK})
-    return await wait_job(client, started["job_id"], timeout=60)
 
 
 async def ping_soon(box: NetHost, address: str, tries: int = 10) -> bool:
