@@ -554,9 +554,8 @@ def _missing(nics: Iterable[str], state: HostState) -> str | None:
 
 
 def state_api(state: HostState, running: Mapping[str, NetworkConfig], features: Features,
-              bonds: Mapping[str, BondConfig] | None = None) -> JsonObject:
+              bonds: Mapping[str, BondConfig]) -> JsonObject:
     """``Network.getState``'s result."""
-    bonds = bonds or {}
     managed = {link for cfg in running.values()
                for link in layout_of(cfg, features, state).links}
     managed |= {link for bond in bonds.values() for link in (bond.name, *bond.slaves)}
