@@ -138,6 +138,30 @@ class ServerConfig:
     check_results: bool = _spec(
         False, None, "validate every result and event against the schema (development)"
     )
+    max_batch: int = _spec(100, _positive, "requests in one batch at most")
+    max_answer_size: int = _spec(
+        16 * 1024 * 1024, _positive,
+        "largest answer, bytes; a bigger one is replaced by a ResourceExhausted error")
+    send_buffer_soft: int = _spec(
+        1024 * 1024, _positive,
+        "unsent bytes of one WebSocket above which the agent stops reading from it")
+    send_buffer_hard: int = _spec(
+        64 * 1024 * 1024, _positive,
+        "unsent bytes of one WebSocket above which the agent closes it (1008)")
+    max_connections: int = _spec(1000, _positive, "open connections per listener at most")
+    max_connections_per_caller: int = _spec(
+        200, _positive, "open connections per listener of one caller (uid, certificate CN "
+        "or peer address) at most")
+    header_timeout: float = _spec(
+        10.0, _positive, "seconds a client has to send a request's headers once it began")
+    idle_timeout: float = _spec(
+        60.0, _positive, "seconds a connection may stay without a request before it is "
+        "closed (WebSockets excepted: they are pinged)")
+    body_timeout: float = _spec(60.0, _positive, "seconds to receive a POST body")
+    backlog: int = _spec(4096, _positive, "pending connections each listener queues")
+    allowed_hosts: tuple[str, ...] = _spec(
+        (), None, "more host names accepted in the Host and Origin headers (besides "
+        "localhost, this host's names, the listen addresses and IP literals)")
 
     @property
     def listeners(self) -> tuple[Listener, ...]:
@@ -370,6 +394,12 @@ def build_config(raw: Mapping[str, Any]) -> Config:
         raise ConfigError("hypervisor.reconnect_min: must not exceed hypervisor.reconnect_max")
     if config.storage.mount_root and not Path(config.storage.mount_root).is_absolute():
         raise ConfigError("storage.mount_root: must be an absolute path")
+    server = config.server
+    if server.send_buffer_soft > server.send_buffer_hard:
+        raise ConfigError("server.send_buffer_soft: must not exceed server.send_buffer_hard")
+    if server.max_connections_per_caller > server.max_connections:
+        raise ConfigError(
+            "server.max_connections_per_caller: must not exceed server.max_connections")
     if config.stats.history < config.stats.host_interval:
         raise ConfigError("stats.history: must be at least stats.host_interval")
     _check_tls(config)

@@ -15,6 +15,7 @@ from prometheus_client import ProcessCollector
 
 from virtnode.apiservice import ApiService
 from virtnode.config import Config
+from virtnode.connguard import AcceptErrors, raise_descriptor_limit
 from virtnode.devices import DeviceMonitor
 from virtnode.events import EventBus
 from virtnode.host import HostService, load_host_id
@@ -128,7 +129,9 @@ class Agent:
         )
         self.metrics = metrics = self._metrics(schema.methods)
         self.dispatcher = Dispatcher(schema, handlers_of(*services), check_results=check,
-                                     observer=metrics.requests.observe)
+                                     observer=metrics.requests.observe,
+                                     max_batch=self.config.server.max_batch,
+                                     max_answer_size=self.config.server.max_answer_size)
         await host.start()
         await self.storage.start(host_id)
         await self.volumes.start()
@@ -265,6 +268,9 @@ async def serve(config: Config) -> None:
     agent = Agent(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    AcceptErrors.install(loop)
+    descriptors = raise_descriptor_limit()
+    log.info("open file descriptor limit: %d", descriptors)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await agent.start()

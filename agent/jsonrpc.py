@@ -114,11 +114,12 @@ def parse_entry(obj: Any) -> Entry:
     return Request(method, params, req_id, is_notification="id" not in obj)
 
 
-def parse(raw: str | bytes) -> Message:
+def parse(raw: str | bytes, max_batch: int | None = None) -> Message:
     """Decode one message.
 
     Raises :class:`ParseError` when it is not JSON, and :class:`InvalidRequest` for an
-    empty batch; both are answered with a single error response whose id is null.
+    empty batch or one of more than ``max_batch`` entries; each is answered with a single
+    error response whose id is null.
     """
     try:
         decoded = decode(raw)
@@ -129,6 +130,10 @@ def parse(raw: str | bytes) -> Message:
     if isinstance(decoded, list):
         if not decoded:
             raise InvalidRequest("empty batch", reason="empty_batch")
+        if max_batch is not None and len(decoded) > max_batch:
+            raise InvalidRequest(
+                f"a batch of {len(decoded)} requests; at most {max_batch} are taken in one",
+                reason="batch_too_large")
         return Message(tuple(parse_entry(item) for item in decoded), is_batch=True)
     return Message((parse_entry(decoded),), is_batch=False)
 

@@ -79,6 +79,8 @@ class CallContext:
 
 
 Handler = Callable[[CallContext, JsonObject], Awaitable[JsonObject]]
+#: Messages longer than this are decoded in a thread, not on the event loop.
+PARSE_IN_THREAD = 256 * 1024
 #: Told of every answered request: (method, outcome, seconds). Must be cheap.
 Observer = Callable[[str, str, float], None]
 
@@ -87,7 +89,8 @@ class Dispatcher:
     """Validates and routes requests; every response it builds is JSON-RPC 2.0."""
 
     def __init__(self, schema: ApiSchema, handlers: Mapping[str, Handler], *,
-                 check_results: bool = False, observer: Observer | None = None) -> None:
+                 check_results: bool = False, observer: Observer | None = None,
+                 max_batch: int = 100, max_answer_size: int = 16 * 1024 * 1024) -> None:
         missing = sorted(set(schema.methods) - set(handlers))
         extra = sorted(set(handlers) - set(schema.methods))
         if missing or extra:
@@ -105,6 +108,8 @@ class Dispatcher:
         self.schema = schema
         self._handlers = dict(handlers)
         self._check_results = check_results
+        self._max_batch = max_batch
+        self._max_answer = max_answer_size
         self._observer = observer
         self._inflight = 0
         self._idle = asyncio.Event()
@@ -127,15 +132,37 @@ class Dispatcher:
     async def handle(self, raw: str | bytes, session: Session) -> str | None:
         """Answer one message; None when nothing goes back (notifications only)."""
         try:
-            message = jsonrpc.parse(raw)
+            if len(raw) > PARSE_IN_THREAD:
+                message = await asyncio.to_thread(jsonrpc.parse, raw, self._max_batch)
+            else:
+                message = jsonrpc.parse(raw, self._max_batch)
         except ApiError as exc:
             return jsonrpc.encode(jsonrpc.error(None, exc))
         if not message.is_batch:
             response = await self._answer(message.entries[0], session)
-            return None if response is None else _encode(response)
+            return None if response is None else self._bounded(response, self._max_answer)
         answers = await asyncio.gather(*(self._answer(e, session) for e in message.entries))
-        responses = [_encode(r) for r in answers if r is not None]
+        responses = []
+        room = self._max_answer
+        for answer in answers:
+            if answer is not None:
+                text = self._bounded(answer, room)
+                room -= len(text) + 1
+                responses.append(text)
         return f"[{','.join(responses)}]" if responses else None
+
+    def _bounded(self, response: JsonObject, room: int) -> str:
+        """Encode a response; one that takes more than ``room`` bytes becomes an error."""
+        text = _encode(response)
+        if len(text) <= room // 4 or len(text.encode()) <= room:  # 4: UTF-8's longest
+            return text
+        log.warning("answer to request id %r is %d bytes; server.max_answer_size is %d",
+                    response.get("id"), len(text.encode()), self._max_answer)
+        error = ResourceExhausted(
+            f"the answer is larger than {self._max_answer} bytes (the largest this agent "
+            "sends); ask for less, or send fewer requests in one batch",
+            reason="answer_too_large")
+        return _encode(jsonrpc.error(response.get("id"), error))
 
     def _refusal(self, session: Session) -> ApiError | None:
         if self._refusing:

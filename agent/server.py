@@ -4,19 +4,22 @@
 requests on one socket run concurrently and each response goes out when it is ready.
 ``POST /rpc`` answers one message per request. ``GET /healthz`` reports readiness and
 ``GET /metrics`` serves Prometheus text to callers with the reader role or above.
+
+Every connection passes the listener's guard first (:mod:`virtnode.connguard`: connection
+caps and timeouts), then every request the browser checks (:mod:`virtnode.origins`: Host
+and Origin); a WebSocket's unsent bytes are bounded by :mod:`virtnode.sessions`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import ipaddress
 import logging
 import os
 import socket
 import ssl
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,242 +27,59 @@ from aiohttp import ClientWebSocketResponse, WSMsgType, web
 
 from virtnode import jsonrpc
 from virtnode.config import AccessConfig, Listener, ServerConfig
-from virtnode.errors import InvalidRequest
+from virtnode.connguard import Gate, GuardedProtocol, Limits, Registry, connection_budget
+from virtnode.errors import ApiError, InvalidRequest, PermissionDenied
 from virtnode.identity import Caller, peer_uid, tcp_caller, tls_caller, unix_caller
+from virtnode.origins import Site, host_refusal, origin_refusal
 from virtnode.rpc import Dispatcher
+from virtnode.sessions import HttpSession, SendLimits, WsSession, cork_for
 
 log = logging.getLogger(__name__)
 
 JsonObject = dict[str, Any]
 HealthFn = Callable[[], JsonObject]
+MetricsFn = Callable[[], bytes]
 #: A server-side WebSocketResponse, or a client-side ClientWebSocketResponse (uplinks).
 WebSocketLike = web.WebSocketResponse | ClientWebSocketResponse
 
-#: Notifications waiting for a slow WebSocket peer before new ones are dropped. Event
-#: subscriptions give up on a slow peer long before (config events.subscriber_queue); this
-#: only bounds memory if something else pushes without looking at the backlog.
-OUTBOX_LIMIT = 1_000_000
-#: Bytes of notifications framed into one transport write at most.
-WRITE_BATCH = 256 * 1024
-#: Pushing pauses while the transport holds more than this many unsent bytes...
-WRITE_HIGH_WATER = 256 * 1024
-#: ...checking again this often, seconds.
-WRITE_POLL = 0.005
-MetricsFn = Callable[[], bytes]
-
 #: Prometheus text exposition format 0.0.4.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: What POST /rpc takes: a browser can send a cross-site POST without asking only as
+#: text/plain, form data or multipart, so anything but JSON is refused.
+JSON_TYPES = frozenset({"application/json"})
 
 
-class _BaseSession:
-    def __init__(self, caller: Caller, max_inflight: int) -> None:
-        self.caller = caller
-        self.inflight = 0
-        self._max_inflight = max_inflight
-        self._close_callbacks: list[Callable[[], None]] = []
+class _GuardedSite(web.BaseSite):
+    """A listener whose connections pass a :class:`Gate` before aiohttp sees them."""
 
-    @property
-    def max_inflight(self) -> int:
-        return self._max_inflight
-
-    def on_close(self, callback: Callable[[], None]) -> None:
-        self._close_callbacks.append(callback)
-
-    def close_session(self) -> None:
-        """Run the close callbacks (once)."""
-        callbacks, self._close_callbacks = self._close_callbacks, []
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:
-                log.exception("session close callback failed")
-
-
-class HttpSession(_BaseSession):
-    """One POST request: no pushing."""
-
-    can_push = False
-    backlog = 0
-    closed = False
-
-    def push(self, message: JsonObject) -> bool:
-        return False
-
-    def push_text(self, text: str) -> bool:
-        return False
-
-    async def wait_backlog(self, size: int) -> None:
-        return None
-
-
-class _Cork:
-    """Coalesces what one loop iteration writes to a TCP socket into full segments.
-
-    Each WebSocket response is its own write; under load many are ready in the same
-    iteration. Corking the socket on the first write and uncorking it on the next
-    iteration sends them together instead of one packet per response.
-    """
-
-    def __init__(self, sock: Any) -> None:
-        self._sock = sock
-        self._corked = False
-
-    def __call__(self) -> None:
-        if not self._corked and self._set(1):
-            self._corked = True
-            asyncio.get_running_loop().call_soon(self._release)
-
-    def _release(self) -> None:
-        self._corked = False
-        self._set(0)
-
-    def _set(self, value: int) -> bool:
-        try:
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, value)
-        except OSError:
-            return False
-        return True
-
-
-def _cork_for(request: web.Request) -> _Cork | None:
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return None
-    return _Cork(sock)
-
-
-class WsSession(_BaseSession):
-    """One WebSocket connection: concurrent requests and pushed notifications."""
-
-    can_push = True
-
-    def __init__(self, ws: WebSocketLike, caller: Caller, max_inflight: int,
-                 cork: _Cork | None = None,
-                 transport: asyncio.BaseTransport | None = None) -> None:
-        super().__init__(caller, max_inflight)
-        self.ws = ws
-        self._cork = cork
-        #: The server side's transport: pushed notifications are framed here, many per
-        #: write (a subscriber gets events in batches; one write each, not one per event).
-        self._transport = transport if isinstance(transport, asyncio.WriteTransport) else None
-        sockname = transport.get_extra_info("sockname") if transport is not None else None
-        #: The local IP address of a TCP connection (what the client dialled).
-        self._local_ip: str | None = (
-            str(sockname[0]).split("%")[0] if isinstance(sockname, tuple) else None)
-        #: Messages received on this connection whose answer has not been sent yet.
-        self.unanswered = 0
-        self._outbox: collections.deque[str] = collections.deque()
-        #: Set while the outbox has something for the writer.
-        self._ready = asyncio.Event()
-        self._dropped = 0
-        #: (backlog, future) of callers waiting for the backlog to fall to that size.
-        self._drain_waiters: list[tuple[int, asyncio.Future[None]]] = []
-
-    async def wait_backlog(self, size: int) -> None:
-        """Return once at most ``size`` notifications wait to be written (or on close)."""
-        if len(self._outbox) <= size or self.ws.closed:
-            return
-        future = asyncio.get_running_loop().create_future()
-        self._drain_waiters.append((size, future))
-        try:
-            await future
-        finally:
-            self._drain_waiters = [w for w in self._drain_waiters if w[1] is not future]
-
-    def local_address(self) -> str | None:
-        """The local IP address a TCP client reached the agent on; None otherwise."""
-        return self._local_ip
-
-    def _wake_drain_waiters(self, closing: bool = False) -> None:
-        backlog = len(self._outbox)
-        for size, future in self._drain_waiters:
-            if (closing or backlog <= size) and not future.done():
-                future.set_result(None)
+    def __init__(self, runner: web.AppRunner, listener: Listener, gate: Gate,
+                 registry: Registry, *, ssl_context: ssl.SSLContext | None,
+                 backlog: int) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self._listener = listener
+        self._gate = gate
+        self._registry = registry
 
     @property
-    def backlog(self) -> int:
-        return len(self._outbox)
+    def name(self) -> str:
+        return str(self._listener)
 
-    @property
-    def closed(self) -> bool:
-        return self.ws.closed
+    def _protocol(self) -> GuardedProtocol:
+        server = self._runner.server
+        assert server is not None
+        return GuardedProtocol(server, self._gate, self._registry)
 
-    def push(self, message: JsonObject) -> bool:
-        return self.push_text(jsonrpc.encode(message))
-
-    def push_text(self, text: str) -> bool:
-        if self.ws.closed:
-            return False
-        outbox = self._outbox
-        if len(outbox) >= OUTBOX_LIMIT:
-            self._dropped += 1
-            if self._dropped == 1:
-                log.warning("%s is not reading; dropping notifications", self.caller.identity)
-            return True
-        outbox.append(text)
-        if len(outbox) == 1:
-            self._ready.set()
-        return True
-
-    async def send(self, text: str) -> None:
-        if self.ws.closed:
-            return
-        if self._cork is not None and self.unanswered > 1:
-            # Other messages are waiting for answers that may follow in this iteration.
-            self._cork()
-        try:  # noqa: SIM105 - contextlib.suppress costs an object per response here
-            await self.ws.send_str(text)
-        except (ConnectionError, RuntimeError):
-            pass  # the peer went away; its calls' answers have nowhere to go
-
-    async def write_pushed(self) -> None:
-        outbox, ready = self._outbox, self._ready
-        try:
-            while True:
-                await ready.wait()
-                while outbox:
-                    if self._transport is not None:
-                        await self._write_frames(self._transport)
-                    else:
-                        await self.send(outbox.popleft())
-                    if self._drain_waiters:
-                        self._wake_drain_waiters()
-                ready.clear()
-        finally:
-            self._wake_drain_waiters(closing=True)
-
-    async def _write_frames(self, transport: asyncio.WriteTransport) -> None:
-        """Write what the outbox holds (up to a bound) as text frames in one write.
-
-        Server frames are unmasked and this agent never compresses, so a frame is a
-        header and the UTF-8 text (RFC 6455, 5.2). Each write is whole, so frames from
-        here and responses from aiohttp's writer never interleave inside a frame.
-        """
-        outbox = self._outbox
-        if self.ws.closed or transport.is_closing():
-            outbox.clear()
-            return
-        parts: list[bytes] = []
-        size = 0
-        while outbox and size < WRITE_BATCH:
-            data = outbox.popleft().encode()
-            parts.append(_text_frame_header(len(data)))
-            parts.append(data)
-            size += len(data)
-        transport.write(b"".join(parts))
-        # The peer reads slower than we write: hold further notifications in the outbox,
-        # where the subscriptions see the backlog, not in the transport's buffer.
-        while (transport.get_write_buffer_size() > WRITE_HIGH_WATER  # noqa: ASYNC110
-               and not transport.is_closing()):
-            await asyncio.sleep(WRITE_POLL)
-
-
-def _text_frame_header(length: int) -> bytes:
-    if length < 126:
-        return bytes((0x81, length))
-    if length < 1 << 16:
-        return bytes((0x81, 126)) + length.to_bytes(2, "big")
-    return bytes((0x81, 127)) + length.to_bytes(8, "big")
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        listener = self._listener
+        if listener.kind == "unix":
+            self._server = await loop.create_unix_server(
+                self._protocol, listener.path, backlog=self._backlog)
+        else:
+            self._server = await loop.create_server(
+                self._protocol, listener.host, listener.port, ssl=self._ssl_context,
+                backlog=self._backlog, reuse_address=True)
 
 
 class ApiServer:
@@ -279,41 +99,73 @@ class ApiServer:
         self._sockets: list[Path] = []
         self._sessions: set[WsSession] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._guards: Registry = {}
+        self._send_limits = SendLimits(config.send_buffer_soft, config.send_buffer_hard)
 
     async def start(self) -> None:
         """Bind every listener; raises ``OSError`` if one cannot be bound.
 
         tls:// listeners serve with the context given to the constructor.
         """
-        app = web.Application(client_max_size=self._config.max_message_size)
+        app = web.Application(client_max_size=self._config.max_message_size,
+                              middlewares=[self._guard_requests])
         app.router.add_get("/rpc", self._get_rpc)
         app.router.add_post("/rpc", self._post_rpc)
         app.router.add_get("/healthz", self._healthz)
         if self._metrics is not None:
             app.router.add_get("/metrics", self._get_metrics)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # aiohttp's own keep-alive timer closes idle connections too (the guard's does it
+        # with or without it).
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                     keepalive_timeout=self._config.idle_timeout)
         await self._runner.setup()
-        for listener in self._config.listeners:
-            self._sites.append(await self._bind(listener))
+        listeners = self._config.listeners
+        budget = connection_budget(self._config.max_connections, len(listeners))
+        if budget < self._config.max_connections:
+            log.warning("serving at most %d connections per listener: the descriptor limit "
+                        "(RLIMIT_NOFILE) leaves no room for server.max_connections = %d",
+                        budget, self._config.max_connections)
+        for listener in listeners:
+            self._sites.append(await self._bind(listener, budget))
 
-    async def _bind(self, listener: Listener) -> web.BaseSite:
+    async def _bind(self, listener: Listener, max_connections: int) -> web.BaseSite:
         assert self._runner is not None
-        site: web.BaseSite
+        config = self._config
+        limits = Limits(max_connections, min(config.max_connections_per_caller, max_connections),
+                        config.header_timeout, config.idle_timeout)
+        gate = Gate(str(listener), limits, Site.of(listener, config.allowed_hosts))
+        if listener.kind == "tls" and self._tls is None:
+            raise ValueError(f"{listener}: no TLS context to serve it with")
         if listener.kind == "unix":
-            path = Path(listener.path)
-            await asyncio.to_thread(_prepare_unix_path, path)
-            site = web.UnixSite(self._runner, str(path))
-            await site.start()
-            os.chmod(path, self._config.unix_socket_mode)
-            self._sockets.append(path)
-        else:
-            if listener.kind == "tls" and self._tls is None:
-                raise ValueError(f"{listener}: no TLS context to serve it with")
-            site = web.TCPSite(self._runner, listener.host, listener.port, reuse_address=True,
-                               ssl_context=self._tls if listener.kind == "tls" else None)
-            await site.start()
+            await asyncio.to_thread(_prepare_unix_path, Path(listener.path))
+        site = _GuardedSite(self._runner, listener, gate, self._guards, backlog=config.backlog,
+                            ssl_context=self._tls if listener.kind == "tls" else None)
+        await site.start()
+        if listener.kind == "unix":
+            os.chmod(listener.path, config.unix_socket_mode)
+            self._sockets.append(Path(listener.path))
         log.info("listening on %s", listener)
         return site
+
+    @web.middleware
+    async def _guard_requests(self, request: web.Request,
+                              handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                              ) -> web.StreamResponse:
+        """Refuse what a browser must not do, and keep the connection's timers away."""
+        guard = self._guards.get(request.transport) if request.transport else None
+        if guard is None:  # pragma: no cover - every connection comes through a guard
+            return await handler(request)
+        site = guard.gate.site
+        refusal, reason = host_refusal(site, request.headers.get("Host")), "bad_host"
+        if refusal is None:
+            refusal, reason = origin_refusal(site, request.headers.get("Origin")), "bad_origin"
+        if refusal is not None:
+            return _refuse(PermissionDenied(refusal, reason=reason), 403)
+        guard.request_started()
+        try:
+            return await handler(request)
+        finally:
+            guard.request_finished()
 
     async def stop_accepting(self) -> None:
         """Stop accepting new connections; existing ones keep going."""
@@ -373,9 +225,23 @@ class ApiServer:
         return web.Response(body=self._metrics(),
                             headers={"Content-Type": METRICS_CONTENT_TYPE})
 
+    def unsent_bytes(self) -> int:
+        """Bytes the open WebSockets hold for peers that have not read them yet."""
+        return sum(session.unsent_bytes() for session in self._sessions)
+
     async def _post_rpc(self, request: web.Request) -> web.StreamResponse:
+        if request.content_type not in JSON_TYPES:
+            error = InvalidRequest("POST /rpc takes Content-Type: application/json",
+                                   reason="content_type")
+            return _json(jsonrpc.error(None, error), status=415)
         try:
-            body = await request.read()
+            async with asyncio.timeout(self._config.body_timeout):
+                body = await request.read()
+        except TimeoutError:
+            error = InvalidRequest(
+                f"the request body did not arrive within {self._config.body_timeout} s",
+                reason="body_timeout")
+            return _json(jsonrpc.error(None, error), status=408)
         except web.HTTPRequestEntityTooLarge:
             error = InvalidRequest(
                 f"message larger than {self._config.max_message_size} bytes",
@@ -403,7 +269,8 @@ class ApiServer:
             return _json(jsonrpc.error(None, error), status=400)
         await ws.prepare(request)
         session = WsSession(ws, self._caller(request), self._config.max_inflight_per_connection,
-                            _cork_for(request), request.transport)
+                            cork=cork_for(request), transport=request.transport,
+                            limits=self._send_limits)
         await self.serve_session(session)
         return ws
 
@@ -423,6 +290,9 @@ class ApiServer:
                 elif msg.type is WSMsgType.ERROR:
                     log.info("websocket of %s closed: %s", session.caller.identity,
                              ws.exception())
+                if session.backed_up():
+                    # Read no more until the peer reads: its own sends then block.
+                    await session.wait_unblocked()
         finally:
             self._sessions.discard(session)
             session.close_session()
@@ -439,9 +309,18 @@ class ApiServer:
         try:
             answer = await self._dispatcher.handle(data, session)
             if answer is not None:
-                await session.send(answer)
+                # An answer waiting to be sent still counts against the in-flight limit.
+                session.inflight += 1
+                try:
+                    await session.send(answer)
+                finally:
+                    session.inflight -= 1
         finally:
             session.unanswered -= 1
+
+
+def _refuse(error: ApiError, status: int) -> web.Response:
+    return _json(jsonrpc.error(None, error), status=status)
 
 
 def _json(obj: JsonObject, status: int) -> web.Response:
