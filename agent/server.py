@@ -285,6 +285,9 @@ class ApiServer:
         writer = asyncio.create_task(session.write_pushed(), name="ws-push-writer")
         try:
             async for msg in ws:
+                if session.closed:
+                    # The peer is gone: what it sent before leaving has nobody to answer.
+                    break
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                     self._spawn(session, msg.data)
                 elif msg.type is WSMsgType.ERROR:

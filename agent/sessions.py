@@ -189,7 +189,9 @@ class WsSession(_BaseSession):
 
     @property
     def closed(self) -> bool:
-        return self.ws.closed or self._closer is not None
+        transport = self._transport
+        return (self.ws.closed or self._closer is not None
+                or (transport is not None and transport.is_closing()))
 
     def unsent_bytes(self) -> int:
         """Bytes written for the peer and not yet taken by the kernel, queued or buffered."""
@@ -198,11 +200,15 @@ class WsSession(_BaseSession):
         return buffered + self._outbox_chars
 
     def backed_up(self) -> bool:
-        """Whether the server should stop reading requests until the peer reads."""
-        return self._closer is None and self.unsent_bytes() > self._limits.soft
+        """Whether the server should stop reading requests for now: the peer does not read
+        its answers, or has sent twice the in-flight limit that are not answered yet (the
+        ones past the limit are refused at once, but each still costs the loop a turn)."""
+        return self._closer is None and (
+            self.unanswered >= 2 * self.max_inflight
+            or self.unsent_bytes() > self._limits.soft)
 
     async def wait_unblocked(self) -> None:
-        """Return once the unsent bytes fall to the soft limit, or the session closes."""
+        """Return once the session is no longer backed up, or closes."""
         while self.backed_up() and not self.ws.closed:  # noqa: ASYNC110
             await asyncio.sleep(WRITE_POLL)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import configparser
 from pathlib import Path
 
-from virtnode.connguard import RESERVED_DESCRIPTORS
 from virtnode.config import ServerConfig
+from virtnode.connguard import RESERVED_DESCRIPTORS
 
 UNIT = Path(__file__).resolve().parents[2] / "packaging" / "virtnode.service"
 
