@@ -6,7 +6,7 @@ numbers of gRPC's status codes) so a client can decide what to do from the name 
 
     ApiError                      code   what the caller should conclude
     ├── ProtocolError
-    │   ├── ParseError           -32700  the message was not JSON
+    │   ├── ParseError           -32700  the message was not JSON (or not Unicode)
     │   ├── InvalidRequest       -32600  not a JSON-RPC 2.0 request (or too large)
     │   ├── MethodNotFound       -32601  no such method on this agent
     │   ├── InvalidParams        -32602  params do not match the method's schema

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, NamedTuple
 
 from virtnode.errors import ApiError, InvalidRequest, ParseError
@@ -59,16 +60,51 @@ def _finite_float(text: str) -> float:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
+#: A ``\uXXXX`` escape of a UTF-16 surrogate (U+D800-U+DFFF). JSON spells the ``u`` in
+#: lower case; the hex digits may be either.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 def decode(raw: str | bytes) -> Any:
-    """``json.loads`` that refuses NaN, Infinity and numbers too large for a float.
+    """``json.loads`` that refuses NaN, Infinity, numbers too large for a float and text
+    that is not Unicode.
 
-    Those are not JSON (or cannot be sent back as JSON); raises ``ValueError`` for them.
-    Bytes are decoded as UTF-8, UTF-16 or UTF-32, as ``json.loads`` does.
+    Those are not JSON (or cannot be sent back as JSON); raises ``ValueError`` for the
+    first, and ``UnicodeError`` (a ``ValueError``) for bytes that are not UTF-8 (or UTF-16,
+    UTF-32, as ``json.loads`` detects them) and for a lone surrogate, written as an escape
+    (``"\\ud800"``) or, in a str, as such.
     """
-    if not isinstance(raw, str):
-        raw = raw.decode(json.detect_encoding(raw), "surrogatepass")
-    return _DECODER.decode(raw)
+    if isinstance(raw, str):
+        # Only an in-process caller can hand over a str with a surrogate in it: bytes are
+        # decoded strictly below, and aiohttp decodes WebSocket text the same way.
+        suspect = _SURROGATE_ESCAPE.search(raw) is not None or (
+            not raw.isascii() and _SURROGATE.search(raw) is not None)
+    else:
+        raw = raw.decode(json.detect_encoding(raw))
+        suspect = _SURROGATE_ESCAPE.search(raw) is not None
+    value = _DECODER.decode(raw)
+    # The decoder joins a pair of escapes into one character and keeps a lone one as a
+    # surrogate; only a message with such an escape needs looking through.
+    if suspect and _holds_surrogate(value):
+        raise UnicodeError("a string holds a lone surrogate (an unpaired \\uD800-\\uDFFF)")
+    return value
+
+
+def _holds_surrogate(value: Any) -> bool:
+    """Whether a string in ``value`` (a key, a value, at any depth) holds a surrogate."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item) is not None:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 def _is_valid_id(value: Any) -> bool:
@@ -117,13 +153,17 @@ def parse_entry(obj: Any) -> Entry:
 def parse(raw: str | bytes, max_batch: int | None = None) -> Message:
     """Decode one message.
 
-    Raises :class:`ParseError` when it is not JSON, and :class:`InvalidRequest` for an
-    empty batch or one of more than ``max_batch`` entries; each is answered with a single
-    error response whose id is null.
+    Raises :class:`ParseError` when it is not JSON (reason ``bad_json``) or not Unicode
+    (``bad_unicode``: bytes that are not UTF-8, a lone surrogate), and
+    :class:`InvalidRequest` for an empty batch or one of more than ``max_batch``
+    entries; each is answered with a single error response whose id is null.
     """
     try:
         decoded = decode(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except UnicodeError as exc:
+        # Nothing of it is kept or echoed: it could not be stored or sent back.
+        raise ParseError(f"message is not valid Unicode: {exc}", reason="bad_unicode") from None
+    except ValueError as exc:
         raise ParseError(f"message is not valid JSON: {exc}", reason="bad_json") from None
     except RecursionError:
         raise ParseError("message is nested too deeply", reason="too_deep") from None
@@ -154,5 +194,12 @@ def notification(method: str, params: JsonObject) -> JsonObject:
 
 
 def encode(obj: Any) -> str:
-    """Serialise a response, a batch of them or a notification."""
-    return _ENCODER.encode(obj)
+    """Serialise a response, a batch of them or a notification.
+
+    Raises ``ValueError`` when ``obj`` holds what cannot be sent: NaN or an infinity, or
+    a string with a lone surrogate (``UnicodeEncodeError``), which has no UTF-8 form.
+    """
+    text = _ENCODER.encode(obj)
+    if not text.isascii():  # O(1): CPython records whether a str is ASCII
+        text.encode()  # the transports' own encoding, tried here where it can be answered
+    return text

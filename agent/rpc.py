@@ -256,16 +256,23 @@ class Dispatcher:
 
 
 def _encode(response: JsonObject) -> str:
-    """Serialise one response; a result that is not JSON becomes an internal error."""
+    """Serialise one response; never raises.
+
+    A result that is not JSON, or holds a string with no UTF-8 form (a lone surrogate),
+    becomes an internal error; one whose id cannot be sent either gets a null id.
+    """
     try:
         return jsonrpc.encode(response)
     except (TypeError, ValueError):
         incident = str(uuid.uuid4())
-        log.exception("cannot encode the answer to request id %r (incident %s)",
+        log.exception("cannot encode the answer to request id %a (incident %s)",
                       response.get("id"), incident)
         error = InternalError("internal error; see the agent log",
                               reason="unencodable_result", incident=incident)
-        return jsonrpc.encode(jsonrpc.error(response.get("id"), error))
+        try:
+            return jsonrpc.encode(jsonrpc.error(response.get("id"), error))
+        except ValueError:
+            return jsonrpc.encode(jsonrpc.error(None, error))
 
 
 _F = Callable[..., Awaitable[JsonObject]]

@@ -227,3 +227,41 @@ async def test_each_request_is_logged_at_debug(agent: AgentProcess,
     assert "caller=uid:0" in ping and "outcome=ok" in ping and "duration_ms=" in ping
     bad = next(line for line in lines if "call VM.list " in line)
     assert "outcome=InvalidParams" in bad
+
+
+# --- text that is not Unicode -------------------------------------------------------------
+
+#: Requests with a lone surrogate, as an escape: valid JSON grammar, but no UTF-8 form.
+SURROGATE_ID = r'{"jsonrpc": "2.0", "method": "Host.ping", "id": "\ud800"}'
+SURROGATE_METHOD = r'{"jsonrpc": "2.0", "method": "VM.\udc00", "id": 1}'
+
+
+def assert_bad_unicode(answer: Any) -> None:
+    assert answer["id"] is None
+    assert answer["error"]["code"] == -32700
+    assert answer["error"]["data"] == {"name": "ParseError", "reason": "bad_unicode"}
+
+
+async def test_text_that_is_not_unicode_is_a_parse_error(agent: AgentProcess) -> None:
+    url = f"{agent.http_url}/rpc"
+    headers = {"Content-Type": "application/json"}
+    ping = json.dumps({"jsonrpc": "2.0", "method": "Host.ping", "id": 2})
+    async with aiohttp.ClientSession() as http, asyncio.timeout(30):
+        for body in (SURROGATE_ID.encode(), SURROGATE_METHOD.encode(),
+                     b'{"jsonrpc": "2.0", "method": "Host.ping", "id": "\xff"}',
+                     b'{"jsonrpc": "2.0", "method": "Host.ping", "id": "\xed\xa0\x80"}'):
+            async with http.post(url, data=body, headers=headers) as resp:
+                assert resp.status == 200, await resp.text()
+                assert_bad_unicode(await resp.json())
+
+        ws = await http.ws_connect(url)
+        for text in (SURROGATE_METHOD, SURROGATE_ID):
+            await ws.send_str(text)
+            assert_bad_unicode(await ws.receive_json(timeout=10))
+        # Binary frames are bytes like a POST body; the connection serves on after all.
+        await ws.send_bytes(b'{"jsonrpc": "2.0", "method": "Host.ping", "id": "\xff"}')
+        assert_bad_unicode(await ws.receive_json(timeout=10))
+        await ws.send_str(ping)
+        assert (await ws.receive_json(timeout=10))["id"] == 2
+        await ws.close()
+    assert "never retrieved" not in agent.log

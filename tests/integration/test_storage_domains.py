@@ -132,6 +132,29 @@ async def test_bad_create_params_are_refused(sd_agent: AgentProcess,
     assert (await client.call("StorageDomain.list"))["domains"] == []
 
 
+@pytest.mark.parametrize(
+    ("params", "name", "reason"),
+    [
+        ({"name": "sur\ud800"}, "ParseError", "bad_unicode"),
+        ({"name": "ok", "leaf": "x\udc00"}, "ParseError", "bad_unicode"),
+    ],
+    ids=["surrogate-name", "surrogate-path"],
+)
+async def test_create_with_text_that_cannot_be_stored_leaves_nothing(
+        *, sd_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path,
+        params: dict[str, Any], name: str, reason: str) -> None:
+    client = await checked_client(sd_agent.unix_url)
+    root = tmp_path / "local"
+    path = root / params.pop("leaf", "")
+    async with asyncio.timeout(30):
+        err = await expect_error(client, "StorageDomain.create",
+                                 {"type": "localfs", "path": str(path), **params}, name, reason)
+        if name == "InvalidParams":
+            assert err.data["field"] == "path"
+        assert not root.exists()
+        assert (await client.call("StorageDomain.list"))["domains"] == []
+
+
 async def test_attach_refuses_corrupt_and_newer_metadata(
         sd_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
     client = await checked_client(sd_agent.unix_url)

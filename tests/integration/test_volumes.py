@@ -122,6 +122,30 @@ async def test_traversal_ids_are_refused(agent: AgentProcess, checked_client: Cl
     assert sorted(os.listdir(tmp_path / "sd" / sd_id / "images")) == []
 
 
+@pytest.mark.parametrize(
+    ("description", "name", "reason"),
+    [
+        # A lone surrogate has no UTF-8 form: once stored, no listing could be sent.
+        ("x\udfff", "ParseError", "bad_unicode"),
+    ],
+    ids=["surrogate"],
+)
+async def test_description_that_cannot_be_stored_is_refused(
+        *, agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path,
+        description: str, name: str, reason: str) -> None:
+    client = await checked_client(agent.unix_url)
+    sd_id = await new_domain(client, tmp_path / "sd")
+    async with asyncio.timeout(30):
+        for method, params in (
+                ("Volume.create", {"sd_id": sd_id, "size": MiB, "description": description}),
+                ("Volume.copy", {"src": {"sd_id": sd_id, "image_id": str(uuid.uuid4()),
+                                         "volume_id": str(uuid.uuid4())},
+                                 "dst_sd": sd_id, "description": description})):
+            await expect_error(client, method, params, name, reason)
+        assert sorted(os.listdir(tmp_path / "sd" / sd_id / "images")) == []
+        assert (await client.call("Volume.list", {"sd_id": sd_id}))["volumes"] == []
+
+
 async def test_copy_and_merge_keep_the_data(
         agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
     client = await checked_client(agent.unix_url)

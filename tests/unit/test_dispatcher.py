@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from virtnode import rpc
 from virtnode.config import Role
 from virtnode.errors import NotFound
 from virtnode.identity import Caller
@@ -87,6 +88,12 @@ methods:
     since: "0.1"
     params: {}
     result: {}
+  Test.lonely:
+    description: Returns a string with a lone surrogate, which has no UTF-8 form.
+    access: read
+    since: "0.1"
+    params: {}
+    result: {}
   Test.whoami:
     description: Says what the handler was told about the call.
     access: read
@@ -150,6 +157,10 @@ class FakeService:
     @rpc_method("Test.unsendable")
     async def unsendable(self, ctx: CallContext, params: JsonObject) -> JsonObject:
         return {"ratio": float("nan"), "when": object()}
+
+    @rpc_method("Test.lonely")
+    async def lonely(self, ctx: CallContext, params: JsonObject) -> JsonObject:
+        return {"description": "stored before it was refused \udfff"}
 
     @rpc_method("Test.whoami")
     async def whoami(self, ctx: CallContext, params: JsonObject) -> JsonObject:
@@ -480,6 +491,31 @@ async def test_result_that_is_not_json_is_an_internal_error(
     assert result_of(by_id[16], test_schema, "Test.echo")["name"] == "ok"
 
 
+async def test_result_that_is_not_unicode_is_an_internal_error(
+    dispatcher: Dispatcher, reader: FakeSession, test_schema: ApiSchema
+) -> None:
+    # A lone surrogate encodes as JSON but not as UTF-8: the transport could not send it.
+    for message in (request("Test.lonely", {}, 17),
+                    [request("Test.lonely", {}, 18), request("Test.echo", {"name": "ok"}, 19)]):
+        answer = await dispatcher.handle(json.dumps(message), reader)
+        assert answer is not None
+        answer.encode("utf-8")
+        responses = json.loads(answer)
+        by_id = {r["id"]: r for r in (responses if isinstance(responses, list) else [responses])}
+        for req_id in (17, 18):
+            if req_id in by_id:
+                error = error_of(by_id[req_id], -32603)
+                assert error["data"]["reason"] == "unencodable_result"
+    assert result_of(by_id[19], test_schema, "Test.echo")["name"] == "ok"
+
+
+def test_an_answer_whose_id_cannot_be_sent_gets_a_null_id() -> None:
+    # parse() refuses such ids; this is the last line of defence behind it.
+    answer = json.loads(rpc._encode({"jsonrpc": "2.0", "result": {}, "id": "\ud800"}))
+    assert answer["id"] is None
+    assert answer["error"]["data"]["reason"] == "unencodable_result"
+
+
 # -- batches --------------------------------------------------------------------------------
 
 
@@ -680,7 +716,7 @@ def test_handlers_of_collects_marked_methods_bound_to_the_service(service: FakeS
     handlers = handlers_of(service)
     assert set(handlers) == {
         "Test.echo", "Test.set", "Test.lookup", "Test.crash", "Test.wait", "Test.unsendable",
-        "Test.whoami",
+        "Test.lonely", "Test.whoami",
     }
     assert handlers["Test.echo"] == service.echo
     assert getattr(handlers["Test.echo"], "__self__", None) is service

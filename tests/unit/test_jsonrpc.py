@@ -293,3 +293,79 @@ def test_encode_is_compact_utf8_and_parses_back() -> None:
 def test_encode_refuses_non_json_numbers(value: float) -> None:
     with pytest.raises(ValueError):
         jsonrpc.encode(jsonrpc.result(1, {"x": value}))
+
+
+# -- text that is not Unicode ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(r'{"jsonrpc": "2.0", "method": "Host.ping", "id": "\ud800"}', id="id"),
+        pytest.param(r'{"jsonrpc": "2.0", "method": "VM.\udc00", "id": 1}', id="method"),
+        pytest.param(r'{"jsonrpc": "2.0", "method": "A.a", "params": {"d": "x\uDFFF"}, "id": 1}',
+                     id="param-upper-case"),
+        pytest.param(r'{"jsonrpc": "2.0", "method": "A.a", "params": {"k\uDbFf": 1}, "id": 1}',
+                     id="param-key"),
+        pytest.param(r'{"jsonrpc": "2.0", "method": "A.a", "params": [[{"a": ["\udabc"]}]], '
+                     r'"id": 1}', id="nested"),
+        # A high surrogate must be followed by a low one, and only in that order.
+        pytest.param(r'{"jsonrpc": "2.0", "method": "A.a", "params": {"x": "\ud83d\u0041"}, '
+                     r'"id": 1}', id="high-then-letter"),
+        pytest.param(r'{"jsonrpc": "2.0", "method": "A.a", "params": {"x": "\ude00\ud83d"}, '
+                     r'"id": 1}', id="low-then-high"),
+        pytest.param(r'{"jsonrpc": "2.0", "method": "A.a", "params": {"x": "\ud83d"}, "id": 1}',
+                     id="high-at-end"),
+        pytest.param(r'[{"jsonrpc": "2.0", "method": "A.a", "id": 1}, '
+                     r'{"jsonrpc": "2.0", "method": "\ud800"}]', id="batch"),
+        # A str message with a lone surrogate in it (not an escape): from in-process callers.
+        pytest.param('{"jsonrpc": "2.0", "method": "A.a", "params": {"x": "\udfff"}, "id": 1}',
+                     id="literal"),
+        # Bytes that are not UTF-8: an invalid byte, a surrogate encoded as UTF-8 (CESU), and
+        # a sequence cut short.
+        pytest.param(b'{"jsonrpc": "2.0", "method": "A.a", "id": "\xff"}', id="bytes-ff"),
+        pytest.param(b'{"jsonrpc": "2.0", "method": "A.a", "id": "\xed\xa0\x80"}',
+                     id="bytes-cesu"),
+        pytest.param(b'{"jsonrpc": "2.0", "method": "A.a", "params": {"x": "\xc3"}, "id": 1}',
+                     id="bytes-truncated"),
+    ],
+)
+def test_text_that_is_not_unicode_is_a_parse_error(raw: str | bytes) -> None:
+    with pytest.raises(ParseError) as caught:
+        jsonrpc.parse(raw)
+    assert caught.value.reason == "bad_unicode"
+    text = jsonrpc.encode(jsonrpc.error(None, caught.value))
+    text.encode("utf-8")  # the answer echoes nothing of it and can be sent
+    assert json.loads(text)["error"]["code"] == -32700
+    assert json.loads(text)["id"] is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        (r'"\ud83d\ude00"', "\U0001f600"),
+        (r'"\uD83D\uDE00"', "\U0001f600"),
+        (r'"x\ud7ff\ue000"', "x\ud7ff\ue000"),
+        # An escaped backslash followed by "ud800" is text, not an escape.
+        (r'"\\ud800"', "\\ud800"),
+    ],
+)
+def test_surrogate_pairs_and_lookalikes_are_unicode(raw: str, value: str) -> None:
+    message = '{"jsonrpc": "2.0", "method": "A.a", "params": {"x": ' + raw + '}, "id": 1}'
+    for form in (message, message.encode()):
+        entry = parse_one(form)
+        assert isinstance(entry, jsonrpc.Request)
+        assert entry.params == {"x": value}
+
+
+def test_decode_refuses_a_lone_surrogate() -> None:
+    with pytest.raises(UnicodeError):
+        jsonrpc.decode(r'["\udead"]')
+    assert jsonrpc.decode(r'["\ud83d\ude00"]') == ["\U0001f600"]
+
+
+@pytest.mark.parametrize("value", ["\ud800", "ok \udfff", {"k\udc00": 1}])
+def test_encode_refuses_a_lone_surrogate(value: Any) -> None:
+    # It could not be sent as UTF-8: the caller turns it into an error it can send.
+    with pytest.raises(ValueError):
+        jsonrpc.encode(jsonrpc.result(1, {"x": value}))
