@@ -88,11 +88,18 @@ class ApiSchema:
     _validators: dict[str, Validator] = field(default_factory=dict, repr=False, compare=False)
 
     def check_params(self, method: MethodSpec, params: JsonObject) -> JsonObject:
-        """Validate ``params`` (filling in defaults) or raise :class:`InvalidParams`."""
+        """Validate ``params`` (filling in defaults) or raise :class:`InvalidParams`.
+
+        Beyond the method's schema, no string in them (value or key, at any depth) may
+        hold a C0 control character other than tab, newline and carriage return (reason
+        ``control_character``): see :data:`CONTROL_CHARACTERS`.
+        """
         try:
             checked: JsonObject = method.validate_params(params)
         except fastjsonschema.JsonSchemaValueException as exc:
             raise _invalid_params(exc) from None
+        if _holds_control(checked):
+            raise _control_character(checked)
         return checked
 
     def check_result(self, method: str, value: Any) -> None:
@@ -162,6 +169,58 @@ class ApiSchema:
             ],
             "definitions": dict(self.definitions),
         })
+
+
+#: Refused in every string of every method's params: the C0 controls but tab, newline and
+#: carriage return (the characters XML 1.0 refuses too). Params become names, paths, argv
+#: words, domain XML and stored text, where NUL cuts a C string short and the others are
+#: never meant; one rule here covers every method, present and future.
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def _holds_control(params: JsonObject) -> bool:
+    """Whether a string in ``params`` holds one of :data:`CONTROL_CHARACTERS`."""
+    search = CONTROL_CHARACTERS.search
+    pending: list[Any] = [params]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if search(item) is not None:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+def _control_character(params: JsonObject) -> InvalidParams:
+    """The error naming the first field (in document order) with a control character.
+
+    A key with one is reported on the object that holds it: the field could not be named
+    without writing the character.
+    """
+    pending: list[tuple[str, str, Any]] = [("", "parameter", params)]
+    while pending:
+        path, what, item = pending.pop()
+        if isinstance(item, str):
+            found = CONTROL_CHARACTERS.search(item)
+            if found is not None:
+                subject = f"{what} {path!r}" if path else "a parameter name"
+                return InvalidParams(
+                    f"{subject} holds the control character "
+                    f"U+{ord(found.group()):04X}; of those only tab, newline and carriage "
+                    "return are allowed", reason="control_character", field=path)
+        elif isinstance(item, dict | list):
+            entries = item.items() if isinstance(item, dict) else enumerate(item)
+            children: list[tuple[str, str, Any]] = []
+            for key, value in entries:
+                if isinstance(key, str):
+                    children.append((path, "a key in parameter", key))
+                children.append((f"{path}.{key}" if path else str(key), "parameter", value))
+            pending.extend(reversed(children))
+    raise AssertionError("no control character in params")  # pragma: no cover
 
 
 def _invalid_params(exc: fastjsonschema.JsonSchemaValueException) -> InvalidParams:

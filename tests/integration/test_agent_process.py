@@ -17,6 +17,7 @@ import pytest
 from tests.agentproc import AgentProcess, running_agent, start_agent
 from tests.conftest import ClientFactory
 from tests.subproc import virtnode
+from virtnode.client import RemoteError
 from virtnode.schema import ApiSchema
 
 JsonObject = dict[str, Any]
@@ -265,3 +266,26 @@ async def test_text_that_is_not_unicode_is_a_parse_error(agent: AgentProcess) ->
         assert (await ws.receive_json(timeout=10))["id"] == 2
         await ws.close()
     assert "never retrieved" not in agent.log
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"xml": "<domain type='test'><name>a\u0000b</name></domain>"}, "xml"),
+        ({"spec": {"name": "vm1", "disks": [{"path": "/images/a\u0000.img"}]}},
+         "spec.disks.0.path"),
+        ({"spec": {"name": "vm1", "kernel": "/boot/vmlinuz\u0001"}}, "spec.kernel"),
+    ],
+    ids=["xml", "disk-path", "kernel"],
+)
+async def test_control_characters_in_vm_create_name_the_field(
+        agent: AgentProcess, checked_client: ClientFactory,
+        params: JsonObject, field: str) -> None:
+    client = await checked_client(agent.unix_url)
+    with pytest.raises(RemoteError) as caught:
+        await client.call("VM.create", params, timeout=30)
+    assert caught.value.error["code"] == -32602
+    assert caught.value.error["data"]["field"] == field
+    assert caught.value.reason == "control_character"
+    vms = (await client.call("VM.list"))["vms"]
+    assert [vm["name"] for vm in vms] == [TEST_VM]

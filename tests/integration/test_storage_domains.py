@@ -137,8 +137,10 @@ async def test_bad_create_params_are_refused(sd_agent: AgentProcess,
     [
         ({"name": "sur\ud800"}, "ParseError", "bad_unicode"),
         ({"name": "ok", "leaf": "x\udc00"}, "ParseError", "bad_unicode"),
+        ({"name": "ok", "leaf": "a\u0000b"}, "InvalidParams", "control_character"),
+        ({"name": "ok", "leaf": "bell\u0007"}, "InvalidParams", "control_character"),
     ],
-    ids=["surrogate-name", "surrogate-path"],
+    ids=["surrogate-name", "surrogate-path", "nul-path", "bell-path"],
 )
 async def test_create_with_text_that_cannot_be_stored_leaves_nothing(
         *, sd_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path,

@@ -127,8 +127,9 @@ async def test_traversal_ids_are_refused(agent: AgentProcess, checked_client: Cl
     [
         # A lone surrogate has no UTF-8 form: once stored, no listing could be sent.
         ("x\udfff", "ParseError", "bad_unicode"),
+        ("x\u0000y", "InvalidParams", "control_character"),
     ],
-    ids=["surrogate"],
+    ids=["surrogate", "nul"],
 )
 async def test_description_that_cannot_be_stored_is_refused(
         *, agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path,

@@ -516,6 +516,45 @@ def test_an_answer_whose_id_cannot_be_sent_gets_a_null_id() -> None:
     assert answer["error"]["data"]["reason"] == "unencodable_result"
 
 
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"name": "a\u0000b"}, "name"),
+        ({"name": "\u0007bell"}, "name"),
+        ({"name": "esc\u001b[0m"}, "name"),
+        ({"name": "a", "tags": ["ok", "line\u000bfeed"]}, "tags.1"),
+        ({"name": "a", "options": {"mode": "fast"}, "tags": ["\u001f"]}, "tags.0"),
+    ],
+    ids=["nul", "bell", "escape", "vertical-tab", "unit-separator"],
+)
+async def test_control_characters_in_strings_are_invalid_params(
+    *, dispatcher: Dispatcher, reader: FakeSession, service: FakeService,
+    params: JsonObject, field: str,
+) -> None:
+    response = await call(dispatcher, reader, request("Test.echo", params))
+    error = error_of(response, -32602)
+    assert error["data"]["name"] == "InvalidParams"
+    assert error["data"]["field"] == field
+    assert error["data"]["reason"] == "control_character"
+    assert service.calls == [], "the handler must not run on invalid params"
+
+
+async def test_tab_newline_and_carriage_return_are_text(
+    dispatcher: Dispatcher, reader: FakeSession, test_schema: ApiSchema
+) -> None:
+    name = "line one\r\n\tline two\n\u007f\u0080 ü"
+    response = await call(dispatcher, reader, request("Test.echo", {"name": name}))
+    assert result_of(response, test_schema, "Test.echo")["name"] == name
+
+
+async def test_schema_errors_come_before_control_characters(
+    dispatcher: Dispatcher, reader: FakeSession
+) -> None:
+    response = await call(dispatcher, reader, request("Test.echo", {"name": "\u0000",
+                                                                    "count": -1}))
+    assert error_of(response, -32602)["data"]["reason"] == "minimum"
+
+
 # -- batches --------------------------------------------------------------------------------
 
 
