@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 DEFAULT_CONFIG_PATH = Path("/etc/virtnode/virtnode.toml")
 
@@ -71,12 +71,15 @@ def parse_listener(text: str) -> Listener:
     parts = urlsplit(text)
     if parts.scheme not in ("tcp", "tls"):
         raise ValueError("expected unix:/PATH, tcp://HOST:PORT or tls://HOST:PORT")
+    _check_only_host_port(text, parts)
     try:
         port = parts.port
     except ValueError as exc:
         raise ValueError(str(exc)) from None
     if not parts.hostname or port is None:
         raise ValueError(f"{parts.scheme} listener needs HOST:PORT")
+    if port == 0:
+        raise ValueError("port 0 is not a port to listen on (1 to 65535)")
     host = parts.hostname
     if host != "localhost":
         try:
@@ -87,6 +90,20 @@ def parse_listener(text: str) -> Listener:
         if parts.scheme == "tcp" and not loopback:
             raise ValueError("plain tcp:// listens on loopback only; use tls:// for remote access")
     return Listener(parts.scheme, host=host, port=port)
+
+
+def _check_only_host_port(text: str, parts: SplitResult) -> None:
+    """A listener is HOST:PORT: refuse what else a URL may hold, rather than ignore it."""
+    scheme = parts.scheme
+    if "@" in parts.netloc:
+        raise ValueError(f"{scheme} listener takes no user name (user@); it is HOST:PORT")
+    # urlsplit drops an empty query or fragment ("tcp://h:1?"): look at the text itself.
+    if parts.path:
+        raise ValueError(f"{scheme} listener takes no path ({parts.path!r}); it is HOST:PORT")
+    if "?" in text:
+        raise ValueError(f"{scheme} listener takes no query (?...); it is HOST:PORT")
+    if "#" in text:
+        raise ValueError(f"{scheme} listener takes no fragment (#...); it is HOST:PORT")
 
 
 def _positive(value: float) -> str | None:
