@@ -106,8 +106,41 @@ def _check_only_host_port(text: str, parts: SplitResult) -> None:
         raise ValueError(f"{scheme} listener takes no fragment (#...); it is HOST:PORT")
 
 
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "must be greater than 0"
+Check = Callable[[Any], str | None]
+
+#: Bounds of the numeric keys. Each key has one, finite, so that a typo (1e20, inf) is
+#: an error here rather than an overflow or a wait of centuries at run time.
+GiB = 1 << 30
+#: Seconds in a day: the longest timeout, interval or delay any key takes...
+DAY = 86_400
+#: ...but for how long finished jobs and journaled events are kept.
+MONTH = 30 * DAY
+#: uid_t is 32 bits, and (uid_t)-1 means "no uid" to chown(2) and setresuid(2).
+MAX_UID = 2**32 - 2
+#: Host statistics samples kept in memory (stats.history / stats.host_interval).
+MAX_HISTORY_SAMPLES = 100_000
+
+
+def _within(low: float, high: float, *, low_included: bool, problem: str) -> Check:
+    """Check ``low < value <= high`` (or ``low <= value``); NaN and infinities fail it."""
+
+    def check(value: float) -> str | None:
+        above = value >= low if low_included else value > low
+        return None if above and value <= high else problem
+
+    return check
+
+
+def _seconds(most: int = DAY, *, zero: bool = False) -> Check:
+    """A duration: above 0 (or at least 0 with ``zero``) and at most ``most`` seconds."""
+    low = "at least 0" if zero else "greater than 0"
+    return _within(0, most, low_included=zero,
+                   problem=f"must be {low} and at most {most} seconds")
+
+
+def _count(most: int) -> Check:
+    """A number of things (threads, requests, events, bytes): 1 to ``most``."""
+    return _within(1, most, low_included=True, problem=f"must be at least 1 and at most {most}")
 
 
 def _check_listen(value: tuple[str, ...]) -> str | None:
@@ -125,17 +158,20 @@ def _check_uri(value: str) -> str | None:
     return None if "://" in value or value.startswith("test:") else "is not a libvirt URI"
 
 
-def _non_negative(value: float) -> str | None:
-    return None if value >= 0 else "must not be negative"
-
-
 def _check_level(value: str) -> str | None:
     levels = ("debug", "info", "warning", "error")
     return None if value in levels else f"must be one of {', '.join(levels)}"
 
 
 def _check_mode(value: int) -> str | None:
-    return None if 0 <= value <= 0o777 else "must be a file mode between 0 and 0o777"
+    return None if 0 <= value <= 0o777 else "must be a file mode, at least 0 and at most 0o777"
+
+
+def _check_uids(value: tuple[int, ...]) -> str | None:
+    for index, uid in enumerate(value):
+        if not 0 <= uid <= MAX_UID:
+            return f"[{index}]: {uid} is not a uid (at least 0 and at most {MAX_UID})"
+    return None
 
 
 def _spec(default: Any, check: Callable[[Any], str | None] | None = None, doc: str = "") -> Any:
@@ -147,35 +183,47 @@ class ServerConfig:
     listen: tuple[str, ...] = _spec(
         ("unix:/run/virtnode/virtnode.sock",), _check_listen, "addresses to serve the API on"
     )
-    unix_socket_mode: int = _spec(0o666, _check_mode, "mode of unix sockets; roles limit callers")
-    max_message_size: int = _spec(16 * 1024 * 1024, _positive, "largest request message, bytes")
-    max_inflight_per_connection: int = _spec(64, _positive, "concurrent requests per connection")
-    drain_timeout: float = _spec(10.0, _positive, "seconds to let in-flight calls finish at stop")
-    stage_timeout: float = _spec(5.0, _positive, "seconds for each other shutdown stage")
+    unix_socket_mode: int = _spec(
+        0o666, _check_mode, "mode of unix sockets, at most 0o777; roles limit callers")
+    max_message_size: int = _spec(
+        16 * 1024 * 1024, _count(GiB), "largest request message, bytes (at most 1 GiB)")
+    max_inflight_per_connection: int = _spec(
+        64, _count(65_536), "concurrent requests per connection (at most 65536)")
+    drain_timeout: float = _spec(
+        10.0, _seconds(), "seconds to let in-flight calls finish at stop (at most a day)")
+    stage_timeout: float = _spec(
+        5.0, _seconds(), "seconds for each other shutdown stage (at most a day)")
     check_results: bool = _spec(
         False, None, "validate every result and event against the schema (development)"
     )
-    max_batch: int = _spec(100, _positive, "requests in one batch at most")
+    max_batch: int = _spec(
+        100, _count(10_000), "requests in one batch at most (at most 10000)")
     max_answer_size: int = _spec(
-        16 * 1024 * 1024, _positive,
-        "largest answer, bytes; a bigger one is replaced by a ResourceExhausted error")
+        16 * 1024 * 1024, _count(GiB),
+        "largest answer, bytes; a bigger one is replaced by a ResourceExhausted error "
+        "(at most 1 GiB)")
     send_buffer_soft: int = _spec(
-        1024 * 1024, _positive,
-        "unsent bytes of one WebSocket above which the agent stops reading from it")
+        1024 * 1024, _count(GiB),
+        "unsent bytes of one WebSocket above which the agent stops reading from it "
+        "(at most 1 GiB)")
     send_buffer_hard: int = _spec(
-        64 * 1024 * 1024, _positive,
-        "unsent bytes of one WebSocket above which the agent closes it (1008)")
-    max_connections: int = _spec(1000, _positive, "open connections per listener at most")
+        64 * 1024 * 1024, _count(GiB),
+        "unsent bytes of one WebSocket above which the agent closes it (1008; at most 1 GiB)")
+    max_connections: int = _spec(
+        1000, _count(1_000_000), "open connections per listener at most (at most 1000000)")
     max_connections_per_caller: int = _spec(
-        200, _positive, "open connections per listener of one caller (uid, certificate CN "
-        "or peer address) at most")
+        200, _count(1_000_000), "open connections per listener of one caller (uid, "
+        "certificate CN or peer address) at most (at most 1000000)")
     header_timeout: float = _spec(
-        10.0, _positive, "seconds a client has to send a request's headers once it began")
+        10.0, _seconds(), "seconds a client has to send a request's headers once it began "
+        "(at most a day)")
     idle_timeout: float = _spec(
-        60.0, _positive, "seconds a connection may stay without a request before it is "
-        "closed (WebSockets excepted: they are pinged)")
-    body_timeout: float = _spec(60.0, _positive, "seconds to receive a POST body")
-    backlog: int = _spec(4096, _positive, "pending connections each listener queues")
+        60.0, _seconds(), "seconds a connection may stay without a request before it is "
+        "closed (WebSockets excepted: they are pinged; at most a day)")
+    body_timeout: float = _spec(
+        60.0, _seconds(), "seconds to receive a POST body (at most a day)")
+    backlog: int = _spec(
+        4096, _count(65_535), "pending connections each listener queues (at most 65535)")
     allowed_hosts: tuple[str, ...] = _spec(
         (), None, "more host names accepted in the Host and Origin headers (besides "
         "localhost, this host's names, the listen addresses and IP literals)")
@@ -188,18 +236,26 @@ class ServerConfig:
 @dataclass(frozen=True)
 class HypervisorConfig:
     uri: str = _spec("test:///default", _check_uri, "libvirt connection URI")
-    call_timeout: float = _spec(30.0, _positive, "deadline of one libvirt call, seconds")
-    pool_size: int = _spec(8, _positive, "threads that run blocking libvirt calls")
-    keepalive_interval: int = _spec(5, _positive, "seconds between keepalive probes")
-    keepalive_count: int = _spec(3, _positive, "unanswered probes before the link is dead")
-    reconnect_min: float = _spec(0.5, _positive, "first reconnect delay, seconds")
-    reconnect_max: float = _spec(30.0, _positive, "longest reconnect delay, seconds")
+    call_timeout: float = _spec(
+        30.0, _seconds(), "deadline of one libvirt call, seconds (at most a day)")
+    pool_size: int = _spec(
+        8, _count(1024), "threads that run blocking libvirt calls (at most 1024)")
+    keepalive_interval: int = _spec(
+        5, _seconds(), "seconds between keepalive probes (at most a day)")
+    keepalive_count: int = _spec(
+        3, _count(1000), "unanswered probes before the link is dead (at most 1000)")
+    reconnect_min: float = _spec(
+        0.5, _seconds(), "first reconnect delay, seconds (at most a day)")
+    reconnect_max: float = _spec(
+        30.0, _seconds(), "longest reconnect delay, seconds (at most a day)")
 
 
 @dataclass(frozen=True)
 class VmConfig:
-    lock_wait: float = _spec(60.0, _positive, "seconds a call waits for another on the same VM")
-    acpi_interval: float = _spec(3.0, _positive, "seconds between ACPI presses in VM.shutdown")
+    lock_wait: float = _spec(
+        60.0, _seconds(), "seconds a call waits for another on the same VM (at most a day)")
+    acpi_interval: float = _spec(
+        3.0, _seconds(), "seconds between ACPI presses in VM.shutdown (at most a day)")
 
 
 @dataclass(frozen=True)
@@ -208,32 +264,44 @@ class DevicesConfig:
         DeviceSource.AUTO, None, "host.device events from: auto, udev, kernel or off"
     )
     coalesce_window: float = _spec(
-        0.1, _non_negative, "seconds a device change waits to be merged with later ones"
+        0.1, _seconds(60, zero=True),
+        "seconds a device change waits to be merged with later ones (at most 60)"
     )
 
 
 @dataclass(frozen=True)
 class StatsConfig:
-    host_interval: float = _spec(5.0, _positive, "seconds between host statistics samples")
-    vm_interval: float = _spec(10.0, _positive, "seconds between VM statistics samples")
-    history: float = _spec(3600.0, _positive, "seconds of host statistics kept in memory")
+    host_interval: float = _spec(
+        5.0, _seconds(), "seconds between host statistics samples (at most a day)")
+    vm_interval: float = _spec(
+        10.0, _seconds(), "seconds between VM statistics samples (at most a day)")
+    history: float = _spec(
+        3600.0, _seconds(), "seconds of host statistics kept in memory (at most a day, and "
+        f"at most {MAX_HISTORY_SAMPLES} samples of host_interval)")
     vm_timeout: float = _spec(
-        5.0, _positive, "deadline of the bulk VM statistics call; past it, stuck VMs are sought"
+        5.0, _seconds(), "deadline of the bulk VM statistics call; past it, stuck VMs are "
+        "sought (at most a day)"
     )
-    probe_timeout: float = _spec(1.0, _positive, "deadline of a call probing for a stuck VM")
+    probe_timeout: float = _spec(
+        1.0, _seconds(), "deadline of a call probing for a stuck VM (at most a day)")
     stuck_retry: float = _spec(
-        60.0, _positive, "seconds before a stuck VM is sampled again when libvirt cannot tell"
+        60.0, _seconds(), "seconds before a stuck VM is sampled again when libvirt cannot "
+        "tell (at most a day)"
     )
 
 
 @dataclass(frozen=True)
 class JobsConfig:
-    retention: float = _spec(3600.0, _positive,
-                             "seconds a finished job (and its request key) is kept")
-    purge_interval: float = _spec(60.0, _positive, "seconds between purges of expired jobs")
+    retention: float = _spec(
+        3600.0, _seconds(MONTH),
+        "seconds a finished job (and its request key) is kept (at most 30 days)")
+    purge_interval: float = _spec(
+        60.0, _seconds(), "seconds between purges of expired jobs (at most a day)")
     progress_interval: float = _spec(
-        0.5, _positive, "least seconds between two progress events (and writes) of one job")
-    cancel_wait: float = _spec(10.0, _positive, "seconds Job.cancel waits for the job to end")
+        0.5, _seconds(), "least seconds between two progress events (and writes) of one job "
+        "(at most a day)")
+    cancel_wait: float = _spec(
+        10.0, _seconds(), "seconds Job.cancel waits for the job to end (at most a day)")
 
 
 @dataclass(frozen=True)
@@ -241,14 +309,19 @@ class StorageConfig:
     mount_root: str = _spec(
         "", None, "where posixfs domains are mounted, one directory per domain; empty: "
         "<state.dir>/mnt")
-    monitor_interval: float = _spec(10.0, _positive, "seconds between checks of each domain")
+    monitor_interval: float = _spec(
+        10.0, _seconds(), "seconds between checks of each domain (at most a day)")
     monitor_timeout: float = _spec(
-        5.0, _positive, "deadline of one domain check; past it the domain is unreachable")
+        5.0, _seconds(), "deadline of one domain check; past it the domain is unreachable "
+        "(at most a day)")
     monitor_slow: float = _spec(
-        1.0, _positive, "metadata read latency, seconds, above which a domain is slow")
-    mount_timeout: float = _spec(60.0, _positive, "deadline of one mount or umount command")
+        1.0, _seconds(), "metadata read latency, seconds, above which a domain is slow "
+        "(at most a day)")
+    mount_timeout: float = _spec(
+        60.0, _seconds(), "deadline of one mount or umount command (at most a day)")
     io_timeout: float = _spec(
-        60.0, _positive, "deadline of the storage I/O of one call (formatting, reading metadata)")
+        60.0, _seconds(), "deadline of the storage I/O of one call (formatting, reading "
+        "metadata; at most a day)")
 
 
 @dataclass(frozen=True)
@@ -262,7 +335,8 @@ class NetworkSettings:
 
 @dataclass(frozen=True)
 class AccessConfig:
-    unix_admin_uids: tuple[int, ...] = _spec((0,), None, "unix peer uids given the admin role")
+    unix_admin_uids: tuple[int, ...] = _spec(
+        (0,), _check_uids, f"unix peer uids given the admin role (0 to at most {MAX_UID})")
     unix_role: Role = _spec(Role.READER, None, "role of other unix peers")
     tcp_role: Role = _spec(Role.READER, None, "role of plain tcp (loopback) callers")
     tls_role: Role = _spec(
@@ -287,10 +361,13 @@ class StateConfig:
 
 @dataclass(frozen=True)
 class EventsConfig:
-    journal_max_events: int = _spec(100_000, _positive, "events the journal keeps at most")
-    journal_max_age: float = _spec(86_400.0, _positive, "seconds the journal keeps an event")
+    journal_max_events: int = _spec(
+        100_000, _count(10_000_000), "events the journal keeps (at most 10000000)")
+    journal_max_age: float = _spec(
+        86_400.0, _seconds(MONTH), "seconds the journal keeps an event (at most 30 days)")
     subscriber_queue: int = _spec(
-        10_000, _positive, "events queued for one slow subscriber before it is dropped"
+        10_000, _count(1_000_000),
+        "events queued for one slow subscriber before it is dropped (at most 1000000)"
     )
 
 
@@ -328,9 +405,12 @@ class UplinkConfig:
     )
     role: Role = _spec(Role.READER, None, "role of requests that arrive over an uplink")
     topics: tuple[str, ...] = _spec(("*",), _check_topics, "event topics streamed upstream")
-    hello_timeout: float = _spec(10.0, _positive, "seconds to wait for the upstream's hello answer")
-    reconnect_min: float = _spec(1.0, _positive, "first reconnect delay, seconds")
-    reconnect_max: float = _spec(60.0, _positive, "longest reconnect delay, seconds")
+    hello_timeout: float = _spec(
+        10.0, _seconds(), "seconds to wait for the upstream's hello answer (at most a day)")
+    reconnect_min: float = _spec(
+        1.0, _seconds(), "first reconnect delay, seconds (at most a day)")
+    reconnect_max: float = _spec(
+        60.0, _seconds(), "longest reconnect delay, seconds (at most a day)")
 
 
 @dataclass(frozen=True)
@@ -419,6 +499,9 @@ def build_config(raw: Mapping[str, Any]) -> Config:
             "server.max_connections_per_caller: must not exceed server.max_connections")
     if config.stats.history < config.stats.host_interval:
         raise ConfigError("stats.history: must be at least stats.host_interval")
+    if config.stats.history / config.stats.host_interval > MAX_HISTORY_SAMPLES:
+        raise ConfigError(f"stats.history: keeps at most {MAX_HISTORY_SAMPLES} samples in "
+                          "memory; stats.history / stats.host_interval is more")
     _check_tls(config)
     return config
 
