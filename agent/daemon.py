@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client import ProcessCollector
 
 from virtnode.apiservice import ApiService
-from virtnode.config import Config
+from virtnode.config import Config, ConfigError
 from virtnode.connguard import AcceptErrors, raise_descriptor_limit
 from virtnode.devices import DeviceMonitor
 from virtnode.events import EventBus
@@ -40,7 +40,7 @@ from virtnode.storage import usage
 from virtnode.storage.domains import StorageDomainService
 from virtnode.storage.monitor import StorageCollector
 from virtnode.storage.volumes import VolumeService
-from virtnode.store import Store
+from virtnode.store import Store, StoreError, prepare_state_dir
 from virtnode.subscriptions import EventsService
 from virtnode.tls import server_context
 from virtnode.uplink import Uplink, Uplinks
@@ -89,9 +89,10 @@ class Agent:
     async def start(self) -> None:
         """Check the schema against the handlers, connect, then listen.
 
-        Raises :class:`~virtnode.config.ConfigError` when the TLS files cannot be used,
-        :class:`~virtnode.schema.SchemaError` when the schema and the handlers disagree and
-        ``OSError`` when a listener cannot be bound; nothing is left running in any case.
+        Raises :class:`~virtnode.config.ConfigError` when the TLS files or the state
+        directory cannot be used, :class:`~virtnode.schema.SchemaError` when the schema
+        and the handlers disagree and ``OSError`` when a listener cannot be bound; nothing
+        is left running in any case.
         """
         started = time.perf_counter()
         tls = None
@@ -103,8 +104,7 @@ class Agent:
         if check:
             await asyncio.to_thread(schema.compile_checks)
             self.bus.check = schema.check_event
-        state_dir = Path(self.config.state.dir)
-        host_id = await asyncio.to_thread(load_host_id, state_dir)
+        host_id = await asyncio.to_thread(_open_state_dir, Path(self.config.state.dir))
         await self.store.open()
         events_config = self.config.events
         await self.bus.attach_journal(Journal(self.store, events_config.journal_max_events,
@@ -250,6 +250,22 @@ class Agent:
             await self.bus.flush()
             await self.store.close()
         log.info("virtnode stopped")
+
+
+def _open_state_dir(path: Path) -> str:
+    """Make or check the state directory and return the host id kept in it. Blocking.
+
+    Raises :class:`ConfigError` naming ``state.dir`` when the directory cannot be used:
+    nothing in it is the agent's to repair, and the operator chose where it is.
+    """
+    try:
+        prepare_state_dir(path)
+        return load_host_id(path)
+    except StoreError as exc:
+        raise ConfigError(f"state.dir: {exc}") from None
+    except OSError as exc:
+        where = exc.filename or path
+        raise ConfigError(f"state.dir: {path}: cannot use {where}: {exc.strerror}") from None
 
 
 @contextlib.asynccontextmanager

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +36,28 @@ DB_NAME = "state.db"
 
 class StoreError(Exception):
     """The state store cannot be used (unreadable directory, newer schema)."""
+
+
+def prepare_state_dir(path: Path) -> None:
+    """Make the state directory unless it exists; check that it can be used.
+
+    Blocking. Raises :class:`StoreError` starting with the path: it is not a directory,
+    cannot be made, or cannot be written.
+    """
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        if not path.is_dir():
+            raise StoreError(f"{path}: exists and is not a directory") from None
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot be created: {exc.strerror}") from None
+    try:
+        # A file with no name (O_TMPFILE), gone when closed: writing is what the agent
+        # does here, and access(2) would answer for the real uid, not the effective one.
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot be written: {exc.strerror}") from None
 
 
 @contextlib.contextmanager

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.agentproc import AgentProcess, running_agent, start_agent
-from tests.conftest import ClientFactory
-from tests.subproc import virtnode
+from tests.agentproc import AgentProcess, running_agent, start_agent, write_config
+from tests.conftest import ClientFactory, missing
+from tests.subproc import run, virtnode
 from virtnode.client import RemoteError
 from virtnode.schema import ApiSchema
 
@@ -214,6 +216,54 @@ async def test_start_to_ready_under_one_second(tmp_path: Path) -> None:
         timings.append(agent.ready_at - agent.started_at)
         assert await agent.stop() == 0, agent.log
     assert min(timings) < 1.0, f"start-to-ready times: {timings}"
+
+
+@pytest.fixture
+async def read_only_dir(tmp_path: Path) -> AsyncIterator[Path]:
+    """An empty directory on a filesystem mounted read-only (needs root)."""
+    if os.geteuid() != 0:
+        missing("mounting a read-only filesystem needs root")
+    path = tmp_path / "read-only"
+    path.mkdir()
+    (await run("mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", path)).check()
+    try:
+        yield path
+    finally:
+        await run("umount", path)
+
+
+async def serve_exit(tmp_path: Path, state_dir: Path) -> tuple[int, str]:
+    """Run ``virtnode serve`` with ``state_dir``; its exit status and stderr."""
+    config = write_config(tmp_path / "virtnode.toml", {
+        "server": {"listen": [f"unix:{tmp_path / 'run' / 'virtnode.sock'}"]},
+        "state": {"dir": str(state_dir)},
+    })
+    done = await virtnode("serve", "--config", str(config), timeout=60)
+    return done.status, done.err
+
+
+@pytest.mark.parametrize("case", ["a-file", "under-a-file", "host-id-a-directory"])
+async def test_a_state_dir_that_is_not_a_directory_is_a_configuration_error(
+        tmp_path: Path, case: str) -> None:
+    (tmp_path / "file").write_text("not a directory\n")
+    state_dir = {"a-file": tmp_path / "file", "under-a-file": tmp_path / "file" / "state",
+                 "host-id-a-directory": tmp_path / "state"}[case]
+    if case == "host-id-a-directory":
+        (state_dir / "host-id").mkdir(parents=True)
+    status, err = await serve_exit(tmp_path, state_dir)
+    assert status == 2, err
+    assert f"virtnode: configuration error: state.dir: {state_dir}" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "virtnode.sock").exists()
+
+
+async def test_a_state_dir_that_cannot_be_written_is_a_configuration_error(
+        tmp_path: Path, read_only_dir: Path) -> None:
+    for state_dir in (read_only_dir, read_only_dir / "state"):
+        status, err = await serve_exit(tmp_path, state_dir)
+        assert status == 2, err
+        assert f"virtnode: configuration error: state.dir: {state_dir}" in err
+        assert "Traceback" not in err
 
 
 async def test_each_request_is_logged_at_debug(agent: AgentProcess,
