@@ -7,6 +7,10 @@ writers race. The database is in WAL mode with ``synchronous=FULL``: a transacti
 returned is on disk, even across a power loss (about 0.3 ms per commit on these machines;
 callers batch where that matters, as the journal does).
 
+The state directory is made mode 0700 when the agent makes it, and the database and its
+-wal and -shm files are always mode 0600: they hold the host's configuration and
+history, which no other user has business reading.
+
 A database that cannot be read (corrupt, not SQLite) is moved aside, kept for inspection,
 and replaced by an empty one; :attr:`Store.fresh` tells the services that what they kept
 is gone (the journal then starts a new epoch). A database written by a newer virtnode
@@ -18,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -39,13 +45,15 @@ class StoreError(Exception):
 
 
 def prepare_state_dir(path: Path) -> None:
-    """Make the state directory unless it exists; check that it can be used.
+    """Make the state directory (mode 0700) unless it exists; check that it can be used.
 
-    Blocking. Raises :class:`StoreError` starting with the path: it is not a directory,
-    cannot be made, or cannot be written.
+    The directory holds what survives a restart, the host id, and in time secrets: only
+    the agent needs to read it. One the operator made keeps its mode. Blocking. Raises
+    :class:`StoreError` starting with the path: it is not a directory, cannot be made,
+    or cannot be written.
     """
     try:
-        path.mkdir(parents=True)
+        path.mkdir(mode=0o700, parents=True)  # parents made get the usual mode
     except FileExistsError:
         if not path.is_dir():
             raise StoreError(f"{path}: exists and is not a directory") from None
@@ -58,6 +66,25 @@ def prepare_state_dir(path: Path) -> None:
             pass
     except OSError as exc:
         raise StoreError(f"{path}: cannot be written: {exc.strerror}") from None
+
+
+def _make_private(path: Path) -> None:
+    """Create the database file mode 0600 unless it exists, and make it and its -wal and
+    -shm files 0600 if they exist (older agents made them 0644).
+
+    SQLite creates the -wal and -shm files with the database file's mode. Raises
+    :class:`StoreError` when that cannot be done.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StoreError(f"{path} is not a regular file")
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(f"{path}{suffix}", 0o600)
 
 
 @contextlib.contextmanager
@@ -135,7 +162,7 @@ class Store:
 
     def _open(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create {self.path.parent}: {exc.strerror}") from None
         existed = self.path.exists()
@@ -160,6 +187,10 @@ class Store:
         self._conn = conn
 
     def _connect(self) -> sqlite3.Connection:
+        try:
+            _make_private(self.path)
+        except OSError as exc:  # not a DatabaseError: the file is not to be moved aside
+            raise StoreError(f"cannot make {self.path} private: {exc.strerror}") from None
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             conn.execute("PRAGMA journal_mode=WAL")

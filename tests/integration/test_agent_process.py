@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import stat
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -264,6 +265,23 @@ async def test_a_state_dir_that_cannot_be_written_is_a_configuration_error(
         assert status == 2, err
         assert f"virtnode: configuration error: state.dir: {state_dir}" in err
         assert "Traceback" not in err
+
+
+async def test_state_files_are_private(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    names = ("state.db", "state.db-wal", "state.db-shm")
+    async with running_agent(tmp_path, sections={"log": {"level": "info"}}) as agent:
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        for name in names:
+            assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
+    assert agent.proc.returncode == 0, agent.log
+    # A database an older agent made readable to all is made private at the next start.
+    state.chmod(0o755)
+    (state / "state.db").chmod(0o644)
+    async with running_agent(tmp_path, sections={"log": {"level": "info"}}):
+        for name in names:
+            assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
+    assert stat.S_IMODE(state.stat().st_mode) == 0o755  # the operator's own directory
 
 
 async def test_each_request_is_logged_at_debug(agent: AgentProcess,
