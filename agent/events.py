@@ -119,12 +119,15 @@ class EventBus:
     def publish(self, topic: str, data: JsonObject) -> Event:
         """Publish an event now; returns it with its sequence number.
 
-        Raises ``ValueError`` when a :attr:`check` is set and rejects the payload.
+        Raises ``ValueError`` when a :attr:`check` is set and rejects the payload, or when
+        the payload cannot be sent as JSON (NaN, a string with a lone surrogate); such an
+        event takes no number.
         """
         if self.check is not None:
             self.check(topic, data)
+        data_json = jsonrpc.encode(data)  # before numbering: a refused event leaves no gap
         self.last_seq += 1
-        seq, now, data_json = self.last_seq, time.time(), jsonrpc.encode(data)
+        seq, now = self.last_seq, time.time()
         event = Event(self.epoch, seq, topic, now, data, data_json,
                       notification_text(self.epoch, seq, topic, now, data_json))
         if self._journal is None:

@@ -195,3 +195,21 @@ async def test_a_failed_write_still_delivers_and_marks_the_gap(store: Store) -> 
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
+
+
+@pytest.mark.parametrize("data", [{"description": "x\udfff"}, {"ratio": float("nan")}],
+                         ids=["lone-surrogate", "nan"])
+async def test_a_payload_that_cannot_be_sent_is_refused_without_a_gap(
+        store: Store, data: dict[str, object]) -> None:
+    bus = await journaled_bus(store)
+    seen: list[int] = []
+    bus.subscribe(["*"], lambda event: seen.append(event.seq))
+    bus.publish("test.one", {"n": 1})
+    with pytest.raises(ValueError):
+        bus.publish("test.one", data)
+    assert bus.publish("test.one", {"n": 2}).seq == 2  # seq rises by one per event
+    await bus.flush()
+    assert seen == [1, 2]
+    journal = bus.journal
+    assert journal is not None
+    assert [e.seq for e in await journal.read(0, 10, ["*"], 10)] == [1, 2]
