@@ -318,6 +318,12 @@ class ApiServer:
                     await session.send(answer)
                 finally:
                     session.inflight -= 1
+        except Exception:
+            # The dispatcher answers every failure of a call; this is one of the transport.
+            # Its id is unknown here, so the peer learns of it when the connection ends.
+            log.exception("cannot answer a message from %s; closing its connection",
+                          session.caller.identity)
+            await session.ws.close(code=1011, message=b"internal error")
         finally:
             session.unanswered -= 1
 

@@ -35,6 +35,9 @@ from virtnode.aiotools import DaemonThreadPool
 
 log = logging.getLogger(__name__)
 
+#: A state directory the agent makes: its own, but passable (see :func:`prepare_state_dir`).
+STATE_DIR_MODE = 0o711
+
 T = TypeVar("T")
 
 DB_NAME = "state.db"
@@ -48,12 +51,14 @@ def prepare_state_dir(path: Path) -> None:
     """Make the state directory (mode 0700) unless it exists; check that it can be used.
 
     The directory holds what survives a restart, the host id, and in time secrets: only
-    the agent needs to read it. One the operator made keeps its mode. Blocking. Raises
+    the agent needs to read it, so others may not list it (0711); they may pass through
+    it, as QEMU does to reach the storage domains mounted under it by default
+    (``storage.mount_root``). One the operator made keeps its mode. Blocking. Raises
     :class:`StoreError` starting with the path: it is not a directory, cannot be made,
     or cannot be written.
     """
     try:
-        path.mkdir(mode=0o700, parents=True)  # parents made get the usual mode
+        path.mkdir(mode=STATE_DIR_MODE, parents=True)  # parents made get the usual mode
     except FileExistsError:
         if not path.is_dir():
             raise StoreError(f"{path}: exists and is not a directory") from None
@@ -162,7 +167,7 @@ class Store:
 
     def _open(self) -> None:
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create {self.path.parent}: {exc.strerror}") from None
         existed = self.path.exists()

@@ -156,17 +156,18 @@ def post(port: int, data: bytes) -> bytes | None:
     return body
 
 
-def ws_exchange(ws: BlockingWebSocket) -> Callable[[bytes], bytes | None]:
+def ws_exchange(ws: BlockingWebSocket) -> Callable[[bytes, bool], bytes | None]:
     count = 0
 
-    def exchange(data: bytes) -> bytes | None:
+    def exchange(data: bytes, must_answer: bool) -> bytes | None:
         nonlocal count
         count += 1
         probe = f"probe-{count}"
         ws.send(data)
         ws.send(json.dumps({"jsonrpc": "2.0", "method": "Host.ping", "id": probe}).encode())
         answer = None
-        while True:
+        probed = False
+        while not probed or (answer is None and must_answer):
             opcode, payload = ws.receive()
             if opcode == 0x8:
                 raise BenchError(f"the agent closed the fuzz WebSocket: {payload!r}")
@@ -174,20 +175,22 @@ def ws_exchange(ws: BlockingWebSocket) -> Callable[[bytes], bytes | None]:
             if isinstance(decoded, dict) and "method" in decoded:
                 continue
             if isinstance(decoded, dict) and decoded.get("id") == probe:
-                return answer
+                probed = True
+                continue
             answer = payload
+        return answer
 
     return exchange
 
 
-def fuzz(send: Callable[[bytes], bytes | None], strategy: Any, examples: int, run_seed: int,
-         tally: Tally) -> None:
+def fuzz(send: Callable[[bytes, bool], bytes | None], strategy: Any, examples: int,
+         run_seed: int, tally: Tally) -> None:
     @seed(run_seed)
     @settings(max_examples=examples, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(strategy)
     def one(sent: Sent) -> None:
-        tally.record(sent, send(sent.data))
+        tally.record(sent, send(sent.data, sent.must_answer))
 
     one()
 
@@ -286,7 +289,7 @@ def run(opts: argparse.Namespace) -> JsonObject:
             monitor.phase = "fuzz"
             started = time.monotonic()
             half = opts.examples // 2
-            fuzz(lambda data: post(port, data), messages(schema, reader=True), half,
+            fuzz(lambda data, _owed: post(port, data), messages(schema, reader=True), half,
                  opts.seed, tally)
             ws = BlockingWebSocket.unix(unix, timeout=60)
             try:

@@ -14,6 +14,7 @@ refused before they run; the fuzz tests and ``bench/fuzz.py`` use this module al
 from __future__ import annotations
 
 import json
+import re
 import string
 from dataclasses import dataclass
 from typing import Any
@@ -167,7 +168,8 @@ def _request(builder: _Builder, schema: ApiSchema, methods: list[str],
             message["extra"] = 1
         elif bend == "positional":
             message["params"] = [params]
-        invalid = bend in ("version", "member") or not method
+        invalid = (bend in ("version", "member") or not method
+                   or ("params" in message and not isinstance(message["params"], dict | list)))
         return message, not notify or invalid
 
     spec_params = st.sampled_from(methods).flatmap(
@@ -192,11 +194,19 @@ def _id_key(value: Any) -> str:
     return json.dumps(value)
 
 
+#: A \\u escape of a lone surrogate (a pair is a character beyond the BMP): the whole
+#: message is then a parse error, which is answered.
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
 def _sent(requests: list[tuple[JsonObject, bool]], batch: bool) -> Sent:
     objects = [message for message, _ in requests]
     ids = frozenset(_id_key(m["id"]) for m in objects if "id" in m)
-    return Sent(_encode(objects if batch else objects[0]),
-                must_answer=any(answer for _, answer in requests), ids=ids)
+    data = _encode(objects if batch else objects[0])
+    owed = any(answer for _, answer in requests) or bool(_LONE_SURROGATE.search(data))
+    return Sent(data, must_answer=owed, ids=ids)
 
 
 def messages(schema: ApiSchema, *, reader: bool) -> st.SearchStrategy[Sent]:

@@ -271,7 +271,7 @@ async def test_state_files_are_private(tmp_path: Path) -> None:
     state = tmp_path / "state"
     names = ("state.db", "state.db-wal", "state.db-shm")
     async with running_agent(tmp_path, sections={"log": {"level": "info"}}) as agent:
-        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        assert stat.S_IMODE(state.stat().st_mode) == 0o711
         for name in names:
             assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
     assert agent.proc.returncode == 0, agent.log

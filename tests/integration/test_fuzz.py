@@ -54,29 +54,49 @@ def post(port: int, data: bytes) -> bytes | None:
 
 class Exchange:
     """Sends a message on a WebSocket and collects its answer, using a probe request after
-    it to know when everything it had coming has come."""
+    it to know when everything it had coming has come. After a failed exchange the next
+    one starts on a new connection, so that one failure is reported once."""
 
-    def __init__(self, ws: BlockingWebSocket) -> None:
-        self.ws = ws
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._ws: BlockingWebSocket | None = None
         self.count = 0
 
-    def __call__(self, data: bytes) -> bytes | None:
+    def __call__(self, data: bytes, must_answer: bool) -> bytes | None:
+        if self._ws is None:
+            self._ws = BlockingWebSocket.unix(self._path)
+        try:
+            return self._exchange(self._ws, data, must_answer)
+        except BaseException:
+            self.close()
+            raise
+
+    def _exchange(self, ws: BlockingWebSocket, data: bytes, must_answer: bool) -> bytes | None:
         self.count += 1
         probe = f"probe-{self.count}"
-        self.ws.send(data)
-        self.ws.send(json.dumps({"jsonrpc": "2.0", "method": "Host.ping",
-                                 "id": probe}).encode())
+        ws.send(data)
+        ws.send(json.dumps({"jsonrpc": "2.0", "method": "Host.ping", "id": probe}).encode())
         answer = None
-        while True:
-            opcode, payload = self.ws.receive()
+        probed = False
+        # Answers on a WebSocket go out as they are ready: a slow message's may follow the
+        # probe's. Wait for it when one is owed.
+        while not probed or (answer is None and must_answer):
+            opcode, payload = ws.receive()
             assert opcode != CLOSE, f"the agent closed the WebSocket: {payload!r}"
             decoded = json.loads(payload)
             if isinstance(decoded, dict) and "method" in decoded:
                 continue  # a pushed event: the fuzz subscribed to something
             if isinstance(decoded, dict) and decoded.get("id") == probe:
-                return answer
+                probed = True
+                continue
             assert answer is None, f"two answers to one message: {answer!r:.200}"
             answer = payload
+        return answer
+
+    def close(self) -> None:
+        if self._ws is not None:
+            self._ws.close()
+            self._ws = None
 
 
 def check(sent: Sent, answer: bytes | None) -> None:
@@ -100,15 +120,14 @@ async def test_fuzzed_requests_as_an_admin_over_a_websocket(agent: AgentProcess,
                                                             schema: ApiSchema) -> None:
     if os.geteuid() != 0:
         missing("not root: the unix socket gives the admin role to root only")
-    ws = await asyncio.to_thread(BlockingWebSocket.unix, str(agent.unix_path))
-    exchange = Exchange(ws)
+    exchange = Exchange(str(agent.unix_path))
 
     @FUZZ
     @given(messages(schema, reader=False))
     def fuzz(sent: Sent) -> None:
-        check(sent, exchange(sent.data))
+        check(sent, exchange(sent.data, sent.must_answer))
 
     try:
         await asyncio.to_thread(fuzz)
     finally:
-        ws.close()
+        exchange.close()
