@@ -297,17 +297,21 @@ def _sub(parent: etree._Element, tag: str, text: str | None = None,
 
 
 def disk_element(disk: Disk) -> etree._Element:
-    """The ``<disk>`` element of a file-backed disk."""
+    """The ``<disk>`` element of a file-backed disk.
+
+    Its backing chain is spelled out and ends with an empty ``<backingStore/>``, so
+    libvirt never follows a backing file named inside an image: a disk given by path is
+    used alone, a volume with the chain its metadata gives.
+    """
     element = etree.Element("disk", type="file", device="disk")
     _sub(element, "driver", name="qemu", type=disk.format, cache="none", io="native")
     _sub(element, "source", file=disk.path)
-    if disk.backing:
-        below = element
-        for path, fmt in disk.backing:
-            below = _sub(below, "backingStore", type="file")
-            _sub(below, "format", type=fmt)
-            _sub(below, "source", file=path)
-        _sub(below, "backingStore")  # the chain ends here: libvirt is not to probe further
+    below = element
+    for path, fmt in disk.backing:
+        below = _sub(below, "backingStore", type="file")
+        _sub(below, "format", type=fmt)
+        _sub(below, "source", file=path)
+    _sub(below, "backingStore")  # the chain ends here: libvirt is not to probe further
     _sub(element, "target", dev=disk.target, bus=disk.bus)
     if disk.readonly:
         _sub(element, "readonly")

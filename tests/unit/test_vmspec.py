@@ -755,6 +755,17 @@ def test_a_volume_disk_carries_its_backing_chain() -> None:
     assert len(stores[2]) == 0  # an empty element ends the chain
 
 
+def test_a_disk_given_by_path_ends_its_chain_at_once() -> None:
+    """libvirt must not follow a backing file named inside the image: whoever wrote the
+    image (a guest, through its own disk) would choose what the next guest opens."""
+    from virtnode.vmspec import check_disk, disk_element
+
+    element = disk_element(check_disk({"path": "/img/a.qcow2", "format": "qcow2"}, "disk",
+                                      "vda"))
+    stores = element.findall(".//backingStore")
+    assert len(stores) == 1 and len(stores[0]) == 0 and not stores[0].attrib
+
+
 def test_an_unresolved_volume_disk_is_refused() -> None:
     from virtnode.vmspec import check_disk
 
