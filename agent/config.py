@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import posixpath
 import re
 import tomllib
 import typing
@@ -250,12 +251,50 @@ class HypervisorConfig:
         30.0, _seconds(), "longest reconnect delay, seconds (at most a day)")
 
 
+#: Directories whose files are the host itself: never a place for VM images.
+_SYSTEM_DIRS = ("/dev", "/proc", "/sys")
+
+
+def _check_dirs(value: tuple[str, ...]) -> str | None:
+    for item in value:
+        if "\0" in item:
+            return f"{item!r}: has a NUL byte"
+        if not item.startswith("/"):
+            return f"{item!r}: must be an absolute path"
+        norm = posixpath.normpath(item)
+        if norm in ("/", "//"):
+            return f"{item!r}: would allow every file of the host; name the directories"
+        for system in _SYSTEM_DIRS:
+            if norm == system or norm.startswith(system + "/"):
+                return (f"{item!r}: {system} holds the host's devices and kernel state, "
+                        "never VM images (see vm.allow_host_devices)")
+    return None
+
+
 @dataclass(frozen=True)
 class VmConfig:
     lock_wait: float = _spec(
         60.0, _seconds(), "seconds a call waits for another on the same VM (at most a day)")
     acpi_interval: float = _spec(
         3.0, _seconds(), "seconds between ACPI presses in VM.shutdown (at most a day)")
+    allowed_paths: tuple[str, ...] = _spec(
+        (), _check_dirs, "directories whose files VMs may use (disks, ISOs, kernels, console "
+        "logs, sockets) besides the storage domains' images; only root may write in them")
+    firmware_paths: tuple[str, ...] = _spec(
+        ("/usr/share/OVMF", "/usr/share/ovmf", "/usr/share/qemu", "/usr/share/seabios",
+         "/usr/lib/ipxe/qemu"), _check_dirs,
+        "read-only firmware: read-only loaders, NVRAM templates and option ROMs may come from "
+        "here too")
+    nvram_paths: tuple[str, ...] = _spec(
+        ("/var/lib/libvirt/qemu/nvram",), _check_dirs,
+        "where a VM's UEFI variable store (<nvram>) may be, besides vm.allowed_paths")
+    allow_host_devices: bool = _spec(
+        False, None, "let VMs have host devices (hostdev, block devices, SCSI LUNs, input, "
+        "USB redirection, smartcards, host TPM, audio, GPU render nodes): this trusts VM "
+        "creators with the host")
+    allow_network_disks: bool = _spec(
+        False, None, "let VMs have network disks (nbd, iscsi, rbd, gluster, http...) that the "
+        "host connects to")
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,9 @@ class Agent:
             dhcp_dir=Path(config.state.dir) / "dhcp", reached_on=self._reached_on)
         self.vms = VmService(self.hypervisor, self.bus, config.vm, self.jobs,
                              lambda ref, readonly: self.volumes.resolve(ref, readonly=readonly),
-                             networks=self.network.bridge_of)
+                             networks=self.network.bridge_of,
+                             storage_dirs=lambda: [str(d.layout.images_dir)
+                                                   for d in self.storage.attached()])
         self.events: EventsService | None = None
         self.uplinks = Uplinks([])
         self.devices = DeviceMonitor(config.devices, self.bus)

@@ -17,7 +17,7 @@ numbers of gRPC's status codes) so a client can decide what to do from the name 
         ├── DeadlineExceeded          4  the operation did not finish in time
         ├── NotFound                  5  the named object does not exist
         ├── AlreadyExists             6  an object with that name or id exists
-        ├── PermissionDenied          7  the caller's role may not do this
+        ├── PermissionDenied          7  the caller's role or the VM policy does not allow it
         ├── ResourceExhausted         8  a limit was hit; retry later
         ├── FailedPrecondition        9  the object is not in a state that allows it
         ├── Aborted                  10  a conflicting operation is in progress

@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
+
+from lxml import etree
 
 from virtnode import virconst as vc
 from virtnode import vmops
@@ -21,9 +24,11 @@ from virtnode.aiotools import wait_event
 from virtnode.capabilities import parse_capabilities
 from virtnode.config import VmConfig
 from virtnode.errors import (
+    ApiError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     Unavailable,
 )
 from virtnode.events import EventBus
@@ -31,16 +36,20 @@ from virtnode.hypervisor import Connection, DomainEvent, Hypervisor
 from virtnode.jobs import JobHandle, JobKind, JobManager
 from virtnode.rpc import CallContext, rpc_method
 from virtnode.vmlocks import VmLocks
+from virtnode.vmpolicy import Policy, check_device, check_domain
 from virtnode.vmshutdown import STOPPED, shutdown
 from virtnode.vmspec import (
     check_domain_xml,
     check_spec,
     domain_xml,
+    image_files,
     invalid,
     read_metadata,
+    spec_field,
     with_chain,
 )
 from virtnode.vmstate import lifecycle, vm_state
+from virtnode.xmlutil import parse_xml
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,8 @@ VolumeResolver = Callable[[JsonObject, bool], Awaitable[Sequence[tuple[str, str]
 #: The bridge of a managed network, by the network's name (raises NotFound and
 #: FailedPrecondition as :meth:`NetworkService.bridge_of` says).
 NetworkResolver = Callable[[str], str]
+#: The directories of the attached storage domains that hold volumes.
+StorageDirs = Callable[[], Iterable[str]]
 
 LIFECYCLE_TOPIC = "vm.lifecycle"
 DEVICE_TOPIC = "vm.device"
@@ -102,10 +113,12 @@ class VmService:
 
     def __init__(self, hypervisor: Hypervisor, bus: EventBus, config: VmConfig,
                  jobs: JobManager, volumes: VolumeResolver | None = None, *,
-                 networks: NetworkResolver | None = None) -> None:
+                 networks: NetworkResolver | None = None,
+                 storage_dirs: StorageDirs | None = None) -> None:
         self._hv = hypervisor
         self._volumes = volumes
         self._networks = networks
+        self._storage_dirs = storage_dirs
         self._bus = bus
         self._config = config
         self._jobs = jobs
@@ -283,16 +296,14 @@ class VmService:
                                for i, n in enumerate(raw["nics"])]
             spec = check_spec(raw, await self._default_domain_type())
             name, vm_id = spec.name, spec.uuid
-            xml = domain_xml(spec, metadata)
-            paths = [p for d in spec.disks for p in (d.path, *(b for b, _ in d.backing))]
-            paths += [p for p in (spec.kernel, spec.initrd) if p]
+            given = params["spec"].get("disks", [])
+            root = parse_xml(domain_xml(spec, metadata))
+            await self.vet(root, "xml", lambda field: spec_field(field, given))
         else:
             name, vm_id, xml = check_domain_xml(params["xml"], metadata)
-            paths = _file_sources(xml)
-        missing = await asyncio.to_thread(vmops.missing_paths, paths)
-        if missing:
-            raise NotFound(f"no such file: {missing[0]}", reason="no_such_file",
-                           object="file", id=missing[0])
+            root = parse_xml(xml, what="domain XML")
+            await self.vet(root, "xml")
+        xml = etree.tostring(root, encoding="unicode")
         # Hold the name and the uuid (in that order, as every create does) so that two
         # creates of one name cannot both pass the uniqueness check; others run in parallel.
         async with (self._locks.hold(f"name:{name}", "VM.create"),
@@ -308,6 +319,43 @@ class VmService:
 
             state = await self._hv.call(make, what=f"creating VM {name}")
         return {"vm_id": vm_id, "name": name, "state": state}
+
+    async def vet(self, element: etree._Element, prefix: str,
+                  rename: Callable[[str], str] | None = None) -> None:
+        """Check a ``<domain>``, or one device, before it goes to libvirt: the host-access
+        policy (:mod:`virtnode.vmpolicy`; host paths are replaced resolved), then its
+        image files. Runs in a thread: it reads the filesystem. ``rename`` maps the XML
+        field of a refusal to the field the caller gave.
+
+        Raises PermissionDenied and InvalidArgument as the policy does, NotFound
+        (``no_such_file``) for a missing image and InvalidArgument (``has_backing_file``)
+        for a qcow2 image used without a chain that names a backing file (its guest would
+        see holes where the backing file's data is).
+        """
+        dirs = list(self._storage_dirs()) if self._storage_dirs is not None else []
+
+        def check() -> None:
+            policy = Policy.of(self._config, dirs)
+            if element.tag == "domain":
+                check_domain(element, policy, prefix)
+            else:
+                check_device(element, policy, prefix)
+            for path, where, alone in image_files(element, prefix):
+                if not os.path.exists(path):
+                    raise NotFound(f"no such file: {path}", reason="no_such_file",
+                                   object="file", id=path)
+                if alone and vmops.names_backing(path):
+                    raise InvalidArgument(
+                        f"{where}: {path} has a backing file; give it as a volume, or its "
+                        "whole chain in the XML", reason="has_backing_file", field=where)
+
+        try:
+            await asyncio.to_thread(check)
+        except (PermissionDenied, InvalidArgument) as exc:
+            where = exc.details.get("field")
+            if rename is None or not isinstance(where, str) or rename(where) == where:
+                raise
+            raise _renamed(exc, where, rename(where)) from None
 
     async def resolve_disk(self, raw: JsonObject) -> JsonObject:
         """A disk spec with ``volume`` rewritten as its chain's paths; others as given.
@@ -491,10 +539,7 @@ async def _tick(handle: JobHandle, timeout: float) -> None:
         await asyncio.sleep(1.0)
 
 
-def _file_sources(xml: str) -> list[str]:
-    from virtnode.xmlutil import parse_xml
-
-    root = parse_xml(xml, what="domain XML")
-    paths = [s.get("file", "") for s in root.iterfind("devices/disk/source")]
-    paths += [root.findtext(tag) or "" for tag in ("os/kernel", "os/initrd")]
-    return [p for p in paths if p]
+def _renamed(exc: ApiError, old: str, new: str) -> ApiError:
+    message = exc.message.replace(old, new, 1)
+    return type(exc)(message, reason=exc.reason, object=exc.object, id=exc.id,
+                     **{**exc.details, "field": new})

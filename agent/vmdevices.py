@@ -28,7 +28,14 @@ from virtnode.errors import (
 )
 from virtnode.rpc import CallContext, rpc_method
 from virtnode.vm import VmService
-from virtnode.vmspec import DISK_BUSES, check_disk, check_nic, disk_element, nic_element
+from virtnode.vmspec import (
+    DISK_BUSES,
+    check_disk,
+    check_nic,
+    disk_element,
+    disk_field,
+    nic_element,
+)
 from virtnode.xmlutil import parse_xml
 
 JsonObject = dict[str, Any]
@@ -78,12 +85,9 @@ class VmDeviceService:
     async def hotplug_disk(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
         vm_id = params["vm_id"]
         raw = await self._vms.resolve_disk(params["disk"])
-        checked = check_disk(raw, "disk", "vda")  # shape and path, before touching anything
-        missing = await asyncio.to_thread(
-            vmops.missing_paths, [checked.path, *(p for p, _ in checked.backing)])
-        if missing:
-            raise NotFound(f"no such file: {missing[0]}", reason="no_such_file",
-                           object="file", id=missing[0])
+        # Shape, policy and files before touching the VM; the device name comes later.
+        element = disk_element(check_disk(raw, "disk", "vda"))
+        await self._vms.vet(element, "disk", lambda field: disk_field(field, params["disk"]))
 
         def run(dom: Any) -> str:
             vmops.require_running(dom, vm_id)
@@ -92,8 +96,9 @@ class VmDeviceService:
             if _elements(root, "devices/disk/target[@dev=$t]", t=disk.target):
                 raise AlreadyExists(f"the VM already has a disk {disk.target}",
                                     reason="target_taken", object="disk", id=disk.target)
-            dom.attachDeviceFlags(etree.tostring(disk_element(disk), encoding="unicode"),
-                                  _flags(dom))
+            plugged = copy.deepcopy(element)
+            plugged.find("target").set("dev", disk.target)  # type: ignore[union-attr]
+            dom.attachDeviceFlags(etree.tostring(plugged, encoding="unicode"), _flags(dom))
             return disk.target
 
         return {"target": await self._vms.mutate(vm_id, "VM.hotplugDisk", run)}

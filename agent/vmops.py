@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import time
 from typing import Any
 
@@ -89,8 +90,29 @@ def check_unique(conn: Connection, name: str, vm_id: str) -> None:
                             reason=f"{what}_taken", object="vm", id=value)
 
 
-def missing_paths(paths: list[str]) -> list[str]:
-    return [path for path in paths if not os.path.exists(path)]
+_QCOW2_MAGIC = b"QFI\xfb"
+
+
+def names_backing(path: str) -> bool:
+    """Whether the regular file at ``path`` is a qcow2 image naming a backing file.
+
+    Reads the header's backing file offset (bytes 8-15); anything that is not a readable
+    qcow2 file answers False, and QEMU then judges it. Never blocks on a FIFO.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        header = os.pread(fd, 16, 0)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return (len(header) == 16 and header[:4] == _QCOW2_MAGIC
+            and int.from_bytes(header[8:16], "big") != 0)
 
 
 def create(conn: Connection, xml: str, *, persistent: bool, start: bool) -> Domain:

@@ -2,7 +2,8 @@
 
 :func:`check_spec` checks a typed spec (already shaped by the schema) for what a schema
 cannot say; :func:`domain_xml` turns it into libvirt domain XML; :func:`check_domain_xml`
-vets XML given by a client; :func:`set_metadata` and :func:`read_metadata` keep the
+checks the shape of XML given by a client (:mod:`virtnode.vmpolicy` checks what either
+may reach on the host); :func:`set_metadata` and :func:`read_metadata` keep the
 agent's own data about a VM in the domain's ``<metadata>``.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import re
 import secrets
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -297,17 +298,21 @@ def _sub(parent: etree._Element, tag: str, text: str | None = None,
 
 
 def disk_element(disk: Disk) -> etree._Element:
-    """The ``<disk>`` element of a file-backed disk."""
+    """The ``<disk>`` element of a file-backed disk.
+
+    Its backing chain is spelled out and ends with an empty ``<backingStore/>``, so
+    libvirt never follows a backing file named inside an image: a disk given by path is
+    used alone, a volume with the chain its metadata gives.
+    """
     element = etree.Element("disk", type="file", device="disk")
     _sub(element, "driver", name="qemu", type=disk.format, cache="none", io="native")
     _sub(element, "source", file=disk.path)
-    if disk.backing:
-        below = element
-        for path, fmt in disk.backing:
-            below = _sub(below, "backingStore", type="file")
-            _sub(below, "format", type=fmt)
-            _sub(below, "source", file=path)
-        _sub(below, "backingStore")  # the chain ends here: libvirt is not to probe further
+    below = element
+    for path, fmt in disk.backing:
+        below = _sub(below, "backingStore", type="file")
+        _sub(below, "format", type=fmt)
+        _sub(below, "source", file=path)
+    _sub(below, "backingStore")  # the chain ends here: libvirt is not to probe further
     _sub(element, "target", dev=disk.target, bus=disk.bus)
     if disk.readonly:
         _sub(element, "readonly")
@@ -430,10 +435,11 @@ def _metadata_of(vm: etree._Element) -> JsonObject:
 
 
 def check_domain_xml(xml: str, metadata: Mapping[str, Any]) -> tuple[str, str, str]:
-    """Vet a client's domain XML and add the agent's metadata.
+    """Check the shape of a client's domain XML and add the agent's metadata.
 
     Returns ``(name, uuid, xml)``; a missing uuid is added. Raises
-    :class:`InvalidArgument` for XML that is not a domain or has an unsafe name.
+    :class:`InvalidArgument` for XML that is not a domain or has an unsafe name. What
+    the XML may reach on the host is :mod:`virtnode.vmpolicy`'s to check.
     """
     root = parse_xml(xml, what="domain XML")
     if root.getroottree().docinfo.internalDTD is not None:
@@ -446,7 +452,6 @@ def check_domain_xml(xml: str, metadata: Mapping[str, Any]) -> tuple[str, str, s
                               field="xml")
     name = root.findtext("name") or ""
     check_name(name, "xml.name")
-    _check_passthrough(root)
     uuid_el = root.find("uuid")
     if uuid_el is None:
         uuid_el = etree.SubElement(root, "uuid")
@@ -466,26 +471,50 @@ def check_domain_xml(xml: str, metadata: Mapping[str, Any]) -> tuple[str, str, s
     return name, vm_uuid, etree.tostring(root, encoding="unicode")
 
 
-#: libvirt's QEMU passthrough namespace: raw command-line arguments and device overrides.
-QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
-EMULATOR_RE = re.compile(r"^/usr/bin/qemu-system-[a-z0-9_]+\Z")
+def image_files(root: etree._Element, prefix: str) -> list[tuple[str, str, bool]]:
+    """``(path, field, alone)`` of the image files a domain (or one ``<disk>``) names:
+    its disks and their chains, kernel and initrd. ``alone``: a qcow2 disk whose chain
+    the XML ends at once (``<backingStore/>``)."""
+    found: list[tuple[str, str, bool]] = []
+    disks = ([(prefix, root)] if root.tag == "disk" else
+             [(f"{prefix}.devices.disk[{i}]", d)
+              for i, d in enumerate(root.iterfind("devices/disk"), 1)])
+    for where, disk in disks:
+        driver, below = disk.find("driver"), disk.find("backingStore")
+        alone = (driver is not None and driver.get("type") == "qcow2" and below is not None
+                 and len(below) == 0 and not below.attrib)
+        for source in disk.iter("source"):
+            if source.get("file"):
+                found.append((source.get("file", ""), f"{where}.source", alone))
+                alone = False
+    for tag in ("kernel", "initrd"):
+        path = root.findtext(f"os/{tag}")
+        if path:
+            found.append((path, f"{prefix}.os.{tag}", False))
+    return found
 
 
-def _check_passthrough(root: etree._Element) -> None:
-    """Refuse what would run arbitrary host code: QEMU passthrough and foreign emulators."""
-    metadata = root.find("metadata")
-    for element in root.iter():
-        if not isinstance(element.tag, str) or not element.tag.startswith(f"{{{QEMU_NAMESPACE}}}"):
-            continue
-        if metadata is not None and any(a is metadata for a in element.iterancestors()):
-            continue
-        raise InvalidArgument("xml: QEMU passthrough elements (qemu:commandline, ...) are "
-                              "not allowed", reason="passthrough_refused", field="xml")
-    emulator = root.findtext("devices/emulator")
-    if emulator is not None and not EMULATOR_RE.match(emulator.strip()):
-        raise InvalidArgument("xml.devices.emulator: only /usr/bin/qemu-system-* emulators "
-                              "are allowed", reason="emulator_refused",
-                              field="xml.devices.emulator")
+_DISK_FIELD = re.compile(r"^xml\.devices\.disk\[(\d+)\]")
+_OS_FIELDS = {"xml.os.kernel": "spec.kernel", "xml.os.initrd": "spec.initrd"}
+
+
+def spec_field(field: str, disks: Sequence[Mapping[str, Any]]) -> str:
+    """The spec field behind an element of the XML :func:`domain_xml` built: disks come
+    first among the devices, in the spec's order (``disks`` as the caller gave them)."""
+    if field in _OS_FIELDS:
+        return _OS_FIELDS[field]
+    found = _DISK_FIELD.match(field)
+    if found is None or int(found[1]) > len(disks):
+        return field
+    index = int(found[1]) - 1
+    return f"spec.disks.{index}.{'volume' if 'volume' in disks[index] else 'path'}"
+
+
+def disk_field(field: str, disk: Mapping[str, Any]) -> str:
+    """The field of a hotplugged disk spec behind an element of its ``<disk>``."""
+    if not field.startswith("disk"):
+        return field
+    return f"disk.{'volume' if 'volume' in disk else 'path'}"
 
 
 def device_summary(xml: str) -> JsonObject:

@@ -15,10 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tests import guests
+
 if TYPE_CHECKING:
     from tests.pki import Pki
 
 READY_LINE = "virtnode ready"
+#: Where tests keep images for the VMs of the agents they start (the ``image_dir``
+#: fixture makes a directory per test in it).
+IMAGE_ROOT = Path("/var/tmp/virtnode-tests")
+
+
+def vm_allowed_paths() -> list[str]:
+    """The host directories test agents let VMs use (``vm.allowed_paths``): test images,
+    and the guest kernels, initramfs and console logs of :mod:`tests.guests`."""
+    return [str(IMAGE_ROOT), str(guests.cache_root())]
 
 
 def free_port() -> int:
@@ -157,6 +168,7 @@ async def start_agent(tmp_path: Path, *, hypervisor: str = "test:///default",
             "check_results": True,
         },
         "hypervisor": {"uri": hypervisor},
+        "vm": {"allowed_paths": vm_allowed_paths()},
         "state": {"dir": str(tmp_path / "state")},
         "log": {"level": "debug"},
     }

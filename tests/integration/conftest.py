@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import aiohttp
 import pytest
 
-from tests.agentproc import AgentProcess, start_agent
+from tests.agentproc import IMAGE_ROOT, AgentProcess, start_agent
 from tests.conftest import missing
 from tests.integration import libvirtd as daemon
 from tests.integration.wireserver import serve, served, wire_schema  # noqa: F401 - fixtures
@@ -98,7 +98,7 @@ async def virt(fn: Callable[[Any], Any]) -> Any:
 @pytest.fixture
 async def image_dir() -> AsyncIterator[Path]:
     """A directory QEMU (running as its own user) can reach, removed afterwards."""
-    path = Path("/var/tmp/virtnode-tests") / uuid.uuid4().hex[:8]
+    path = IMAGE_ROOT / uuid.uuid4().hex[:8]
     await asyncio.to_thread(path.mkdir, parents=True)
     os.chmod(path.parent, 0o755)
     os.chmod(path, 0o777)

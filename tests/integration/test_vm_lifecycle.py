@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from tests.agentproc import AgentProcess
+from tests.agentproc import IMAGE_ROOT, AgentProcess
 from tests.conftest import ClientFactory
 from tests.integration.conftest import expect_error, next_event, virt, vm_name
 from virtnode.client import Client, RemoteError
@@ -150,7 +150,8 @@ BAD_INPUT = [
                  id="negative-memory"),
     pytest.param({"spec": {"name": "a/b"}}, "InvalidArgument", id="name-with-slash"),
     pytest.param({"spec": {"name": "{name}",
-                           "disks": [{"path": "/nonexistent/disk.qcow2", "format": "qcow2"}]}},
+                           "disks": [{"path": f"{IMAGE_ROOT}/nonexistent/disk.qcow2",
+                                      "format": "qcow2"}]}},
                  "NotFound", id="missing-disk"),
     pytest.param({"spec": {"name": "{name}", "machine": "pc-bogus-1.0"}}, "InvalidArgument",
                  id="unknown-machine"),

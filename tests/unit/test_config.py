@@ -508,3 +508,31 @@ def test_uplink_urls_accepted() -> None:
 
 def test_uplink_topics_must_be_globs() -> None:
     config_error(r"^uplink\.topics:", {"uplink": {"topics": ["VM lifecycle"]}})
+
+
+# -- the VM host-access policy ------------------------------------------------------------------
+
+
+def test_vm_policy_defaults_are_closed() -> None:
+    vm = build_config({}).vm
+    assert vm.allowed_paths == ()
+    assert "/usr/share/OVMF" in vm.firmware_paths
+    assert vm.nvram_paths == ("/var/lib/libvirt/qemu/nvram",)
+    assert (vm.allow_host_devices, vm.allow_network_disks) == (False, False)
+
+
+@pytest.mark.parametrize("key", ["allowed_paths", "firmware_paths", "nvram_paths"])
+@pytest.mark.parametrize("value", [
+    "relative/images", "images", "/srv/\0images", "/", "//", "/./", "/dev", "/dev/disk/by-id",
+    "/proc/self", "/sys/", "/srv/../dev",
+])
+def test_vm_directories_are_checked(key: str, value: str) -> None:
+    config_error(rf"^vm\.{key}: ", {"vm": {key: ["/srv/images", value]}})
+
+
+def test_vm_directories_accepted() -> None:
+    vm = build_config({"vm": {"allowed_paths": ["/srv/images", "/var/lib/libvirt/images/"],
+                              "allow_host_devices": True}}).vm
+    assert vm.allowed_paths == ("/srv/images", "/var/lib/libvirt/images/")
+    assert vm.allow_host_devices is True
+    config_error(r"^vm\.allow_network_disks:", {"vm": {"allow_network_disks": "yes"}})
