@@ -34,6 +34,7 @@ import json
 import os
 import random
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -81,46 +82,80 @@ class Tally:
                 self.other.append(where)
 
 
+#: Run in its own process, so that drawing the fuzz's examples in this one (which holds
+#: the GIL for long stretches) does not delay it: asks /healthz on a new connection every
+#: HEALTH_EVERY seconds and prints "MONOTONIC SECONDS" or "MONOTONIC fail REASON".
+HEALTH_PROBE = """
+import http.client, sys, time
+port, every = int(sys.argv[1]), float(sys.argv[2])
+while True:
+    started = time.monotonic()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
+                                          source_address=("127.0.0.2", 0))
+        conn.request("GET", "/healthz")
+        status = conn.getresponse().status
+        conn.close()
+        line = f"{started} {time.monotonic() - started}" if status == 200 else \\
+            f"{started} fail HTTP {status}"
+    except OSError as exc:
+        line = f"{started} fail {exc}"
+    print(line, flush=True)
+    time.sleep(every)
+"""
+
+
 class Monitor:
-    """Background threads: /healthz latency and the agent's RSS and descriptors."""
+    """/healthz latency (from a child process) and the agent's RSS and descriptors."""
 
     def __init__(self, port: int, pid: int) -> None:
         self._port = port
         self._process = psutil.Process(pid)
         self._stop = threading.Event()
+        self._probe: subprocess.Popen[str] | None = None
+        self._phases: list[tuple[float, str]] = [(0.0, "start")]
         self.latencies: list[tuple[str, float]] = []
         self.failures: list[tuple[str, str]] = []
         self.samples: list[tuple[float, int, int]] = []
-        self.phase = "start"
-        self._threads = [threading.Thread(target=self._health, daemon=True),
+        self._threads = [threading.Thread(target=self._read_probe, daemon=True),
                          threading.Thread(target=self._sample, daemon=True)]
 
+    @property
+    def phase(self) -> str:
+        return self._phases[-1][1]
+
+    @phase.setter
+    def phase(self, name: str) -> None:
+        self._phases.append((time.monotonic(), name))
+
+    def _phase_at(self, when: float) -> str:
+        return [name for start, name in self._phases if start <= when][-1]
+
     def __enter__(self) -> Monitor:
+        self._probe = subprocess.Popen(
+            [sys.executable, "-c", HEALTH_PROBE, str(self._port), str(HEALTH_EVERY)],
+            stdout=subprocess.PIPE, text=True)
         for thread in self._threads:
             thread.start()
         return self
 
     def __exit__(self, *_exc: object) -> None:
         self._stop.set()
+        if self._probe is not None:
+            self._probe.terminate()
+            self._probe.wait()
         for thread in self._threads:
             thread.join()
 
-    def _health(self) -> None:
-        while not self._stop.wait(HEALTH_EVERY):
-            phase = self.phase
-            started = time.perf_counter()
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self._port, timeout=10,
-                                                  source_address=("127.0.0.2", 0))
-                conn.request("GET", "/healthz")
-                status = conn.getresponse().status
-                conn.close()
-            except OSError as exc:
-                self.failures.append((phase, str(exc)))
-                continue
-            if status != 200:
-                self.failures.append((phase, f"HTTP {status}"))
-            self.latencies.append((phase, time.perf_counter() - started))
+    def _read_probe(self) -> None:
+        assert self._probe is not None and self._probe.stdout is not None
+        for line in self._probe.stdout:
+            when, _, rest = line.strip().partition(" ")
+            phase = self._phase_at(float(when))
+            if rest.startswith("fail"):
+                self.failures.append((phase, rest))
+            else:
+                self.latencies.append((phase, float(rest)))
 
     def _sample(self) -> None:
         while not self._stop.wait(SAMPLE_EVERY):
