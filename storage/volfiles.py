@@ -16,8 +16,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from virtnode.errors import FailedPrecondition
 from virtnode.fileutil import fsync_dir, fsync_file
 from virtnode.storage import layout as lay
+from virtnode.storage import qcow2
 from virtnode.storage.layout import DomainLayout, MetadataError, VolumeMetadata
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,53 @@ def chain(layout: DomainLayout, leaf: Found) -> list[Found]:
             raise MetadataError(f"volume {result[-1].volume_id}: parent {parent} is missing",
                                 reason="broken_chain") from None
     return result
+
+
+class HeaderMismatch(FailedPrecondition):
+    """A volume's data file names other files than its metadata allows: a backing file
+    other than its parent's, or an external data file."""
+
+
+def check_headers(layout: DomainLayout, volumes: list[Found]) -> None:
+    """Check that each qcow2 image of a chain (leaf first) names as its backing file
+    exactly its parent (as :func:`backing_name` writes it), or none at the bottom, and
+    keeps its data in itself; a raw image cannot have a parent.
+
+    Raises :class:`HeaderMismatch` (reason ``backing_mismatch``, ``external_data_file`` or
+    ``format_mismatch``, for the first volume that differs) and ``OSError``.
+    """
+    for below, found in enumerate(volumes, start=1):
+        parent = volumes[below] if below < len(volumes) else None
+        expected = None if parent is None else backing_name(layout, found.image_id, parent)
+        if found.metadata.format == "raw":
+            if parent is not None:
+                raise _mismatch(found, "backing_mismatch", "is raw, which has no backing "
+                                f"file, yet its metadata names parent {parent.volume_id}")
+            continue
+        try:
+            header = qcow2.read_header(found.path)
+        except qcow2.NotQcow2 as exc:
+            raise _mismatch(found, "format_mismatch", f"is not a qcow2 image ({exc})") from None
+        if header.data_file:
+            raise _mismatch(found, "external_data_file", "keeps its data in another file "
+                            "(an external data file); volumes never do")
+        if header.backing_file != expected:
+            named = "none" if header.backing_file is None else repr(header.backing_file[:200])
+            raise _mismatch(found, "backing_mismatch", f"names backing file {named} in its "
+                            f"header, but its metadata says {expected or 'none'}")
+
+
+def _mismatch(found: Found, reason: str, what: str) -> HeaderMismatch:
+    return HeaderMismatch(f"volume {found.volume_id} {what}; refusing to use it",
+                          reason=reason, object="volume", id=found.volume_id)
+
+
+def usable_chain(layout: DomainLayout, leaf: Found) -> list[Found]:
+    """:func:`chain`, with the header of every image in it checked (:func:`check_headers`):
+    the chain to hand to qemu-img or libvirt, as a whole."""
+    volumes = chain(layout, leaf)
+    check_headers(layout, volumes)
+    return volumes
 
 
 def all_volumes(layout: DomainLayout) -> list[Found]:

@@ -38,7 +38,13 @@ from virtnode.storage import layout as lay
 from virtnode.storage import qemuimg, usage, volcopy, volfiles
 from virtnode.storage.domains import Domain, StorageDomainService, VmDisks
 from virtnode.storage.layout import VolumeMetadata
-from virtnode.storage.volapi import preallocation, qemu_guard, require_legal, volume_api
+from virtnode.storage.volapi import (
+    preallocation,
+    qemu_chain,
+    qemu_guard,
+    require_legal,
+    volume_api,
+)
 from virtnode.storage.volfiles import Found
 
 log = logging.getLogger(__name__)
@@ -116,8 +122,8 @@ class VolumeService:
         result = volume_api(domain, found)
         chain = await self.chain(domain, found)
         with qemu_guard(f"reading volume {found.volume_id}"):
-            info = await qemuimg.info(found.path, fmt=found.metadata.format,
-                                      backing_chain=False, timeout=self._domains.io_timeout)
+            info = await qemuimg.info(qemu_chain(chain), backing_chain=False,
+                                      timeout=self._domains.io_timeout)
         result["actual_size"] = info.actual_size
         result["qemu_virtual_size"] = info.virtual_size
         result["chain"] = [{"image_id": f.image_id, "volume_id": f.volume_id,
@@ -223,14 +229,14 @@ class VolumeService:
                                          reason="not_leaf", object="volume",
                                          id=found.volume_id)
             await self.check_unused(domain, [found])
+            chain = await self.chain(domain, found)
             prealloc = preallocation(found.metadata.allocation)
             # A smaller size is refused by qemuimg.resize (shrink_refused) before it runs.
             if prealloc is not None and size > found.metadata.virtual_size:
                 await self.check_space(domain, "raw", size - found.metadata.virtual_size,
                                         "preallocated")
             with qemu_guard(f"resizing volume {found.volume_id}"):
-                await qemuimg.resize(found.path, size, found.metadata.format,
-                                     preallocation=prealloc,
+                await qemuimg.resize(qemu_chain(chain), size, preallocation=prealloc,
                                      timeout=self._domains.io_timeout)
             found = await self.io(volfiles.update, domain.layout, found,
                                    virtual_size=size, what="writing volume metadata")
@@ -275,8 +281,11 @@ class VolumeService:
 
 
     async def chain(self, domain: Domain, found: Found) -> Sequence[Found]:
-        result: Sequence[Found] = await self.io(volfiles.chain, domain.layout, found,
-                                             what="reading the chain")
+        """The volume's chain, leaf first, every image's header checked against the
+        metadata: what qemu-img and libvirt are given. Raises FailedPrecondition
+        (``broken_chain``, ``backing_mismatch``...)."""
+        result: Sequence[Found] = await self.io(volfiles.usable_chain, domain.layout, found,
+                                                what="reading the chain")
         return result
 
 
@@ -293,6 +302,7 @@ class VolumeService:
             raise FailedPrecondition(f"parent {parent.volume_id} is illegal",
                                      reason="volume_illegal", object="volume",
                                      id=parent.volume_id)
+        await self.chain(domain, parent)  # a layer must not sit on a header that lies
         return parent
 
     def _check_parent(self, parent: Found, image_id: str) -> None:
