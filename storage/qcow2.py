@@ -16,11 +16,9 @@ Only the fixed part of the header and the backing file name are read (big-endian
 from __future__ import annotations
 
 import os
-import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 MAGIC = b"QFI\xfb"
 #: The incompatible feature bit of an image whose data is in another file.
@@ -73,13 +71,7 @@ def parse(read: Callable[[int, int], bytes]) -> Header:
     return Header(version, backing, data_file)
 
 
-def read_header(path: Path) -> Header:
-    """Read the header of the regular file ``path`` without following a symlink and
-    without blocking on a FIFO. Raises :class:`NotQcow2` and ``OSError``."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotQcow2(f"{path} is not a regular file")
-        return parse(lambda offset, length: os.pread(fd, length, offset))
-    finally:
-        os.close(fd)
+def read_header(fd: int) -> Header:
+    """Read the header of the file open as ``fd`` (the caller opened and checked it).
+    Raises :class:`NotQcow2` and ``OSError``."""
+    return parse(lambda offset, length: os.pread(fd, length, offset))

@@ -102,7 +102,8 @@ def check_headers(layout: DomainLayout, volumes: list[Found]) -> None:
     keeps its data in itself; a raw image cannot have a parent.
 
     Raises :class:`HeaderMismatch` (reason ``backing_mismatch``, ``external_data_file`` or
-    ``format_mismatch``, for the first volume that differs) and ``OSError``.
+    ``format_mismatch``, for the first volume that differs), :class:`UnsafePath` for a
+    data file that is a link or not a regular file, and ``OSError``.
     """
     for below, found in enumerate(volumes, start=1):
         parent = volumes[below] if below < len(volumes) else None
@@ -112,10 +113,13 @@ def check_headers(layout: DomainLayout, volumes: list[Found]) -> None:
                 raise _mismatch(found, "backing_mismatch", "is raw, which has no backing "
                                 f"file, yet its metadata names parent {parent.volume_id}")
             continue
+        fd = lay.open_file(found.path)
         try:
-            header = qcow2.read_header(found.path)
+            header = qcow2.read_header(fd)
         except qcow2.NotQcow2 as exc:
             raise _mismatch(found, "format_mismatch", f"is not a qcow2 image ({exc})") from None
+        finally:
+            os.close(fd)
         if header.data_file:
             raise _mismatch(found, "external_data_file", "keeps its data in another file "
                             "(an external data file); volumes never do")

@@ -277,6 +277,10 @@ class VolumeService:
             raise NotFound(f"no volume {volume_id} in image {image_id} of storage domain "
                            f"{domain.sd_id}", reason="no_volume", object="volume",
                            id=volume_id) from None
+        except (lay.MetadataError, lay.UnsafePath) as exc:
+            if exc.object is None:  # say which volume its files belong to
+                exc.object, exc.id = "volume", volume_id
+            raise
         return domain, found
 
 

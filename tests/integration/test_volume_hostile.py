@@ -1,5 +1,5 @@
 """Files in a storage domain are hostile input: a qcow2 header that names a backing file
-the metadata does not.
+the metadata does not, data and metadata files that are hard links.
 
 Each test plants such a file where a volume's data was (as anyone who can write into the
 domain could), next to a file outside the domain holding a secret, and checks that no
@@ -166,3 +166,47 @@ async def test_a_layer_whose_header_names_another_parent_is_refused(
     info = (await client.call("Volume.getInfo", ref_of(base)))["volume"]
     assert (info["role"], info["legality"]) == ("internal", "legal")
 
+
+
+# --- 2. a file with more than one link ---------------------------------------------------------
+
+
+async def test_a_hard_linked_data_file_is_never_used(
+        agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
+    client = await checked_client(agent.unix_url)
+    sd_id = await new_domain(client, tmp_path / "sd")
+    outside = tmp_path / "outside.raw"
+    content = SECRET  # 38 bytes, like a small configuration file
+    await asyncio.to_thread(outside.write_bytes, content)
+    for fmt in ("raw", "qcow2"):
+        volume = (await client.call("Volume.create", {"sd_id": sd_id, "size": MiB,
+                                                      "format": fmt}))["volume"]
+        ref = ref_of(volume)
+        await asyncio.to_thread(os.unlink, volume["path"])
+        await asyncio.to_thread(os.link, outside, volume["path"])
+        for method, params in (("Volume.getInfo", ref),
+                               ("Volume.resize", {**ref, "size": 4 * MiB}),
+                               ("Volume.copy", {"src": ref, "dst_sd": sd_id})):
+            await refused(client, method, params, "unsafe_path", volume["volume_id"])
+        await refused(client, "VM.create", {"spec": {
+            "name": "vn-it-hostile", "domain_type": "test", "disks": [{"volume": ref}]}},
+            "unsafe_path", volume["volume_id"])
+        stat = await asyncio.to_thread(os.stat, outside)
+        assert (stat.st_size, stat.st_nlink) == (len(content), 2)
+        assert await asyncio.to_thread(outside.read_bytes) == content
+        await asyncio.to_thread(os.unlink, volume["path"])  # back to one link
+
+
+async def test_a_hard_linked_metadata_file_is_refused(
+        agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
+    client = await checked_client(agent.unix_url)
+    sd_id = await new_domain(client, tmp_path / "sd")
+    volume = (await client.call("Volume.create", {"sd_id": sd_id, "size": MiB,
+                                                  "format": "raw"}))["volume"]
+    meta = volume["path"] + ".meta.json"
+    await asyncio.to_thread(os.link, meta, tmp_path / "meta-elsewhere.json")
+    await refused(client, "Volume.getInfo", ref_of(volume), "unsafe_path", volume["volume_id"])
+    await refused(client, "Volume.resize", {**ref_of(volume), "size": 2 * MiB}, "unsafe_path",
+                  volume["volume_id"])
+    [entry] = (await client.call("Volume.list", {"sd_id": sd_id}))["volumes"]
+    assert "links" in entry["error"]
