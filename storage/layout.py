@@ -301,9 +301,23 @@ class DomainLayout:
         return self.safe(self.domain_dir / IMAGES / check_uuid(image_id, "image_id")
                          / check_uuid(volume_id, "volume_id"))
 
+    def volume_name(self, image_id: str, volume_id: str) -> Path:
+        """Where a volume's data file is named, built from the ids alone (nothing is read or
+        checked): for comparing with paths VMs use, never for opening."""
+        return (self.domain_dir / IMAGES / check_uuid(image_id, "image_id")
+                / check_uuid(volume_id, "volume_id"))
+
     def volume_meta_path(self, image_id: str, volume_id: str) -> Path:
         name = check_uuid(volume_id, "volume_id") + VOLUME_META_SUFFIX
         return self.safe(self.domain_dir / IMAGES / check_uuid(image_id, "image_id") / name)
+
+    def entry_path(self, image_id: str, name: str) -> Path:
+        """The entry ``name`` of an image directory, with the way to the directory checked
+        but not the entry itself: for unlinking it (which never follows it), never for
+        opening it. Raises :class:`UnsafePath` and :class:`InvalidArgument`."""
+        if "/" in name or name in ("", ".", ".."):
+            raise InvalidArgument(f"{name!r} is not a file name", reason="invalid_id")
+        return self.image_dir(image_id) / name
 
     def safe(self, path: Path) -> Path:
         """``path`` if it lies in this domain's directory with no symlink on the way, and

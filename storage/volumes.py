@@ -20,7 +20,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 from virtnode.aiotools import to_the_end
 from virtnode.errors import (
@@ -45,7 +45,7 @@ from virtnode.storage.volapi import (
     require_legal,
     volume_api,
 )
-from virtnode.storage.volfiles import Found
+from virtnode.storage.volfiles import Found, Listed
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +99,16 @@ class VolumeService:
             result: list[JsonObject] = []
             for image in images:
                 for entry in lay.list_volumes(domain.layout, image):
+                    error = entry.error
                     if entry.metadata is not None:
-                        result.append(volume_api(domain, Found.at(
-                            domain.layout, image, entry.volume_id, entry.metadata)))
-                    else:
-                        result.append({"sd_id": domain.sd_id, "image_id": image,
-                                       "volume_id": entry.volume_id, "error": entry.error})
+                        try:
+                            result.append(volume_api(domain, Found.at(
+                                domain.layout, image, entry.volume_id, entry.metadata)))
+                            continue
+                        except lay.UnsafePath as exc:  # a damaged data file
+                            error = exc.message
+                    result.append({"sd_id": domain.sd_id, "image_id": image,
+                                   "volume_id": entry.volume_id, "error": error})
             return result
 
         if image_id is not None:
@@ -202,7 +206,9 @@ class VolumeService:
     @rpc_method("Volume.delete")
     async def delete(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
         async with self.lock(self._domains.domain(params["sd_id"])):
-            domain, found = await self.volume(params)
+            # By its metadata alone: a volume whose data file is damaged (a link, a
+            # special file) can be deleted; remove() unlinks its names, never their target.
+            domain, found = await self.volume(params, data=False)
             self.check_free(found)
             kids = await self.io(volfiles.children, domain.layout, found.volume_id,
                                   what="looking for children")
@@ -266,13 +272,25 @@ class VolumeService:
 
 
 
-    async def volume(self, ref: JsonObject) -> tuple[Domain, Found]:
+    @overload
+    async def volume(self, ref: JsonObject) -> tuple[Domain, Found]: ...
+
+    @overload
+    async def volume(self, ref: JsonObject, *, data: Literal[False]
+                     ) -> tuple[Domain, Listed]: ...
+
+    async def volume(self, ref: JsonObject, *, data: bool = True
+                     ) -> tuple[Domain, Listed | Found]:
+        """The domain and the volume ``ref`` names, its data file checked unless ``data``
+        is false. Raises NotFound, FailedPrecondition (``unsafe_path``,
+        ``metadata_corrupt``...) naming the volume."""
         domain = self._domains.domain(ref["sd_id"])
         image_id = lay.check_uuid(ref["image_id"], "image_id")
         volume_id = lay.check_uuid(ref["volume_id"], "volume_id")
         try:
-            found = await self.io(volfiles.read, domain.layout, image_id, volume_id,
-                                   what="reading the volume")
+            found = await self.io(volfiles.read if data else volfiles.read_listed,
+                                  domain.layout, image_id, volume_id,
+                                  what="reading the volume")
         except FileNotFoundError:
             raise NotFound(f"no volume {volume_id} in image {image_id} of storage domain "
                            f"{domain.sd_id}", reason="no_volume", object="volume",
@@ -323,7 +341,7 @@ class VolumeService:
                 "template (role shared); only a template can be the base of another image",
                 reason="not_shared", object="volume", id=parent.volume_id)
 
-    def check_free(self, found: Found) -> None:
+    def check_free(self, found: Listed) -> None:
         holder = self._busy.get(found.volume_id)
         if holder is not None:
             raise FailedPrecondition(f"volume {found.volume_id} is busy ({holder})",
@@ -343,8 +361,8 @@ class VolumeService:
             for found in volumes:
                 self._busy.pop(found.volume_id, None)
 
-    async def check_unused(self, domain: Domain, volumes: Sequence[Found]) -> None:
-        paths = [str(f.path) for f in volumes]
+    async def check_unused(self, domain: Domain, volumes: Sequence[Listed]) -> None:
+        paths = [str(domain.layout.volume_name(f.image_id, f.volume_id)) for f in volumes]
         users = sorted(vm for vm, used in (await self._vm_disks()).items()
                        if any(usage.paths_under(used, p) for p in paths))
         if users:
@@ -382,7 +400,7 @@ class VolumeService:
                 preallocation=preallocation(md.allocation), timeout=self._domains.io_timeout)
         await self.io(volfiles.sync_data, found.path, what="flushing the volume")
 
-    async def discard(self, domain: Domain, found: Found) -> None:
+    async def discard(self, domain: Domain, found: Listed) -> None:
         """Remove a volume, and give its parent back its role. Runs to its end even when
         the caller is cancelled (which is raised afterwards, so a lock held stays held)."""
         async def run() -> None:

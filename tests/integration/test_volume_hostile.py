@@ -1,5 +1,6 @@
 """Files in a storage domain are hostile input: a qcow2 header that names a backing file
-the metadata does not, data and metadata files that are hard links.
+the metadata does not, data and metadata files that are links, a damaged volume next to
+healthy ones.
 
 Each test plants such a file where a volume's data was (as anyone who can write into the
 domain could), next to a file outside the domain holding a secret, and checks that no
@@ -194,7 +195,14 @@ async def test_a_hard_linked_data_file_is_never_used(
         stat = await asyncio.to_thread(os.stat, outside)
         assert (stat.st_size, stat.st_nlink) == (len(content), 2)
         assert await asyncio.to_thread(outside.read_bytes) == content
-        await asyncio.to_thread(os.unlink, volume["path"])  # back to one link
+        [listed] = (await client.call("Volume.list", {"sd_id": sd_id}))["volumes"]
+        assert set(listed) == {"sd_id", "image_id", "volume_id", "error"}
+        assert "links" in listed["error"]
+        # Delete removes the volume's own names; the file's other name stays as it was.
+        await client.call("Volume.delete", ref)
+        assert (await client.call("Volume.list", {"sd_id": sd_id}))["volumes"] == []
+        stat = await asyncio.to_thread(os.stat, outside)
+        assert (stat.st_size, stat.st_nlink) == (len(content), 1)
 
 
 async def test_a_hard_linked_metadata_file_is_refused(
@@ -210,3 +218,47 @@ async def test_a_hard_linked_metadata_file_is_refused(
                   volume["volume_id"])
     [entry] = (await client.call("Volume.list", {"sd_id": sd_id}))["volumes"]
     assert "links" in entry["error"]
+
+
+# --- 3. a damaged volume does not take the domain down with it -------------------------------
+
+
+async def test_a_symlinked_volume_is_listed_with_an_error_and_the_others_stay_usable(
+        agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
+    client = await checked_client(agent.unix_url)
+    sd_id = await new_domain(client, tmp_path / "sd")
+    outside = tmp_path / "outside.raw"
+    content = write_outside(outside)
+    bad, good = [(await client.call("Volume.create", {"sd_id": sd_id, "size": MiB,
+                                                      "format": "raw"}))["volume"]
+                 for _ in range(2)]
+    await asyncio.to_thread(os.unlink, bad["path"])
+    await asyncio.to_thread(os.symlink, outside, bad["path"])
+
+    listed = {v["volume_id"]: v for v in
+              (await client.call("Volume.list", {"sd_id": sd_id}))["volumes"]}
+    assert set(listed) == {bad["volume_id"], good["volume_id"]}
+    assert "symbolic link" in listed[bad["volume_id"]]["error"]
+    assert "error" not in listed[good["volume_id"]]
+    one = (await client.call("Volume.list", {"sd_id": sd_id, "image_id": bad["image_id"]}))
+    assert [v["volume_id"] for v in one["volumes"]] == [bad["volume_id"]]
+
+    await refused(client, "Volume.getInfo", ref_of(bad), "unsafe_path", bad["volume_id"])
+    await refused(client, "Volume.resize", {**ref_of(bad), "size": 2 * MiB}, "unsafe_path",
+                  bad["volume_id"])
+    # The healthy volume is used as ever: read, layered, copied and deleted.
+    await client.call("Volume.getInfo", ref_of(good))
+    snap = (await client.call("Volume.create", {"sd_id": sd_id, "parent": {
+        "image_id": good["image_id"], "volume_id": good["volume_id"]}}))["volume"]
+    job = await wait_job(client, (await client.call(
+        "Volume.copy", {"src": ref_of(snap), "dst_sd": sd_id}))["job_id"])
+    assert job["state"] == "succeeded", job
+    await client.call("Volume.delete", ref_of(job["result"]["volume"]))
+    await client.call("Volume.delete", ref_of(snap))
+    await client.call("Volume.delete", ref_of(good))
+
+    # Deleting the damaged volume removes its link and metadata, never the link's target.
+    await client.call("Volume.delete", ref_of(bad))
+    assert (await client.call("Volume.list", {"sd_id": sd_id}))["volumes"] == []
+    assert await asyncio.to_thread(outside.read_bytes) == content
+    await client.call("StorageDomain.delete", {"sd_id": sd_id})
