@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -30,6 +31,7 @@ from virtnode.aiotools import DaemonThreadPool
 from virtnode.config import StorageConfig
 from virtnode.errors import (
     AlreadyExists,
+    ApiError,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -38,7 +40,7 @@ from virtnode.errors import (
 from virtnode.events import EventBus
 from virtnode.rpc import CallContext, rpc_method
 from virtnode.storage import layout as lay
-from virtnode.storage import mounts, registry, usage
+from virtnode.storage import location, mounts, registry, usage
 from virtnode.storage.layout import DomainLayout, DomainMetadata, DomainType
 from virtnode.storage.monitor import CheckResult, DomainMonitor, DomainState
 from virtnode.storage.mounts import MountSpec
@@ -103,9 +105,12 @@ class StorageDomainService:
     """The storage domains attached to this host."""
 
     def __init__(self, config: StorageConfig, mount_root: Path, store: Store, bus: EventBus,
-                 vm_disks: VmDisks) -> None:
+                 vm_disks: VmDisks, *, protected: Sequence[Path] = ()) -> None:
+        """``protected``: the agent's own directories (its state), where no localfs
+        domain may be; the mount root is one too."""
         self._config = config
         self._mount_root = mount_root
+        self._protected = (*protected, mount_root)
         self._store = store
         self._bus = bus
         self._vm_disks = vm_disks
@@ -290,12 +295,20 @@ class StorageDomainService:
 
     @contextlib.asynccontextmanager
     async def _root(self, sd_id: str, spec: MountSpec | None, params: JsonObject,
-                    local: Callable[[Path], Path], *, what: str) -> AsyncIterator[Path]:
+                    local: LocalRoot, *, what: str) -> AsyncIterator[Path]:
         """The root of a domain being created or attached: ``local`` of the call's path
-        (localfs), or the filesystem mounted for it (posixfs), unmounted again if anything
-        inside fails; registering the domain belongs inside."""
+        (localfs; a directory it made is removed again if anything inside fails), or the
+        filesystem mounted for it (posixfs), unmounted again if anything inside fails;
+        registering the domain belongs inside."""
         if spec is None:
-            yield await self.io_call(local, Path(params["path"]), what=what)
+            root, made = await self.io_call(local, Path(params["path"]), self._protected,
+                                            what=what)
+            try:
+                yield root
+            except BaseException:
+                if made:
+                    await self.io_call(_remove_made_root, root, what="removing the directory")
+                raise
             return
         root = await self._mount(sd_id, spec)
         try:
@@ -393,54 +406,105 @@ class StorageDomainService:
 
 def _where(dtype: str, params: JsonObject) -> MountSpec | None:
     """The mount spec of a posixfs call (None for localfs); checks that the call gives
-    exactly what its type needs."""
+    exactly what its type needs, and a path or filesystem type no domain may have."""
     if dtype == "localfs":
         if "mount" in params or "path" not in params:
             raise InvalidArgument("a localfs domain takes path, not mount",
                                   reason="invalid_location", field="path")
-        _check_path(params["path"])
+        location.check_text(params["path"])
         return None
     if "path" in params or "mount" not in params:
         raise InvalidArgument("a posixfs domain takes mount, not path",
                               reason="invalid_location", field="mount")
-    return MountSpec.parse(params["mount"])
-
-
-def _check_path(text: str) -> None:
-    if not text.startswith("/") or "\0" in text or ".." in Path(text).parts:
-        raise InvalidArgument(f"path {text[:200]!r} must be absolute, without '..'",
-                              reason="invalid_path", field="path")
+    spec = MountSpec.parse(params["mount"])
+    if spec.vfs_type in location.SPECIAL_FILESYSTEMS:
+        raise InvalidArgument(f"mount.vfs_type {spec.vfs_type} is a special filesystem, which "
+                              "holds no disk images", reason="special_filesystem",
+                              field="mount.vfs_type")
+    return spec
 
 
 # --- blocking helpers, run in the storage I/O threads --------------------------------------
 
+#: Finds (or makes) a localfs root: ``(path, protected dirs)`` -> ``(resolved, made)``.
+LocalRoot = Callable[[Path, Sequence[Path]], tuple[Path, bool]]
 
-def _existing_dir(path: Path) -> Path:
-    resolved = path.resolve()
+
+def _path_error(path: Path, exc: OSError) -> ApiError:
+    """The API error for an OSError met on the way to a localfs root."""
+    if exc.errno == errno.ENAMETOOLONG:
+        return InvalidArgument(f"path {str(path)[:200]!r} is too long", reason="path_too_long",
+                               field="path")
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+        return InvalidArgument(f"path {str(path)[:200]!r} does not lead to a directory: "
+                               f"{exc.strerror}", reason="invalid_path", field="path")
+    return FailedPrecondition(f"cannot use {str(path)[:200]!r}: {exc.strerror}",
+                              reason="path_unusable")
+
+
+def _checked_root(path: Path, protected: Sequence[Path], *, make: bool) -> tuple[Path, bool]:
+    """Resolve a localfs root and check where it is (:mod:`location`) before anything is
+    made; with ``make``, a missing last component is made. A dangling symlink or a loop is
+    refused, never made. Returns ``(resolved root, whether it was made)``."""
+    try:
+        if make and not os.path.lexists(path):
+            resolved = Path(os.path.realpath(path.parent, strict=True)) / path.name
+        else:
+            resolved = Path(os.path.realpath(path, strict=True))
+        own = [Path(os.path.realpath(p)) for p in protected]
+        location.check_length(str(resolved))
+        location.check_place(resolved, own)
+        holder = resolved if resolved.exists() else resolved.parent
+        location.check_filesystem(resolved, location.filesystem_type(
+            holder, mounts.read_mountinfo()))
+        made = False
+        if not resolved.exists():
+            resolved.mkdir(mode=0o755)
+            made = True
+    except OSError as exc:
+        raise _path_error(path, exc) from None
     if not resolved.is_dir():
         raise NotFound(f"{path} is not a directory", reason="no_directory", object="path",
                        id=str(path))
-    return resolved
+    return resolved, made
 
 
-def _localfs_root(path: Path) -> Path:
+def _existing_dir(path: Path, protected: Sequence[Path]) -> tuple[Path, bool]:
+    """The resolved root of a domain being attached."""
+    return _checked_root(path, protected, make=False)
+
+
+def _localfs_root(path: Path, protected: Sequence[Path]) -> tuple[Path, bool]:
     """The resolved root of a new localfs domain; its last component is made if missing."""
-    if not path.exists() and path.parent.is_dir():
-        path.mkdir(mode=0o755)
-    return _existing_dir(path)
+    return _checked_root(path, protected, make=True)
+
+
+def _remove_made_root(root: Path) -> None:
+    with contextlib.suppress(OSError):
+        root.rmdir()  # only when empty: what the call made, nothing else
 
 
 def _format(layout: DomainLayout, metadata: DomainMetadata, force: bool, fresh_fs: bool) -> None:
-    ignore = _EMPTY_FS_ENTRIES if fresh_fs else frozenset()
-    present = sorted(set(os.listdir(layout.root)) - ignore)
-    if present and not force:
-        raise FailedPrecondition(f"{layout.root} is not empty ({', '.join(present[:5])}); "
-                                 "use force to add a domain next to what is there",
-                                 reason="not_empty")
-    if os.path.lexists(layout.domain_dir):
-        raise AlreadyExists(f"{layout.domain_dir} exists", reason="exists",
-                            object="storage_domain", id=layout.sd_id)
-    lay.format_domain(layout, metadata)
+    """Make the domain in its root; a failure leaves nothing of it behind. Raises
+    FailedPrecondition (``not_empty``, ``path_unusable``) and AlreadyExists."""
+    try:
+        ignore = _EMPTY_FS_ENTRIES if fresh_fs else frozenset()
+        present = sorted(set(os.listdir(layout.root)) - ignore)
+        if present and not force:
+            raise FailedPrecondition(f"{layout.root} is not empty ({', '.join(present[:5])}); "
+                                     "use force to add a domain next to what is there",
+                                     reason="not_empty")
+        if os.path.lexists(layout.domain_dir):
+            raise AlreadyExists(f"{layout.domain_dir} exists", reason="exists",
+                                object="storage_domain", id=layout.sd_id)
+        try:
+            lay.format_domain(layout, metadata)
+        except BaseException:
+            # It did not exist a moment ago: all in it was made by this call.
+            shutil.rmtree(layout.domain_dir, ignore_errors=True)
+            raise
+    except OSError as exc:
+        raise _path_error(layout.root, exc) from None
 
 
 def _mount_point(target: Path) -> None:

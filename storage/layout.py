@@ -8,7 +8,8 @@ A domain is self-describing, so that another host can attach it from the files a
 
 Everything here is plain code over paths and bytes. Every id is checked to be a UUID in
 canonical form before it becomes part of a path, and every path handed out is checked to
-stay inside the domain's directory with no symbolic link on the way (:meth:`DomainLayout`).
+stay inside the domain's directory with no symbolic link on the way, and to be a
+directory or a regular file with a single link (:meth:`DomainLayout.safe`).
 
 Metadata is parsed strictly: a file that is not a JSON object, lacks a field, has a field
 of the wrong type or one this version does not know, or declares a newer layout version is
@@ -18,6 +19,7 @@ Nothing here ever rewrites a file it could not read.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -228,8 +230,27 @@ class VolumeMetadata:
 # --- paths --------------------------------------------------------------------------------
 
 
-def _no_symlinks(base: Path, path: Path) -> None:
-    """Refuse ``path`` if it escapes ``base`` or a component below ``base`` is a symlink.
+def _check_file(path: Path, st: os.stat_result) -> None:
+    """Refuse what a domain never holds: a symlink, a special file (FIFO, socket, device)
+    or a file with more than one link. A hard link makes a file outside the domain (on
+    the same filesystem) look like a volume: whatever the agent did to the volume, it
+    would do to that file."""
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafePath(f"{path} is a symbolic link; a domain holds none",
+                         reason="unsafe_path")
+    if stat.S_ISDIR(st.st_mode):
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafePath(f"{path} is not a regular file or a directory",
+                         reason="unsafe_path")
+    if st.st_nlink > 1:
+        raise UnsafePath(f"{path} has {st.st_nlink} links (hard links); a domain's files "
+                         "have one", reason="unsafe_path")
+
+
+def _no_links(base: Path, path: Path) -> None:
+    """Refuse ``path`` if it escapes ``base`` or a component below ``base`` is a symlink,
+    a special file or a file with more than one link (:func:`_check_file`).
 
     Components that do not exist yet are fine (they are about to be made). Lexically
     inside ``base``, with no ``..`` and no symlink below it, ``path`` cannot lead out of
@@ -241,12 +262,10 @@ def _no_symlinks(base: Path, path: Path) -> None:
     for part in path.relative_to(base).parts:
         current = current / part
         try:
-            mode = os.lstat(current).st_mode
+            st = os.lstat(current)
         except FileNotFoundError:
             return
-        if stat.S_ISLNK(mode):
-            raise UnsafePath(f"{current} is a symbolic link; a domain holds none",
-                             reason="unsafe_path")
+        _check_file(current, st)
 
 
 @dataclass(frozen=True)
@@ -282,31 +301,67 @@ class DomainLayout:
         return self.safe(self.domain_dir / IMAGES / check_uuid(image_id, "image_id")
                          / check_uuid(volume_id, "volume_id"))
 
+    def volume_name(self, image_id: str, volume_id: str) -> Path:
+        """Where a volume's data file is named, built from the ids alone (nothing is read or
+        checked): for comparing with paths VMs use, never for opening."""
+        return (self.domain_dir / IMAGES / check_uuid(image_id, "image_id")
+                / check_uuid(volume_id, "volume_id"))
+
     def volume_meta_path(self, image_id: str, volume_id: str) -> Path:
         name = check_uuid(volume_id, "volume_id") + VOLUME_META_SUFFIX
         return self.safe(self.domain_dir / IMAGES / check_uuid(image_id, "image_id") / name)
 
+    def entry_path(self, image_id: str, name: str) -> Path:
+        """The entry ``name`` of an image directory, with the way to the directory checked
+        but not the entry itself: for unlinking it (which never follows it), never for
+        opening it. Raises :class:`UnsafePath` and :class:`InvalidArgument`."""
+        if "/" in name or name in ("", ".", ".."):
+            raise InvalidArgument(f"{name!r} is not a file name", reason="invalid_id")
+        return self.image_dir(image_id) / name
+
     def safe(self, path: Path) -> Path:
-        """``path`` if it lies in this domain's directory with no symlink on the way.
+        """``path`` if it lies in this domain's directory with no symlink on the way, and
+        is (when it exists) a directory or a regular file with one link.
 
         The domain directory itself must not be a symlink either. Raises
         :class:`UnsafePath`. Reads the filesystem (``lstat``): call it off the loop.
         """
         if os.path.islink(self.domain_dir):
             raise UnsafePath(f"{self.domain_dir} is a symbolic link", reason="unsafe_path")
-        _no_symlinks(self.domain_dir, path)
+        _no_links(self.domain_dir, path)
         return path
 
 
 # --- reading and writing (blocking: run off the event loop) --------------------------------
 
 
-def _read_small(path: Path) -> bytes:
-    """Read a metadata file without following a symlink at its last component."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def open_file(path: Path) -> int:
+    """Open a domain's file for reading: not through a symlink at its last component,
+    without waiting on a FIFO, and only if it is a regular file with one link (checked on
+    the file opened, whatever was there when its path was checked). Returns the fd.
+    Raises :class:`UnsafePath` and ``OSError``."""
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise MetadataError(f"{path} is not a regular file", reason="metadata_corrupt")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePath(f"{path} is a symbolic link; a domain holds none",
+                             reason="unsafe_path") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise UnsafePath(f"{path} is a directory", reason="unsafe_path")
+        _check_file(path, st)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_small(path: Path) -> bytes:
+    """Read a metadata file (:func:`open_file`)."""
+    fd = open_file(path)
+    try:
         return os.read(fd, MAX_METADATA_BYTES + 1)
     finally:
         os.close(fd)

@@ -86,11 +86,32 @@ def mount_points(mountinfo: str) -> set[str]:
     return points
 
 
+def mount_table(mountinfo: str) -> list[tuple[str, str]]:
+    """``(mount point, filesystem type)`` of each line of ``/proc/self/mountinfo``, in
+    order (a later mount on the same point hides an earlier one). The type follows the
+    ``-`` that ends the optional fields."""
+    table = []
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        try:
+            separator = fields.index("-", 6)
+        except ValueError:
+            continue
+        if separator + 1 < len(fields):
+            table.append((_unescape(fields[4]), _unescape(fields[separator + 1])))
+    return table
+
+
+def read_mountinfo() -> str:
+    """The text of ``/proc/self/mountinfo`` (procfs: never blocks on a hung filesystem)."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+        return handle.read()
+
+
 def is_mounted(target: Path) -> bool:
     """Whether something is mounted on ``target``. Reads procfs only (never blocks on a
     hung filesystem)."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
-        return str(target) in mount_points(handle.read())
+    return str(target) in mount_points(read_mountinfo())
 
 
 async def _run(argv: list[str], timeout: float, what: str) -> tuple[int, str]:

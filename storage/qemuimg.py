@@ -8,6 +8,12 @@ starts with ``-`` is never read as an option and one with a ``:`` never as a pro
 either the ``--output=json`` document or, for ``convert`` and ``commit``, the ``-p``
 progress stream.
 
+Images are named by a path and a format, or by a :class:`Chain`: every image of a chain
+with its format, top first, given to qemu-img as a ``json:`` filename that spells out each
+image's backing (the next one, none for the last). A chain is opened as stated whatever
+the images' headers name as their backing files; a bare path lets the header decide,
+so code that opens volumes passes chains.
+
 Cancelling the task that awaits a call stops the process: SIGTERM to its process group,
 SIGKILL after :data:`TERM_GRACE` seconds, then the call waits for it to exit (at most
 :data:`KILL_WAIT` seconds more: a process stuck in the kernel on dead storage cannot be
@@ -103,6 +109,55 @@ class Timeout(QemuImgError):
 
 class ShrinkRefused(ValueError):
     """resize() was asked for a size below the image's current virtual size."""
+
+
+#: Formats a :class:`Chain` may hold; raw is a plain file and can only be last.
+CHAIN_FORMATS = ("raw", "qcow2")
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """An image and every image below it, top first, as ``(absolute path, format)``.
+
+    qemu-img opens exactly these files: each qcow2 layer's backing is the next layer and
+    the last one has none (``"backing": null``), whatever their headers say; each file is
+    opened by the ``file`` driver, so its name is never read as a protocol. Raises
+    ``ValueError`` for an empty chain, a relative path, an unknown format or a raw image
+    above another.
+    """
+
+    layers: tuple[tuple[str, str], ...]
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("a chain holds at least one image")
+        for index, (path, fmt) in enumerate(self.layers):
+            if not os.path.isabs(path):
+                raise ValueError(f"{path!r} is not an absolute path")
+            if fmt not in CHAIN_FORMATS:
+                raise ValueError(f"format {fmt!r} is not one of {CHAIN_FORMATS}")
+            if fmt == "raw" and index < len(self.layers) - 1:
+                raise ValueError(f"{path} is raw and cannot have a backing file")
+
+    @classmethod
+    def of(cls, *layers: tuple[PathLike, str]) -> Chain:
+        return cls(tuple((os.fspath(path), fmt) for path, fmt in layers))
+
+    def node(self) -> dict[str, Any]:
+        """The options of the top node, with every node below it nested as its backing."""
+        below: dict[str, Any] | None = None
+        for path, fmt in reversed(self.layers):
+            node: dict[str, Any] = {"driver": fmt,
+                                    "file": {"driver": "file", "filename": path}}
+            if fmt != "raw":
+                node["backing"] = below
+            below = node
+        assert below is not None
+        return below
+
+    def filename(self) -> str:
+        """The ``json:`` filename qemu-img is given for this chain."""
+        return "json:" + json.dumps(self.node(), separators=(",", ":"))
 
 
 # --- pure parts: results and output parsing -------------------------------------------
@@ -348,6 +403,19 @@ def _abs(path: PathLike) -> str:
     return os.path.abspath(os.fspath(path))
 
 
+def _image(image: PathLike | Chain, fmt: str | None, *,
+           probe: bool = False) -> tuple[list[str], str]:
+    """The options and the filename that name ``image`` to qemu-img. A path needs its
+    format unless ``probe`` (qemu-img then guesses it)."""
+    if isinstance(image, Chain):
+        if fmt is not None:
+            raise ValueError("a chain states the format of each image; pass no format")
+        return [], image.filename()
+    if fmt is None and not probe:
+        raise ValueError(f"{_abs(image)} needs its format")
+    return (["-f", fmt] if fmt is not None else []), _abs(image)
+
+
 async def _exists(path: str) -> bool:
     # stat() on shared storage can block; keep it off the loop.
     return await asyncio.to_thread(os.path.lexists, path)
@@ -368,6 +436,10 @@ async def _new_target(path: str, run: Coroutine[Any, Any, Any]) -> None:
     except BaseException:
         await to_the_end(_remove(path), "qemu-img cleanup")
         raise
+
+
+def _shown(image: PathLike | Chain) -> str:
+    return image.layers[0][0] if isinstance(image, Chain) else _abs(image)
 
 
 def _check_preallocation(preallocation: str | None) -> list[str]:
@@ -393,20 +465,30 @@ def _check_backing(backing: str | None, backing_fmt: str | None) -> list[str]:
 # --- the calls ---------------------------------------------------------------------------
 
 
-async def info(path: PathLike, *, fmt: str | None = None, backing_chain: bool = True,
+async def info(path: PathLike | Chain, *, fmt: str | None = None, backing_chain: bool = True,
                timeout: float = METADATA_TIMEOUT) -> ImageInfo:
     """Describe an image (and with ``backing_chain`` every image below it).
 
     Opens the image shared (``-U``), so an image a VM is using can be read. Pass ``fmt``
-    whenever it is known: probing lets a guest that writes a qcow2 header into a raw disk
-    choose the format. Raises QemuImgError (Timeout after ``timeout`` seconds).
+    with a path whenever it is known: probing lets a guest that writes a qcow2 header into
+    a raw disk choose the format. A :class:`Chain` states the formats, and its images are
+    described one by one (qemu-img's ``--backing-chain`` follows the names in the headers).
+    Raises QemuImgError (Timeout after ``timeout`` seconds; each call for a chain).
     """
-    args = ["info", "--output=json", "-U"]
-    if fmt is not None:
-        args += ["-f", fmt]
+    if isinstance(path, Chain):
+        _image(path, fmt)  # refuses a format with a chain
+        # qemu-img info never opens a backing file (it refuses backing options), and its
+        # --backing-chain opens each image below by the name in the header of the one
+        # above: each image of a chain is described alone, with no backing.
+        found = [parse_info(await _run_json(
+                    ["info", "--output=json", "-U", Chain((layer,)).filename()], timeout))
+                 for layer in (path.layers if backing_chain else path.layers[:1])]
+        return dataclasses.replace(found[0], backing_chain=tuple(found[1:]))
+    options, filename = _image(path, fmt, probe=True)
+    args = ["info", "--output=json", "-U", *options]
     if backing_chain:
         args.append("--backing-chain")
-    return parse_info(await _run_json([*args, _abs(path)], timeout))
+    return parse_info(await _run_json([*args, filename], timeout))
 
 
 async def create(path: PathLike, fmt: str, size: int | None, *, backing: str | None = None,
@@ -415,12 +497,16 @@ async def create(path: PathLike, fmt: str, size: int | None, *, backing: str | N
     """Create an image of ``size`` bytes (None: the size of ``backing``).
 
     ``backing`` is written into the image as given (relative to the image's folder unless
-    absolute). Raises FileExistsError if ``path`` exists, ValueError for bad arguments,
-    NoSpace or QemuImgError; a partly created file is removed.
+    absolute). With a ``size`` the backing file is not opened (``-u``): whatever its own
+    header names is not followed. Raises FileExistsError if ``path`` exists, ValueError
+    for bad arguments, NoSpace or QemuImgError; a partly created file is removed.
     """
     target = _abs(path)
     args = ["create", "-q", "-f", fmt, *_check_backing(backing, backing_fmt),
-            *_check_preallocation(preallocation), target]
+            *_check_preallocation(preallocation)]
+    if backing is not None and size is not None:
+        args.append("-u")
+    args.append(target)
     if size is not None:
         args.append(str(size))
     elif backing is None:
@@ -428,27 +514,32 @@ async def create(path: PathLike, fmt: str, size: int | None, *, backing: str | N
     await _new_target(target, _run(args, timeout=timeout))
 
 
-async def resize(path: PathLike, size: int, fmt: str, *, preallocation: str | None = None,
-                 timeout: float | None = None) -> None:
+async def resize(path: PathLike | Chain, size: int, fmt: str | None = None, *,
+                 preallocation: str | None = None, timeout: float | None = None) -> None:
     """Grow an image's virtual size to ``size`` bytes; the same size is a no-op.
 
-    Raises ShrinkRefused (before running anything) for a smaller size, ImageInUse when a
-    VM has it open, NoSpace or QemuImgError.
+    ``fmt`` goes with a path; a :class:`Chain` states it (its backing matters: growing a
+    layer over a longer backing image zeroes the new part). Raises ShrinkRefused (before
+    running anything) for a smaller size, ImageInUse when a VM has it open, NoSpace or
+    QemuImgError.
     """
-    target = _abs(path)
-    current = (await info(target, fmt=fmt, backing_chain=False)).virtual_size
+    options, filename = _image(path, fmt)
+    image = path if isinstance(path, Chain) else filename
+    current = (await info(image, fmt=fmt, backing_chain=False)).virtual_size
     if size < current:
-        raise ShrinkRefused(f"{target} is {current} bytes; shrinking to {size} is refused")
+        raise ShrinkRefused(f"{_shown(path)} is {current} bytes; shrinking to {size} is "
+                            "refused")
     if size == current:
         return
-    args = ["resize", "-q", "-f", fmt]
+    args = ["resize", "-q", *options]
     if preallocation is not None:
         _check_preallocation(preallocation)
         args.append(f"--preallocation={preallocation}")
-    await _run([*args, target, str(size)], timeout=timeout)
+    await _run([*args, filename, str(size)], timeout=timeout)
 
 
-async def measure(dst_fmt: str, *, src: PathLike | None = None, src_fmt: str | None = None,
+async def measure(dst_fmt: str, *, src: PathLike | Chain | None = None,
+                  src_fmt: str | None = None,
                   size: int | None = None, preallocation: str | None = None,
                   timeout: float = METADATA_TIMEOUT) -> Measurement:
     """Bytes a ``dst_fmt`` image needs: a copy of ``src`` (converted), or a new one of ``size``.
@@ -459,16 +550,15 @@ async def measure(dst_fmt: str, *, src: PathLike | None = None, src_fmt: str | N
         raise ValueError("measure() takes either src or size")
     args = ["measure", "--output=json", "-O", dst_fmt, *_check_preallocation(preallocation)]
     if src is not None:
-        if src_fmt is not None:
-            args += ["-f", src_fmt]
-        args += ["-U", _abs(src)]
+        options, filename = _image(src, src_fmt, probe=True)
+        args += [*options, "-U", filename]
     else:
         args += ["--size", str(size)]
     document = await _run_json(args, timeout)
     return Measurement(int(document["required"]), int(document["fully-allocated"]))
 
 
-async def check(path: PathLike, fmt: str, *, force_share: bool = False,
+async def check(path: PathLike | Chain, fmt: str | None = None, *, force_share: bool = False,
                 timeout: float | None = None) -> CheckResult:
     """Check an image's metadata (read-only, nothing is repaired).
 
@@ -476,7 +566,8 @@ async def check(path: PathLike, fmt: str, *, force_share: bool = False,
     checks give ``supported=False``. ``force_share`` reads an image in use, whose metadata
     may be changing. Raises QemuImgError when the check could not run.
     """
-    args = ["check", "--output=json", "-f", fmt, *(["-U"] if force_share else []), _abs(path)]
+    options, filename = _image(path, fmt)
+    args = ["check", "--output=json", *options, *(["-U"] if force_share else []), filename]
     try:
         output = await _run(args, timeout=timeout, accept=(0, 2, 3))
     except QemuImgError as error:
@@ -486,13 +577,17 @@ async def check(path: PathLike, fmt: str, *, force_share: bool = False,
     return parse_check(json.loads(output))
 
 
-async def convert(src: PathLike, dst: PathLike, *, src_fmt: str, dst_fmt: str,
+async def convert(src: PathLike | Chain, dst: PathLike, *, src_fmt: str | None = None,
+                  dst_fmt: str,
                   preallocation: str | None = None, sparse: bool = True,
                   backing: str | None = None, backing_fmt: str | None = None,
                   target_exists: bool = False, force_share: bool = False,
                   progress: ProgressCallback | None = None,
                   timeout: float | None = None) -> None:
     """Copy ``src`` into ``dst`` in ``dst_fmt``, calling ``progress(percent)`` as it goes.
+
+    ``src_fmt`` goes with a path; a :class:`Chain` is copied as what it shows, all its
+    images flattened.
 
     ``sparse=False`` writes zeros too (``-S 0``). With ``backing`` the target is a layer
     over it and only what differs from it is copied. ``target_exists`` writes into an
@@ -503,7 +598,8 @@ async def convert(src: PathLike, dst: PathLike, *, src_fmt: str, dst_fmt: str,
     if target_exists and preallocation is not None:
         raise ValueError("preallocation is chosen when the target is made, not with target_exists")
     target = _abs(dst)
-    args = ["convert", "-p", "-f", src_fmt, "-O", dst_fmt, *_check_preallocation(preallocation)]
+    src_options, src_name = _image(src, src_fmt)
+    args = ["convert", "-p", *src_options, "-O", dst_fmt, *_check_preallocation(preallocation)]
     args += _check_backing(backing, backing_fmt)
     if not sparse:
         args += ["-S", "0"]
@@ -511,24 +607,29 @@ async def convert(src: PathLike, dst: PathLike, *, src_fmt: str, dst_fmt: str,
         args.append("-n")
     if force_share:
         args.append("-U")
-    run = _run([*args, _abs(src), target], timeout=timeout, progress=progress)
+    run = _run([*args, src_name, target], timeout=timeout, progress=progress)
     if target_exists:
         await run
     else:
         await _new_target(target, run)
 
 
-async def commit(top: PathLike, *, top_fmt: str, base: PathLike | None = None,
-                 progress: ProgressCallback | None = None,
+async def commit(top: PathLike | Chain, *, top_fmt: str | None = None,
+                 base: PathLike | None = None, progress: ProgressCallback | None = None,
                  timeout: float | None = None) -> None:
     """Write the data of ``top`` into ``base`` (its backing file when None).
 
-    ``top`` is left as it was (``-d``); the images between ``top`` and ``base`` are
-    committed too. A cancelled or failed commit leaves ``base`` partly written, and so
-    every image that uses it inconsistent: mark them illegal before calling this, and
-    legal again only after it succeeds. Raises NoSpace, ImageInUse, QemuImgError.
+    A :class:`Chain` (of two images at least, and no ``base``) is committed into its
+    second image. ``top`` is left as it was (``-d``); the images between ``top`` and
+    ``base`` are committed too. A cancelled or failed commit leaves ``base`` partly
+    written, and so every image that uses it inconsistent: mark them illegal before
+    calling this, and legal again only after it succeeds. Raises NoSpace, ImageInUse,
+    QemuImgError.
     """
-    args = ["commit", "-p", "-d", "-f", top_fmt]
+    if isinstance(top, Chain) and (base is not None or len(top.layers) < 2):
+        raise ValueError("a chain is committed into its second image, and needs one")
+    options, filename = _image(top, top_fmt)
+    args = ["commit", "-p", "-d", *options]
     if base is not None:
         args += ["-b", _abs(base)]
-    await _run([*args, _abs(top)], timeout=timeout, progress=progress)
+    await _run([*args, filename], timeout=timeout, progress=progress)

@@ -64,6 +64,12 @@ def require_legal(chain: Sequence[Found]) -> None:
                                      id=item.volume_id)
 
 
+def qemu_chain(chain: Sequence[Found]) -> qemuimg.Chain:
+    """A volume's chain (leaf first) as qemu-img is to open it: these files with these
+    formats, whatever their headers name."""
+    return qemuimg.Chain(tuple((str(f.path), f.metadata.format) for f in chain))
+
+
 def volume_api(domain: Domain, found: Found) -> JsonObject:
     return {"sd_id": domain.sd_id, "image_id": found.image_id,
             "volume_id": found.volume_id,

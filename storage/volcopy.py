@@ -16,13 +16,20 @@ they end, and report qemu-img's progress as the job's.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from virtnode.errors import FailedPrecondition, InvalidArgument
 from virtnode.jobs import JobHandle, JobKind
 from virtnode.storage import qemuimg, volfiles
 from virtnode.storage.layout import VolumeMetadata
-from virtnode.storage.volapi import preallocation, qemu_guard, require_legal, volume_api
+from virtnode.storage.volapi import (
+    preallocation,
+    qemu_chain,
+    qemu_guard,
+    require_legal,
+    volume_api,
+)
 from virtnode.storage.volfiles import Found
 
 if TYPE_CHECKING:
@@ -56,11 +63,10 @@ async def start_copy(service: VolumeService, params: JsonObject) -> JsonObject:
             reason="has_parent", field="collapse")
     chain = await service.chain(src_domain, leaf)
     require_legal(chain)
-    src_path = leaf.path
-    src_fmt = leaf.metadata.format
+    src = qemu_chain(chain)
     prealloc = preallocation(allocation)
     await service.check_space(dst, dst_fmt, 0, allocation, measured=qemuimg.measure(
-        dst_fmt, src=src_path, src_fmt=src_fmt, timeout=service.domains.io_timeout))
+        dst_fmt, src=src, timeout=service.domains.io_timeout))
 
     async def run(handle: JobHandle) -> JsonObject:
         image_id, volume_id = str(uuid.uuid4()), str(uuid.uuid4())
@@ -75,7 +81,7 @@ async def start_copy(service: VolumeService, params: JsonObject) -> JsonObject:
         dst_path = target.path
         try:
             with qemu_guard(f"copying volume {leaf.volume_id}"):
-                await qemuimg.convert(src_path, dst_path, src_fmt=src_fmt, dst_fmt=dst_fmt,
+                await qemuimg.convert(src, dst_path, dst_fmt=dst_fmt,
                                       preallocation=prealloc, progress=_progress(handle))
             await service.io(volfiles.sync_data, dst_path, what="flushing the copy")
             async with service.lock(dst):
@@ -95,15 +101,17 @@ async def start_copy(service: VolumeService, params: JsonObject) -> JsonObject:
     return {"job_id": job.job_id, "job": job.to_api()}
 
 
-async def _merge_pair(service: VolumeService, params: JsonObject
-                      ) -> tuple[Domain, Found, Found]:
+async def _merge_chain(service: VolumeService, params: JsonObject
+                       ) -> tuple[Domain, Sequence[Found]]:
+    """The domain and the chain of the layer to merge (the layer, its parent, and what
+    lies below)."""
     domain, top = await service.volume(params)
     parent_id = top.metadata.parent
     if parent_id is None:
         raise FailedPrecondition(f"volume {top.volume_id} has no parent to merge into",
                                  reason="no_parent", object="volume", id=top.volume_id)
-    parent = await service.io(volfiles.find, domain.layout, parent_id, top.image_id,
-                              what="reading the parent")
+    chain = await service.chain(domain, top)
+    parent = chain[1]
     if parent.metadata.role == "shared" or parent.image_id != top.image_id:
         raise FailedPrecondition(
             f"parent {parent_id} is a template; merging into it would change every image "
@@ -119,13 +127,14 @@ async def _merge_pair(service: VolumeService, params: JsonObject
         raise FailedPrecondition(f"volume {top.volume_id} is illegal",
                                  reason="volume_illegal", object="volume", id=top.volume_id)
     await service.check_unused(domain, [top, parent])
-    return domain, top, parent
+    return domain, chain
 
 
 async def start_merge(service: VolumeService, params: JsonObject) -> JsonObject:
     """Check a ``Volume.merge`` call and start its job; returns ``{job_id, job}``."""
-    domain, top, parent = await _merge_pair(service, params)
-    top_path, base_path = top.path, parent.path
+    domain, chain = await _merge_chain(service, params)
+    top, parent = chain[0], chain[1]
+    committed, base_path = qemu_chain(chain), parent.path
 
     async def run(handle: JobHandle) -> JsonObject:
         nonlocal top, parent
@@ -140,8 +149,7 @@ async def start_merge(service: VolumeService, params: JsonObject) -> JsonObject:
                 top = await service.io(volfiles.update, domain.layout, top,
                                        legality="illegal", what="marking the chain")
         with qemu_guard(f"merging volume {top.volume_id}"):
-            await qemuimg.commit(top_path, top_fmt=top.metadata.format, base=base_path,
-                                 progress=_progress(handle))
+            await qemuimg.commit(committed, progress=_progress(handle))
         await service.io(volfiles.sync_data, base_path, what="flushing the parent")
         async with service.lock(domain):
             parent = await service.io(

@@ -15,9 +15,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+from virtnode.errors import FailedPrecondition
 from virtnode.fileutil import fsync_dir, fsync_file
 from virtnode.storage import layout as lay
+from virtnode.storage import qcow2
 from virtnode.storage.layout import DomainLayout, MetadataError, VolumeMetadata
 
 log = logging.getLogger(__name__)
@@ -27,17 +30,26 @@ MAX_CHAIN = 128
 
 
 @dataclass(frozen=True)
-class Found:
-    """A volume with readable metadata, and where it is.
-
-    ``path`` is the volume's data file, checked (inside the domain, no symlink on the way)
-    in the I/O thread that read the volume: code on the event loop uses it as it is and
-    never checks a path itself (that reads the filesystem, which may hang).
-    """
+class Listed:
+    """A volume with readable metadata; its data file has not been looked at, and may be
+    missing or damaged. Enough to know the volume's place in its chain, to change its
+    metadata and to remove it."""
 
     image_id: str
     volume_id: str
     metadata: VolumeMetadata
+
+
+@dataclass(frozen=True)
+class Found(Listed):
+    """A volume with readable metadata, and where its data is.
+
+    ``path`` is the volume's data file, checked (inside the domain, no symlink on the way,
+    a regular file with one link) in the I/O thread that read the volume: code on the
+    event loop uses it as it is and never checks a path itself (that reads the
+    filesystem, which may hang).
+    """
+
     path: Path
 
     @classmethod
@@ -46,8 +58,16 @@ class Found:
         """The volume with its checked path. Blocking; raises :class:`UnsafePath`."""
         return cls(image_id, volume_id, metadata, layout.volume_path(image_id, volume_id))
 
+    @classmethod
+    def of(cls, layout: DomainLayout, listed: Listed) -> Found:
+        """``listed`` with its data file checked. Raises :class:`UnsafePath`."""
+        return cls.at(layout, listed.image_id, listed.volume_id, listed.metadata)
 
-def find(layout: DomainLayout, volume_id: str, image_hint: str | None = None) -> Found:
+
+V = TypeVar("V", bound=Listed)
+
+
+def locate(layout: DomainLayout, volume_id: str, image_hint: str | None = None) -> Listed:
     """The volume ``volume_id``, looked for first in ``image_hint`` then in every image.
 
     Raises ``FileNotFoundError`` when no image holds it, and what reading metadata raises.
@@ -55,22 +75,32 @@ def find(layout: DomainLayout, volume_id: str, image_hint: str | None = None) ->
     volume_id = lay.check_uuid(volume_id, "volume_id")
     if image_hint is not None:
         with contextlib.suppress(FileNotFoundError):
-            return read(layout, image_hint, volume_id)
+            return read_listed(layout, image_hint, volume_id)
     for image_id in lay.list_images(layout):
         if image_id == image_hint:
             continue
         try:
-            metadata = lay.read_volume_metadata(layout, image_id, volume_id)
+            return read_listed(layout, image_id, volume_id)
         except FileNotFoundError:
             continue
-        return Found.at(layout, image_id, volume_id, metadata)
     raise FileNotFoundError(f"no volume {volume_id} in domain {layout.sd_id}")
 
 
+def find(layout: DomainLayout, volume_id: str, image_hint: str | None = None) -> Found:
+    """:func:`locate`, with the data file checked (raises :class:`UnsafePath` too)."""
+    return Found.of(layout, locate(layout, volume_id, image_hint))
+
+
+def read_listed(layout: DomainLayout, image_id: str, volume_id: str) -> Listed:
+    """One volume's metadata by its full id. Raises ``FileNotFoundError`` and metadata
+    errors."""
+    return Listed(image_id, volume_id, lay.read_volume_metadata(layout, image_id, volume_id))
+
+
 def read(layout: DomainLayout, image_id: str, volume_id: str) -> Found:
-    """One volume by its full id. Raises ``FileNotFoundError`` and metadata errors."""
-    return Found.at(layout, image_id, volume_id,
-                    lay.read_volume_metadata(layout, image_id, volume_id))
+    """One volume by its full id, its data file checked. Raises ``FileNotFoundError``,
+    metadata errors and :class:`UnsafePath`."""
+    return Found.of(layout, read_listed(layout, image_id, volume_id))
 
 
 def chain(layout: DomainLayout, leaf: Found) -> list[Found]:
@@ -89,18 +119,69 @@ def chain(layout: DomainLayout, leaf: Found) -> list[Found]:
     return result
 
 
-def all_volumes(layout: DomainLayout) -> list[Found]:
-    """Every volume of the domain whose metadata can be read."""
+class HeaderMismatch(FailedPrecondition):
+    """A volume's data file names other files than its metadata allows: a backing file
+    other than its parent's, or an external data file."""
+
+
+def check_headers(layout: DomainLayout, volumes: list[Found]) -> None:
+    """Check that each qcow2 image of a chain (leaf first) names as its backing file
+    exactly its parent (as :func:`backing_name` writes it), or none at the bottom, and
+    keeps its data in itself; a raw image cannot have a parent.
+
+    Raises :class:`HeaderMismatch` (reason ``backing_mismatch``, ``external_data_file`` or
+    ``format_mismatch``, for the first volume that differs), :class:`UnsafePath` for a
+    data file that is a link or not a regular file, and ``OSError``.
+    """
+    for below, found in enumerate(volumes, start=1):
+        parent = volumes[below] if below < len(volumes) else None
+        expected = None if parent is None else backing_name(layout, found.image_id, parent)
+        if found.metadata.format == "raw":
+            if parent is not None:
+                raise _mismatch(found, "backing_mismatch", "is raw, which has no backing "
+                                f"file, yet its metadata names parent {parent.volume_id}")
+            continue
+        fd = lay.open_file(found.path)
+        try:
+            header = qcow2.read_header(fd)
+        except qcow2.NotQcow2 as exc:
+            raise _mismatch(found, "format_mismatch", f"is not a qcow2 image ({exc})") from None
+        finally:
+            os.close(fd)
+        if header.data_file:
+            raise _mismatch(found, "external_data_file", "keeps its data in another file "
+                            "(an external data file); volumes never do")
+        if header.backing_file != expected:
+            named = "none" if header.backing_file is None else repr(header.backing_file[:200])
+            raise _mismatch(found, "backing_mismatch", f"names backing file {named} in its "
+                            f"header, but its metadata says {expected or 'none'}")
+
+
+def _mismatch(found: Found, reason: str, what: str) -> HeaderMismatch:
+    return HeaderMismatch(f"volume {found.volume_id} {what}; refusing to use it",
+                          reason=reason, object="volume", id=found.volume_id)
+
+
+def usable_chain(layout: DomainLayout, leaf: Found) -> list[Found]:
+    """:func:`chain`, with the header of every image in it checked (:func:`check_headers`):
+    the chain to hand to qemu-img or libvirt, as a whole."""
+    volumes = chain(layout, leaf)
+    check_headers(layout, volumes)
+    return volumes
+
+
+def all_volumes(layout: DomainLayout) -> list[Listed]:
+    """Every volume of the domain whose metadata can be read, whatever its data file."""
     found = []
     for image_id in lay.list_images(layout):
         with contextlib.suppress(FileNotFoundError):
             for entry in lay.list_volumes(layout, image_id):
                 if entry.metadata is not None:
-                    found.append(Found.at(layout, image_id, entry.volume_id, entry.metadata))
+                    found.append(Listed(image_id, entry.volume_id, entry.metadata))
     return found
 
 
-def children(layout: DomainLayout, volume_id: str) -> list[Found]:
+def children(layout: DomainLayout, volume_id: str) -> list[Listed]:
     """The volumes whose parent is ``volume_id``, in any image of the domain."""
     return [f for f in all_volumes(layout) if f.metadata.parent == volume_id]
 
@@ -140,7 +221,7 @@ def start_new(layout: DomainLayout, image_id: str, volume_id: str, metadata: Vol
     return found
 
 
-def update(layout: DomainLayout, found: Found, **changes: object) -> Found:
+def update(layout: DomainLayout, found: V, **changes: object) -> V:
     """Write ``found``'s metadata with ``changes`` and the generation raised."""
     metadata = dataclasses.replace(found.metadata, generation=found.metadata.generation + 1,
                                    **changes)  # type: ignore[arg-type]
@@ -157,12 +238,15 @@ def sync_data(path: Path) -> None:
 def remove(layout: DomainLayout, image_id: str, volume_id: str) -> None:
     """Remove a volume: its data first, its metadata last (a crash in between leaves an
     illegal volume with no data, which the start-up scan removes), then the image
-    directory if nothing is left in it."""
+    directory if nothing is left in it.
+
+    The names are unlinked whatever they are: a symlink goes, not what it leads to; a
+    file with other names keeps them. Only the way to the image is checked."""
     image_dir = layout.image_dir(image_id)
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(layout.volume_path(image_id, volume_id))
+        os.unlink(layout.entry_path(image_id, volume_id))
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(layout.volume_meta_path(image_id, volume_id))
+        os.unlink(layout.entry_path(image_id, volume_id + lay.VOLUME_META_SUFFIX))
     with contextlib.suppress(FileNotFoundError):
         fsync_dir(image_dir)
     with contextlib.suppress(FileNotFoundError, OSError):
@@ -172,8 +256,8 @@ def remove(layout: DomainLayout, image_id: str, volume_id: str) -> None:
 def restore_parent_role(layout: DomainLayout, parent_id: str, image_hint: str) -> None:
     """A parent left ``internal`` with no child in its image becomes the image's leaf."""
     try:
-        parent = find(layout, parent_id, image_hint)
-    except (FileNotFoundError, MetadataError):
+        parent = locate(layout, parent_id, image_hint)
+    except (FileNotFoundError, MetadataError, lay.UnsafePath):
         return
     if parent.metadata.role == "internal" and not any(
             c.image_id == parent.image_id for c in children(layout, parent_id)):

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 from virtnode.aiotools import to_the_end
 from virtnode.errors import (
@@ -38,8 +38,14 @@ from virtnode.storage import layout as lay
 from virtnode.storage import qemuimg, usage, volcopy, volfiles
 from virtnode.storage.domains import Domain, StorageDomainService, VmDisks
 from virtnode.storage.layout import VolumeMetadata
-from virtnode.storage.volapi import preallocation, qemu_guard, require_legal, volume_api
-from virtnode.storage.volfiles import Found
+from virtnode.storage.volapi import (
+    preallocation,
+    qemu_chain,
+    qemu_guard,
+    require_legal,
+    volume_api,
+)
+from virtnode.storage.volfiles import Found, Listed
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +99,16 @@ class VolumeService:
             result: list[JsonObject] = []
             for image in images:
                 for entry in lay.list_volumes(domain.layout, image):
+                    error = entry.error
                     if entry.metadata is not None:
-                        result.append(volume_api(domain, Found.at(
-                            domain.layout, image, entry.volume_id, entry.metadata)))
-                    else:
-                        result.append({"sd_id": domain.sd_id, "image_id": image,
-                                       "volume_id": entry.volume_id, "error": entry.error})
+                        try:
+                            result.append(volume_api(domain, Found.at(
+                                domain.layout, image, entry.volume_id, entry.metadata)))
+                            continue
+                        except lay.UnsafePath as exc:  # a damaged data file
+                            error = exc.message
+                    result.append({"sd_id": domain.sd_id, "image_id": image,
+                                   "volume_id": entry.volume_id, "error": error})
             return result
 
         if image_id is not None:
@@ -116,8 +126,8 @@ class VolumeService:
         result = volume_api(domain, found)
         chain = await self.chain(domain, found)
         with qemu_guard(f"reading volume {found.volume_id}"):
-            info = await qemuimg.info(found.path, fmt=found.metadata.format,
-                                      backing_chain=False, timeout=self._domains.io_timeout)
+            info = await qemuimg.info(qemu_chain(chain), backing_chain=False,
+                                      timeout=self._domains.io_timeout)
         result["actual_size"] = info.actual_size
         result["qemu_virtual_size"] = info.virtual_size
         result["chain"] = [{"image_id": f.image_id, "volume_id": f.volume_id,
@@ -196,7 +206,9 @@ class VolumeService:
     @rpc_method("Volume.delete")
     async def delete(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
         async with self.lock(self._domains.domain(params["sd_id"])):
-            domain, found = await self.volume(params)
+            # By its metadata alone: a volume whose data file is damaged (a link, a
+            # special file) can be deleted; remove() unlinks its names, never their target.
+            domain, found = await self.volume(params, data=False)
             self.check_free(found)
             kids = await self.io(volfiles.children, domain.layout, found.volume_id,
                                   what="looking for children")
@@ -223,14 +235,14 @@ class VolumeService:
                                          reason="not_leaf", object="volume",
                                          id=found.volume_id)
             await self.check_unused(domain, [found])
+            chain = await self.chain(domain, found)
             prealloc = preallocation(found.metadata.allocation)
             # A smaller size is refused by qemuimg.resize (shrink_refused) before it runs.
             if prealloc is not None and size > found.metadata.virtual_size:
                 await self.check_space(domain, "raw", size - found.metadata.virtual_size,
                                         "preallocated")
             with qemu_guard(f"resizing volume {found.volume_id}"):
-                await qemuimg.resize(found.path, size, found.metadata.format,
-                                     preallocation=prealloc,
+                await qemuimg.resize(qemu_chain(chain), size, preallocation=prealloc,
                                      timeout=self._domains.io_timeout)
             found = await self.io(volfiles.update, domain.layout, found,
                                    virtual_size=size, what="writing volume metadata")
@@ -260,23 +272,42 @@ class VolumeService:
 
 
 
-    async def volume(self, ref: JsonObject) -> tuple[Domain, Found]:
+    @overload
+    async def volume(self, ref: JsonObject) -> tuple[Domain, Found]: ...
+
+    @overload
+    async def volume(self, ref: JsonObject, *, data: Literal[False]
+                     ) -> tuple[Domain, Listed]: ...
+
+    async def volume(self, ref: JsonObject, *, data: bool = True
+                     ) -> tuple[Domain, Listed | Found]:
+        """The domain and the volume ``ref`` names, its data file checked unless ``data``
+        is false. Raises NotFound, FailedPrecondition (``unsafe_path``,
+        ``metadata_corrupt``...) naming the volume."""
         domain = self._domains.domain(ref["sd_id"])
         image_id = lay.check_uuid(ref["image_id"], "image_id")
         volume_id = lay.check_uuid(ref["volume_id"], "volume_id")
         try:
-            found = await self.io(volfiles.read, domain.layout, image_id, volume_id,
-                                   what="reading the volume")
+            found = await self.io(volfiles.read if data else volfiles.read_listed,
+                                  domain.layout, image_id, volume_id,
+                                  what="reading the volume")
         except FileNotFoundError:
             raise NotFound(f"no volume {volume_id} in image {image_id} of storage domain "
                            f"{domain.sd_id}", reason="no_volume", object="volume",
                            id=volume_id) from None
+        except (lay.MetadataError, lay.UnsafePath) as exc:
+            if exc.object is None:  # say which volume its files belong to
+                exc.object, exc.id = "volume", volume_id
+            raise
         return domain, found
 
 
     async def chain(self, domain: Domain, found: Found) -> Sequence[Found]:
-        result: Sequence[Found] = await self.io(volfiles.chain, domain.layout, found,
-                                             what="reading the chain")
+        """The volume's chain, leaf first, every image's header checked against the
+        metadata: what qemu-img and libvirt are given. Raises FailedPrecondition
+        (``broken_chain``, ``backing_mismatch``...)."""
+        result: Sequence[Found] = await self.io(volfiles.usable_chain, domain.layout, found,
+                                                what="reading the chain")
         return result
 
 
@@ -293,6 +324,7 @@ class VolumeService:
             raise FailedPrecondition(f"parent {parent.volume_id} is illegal",
                                      reason="volume_illegal", object="volume",
                                      id=parent.volume_id)
+        await self.chain(domain, parent)  # a layer must not sit on a header that lies
         return parent
 
     def _check_parent(self, parent: Found, image_id: str) -> None:
@@ -309,7 +341,7 @@ class VolumeService:
                 "template (role shared); only a template can be the base of another image",
                 reason="not_shared", object="volume", id=parent.volume_id)
 
-    def check_free(self, found: Found) -> None:
+    def check_free(self, found: Listed) -> None:
         holder = self._busy.get(found.volume_id)
         if holder is not None:
             raise FailedPrecondition(f"volume {found.volume_id} is busy ({holder})",
@@ -329,8 +361,8 @@ class VolumeService:
             for found in volumes:
                 self._busy.pop(found.volume_id, None)
 
-    async def check_unused(self, domain: Domain, volumes: Sequence[Found]) -> None:
-        paths = [str(f.path) for f in volumes]
+    async def check_unused(self, domain: Domain, volumes: Sequence[Listed]) -> None:
+        paths = [str(domain.layout.volume_name(f.image_id, f.volume_id)) for f in volumes]
         users = sorted(vm for vm, used in (await self._vm_disks()).items()
                        if any(usage.paths_under(used, p) for p in paths))
         if users:
@@ -368,7 +400,7 @@ class VolumeService:
                 preallocation=preallocation(md.allocation), timeout=self._domains.io_timeout)
         await self.io(volfiles.sync_data, found.path, what="flushing the volume")
 
-    async def discard(self, domain: Domain, found: Found) -> None:
+    async def discard(self, domain: Domain, found: Listed) -> None:
         """Remove a volume, and give its parent back its role. Runs to its end even when
         the caller is cancelled (which is raised afterwards, so a lock held stays held)."""
         async def run() -> None:

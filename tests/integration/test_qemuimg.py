@@ -152,6 +152,53 @@ async def test_commit_writes_the_layer_into_its_base(tmp_path: Path) -> None:
     assert data[MiB:] == bytes(3 * MiB)
 
 
+async def test_a_chain_is_opened_as_stated_whatever_the_headers_name(tmp_path: Path) -> None:
+    """Every call given a Chain reads the images it names and no file a header names."""
+    secret = b"outside-the-chain" * 64
+    outside = tmp_path / "outside.raw"
+    await asyncio.to_thread(outside.write_bytes, secret + bytes(4 * MiB - len(secret)))
+    base, top = tmp_path / "base.raw", tmp_path / "top.qcow2"
+    await qemuimg.create(base, "raw", 4 * MiB)
+    await write_pattern(base, "raw", 0x11, 0, 4 * MiB)
+    # The header names the outside file; the chain says base.raw, or nothing at all.
+    (await run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", str(outside),
+               "-F", "raw", top, str(4 * MiB))).check()
+    await write_pattern(top, "qcow2", 0x22, 0, MiB)
+    alone = qemuimg.Chain.of((top, "qcow2"))
+    layered = qemuimg.Chain.of((top, "qcow2"), (base, "raw"))
+
+    assert (await qemuimg.info(alone)).backing_chain == ()
+    assert [i.filename for i in (await qemuimg.info(layered)).backing_chain] == [str(base)]
+    assert (await qemuimg.check(alone)).clean
+    assert (await qemuimg.measure("raw", src=alone)).required == 4 * MiB
+    await qemuimg.convert(alone, tmp_path / "alone.raw", dst_fmt="raw")
+    await qemuimg.convert(layered, tmp_path / "layered.raw", dst_fmt="raw")
+    data = await asyncio.to_thread((tmp_path / "alone.raw").read_bytes)
+    assert data == b"\x22" * MiB + bytes(3 * MiB)
+    data = await asyncio.to_thread((tmp_path / "layered.raw").read_bytes)
+    assert data == b"\x22" * MiB + b"\x11" * (3 * MiB)
+
+    await qemuimg.resize(layered, 8 * MiB)
+    assert (await qemuimg.info(alone)).virtual_size == 8 * MiB
+    await qemuimg.commit(layered)  # into base.raw, grown to the layer's new size
+    data = await asyncio.to_thread(base.read_bytes)
+    assert data == b"\x22" * MiB + b"\x11" * (3 * MiB) + bytes(4 * MiB)
+    content = await asyncio.to_thread(outside.read_bytes)
+    assert content.startswith(secret) and len(content) == 4 * MiB
+    with pytest.raises(ValueError):
+        await qemuimg.commit(alone)
+    with pytest.raises(ValueError):
+        await qemuimg.info(alone, fmt="qcow2")
+
+
+async def test_create_over_a_backing_file_does_not_open_it(tmp_path: Path) -> None:
+    """With a size, the new layer's backing file is only named (its header may lie)."""
+    await qemuimg.create(tmp_path / "top.qcow2", "qcow2", MiB, backing="absent.qcow2",
+                         backing_fmt="qcow2")
+    info = await qemuimg.info(tmp_path / "top.qcow2", fmt="qcow2", backing_chain=False)
+    assert info.backing_file == "absent.qcow2"
+
+
 async def qemu_img_children() -> list[psutil.Process]:
     me = psutil.Process()
     return [p for p in me.children(recursive=True) if p.name() == "qemu-img"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -346,3 +347,120 @@ async def test_a_failed_mount_leaves_nothing(sd_agent: AgentProcess,
 def without_path(volume: dict[str, Any]) -> dict[str, Any]:
     """A volume as any host sees it: everything but its path, which is per host."""
     return {k: v for k, v in volume.items() if k != "path"}
+
+
+# --- where a domain may not be made ---------------------------------------------------------
+
+
+UUID_NAME = re.compile(r"(\.deleted-)?[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-"
+                       r"[0-9a-f]{12}.*")
+
+
+def entries(path: Path) -> list[str] | None:
+    """What a directory holds (None when it is absent or not a directory)."""
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return None
+
+
+def domains_in(path: Path) -> list[str]:
+    """The entries of a directory named as a domain (or a domain being deleted) would be."""
+    return [e for e in entries(path) or [] if UUID_NAME.fullmatch(e)]
+
+
+async def refused_or_undone(client: Client, params: dict[str, Any]) -> Any:
+    """The error StorageDomain.create answers. Should it make the domain instead, the
+    domain is deleted again at once (nothing is left in a system directory) and the test
+    fails."""
+    from virtnode.client import RemoteError
+
+    try:
+        created = await client.call("StorageDomain.create", params)
+    except RemoteError as err:
+        return err
+    await client.call("StorageDomain.delete", {"sd_id": created["domain"]["sd_id"],
+                                               "force": True})
+    raise AssertionError(f"a domain was made in {created['domain']['path']} (deleted again)")
+
+
+def resolved(path: str) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def place(tmp_path: Path, where: str) -> str:
+    """The path to create in: a system directory, or one made under tmp_path."""
+    if where.startswith("/"):
+        return where
+    if where == "link-to-etc":
+        (tmp_path / "etc-link").symlink_to("/etc")
+        return str(tmp_path / "etc-link")
+    if where == "dangling":
+        (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "sd")
+        return str(tmp_path / "dangling")
+    if where == "state":
+        return str(tmp_path / "a" / "state")
+    if where == "long-name":
+        return str(tmp_path / ("x" * 256))
+    assert where == "long-path"
+    return str(tmp_path / "/".join(["d" * 200] * 20))
+
+
+@pytest.mark.parametrize(("where", "reason"), [
+    ("/", "system_path"), ("/etc", "system_path"), ("/dev", "system_path"),
+    ("/dev/shm", "system_path"), ("/proc", "system_path"), ("/sys/kernel", "system_path"),
+    ("/usr/lib", "system_path"), ("link-to-etc", "system_path"), ("state", "system_path"),
+    ("dangling", "invalid_path"), ("long-name", "path_too_long"),
+    ("long-path", "path_too_long"),
+])
+async def test_create_refuses_system_places_and_makes_nothing(
+        sd_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path, where: str,
+        reason: str) -> None:
+    client = await checked_client(sd_agent.unix_url)
+    path = place(tmp_path, where)
+    # What a domain would have made (system directories change on their own: /proc).
+    watched = [Path(path), resolved(path), tmp_path / "a" / "state"]
+    before = [domains_in(p) for p in watched], entries(tmp_path)
+    err = await refused_or_undone(client, {"type": "localfs", "name": "bad", "path": path,
+                                           "force": True})
+    assert (err.name, err.data["reason"], err.data["field"]) == (
+        "InvalidArgument", reason, "path"), err.error
+    assert ([domains_in(p) for p in watched], entries(tmp_path)) == before
+    assert not (tmp_path / "nowhere").exists()
+    assert (await client.call("StorageDomain.list"))["domains"] == []
+    if where == "/etc":
+        err = await expect_error(client, "StorageDomain.attach", {
+            "sd_id": str(uuid.uuid4()), "type": "localfs", "path": path})
+        assert (err.name, err.data["reason"]) == ("InvalidArgument", "system_path")
+
+
+@pytest.mark.parametrize(("vfs_type", "allowed"), [("proc", False), ("sysfs", False),
+                                                     ("tmpfs", True)])
+async def test_create_refuses_special_filesystems(
+        sd_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path,
+        vfs_type: str, allowed: bool) -> None:
+    if os.geteuid() != 0:
+        missing("mounting a filesystem needs root")
+    client = await checked_client(sd_agent.unix_url)
+    mount_point = tmp_path / vfs_type
+    mount_point.mkdir()
+    (await run("mount", "-t", vfs_type, vfs_type, mount_point)).check()
+    try:
+        params = {"type": "localfs", "name": "special", "path": str(mount_point),
+                  "force": True}
+        if allowed:
+            created = await client.call("StorageDomain.create", params)
+            await client.call("StorageDomain.delete", {"sd_id": created["domain"]["sd_id"]})
+        else:
+            err = await refused_or_undone(client, params)
+            assert (err.name, err.data["reason"], err.data["field"]) == (
+                "InvalidArgument", "special_filesystem", "path"), err.error
+            # A posixfs mount of such a type is refused before anything is mounted.
+            err = await expect_error(client, "StorageDomain.create", {
+                "type": "posixfs", "name": "special",
+                "mount": {"source": vfs_type, "vfs_type": vfs_type}})
+            assert (err.name, err.data["reason"]) == ("InvalidArgument", "special_filesystem")
+        # Nothing was made there (proc's own entries come and go with processes).
+        assert domains_in(mount_point) == []
+    finally:
+        await run("umount", mount_point)

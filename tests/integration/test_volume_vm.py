@@ -12,7 +12,7 @@ from lxml import etree
 
 from tests.agentproc import AgentProcess
 from tests.conftest import ClientFactory
-from tests.integration.conftest import expect_error, vm_name
+from tests.integration.conftest import expect_error, qemu_pid, vm_name
 from tests.integration.test_vm_lifecycle import firmware_spec
 from tests.integration.test_volumes import new_domain
 from tests.subproc import run
@@ -70,3 +70,43 @@ async def test_a_guest_runs_on_a_clone_of_a_template(qemu_agent: AgentProcess,
     await client.call("VM.undefine", {"vm_id": vm_id})
     await client.call("Volume.delete", ref)
     await client.call("Volume.delete", tref)
+
+
+def open_files(pid: int) -> list[str]:
+    """The files process ``pid`` has open."""
+    fds = Path(f"/proc/{pid}/fd")
+    return [os.readlink(fds / fd) for fd in os.listdir(fds)]
+
+
+async def test_qemu_opens_no_backing_file_a_header_names(qemu_agent: AgentProcess,
+                                                         checked_client: ClientFactory,
+                                                         image_dir: Path) -> None:
+    """A volume without parent is given to libvirt with its chain ended: a header written
+    after the agent checked it (by another host, or in a race) still opens nothing."""
+    client = await checked_client(qemu_agent.unix_url)
+    sd_id = await new_domain(client, image_dir / "sd", name="vm-disks")
+    volume = (await client.call("Volume.create", {"sd_id": sd_id, "size": 16 * MiB,
+                                                  "format": "qcow2"}))["volume"]
+    ref = {k: volume[k] for k in ("sd_id", "image_id", "volume_id")}
+    outside = image_dir / "outside.raw"
+    await asyncio.to_thread(outside.write_bytes, b"outside" * 4096)
+    await asyncio.to_thread(os.chmod, outside, 0o644)
+    name = vm_name()
+    vm_id = (await client.call("VM.create", {"spec": firmware_spec(name, disks=[{"volume": ref}]),
+                                             "start": False}))["vm_id"]
+    (await run("qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", str(outside), "-F", "raw",
+               volume["path"])).check()
+
+    await client.call("VM.start", {"vm_id": vm_id})
+    opened = await asyncio.to_thread(open_files, await qemu_pid(name))
+    assert volume["path"] in opened
+    assert str(outside) not in opened
+    xml = etree.fromstring((await client.call("VM.getXML", {"vm_id": vm_id}))["xml"].encode())
+    assert xml.findall("devices/disk/backingStore/source") == []
+
+    await client.call("VM.destroy", {"vm_id": vm_id})
+    await client.call("VM.undefine", {"vm_id": vm_id})
+    # The header now lies: the volume is refused from here on.
+    err = await expect_error(client, "VM.create", {"spec": firmware_spec(
+        vm_name(), disks=[{"volume": ref}])}, "FailedPrecondition", "backing_mismatch")
+    assert err.data["id"] == volume["volume_id"]

@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from virtnode.storage.qemuimg import (
+    Chain,
     ProgressParser,
     ProgressThrottle,
     parse_check,
@@ -114,3 +115,24 @@ def test_a_failing_progress_callback_is_logged_not_raised(
     [record] = caplog.records
     assert record.getMessage() == "qemu-img progress callback failed"
     assert record.exc_info is not None and str(record.exc_info[1]) == "consumer broke"
+
+
+def test_a_chain_spells_out_every_backing() -> None:
+    chain = Chain.of(("/d/top", "qcow2"), ("/d/mid", "qcow2"), ("/d/base:x", "raw"))
+    assert chain.node() == {
+        "driver": "qcow2", "file": {"driver": "file", "filename": "/d/top"},
+        "backing": {
+            "driver": "qcow2", "file": {"driver": "file", "filename": "/d/mid"},
+            "backing": {"driver": "raw", "file": {"driver": "file", "filename": "/d/base:x"}},
+        },
+    }
+    assert Chain.of(("/d/only", "qcow2")).node()["backing"] is None
+    assert chain.filename().startswith('json:{"driver":"qcow2",')
+
+
+@pytest.mark.parametrize("layers", [
+    (), (("d/relative", "qcow2"),), (("/d/a", "vmdk"),), (("/d/a", "raw"), ("/d/b", "raw")),
+])
+def test_a_chain_that_cannot_be_is_refused(layers: tuple[tuple[str, str], ...]) -> None:
+    with pytest.raises(ValueError):
+        Chain(layers)

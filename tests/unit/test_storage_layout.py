@@ -110,6 +110,55 @@ def test_a_symlinked_metadata_file_is_not_followed(domain: DomainLayout,
     assert entry.metadata is None and entry.error
 
 
+def test_a_hard_linked_volume_file_is_refused(domain: DomainLayout, tmp_path: Path) -> None:
+    (domain.domain_dir / "images" / IMG).mkdir()
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"not the domain's")
+    os.link(outside, domain.domain_dir / "images" / IMG / VOL)
+    with pytest.raises(UnsafePath, match="links") as err:
+        domain.volume_path(IMG, VOL)
+    assert err.value.reason == "unsafe_path"
+    assert outside.read_bytes() == b"not the domain's"
+
+
+def test_a_hard_linked_metadata_file_is_refused(domain: DomainLayout, tmp_path: Path) -> None:
+    (domain.domain_dir / "images" / IMG).mkdir()
+    lay.write_volume_metadata(domain, IMG, VOL, volume_meta())
+    meta = domain.domain_dir / "images" / IMG / f"{VOL}.meta.json"
+    os.link(meta, tmp_path / "elsewhere.json")
+    with pytest.raises(UnsafePath, match="links"):
+        lay.read_volume_metadata(domain, IMG, VOL)
+    [entry] = lay.list_volumes(domain, IMG)
+    assert entry.metadata is None and entry.error is not None and "links" in entry.error
+
+
+def test_open_file_checks_the_file_it_opened(domain: DomainLayout, tmp_path: Path) -> None:
+    image_dir = domain.domain_dir / "images" / IMG
+    image_dir.mkdir()
+    (image_dir / VOL).write_bytes(b"data")
+    os.close(lay.open_file(image_dir / VOL))
+    os.link(image_dir / VOL, tmp_path / "second-name")
+    with pytest.raises(UnsafePath, match="links"):
+        lay.open_file(image_dir / VOL)
+    os.unlink(image_dir / VOL)
+    os.symlink(tmp_path / "second-name", image_dir / VOL)
+    with pytest.raises(UnsafePath, match="symbolic link"):
+        lay.open_file(image_dir / VOL)
+    os.unlink(image_dir / VOL)
+    os.mkfifo(image_dir / VOL)
+    with pytest.raises(UnsafePath, match="regular file"):
+        lay.open_file(image_dir / VOL)  # without waiting for a writer
+
+
+def test_a_special_file_is_refused_without_blocking(domain: DomainLayout) -> None:
+    (domain.domain_dir / "images" / IMG).mkdir()
+    os.mkfifo(domain.domain_dir / "images" / IMG / f"{VOL}.meta.json")
+    with pytest.raises(UnsafePath, match="regular file"):
+        lay.read_volume_metadata(domain, IMG, VOL)
+    with pytest.raises(UnsafePath, match="regular file"):
+        domain.volume_meta_path(IMG, VOL)
+
+
 def test_domain_metadata_round_trip(domain: DomainLayout) -> None:
     metadata = lay.read_domain_metadata(domain)
     assert metadata.uuid == SD and metadata.name == "data" and metadata.version == 1

@@ -1,9 +1,10 @@
-"""The domain monitor on real files: ok, invalid, and a check that hangs (a FIFO)."""
+"""The domain monitor on real files: ok, invalid, and a check that hangs (a leased file)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -41,42 +42,62 @@ def test_damaged_or_missing_metadata(domain: lay.DomainLayout, tmp_path: Path) -
     assert unmounted.state is DomainState.UNREACHABLE and "not mounted" in str(unmounted.error)
 
 
+#: Holds a write lease on a file: another process's open() of it then blocks until the
+#: lease is given up (or the kernel's lease-break-time passes), as a read of a hung storage
+#: would. The holder gives it up when its stdin closes.
+LEASE_HOLDER = """
+import fcntl, os, signal, sys
+signal.signal(signal.SIGIO, signal.SIG_IGN)  # told of each open that waits for it
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+print("holding", flush=True)
+sys.stdin.read()
+fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+"""
+
+
 async def test_a_hung_check_makes_only_that_domain_unreachable(
         domain: lay.DomainLayout) -> None:
-    # A generous deadline: only the FIFO read hangs, the good read must pass under load.
+    # A generous deadline: only the leased read hangs, the good read must pass under load.
     config = StorageConfig(monitor_interval=3600, monitor_timeout=5.0)
     changes: list[tuple[DomainState, DomainState]] = []
 
     def on_change(_sd: str, old: CheckResult, new: CheckResult) -> None:
         changes.append((old.state, new.state))
 
-    good = domain.metadata_path.read_bytes()
-    path = domain.metadata_path
-    path.unlink()
-    os.mkfifo(path)  # opening it for reading blocks until a writer comes: a hung read
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LEASE_HOLDER, str(domain.metadata_path),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert holder.stdin is not None and holder.stdout is not None
     monitor = DomainMonitor(domain, config, on_change)
     monitor._pool.start()
     try:
+        assert await holder.stdout.readline() == b"holding\n"
         first = await monitor.check()
         assert first.state is DomainState.UNREACHABLE and "did not finish" in str(first.error)
         assert await monitor.check() is first  # not checked again while stuck
-        # A writer releases the read. It stays open until the stuck call has returned:
-        # the O_DIRECT open of a FIFO waits for a writer and then fails (EINVAL), and the
-        # plain open that follows waits for a writer again.
-        writer = await asyncio.to_thread(os.open, path, os.O_WRONLY)
-        try:
-            assert monitor._pending is not None
-            await asyncio.wait({monitor._pending}, timeout=5)  # the stuck call returns
-            assert monitor._pending.done()
-        finally:
-            os.close(writer)
-        path.unlink()
-        path.write_bytes(good)
+        holder.stdin.close()  # the lease goes, and the stuck open goes on
+        assert await holder.wait() == 0
+        assert monitor._pending is not None
+        await asyncio.wait({monitor._pending}, timeout=5)  # the stuck call returns
+        assert monitor._pending.done()
         assert (await monitor.check()).state is DomainState.OK
     finally:
         await monitor.close()
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
     assert changes == [(DomainState.UNKNOWN, DomainState.UNREACHABLE),
                        (DomainState.UNREACHABLE, DomainState.OK)]
+
+
+def test_a_fifo_in_place_of_the_metadata_is_invalid_without_waiting(
+        domain: lay.DomainLayout) -> None:
+    """A FIFO is not storage that hangs but a file no domain holds: refused at once."""
+    domain.metadata_path.unlink()
+    os.mkfifo(domain.metadata_path)
+    result = check_domain(domain, 10.0, None)
+    assert result.state is DomainState.INVALID and "regular file" in str(result.error)
 
 
 def test_mount_spec_argv_forces_safe_options() -> None:

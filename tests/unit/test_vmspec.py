@@ -736,6 +736,17 @@ def test_a_disk_given_by_path_ends_its_chain_at_once() -> None:
     assert len(stores) == 1 and len(stores[0]) == 0 and not stores[0].attrib
 
 
+def test_a_volume_disk_without_parent_still_ends_its_chain() -> None:
+    """Without the empty element libvirt would read the qcow2 header, and QEMU open
+    whatever backing file the header names."""
+    from virtnode.vmspec import check_disk, disk_element, with_chain
+
+    disk = check_disk(with_chain({"volume": {}}, [("/sd/i/leaf", "qcow2")]), "disk", "vda")
+    element = disk_element(disk)
+    [store] = element.findall(".//backingStore")
+    assert store.getparent() is element and len(store) == 0 and not store.attrib
+
+
 def test_an_unresolved_volume_disk_is_refused() -> None:
     from virtnode.vmspec import check_disk
 

@@ -118,3 +118,27 @@ def test_unreadable_metadata_is_left_alone(domain: DomainLayout) -> None:
     assert volfiles.scan_illegal(domain) == []
     assert broken.read_text() == "{not json"
     assert state(domain) == {base: ("leaf", "legal")}
+
+
+def test_a_volume_whose_data_file_is_a_link_counts_and_is_removed_by_name(
+        domain: DomainLayout, tmp_path: Path) -> None:
+    """A damaged data file does not hide the volume (it may be a parent), and the scan
+    removes a half-made one by unlinking its names, never touching what they lead to."""
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"keep me")
+    image = str(uuid.uuid4())
+    base = make(domain, image, role="internal")
+    top = make(domain, image, parent=base, legality="illegal", data=False)
+    os.symlink(outside, domain.image_dir(image) / top)
+    linked_image = str(uuid.uuid4())
+    linked = make(domain, linked_image, data=False)
+    os.link(outside, domain.image_dir(linked_image) / linked)
+
+    assert [c.volume_id for c in volfiles.children(domain, base)] == [top]
+    assert set(state(domain)) == {base, top, linked}
+    assert [(f.volume_id, f.removed) for f in volfiles.scan_illegal(domain)] == [(top, True)]
+    assert state(domain) == {base: ("leaf", "legal"), linked: ("leaf", "legal")}
+    assert not os.path.lexists(domain.image_dir(image) / top)
+    volfiles.remove(domain, linked_image, linked)
+    assert not domain.image_dir(linked_image).exists()
+    assert outside.read_bytes() == b"keep me" and outside.stat().st_nlink == 1
