@@ -86,18 +86,19 @@ def decode(raw: str | bytes) -> Any:
     value = _DECODER.decode(raw)
     # The decoder joins a pair of escapes into one character and keeps a lone one as a
     # surrogate; only a message with such an escape needs looking through.
-    if suspect and _holds_surrogate(value):
+    if suspect and holds_match(value, _SURROGATE):
         raise UnicodeError("a string holds a lone surrogate (an unpaired \\uD800-\\uDFFF)")
     return value
 
 
-def _holds_surrogate(value: Any) -> bool:
-    """Whether a string in ``value`` (a key, a value, at any depth) holds a surrogate."""
+def holds_match(value: Any, pattern: re.Pattern[str]) -> bool:
+    """Whether a string in ``value`` (a key, a value, at any depth) matches ``pattern``."""
+    search = pattern.search
     pending = [value]
     while pending:
         item = pending.pop()
         if isinstance(item, str):
-            if _SURROGATE.search(item) is not None:
+            if search(item) is not None:
                 return True
         elif isinstance(item, dict):
             pending.extend(item)

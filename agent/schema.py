@@ -19,6 +19,7 @@ import yaml
 
 from virtnode import __version__
 from virtnode.errors import ERRORS_BY_NAME, InvalidParams
+from virtnode.jsonrpc import holds_match
 
 JsonObject = dict[str, Any]
 Access = Literal["read", "write"]
@@ -98,7 +99,7 @@ class ApiSchema:
             checked: JsonObject = method.validate_params(params)
         except fastjsonschema.JsonSchemaValueException as exc:
             raise _invalid_params(exc) from None
-        if _holds_control(checked):
+        if holds_match(checked, CONTROL_CHARACTERS):
             raise _control_character(checked)
         return checked
 
@@ -176,23 +177,6 @@ class ApiSchema:
 #: words, domain XML and stored text, where NUL cuts a C string short and the others are
 #: never meant; one rule here covers every method, present and future.
 CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
-
-
-def _holds_control(params: JsonObject) -> bool:
-    """Whether a string in ``params`` holds one of :data:`CONTROL_CHARACTERS`."""
-    search = CONTROL_CHARACTERS.search
-    pending: list[Any] = [params]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            if search(item) is not None:
-                return True
-        elif isinstance(item, dict):
-            pending.extend(item)
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-    return False
 
 
 def _control_character(params: JsonObject) -> InvalidParams:

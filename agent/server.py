@@ -77,9 +77,12 @@ class _GuardedSite(web.BaseSite):
             self._server = await loop.create_unix_server(
                 self._protocol, listener.path, backlog=self._backlog)
         else:
+            # A TLS connection meets the guard only once its handshake is done: until then
+            # the handshake timeout is what bounds a client that never finishes it.
+            handshake = self._gate.limits.header_timeout if self._ssl_context else None
             self._server = await loop.create_server(
                 self._protocol, listener.host, listener.port, ssl=self._ssl_context,
-                backlog=self._backlog, reuse_address=True)
+                backlog=self._backlog, reuse_address=True, ssl_handshake_timeout=handshake)
 
 
 class ApiServer:

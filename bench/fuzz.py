@@ -51,7 +51,7 @@ from common import BenchError, Server, free_port, machine, percentile, print_tar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.fuzzing import Sent, messages, problems
+from tests.fuzzing import Exchange, Sent, messages, post, problems
 from tests.rawws import BlockingWebSocket
 from virtnode.schema import load_schema
 
@@ -69,10 +69,10 @@ class Tally:
     unanswered: list[str] = field(default_factory=list)
     other: list[str] = field(default_factory=list)
 
-    def record(self, sent: Sent, answer: bytes | None) -> None:
+    def record(self, sent: Sent, answer: bytes | None, status: int) -> None:
         self.messages += 1
         self.requests += max(1, sent.data.count(b'"jsonrpc"'))
-        for problem in problems(sent, answer):
+        for problem in problems(sent, answer, status):
             where = f"{problem} <- {sent.data[:300]!r}"
             if problem.startswith("internal error"):
                 self.internal.append(where)
@@ -175,57 +175,22 @@ class Monitor:
                 "failures": sum(1 for p, _ in self.failures if p == phase)}
 
 
-def post(port: int, data: bytes) -> bytes | None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        conn.request("POST", "/rpc", body=data, headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        body = response.read()
-    finally:
-        conn.close()
-    if response.status == 204:
-        return None
-    if response.status not in (200, 413):
-        return json.dumps({"jsonrpc": "2.0", "id": None, "error": {
-            "code": -32603, "message": f"HTTP {response.status}"}}).encode()
-    return body
+#: Sends one message; returns the HTTP status (200 on a WebSocket) and the answer.
+Send = Callable[[Sent], tuple[int, bytes | None]]
 
 
-def ws_exchange(ws: BlockingWebSocket) -> Callable[[bytes, bool], bytes | None]:
-    count = 0
-
-    def exchange(data: bytes, must_answer: bool) -> bytes | None:
-        nonlocal count
-        count += 1
-        probe = f"probe-{count}"
-        ws.send(data)
-        ws.send(json.dumps({"jsonrpc": "2.0", "method": "Host.ping", "id": probe}).encode())
-        answer = None
-        probed = False
-        while not probed or (answer is None and must_answer):
-            opcode, payload = ws.receive()
-            if opcode == 0x8:
-                raise BenchError(f"the agent closed the fuzz WebSocket: {payload!r}")
-            decoded = json.loads(payload)
-            if isinstance(decoded, dict) and "method" in decoded:
-                continue
-            if isinstance(decoded, dict) and decoded.get("id") == probe:
-                probed = True
-                continue
-            answer = payload
-        return answer
-
-    return exchange
-
-
-def fuzz(send: Callable[[bytes, bool], bytes | None], strategy: Any, examples: int,
-         run_seed: int, tally: Tally) -> None:
+def fuzz(send: Send, strategy: Any, examples: int, run_seed: int, tally: Tally) -> None:
     @seed(run_seed)
     @settings(max_examples=examples, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(strategy)
     def one(sent: Sent) -> None:
-        tally.record(sent, send(sent.data, sent.must_answer))
+        try:
+            status, answer = send(sent)
+        except AssertionError as exc:
+            tally.other.append(f"{exc} <- {sent.data[:300]!r}")
+            return
+        tally.record(sent, answer, status)
 
     one()
 
@@ -253,8 +218,8 @@ def non_reading_client(port: int, hold: float) -> int:
 def million_batch(port: int) -> JsonObject:
     data = b"[" + b",".join([b"1"] * 1_000_000) + b"]"
     started = time.perf_counter()
-    answer = post(port, data)
-    return {"seconds": round(time.perf_counter() - started, 3),
+    status, answer = post(port, data)
+    return {"seconds": round(time.perf_counter() - started, 3), "status": status,
             "answer": (answer or b"")[:200].decode(errors="replace")}
 
 
@@ -324,14 +289,14 @@ def run(opts: argparse.Namespace) -> JsonObject:
             monitor.phase = "fuzz"
             started = time.monotonic()
             half = opts.examples // 2
-            fuzz(lambda data, _owed: post(port, data), messages(schema, reader=True), half,
+            fuzz(lambda sent: post(port, sent.data), messages(schema, reader=True), half,
                  opts.seed, tally)
-            ws = BlockingWebSocket.unix(unix, timeout=60)
+            exchange = Exchange(unix)
             try:
-                fuzz(ws_exchange(ws), messages(schema, reader=False), opts.examples - half,
-                     opts.seed + 1, tally)
+                fuzz(lambda sent: (200, exchange(sent.data, sent.must_answer)),
+                     messages(schema, reader=False), opts.examples - half, opts.seed + 1, tally)
             finally:
-                ws.close()
+                exchange.close()
             fuzz_seconds = time.monotonic() - started
             after_fuzz = monitor.now()
             monitor.phase = "attacks"

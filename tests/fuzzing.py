@@ -13,6 +13,7 @@ refused before they run; the fuzz tests and ``bench/fuzz.py`` use this module al
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import string
@@ -21,6 +22,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from tests.rawws import CLOSE, BlockingWebSocket
 from virtnode.schema import ApiSchema
 
 JsonObject = dict[str, Any]
@@ -228,8 +230,13 @@ def messages(schema: ApiSchema, *, reader: bool) -> st.SearchStrategy[Sent]:
     return st.one_of(single, single, single, batch, odd)
 
 
-def problems(sent: Sent, answer: bytes | str | None) -> list[str]:
-    """What is wrong with ``answer`` as the server's reply to ``sent``; empty when nothing."""
+def problems(sent: Sent, answer: bytes | str | None, status: int = 200) -> list[str]:
+    """What is wrong with ``answer`` (and the HTTP ``status`` it came with) as the server's
+    reply to ``sent``; empty when nothing."""
+    if status >= 500:
+        return [f"internal error: HTTP {status}"]
+    if status not in (200, 204, 413):
+        return [f"HTTP {status}"]
     if answer is None or answer in (b"", ""):
         return ["no answer"] if sent.must_answer else []
     try:
@@ -248,3 +255,68 @@ def problems(sent: Sent, answer: bytes | str | None) -> list[str]:
         if entry.get("id") is not None and _id_key(entry["id"]) not in sent.ids:
             found.append(f"an answer to an id never sent: {entry.get('id')!r:.80}")
     return found
+
+
+# --- sending them ---------------------------------------------------------------------------
+
+
+def post(port: int, data: bytes, timeout: float = 60.0) -> tuple[int, bytes | None]:
+    """POST ``data`` to /rpc on 127.0.0.1: the status and the body (None for 204)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/rpc", body=data, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    return response.status, None if response.status == 204 else body
+
+
+class Exchange:
+    """Sends messages on a WebSocket to a unix socket and collects each one's answer.
+
+    A probe request after each message tells when everything it had coming has come.
+    After a failed exchange the next one starts on a new connection, so that one failure
+    is reported once.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._ws: BlockingWebSocket | None = None
+        self.count = 0
+
+    def __call__(self, data: bytes, must_answer: bool) -> bytes | None:
+        if self._ws is None:
+            self._ws = BlockingWebSocket.unix(self._path)
+        try:
+            return self._exchange(self._ws, data, must_answer)
+        except BaseException:
+            self.close()
+            raise
+
+    def _exchange(self, ws: BlockingWebSocket, data: bytes, must_answer: bool) -> bytes | None:
+        self.count += 1
+        probe = f"probe-{self.count}"
+        ws.send(data)
+        ws.send(json.dumps({"jsonrpc": "2.0", "method": "Host.ping", "id": probe}).encode())
+        answer = None
+        probed = False
+        # Answers on a WebSocket go out as they are ready: a slow message's may follow the
+        # probe's. Wait for it when one is owed.
+        while not probed or (answer is None and must_answer):
+            opcode, payload = ws.receive()
+            assert opcode != CLOSE, f"the agent closed the WebSocket: {payload!r}"
+            decoded = json.loads(payload)
+            if isinstance(decoded, dict) and "method" in decoded:
+                continue  # a pushed event: the fuzz subscribed to something
+            if isinstance(decoded, dict) and decoded.get("id") == probe:
+                probed = True
+                continue
+            assert answer is None, f"two answers to one message: {answer!r:.200}"
+            answer = payload
+        return answer
+
+    def close(self) -> None:
+        if self._ws is not None:
+            self._ws.close()
+            self._ws = None

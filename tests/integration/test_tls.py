@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -127,6 +128,21 @@ async def test_certificate_of_another_ca_is_refused(tls_agent: AgentProcess, pki
     with pytest.raises(ConnectionLost):
         await Client.connect(tls_agent.tls_url, tls=tls, timeout=5.0)
     await assert_no_http_answer(tls_agent, tls)
+
+
+async def test_a_handshake_never_finished_is_cut_at_the_header_timeout(
+        tmp_path: Path, pki: Pki) -> None:
+    agent = await start_agent(tmp_path, tls=pki, sections={"server": {"header_timeout": 1.0}})
+    try:
+        reader, writer = await asyncio.open_connection(agent.tls_host, agent.tls_port)
+        started = time.monotonic()
+        # No ClientHello: a descriptor of the agent's is held until it gives up.
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""
+        assert time.monotonic() - started < 5
+        writer.close()
+    finally:
+        assert await agent.stop() == 0, agent.log
 
 
 async def test_client_checks_the_agent_certificate(tls_agent: AgentProcess, pki: Pki) -> None:
