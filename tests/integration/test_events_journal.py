@@ -46,6 +46,16 @@ async def collect(client: Client, until_seq: int, timeout: float = 15.0) -> list
     raise AssertionError(f"connection closed after {got[-1:] or 'no events'}")
 
 
+async def collect_or_explain(client: Client, until_seq: int,
+                             agent: AgentProcess) -> list[JsonObject]:
+    """:func:`collect`, failing with the subscriptions the agent dropped as lagging."""
+    try:
+        return await collect(client, until_seq)
+    except TimeoutError:
+        drops = [line for line in agent.log_lines if "does not keep up" in line]
+        raise AssertionError(f"no event up to seq {until_seq}; drops: {drops}") from None
+
+
 def seqs(events: list[JsonObject]) -> list[int]:
     return [e["seq"] for e in events]
 
@@ -179,7 +189,7 @@ async def test_a_stalled_subscriber_is_dropped_and_others_keep_up(
             # Other topics (statistics) interleave: compare with the journal's vm.* events.
             published = await journal_seqs(worker, ["vm.*"], fast_sub["last_seq"])
             last = published[-1]
-            fast_events = await collect(fast, last)
+            fast_events = await collect_or_explain(fast, last, agent)
             # The reading subscriber got every event, in order, and the agent kept answering.
             assert seqs(fast_events) == published
             assert ping_worst < 1.0
