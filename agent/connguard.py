@@ -182,6 +182,11 @@ class GuardedProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._waiting_headers = False
         self._in_request = False
+        #: The transport's own flow control: set while its buffer is above its high-water
+        #: mark (64 KiB by default), so readers of the buffer's size know when to look.
+        self.writing_paused = False
+        #: Set once the connection is gone.
+        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -208,14 +213,17 @@ class GuardedProtocol(asyncio.Protocol):
         return self._inner.eof_received() if self._inner is not None else None
 
     def pause_writing(self) -> None:
+        self.writing_paused = True
         if self._inner is not None:
             self._inner.pause_writing()
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         if self._inner is not None:
             self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         self._disarm()
         inner, self._inner = self._inner, None
         if inner is None:

@@ -78,11 +78,11 @@ def decode(raw: str | bytes) -> Any:
     if isinstance(raw, str):
         # Only an in-process caller can hand over a str with a surrogate in it: bytes are
         # decoded strictly below, and aiohttp decodes WebSocket text the same way.
-        suspect = _SURROGATE_ESCAPE.search(raw) is not None or (
+        suspect = ("\\u" in raw and _SURROGATE_ESCAPE.search(raw) is not None) or (
             not raw.isascii() and _SURROGATE.search(raw) is not None)
     else:
         raw = raw.decode(json.detect_encoding(raw))
-        suspect = _SURROGATE_ESCAPE.search(raw) is not None
+        suspect = "\\u" in raw and _SURROGATE_ESCAPE.search(raw) is not None
     value = _DECODER.decode(raw)
     # The decoder joins a pair of escapes into one character and keeps a lone one as a
     # surrogate; only a message with such an escape needs looking through.

@@ -140,7 +140,12 @@ class Dispatcher:
             return jsonrpc.encode(jsonrpc.error(None, exc))
         if not message.is_batch:
             response = await self._answer(message.entries[0], session)
-            return None if response is None else self._bounded(response, self._max_answer)
+            if response is None:
+                return None
+            text = _encode(response)
+            # A character takes at most 4 bytes in UTF-8: most answers need no closer look.
+            return text if len(text) <= self._max_answer // 4 else self._bounded(
+                response, self._max_answer, text)
         answers = await asyncio.gather(*(self._answer(e, session) for e in message.entries))
         responses = []
         room = self._max_answer
@@ -151,9 +156,11 @@ class Dispatcher:
                 responses.append(text)
         return f"[{','.join(responses)}]" if responses else None
 
-    def _bounded(self, response: JsonObject, room: int) -> str:
-        """Encode a response; one that takes more than ``room`` bytes becomes an error."""
-        text = _encode(response)
+    def _bounded(self, response: JsonObject, room: int, text: str | None = None) -> str:
+        """Encode a response (unless ``text`` is its encoding); one that takes more than
+        ``room`` bytes becomes an error."""
+        if text is None:
+            text = _encode(response)
         if len(text) <= room // 4 or len(text.encode()) <= room:  # 4: UTF-8's longest
             return text
         log.warning("answer to request id %r is %d bytes; server.max_answer_size is %d",

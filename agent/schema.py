@@ -99,7 +99,7 @@ class ApiSchema:
             checked: JsonObject = method.validate_params(params)
         except fastjsonschema.JsonSchemaValueException as exc:
             raise _invalid_params(exc) from None
-        if holds_match(checked, CONTROL_CHARACTERS):
+        if checked and holds_match(checked, CONTROL_CHARACTERS):
             raise _control_character(checked)
         return checked
 

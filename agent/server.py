@@ -273,7 +273,9 @@ class ApiServer:
         await ws.prepare(request)
         session = WsSession(ws, self._caller(request), self._config.max_inflight_per_connection,
                             cork=cork_for(request), transport=request.transport,
-                            limits=self._send_limits)
+                            limits=self._send_limits,
+                            flow=self._guards.get(request.transport) if request.transport
+                            else None)
         await self.serve_session(session)
         return ws
 
@@ -288,15 +290,16 @@ class ApiServer:
         writer = asyncio.create_task(session.write_pushed(), name="ws-push-writer")
         try:
             async for msg in ws:
-                if session.closed:
-                    # The peer is gone: what it sent before leaving has nobody to answer.
-                    break
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                     self._spawn(session, msg.data)
                 elif msg.type is WSMsgType.ERROR:
                     log.info("websocket of %s closed: %s", session.caller.identity,
                              ws.exception())
                 if session.backed_up():
+                    if session.closed:
+                        # The peer is gone: what it sent before leaving has nobody to read
+                        # the answers.
+                        break
                     # Read no more until the peer reads: its own sends then block.
                     await session.wait_unblocked()
         finally:

@@ -15,7 +15,7 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import ClientWebSocketResponse, WSCloseCode, web
 
@@ -40,6 +40,17 @@ WRITE_HIGH_WATER = 256 * 1024
 WRITE_POLL = 0.005
 #: Seconds a session closed for not reading gets to say goodbye before it is cut.
 OVERFLOW_CLOSE_WAIT = 1.0
+
+
+#: Answers longer than this are checked against the hard limit however the transport is.
+BIG_ANSWER = 64 * 1024
+
+
+class FlowState(Protocol):
+    """What the connection's protocol knows of its transport (``connguard``'s guard)."""
+
+    writing_paused: bool
+    lost: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,11 +150,15 @@ class WsSession(_BaseSession):
     def __init__(self, ws: WebSocketLike, caller: Caller, max_inflight: int, *,
                  cork: Cork | None = None,
                  transport: asyncio.BaseTransport | None = None,
-                 limits: SendLimits = UNBOUNDED) -> None:
+                 limits: SendLimits = UNBOUNDED,
+                 flow: FlowState | None = None) -> None:
         super().__init__(caller, max_inflight)
         self.ws = ws
         self._cork = cork
         self._limits = limits
+        self._flow = flow
+        #: Unanswered messages past which the server stops reading this session.
+        self._read_limit = 2 * max_inflight
         #: The server side's transport: pushed notifications are framed here, many per
         #: write (a subscriber gets events in batches; one write each, not one per event).
         self._transport = transport if isinstance(transport, asyncio.WriteTransport) else None
@@ -201,22 +216,35 @@ class WsSession(_BaseSession):
 
     def backed_up(self) -> bool:
         """Whether the server should stop reading requests for now: the peer does not read
-        its answers, or has sent twice the in-flight limit that are not answered yet (the
-        ones past the limit are refused at once, but each still costs the loop a turn)."""
-        return self._closer is None and (
-            self.unanswered >= 2 * self.max_inflight
-            or self.unsent_bytes() > self._limits.soft)
+        its answers, has sent twice the in-flight limit that are not answered yet (the
+        ones past the limit are refused at once, but each still costs the loop a turn),
+        or is gone (see :attr:`closed`)."""
+        # It runs for every message received: plain attributes on the common path.
+        if self.unanswered >= self._read_limit or self._closer is not None:
+            return True
+        flow = self._flow
+        if flow is not None:
+            if flow.lost:
+                return True
+            if not flow.writing_paused:
+                # The transport holds less than its high-water mark (64 KiB), far below
+                # any soft limit worth setting.
+                return self._outbox_chars > self._limits.soft
+        return self.unsent_bytes() > self._limits.soft
 
     async def wait_unblocked(self) -> None:
         """Return once the session is no longer backed up, or closes."""
-        while self.backed_up() and not self.ws.closed:  # noqa: ASYNC110
+        while self.backed_up() and not self.closed:  # noqa: ASYNC110
             await asyncio.sleep(WRITE_POLL)
 
     def _fits(self, size: int) -> bool:
         """False, and the session closing, when ``size`` more bytes pass the hard limit."""
+        # Inlined: it runs for every answer and notification.
         if self._closer is not None:
             return False
-        unsent = self.unsent_bytes() + size
+        transport = self._transport
+        unsent = size + self._outbox_chars + (
+            transport.get_write_buffer_size() if transport is not None else 0)
         if unsent <= self._limits.hard:
             return True
         log.warning("closing the WebSocket of %s: it does not read (%d bytes unsent, limit %d)",
@@ -259,7 +287,14 @@ class WsSession(_BaseSession):
         return True
 
     async def send(self, text: str) -> None:
-        if self.closed or not self._fits(len(text)):
+        # A closed WebSocket's send_str raises ConnectionResetError, handled below. The
+        # hard limit can be passed only while the transport is backed up, or by a big
+        # answer: only then is it worth asking how much is unsent.
+        if self._closer is not None:
+            return
+        flow = self._flow
+        if ((flow is None or flow.writing_paused or len(text) > BIG_ANSWER)
+                and not self._fits(len(text))):
             return
         if self._cork is not None and self.unanswered > 1:
             # Other messages are waiting for answers that may follow in this iteration.
