@@ -30,6 +30,7 @@ bench: setup
 	$(BIN)/python bench/stats.py
 	$(BIN)/python bench/scrape.py
 	$(BIN)/python bench/network.py
+	$(BIN)/python bench/fuzz.py
 
 setup: host venv compile
 
