@@ -48,7 +48,7 @@ from virtnode.vmspec import (
     spec_field,
     with_chain,
 )
-from virtnode.vmstate import lifecycle, vm_state
+from virtnode.vmstate import is_start_noise, lifecycle, vm_state
 from virtnode.xmlutil import parse_xml
 
 log = logging.getLogger(__name__)
@@ -236,6 +236,8 @@ class VmService:
         if event.kind == "lifecycle":
             previous = self._states.get(event.vm_id)
             name, detail, state = lifecycle(event.event, event.detail, previous)
+            if is_start_noise(name, previous):
+                return
             if state == "removed":
                 self._states.pop(event.vm_id, None)
             else:

@@ -107,3 +107,10 @@ def lifecycle(event: int, detail: int, previous: str | None) -> tuple[str, str, 
         fresh = detail_name == "added" and not active
         state = "defined" if fresh or previous is None else previous
     return name, detail_name, state or previous or "unknown"
+
+
+def is_start_noise(event: str, previous: str | None) -> bool:
+    """Whether a lifecycle event only reflects how libvirt starts a VM: it starts QEMU with
+    its CPUs paused and resumes them before it reports ``started``, so a ``resumed`` of a
+    VM that was not paused is no change a subscriber should hear of."""
+    return event == "resumed" and previous != "paused"

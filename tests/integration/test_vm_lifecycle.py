@@ -197,11 +197,26 @@ async def test_lifecycle_events_follow_the_vm(qemu_agent: AgentProcess,
     def of_vm(event: str) -> Any:
         return lambda data: data["vm_id"] == vm_id and data["event"] == event
 
-    started = await next_event(client, "vm.lifecycle", of_vm("started"))
+    before: list[str] = []
+
+    def start_seen(data: dict[str, Any]) -> bool:
+        if data["vm_id"] == vm_id:
+            before.append(data["event"])
+        return bool(of_vm("started")(data))
+
+    started = await next_event(client, "vm.lifecycle", start_seen)
     assert started["state"] == "running" and started["name"] == name
+    # libvirt starts QEMU paused and resumes its CPUs before it reports the start: that is
+    # no resume of a paused VM, and subscribers are not told of one.
+    assert before == ["defined", "started"], before
     await client.call("VM.pause", {"vm_id": vm_id})
     paused = await next_event(client, "vm.lifecycle", of_vm("suspended"))
     assert paused["state"] == "paused" and paused["previous_state"] == "running"
+    await client.call("VM.resume", {"vm_id": vm_id})
+    resumed = await next_event(client, "vm.lifecycle", of_vm("resumed"))
+    assert resumed["state"] == "running" and resumed["previous_state"] == "paused"
+    await client.call("VM.pause", {"vm_id": vm_id})
+    await next_event(client, "vm.lifecycle", of_vm("suspended"))
     await client.call("VM.destroy", {"vm_id": vm_id})
     stopped = await next_event(client, "vm.lifecycle", of_vm("stopped"))
     assert stopped["state"] == "shutoff" and stopped["detail"] == "destroyed"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import libvirt
 import pytest
 
-from virtnode.vmstate import STATES, lifecycle, reason_name, vm_state
+from virtnode.vmstate import STATES, is_start_noise, lifecycle, reason_name, vm_state
 
 
 @pytest.mark.parametrize(("state", "reason", "expected"), [
@@ -156,3 +156,16 @@ def test_event_and_detail_names_follow_libvirt(prefix: str) -> None:
     assert details
     for value, detail in details.items():
         assert lifecycle(event, value, None)[:2] == (name, detail)
+
+
+@pytest.mark.parametrize(("event", "previous", "noise"), [
+    ("resumed", "defined", True),
+    ("resumed", "shutoff", True),
+    ("resumed", None, True),
+    ("resumed", "paused", False),
+    ("started", "defined", False),
+    ("suspended", "running", False),
+])
+def test_a_resume_of_a_vm_that_was_not_paused_is_start_noise(event: str, previous: str | None,
+                                                              noise: bool) -> None:
+    assert is_start_noise(event, previous) is noise
