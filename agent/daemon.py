@@ -180,7 +180,9 @@ class Agent:
                                              lambda: self.hypervisor.connected))
         stats = self.stats
         metrics.add_collector(HostCollector(stats), version=lambda: stats.host_generation)
-        metrics.add_collector(VmCollector(stats), version=lambda: stats.vm_generation)
+        vms = self.vms
+        metrics.add_collector(VmCollector(stats, vms.view),
+                              version=lambda: (stats.vm_generation, vms.generation))
         metrics.add_collector(VmStaleCollector(stats))
         metrics.add_collector(StorageCollector(self.storage.results))
         metrics.add_collector(ProcessCollector(registry=None))  # process_* of the agent

@@ -273,13 +273,22 @@ class VmCollector:
                     ("physical_bytes", "physical_bytes"))
     _NICS = HostCollector._NICS
 
-    def __init__(self, sampler: StatsSampler) -> None:
+    def __init__(self, sampler: StatsSampler,
+                 known: Callable[[], Iterable[tuple[str, str, str]]] = tuple) -> None:
         self._sampler = sampler
+        #: Every VM the agent knows of, (vm_id, name, state): those the sampler skips
+        #: (defined, shut off) still get their info series, so collectors can count them.
+        self._known = known
 
     def collect(self) -> Iterator[Metric]:
         entries = [(e.stats, e.counters) for e in self._sampler.vms.values()]
-        info = _gauge("virtnode_vm_info", "One series per sampled VM, with its state.",
+        info = _gauge("virtnode_vm_info",
+                      "One series per VM the agent knows of, running or not, with its state.",
                       [*_VM, "state"])
+        sampled = {stats["vm_id"] for stats, _ in entries}
+        for vm_id, name, state in sorted(self._known()):
+            if vm_id not in sampled:
+                info.add_metric([vm_id, name, state], 1)
         vcpus = _gauge("virtnode_vm_vcpus", "vCPUs the VM runs with.", _VM)
         cpu = {key: _counter(f"virtnode_vm_cpu_{key}_total", f"VM CPU time ({key}).", _VM)
                for key in ("seconds", "user_seconds", "system_seconds")}

@@ -125,6 +125,9 @@ class VmService:
         jobs.register(SHUTDOWN_JOB)
         self._locks = VmLocks(config.lock_wait)
         self._states: dict[str, str] = {}
+        self._names: dict[str, str] = {}
+        #: Rises with every change of the view (for renderers that cache what they made).
+        self.generation = 0
         self._stop_waiters: dict[str, set[asyncio.Event]] = {}
         self._removals: dict[tuple[str, str], asyncio.Future[str]] = {}
         self._recovered = asyncio.Event()
@@ -133,6 +136,11 @@ class VmService:
     @property
     def recovering(self) -> bool:
         return not self._recovered.is_set()
+
+    def view(self) -> list[tuple[str, str, str]]:
+        """Every VM the agent knows of, running or not: ``(vm_id, name, state)``."""
+        return [(vm_id, self._names.get(vm_id, ""), state)
+                for vm_id, state in self._states.items()]
 
     @property
     def locks(self) -> VmLocks:
@@ -220,14 +228,17 @@ class VmService:
             seen.add(vm_id)
             previous = self._states.get(vm_id)
             self._states[vm_id] = state
+            self._names[vm_id] = name
             if not first and previous != state:
                 self._publish_lifecycle(vm_id, name, event="resync", detail="resync",
                                         state=state, previous=previous)
         for vm_id in set(self._states) - seen:
             previous = self._states.pop(vm_id)
+            self._names.pop(vm_id, None)
             if not first:
                 self._publish_lifecycle(vm_id, "", event="undefined", detail="resync",
                                         state="removed", previous=previous)
+        self.generation += 1
         if first:
             log.info("recovered the view of %d VMs", len(vms))
         self._recovered.set()
@@ -238,10 +249,14 @@ class VmService:
             name, detail, state = lifecycle(event.event, event.detail, previous)
             if is_start_noise(name, previous):
                 return
+            self.generation += 1
             if state == "removed":
                 self._states.pop(event.vm_id, None)
+                self._names.pop(event.vm_id, None)
             else:
                 self._states[event.vm_id] = state
+                if event.name:
+                    self._names[event.vm_id] = event.name
             self._publish_lifecycle(event.vm_id, event.name, event=name, detail=detail,
                                     state=state, previous=previous)
             if state in STOPPED:

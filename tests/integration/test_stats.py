@@ -112,10 +112,16 @@ async def test_metrics_text_passes_promtool(stats_agent: AgentProcess,
     await client.call("Host.ping")
     with pytest.raises(RemoteError):
         await client.call("No.suchMethod")
+    stopped = await client.call("VM.create", {"spec": {"name": "stopped", "memory_mib": 64},
+                                              "start": False})
     status, content_type, text = await scrape(stats_agent.http_url)
     assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
     vm_id = (await client.call("VM.getStats"))["vms"][0]["vm_id"]
     assert f'virtnode_vm_info{{state="running",vm_id="{vm_id}",vm_name="test"}} 1.0' in text
+    # A VM that is not running is not sampled, and still counted.
+    state, stopped_id = stopped["state"], stopped["vm_id"]
+    assert (f'virtnode_vm_info{{state="{state}",vm_id="{stopped_id}",'
+            'vm_name="stopped"} 1.0') in text
     assert 'virtnode_rpc_requests_total{method="Host.ping",outcome="ok"}' in text
     assert 'virtnode_rpc_requests_total{method="other",outcome="MethodNotFound"}' in text
     assert "No.suchMethod" not in text, "unknown methods must not become labels"
