@@ -56,6 +56,10 @@ class _Subscriber:
         self.ended = False
         self.unsubscribe: Callable[[], None] = lambda: None
         self.replay_task: asyncio.Task[None] | None = None
+        #: Events queued in this turn of the loop: the peer has had no chance to read
+        #: them, so they do not count against it (a journal write hands events over in
+        #: batches, which may be longer than the queue).
+        self._fresh = 0
 
     def on_event(self, event: Event) -> None:
         if self.ended or event.seq <= self.floor:
@@ -68,11 +72,17 @@ class _Subscriber:
         self._send(event)
 
     def _send(self, event: Event) -> None:
-        if self.session.backlog >= self._limit:
+        if self.session.backlog - self._fresh >= self._limit:
             self.lag()
             return
         if self.session.push_text(event.notification_text()):
             self.last_seq = event.seq
+            self._fresh += 1
+            if self._fresh == 1:
+                asyncio.get_running_loop().call_soon(self._settle)
+
+    def _settle(self) -> None:
+        self._fresh = 0
 
     def lag(self) -> None:
         """Stop delivering; tell the peer where to resume."""
