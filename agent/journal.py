@@ -127,6 +127,25 @@ class Journal:
         """Events up to ``upto_seq`` could not be written: readers must not rely on them."""
         self.first_seq = max(self.first_seq, upto_seq + 1)
 
+    async def last_values(self, topic: str, key: str,
+                          fields: Sequence[str]) -> dict[str, dict[str, object]]:
+        """The newest ``fields`` of the journaled ``topic`` events, by their ``key`` field.
+
+        Reads the whole topic as far as the journal reaches: used once at start, to tell
+        what changed while nobody was journaling.
+        """
+        def scan(conn: sqlite3.Connection) -> dict[str, dict[str, object]]:
+            found: dict[str, dict[str, object]] = {}
+            rows = conn.execute("SELECT data FROM journal WHERE topic = ? ORDER BY seq",
+                                (topic,))
+            for (data,) in rows:
+                value = json.loads(data)
+                if isinstance(value, dict) and isinstance(value.get(key), str):
+                    found[value[key]] = {name: value.get(name) for name in fields}
+            return found
+
+        return await self._store.run(scan)
+
     async def read(self, after_seq: int, upto_seq: int, patterns: Sequence[str],
                    limit: int) -> list[Event]:
         """Events with ``after_seq < seq <= upto_seq`` matching a topic glob, oldest first."""

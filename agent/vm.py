@@ -223,25 +223,43 @@ class VmService:
         """
         vms = await self._hv.call(_snapshot, what="listing VMs for recovery")
         first = self.recovering
+        if first:
+            # What subscribers were last told, from the journal: the agent may have died
+            # before it journaled what libvirt did meanwhile (or since).
+            self._states, self._names = await self._journaled_view()
+        changed = 0
         seen = set()
         for vm_id, name, state in vms:
             seen.add(vm_id)
             previous = self._states.get(vm_id)
             self._states[vm_id] = state
             self._names[vm_id] = name
-            if not first and previous != state:
+            if previous != state:
+                changed += 1
                 self._publish_lifecycle(vm_id, name, event="resync", detail="resync",
                                         state=state, previous=previous)
         for vm_id in set(self._states) - seen:
             previous = self._states.pop(vm_id)
-            self._names.pop(vm_id, None)
-            if not first:
-                self._publish_lifecycle(vm_id, "", event="undefined", detail="resync",
-                                        state="removed", previous=previous)
+            name = self._names.pop(vm_id, "")
+            changed += 1
+            self._publish_lifecycle(vm_id, name, event="undefined", detail="resync",
+                                    state="removed", previous=previous)
         self.generation += 1
         if first:
-            log.info("recovered the view of %d VMs", len(vms))
+            log.info("recovered the view of %d VMs; %d changed since the journal's last "
+                     "word on them", len(vms), changed)
         self._recovered.set()
+
+    async def _journaled_view(self) -> tuple[dict[str, str], dict[str, str]]:
+        """The states and names of the VMs as the journaled lifecycle events leave them."""
+        journal = self._bus.journal
+        if journal is None:
+            return {}, {}
+        last = await journal.last_values(LIFECYCLE_TOPIC, "vm_id", ("state", "name"))
+        states = {vm_id: str(v["state"]) for vm_id, v in last.items()
+                  if isinstance(v["state"], str) and v["state"] != "removed"}
+        names = {vm_id: str(last[vm_id]["name"] or "") for vm_id in states}
+        return states, names
 
     def _on_domain_event(self, event: DomainEvent) -> None:
         if event.kind == "lifecycle":

@@ -69,6 +69,41 @@ async def test_agent_killed_and_restarted_leaves_vms_alone(
         assert await agent.stop() == 0
 
 
+async def test_what_libvirt_did_while_the_agent_was_dead_is_published(
+    tmp_path: Path, checked_client: ClientFactory,
+) -> None:
+    agent = await start_agent(tmp_path, hypervisor=daemon.QEMU_URI)
+    client = await checked_client(agent.unix_url)
+    kept, stopped = vm_name(), vm_name()
+    kept_id = await create(client, kept)
+    stopped_id = await create(client, stopped)
+    await client.call("Events.get", {"since": 0, "wait": 1})  # let the journal catch up
+    told = (await client.call("Events.get", {}))["last_seq"]
+    await client.close()
+    assert await agent.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    # While nobody journals: one VM is stopped, another appears.
+    await virt(lambda conn: conn.lookupByName(stopped).destroy())
+    external = vm_name()
+    external_id = await define_external(external)
+    agent = await start_agent(tmp_path, hypervisor=daemon.QEMU_URI)
+    try:
+        client = await checked_client(agent.unix_url)
+        answer = await client.call("Events.get", {"since": told, "topics": ["vm.lifecycle"]})
+        changes = {e["data"]["vm_id"]: e["data"] for e in answer["events"]}
+        # Subscribers that resume from where they were are told what they missed...
+        assert changes[stopped_id]["event"] == "resync"
+        assert (changes[stopped_id]["previous_state"], changes[stopped_id]["state"]) == (
+            "running", "shutoff")
+        assert (changes[external_id]["previous_state"], changes[external_id]["state"]) == (
+            "unknown", "running")
+        assert changes[external_id]["name"] == external
+        # ...and of nothing that did not change.
+        assert kept_id not in changes
+    finally:
+        assert await agent.stop() == 0
+
+
 async def health(agent: AgentProcess) -> dict[str, Any]:
     async with aiohttp.ClientSession() as http, http.get(f"{agent.http_url}/healthz") as resp:
         return dict(await resp.json())
