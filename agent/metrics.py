@@ -204,40 +204,42 @@ class HostCollector:
         stats = self._sampler.host
         if stats is None:
             return
+        # Each value carries the time it was sampled (see architecture.md, "Statistics").
+        ts = stats["time"]
         cpu = _counter("virtnode_host_cpu_seconds_total", "Time each host CPU spent per mode.",
                        ["cpu", "mode"])
         for i, core in enumerate(self._sampler.host_cores):
             for mode, seconds in core.items():
-                cpu.add_metric([str(i), mode], seconds)
+                cpu.add_metric([str(i), mode], seconds, timestamp=ts)
         yield cpu
         for section in ("memory", "swap"):
             for key in ("total_bytes", "available_bytes", "used_bytes", "free_bytes"):
                 if key in stats[section]:
                     gauge = _gauge(f"virtnode_host_{section}_{key}", f"Host {section}, {key}.")
-                    gauge.add_metric([], stats[section][key])
+                    gauge.add_metric([], stats[section][key], timestamp=ts)
                     yield gauge
         for period in ("1m", "5m", "15m"):
             load = _gauge(f"virtnode_host_load{period[:-1]}", f"Load average over {period}.")
-            load.add_metric([], stats["load"][period])
+            load.add_metric([], stats["load"][period], timestamp=ts)
             yield load
         for ours, name in self._NICS:
             family = _counter(f"virtnode_host_network_{name}_total",
                               f"Host NIC counter {ours}.", ["device"])
             for nic in stats["nics"]:
-                family.add_metric([nic["name"]], nic[ours])
+                family.add_metric([nic["name"]], nic[ours], timestamp=ts)
             yield family
         for ours, name, divisor in self._DISKS:
             family = _counter(f"virtnode_host_disk_{name}_total", f"Host disk counter {ours}.",
                               ["device"])
             for disk in stats["disks"]:
-                family.add_metric([disk["name"]], disk[ours] / divisor)
+                family.add_metric([disk["name"]], disk[ours] / divisor, timestamp=ts)
             yield family
         for key, name in (("total_bytes", "size_bytes"), ("used_bytes", "used_bytes"),
                           ("free_bytes", "free_bytes")):
             usage = _gauge(f"virtnode_host_filesystem_{name}",
                            "Usage of the filesystems the agent keeps data on.", ["path"])
             for fs in stats["filesystems"]:
-                usage.add_metric([fs["path"]], fs[key])
+                usage.add_metric([fs["path"]], fs[key], timestamp=ts)
             yield usage
 
 
@@ -297,18 +299,19 @@ class VmCollector:
                   for key in self._MEMORY}
         for stats, counters in entries:
             labels = [stats["vm_id"], stats["name"]]
+            ts = stats["time"]  # when this VM's values were sampled
             info.add_metric([*labels, stats["state"]], 1)
-            vcpus.add_metric(labels, counters["vcpu_count"])
+            vcpus.add_metric(labels, counters["vcpu_count"], timestamp=ts)
             for key, ns in (("seconds", "cpu_ns"), ("user_seconds", "user_ns"),
                             ("system_seconds", "system_ns")):
                 if counters[ns] is not None:
-                    cpu[key].add_metric(labels, counters[ns] / 1e9)
+                    cpu[key].add_metric(labels, counters[ns] / 1e9, timestamp=ts)
             for i, v in sorted(counters["vcpus"].items()):
                 if v["time_ns"] is not None:
-                    vcpu.add_metric([*labels, str(i)], v["time_ns"] / 1e9)
+                    vcpu.add_metric([*labels, str(i)], v["time_ns"] / 1e9, timestamp=ts)
             for key, family in memory.items():
                 if stats["memory"].get(key) is not None:
-                    family.add_metric(labels, stats["memory"][key])
+                    family.add_metric(labels, stats["memory"][key], timestamp=ts)
         yield from (info, vcpus, *cpu.values(), vcpu, *memory.values())
         yield from self._disks(entries)
         yield from self._nics(entries)
@@ -329,10 +332,11 @@ class VmCollector:
                 info.add_metric([*series, str(disk.get("path", ""))], 1)
                 for key, family in counters.items():
                     if disk.get(key) is not None:
-                        family.add_metric(series, disk[key] / divisors[key])
+                        family.add_metric(series, disk[key] / divisors[key],
+                                          timestamp=stats["time"])
                 for key, gauge in gauges.items():
                     if disk.get(key) is not None:
-                        gauge.add_metric(series, disk[key])
+                        gauge.add_metric(series, disk[key], timestamp=stats["time"])
         yield from (info, *counters.values(), *gauges.values())
 
     def _nics(self, entries: list[tuple[JsonObject, JsonObject]]) -> Iterator[Metric]:
@@ -347,7 +351,8 @@ class VmCollector:
                 info.add_metric([stats["vm_id"], stats["name"], device, nic.get("bridge", "")], 1)
                 for key, family in families.items():
                     if nic.get(key) is not None:
-                        family.add_metric([stats["vm_id"], stats["name"], device], nic[key])
+                        family.add_metric([stats["vm_id"], stats["name"], device], nic[key],
+                                          timestamp=stats["time"])
         yield from (info, *families.values())
 
 
@@ -425,7 +430,11 @@ def render_text(metrics: Iterable[Metric]) -> bytes:
                         f'{k}="{v.translate(_LABEL_ESCAPES)}"' for k, v in sorted(key)) + "}"
             else:
                 text = ""
-            append(f"{sample.name}{text} {_number(sample.value)}\n")
+            if sample.timestamp is None:
+                append(f"{sample.name}{text} {_number(sample.value)}\n")
+            else:  # milliseconds since the epoch, as the text format has them
+                stamp = round(float(sample.timestamp) * 1000)
+                append(f"{sample.name}{text} {_number(sample.value)} {stamp}\n")
     return "".join(out).encode()
 
 

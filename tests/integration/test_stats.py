@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 from collections.abc import AsyncIterator
@@ -157,3 +158,34 @@ async def test_stats_command_prints_tables(stats_agent: AgentProcess,
     as_json: dict[str, Any] = json.loads(
         (await virtnode("stats", "--json", "--url", stats_agent.unix_url)).check())
     assert set(as_json) == {"host", "vms"}
+
+
+def _sample(text: str, series: str) -> tuple[float, int]:
+    """The value and timestamp (ms) of ``series`` in a /metrics text."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            _, value, stamp = line.split(" ")
+            return float(value), int(stamp)
+    raise AssertionError(f"{series} is not in the text, or has no timestamp")
+
+
+async def test_statistics_carry_the_time_they_were_sampled(stats_agent: AgentProcess,
+                                                           checked_client: ClientFactory) -> None:
+    client = await checked_client(stats_agent.unix_url)
+    await sampled(client, "stats.host")
+    series = 'virtnode_host_cpu_seconds_total{cpu="0",mode="idle"}'
+    host = await client.call("Host.getStats")
+    _, _, text = await scrape(stats_agent.http_url)
+    value, stamp = _sample(text, series)
+    # The sample's own time, in milliseconds, whatever the time of the scrape: a rate over
+    # any window is then taken over the true interval between two samples.
+    newest = (await client.call("Host.getStats"))["time"]
+    assert stamp in (round(host["time"] * 1000), round(newest * 1000))
+    await sampled(client, "stats.host")
+    _, _, later = await scrape(stats_agent.http_url)
+    value2, stamp2 = _sample(later, series)
+    assert stamp2 > stamp and value2 >= value
+    # Per-VM series carry their own sample's time too.
+    vm = (await client.call("VM.getStats"))["vms"][0]
+    assert re.search(rf'virtnode_vm_vcpus\{{vm_id="{vm["vm_id"]}",vm_name="test"\}}'
+                     r" \S+ \d{13}$", later, flags=re.MULTILINE)
