@@ -11,6 +11,10 @@ QEMU runs as its own user (:mod:`virtnode.storage.access`): create and attach re
 domain that user cannot reach (FailedPrecondition ``not_accessible``), and the directories
 the agent makes for a domain are searchable by everyone.
 
+Deleting and detaching a domain hold it exclusive against the calls and jobs on its
+volumes (:mod:`virtnode.storage.domaingate`): a delete with ``force`` cancels the jobs,
+anything else waits for the calls and refuses while jobs run (``domain_busy``).
+
 Mutating calls are serialised by one lock (they are rare, and it makes the checks for
 duplicate ids and names exact). Storage I/O runs in a pool of daemon threads with a
 deadline (``storage.io_timeout``), never on the event loop.
@@ -46,6 +50,7 @@ from virtnode.fileutil import make_dir
 from virtnode.rpc import CallContext, rpc_method
 from virtnode.storage import access, location, mounts, registry, usage
 from virtnode.storage import layout as lay
+from virtnode.storage.domaingate import DomainGate
 from virtnode.storage.layout import DomainLayout, DomainMetadata, DomainType
 from virtnode.storage.monitor import CheckResult, DomainMonitor, DomainState
 from virtnode.storage.mounts import MountSpec
@@ -75,6 +80,10 @@ class Domain:
     metadata: DomainMetadata | None = None
     error: str | None = None
     attached: float = field(default_factory=time.time)
+    gate: DomainGate = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.gate = DomainGate(self.sd_id)
 
     @property
     def result(self) -> CheckResult:
@@ -111,10 +120,12 @@ class StorageDomainService:
 
     def __init__(self, config: StorageConfig, mount_root: Path, store: Store, bus: EventBus,
                  vm_disks: VmDisks, *, protected: Sequence[Path] = (),
-                 hypervisor_uri: str = "test:///default") -> None:
+                 hypervisor_uri: str = "test:///default",
+                 cancel_job: Callable[[str], Awaitable[object]] | None = None) -> None:
         """``protected``: the agent's own directories (its state), where no localfs
         domain may be; the mount root is one too. ``hypervisor_uri`` says whose access to
-        a domain is checked (:func:`access.hypervisor_user`)."""
+        a domain is checked (:func:`access.hypervisor_user`). ``cancel_job`` cancels a
+        job and waits (boundedly) for it to end, for a forced delete."""
         self._config = config
         self._mount_root = mount_root
         self._protected = (*protected, mount_root)
@@ -122,6 +133,7 @@ class StorageDomainService:
         self._bus = bus
         self._vm_disks = vm_disks
         self._hypervisor_uri = hypervisor_uri
+        self._cancel_job = cancel_job
         self._qemu_user: access.Accessor | None = None
         self._host_id = ""
         self._domains: dict[str, Domain] = {}
@@ -218,7 +230,8 @@ class StorageDomainService:
         async with self._lock:
             domain = self._get(params["sd_id"])
             await self._check_unused(domain)
-            await self._forget(domain)
+            async with self._exclusive(domain, force=False):
+                await self._forget(domain)
         self._publish(domain, "detached")
         return {}
 
@@ -231,9 +244,10 @@ class StorageDomainService:
                                          f"{domain.error}", reason="domain_unreachable",
                                          object="storage_domain", id=domain.sd_id)
             await self._check_unused(domain)
-            await self.io_call(_remove_domain, domain.layout, params["force"],
-                                what="deleting the domain")
-            await self._forget(domain)
+            async with self._exclusive(domain, force=params["force"]):
+                await self.io_call(_remove_domain, domain.layout, params["force"],
+                                   what="deleting the domain")
+                await self._forget(domain)
         self._publish(domain, "deleted")
         return {}
 
@@ -281,6 +295,10 @@ class StorageDomainService:
         try:
             async with asyncio.timeout(timeout):
                 return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The caller is gone (a cancelled job); what the thread raises is nobody's.
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise
         except TimeoutError:
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise DeadlineExceeded(f"{what} did not finish within {timeout:g}s",
@@ -297,6 +315,20 @@ class StorageDomainService:
         except OSError as exc:
             raise FailedPrecondition(f"cannot read {layout.sd_id}'s metadata: {exc.strerror}",
                                      reason="domain_unreachable") from None
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, domain: Domain, *, force: bool) -> AsyncIterator[None]:
+        """Hold ``domain`` exclusive (:meth:`DomainGate.exclusive`); once the body has
+        run, the domain is gone for every volume call waiting on it."""
+        async def cancel(job_id: str) -> None:
+            if self._cancel_job is not None:
+                with contextlib.suppress(ApiError):  # it ended meanwhile
+                    await self._cancel_job(job_id)
+
+        async with domain.gate.exclusive(force=force, timeout=self._config.io_timeout,
+                                         cancel_job=cancel):
+            yield
+            domain.gate.closed = True
 
     async def _check_reachable(self, path: Path) -> None:
         """Raise FailedPrecondition (``not_accessible``) unless QEMU's user can traverse
