@@ -403,12 +403,13 @@ async def test_deleting_a_domain_waits_for_its_volume_calls_and_jobs(
     client = await checked_client(agent.unix_url)
     await client.call("Events.subscribe", {"topics": ["job.*"]})
     sd_id = await new_domain(client, disk_root)
-    src = await big_volume(client, sd_id, 512 * MiB)
+    src = await big_volume(client, sd_id, 1024 * MiB)
     ref = {k: src[k] for k in ("sd_id", "image_id", "volume_id")}
     job_id = (await client.call("Volume.copy", {"src": ref, "dst_sd": sd_id,
                                                 "dst_format": "qcow2"}))["job_id"]
-    await next_event(client, "job.progress", lambda d: d["job_id"] == job_id
-                     and 0 < d["progress"] < 100, timeout=60)
+    # As it starts: copying a GiB takes far longer than the delete that follows.
+    await next_event(client, "job.state", lambda d: d["job_id"] == job_id
+                     and d["state"] == "running", timeout=60)
     busy = await expect_error(client, "StorageDomain.delete", {"sd_id": sd_id})
     assert (busy.name, busy.data["reason"]) == ("FailedPrecondition", "domain_busy")
     assert busy.data["jobs"] == [job_id]
