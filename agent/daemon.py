@@ -81,7 +81,10 @@ class Agent:
 
         mount_root = Path(config.storage.mount_root or Path(config.state.dir) / "mnt")
         self.storage = StorageDomainService(config.storage, mount_root, self.store, self.bus,
-                                            vm_disks, protected=(Path(config.state.dir),))
+                                            vm_disks, protected=(Path(config.state.dir),),
+                                            hypervisor_uri=config.hypervisor.uri,
+                                            cancel_job=lambda job_id: self.jobs.cancel(
+                                                job_id, by="StorageDomain.delete"))
         self.volumes = VolumeService(self.storage, self.jobs, self.bus, vm_disks)
         self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None

@@ -27,6 +27,19 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     fsync_dir(path.parent)
 
 
+def make_dir(path: Path, mode: int = 0o755, *, exist_ok: bool = False) -> None:
+    """Make a directory with exactly ``mode``, whatever the umask (a directory of a storage
+    domain must be searchable by the hypervisor's user). With ``exist_ok``, an existing
+    directory keeps its mode. Raises ``OSError`` (``FileExistsError`` unless ``exist_ok``)."""
+    try:
+        path.mkdir(mode=mode)
+    except FileExistsError:
+        if exist_ok and path.is_dir():
+            return
+        raise
+    os.chmod(path, mode)
+
+
 def fsync_file(path: Path) -> None:
     """Make a file's data durable; a symlink at ``path`` is refused (``OSError``)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -7,6 +7,14 @@ the state store and attached again (re-mounted) when the agent starts; a domain 
 cannot be attached again stays listed with its ``error`` and ``unreachable``, so it can be
 attached again or detached.
 
+QEMU runs as its own user (:mod:`virtnode.storage.access`): create and attach refuse a
+domain that user cannot reach (FailedPrecondition ``not_accessible``), and the directories
+the agent makes for a domain are searchable by everyone.
+
+Deleting and detaching a domain hold it exclusive against the calls and jobs on its
+volumes (:mod:`virtnode.storage.domaingate`): a delete with ``force`` cancels the jobs,
+anything else waits for the calls and refuses while jobs run (``domain_busy``).
+
 Mutating calls are serialised by one lock (they are rare, and it makes the checks for
 duplicate ids and names exact). Storage I/O runs in a pool of daemon threads with a
 deadline (``storage.io_timeout``), never on the event loop.
@@ -38,9 +46,11 @@ from virtnode.errors import (
     NotFound,
 )
 from virtnode.events import EventBus
+from virtnode.fileutil import make_dir
 from virtnode.rpc import CallContext, rpc_method
+from virtnode.storage import access, location, mounts, registry, usage
 from virtnode.storage import layout as lay
-from virtnode.storage import location, mounts, registry, usage
+from virtnode.storage.domaingate import DomainGate
 from virtnode.storage.layout import DomainLayout, DomainMetadata, DomainType
 from virtnode.storage.monitor import CheckResult, DomainMonitor, DomainState
 from virtnode.storage.mounts import MountSpec
@@ -70,6 +80,10 @@ class Domain:
     metadata: DomainMetadata | None = None
     error: str | None = None
     attached: float = field(default_factory=time.time)
+    gate: DomainGate = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.gate = DomainGate(self.sd_id)
 
     @property
     def result(self) -> CheckResult:
@@ -105,15 +119,22 @@ class StorageDomainService:
     """The storage domains attached to this host."""
 
     def __init__(self, config: StorageConfig, mount_root: Path, store: Store, bus: EventBus,
-                 vm_disks: VmDisks, *, protected: Sequence[Path] = ()) -> None:
+                 vm_disks: VmDisks, *, protected: Sequence[Path] = (),
+                 hypervisor_uri: str = "test:///default",
+                 cancel_job: Callable[[str], Awaitable[object]] | None = None) -> None:
         """``protected``: the agent's own directories (its state), where no localfs
-        domain may be; the mount root is one too."""
+        domain may be; the mount root is one too. ``hypervisor_uri`` says whose access to
+        a domain is checked (:func:`access.hypervisor_user`). ``cancel_job`` cancels a
+        job and waits (boundedly) for it to end, for a forced delete."""
         self._config = config
         self._mount_root = mount_root
         self._protected = (*protected, mount_root)
         self._store = store
         self._bus = bus
         self._vm_disks = vm_disks
+        self._hypervisor_uri = hypervisor_uri
+        self._cancel_job = cancel_job
+        self._qemu_user: access.Accessor | None = None
         self._host_id = ""
         self._domains: dict[str, Domain] = {}
         self._lock = asyncio.Lock()
@@ -126,6 +147,12 @@ class StorageDomainService:
         attach a domain are logged and reported on the domain, never fatal."""
         self._host_id = host_id
         self._io.start()
+        try:
+            self._qemu_user = await self.io_call(access.hypervisor_user, self._hypervisor_uri,
+                                                 what="reading the hypervisor's user")
+        except (KeyError, ValueError) as exc:
+            log.error("cannot tell which user QEMU runs as (%s); storage domains are not "
+                      "checked for its access", exc)
         await self._store.ensure_schema(registry.COMPONENT, registry.VERSION, registry.SCHEMA)
         for reg in await self._store.run(registry.load):
             await self._reattach(reg)
@@ -163,6 +190,7 @@ class StorageDomainService:
                                           params["block_size"])
             async with self._root(sd_id, spec, params, _localfs_root,
                                   what="preparing the domain directory") as root:
+                await self._check_reachable(root)
                 layout = DomainLayout.of(root, sd_id)
                 await self.io_call(_format, layout, metadata, params["force"],
                                     spec is not None, what="formatting the domain")
@@ -187,6 +215,7 @@ class StorageDomainService:
                                   what="resolving the path") as root:
                 layout = DomainLayout.of(root, sd_id)
                 metadata = await self._read_metadata(layout)
+                await self._check_reachable(layout.domain_dir)
                 if metadata.type != dtype:
                     raise InvalidArgument(f"storage domain {sd_id} is {metadata.type}, not "
                                           f"{dtype}", reason="type_mismatch", field="type")
@@ -201,7 +230,8 @@ class StorageDomainService:
         async with self._lock:
             domain = self._get(params["sd_id"])
             await self._check_unused(domain)
-            await self._forget(domain)
+            async with self._exclusive(domain, force=False):
+                await self._forget(domain)
         self._publish(domain, "detached")
         return {}
 
@@ -214,9 +244,10 @@ class StorageDomainService:
                                          f"{domain.error}", reason="domain_unreachable",
                                          object="storage_domain", id=domain.sd_id)
             await self._check_unused(domain)
-            await self.io_call(_remove_domain, domain.layout, params["force"],
-                                what="deleting the domain")
-            await self._forget(domain)
+            async with self._exclusive(domain, force=params["force"]):
+                await self.io_call(_remove_domain, domain.layout, params["force"],
+                                   what="deleting the domain")
+                await self._forget(domain)
         self._publish(domain, "deleted")
         return {}
 
@@ -264,6 +295,10 @@ class StorageDomainService:
         try:
             async with asyncio.timeout(timeout):
                 return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The caller is gone (a cancelled job); what the thread raises is nobody's.
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise
         except TimeoutError:
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise DeadlineExceeded(f"{what} did not finish within {timeout:g}s",
@@ -280,6 +315,29 @@ class StorageDomainService:
         except OSError as exc:
             raise FailedPrecondition(f"cannot read {layout.sd_id}'s metadata: {exc.strerror}",
                                      reason="domain_unreachable") from None
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, domain: Domain, *, force: bool) -> AsyncIterator[None]:
+        """Hold ``domain`` exclusive (:meth:`DomainGate.exclusive`); once the body has
+        run, the domain is gone for every volume call waiting on it."""
+        async def cancel(job_id: str) -> None:
+            if self._cancel_job is not None:
+                with contextlib.suppress(ApiError):  # it ended meanwhile
+                    await self._cancel_job(job_id)
+
+        async with domain.gate.exclusive(force=force, timeout=self._config.io_timeout,
+                                         cancel_job=cancel):
+            yield
+            domain.gate.closed = True
+
+    async def _check_reachable(self, path: Path) -> None:
+        """Raise FailedPrecondition (``not_accessible``) unless QEMU's user can traverse
+        every directory down to ``path``."""
+        try:
+            await self.io_call(access.check_reachable, path, self._qemu_user,
+                               what="checking the hypervisor's access")
+        except OSError as exc:
+            raise _path_error(path, exc) from None
 
     async def _mount(self, sd_id: str, spec: MountSpec) -> Path:
         target = self._mount_root / sd_id
@@ -459,7 +517,7 @@ def _checked_root(path: Path, protected: Sequence[Path], *, make: bool) -> tuple
             holder, mounts.read_mountinfo()))
         made = False
         if not resolved.exists():
-            resolved.mkdir(mode=0o755)
+            make_dir(resolved)
             made = True
     except OSError as exc:
         raise _path_error(path, exc) from None
@@ -508,7 +566,11 @@ def _format(layout: DomainLayout, metadata: DomainMetadata, force: bool, fresh_f
 
 
 def _mount_point(target: Path) -> None:
-    target.mkdir(mode=0o755, parents=True, exist_ok=True)
+    """Make a mount point, and the mount root above it, searchable by QEMU's user."""
+    if not target.parent.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(target.parent, 0o755)
+    make_dir(target, exist_ok=True)
 
 
 def _remove_mount_point(target: Path) -> None:

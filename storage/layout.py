@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from virtnode.errors import FailedPrecondition, InvalidArgument
-from virtnode.fileutil import atomic_write
+from virtnode.fileutil import atomic_write, make_dir
 
 JsonObject = dict[str, Any]
 
@@ -388,9 +388,9 @@ def format_domain(layout: DomainLayout, metadata: DomainMetadata) -> None:
     refuses it; create with ``force`` reuses it). Raises ``OSError``.
     """
     domain_dir = layout.domain_dir
-    domain_dir.mkdir(mode=0o755, exist_ok=True)
-    layout.safe(domain_dir / DOM_MD).mkdir(mode=0o755, exist_ok=True)
-    layout.images_dir.mkdir(mode=0o755, exist_ok=True)
+    make_dir(domain_dir, exist_ok=True)
+    make_dir(layout.safe(domain_dir / DOM_MD), exist_ok=True)
+    make_dir(layout.images_dir, exist_ok=True)
     atomic_write(layout.metadata_path, metadata.encode())
 
 

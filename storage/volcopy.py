@@ -4,6 +4,10 @@ Both are checked before a job exists (bad ids, missing or illegal volumes, no sp
 volume in use are errors of the call), hold the volumes they read or change busy until
 they end, and report qemu-img's progress as the job's.
 
+Both hold their domains shared (:mod:`virtnode.storage.domaingate`) from the call's
+checks until the job ends; the job names itself on those leases, so that a forced delete
+of the domain can cancel it.
+
 - Copy writes the target's metadata ``illegal`` in a new image, converts, flushes the
   target file and its directory (a finished ``qemu-img convert`` is not durable), then
   marks it ``legal``. A failed or cancelled copy removes the target and its metadata.
@@ -15,13 +19,16 @@ they end, and report qemu-img's progress as the job's.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from virtnode.errors import FailedPrecondition, InvalidArgument
 from virtnode.jobs import JobHandle, JobKind
+from virtnode.jobstore import JobRecord
 from virtnode.storage import qemuimg, volfiles
+from virtnode.storage.domaingate import Lease
 from virtnode.storage.layout import VolumeMetadata
 from virtnode.storage.volapi import (
     preallocation,
@@ -51,8 +58,52 @@ def _progress(handle: JobHandle) -> qemuimg.ProgressCallback:
     return lambda percent: handle.progress(min(percent, 99.0))
 
 
+async def _leased(domains: Sequence[Domain], what: str,
+                  start: Callable[[list[Lease]], Awaitable[JobRecord]]) -> JsonObject:
+    """Hold ``domains`` shared while ``start(leases)`` checks the call and submits its job,
+    which takes the leases over (:func:`_job_context`); they are given back here unless
+    it did."""
+    leases: list[Lease] = []
+    try:
+        for gate in dict.fromkeys(d.gate for d in domains):  # the same domain once
+            leases.append(await gate.enter(what))
+        job = await start(leases)
+    finally:
+        for lease in leases:
+            if not lease.taken:
+                lease.release()
+    return {"job_id": job.job_id, "job": job.to_api()}
+
+
+@contextlib.asynccontextmanager
+async def _job_context(service: VolumeService, volumes: Sequence[Found], what: str,
+                       leases: list[Lease]) -> AsyncIterator[None]:
+    """A job's resources: its volumes busy, and its domain leases until it ends."""
+    for lease in leases:
+        lease.taken = True  # released when the job ends
+    try:
+        async with service.hold(volumes, what):
+            yield
+    finally:
+        for lease in leases:
+            lease.release()
+
+
+def _name_job(handle: JobHandle, leases: list[Lease]) -> None:
+    for lease in leases:
+        lease.job_id = handle.job_id
+
+
 async def start_copy(service: VolumeService, params: JsonObject) -> JsonObject:
     """Check a ``Volume.copy`` call and start its job; returns ``{job_id, job}``."""
+    src_domain = service.domains.domain(params["src"]["sd_id"])
+    dst = service.domains.domain(params["dst_sd"])
+    return await _leased([src_domain, dst], COPY_JOB.name,
+                         lambda leases: _submit_copy(service, params, leases))
+
+
+async def _submit_copy(service: VolumeService, params: JsonObject,
+                       leases: list[Lease]) -> JobRecord:
     src_domain, leaf = await service.volume(params["src"])
     dst = service.domains.domain(params["dst_sd"])
     dst_fmt, allocation = params["dst_format"], params["allocation"]
@@ -69,6 +120,7 @@ async def start_copy(service: VolumeService, params: JsonObject) -> JsonObject:
         dst_fmt, src=src, timeout=service.domains.io_timeout))
 
     async def run(handle: JobHandle) -> JsonObject:
+        _name_job(handle, leases)
         image_id, volume_id = str(uuid.uuid4()), str(uuid.uuid4())
         metadata = VolumeMetadata.new(
             dst_fmt, allocation, leaf.metadata.virtual_size, parent=None,
@@ -93,12 +145,11 @@ async def start_copy(service: VolumeService, params: JsonObject) -> JsonObject:
         service.publish(dst, image_id, volume_id, "created")
         return {"volume": volume_api(dst, target)}
 
-    job = await service.jobs.submit(
+    return await service.jobs.submit(
         COPY_JOB.name, _job_params(params), run,
         description=f"copy volume {leaf.volume_id} to storage domain {dst.sd_id}",
         target=leaf.volume_id, request_key=params.get("request_key"),
-        prepare=lambda: service.hold(chain, "Volume.copy"))
-    return {"job_id": job.job_id, "job": job.to_api()}
+        prepare=lambda: _job_context(service, chain, COPY_JOB.name, leases))
 
 
 async def _merge_chain(service: VolumeService, params: JsonObject
@@ -132,12 +183,19 @@ async def _merge_chain(service: VolumeService, params: JsonObject
 
 async def start_merge(service: VolumeService, params: JsonObject) -> JsonObject:
     """Check a ``Volume.merge`` call and start its job; returns ``{job_id, job}``."""
+    return await _leased([service.domains.domain(params["sd_id"])], MERGE_JOB.name,
+                         lambda leases: _submit_merge(service, params, leases))
+
+
+async def _submit_merge(service: VolumeService, params: JsonObject,
+                        leases: list[Lease]) -> JobRecord:
     domain, chain = await _merge_chain(service, params)
     top, parent = chain[0], chain[1]
     committed, base_path = qemu_chain(chain), parent.path
 
     async def run(handle: JobHandle) -> JsonObject:
         nonlocal top, parent
+        _name_job(handle, leases)
         async with service.lock(domain):
             # The parent first: a crash between the two leaves an illegal parent under a
             # legal leaf, never an illegal leaf over a legal parent (which the start-up
@@ -160,9 +218,8 @@ async def start_merge(service: VolumeService, params: JsonObject) -> JsonObject:
         service.publish(domain, top.image_id, top.volume_id, "merged")
         return {"volume": volume_api(domain, parent)}
 
-    job = await service.jobs.submit(
+    return await service.jobs.submit(
         MERGE_JOB.name, _job_params(params), run,
         description=f"merge volume {top.volume_id} into {parent.volume_id}",
         target=top.volume_id, request_key=params.get("request_key"),
-        prepare=lambda: service.hold([top, parent], "Volume.merge"))
-    return {"job_id": job.job_id, "job": job.to_api()}
+        prepare=lambda: _job_context(service, [top, parent], MERGE_JOB.name, leases))

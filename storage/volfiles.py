@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from virtnode.errors import FailedPrecondition
-from virtnode.fileutil import fsync_dir, fsync_file
+from virtnode.fileutil import fsync_dir, fsync_file, make_dir
 from virtnode.storage import layout as lay
 from virtnode.storage import qcow2
 from virtnode.storage.layout import DomainLayout, MetadataError, VolumeMetadata
@@ -210,7 +210,7 @@ def start_new(layout: DomainLayout, image_id: str, volume_id: str, metadata: Vol
     assert metadata.legality == "illegal"
     image_dir = layout.image_dir(image_id)
     if new_image:
-        image_dir.mkdir(mode=0o755)
+        make_dir(image_dir)
     elif not image_dir.is_dir():
         raise FileNotFoundError(f"no image {image_id}")
     found = Found.at(layout, image_id, volume_id, metadata)

@@ -8,9 +8,12 @@ Crash safety rests on legality: a volume's metadata is written ``illegal`` befor
 is made or changed and ``legal`` only once the data is complete and durable. The rule the
 start-up scan applies is in :func:`virtnode.storage.volfiles.scan_illegal`.
 
-Copy and merge are jobs (cancellable; qemu-img's progress is the job's). Changes to one
-domain's metadata are serialised by a per-domain lock; volumes a job works on are marked
-busy so that delete, resize, merge and new layers refuse them until the job ends.
+Copy and merge are jobs (cancellable; qemu-img's progress is the job's). Every change
+holds its domains shared (:mod:`virtnode.storage.domaingate`) from the call's checks to
+its end (a job's), so that deleting or detaching a domain waits for it, or cancels it.
+Changes to one domain's metadata are serialised by a per-domain lock; volumes a job works
+on are marked busy so that delete, resize, merge and new layers refuse them until the job
+ends.
 """
 
 from __future__ import annotations
@@ -162,7 +165,7 @@ class VolumeService:
         if image_id is not None:
             image_id = lay.check_uuid(image_id, "image_id")
         volume_id = str(uuid.uuid4())
-        async with self.lock(domain):
+        async with domain.gate.shared("Volume.create"), self.lock(domain):
             parent = await self._parent_for(domain, params.get("parent"), image_id, fmt)
             if image_id is None and parent is not None and parent.metadata.role != "shared":
                 image_id = parent.image_id  # a snapshot in the parent's image
@@ -205,7 +208,8 @@ class VolumeService:
 
     @rpc_method("Volume.delete")
     async def delete(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
-        async with self.lock(self._domains.domain(params["sd_id"])):
+        domain = self._domains.domain(params["sd_id"])
+        async with domain.gate.shared("Volume.delete"), self.lock(domain):
             # By its metadata alone: a volume whose data file is damaged (a link, a
             # special file) can be deleted; remove() unlinks its names, never their target.
             domain, found = await self.volume(params, data=False)
@@ -227,7 +231,8 @@ class VolumeService:
     @rpc_method("Volume.resize")
     async def resize(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
         size = params["size"]
-        async with self.lock(self._domains.domain(params["sd_id"])):
+        domain = self._domains.domain(params["sd_id"])
+        async with domain.gate.shared("Volume.resize"), self.lock(domain):
             domain, found = await self.volume(params)
             self.check_free(found)
             if found.metadata.role != "leaf" or found.metadata.legality != "legal":

@@ -464,3 +464,38 @@ async def test_create_refuses_special_filesystems(
         assert domains_in(mount_point) == []
     finally:
         await run("umount", mount_point)
+
+
+@pytest.mark.qemu
+async def test_a_domain_qemu_cannot_reach_is_refused(
+        qemu_agent: AgentProcess, checked_client: ClientFactory, image_dir: Path) -> None:
+    client = await checked_client(qemu_agent.unix_url)
+    closed = image_dir / "closed"
+    closed.mkdir()
+    os.chmod(closed, 0o700)  # as mktemp -d makes it
+    refused = await expect_error(client, "StorageDomain.create",
+                                 {"type": "localfs", "name": "hidden",
+                                  "path": str(closed / "sd")})
+    assert (refused.name, refused.data["reason"]) == ("FailedPrecondition", "not_accessible")
+    assert refused.data["path"] == str(closed) and refused.data["user"] == "libvirt-qemu"
+    assert str(closed) in refused.message and "libvirt-qemu" in refused.message
+    assert not (closed / "sd").exists()  # a refused create leaves nothing made
+
+    opened = image_dir / "open"
+    opened.mkdir()
+    os.chmod(opened, 0o755)
+    sd_id = (await client.call("StorageDomain.create",
+                               {"type": "localfs", "name": "visible",
+                                "path": str(opened / "sd")}))["domain"]["sd_id"]
+    for made in (opened / "sd", opened / "sd" / sd_id, opened / "sd" / sd_id / "images"):
+        assert made.stat().st_mode & 0o777 == 0o755, made
+
+    await client.call("StorageDomain.detach", {"sd_id": sd_id})
+    os.chmod(opened, 0o700)
+    again = await expect_error(client, "StorageDomain.attach",
+                               {"sd_id": sd_id, "type": "localfs", "path": str(opened / "sd")})
+    assert (again.name, again.data["reason"]) == ("FailedPrecondition", "not_accessible")
+    assert again.data["path"] == str(opened)
+    os.chmod(opened, 0o755)
+    await client.call("StorageDomain.attach",
+                      {"sd_id": sd_id, "type": "localfs", "path": str(opened / "sd")})

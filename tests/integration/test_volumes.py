@@ -25,7 +25,7 @@ from tests.integration.conftest import (
     wait_job,
 )
 from tests.subproc import run
-from virtnode.client import Client
+from virtnode.client import Client, RemoteError
 
 pytestmark = pytest.mark.integration
 
@@ -388,3 +388,48 @@ async def test_vm_create_with_a_volume_disk_writes_the_chain(
     assert f"file='{clone['path']}'" in xml or f'file="{clone["path"]}"' in xml
     assert template["path"] in xml and "<backingStore" in xml
     await client.call("VM.undefine", {"vm_id": created["vm_id"]})
+
+
+async def answers(client: Client, method: str, params: dict[str, Any]) -> Any:
+    """The call's result, or the RemoteError it answered."""
+    try:
+        return await client.call(method, params)
+    except RemoteError as exc:
+        return exc
+
+
+async def test_deleting_a_domain_waits_for_its_volume_calls_and_jobs(
+        agent: AgentProcess, checked_client: ClientFactory, disk_root: Path) -> None:
+    client = await checked_client(agent.unix_url)
+    await client.call("Events.subscribe", {"topics": ["job.*"]})
+    sd_id = await new_domain(client, disk_root)
+    src = await big_volume(client, sd_id, 1024 * MiB)
+    ref = {k: src[k] for k in ("sd_id", "image_id", "volume_id")}
+    job_id = (await client.call("Volume.copy", {"src": ref, "dst_sd": sd_id,
+                                                "dst_format": "qcow2"}))["job_id"]
+    # As it starts: copying a GiB takes far longer than the delete that follows.
+    await next_event(client, "job.state", lambda d: d["job_id"] == job_id
+                     and d["state"] == "running", timeout=60)
+    busy = await expect_error(client, "StorageDomain.delete", {"sd_id": sd_id})
+    assert (busy.name, busy.data["reason"]) == ("FailedPrecondition", "domain_busy")
+    assert busy.data["jobs"] == [job_id]
+    assert (await client.call("Job.get", {"job_id": job_id}))["job"]["state"] == "running"
+
+    create = {"sd_id": sd_id, "size": 16 * MiB, "format": "qcow2"}
+    calls = [answers(client, "Volume.create", create) for _ in range(3)]
+    calls.insert(1, answers(client, "StorageDomain.delete", {"sd_id": sd_id, "force": True}))
+    outcomes = await asyncio.gather(*calls)
+    deleted = outcomes.pop(1)
+    assert deleted == {}, deleted
+    # The delete answered only once the copy had ended: cancelled by it, or finished before.
+    job = (await client.call("Job.get", {"job_id": job_id}))["job"]
+    assert job["state"] in ("cancelled", "succeeded"), job
+    for outcome in outcomes:  # made before the delete, or refused as for a missing domain
+        if isinstance(outcome, RemoteError):
+            assert outcome.code != -32603, outcome
+            assert (outcome.name, outcome.data["object"]) == ("NotFound", "storage_domain")
+        else:
+            assert outcome["volume"]["sd_id"] == sd_id
+    late = await expect_error(client, "Volume.create", create)
+    assert (late.name, late.data["object"]) == ("NotFound", "storage_domain")
+    assert not (disk_root / sd_id).exists()
