@@ -209,10 +209,22 @@ async def test_cancel_removes_the_target(
     ref = {k: src[k] for k in ("sd_id", "image_id", "volume_id")}
     started = await client.call("Volume.copy", {"src": ref, "dst_sd": sd_id,
                                                 "dst_format": "qcow2"})
-    await next_event(client, "job.progress", lambda d: d["job_id"] == started["job_id"]
-                     and 0 < d["progress"] < 100, timeout=60)
-    held = await expect_error(client, "Volume.delete", ref)
-    assert held.data["reason"] == "volume_busy"
+    # Freeze qemu-img as soon as it runs: a copy this size may otherwise be done before
+    # the delete below arrives.
+    async with asyncio.timeout(30):
+        while True:
+            frozen = await children_of(agent.pid)
+            if frozen:
+                break
+            await asyncio.sleep(0.005)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        held = await expect_error(client, "Volume.delete", ref)
+        assert held.data["reason"] == "volume_busy"
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
     cancelled = (await client.call("Job.cancel", {"job_id": started["job_id"]}))["job"]
     assert cancelled["state"] == "cancelled"
     images = sorted(os.listdir(tmp_path / "sd" / sd_id / "images"))
