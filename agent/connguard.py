@@ -13,8 +13,8 @@ aiohttp's request handler:
   when one starts and ends (:meth:`GuardedProtocol.request_started`, ``request_finished``),
   and knows nothing else of HTTP.
 
-:class:`BurstLog` keeps a flood of like events (refused connections, descriptors running out
-in ``accept()``) to one log line per period, with a count of what it held back.
+Refused connections and descriptors running out in ``accept()`` are logged through a
+:class:`~virtnode.burstlog.BurstLog`: one line per period, with a count of what it held back.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import collections
 import logging
 import resource
 import ssl
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from virtnode import jsonrpc
+from virtnode.burstlog import BurstLog
 from virtnode.errors import ResourceExhausted
 from virtnode.identity import certificate_cn, peer_uid
 from virtnode.origins import Site
@@ -50,32 +50,6 @@ class Limits:
     max_per_caller: int
     header_timeout: float
     idle_timeout: float
-
-
-class BurstLog:
-    """Logs the first of a burst of like events, then at most one line per ``period``.
-
-    The line that ends a quiet period says how many events it held back.
-    """
-
-    def __init__(self, logger: logging.Logger, period: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._logger = logger
-        self._period = period
-        self._clock = clock
-        self._last: float | None = None
-        self.suppressed = 0
-
-    def __call__(self, level: int, message: str, *args: object) -> None:
-        now = self._clock()
-        if self._last is not None and now - self._last < self._period:
-            self.suppressed += 1
-            return
-        if self.suppressed:
-            message += " (and %d more like it since the last report)"
-            args = (*args, self.suppressed)
-        self._last, self.suppressed = now, 0
-        self._logger.log(level, message, *args)
 
 
 def connection_budget(configured: int, listeners: int) -> int:

@@ -21,11 +21,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from virtnode import jsonrpc
+from virtnode.store import StoreFull
 
 if TYPE_CHECKING:
     from virtnode.journal import Journal
 
 log = logging.getLogger(__name__)
+
+#: Events held back while the state store is full, at most (newer ones displace older).
+HOLD_WHILE_FULL = 10_000
+#: Seconds between tries to journal them while the store is full.
+FULL_RETRY = 1.0
 
 JsonObject = dict[str, Any]
 
@@ -148,6 +154,16 @@ class EventBus:
                 batch, self._pending = self._pending, []
                 try:
                     await journal.write(batch)
+                except StoreFull:
+                    # Journaled before delivered: hold them until there is room again, as
+                    # many as HOLD_WHILE_FULL; older ones are given up as lost (a seq gap;
+                    # a replay over it answers resync_required).
+                    self._pending = batch + self._pending
+                    if len(self._pending) > HOLD_WHILE_FULL:
+                        journal.lost(self._pending[-HOLD_WHILE_FULL - 1].seq)
+                        self._pending = self._pending[-HOLD_WHILE_FULL:]
+                    await asyncio.sleep(FULL_RETRY)
+                    continue
                 except Exception:
                     # Subscribers still get the events; a replay from before them cannot.
                     log.exception("event journal: cannot write seq %d-%d; replays from before "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import sqlite3
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from virtnode.aiotools import DaemonThreadPool
+from virtnode.burstlog import BurstLog
+from virtnode.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +50,26 @@ class StoreError(Exception):
     """The state store cannot be used (unreadable directory, newer schema)."""
 
 
+class StoreFull(Unavailable):
+    """The state directory's filesystem is full: what needs the store waits for space.
+
+    An API error (``Unavailable``, reason ``state_store_full``), so a call whose work needs
+    the store answers it rather than an internal error.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"the state store {path} is full: free space on its filesystem",
+                         reason="state_store_full")
+
+
+#: Bytes the WAL is cut back to after a checkpoint.
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+#: SQLite's SQLITE_FULL: "database or disk is full".
+_SQLITE_FULL = 13
+
+
 def prepare_state_dir(path: Path) -> None:
-    """Make the state directory (mode 0700) unless it exists; check that it can be used.
+    """Make the state directory (mode 0711) unless it exists; check that it can be used.
 
     The directory holds what survives a restart, the host id, and in time secrets: only
     the agent needs to read it, so others may not list it (0711); they may pass through
@@ -117,6 +138,7 @@ class Store:
         self._conn: sqlite3.Connection | None = None
         self._pool = DaemonThreadPool(1, "state-store")
         self._started = False
+        self._full_log = BurstLog(log)
 
     async def open(self) -> None:
         """Open (or create) the database. Raises :class:`StoreError`."""
@@ -126,11 +148,28 @@ class Store:
         await asyncio.wrap_future(self._pool.submit(self._open))
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(connection)`` on the store's thread and return its result."""
+        """Run ``fn(connection)`` on the store's thread and return its result.
+
+        Raises :class:`StoreFull` when the filesystem has no room for what ``fn`` writes
+        (logged once a minute, not once a call).
+        """
         conn = self._conn
         if conn is None:
             raise StoreError("the state store is not open")
-        return await asyncio.wrap_future(self._pool.submit(fn, conn))
+        try:
+            return await asyncio.wrap_future(self._pool.submit(fn, conn))
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) != _SQLITE_FULL:
+                raise
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+        self._full_log(logging.ERROR, "state store %s: the filesystem is full; calls that "
+                       "need the store answer Unavailable until there is space", self.path)
+        # A full WAL is what filled the disk: give back what a checkpoint can.
+        with contextlib.suppress(sqlite3.Error):
+            await asyncio.wrap_future(self._pool.submit(_checkpoint, conn))
+        raise StoreFull(self.path)
 
     async def ensure_schema(self, component: str, version: int, sql: str) -> None:
         """Create ``component``'s tables with ``sql`` unless they exist at ``version``.
@@ -200,6 +239,8 @@ class Store:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
+            # After a checkpoint the WAL is cut back to this size, not left at its peak.
+            conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             row = conn.execute("PRAGMA quick_check").fetchone()
             if row is None or row[0] != "ok":
                 raise sqlite3.DatabaseError(f"integrity check failed: {row}")
@@ -209,3 +250,7 @@ class Store:
             conn.close()
             raise
         return conn
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
