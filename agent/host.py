@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from virtnode import __version__
 from virtnode.capabilities import parse_capabilities
 from virtnode.fileutil import atomic_write
@@ -43,6 +45,9 @@ def _hypervisor_facts(conn: Connection) -> JsonObject:
         "cpu": {**caps["cpu"], "count": info[2], "mhz": info[3]},
         "numa_cells": caps["numa_cells"],
         "memory_bytes": memory,
+        # The machine's own, as the statistics have it: the hypervisor may be another
+        # host's or a mock's (test:///default reports a made-up 8 GiB).
+        "host_memory_bytes": psutil.virtual_memory().total,
     }
 
 

@@ -60,6 +60,10 @@ async def test_capabilities(agent: AgentProcess, checked_client: ClientFactory,
     assert_uuid(caps["host_uuid"])
     assert caps["memory_bytes"] > 0
     assert caps["cpu"]["count"] >= 1
+    # The machine's memory is the one the statistics report, whatever the hypervisor's
+    # mock host says it has.
+    stats = await client.call("Host.getStats")
+    assert caps["host_memory_bytes"] == stats["memory"]["total_bytes"]
 
 
 async def test_host_uuid_survives_a_restart(agent: AgentProcess, checked_client: ClientFactory,
