@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,3 +44,13 @@ async def virtnode(*args: str | Path, env: dict[str, str] | None = None,
                    cwd: Path | None = None, timeout: float = 60.0) -> Completed:
     """Run the ``virtnode`` command of the package under test."""
     return await run(sys.executable, "-m", "virtnode", *args, env=env, cwd=cwd, timeout=timeout)
+
+
+@contextlib.asynccontextmanager
+async def tmpfs(path: Path, options: str) -> AsyncIterator[Path]:
+    """A tmpfs mounted on the existing directory ``path`` (root only), unmounted after."""
+    (await run("mount", "-t", "tmpfs", "-o", options, "tmpfs", path)).check()
+    try:
+        yield path
+    finally:
+        await run("umount", "-l", path)

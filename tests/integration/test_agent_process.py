@@ -19,7 +19,7 @@ import pytest
 
 from tests.agentproc import AgentProcess, running_agent, start_agent, write_config
 from tests.conftest import ClientFactory, missing
-from tests.subproc import run, virtnode
+from tests.subproc import tmpfs, virtnode
 from virtnode.client import RemoteError
 from virtnode.schema import ApiSchema
 
@@ -230,11 +230,8 @@ async def read_only_dir(tmp_path: Path) -> AsyncIterator[Path]:
         missing("mounting a read-only filesystem needs root")
     path = tmp_path / "read-only"
     path.mkdir()
-    (await run("mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", path)).check()
-    try:
+    async with tmpfs(path, "ro,size=1m"):
         yield path
-    finally:
-        await run("umount", path)
 
 
 async def serve_exit(tmp_path: Path, state_dir: Path) -> tuple[int, str]:

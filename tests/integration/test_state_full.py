@@ -21,7 +21,7 @@ import pytest
 from tests.agentproc import AgentProcess, start_agent
 from tests.conftest import ClientFactory, missing
 from tests.integration.test_events_journal import vm_cycle
-from tests.subproc import run
+from tests.subproc import tmpfs
 from virtnode.client import Client, RemoteError
 
 pytestmark = pytest.mark.integration
@@ -33,11 +33,8 @@ async def small_state(tmp_path: Path) -> AsyncIterator[Path]:
         missing("not root: the test mounts a tmpfs")
     where = tmp_path / "mnt"
     where.mkdir()
-    await run("mount", "-t", "tmpfs", "-o", "size=4m,mode=0711", "tmpfs", str(where))
-    try:
+    async with tmpfs(where, "size=4m,mode=0711"):
         yield where
-    finally:
-        await run("umount", "-l", str(where))
 
 
 def fill(path: Path, leave: int) -> Path:

@@ -211,14 +211,7 @@ async def test_cancel_removes_the_target(
                                                 "dst_format": "qcow2"})
     # Freeze qemu-img as soon as it runs: a copy this size may otherwise be done before
     # the delete below arrives.
-    async with asyncio.timeout(30):
-        while True:
-            frozen = await children_of(agent.pid)
-            if frozen:
-                break
-            await asyncio.sleep(0.005)
-    for pid in frozen:
-        os.kill(pid, signal.SIGSTOP)
+    frozen = await freeze_children(agent.pid)
     try:
         held = await expect_error(client, "Volume.delete", ref)
         assert held.data["reason"] == "volume_busy"
@@ -238,6 +231,19 @@ async def disk_root() -> AsyncIterator[Path]:
     root = Path("/var/tmp") / f"vn-it-vol-{uuid.uuid4().hex[:8]}"
     yield root
     await asyncio.to_thread(shutil.rmtree, root, True)
+
+
+async def freeze_children(pid: int) -> list[int]:
+    """SIGSTOP the processes ``pid`` starts (its qemu-img) as soon as there are any."""
+    async with asyncio.timeout(30):
+        while True:
+            children = await children_of(pid)
+            if children:
+                break
+            await asyncio.sleep(0.005)
+    for child in children:
+        os.kill(child, signal.SIGSTOP)
+    return children
 
 
 async def children_of(pid: int) -> list[int]:
@@ -302,14 +308,7 @@ async def test_sigkill_during_merge_then_restart_keeps_the_chain_and_merge_finis
         started = await client.call("Volume.merge", ref)
         # Freeze qemu-img as soon as it runs, so that the crash surely comes before the
         # commit ends (it takes about a second here).
-        async with asyncio.timeout(30):
-            while True:
-                children = await children_of(agent.pid)
-                if children:
-                    break
-                await asyncio.sleep(0.005)
-        for pid in children:
-            os.kill(pid, signal.SIGSTOP)
+        children = await freeze_children(agent.pid)
         job = (await client.call("Job.get", {"job_id": started["job_id"]}))["job"]
         assert job["state"] == "running"
         await client.close()
