@@ -361,3 +361,26 @@ def test_load_schema_matches_the_files_in_the_package(schema: ApiSchema) -> None
     names = sorted(entry.name for entry in package.iterdir() if entry.name.endswith(".yaml"))
     files = [(name, package.joinpath(name).read_text("utf-8")) for name in names]
     assert build_schema(files).describe() == schema.describe()
+
+
+def _rendered_part(text: str, method: str, part: str) -> str:
+    """The ``Params:`` or ``Result:`` part of ``method``'s section in ``text``."""
+    section = text.split(f"\n### {method}\n", 1)[1].split("\n### ", 1)[0]
+    params, result = section.split("\nResult:\n", 1)
+    return params.split("\nParams:\n", 1)[1] if part == "params" else result
+
+
+def test_api_reference_resolves_references() -> None:
+    schema = load_schema()
+    text = render(schema)
+    referring = [(name, part, spec[part]["$ref"]) for name, spec in (
+        (name, {"params": method.params, "result": method.result})
+        for name, method in schema.methods.items()) for part in ("params", "result")
+        if "$ref" in spec[part]]
+    assert referring, "no method gives its params or result by reference any more"
+    for name, part, ref in referring:
+        definition = schema.definitions[ref.rsplit("/", 1)[-1]]
+        rendered = _rendered_part(text, name, part)
+        assert "_none_" not in rendered, (name, part)
+        for prop in definition["properties"]:
+            assert f"| `{prop}` |" in rendered, (name, part, prop)
