@@ -59,7 +59,25 @@ class MethodSpec:
     @property
     def summary(self) -> str:
         """The first sentence of the description."""
-        return self.description.strip().split("\n")[0].split(". ")[0].rstrip(".")
+        return first_sentence(self.description)
+
+
+#: Words whose full stop does not end a sentence.
+_ABBREVIATIONS = frozenset({"e.g.", "i.e.", "etc.", "cf.", "vs."})
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of ``text``'s first line, without its full stop.
+
+    A full stop ends a sentence when a space or the end of the line follows it and it is
+    not part of an abbreviation such as "e.g.".
+    """
+    line = text.strip().split("\n")[0]
+    for stop in re.finditer(r"\.(?=\s|$)", line):
+        word = line[:stop.end()].rsplit(None, 1)[-1].lower()
+        if word.lstrip("(") not in _ABBREVIATIONS:
+            return line[:stop.start()]
+    return line
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,14 @@ import pytest
 from virtnode import __version__
 from virtnode.apidoc import render
 from virtnode.errors import ERRORS_BY_NAME, InvalidParams
-from virtnode.schema import COMMON_ERRORS, ApiSchema, SchemaError, build_schema, load_schema
+from virtnode.schema import (
+    COMMON_ERRORS,
+    ApiSchema,
+    SchemaError,
+    build_schema,
+    first_sentence,
+    load_schema,
+)
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 COMMON_YAML = resources.files("virtnode.api_schema").joinpath("common.yaml").read_text("utf-8")
@@ -80,6 +87,22 @@ def test_every_method_declares_access_since_and_description(schema: ApiSchema) -
         assert method.result.get("type") == "object", f"{name}: results are always objects"
         for error in method.errors:
             assert error in schema.errors, f"{name} raises unknown {error}"
+
+
+@pytest.mark.parametrize(("description", "summary"), [
+    ("Attach an existing domain, e.g. one made elsewhere: path says where. More.",
+     "Attach an existing domain, e.g. one made elsewhere: path says where"),
+    ("Copy a volume, i.e. its data. Then more.", "Copy a volume, i.e. its data"),
+    ("Pause the VM.\nSecond line.", "Pause the VM"),
+    ("One sentence only", "One sentence only"),
+])
+def test_summary_is_the_whole_first_sentence(description: str, summary: str) -> None:
+    assert first_sentence(description) == summary
+
+
+def test_summaries_are_not_cut_at_abbreviations(schema: ApiSchema) -> None:
+    assert schema.methods["StorageDomain.attach"].summary.startswith(
+        "Attach an existing domain, e.g. one created by another host")
 
 
 def test_every_event_declares_since_description_and_an_object_payload(schema: ApiSchema) -> None:
