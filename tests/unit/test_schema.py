@@ -407,3 +407,37 @@ def test_api_reference_resolves_references() -> None:
         assert "_none_" not in rendered, (name, part)
         for prop in definition["properties"]:
             assert f"| `{prop}` |" in rendered, (name, part, prop)
+
+
+# An unquoted ", ...: " in a flow mapping makes YAML read the rest as a key of its own.
+STRAY_KEY = """
+methods:
+  Test.ping:
+    description: A method.
+    access: read
+    since: "0.1"
+    params:
+      properties:
+        kernel: {type: string, description: Direct kernel boot, absolute path.: x}
+    result: {}
+"""
+
+
+def test_a_stray_key_in_params_is_refused() -> None:
+    with pytest.raises(SchemaError, match=r"Test.ping/params/properties/kernel/absolute path\."):
+        build(STRAY_KEY)
+
+
+@pytest.mark.parametrize("yaml_text", [
+    event_yaml(payload={"properties": {"n": {"type": "integer", "minimun": 1}}}),
+    json.dumps({"definitions": {"Thing": {"type": "object",
+                                          "properties": {"a": {"items": {"tpye": "string"}}}}}}),
+    method_yaml(result={"properties": {"a": {"oneOf": [{"type": "string"}, {"bogus": 1}]}}}),
+])
+def test_unknown_keywords_are_refused_wherever_they_are(yaml_text: str) -> None:
+    with pytest.raises(SchemaError, match="unknown JSON Schema keyword"):
+        build(GOOD_METHOD if "methods" not in yaml_text else "", yaml_text)
+
+
+def test_the_shipped_schema_uses_only_known_keywords() -> None:
+    load_schema()  # raises SchemaError on an unknown keyword
