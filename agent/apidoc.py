@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from virtnode.schema import COMMON_ERRORS, ApiSchema, load_schema
@@ -26,7 +27,25 @@ def _type_of(schema: JsonObject) -> str:
     return str(kind)
 
 
-def _fields(schema: JsonObject) -> list[str]:
+def _resolved(schema: JsonObject, definitions: Mapping[str, JsonObject]) -> JsonObject:
+    """``schema`` with its ``$ref`` to a definition replaced by what that definition says.
+
+    Its own keywords add to the definition's: properties merged, required joined.
+    """
+    ref = schema.get("$ref")
+    if not isinstance(ref, str) or not ref.startswith("#/definitions/"):
+        return schema
+    base = _resolved(definitions[ref.removeprefix("#/definitions/")], definitions)
+    merged = {**base, **{k: v for k, v in schema.items() if k != "$ref"}}
+    merged["properties"] = {**base.get("properties", {}), **schema.get("properties", {})}
+    merged["required"] = [*base.get("required", []),
+                          *(r for r in schema.get("required", [])
+                            if r not in base.get("required", []))]
+    return merged
+
+
+def _fields(schema: JsonObject, definitions: Mapping[str, JsonObject]) -> list[str]:
+    schema = _resolved(schema, definitions)
     properties = schema.get("properties", {})
     if not properties and "oneOf" in schema:
         return [f"One of: {_type_of(schema)} (see Shared types).", ""]
@@ -68,17 +87,17 @@ def render(schema: ApiSchema) -> str:
             "",
             "Params:",
             "",
-            *_fields(method.params),
+            *_fields(method.params, schema.definitions),
             "Result:",
             "",
-            *_fields(method.result),
+            *_fields(method.result, schema.definitions),
         ]
         if method.errors:
             out += ["Errors: " + ", ".join(f"`{e}`" for e in method.errors), ""]
     out += ["## Events", ""]
     for event in schema.events.values():
         out += [f"### {event.topic}", "", f"Since {event.since}", "", event.description, "",
-                "Payload:", "", *_fields(event.payload)]
+                "Payload:", "", *_fields(event.payload, schema.definitions)]
     out += ["## Errors", "", "| name | code | meaning |", "|---|---|---|"]
     out += [f"| `{e.name}` | {e.code} | {' '.join(e.description.split())} |"
             for e in schema.errors.values()]

@@ -13,6 +13,7 @@ from typing import Any
 
 from prometheus_client import ProcessCollector
 
+from virtnode import jobstore, journal
 from virtnode.apiservice import ApiService
 from virtnode.config import Config, ConfigError
 from virtnode.connguard import AcceptErrors, raise_descriptor_limit
@@ -57,7 +58,7 @@ class Agent:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.store = Store(Path(config.state.dir))
+        self.store = Store(Path(config.state.dir), (journal.TABLES, jobstore.TABLES))
         self.bus = EventBus()
         self.hypervisor = Hypervisor(config.hypervisor, self.bus)
         self.jobs = JobManager(self.store, self.bus, config.jobs)

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from virtnode.store import transaction
+from virtnode.store import TableSchema, transaction
 
 JsonObject = dict[str, Any]
 
@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished);
 """
+TABLES = TableSchema(COMPONENT, VERSION, SCHEMA)
 
 
 @dataclass

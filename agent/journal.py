@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from virtnode.events import Event, notification_text
-from virtnode.store import Store, transaction
+from virtnode.store import Store, TableSchema, transaction
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS journal (
 CREATE INDEX IF NOT EXISTS journal_time ON journal (time);
 CREATE TABLE IF NOT EXISTS journal_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)
 """
+TABLES = TableSchema("journal", SCHEMA_VERSION, SCHEMA)
 
 #: Trim at least this often (seconds) for the age limit; the count limit trims sooner.
 TRIM_INTERVAL = 60.0
@@ -66,7 +67,7 @@ class Journal:
 
     async def open(self) -> JournalPosition:
         """Create the tables if needed; returns the epoch and the position to continue from."""
-        await self._store.ensure_schema("journal", SCHEMA_VERSION, SCHEMA)
+        await self._store.ensure_schema(TABLES.component, TABLES.version, TABLES.sql)
         fresh = self._store.fresh
         position = await self._store.run(lambda conn: self._open(conn, fresh))
         self.epoch = position.epoch

@@ -59,7 +59,25 @@ class MethodSpec:
     @property
     def summary(self) -> str:
         """The first sentence of the description."""
-        return self.description.strip().split("\n")[0].split(". ")[0].rstrip(".")
+        return first_sentence(self.description)
+
+
+#: Words whose full stop does not end a sentence.
+_ABBREVIATIONS = frozenset({"e.g.", "i.e.", "etc.", "cf.", "vs."})
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of ``text``'s first line, without its full stop.
+
+    A full stop ends a sentence when a space or the end of the line follows it and it is
+    not part of an abbreviation such as "e.g.".
+    """
+    line = text.strip().split("\n")[0]
+    for stop in re.finditer(r"\.(?=\s|$)", line):
+        word = line[:stop.end()].rsplit(None, 1)[-1].lower()
+        if word.lstrip("(") not in _ABBREVIATIONS:
+            return line[:stop.start()]
+    return line
 
 
 @dataclass(frozen=True)
@@ -270,6 +288,55 @@ def _object_schema(where: str, raw: Any, *, closed: bool) -> JsonObject:
     return schema
 
 
+#: The JSON Schema (draft-07) keywords a schema here may use; any other key is a mistake,
+#: typically YAML reading part of an unquoted description as a key of its own.
+_KEYWORDS = frozenset({
+    "$id", "$schema", "$ref", "$comment", "title", "description", "default", "examples",
+    "readOnly", "writeOnly", "type", "enum", "const", "multipleOf", "maximum",
+    "exclusiveMaximum", "minimum", "exclusiveMinimum", "maxLength", "minLength", "pattern",
+    "format", "contentMediaType", "contentEncoding", "items", "additionalItems", "maxItems",
+    "minItems", "uniqueItems", "contains", "maxProperties", "minProperties", "required",
+    "properties", "patternProperties", "additionalProperties", "dependencies",
+    "propertyNames", "if", "then", "else", "allOf", "anyOf", "oneOf", "not", "definitions",
+})
+#: Keywords whose value is a schema, a list of schemas, or a mapping of names to schemas.
+_SCHEMA_VALUED = frozenset({"items", "additionalItems", "contains", "additionalProperties",
+                            "propertyNames", "if", "then", "else", "not"})
+_SCHEMA_LISTS = frozenset({"items", "allOf", "anyOf", "oneOf"})
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "definitions", "dependencies"})
+
+
+def _lint_keywords(where: str, node: Any) -> None:
+    """Raise :class:`SchemaError` naming the path of a key in ``node`` that is no keyword."""
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        path = f"{where}/{key}"
+        if key not in _KEYWORDS:
+            raise SchemaError(f"{path}: unknown JSON Schema keyword {key!r}")
+        if key in _SCHEMA_LISTS and isinstance(value, list):
+            for index, item in enumerate(value):
+                _lint_keywords(f"{path}/{index}", item)
+        elif key in _SCHEMA_VALUED:
+            _lint_keywords(path, value)
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            for name, sub in value.items():
+                _lint_keywords(f"{path}/{name}", sub)
+
+
+def _lint_schemas(merged: JsonObject) -> None:
+    """Check the keywords of every params, result, event payload and definition."""
+    for name, method in merged["methods"].items():
+        if isinstance(method, dict):
+            for part in ("params", "result"):
+                _lint_keywords(f"{name}/{part}", method.get(part))
+    for topic, event in merged["events"].items():
+        if isinstance(event, dict):
+            _lint_keywords(f"{topic}/payload", event.get("payload"))
+    for name, definition in merged["definitions"].items():
+        _lint_keywords(f"definitions/{name}", definition)
+
+
 #: libyaml's safe loader where PyYAML was built with it (ten times faster), else Python's.
 _YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -366,6 +433,7 @@ def build_schema(files: Iterable[tuple[str, str]], version: str = __version__) -
     Raises :class:`SchemaError` when the files are inconsistent.
     """
     merged = _read_files(files)
+    _lint_schemas(merged)
     definitions: dict[str, JsonObject] = merged["definitions"]
     errors = _build_errors(merged["errors"])
     methods = {

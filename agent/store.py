@@ -11,10 +11,12 @@ The state directory is made mode 0700 when the agent makes it, and the database 
 -wal and -shm files are always mode 0600: they hold the host's configuration and
 history, which no other user has business reading.
 
-A database that cannot be read (corrupt, not SQLite) is moved aside, kept for inspection,
-and replaced by an empty one; :attr:`Store.fresh` tells the services that what they kept
-is gone (the journal then starts a new epoch). A database written by a newer virtnode
-(a component's schema version above what this one knows) is refused, never rewritten.
+A database that cannot be read (corrupt, not SQLite, or holding tables of another schema:
+missing tables or columns the declared schemas expect, a version that is no version) is
+moved aside, kept for inspection, and replaced by an empty one; :attr:`Store.fresh` tells
+the services that what they kept is gone (the journal then starts a new epoch). A
+database written by a newer virtnode (a component's schema version above what this one
+knows) is refused, never rewritten.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import sqlite3
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -128,11 +131,60 @@ def transaction(conn: sqlite3.Connection, mode: str = "") -> Iterator[sqlite3.Co
     conn.execute("COMMIT")
 
 
-class Store:
-    """The agent's SQLite database, used from one thread."""
+@dataclass(frozen=True)
+class TableSchema:
+    """A component's tables: the version and the idempotent SQL that creates them."""
 
-    def __init__(self, state_dir: Path) -> None:
+    component: str
+    version: int
+    sql: str
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in conn.execute("SELECT * FROM pragma_table_info(?)", (table,))}
+
+
+def _check_schema(conn: sqlite3.Connection, schema: TableSchema) -> None:
+    """Check that the tables ``schema`` makes are absent or have the columns it gives them.
+
+    Raises ``sqlite3.DatabaseError`` when the tables are of another schema. A version
+    above ``schema.version`` (a newer virtnode's) is left to :meth:`Store.ensure_schema`
+    to refuse.
+    """
+    row = conn.execute("SELECT version FROM schema WHERE component = ?",
+                       (schema.component,)).fetchone()
+    version = None if row is None else row[0]
+    if version is not None and not (isinstance(version, int) and version >= 1):
+        raise sqlite3.DatabaseError(f"{schema.component} tables have no version: {version!r}")
+    if version is not None and version > schema.version:
+        return
+    expected = sqlite3.connect(":memory:")
+    try:
+        expected.executescript(schema.sql)
+        tables = [name for (name,) in expected.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            have = _columns(conn, table)
+            if not have and version == schema.version:
+                raise sqlite3.DatabaseError(f"{schema.component} table {table} is missing")
+            missing = _columns(expected, table) - have if have else set()
+            if missing:
+                raise sqlite3.DatabaseError(f"{schema.component} table {table} lacks "
+                                            f"columns {', '.join(sorted(missing))}")
+    finally:
+        expected.close()
+
+
+class Store:
+    """The agent's SQLite database, used from one thread.
+
+    ``schemas`` are the tables the services will ask for (:meth:`ensure_schema`): a
+    database whose tables do not match them is unreadable, found so when it is opened.
+    """
+
+    def __init__(self, state_dir: Path, schemas: Sequence[TableSchema] = ()) -> None:
         self.path = state_dir / DB_NAME
+        self._schemas = tuple(schemas)
         #: True when the database was created by this start (none before, or unreadable).
         self.fresh = False
         self._conn: sqlite3.Connection | None = None
@@ -246,6 +298,8 @@ class Store:
                 raise sqlite3.DatabaseError(f"integrity check failed: {row}")
             conn.execute("CREATE TABLE IF NOT EXISTS schema "
                          "(component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+            for schema in self._schemas:
+                _check_schema(conn, schema)
         except BaseException:
             conn.close()
             raise

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import stat
 import time
 import uuid
@@ -283,6 +284,32 @@ async def test_state_files_are_private(tmp_path: Path) -> None:
         for name in names:
             assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
     assert stat.S_IMODE(state.stat().st_mode) == 0o755  # the operator's own directory
+
+
+@pytest.mark.parametrize("tables", [
+    # A jobs table from another schema: the index on ``finished`` cannot be made.
+    "CREATE TABLE jobs (job_id TEXT PRIMARY KEY, kind TEXT);"
+    "INSERT INTO schema VALUES ('jobs', 1)",
+    # Both components at a known version, but a journal table lacking columns.
+    "CREATE TABLE journal (seq INTEGER PRIMARY KEY);"
+    "INSERT INTO schema VALUES ('journal', 1), ('jobs', 1)",
+])
+async def test_a_database_from_another_schema_is_kept_aside(
+        tmp_path: Path, checked_client: ClientFactory, tables: str) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    conn = sqlite3.connect(state / "state.db")
+    conn.executescript("CREATE TABLE schema (component TEXT PRIMARY KEY, "
+                       f"version INTEGER NOT NULL); {tables};")
+    conn.close()
+    async with running_agent(tmp_path) as agent:
+        client = await checked_client(agent.unix_url)
+        await client.call("Host.ping")
+        await client.call("Job.list")
+        aside = [p.name for p in state.glob("state.db.unreadable-*")]
+        assert len([name for name in aside if name.split("-")[-1].isdigit()]) == 1, aside
+        await agent.wait_log("is unreadable")
+    assert agent.proc.returncode == 0, agent.log
 
 
 async def test_each_request_is_logged_at_debug(agent: AgentProcess,

@@ -13,7 +13,14 @@ import pytest
 from virtnode import __version__
 from virtnode.apidoc import render
 from virtnode.errors import ERRORS_BY_NAME, InvalidParams
-from virtnode.schema import COMMON_ERRORS, ApiSchema, SchemaError, build_schema, load_schema
+from virtnode.schema import (
+    COMMON_ERRORS,
+    ApiSchema,
+    SchemaError,
+    build_schema,
+    first_sentence,
+    load_schema,
+)
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 COMMON_YAML = resources.files("virtnode.api_schema").joinpath("common.yaml").read_text("utf-8")
@@ -80,6 +87,22 @@ def test_every_method_declares_access_since_and_description(schema: ApiSchema) -
         assert method.result.get("type") == "object", f"{name}: results are always objects"
         for error in method.errors:
             assert error in schema.errors, f"{name} raises unknown {error}"
+
+
+@pytest.mark.parametrize(("description", "summary"), [
+    ("Attach an existing domain, e.g. one made elsewhere: path says where. More.",
+     "Attach an existing domain, e.g. one made elsewhere: path says where"),
+    ("Copy a volume, i.e. its data. Then more.", "Copy a volume, i.e. its data"),
+    ("Pause the VM.\nSecond line.", "Pause the VM"),
+    ("One sentence only", "One sentence only"),
+])
+def test_summary_is_the_whole_first_sentence(description: str, summary: str) -> None:
+    assert first_sentence(description) == summary
+
+
+def test_summaries_are_not_cut_at_abbreviations(schema: ApiSchema) -> None:
+    assert schema.methods["StorageDomain.attach"].summary.startswith(
+        "Attach an existing domain, e.g. one created by another host")
 
 
 def test_every_event_declares_since_description_and_an_object_payload(schema: ApiSchema) -> None:
@@ -361,3 +384,60 @@ def test_load_schema_matches_the_files_in_the_package(schema: ApiSchema) -> None
     names = sorted(entry.name for entry in package.iterdir() if entry.name.endswith(".yaml"))
     files = [(name, package.joinpath(name).read_text("utf-8")) for name in names]
     assert build_schema(files).describe() == schema.describe()
+
+
+def _rendered_part(text: str, method: str, part: str) -> str:
+    """The ``Params:`` or ``Result:`` part of ``method``'s section in ``text``."""
+    section = text.split(f"\n### {method}\n", 1)[1].split("\n### ", 1)[0]
+    params, result = section.split("\nResult:\n", 1)
+    return params.split("\nParams:\n", 1)[1] if part == "params" else result
+
+
+def test_api_reference_resolves_references() -> None:
+    schema = load_schema()
+    text = render(schema)
+    referring = [(name, part, spec[part]["$ref"]) for name, spec in (
+        (name, {"params": method.params, "result": method.result})
+        for name, method in schema.methods.items()) for part in ("params", "result")
+        if "$ref" in spec[part]]
+    assert referring, "no method gives its params or result by reference any more"
+    for name, part, ref in referring:
+        definition = schema.definitions[ref.rsplit("/", 1)[-1]]
+        rendered = _rendered_part(text, name, part)
+        assert "_none_" not in rendered, (name, part)
+        for prop in definition["properties"]:
+            assert f"| `{prop}` |" in rendered, (name, part, prop)
+
+
+# An unquoted ", ...: " in a flow mapping makes YAML read the rest as a key of its own.
+STRAY_KEY = """
+methods:
+  Test.ping:
+    description: A method.
+    access: read
+    since: "0.1"
+    params:
+      properties:
+        kernel: {type: string, description: Direct kernel boot, absolute path.: x}
+    result: {}
+"""
+
+
+def test_a_stray_key_in_params_is_refused() -> None:
+    with pytest.raises(SchemaError, match=r"Test.ping/params/properties/kernel/absolute path\."):
+        build(STRAY_KEY)
+
+
+@pytest.mark.parametrize("yaml_text", [
+    event_yaml(payload={"properties": {"n": {"type": "integer", "minimun": 1}}}),
+    json.dumps({"definitions": {"Thing": {"type": "object",
+                                          "properties": {"a": {"items": {"tpye": "string"}}}}}}),
+    method_yaml(result={"properties": {"a": {"oneOf": [{"type": "string"}, {"bogus": 1}]}}}),
+])
+def test_unknown_keywords_are_refused_wherever_they_are(yaml_text: str) -> None:
+    with pytest.raises(SchemaError, match="unknown JSON Schema keyword"):
+        build(GOOD_METHOD if "methods" not in yaml_text else "", yaml_text)
+
+
+def test_the_shipped_schema_uses_only_known_keywords() -> None:
+    load_schema()  # raises SchemaError on an unknown keyword
