@@ -179,6 +179,10 @@ class VolumeService:
             image_id = image_id or str(uuid.uuid4())
             if parent is not None:
                 self._check_parent(parent, image_id)
+                if parent.metadata.role == "leaf":
+                    # the VM would go on writing the parent: the layer would not be
+                    # point-in-time (until VM snapshots switch the VM to the new leaf)
+                    await self.check_unused(domain, [parent])
             size = params.get("size") or (parent.metadata.virtual_size if parent else None)
             if size is None:
                 raise InvalidArgument("size is needed for a volume without parent",

@@ -110,3 +110,27 @@ async def test_qemu_opens_no_backing_file_a_header_names(qemu_agent: AgentProces
     err = await expect_error(client, "VM.create", {"spec": firmware_spec(
         vm_name(), disks=[{"volume": ref}])}, "FailedPrecondition", "backing_mismatch")
     assert err.data["id"] == volume["volume_id"]
+
+
+async def test_no_layer_over_a_volume_a_running_guest_writes(qemu_agent: AgentProcess,
+                                                             checked_client: ClientFactory,
+                                                             image_dir: Path) -> None:
+    """The guest would go on writing the parent: the new layer would not be point-in-time."""
+    client = await checked_client(qemu_agent.unix_url)
+    sd_id = await new_domain(client, image_dir / "sd", name="vm-disks")
+    volume = (await client.call("Volume.create", {"sd_id": sd_id, "size": 16 * MiB,
+                                                  "format": "qcow2"}))["volume"]
+    ref = {k: volume[k] for k in ("sd_id", "image_id", "volume_id")}
+    name = vm_name()
+    vm_id = (await client.call("VM.create", {"spec": firmware_spec(
+        name, disks=[{"volume": ref}])}))["vm_id"]
+
+    err = await expect_error(client, "Volume.create", {"sd_id": sd_id, "parent": {
+        "image_id": volume["image_id"], "volume_id": volume["volume_id"]}},
+        "FailedPrecondition", "in_use")
+    assert err.data["vms"] == [name]
+    listed = await client.call("Volume.list", {"sd_id": sd_id, "image_id": volume["image_id"]})
+    assert [v["volume_id"] for v in listed["volumes"]] == [volume["volume_id"]]
+
+    await client.call("VM.destroy", {"vm_id": vm_id})
+    await client.call("VM.undefine", {"vm_id": vm_id})
