@@ -140,12 +140,7 @@ class Dispatcher:
             return jsonrpc.encode(jsonrpc.error(None, exc))
         if not message.is_batch:
             response = await self._answer(message.entries[0], session)
-            if response is None:
-                return None
-            text = _encode(response)
-            # A character takes at most 4 bytes in UTF-8: most answers need no closer look.
-            return text if len(text) <= self._max_answer // 4 else self._bounded(
-                response, self._max_answer, text)
+            return None if response is None else self._bounded(response, self._max_answer)
         answers = await asyncio.gather(*(self._answer(e, session) for e in message.entries))
         responses = []
         room = self._max_answer
@@ -156,15 +151,16 @@ class Dispatcher:
                 responses.append(text)
         return f"[{','.join(responses)}]" if responses else None
 
-    def _bounded(self, response: JsonObject, room: int, text: str | None = None) -> str:
-        """Encode a response (unless ``text`` is its encoding); one that takes more than
-        ``room`` bytes becomes an error."""
-        if text is None:
-            text = _encode(response)
-        if len(text) <= room // 4 or len(text.encode()) <= room:  # 4: UTF-8's longest
+    def _bounded(self, response: JsonObject, room: int) -> str:
+        """Encode a response; one that takes more than ``room`` bytes becomes an error."""
+        text = _encode(response)
+        if len(text) <= room // 4:  # a character takes at most 4 bytes in UTF-8
+            return text
+        size = len(text.encode())
+        if size <= room:
             return text
         log.warning("answer to request id %r is %d bytes; server.max_answer_size is %d",
-                    response.get("id"), len(text.encode()), self._max_answer)
+                    response.get("id"), size, self._max_answer)
         error = ResourceExhausted(
             f"the answer is larger than {self._max_answer} bytes (the largest this agent "
             "sends); ask for less, or send fewer requests in one batch",

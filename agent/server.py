@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from aiohttp import ClientWebSocketResponse, WSMsgType, web
+from aiohttp import WSMsgType, web
 
 from virtnode import jsonrpc
 from virtnode.config import AccessConfig, Listener, ServerConfig
@@ -32,15 +32,13 @@ from virtnode.errors import ApiError, InvalidRequest, PermissionDenied
 from virtnode.identity import Caller, peer_uid, tcp_caller, tls_caller, unix_caller
 from virtnode.origins import Site, host_refusal, origin_refusal
 from virtnode.rpc import Dispatcher
-from virtnode.sessions import HttpSession, SendLimits, WsSession, cork_for
+from virtnode.sessions import HttpSession, SendLimits, WebSocketLike, WsSession, cork_for
 
 log = logging.getLogger(__name__)
 
 JsonObject = dict[str, Any]
 HealthFn = Callable[[], JsonObject]
 MetricsFn = Callable[[], bytes]
-#: A server-side WebSocketResponse, or a client-side ClientWebSocketResponse (uplinks).
-WebSocketLike = web.WebSocketResponse | ClientWebSocketResponse
 
 #: Prometheus text exposition format 0.0.4.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -239,12 +239,9 @@ class WsSession(_BaseSession):
 
     def _fits(self, size: int) -> bool:
         """False, and the session closing, when ``size`` more bytes pass the hard limit."""
-        # Inlined: it runs for every answer and notification.
         if self._closer is not None:
             return False
-        transport = self._transport
-        unsent = size + self._outbox_chars + (
-            transport.get_write_buffer_size() if transport is not None else 0)
+        unsent = size + self.unsent_bytes()
         if unsent <= self._limits.hard:
             return True
         log.warning("closing the WebSocket of %s: it does not read (%d bytes unsent, limit %d)",
