@@ -7,7 +7,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from virtnode.schema import COMMON_ERRORS, ApiSchema, load_schema
+from virtnode.schema import COMMON_ERRORS, DEFINITION_REF, ApiSchema, load_schema
 
 JsonObject = dict[str, Any]
 
@@ -33,9 +33,9 @@ def _resolved(schema: JsonObject, definitions: Mapping[str, JsonObject]) -> Json
     Its own keywords add to the definition's: properties merged, required joined.
     """
     ref = schema.get("$ref")
-    if not isinstance(ref, str) or not ref.startswith("#/definitions/"):
+    if not isinstance(ref, str) or not ref.startswith(DEFINITION_REF):
         return schema
-    base = _resolved(definitions[ref.removeprefix("#/definitions/")], definitions)
+    base = _resolved(definitions[ref.removeprefix(DEFINITION_REF)], definitions)
     merged = {**base, **{k: v for k, v in schema.items() if k != "$ref"}}
     merged["properties"] = {**base.get("properties", {}), **schema.get("properties", {})}
     merged["required"] = [*base.get("required", []),

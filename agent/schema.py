@@ -255,15 +255,15 @@ def _compile(schema: JsonObject, definitions: Mapping[str, JsonObject], *,
     return compiled
 
 
-_DEFINITION_REF = "#/definitions/"
+DEFINITION_REF = "#/definitions/"
 
 
 def _referenced(node: Any, definitions: Mapping[str, JsonObject], found: set[str]) -> set[str]:
     """The names of the definitions ``node`` refers to, directly or through others."""
     if isinstance(node, dict):
         ref = node.get("$ref")
-        if isinstance(ref, str) and ref.startswith(_DEFINITION_REF):
-            name = ref.removeprefix(_DEFINITION_REF)
+        if isinstance(ref, str) and ref.startswith(DEFINITION_REF):
+            name = ref.removeprefix(DEFINITION_REF)
             if name in definitions and name not in found:
                 found.add(name)
                 _referenced(definitions[name], definitions, found)

@@ -257,10 +257,7 @@ class Store:
     # --- on the store's thread -------------------------------------------------------------
 
     def _open(self) -> None:
-        try:
-            self.path.parent.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create {self.path.parent}: {exc.strerror}") from None
+        prepare_state_dir(self.path.parent)
         existed = self.path.exists()
         try:
             conn = self._connect()
