@@ -86,20 +86,21 @@ class VmDeviceService:
         vm_id = params["vm_id"]
         raw = await self._vms.resolve_disk(params["disk"])
         # Shape, policy and files before touching the VM; the device name comes later.
-        element = disk_element(check_disk(raw, "disk", "vda"))
+        checked = check_disk(raw, "disk", "vda")
+        element = disk_element(checked)
         await self._vms.vet(element, "disk", lambda field: disk_field(field, params["disk"]))
 
         def run(dom: Any) -> str:
             vmops.require_running(dom, vm_id)
             root = _live_root(dom)
-            disk = check_disk(raw, "disk", _next_target(root, raw.get("bus", "virtio")))
-            if _elements(root, "devices/disk/target[@dev=$t]", t=disk.target):
-                raise AlreadyExists(f"the VM already has a disk {disk.target}",
-                                    reason="target_taken", object="disk", id=disk.target)
-            plugged = copy.deepcopy(element)
-            plugged.find("target").set("dev", disk.target)  # type: ignore[union-attr]
-            dom.attachDeviceFlags(etree.tostring(plugged, encoding="unicode"), _flags(dom))
-            return disk.target
+            target = checked.target if raw.get("target") else _next_target(
+                root, checked.bus)
+            if _elements(root, "devices/disk/target[@dev=$t]", t=target):
+                raise AlreadyExists(f"the VM already has a disk {target}",
+                                    reason="target_taken", object="disk", id=target)
+            element.find("target").set("dev", target)  # type: ignore[union-attr]
+            dom.attachDeviceFlags(etree.tostring(element, encoding="unicode"), _flags(dom))
+            return target
 
         return {"target": await self._vms.mutate(vm_id, "VM.hotplugDisk", run)}
 
