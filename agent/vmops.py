@@ -18,6 +18,7 @@ from lxml import etree
 
 from virtnode import virconst as vc
 from virtnode.errors import AlreadyExists, FailedPrecondition, NotFound
+from virtnode.storage import qcow2
 from virtnode.vmspec import NAMESPACE, PREFIX, device_summary, metadata_body, read_metadata
 from virtnode.vmstate import reason_name, vm_state
 
@@ -90,9 +91,6 @@ def check_unique(conn: Connection, name: str, vm_id: str) -> None:
                             reason=f"{what}_taken", object="vm", id=value)
 
 
-_QCOW2_MAGIC = b"QFI\xfb"
-
-
 def names_backing(path: str) -> bool:
     """Whether the regular file at ``path`` is a qcow2 image naming a backing file.
 
@@ -111,7 +109,7 @@ def names_backing(path: str) -> bool:
         return False
     finally:
         os.close(fd)
-    return (len(header) == 16 and header[:4] == _QCOW2_MAGIC
+    return (len(header) == 16 and header[:4] == qcow2.MAGIC
             and int.from_bytes(header[8:16], "big") != 0)
 
 

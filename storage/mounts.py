@@ -78,12 +78,7 @@ def _unescape(field: str) -> str:
 
 def mount_points(mountinfo: str) -> set[str]:
     """The mount points listed in the text of ``/proc/self/mountinfo``."""
-    points = set()
-    for line in mountinfo.splitlines():
-        fields = line.split(" ")
-        if len(fields) > 4:
-            points.add(_unescape(fields[4]))
-    return points
+    return {point for point, _ in mount_table(mountinfo)}
 
 
 def mount_table(mountinfo: str) -> list[tuple[str, str]]:
