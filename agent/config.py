@@ -295,6 +295,9 @@ class VmConfig:
     allow_network_disks: bool = _spec(
         False, None, "let VMs have network disks (nbd, iscsi, rbd, gluster, http...) that the "
         "host connects to")
+    hotplug_ports: int = _spec(
+        8, _within(0, 64, low_included=True, problem="must be at least 0 and at most 64"),
+        "spare PCIe root ports a q35 VM gets for hot-plugged disks and NICs (at most 64)")
 
 
 @dataclass(frozen=True)

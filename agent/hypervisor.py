@@ -33,6 +33,7 @@ from virtnode.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unavailable,
     Unimplemented,
 )
@@ -113,6 +114,8 @@ def translate_error(code: int, domain: int, message: str) -> ApiError:
         return Unimplemented(message, reason="unsupported_by_hypervisor")
     if code in _DENIED:
         return PermissionDenied(message, reason="denied_by_hypervisor")
+    if code == libvirt.VIR_ERR_INTERNAL_ERROR and "No more available PCI slots" in message:
+        return ResourceExhausted(message, reason="no_free_slot")
     if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
         return DeadlineExceeded(message, reason="hypervisor_timeout")
     if code in _CONNECTION_LOST or domain == libvirt.VIR_FROM_RPC:

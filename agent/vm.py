@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 from lxml import etree
 
+from virtnode import pcieports, vmops
 from virtnode import virconst as vc
-from virtnode import vmops
 from virtnode.aiotools import wait_event
 from virtnode.capabilities import parse_capabilities
 from virtnode.config import VmConfig
@@ -338,6 +338,9 @@ class VmService:
             name, vm_id, xml = check_domain_xml(params["xml"], metadata)
             root = parse_xml(xml, what="domain XML")
             await self.vet(root, "xml")
+        spare = self._config.hotplug_ports if pcieports.manages_ports(root) else None
+        if spare is not None:
+            pcieports.add_ports(root, spare)
         xml = etree.tostring(root, encoding="unicode")
         # Hold the name and the uuid (in that order, as every create does) so that two
         # creates of one name cannot both pass the uniqueness check; others run in parallel.
@@ -347,7 +350,8 @@ class VmService:
                                 what="checking the VM name")
 
             def make(conn: Connection) -> str:
-                dom = vmops.create(conn, xml, persistent=persistent, start=start)
+                dom = vmops.create(conn, xml, persistent=persistent, start=start,
+                                   hotplug_ports=spare)
                 if start:
                     vmops.mark_started(dom, metadata)
                 return vmops.state_of(dom)[0]

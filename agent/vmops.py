@@ -16,11 +16,13 @@ from typing import Any
 
 from lxml import etree
 
+from virtnode import pcieports
 from virtnode import virconst as vc
 from virtnode.errors import AlreadyExists, FailedPrecondition, NotFound
 from virtnode.storage import qcow2
 from virtnode.vmspec import NAMESPACE, PREFIX, device_summary, metadata_body, read_metadata
 from virtnode.vmstate import reason_name, vm_state
+from virtnode.xmlutil import parse_xml
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +115,23 @@ def names_backing(path: str) -> bool:
             and int.from_bytes(header[8:16], "big") != 0)
 
 
-def create(conn: Connection, xml: str, *, persistent: bool, start: bool) -> Domain:
-    """Define and/or start a domain; a failed start of a new definition is rolled back."""
+def create(conn: Connection, xml: str, *, persistent: bool, start: bool,
+           hotplug_ports: int | None = None) -> Domain:
+    """Define and/or start a domain; a failed start of a new definition is rolled back.
+
+    With ``hotplug_ports``, a persistent domain whose stored definition has fewer free
+    PCIe root ports than that gets more before it starts (:mod:`virtnode.pcieports`).
+    A transient domain has only the ports its XML brings.
+    """
     if not persistent:
         return conn.createXML(xml, vc.DOMAIN_START_VALIDATE)
     dom = conn.defineXMLFlags(xml, vc.DOMAIN_DEFINE_VALIDATE)
+    if hotplug_ports is not None:
+        try:
+            dom = _top_up_ports(conn, dom, hotplug_ports)
+        except Exception:
+            undefine_quietly(dom)
+            raise
     if start:
         try:
             dom.create()
@@ -125,6 +139,18 @@ def create(conn: Connection, xml: str, *, persistent: bool, start: bool) -> Doma
             undefine_quietly(dom)
             raise
     return dom
+
+
+def _top_up_ports(conn: Connection, dom: Domain, spare: int) -> Domain:
+    # SECURE: the definition is written back, and must keep the graphics password.
+    root = parse_xml(dom.XMLDesc(vc.DOMAIN_XML_INACTIVE | vc.DOMAIN_XML_SECURE),
+                     what="domain XML")
+    added = pcieports.top_up(root, spare)
+    if not added:
+        return dom
+    log.info("%s: %d more PCIe root ports for hotplug", dom.name(), added)
+    return conn.defineXMLFlags(etree.tostring(root, encoding="unicode"),
+                               vc.DOMAIN_DEFINE_VALIDATE)
 
 
 def undefine_quietly(dom: Domain) -> None:

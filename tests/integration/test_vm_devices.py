@@ -143,3 +143,109 @@ async def test_memory_and_vcpus_change_live_within_their_maximum(
     error = await expect_error(client, "VM.setMemory", {"vm_id": vm_id, "memory_mib": 256},
                                "FailedPrecondition", "above_maximum")
     assert "128" in error.message
+
+
+def q35_spec(name: str, image: Path, bridge: str) -> dict[str, Any]:
+    return firmware_spec(name, machine="q35",
+                         disks=[{"path": str(image), "format": "qcow2"}],
+                         nics=[{"bridge": bridge}])
+
+
+async def test_a_q35_vm_can_hotplug_as_many_devices_as_it_has_spare_ports(
+    tmp_path: Path, libvirtd: None, checked_client: ClientFactory, image_dir: Path,
+    bridge: str,
+) -> None:
+    """libvirt alone leaves a q35 VM one spare port: a NIC, then a disk, failed."""
+    from tests.agentproc import running_agent
+    from tests.integration import libvirtd as daemon
+    from virtnode.pcieports import free_ports
+
+    async with running_agent(tmp_path, hypervisor=daemon.QEMU_URI,
+                             sections={"vm": {"hotplug_ports": 2}}) as agent:
+        client = await checked_client(agent.unix_url)
+        name = vm_name()
+        vm_id = await create(client, name,
+                             spec=q35_spec(name, await make_image(image_dir, "boot.qcow2"),
+                                           bridge))
+        assert free_ports(await domain_xml(name, inactive=True)) == 2
+        await client.call("VM.hotplugNic", {"vm_id": vm_id, "nic": {"bridge": bridge}})
+        data = await make_image(image_dir, "data.qcow2")
+        target = (await client.call("VM.hotplugDisk", {
+            "vm_id": vm_id, "disk": {"path": str(data), "format": "qcow2"}}))["target"]
+        assert target == "vdb"
+        assert free_ports(await domain_xml(name, inactive=True)) == 0
+        more = await make_image(image_dir, "more.qcow2")
+        await expect_error(client, "VM.hotplugDisk", {
+            "vm_id": vm_id, "disk": {"path": str(more), "format": "qcow2"}},
+            "ResourceExhausted", "no_free_slot")
+        await expect_error(client, "VM.hotplugNic", {"vm_id": vm_id,
+                                                     "nic": {"bridge": bridge}},
+                           "ResourceExhausted", "no_free_slot")
+        disks = (await client.call("VM.getInfo", {"vm_id": vm_id}))["devices"]["disks"]
+        assert [d["target"] for d in disks] == ["vda", "vdb"], "the refused disk left nothing"
+
+
+async def test_q35_vms_from_specs_and_xml_get_the_default_spare_ports(
+    qemu_agent: AgentProcess, checked_client: ClientFactory, image_dir: Path, bridge: str,
+) -> None:
+    from virtnode.pcieports import free_ports
+
+    client = await checked_client(qemu_agent.unix_url)
+    image = await make_image(image_dir, "boot.qcow2")
+    name = vm_name()
+    await create(client, name, spec=q35_spec(name, image, bridge), start=False)
+    assert free_ports(await domain_xml(name, inactive=True)) == 8
+    # XML that places a NIC itself (as an exported definition does) takes one of the
+    # ports the agent counted on: the stored definition is topped up.
+    nic = (f"<interface type='bridge'><source bridge='{bridge}'/><model type='virtio'/>"
+           "<address type='pci' domain='0' bus='0x01' slot='0' function='0'/></interface>")
+    for devices, expected in ((nic, 8),
+                              ("<controller type='pci' index='0' model='pcie-root'/>"
+                               "<controller type='pci' model='pcie-root-port'/>"
+                               "<controller type='usb' model='none'/>"
+                               "<memballoon model='none'/>", None)):
+        name = vm_name()
+        xml = (f"<domain type='kvm'><name>{name}</name><memory unit='MiB'>64</memory>"
+               "<os><type arch='x86_64' machine='q35'>hvm</type></os>"
+               f"<devices>{devices}</devices></domain>")
+        await client.call("VM.create", {"xml": xml, "start": False})
+        root = await domain_xml(name, inactive=True)
+        ports = root.findall("devices/controller[@model='pcie-root-port']")
+        if expected is None:
+            assert len(ports) == 1, "ports the author declared are left as they are"
+        else:
+            assert free_ports(root) == expected
+
+
+@pytest.mark.parametrize("devices", [
+    "",
+    "<video><model type='virtio'/></video>",
+    "<video><model type='vga'/></video><video><model type='virtio'/></video>",
+    "<sound model='ich9'/><watchdog model='i6300esb'/>",
+    "<rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>",
+    "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>",
+    "<controller type='scsi' model='virtio-scsi'/>",
+    "<disk type='file' device='disk'><source file='/dev/null'/><target dev='sda' bus='scsi'/>"
+    "</disk>",
+    "<input type='keyboard' bus='virtio'/><input type='tablet' bus='usb'/>",
+    "<interface type='user'><model type='e1000e'/></interface>",
+])
+async def test_the_port_estimate_covers_what_libvirt_places(libvirtd: None,
+                                                            devices: str) -> None:
+    """Transient VMs have only the estimate: it must not fall short of libvirt's placement."""
+    from virtnode import pcieports
+
+    xml = (f"<domain type='kvm'><name>{vm_name()}</name><memory unit='MiB'>64</memory>"
+           f"<os><type arch='x86_64' machine='q35'>hvm</type></os><devices>{devices}"
+           "<memballoon model='virtio'/></devices></domain>")
+    root = etree.fromstring(xml)
+    pcieports.add_ports(root, 2)
+
+    def define(conn: Any) -> str:
+        dom = conn.defineXML(etree.tostring(root, encoding="unicode"))
+        try:
+            return str(dom.XMLDesc(2))
+        finally:
+            dom.undefine()
+
+    assert pcieports.free_ports(etree.fromstring(await virt(define))) >= 2

@@ -519,6 +519,7 @@ def test_vm_policy_defaults_are_closed() -> None:
     assert "/usr/share/OVMF" in vm.firmware_paths
     assert vm.nvram_paths == ("/var/lib/libvirt/qemu/nvram",)
     assert (vm.allow_host_devices, vm.allow_network_disks) == (False, False)
+    assert vm.hotplug_ports == 8
 
 
 @pytest.mark.parametrize("key", ["allowed_paths", "firmware_paths", "nvram_paths"])
@@ -536,3 +537,5 @@ def test_vm_directories_accepted() -> None:
     assert vm.allowed_paths == ("/srv/images", "/var/lib/libvirt/images/")
     assert vm.allow_host_devices is True
     config_error(r"^vm\.allow_network_disks:", {"vm": {"allow_network_disks": "yes"}})
+    assert build_config({"vm": {"hotplug_ports": 0}}).vm.hotplug_ports == 0
+    config_error(r"^vm\.hotplug_ports:", {"vm": {"hotplug_ports": 65}})

@@ -159,3 +159,17 @@ def test_libvirt_error_translation(code: str, domain: str, expected: str) -> Non
     error = translate_error(getattr(libvirt, code), getattr(libvirt, domain), "message")
     assert error.name == expected
     assert error.message == "message"
+
+
+def test_no_pci_slot_left_is_resource_exhausted() -> None:
+    import libvirt
+
+    from virtnode.hypervisor import translate_error
+
+    # What libvirt 9 says when a hotplug finds no free PCI(e) slot.
+    error = translate_error(libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_FROM_DOMAIN,
+                            "internal error: No more available PCI slots")
+    assert (error.name, error.reason) == ("ResourceExhausted", "no_free_slot")
+    other = translate_error(libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_FROM_DOMAIN,
+                            "internal error: something else")
+    assert other.name == "Internal"
