@@ -66,11 +66,6 @@ class Agent:
             self.store, self.bus, self.jobs, boot_id_file=Path(config.network.boot_id_file),
             restore_boot_config=config.network.restore_boot_config,
             dhcp_dir=Path(config.state.dir) / "dhcp", reached_on=self._reached_on)
-        self.vms = VmService(self.hypervisor, self.bus, config.vm, self.jobs,
-                             lambda ref, readonly: self.volumes.resolve(ref, readonly=readonly),
-                             networks=self.network.bridge_of,
-                             storage_dirs=lambda: [str(d.layout.images_dir)
-                                                   for d in self.storage.attached()])
         self.events: EventsService | None = None
         self.uplinks = Uplinks([])
         self.devices = DeviceMonitor(config.devices, self.bus)
@@ -87,6 +82,12 @@ class Agent:
                                             cancel_job=lambda job_id: self.jobs.cancel(
                                                 job_id, by="StorageDomain.delete"))
         self.volumes = VolumeService(self.storage, self.jobs, self.bus, vm_disks)
+        self.vms = VmService(self.hypervisor, self.bus, config.vm, self.jobs,
+                             lambda ref, readonly: self.volumes.resolve(ref, readonly=readonly),
+                             networks=self.network.bridge_of,
+                             storage_dirs=lambda: [str(d.layout.images_dir)
+                                                   for d in self.storage.attached()],
+                             writers=self.volumes.writers)
         self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None

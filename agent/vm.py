@@ -47,6 +47,7 @@ from virtnode.vmspec import (
     read_metadata,
     spec_field,
     with_chain,
+    written_files,
 )
 from virtnode.vmstate import is_start_noise, lifecycle, vm_state
 from virtnode.xmlutil import parse_xml
@@ -63,6 +64,10 @@ VolumeResolver = Callable[[JsonObject, bool], Awaitable[Sequence[tuple[str, str]
 NetworkResolver = Callable[[str], str]
 #: The directories of the attached storage domains that hold volumes.
 StorageDirs = Callable[[], Iterable[str]]
+#: Held while VM ``vm`` starts writing the files ``paths``: refuses (FailedPrecondition,
+#: ``not_leaf``) a volume that is not its image's leaf, and keeps layers from being made
+#: over them meanwhile (:meth:`VolumeService.writers`).
+Writers = Callable[[Sequence[str], str], contextlib.AbstractAsyncContextManager[None]]
 
 LIFECYCLE_TOPIC = "vm.lifecycle"
 DEVICE_TOPIC = "vm.device"
@@ -114,9 +119,11 @@ class VmService:
     def __init__(self, hypervisor: Hypervisor, bus: EventBus, config: VmConfig,
                  jobs: JobManager, volumes: VolumeResolver | None = None, *,
                  networks: NetworkResolver | None = None,
-                 storage_dirs: StorageDirs | None = None) -> None:
+                 storage_dirs: StorageDirs | None = None,
+                 writers: Writers | None = None) -> None:
         self._hv = hypervisor
         self._volumes = volumes
+        self.writers: Writers = writers or (lambda _paths, _vm: contextlib.nullcontext())
         self._networks = networks
         self._storage_dirs = storage_dirs
         self._bus = bus
@@ -181,10 +188,12 @@ class VmService:
             raise Unavailable("the agent is recovering its view of the VMs; retry shortly",
                               reason="recovering")
 
-    async def mutate(self, vm_id: str, method: str, fn: Callable[[Any], T]) -> T:
-        """Run a mutating ``fn(domain)`` holding the VM's lock."""
+    async def mutate(self, vm_id: str, method: str, fn: Callable[[Any], T], *,
+                     writes: Sequence[str] = ()) -> T:
+        """Run a mutating ``fn(domain)`` holding the VM's lock, and the :attr:`writers`
+        guard of the files it ``writes`` (taken after the VM's lock, always)."""
         self.require_ready()
-        async with self._locks.hold(vm_id, method):
+        async with self._locks.hold(vm_id, method), self.writers(writes, vm_id):
             return await self.on_vm(vm_id, fn, what=f"{method} on {vm_id}")
 
     async def wait_stopped(self, vm_id: str, timeout: float) -> bool:
@@ -356,7 +365,8 @@ class VmService:
                     vmops.mark_started(dom, metadata)
                 return vmops.state_of(dom)[0]
 
-            state = await self._hv.call(make, what=f"creating VM {name}")
+            async with self.writers(written_files(root) if start else (), vm_id):
+                state = await self._hv.call(make, what=f"creating VM {name}")
         return {"vm_id": vm_id, "name": name, "state": state}
 
     async def vet(self, element: etree._Element, prefix: str,
@@ -433,13 +443,27 @@ class VmService:
 
     @rpc_method("VM.start")
     async def start_vm(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        vm_id = params["vm_id"]
+
+        def disks(dom: Any) -> list[str]:
+            vmops.require_stopped(dom, vm_id)
+            return written_files(parse_xml(dom.XMLDesc(vc.DOMAIN_XML_INACTIVE),
+                                           what="domain XML"))
+
         def run(dom: Any) -> str:
-            vmops.require_stopped(dom, params["vm_id"])
+            vmops.require_stopped(dom, vm_id)
             dom.create()
             vmops.mark_started(dom, read_metadata(dom.XMLDesc(0)))
             return vmops.state_of(dom)[0]
 
-        return {"state": await self.mutate(params["vm_id"], "VM.start", run)}
+        # The definition can name a volume that has become internal since (a layer was
+        # made over it while the VM was off): starting it would change that layer.
+        self.require_ready()
+        async with self._locks.hold(vm_id, "VM.start"):
+            files = await self.on_vm(vm_id, disks, what=f"reading the disks of {vm_id}")
+            async with self.writers(files, vm_id):
+                state = await self.on_vm(vm_id, run, what=f"VM.start on {vm_id}")
+        return {"state": state}
 
     @rpc_method("VM.destroy")
     async def destroy(self, _ctx: CallContext, params: JsonObject) -> JsonObject:

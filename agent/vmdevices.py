@@ -35,6 +35,7 @@ from virtnode.vmspec import (
     disk_element,
     disk_field,
     nic_element,
+    written_files,
 )
 from virtnode.xmlutil import parse_xml
 
@@ -102,7 +103,8 @@ class VmDeviceService:
             dom.attachDeviceFlags(etree.tostring(element, encoding="unicode"), _flags(dom))
             return target
 
-        return {"target": await self._vms.mutate(vm_id, "VM.hotplugDisk", run)}
+        return {"target": await self._vms.mutate(vm_id, "VM.hotplugDisk", run,
+                                                 writes=written_files(element))}
 
     @rpc_method("VM.hotunplugDisk")
     async def hotunplug_disk(self, _ctx: CallContext, params: JsonObject) -> JsonObject:

@@ -388,6 +388,15 @@ def domain_xml(spec: Spec, metadata: Mapping[str, Any]) -> str:
     return etree.tostring(root, encoding="unicode")
 
 
+def written_files(root: etree._Element) -> list[str]:
+    """The files a ``<domain>`` (or one ``<disk>``) writes: its file disks that are not
+    read-only (CD-ROMs are)."""
+    disks = [root] if root.tag == "disk" else root.iterfind("devices/disk")
+    return [str(source.get("file")) for disk in disks
+            if disk.get("device", "disk") != "cdrom" and disk.find("readonly") is None
+            and (source := disk.find("source")) is not None and source.get("file")]
+
+
 def metadata_element(metadata: Mapping[str, Any]) -> etree._Element:
     """``<metadata><virtnode:vm ...>`` holding the agent's data as attributes and labels."""
     wrapper = etree.Element("metadata")

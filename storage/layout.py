@@ -67,10 +67,15 @@ def check_uuid(value: object, what: str = "id") -> str:
     Only the 36-character hyphenated form is accepted: braces, ``urn:uuid:`` prefixes and
     hex without hyphens (which ``uuid.UUID`` would take) never reach a path.
     """
-    if isinstance(value, str) and len(value) == 36 and _UUID.fullmatch(value.lower()):
+    if isinstance(value, str) and is_uuid(value.lower()):
         return value.lower()
     shown = repr(value)[:80]
     raise InvalidArgument(f"{what} {shown} is not a UUID", reason="invalid_id", field=what)
+
+
+def is_uuid(value: str) -> bool:
+    """Whether ``value`` is a UUID as the layout names files: lower case, hyphenated."""
+    return len(value) == 36 and _UUID.fullmatch(value) is not None
 
 
 def check_name(value: object) -> str:

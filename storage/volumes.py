@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
+from pathlib import PurePosixPath
 from typing import Any, Literal, overload
 
 from virtnode.aiotools import to_the_end
@@ -54,6 +56,17 @@ log = logging.getLogger(__name__)
 
 JsonObject = dict[str, Any]
 TOPIC = "storage.volume"
+
+
+def volumes_named(domains: Sequence[Domain], paths: Sequence[str]
+                  ) -> list[tuple[Domain, str, str]]:
+    """The domain, image id and volume id of each path that names a volume's data file
+    in one of ``domains`` (after links: the agent writes resolved paths into domain XML)."""
+    images = {os.path.realpath(d.layout.domain_dir / lay.IMAGES): d for d in domains}
+    reals = [PurePosixPath(os.path.realpath(path)) for path in paths]
+    return [(domain, real.parent.name, real.name) for real in reals
+            if (domain := images.get(str(real.parent.parent))) is not None
+            and lay.is_uuid(real.parent.name) and lay.is_uuid(real.name)]
 
 
 class VolumeService:
@@ -278,8 +291,36 @@ class VolumeService:
     def lock(self, domain: Domain) -> asyncio.Lock:
         return self._locks.setdefault(domain.sd_id, asyncio.Lock())
 
+    @contextlib.asynccontextmanager
+    async def writers(self, paths: Sequence[str], vm: str) -> AsyncIterator[None]:
+        """Hold while VM ``vm`` starts writing the disk files ``paths``.
 
-
+        Each of them that is a volume of an attached domain must be its image's leaf: a
+        VM that wrote an internal volume or a template would change every layer above it.
+        Raises FailedPrecondition (``not_leaf``). The domains' locks are held until the
+        block ends, so no layer is made over those volumes meanwhile (a layer over a leaf
+        that a VM runs on is refused ``in_use``). Files that are no volume are not looked
+        at here.
+        """
+        named = await self.io(volumes_named, self._domains.attached(), paths,
+                              what="finding the VM's volumes") if paths else []
+        domains = sorted({d.sd_id: d for d, _, _ in named}.values(), key=lambda d: d.sd_id)
+        async with contextlib.AsyncExitStack() as stack:
+            for domain in domains:
+                await stack.enter_async_context(self.lock(domain))
+            for domain, image_id, volume_id in named:
+                try:
+                    _, listed = await self.volume({"sd_id": domain.sd_id, "image_id": image_id,
+                                                   "volume_id": volume_id}, data=False)
+                except NotFound:
+                    continue  # a file the agent did not make; libvirt judges it
+                role = listed.metadata.role
+                if role != "leaf":
+                    raise FailedPrecondition(
+                        f"VM {vm} would write volume {volume_id}, which is {role} now (a "
+                        "layer was made over it): only the leaf of an image is written",
+                        reason="not_leaf", object="volume", id=volume_id, vm=vm)
+            yield
 
     @overload
     async def volume(self, ref: JsonObject) -> tuple[Domain, Found]: ...

@@ -134,3 +134,38 @@ async def test_no_layer_over_a_volume_a_running_guest_writes(qemu_agent: AgentPr
 
     await client.call("VM.destroy", {"vm_id": vm_id})
     await client.call("VM.undefine", {"vm_id": vm_id})
+
+
+async def test_a_vm_writes_no_volume_that_a_layer_was_made_over(qemu_agent: AgentProcess,
+                                                                checked_client: ClientFactory,
+                                                                image_dir: Path) -> None:
+    """A layer made while the VM was off turns its disk internal: starting the VM then
+    would change the layer's backing under it. Creating with start and hotplugging the
+    volume's file by path are refused the same way."""
+    client = await checked_client(qemu_agent.unix_url)
+    sd_id = await new_domain(client, image_dir / "sd", name="vm-disks")
+    volume = (await client.call("Volume.create", {"sd_id": sd_id, "size": 16 * MiB,
+                                                  "format": "qcow2"}))["volume"]
+    ref = {k: volume[k] for k in ("sd_id", "image_id", "volume_id")}
+    name = vm_name()
+    vm_id = (await client.call("VM.create", {"spec": firmware_spec(
+        name, disks=[{"volume": ref}]), "start": False}))["vm_id"]
+    await client.call("Volume.create", {"sd_id": sd_id, "parent": {
+        "image_id": volume["image_id"], "volume_id": volume["volume_id"]}})
+
+    err = await expect_error(client, "VM.start", {"vm_id": vm_id},
+                             "FailedPrecondition", "not_leaf")
+    assert err.data["id"] == volume["volume_id"]
+    assert (await client.call("VM.getInfo", {"vm_id": vm_id}))["state"] in ("defined",
+                                                                           "shutoff")
+    by_path = {"path": volume["path"], "format": "qcow2"}
+    other = vm_name()
+    await expect_error(client, "VM.create", {"spec": firmware_spec(other, disks=[by_path])},
+                       "FailedPrecondition", "not_leaf")
+    assert other not in {vm["name"] for vm in (await client.call("VM.list"))["vms"]}
+    running = (await client.call("VM.create", {"spec": firmware_spec(vm_name())}))["vm_id"]
+    await expect_error(client, "VM.hotplugDisk", {"vm_id": running, "disk": by_path},
+                       "FailedPrecondition", "not_leaf")
+    assert (await client.call("VM.getInfo", {"vm_id": running}))["devices"]["disks"] == []
+    await client.call("VM.destroy", {"vm_id": running})
+    await client.call("VM.undefine", {"vm_id": vm_id})

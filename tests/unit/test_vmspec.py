@@ -771,6 +771,22 @@ def test_image_files_of_a_domain() -> None:
                                             ("/base", "disk.source", False)]
 
 
+def test_written_files_are_the_writable_file_disks() -> None:
+    from virtnode.vmspec import written_files
+
+    raw = {"name": "vm1", "kernel": "/k",
+           "disks": [{"path": "/a.qcow2", "format": "qcow2"},
+                     {"path": "/ro.raw", "readonly": True}, {"path": "/b.raw"}]}
+    root = etree.fromstring(domain_xml(check_spec(raw, "kvm"), {}))
+    devices = root.find("devices")
+    assert devices is not None
+    devices.append(etree.fromstring("<disk device='cdrom'><source file='/iso'/></disk>"))
+    devices.append(etree.fromstring("<disk type='block'><source dev='/dev/sdz'/></disk>"))
+    assert written_files(root) == ["/a.qcow2", "/b.raw"]
+    assert written_files(devices[0]) == ["/a.qcow2"]
+    assert written_files(devices[1]) == []
+
+
 @pytest.mark.parametrize(("field", "expected"), [
     ("xml.devices.disk[1].source", "spec.disks.0.path"),
     ("xml.devices.disk[2].backingStore.source", "spec.disks.1.volume"),
