@@ -4,8 +4,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The virtual environment is rebuilt only when pyproject.toml changes.
-STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-16)
+# The development install is a link tree (setuptools' strict editable mode) under build/:
+# the package as Python, mypy, import-linter and editors see it, each file a link to its
+# source. It is rebuilt when pyproject.toml changes or a package file is added or removed.
+PACKAGE_FILES := $(shell find agent storage network api_schema -name '*.py' -o -name '*.yaml' -o -name py.typed | sort)
+STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo $(PACKAGE_FILES); } | sha1sum | cut -c1-16)
+LINK_TREE = $(wildcard build/__editable__.virtnode-*)
 
 .PHONY: run test check docs bench setup host venv compile clean
 
@@ -18,10 +22,11 @@ test: setup
 
 check: venv
 	$(BIN)/ruff check agent storage network tests bench tools
-	tools/typecheck
+	$(BIN)/mypy --strict -p virtnode
+	$(BIN)/lint-imports
 
 docs: venv
-	$(BIN)/python -m virtnode.apidoc > docs/api.md
+	$(BIN)/python -m virtnode.rpc.apidoc > docs/api.md
 
 bench: setup
 	$(BIN)/python bench/rpc.py
@@ -37,7 +42,7 @@ setup: host venv compile
 # Byte-compile the project, as installing a package does. Where PYTHONDONTWRITEBYTECODE
 # is set, every agent start would otherwise compile each module from source (0.15-0.2 s).
 compile: venv
-	@$(BIN)/python -m compileall -q agent network storage
+	@$(BIN)/python -m compileall -q $(LINK_TREE)
 
 host:
 	@tools/ensure-host
@@ -47,7 +52,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	rm -rf build/__editable__.virtnode-*
+	PYTHONWARNINGS=ignore $(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=strict
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

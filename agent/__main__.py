@@ -1,5 +1,5 @@
 import sys
 
-from virtnode.cli import main
+from virtnode.command import main
 
 sys.exit(main())

@@ -13,18 +13,26 @@ from typing import Any
 
 from prometheus_client import ProcessCollector
 
-from virtnode import jobstore, journal
-from virtnode.apiservice import ApiService
 from virtnode.config import Config, ConfigError
-from virtnode.connguard import AcceptErrors, raise_descriptor_limit
-from virtnode.devices import DeviceMonitor
-from virtnode.events import EventBus
-from virtnode.host import HostService, load_host_id
-from virtnode.hypervisor import Hypervisor
-from virtnode.jobs import JobManager
-from virtnode.jobservice import JobService
-from virtnode.journal import Journal
-from virtnode.metrics import (
+from virtnode.events import journal
+from virtnode.events.bus import EventBus
+from virtnode.events.journal import Journal
+from virtnode.events.subscriptions import EventsService
+from virtnode.host.devices import DeviceMonitor
+from virtnode.host.service import HostService, load_host_id
+from virtnode.hypervisor.connection import Hypervisor
+from virtnode.jobs import store as jobstore
+from virtnode.jobs.manager import JobManager
+from virtnode.jobs.service import JobService
+from virtnode.network.service import NetworkService
+from virtnode.rpc.api import ApiService
+from virtnode.rpc.connguard import AcceptErrors, raise_descriptor_limit
+from virtnode.rpc.dispatch import Dispatcher, handlers_of
+from virtnode.rpc.schema import load_schema
+from virtnode.rpc.server import ApiServer
+from virtnode.rpc.tls import server_context
+from virtnode.rpc.uplink import Uplink, Uplinks
+from virtnode.stats.metrics import (
     AgentCollector,
     HostCollector,
     Metrics,
@@ -32,21 +40,14 @@ from virtnode.metrics import (
     VmCollector,
     VmStaleCollector,
 )
-from virtnode.network.service import NetworkService
-from virtnode.rpc import Dispatcher, handlers_of
-from virtnode.schema import load_schema
-from virtnode.server import ApiServer
-from virtnode.stats import StatsSampler, StatsService
+from virtnode.stats.sampler import StatsSampler, StatsService
 from virtnode.storage import usage
-from virtnode.storage.domains import StorageDomainService
-from virtnode.storage.monitor import StorageCollector
-from virtnode.storage.volumes import VolumeService
+from virtnode.storage.domains.monitor import StorageCollector
+from virtnode.storage.domains.service import StorageDomainService
+from virtnode.storage.volumes.service import VolumeService
 from virtnode.store import Store, StoreError, prepare_state_dir
-from virtnode.subscriptions import EventsService
-from virtnode.tls import server_context
-from virtnode.uplink import Uplink, Uplinks
-from virtnode.vm import VmService
-from virtnode.vmdevices import VmDeviceService
+from virtnode.vm.devices import VmDeviceService
+from virtnode.vm.service import VmService
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class Agent:
         """Check the schema against the handlers, connect, then listen.
 
         Raises :class:`~virtnode.config.ConfigError` when the TLS files or the state
-        directory cannot be used, :class:`~virtnode.schema.SchemaError` when the schema
+        directory cannot be used, :class:`~virtnode.rpc.schema.SchemaError` when the schema
         and the handlers disagree and ``OSError`` when a listener cannot be bound; nothing
         is left running in any case.
         """

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from virtnode.aiotools import DaemonThreadPool
-from virtnode.burstlog import BurstLog
 from virtnode.errors import Unavailable
+from virtnode.util.aio import DaemonThreadPool
+from virtnode.util.burstlog import BurstLog
 
 log = logging.getLogger(__name__)
 

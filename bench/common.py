@@ -30,7 +30,7 @@ import libvirt
 import psutil
 
 import virtnode
-from virtnode.vmspec import check_spec, domain_xml
+from virtnode.vm.spec import check_spec, domain_xml
 
 JsonObject = dict[str, Any]
 

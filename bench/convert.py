@@ -1,4 +1,5 @@
-"""Copy benchmark: ``virtnode.storage.qemuimg.convert`` against ``qemu-img convert`` run directly.
+"""Copy benchmark: ``virtnode.storage.images.qemuimg.convert`` against ``qemu-img convert``
+run directly.
 
 The source is a raw image of ``--size-gib`` GiB (default 2) of incompressible, non-zero
 data (one random MiB repeated), so convert has no zeros to skip. Each round copies it to
@@ -37,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from virtnode.storage import qemuimg
+from virtnode.storage.images import qemuimg
 
 from common import BenchError, MiB, machine, paired_ratio, sync, write_incompressible
 

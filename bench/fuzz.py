@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.fuzzing import Exchange, Sent, messages, post, problems
 from tests.rawws import BlockingWebSocket
-from virtnode.schema import load_schema
+from virtnode.rpc.schema import load_schema
 
 JsonObject = dict[str, Any]
 MiB = 1024 * 1024

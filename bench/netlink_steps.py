@@ -28,8 +28,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from virtnode.network.netlink import NetlinkHost
-from virtnode.network.netmodel import Step
+from virtnode.network.kernel.netlink import NetlinkHost
+from virtnode.network.model import Step
 
 
 def ip(*args: str) -> None:

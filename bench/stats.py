@@ -9,7 +9,7 @@ one TCP listener on 127.0.0.1, ``--set stats.vm_interval=1`` and
   the domain XML the agent writes, named ``vn-bench-stats-...``) on ``qemu:///system``.
   The script subscribes to ``stats.vm``; right after each event (a cycle has just ended)
   it makes one raw ``conn.getAllDomainStats(GROUPS, BULK_FLAGS)`` call, the same groups
-  and flags as the sampler (``virtnode.domstats``), on its own connection, in a thread.
+  and flags as the sampler (``virtnode.hypervisor.domstats``), on its own connection, in a thread.
   So agent cycles and raw calls alternate and never overlap (a raw call that ran into
   the next cycle is dropped, with that cycle). The agent's figure is the cycle's wall
   time as it records it (``duration_seconds`` of the event: the libvirt call through its
@@ -53,7 +53,7 @@ import aiohttp
 import libvirt
 import psutil
 
-from virtnode import domstats
+from virtnode.hypervisor import domstats
 
 from common import (
     BenchError,

@@ -10,7 +10,7 @@ and ``--count`` at once, two ways in the same run:
   on one connection, the calls sent concurrently with ``asyncio.gather``;
 * raw: libvirt-python in this process, ``defineXMLFlags(xml, VIR_DOMAIN_DEFINE_VALIDATE)``
   then ``dom.create()``, with the domain XML the agent would write for the same spec
-  (``virtnode.vmspec.check_spec`` + ``domain_xml``), the calls made from as many threads as
+  (``virtnode.vm.spec.check_spec`` + ``domain_xml``), the calls made from as many threads as
   guests, all on ONE libvirt connection (the agent uses one connection too, and libvirtd
   limits the concurrent requests of each client connection).
 

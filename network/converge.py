@@ -35,7 +35,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from virtnode.network.layout import norm_address, norm_interface
-from virtnode.network.netmodel import (
+from virtnode.network.model import (
     BridgeVlan,
     Family,
     HostState,

@@ -1,7 +1,7 @@
 """Which links a managed network is made of.
 
 A bridged network is a bridge named as the network. Its uplink NIC (which may be a
-managed bond, see :class:`~virtnode.network.netmodel.BondConfig`) joins the bridge, or,
+managed bond, see :class:`~virtnode.network.model.BondConfig`) joins the bridge, or,
 for a VLAN without bridge VLAN filtering, an 802.1q device ``<nic>.<vid>`` on the NIC
 joins it instead. A bridgeless network has no bridge: its addresses sit on the 802.1q
 device when it has a VLAN, on the NIC otherwise.
@@ -15,7 +15,7 @@ import ipaddress
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from virtnode.network.netmodel import (
+from virtnode.network.model import (
     Family,
     Features,
     HostState,

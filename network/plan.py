@@ -51,7 +51,7 @@ from virtnode.network.layout import (
     norm_interface,
     static_addresses,
 )
-from virtnode.network.netmodel import (
+from virtnode.network.model import (
     Address,
     BondConfig,
     BridgeVlan,

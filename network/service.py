@@ -32,7 +32,6 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from virtnode.aiotools import DaemonThreadPool
 from virtnode.errors import (
     Aborted,
     FailedPrecondition,
@@ -40,12 +39,14 @@ from virtnode.errors import (
     NotFound,
     Unavailable,
 )
-from virtnode.events import EventBus
-from virtnode.jobs import JobHandle, JobKind, JobManager
-from virtnode.network import netconfig, netstore, plan, validate
-from virtnode.network.dhcp import DhcpClients
+from virtnode.events.bus import EventBus
+from virtnode.jobs.manager import JobHandle, JobKind, JobManager
+from virtnode.network import config as netconfig
+from virtnode.network import plan, validate
+from virtnode.network import store as netstore
+from virtnode.network.kernel.dhcp import DhcpClients
 from virtnode.network.layout import layout_of
-from virtnode.network.netmodel import (
+from virtnode.network.model import (
     BondConfig,
     Features,
     HostState,
@@ -54,14 +55,15 @@ from virtnode.network.netmodel import (
     Step,
     after_request,
 )
-from virtnode.network.netstore import Transaction
-from virtnode.rpc import CallContext, rpc_method
+from virtnode.network.store import Transaction
+from virtnode.rpc.dispatch import CallContext, rpc_method
 from virtnode.store import Store
+from virtnode.util.aio import DaemonThreadPool
 
 if TYPE_CHECKING:
     # pyroute2 takes a seventh of a second to import: the netlink modules are imported
     # on the netlink thread while the agent starts, not before it can serve.
-    from virtnode.network.netlink import LinkEvent, LinkMonitor, NetlinkHost
+    from virtnode.network.kernel.netlink import LinkEvent, LinkMonitor, NetlinkHost
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,7 @@ class NetworkService:
         self._netns = netns
         self._dhcp = DhcpClients(dhcp_dir)
         self._pool = DaemonThreadPool(1, "netlink")
-        self._netlink: Any = None  # the module virtnode.network.netlink, once imported
+        self._netlink: Any = None  # the module virtnode.network.kernel.netlink, once imported
         self._host: NetlinkHost | None = None
         self._monitor: LinkMonitor | None = None
         self._monitor_task: asyncio.Task[None] | None = None
@@ -149,7 +151,7 @@ class NetworkService:
             raise
 
     async def _start_steps(self) -> None:
-        self._netlink = await self._call(importlib.import_module, "virtnode.network.netlink")
+        self._netlink = await self._call(importlib.import_module, "virtnode.network.kernel.netlink")
         host: NetlinkHost = await self._call(partial(self._netlink.NetlinkHost, self._netns,
                                                      dhcp=self._dhcp))
         self._host = host

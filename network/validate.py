@@ -51,7 +51,7 @@ from virtnode.network.layout import (
     managed_links,
     network_mtu,
 )
-from virtnode.network.netmodel import (
+from virtnode.network.model import (
     BOND_MODES,
     MAX_NAME_BYTES,
     BondConfig,

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from virtnode.errors import FailedPrecondition, InvalidArgument
-from virtnode.fileutil import atomic_write, make_dir
+from virtnode.util.files import atomic_write, make_dir
 
 JsonObject = dict[str, Any]
 

@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from pathlib import PurePosixPath
 from typing import Any
 
-from virtnode import virconst as vc
-from virtnode.hypervisor import Hypervisor
-from virtnode.xmlutil import parse_xml
+from virtnode.hypervisor import constants as vc
+from virtnode.hypervisor.connection import Hypervisor
+from virtnode.util.safexml import parse_xml
 
 
 def disk_sources(xml: str) -> list[str]:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from virtnode.client import Client
-from virtnode.schema import ApiSchema, load_schema
+from virtnode.rpc.schema import ApiSchema, load_schema
 
 if TYPE_CHECKING:
     from tests.agentproc import AgentProcess

@@ -23,7 +23,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from tests.rawws import CLOSE, BlockingWebSocket
-from virtnode.schema import ApiSchema
+from virtnode.rpc.schema import ApiSchema
 
 JsonObject = dict[str, Any]
 

@@ -22,7 +22,7 @@ from tests.agentproc import AgentProcess, running_agent, start_agent, write_conf
 from tests.conftest import ClientFactory, missing
 from tests.subproc import tmpfs, virtnode
 from virtnode.client import RemoteError
-from virtnode.schema import ApiSchema
+from virtnode.rpc.schema import ApiSchema
 
 JsonObject = dict[str, Any]
 
@@ -319,7 +319,7 @@ async def test_each_request_is_logged_at_debug(agent: AgentProcess,
     with pytest.raises(Exception, match="InvalidParams"):
         await client.call("VM.list", {"bogus": 1})
     await agent.wait_log("call VM.list caller=uid:0")
-    lines = [line for line in agent.log_lines if "virtnode.rpc: call " in line]
+    lines = [line for line in agent.log_lines if "virtnode.rpc.dispatch: call " in line]
     ping = next(line for line in lines if "call Host.ping " in line)
     assert "caller=uid:0" in ping and "outcome=ok" in ping and "duration_ms=" in ping
     bad = next(line for line in lines if "call VM.list " in line)

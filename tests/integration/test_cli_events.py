@@ -18,7 +18,7 @@ import pytest
 from tests.agentproc import AgentProcess, start_agent
 from tests.conftest import ClientFactory
 from tests.subproc import virtnode
-from virtnode.cli import EXIT_REMOTE_ERROR, EXIT_UNREACHABLE
+from virtnode.client.cli import EXIT_REMOTE_ERROR, EXIT_UNREACHABLE
 
 pytestmark = pytest.mark.integration
 

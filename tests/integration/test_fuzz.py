@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from tests.agentproc import AgentProcess
 from tests.conftest import missing
 from tests.fuzzing import Exchange, Sent, messages, post, problems
-from virtnode.schema import ApiSchema
+from virtnode.rpc.schema import ApiSchema
 
 pytestmark = [
     pytest.mark.integration,

@@ -22,8 +22,8 @@ from tests.integration import libvirtd as daemon
 from tests.integration.conftest import expect_error, next_event, wait_job
 from tests.integration.test_vm_guest import linux_vm
 from tests.subproc import virtnode
-from virtnode import jobcli
 from virtnode.client import Client
+from virtnode.client import jobs as jobcli
 
 pytestmark = [pytest.mark.integration]
 

@@ -29,10 +29,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from tests.conftest import missing
 from tests.subproc import run
-from virtnode.network.netlink import LinkEvent, LinkMonitor, NetlinkHost, StepError
-from virtnode.network.netmodel import Address, BridgeVlan, Dns, Route, Step
-from virtnode.network.rtnlmsg import LinkInfo
-from virtnode.network.rtnlwire import RequestSocket
+from virtnode.network.kernel.netlink import LinkEvent, LinkMonitor, NetlinkHost, StepError
+from virtnode.network.kernel.rtnlmsg import LinkInfo
+from virtnode.network.kernel.rtnlwire import RequestSocket
+from virtnode.network.model import Address, BridgeVlan, Dns, Route, Step
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import missing
 from tests.integration.conftest import LoopFsFactory, qemu_io, qemu_io_command
 from tests.subproc import run
-from virtnode.storage import qemuimg
+from virtnode.storage.images import qemuimg
 
 pytestmark = pytest.mark.integration
 

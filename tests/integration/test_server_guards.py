@@ -33,7 +33,7 @@ from tests.integration.wireserver import (
 )
 from tests.polling import until
 from virtnode.config import AccessConfig, Role
-from virtnode.connguard import AcceptErrors
+from virtnode.rpc.connguard import AcceptErrors
 
 SOFT = 256 * 1024
 HARD = 4 * 1024 * 1024

@@ -17,7 +17,7 @@ from tests.agentproc import AgentProcess, free_port, start_agent, write_config
 from tests.pki import Pki
 from tests.subproc import run, virtnode
 from virtnode.client import Client, ConnectionLost, RemoteError, SyncClient
-from virtnode.schema import ApiSchema
+from virtnode.rpc.schema import ApiSchema
 
 pytestmark = pytest.mark.integration
 

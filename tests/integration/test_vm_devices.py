@@ -158,7 +158,7 @@ async def test_a_q35_vm_can_hotplug_as_many_devices_as_it_has_spare_ports(
     """libvirt alone leaves a q35 VM one spare port: a NIC, then a disk, failed."""
     from tests.agentproc import running_agent
     from tests.integration import libvirtd as daemon
-    from virtnode.pcieports import free_ports
+    from virtnode.vm.pcieports import free_ports
 
     async with running_agent(tmp_path, hypervisor=daemon.QEMU_URI,
                              sections={"vm": {"hotplug_ports": 2}}) as agent:
@@ -188,7 +188,7 @@ async def test_a_q35_vm_can_hotplug_as_many_devices_as_it_has_spare_ports(
 async def test_q35_vms_from_specs_and_xml_get_the_default_spare_ports(
     qemu_agent: AgentProcess, checked_client: ClientFactory, image_dir: Path, bridge: str,
 ) -> None:
-    from virtnode.pcieports import free_ports
+    from virtnode.vm.pcieports import free_ports
 
     client = await checked_client(qemu_agent.unix_url)
     image = await make_image(image_dir, "boot.qcow2")
@@ -233,7 +233,7 @@ async def test_q35_vms_from_specs_and_xml_get_the_default_spare_ports(
 async def test_the_port_estimate_covers_what_libvirt_places(libvirtd: None,
                                                             devices: str) -> None:
     """Transient VMs have only the estimate: it must not fall short of libvirt's placement."""
-    from virtnode import pcieports
+    from virtnode.vm import pcieports
 
     xml = (f"<domain type='kvm'><name>{vm_name()}</name><memory unit='MiB'>64</memory>"
            f"<os><type arch='x86_64' machine='q35'>hvm</type></os><devices>{devices}"

@@ -38,9 +38,9 @@ from tests.integration.wireserver import (
     request,
 )
 from virtnode.config import AccessConfig, Role, ServerConfig
-from virtnode.rpc import Dispatcher
-from virtnode.schema import ApiSchema
-from virtnode.server import ApiServer
+from virtnode.rpc.dispatch import Dispatcher
+from virtnode.rpc.schema import ApiSchema
+from virtnode.rpc.server import ApiServer
 
 JsonObject = dict[str, Any]
 

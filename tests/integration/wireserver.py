@@ -21,9 +21,9 @@ import pytest
 
 from tests.agentproc import free_port
 from virtnode.config import AccessConfig, Role, ServerConfig
-from virtnode.rpc import CallContext, Dispatcher, Handler
-from virtnode.schema import ApiSchema, build_schema
-from virtnode.server import ApiServer
+from virtnode.rpc.dispatch import CallContext, Dispatcher, Handler
+from virtnode.rpc.schema import ApiSchema, build_schema
+from virtnode.rpc.server import ApiServer
 
 JsonObject = dict[str, Any]
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.paths import ROOT
 from virtnode.config import (
     Config,
     ConfigError,
@@ -22,7 +23,7 @@ from virtnode.config import (
     parse_listener,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = ROOT
 
 
 def write(tmp_path: Path, text: str, name: str = "virtnode.toml") -> Path:

@@ -1,0 +1,1 @@
+"""The hypervisor seam: the libvirt connection owner and everything that touches libvirt."""

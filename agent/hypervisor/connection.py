@@ -1,0 +1,361 @@
+"""The hypervisor owner: the only module that imports libvirt.
+
+It registers libvirt's asyncio event loop implementation before the first connection,
+runs every blocking libvirt call in a bounded pool of threads with a deadline, notices a
+lost connection (close callback, keepalive, failed calls), reconnects with backoff and
+publishes ``hypervisor.connection`` events. Callers never see ``libvirtError``: errors are
+translated into the API's vocabulary by :func:`translate_error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, TypeVar
+
+import libvirt
+import libvirtaio
+
+from virtnode.config import HypervisorConfig
+from virtnode.errors import (
+    AlreadyExists,
+    ApiError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+)
+from virtnode.events.bus import EventBus
+from virtnode.util.aio import DaemonThreadPool
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Connection = Any  # libvirt.virConnect; libvirt ships no type information
+ConnectHook = Callable[[Connection], Awaitable[None]]
+
+TOPIC = "hypervisor.connection"
+
+_NOT_FOUND = {
+    libvirt.VIR_ERR_NO_DOMAIN: "vm",
+    libvirt.VIR_ERR_NO_NETWORK: "network",
+    libvirt.VIR_ERR_NO_STORAGE_POOL: "storage_pool",
+    libvirt.VIR_ERR_NO_STORAGE_VOL: "volume",
+    libvirt.VIR_ERR_NO_INTERFACE: "interface",
+    libvirt.VIR_ERR_NO_NODE_DEVICE: "device",
+}
+_INVALID = {
+    libvirt.VIR_ERR_INVALID_ARG,
+    libvirt.VIR_ERR_XML_ERROR,
+    libvirt.VIR_ERR_XML_DETAIL,
+    libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
+    libvirt.VIR_ERR_XML_INVALID_SCHEMA,
+    libvirt.VIR_ERR_CPU_INCOMPATIBLE,
+}
+_PRECONDITION = {libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_OPERATION_FAILED}
+_UNSUPPORTED = {
+    libvirt.VIR_ERR_NO_SUPPORT,
+    libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
+    libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
+}
+_DENIED = {libvirt.VIR_ERR_OPERATION_DENIED, libvirt.VIR_ERR_AUTH_FAILED}
+# A system error means a lost connection only when it comes from the RPC layer; from a
+# driver it is about a file, a device or a process, and the connection is fine.
+_CONNECTION_LOST = {libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN, libvirt.VIR_ERR_RPC}
+
+
+@dataclass(frozen=True, slots=True)
+class DomainEvent:
+    """A domain event from libvirt, in plain Python types.
+
+    ``kind`` is ``lifecycle`` (with libvirt's ``event`` and ``detail`` numbers),
+    ``device_removed`` or ``device_removal_failed`` (with the device ``alias``).
+    """
+
+    kind: str
+    vm_id: str
+    name: str
+    event: int = 0
+    detail: int = 0
+    alias: str = ""
+
+
+DomainListener = Callable[[DomainEvent], None]
+
+
+class ConnectionState(StrEnum):
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    CLOSED = "closed"
+
+
+def translate_error(code: int, domain: int, message: str) -> ApiError:
+    """Map a libvirt error (code, domain, message) to an API error."""
+    if code in _NOT_FOUND:
+        return NotFound(message, reason="not_found", object=_NOT_FOUND[code])
+    if code == libvirt.VIR_ERR_DOM_EXIST:
+        return AlreadyExists(message, reason="exists", object="vm")
+    if code in _INVALID:
+        return InvalidArgument(message, reason="rejected_by_hypervisor")
+    if code in _PRECONDITION:
+        return FailedPrecondition(message, reason="invalid_state")
+    if code in _UNSUPPORTED:
+        return Unimplemented(message, reason="unsupported_by_hypervisor")
+    if code in _DENIED:
+        return PermissionDenied(message, reason="denied_by_hypervisor")
+    if code == libvirt.VIR_ERR_INTERNAL_ERROR and "No more available PCI slots" in message:
+        return ResourceExhausted(message, reason="no_free_slot")
+    if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
+        return DeadlineExceeded(message, reason="hypervisor_timeout")
+    if code in _CONNECTION_LOST or domain == libvirt.VIR_FROM_RPC:
+        return Unavailable(message, reason="hypervisor_unreachable")
+    return Internal(message, reason="hypervisor_error", libvirt_code=code)
+
+
+_event_impl_lock = threading.Lock()
+_event_impl_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _register_event_impl(loop: asyncio.AbstractEventLoop) -> None:
+    """Register libvirt's asyncio event implementation once per process.
+
+    libvirt accepts one event implementation per process; a second agent in the same
+    process (tests) reuses it, which works only on the same loop.
+    """
+    global _event_impl_loop  # noqa: PLW0603 - libvirt's registration is process-wide
+    with _event_impl_lock:
+        if _event_impl_loop is None:
+            libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised
+            libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+            _event_impl_loop = loop
+        elif _event_impl_loop is not loop:
+            raise RuntimeError("libvirt's event loop is bound to another asyncio loop")
+
+
+class Hypervisor:
+    """Owns the libvirt connection; every libvirt call goes through :meth:`call`."""
+
+    def __init__(self, config: HypervisorConfig, bus: EventBus) -> None:
+        self.uri = config.uri
+        self._config = config
+        self._bus = bus
+        self._conn: Connection | None = None
+        self._pool = DaemonThreadPool(config.pool_size, "libvirt")
+        self._slots = asyncio.Semaphore(config.pool_size)
+        self._lost = asyncio.Event()
+        self._lost_reason = ""
+        self._supervisor: asyncio.Task[None] | None = None
+        self._hooks: list[ConnectHook] = []
+        self._domain_listeners: list[DomainListener] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.state = ConnectionState.DISCONNECTED
+        self.reason = "not started"
+
+    @property
+    def connected(self) -> bool:
+        return self.state is ConnectionState.CONNECTED
+
+    def add_connect_hook(self, hook: ConnectHook) -> None:
+        """Run ``hook(conn)`` after every (re)connect, e.g. to register event callbacks."""
+        self._hooks.append(hook)
+
+    def add_domain_listener(self, listener: DomainListener) -> None:
+        """Call ``listener`` on the event loop for every domain event of every connection."""
+        self._domain_listeners.append(listener)
+
+    async def start(self) -> None:
+        """Register the event implementation, try to connect once, start supervising.
+
+        An unreachable hypervisor does not fail the start: the agent serves and
+        reconnects in the background.
+        """
+        self._loop = asyncio.get_running_loop()
+        _register_event_impl(self._loop)
+        self._pool.start()
+        try:
+            await self._connect()
+        except ApiError as exc:
+            self._set_state(ConnectionState.DISCONNECTED, exc.message)
+        self._supervisor = asyncio.create_task(self._supervise(), name="hypervisor-supervisor")
+
+    async def close(self) -> None:
+        """Stop reconnecting and close the connection. Safe to call more than once."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+            self._supervisor = None
+        await self._drop("agent stopping")
+        self.state = ConnectionState.CLOSED
+        self._pool.shutdown(wait=False)
+
+    async def call(self, fn: Callable[[Connection], T], *, timeout: float | None = None,
+                   what: str = "libvirt call") -> T:
+        """Run ``fn(conn)`` in the libvirt thread pool and return its result.
+
+        Raises :class:`Unavailable` while disconnected, :class:`DeadlineExceeded` when the
+        call (including waiting for a free thread) takes longer than ``timeout`` seconds,
+        and the translation of any ``libvirtError``.
+        """
+        conn = self._conn
+        if conn is None:
+            raise Unavailable(f"hypervisor {self.uri} is not connected: {self.reason}",
+                              reason="hypervisor_disconnected")
+        try:
+            return await self._in_thread(lambda: fn(conn), timeout, what)
+        except libvirt.libvirtError as exc:
+            error = translate_error(exc.get_error_code(), exc.get_error_domain(), str(exc))
+            if isinstance(error, Unavailable):
+                self._mark_lost(conn, error.message)
+            raise error from None
+
+    async def _in_thread(self, fn: Callable[[], T], timeout: float | None, what: str) -> T:
+        deadline = timeout if timeout is not None else self._config.call_timeout
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(deadline):
+                await self._slots.acquire()
+                future = loop.run_in_executor(self._pool, fn)
+                future.add_done_callback(self._release_slot)
+                return await asyncio.shield(future)
+        except TimeoutError:
+            raise DeadlineExceeded(f"{what} did not finish within {deadline:g}s",
+                                   reason="hypervisor_call_timeout") from None
+
+    def _release_slot(self, future: asyncio.Future[Any]) -> None:
+        self._slots.release()
+        if not future.cancelled():
+            future.exception()  # a failure after the deadline has nobody left to tell
+
+    async def _connect(self) -> None:
+        conn = await self._in_thread(self._open, None, f"connecting to {self.uri}")
+        self._conn = conn
+        self._lost.clear()
+        try:
+            for hook in self._hooks:
+                await hook(conn)
+        except Exception as exc:
+            # A connection whose callbacks are not in place would miss events: retry it.
+            if isinstance(exc, ApiError):
+                log.warning("setting up the connection to %s failed: %s", self.uri, exc)
+            else:
+                log.exception("setting up the connection to %s failed", self.uri)
+            await self._drop("connection set-up failed")
+            raise Unavailable(f"setting up the connection failed: {exc}",
+                              reason="hypervisor_setup_failed") from None
+        self._set_state(ConnectionState.CONNECTED, "connected")
+
+    def _open(self) -> Connection:
+        try:
+            conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as exc:
+            raise Unavailable(f"cannot connect to {self.uri}: {exc}",
+                              reason="hypervisor_unreachable") from None
+        try:
+            conn.registerCloseCallback(self._on_close, None)
+        except libvirt.libvirtError:
+            log.debug("%s has no close callback; relying on failed calls", self.uri)
+        try:
+            conn.setKeepAlive(self._config.keepalive_interval, self._config.keepalive_count)
+        except libvirt.libvirtError:
+            log.debug("%s has no keepalive", self.uri)
+        self._register_domain_events(conn)
+        return conn
+
+    def _register_domain_events(self, conn: Connection) -> None:
+        callbacks = (
+            (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle),
+            (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_device_removed),
+            (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, self._on_removal_failed),
+        )
+        for event_id, callback in callbacks:
+            try:
+                conn.domainEventRegisterAny(None, event_id, callback, None)
+            except libvirt.libvirtError as exc:
+                log.debug("%s: no domain event %d: %s", self.uri, event_id, exc)
+
+    def _on_lifecycle(self, _conn: Connection, dom: Any, event: int, detail: int,
+                      _opaque: Any) -> None:
+        self._deliver(DomainEvent("lifecycle", dom.UUIDString(), dom.name(), event, detail))
+
+    def _on_device_removed(self, _conn: Connection, dom: Any, alias: str, _opaque: Any) -> None:
+        self._deliver(DomainEvent("device_removed", dom.UUIDString(), dom.name(), alias=alias))
+
+    def _on_removal_failed(self, _conn: Connection, dom: Any, alias: str, _opaque: Any) -> None:
+        self._deliver(DomainEvent("device_removal_failed", dom.UUIDString(), dom.name(),
+                                  alias=alias))
+
+    def _deliver(self, event: DomainEvent) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._dispatch, event)
+
+    def _dispatch(self, event: DomainEvent) -> None:
+        for listener in self._domain_listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("domain event listener failed on %s", event)
+
+    def _on_close(self, conn: Connection, reason: int, _opaque: Any) -> None:
+        why = {
+            libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "connection error",
+            libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "connection closed by libvirtd",
+            libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "keepalive timeout",
+            libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "closed by client",
+        }.get(reason, f"closed ({reason})")
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._mark_lost, conn, why)
+
+    def _mark_lost(self, conn: Connection, reason: str) -> None:
+        if conn is self._conn and not self._lost.is_set():
+            log.warning("hypervisor connection to %s lost: %s", self.uri, reason)
+            self._lost_reason = reason
+            self._lost.set()
+
+    async def _drop(self, reason: str) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        self._set_state(ConnectionState.DISCONNECTED, reason)
+
+        def close() -> None:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.unregisterCloseCallback()
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+
+        try:
+            await self._in_thread(close, self._config.call_timeout, "closing the connection")
+        except DeadlineExceeded:
+            log.warning("closing the connection to %s timed out; abandoned", self.uri)
+
+    async def _supervise(self) -> None:
+        delay = self._config.reconnect_min
+        while True:
+            if self._conn is not None:
+                await self._lost.wait()
+                await self._drop(self._lost_reason)
+                delay = self._config.reconnect_min
+            try:
+                await self._connect()
+            except ApiError as exc:
+                self._set_state(ConnectionState.DISCONNECTED, exc.message)
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, self._config.reconnect_max)
+
+    def _set_state(self, state: ConnectionState, reason: str) -> None:
+        changed = state is not self.state
+        self.state, self.reason = state, reason
+        if changed:
+            log.info("hypervisor %s: %s (%s)", self.uri, state.value, reason)
+            self._bus.publish(TOPIC, {"uri": self.uri, "state": state.value, "reason": reason})

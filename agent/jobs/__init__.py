@@ -1,0 +1,1 @@
+"""Jobs: long operations in the background, their records and the ``Job.*`` service."""

@@ -1,0 +1,1 @@
+"""Statistics: the sampler of host and VM counters, rates, and Prometheus metrics."""

@@ -1,0 +1,241 @@
+"""Live changes to running VMs: disk and NIC hotplug, console tickets, memory, vCPUs.
+
+Every change applies to the running guest and, for a persistent VM, to its definition
+too. Unplugging waits for the guest to release the device (libvirt's device-removed
+event) up to a timeout: a guest that never answers the eject request leaves the device
+in place, and the caller learns so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime
+import time
+from typing import Any
+
+from lxml import etree
+
+from virtnode.errors import (
+    AlreadyExists,
+    ApiError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from virtnode.hypervisor import constants as vc
+from virtnode.rpc.dispatch import CallContext, rpc_method
+from virtnode.util.safexml import parse_xml
+from virtnode.vm import ops as vmops
+from virtnode.vm.service import VmService
+from virtnode.vm.spec import (
+    DISK_BUSES,
+    check_disk,
+    check_nic,
+    disk_element,
+    disk_field,
+    nic_element,
+    written_files,
+)
+
+JsonObject = dict[str, Any]
+
+
+def _flags(dom: Any) -> int:
+    return vc.DOMAIN_AFFECT_LIVE | (vc.DOMAIN_AFFECT_CONFIG if dom.isPersistent() else 0)
+
+
+def _live_root(dom: Any) -> etree._Element:
+    return parse_xml(dom.XMLDesc(0), what="domain XML")
+
+
+def _elements(root: etree._Element, xpath: str, **variables: str) -> list[etree._Element]:
+    found = root.xpath(xpath, **variables)  # type: ignore[arg-type]
+    return [e for e in found if isinstance(e, etree._Element)] if isinstance(found, list) else []
+
+
+def _next_target(root: etree._Element, bus: str) -> str:
+    taken = {t.get("dev") for t in root.iterfind("devices/disk/target")}
+    prefix = DISK_BUSES.get(bus, "vd")
+    for letter in "abcdefghijklmnopqrstuvwxyz":
+        if prefix + letter not in taken:
+            return prefix + letter
+    raise FailedPrecondition("no free disk name left on this bus", reason="no_free_target")
+
+
+def _device(root: etree._Element, xpath: str, what: str, key: str) -> tuple[str, str]:
+    """The XML and alias of one live device; NotFound if it is not there."""
+    found = _elements(root, xpath, key=key)
+    if not found:
+        raise NotFound(f"the VM has no {what} {key}", reason="no_such_device",
+                       object=what, id=key)
+    element = found[0]
+    alias = element.find("alias")
+    return etree.tostring(element, encoding="unicode"), (
+        alias.get("name", "") if alias is not None else "")
+
+
+class VmDeviceService:
+    """``VM.hotplug*``, ``VM.hotunplug*``, ``VM.setTicket``, ``VM.setMemory``, ``VM.setVcpus``."""
+
+    def __init__(self, vms: VmService) -> None:
+        self._vms = vms
+
+    @rpc_method("VM.hotplugDisk")
+    async def hotplug_disk(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        vm_id = params["vm_id"]
+        raw = await self._vms.resolve_disk(params["disk"])
+        # Shape, policy and files before touching the VM; the device name comes later.
+        checked = check_disk(raw, "disk", "vda")
+        element = disk_element(checked)
+        await self._vms.vet(element, "disk", lambda field: disk_field(field, params["disk"]))
+
+        def run(dom: Any) -> str:
+            vmops.require_running(dom, vm_id)
+            root = _live_root(dom)
+            target = checked.target if raw.get("target") else _next_target(
+                root, checked.bus)
+            if _elements(root, "devices/disk/target[@dev=$t]", t=target):
+                raise AlreadyExists(f"the VM already has a disk {target}",
+                                    reason="target_taken", object="disk", id=target)
+            element.find("target").set("dev", target)  # type: ignore[union-attr]
+            dom.attachDeviceFlags(etree.tostring(element, encoding="unicode"), _flags(dom))
+            return target
+
+        return {"target": await self._vms.mutate(vm_id, "VM.hotplugDisk", run,
+                                                 writes=written_files(element))}
+
+    @rpc_method("VM.hotunplugDisk")
+    async def hotunplug_disk(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        xpath = "devices/disk[target/@dev=$key]"
+        await self._unplug(params["vm_id"], "VM.hotunplugDisk", xpath, what="disk",
+                           key=params["target"], timeout=params["timeout"])
+        return {}
+
+    @rpc_method("VM.hotplugNic")
+    async def hotplug_nic(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        vm_id = params["vm_id"]
+        nic = check_nic(self._vms.resolve_nic(params["nic"], "nic"), "nic")
+
+        def run(dom: Any) -> str:
+            vmops.require_running(dom, vm_id)
+            before = {m.get("address") for m in _live_root(dom).iterfind("devices/interface/mac")}
+            if nic.mac and nic.mac in before:
+                raise AlreadyExists(f"the VM already has a NIC {nic.mac}", reason="mac_taken",
+                                    object="nic", id=nic.mac)
+            dom.attachDeviceFlags(etree.tostring(nic_element(nic), encoding="unicode"),
+                                  _flags(dom))
+            after = {m.get("address") for m in _live_root(dom).iterfind("devices/interface/mac")}
+            return nic.mac or next((m for m in after - before if m), "")
+
+        return {"mac": await self._vms.mutate(vm_id, "VM.hotplugNic", run)}
+
+    @rpc_method("VM.hotunplugNic")
+    async def hotunplug_nic(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        mac = params["mac"].lower()
+        xpath = "devices/interface[mac/@address=$key]"
+        await self._unplug(params["vm_id"], "VM.hotunplugNic", xpath, what="nic", key=mac,
+                           timeout=params["timeout"])
+        return {}
+
+    async def _unplug(self, vm_id: str, method: str, xpath: str, *, what: str, key: str,
+                      timeout: float) -> None:
+        self._vms.require_ready()
+        async with self._vms.locks.hold(vm_id, method):
+            def find(dom: Any) -> tuple[str, str]:
+                vmops.require_running(dom, vm_id)
+                return _device(_live_root(dom), xpath, what, key)
+
+            xml, alias = await self._vms.on_vm(vm_id, find)
+            removed = self._vms.expect_removal(vm_id, alias)
+            try:
+                await self._vms.on_vm(vm_id, lambda dom: dom.detachDeviceFlags(xml, _flags(dom)))
+                still_there = await self._vms.on_vm(
+                    vm_id, lambda dom: bool(_elements(_live_root(dom), xpath, key=key)))
+                if still_there:
+                    try:
+                        async with asyncio.timeout(timeout):
+                            outcome = await removed
+                    except TimeoutError:
+                        raise DeadlineExceeded(
+                            f"the guest did not release {what} {key} within {timeout:g}s",
+                            reason="unplug_timeout", object=what, id=key) from None
+                    if outcome != "removed":
+                        raise FailedPrecondition(f"the guest refused to release {what} {key}",
+                                                 reason="unplug_failed", object=what, id=key)
+            finally:
+                removed.cancel()
+
+    @rpc_method("VM.setTicket")
+    async def set_ticket(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        vm_id, protocol = params["vm_id"], params["protocol"]
+        if protocol == "vnc" and len(params["password"]) > 8:
+            raise InvalidArgument("VNC passwords are at most 8 characters", reason="too_long",
+                                  field="password")
+        expires = time.time() + params["expires_in"]
+        valid_to = datetime.datetime.fromtimestamp(expires, datetime.UTC)
+
+        def run(dom: Any) -> JsonObject:
+            vmops.require_running(dom, vm_id)
+            found = _elements(_live_root(dom), "devices/graphics[@type=$p]", p=protocol)
+            if not found:
+                raise FailedPrecondition(f"the VM has no {protocol} graphics",
+                                         reason="no_graphics", object="vm", id=vm_id)
+            graphics = copy.deepcopy(found[0])
+            graphics.set("passwd", params["password"])
+            graphics.set("passwdValidTo", valid_to.strftime("%Y-%m-%dT%H:%M:%S"))
+            dom.updateDeviceFlags(etree.tostring(graphics, encoding="unicode"),
+                                  vc.DOMAIN_AFFECT_LIVE)
+            listen = graphics.find("listen")
+            tls_port = graphics.get("tlsPort")
+            return {
+                "protocol": protocol,
+                "host": (listen.get("address") if listen is not None else None)
+                or graphics.get("listen") or "127.0.0.1",
+                "port": int(graphics.get("port", "-1")),
+                "tls_port": int(tls_port) if tls_port and tls_port != "-1" else None,
+                "expires": round(expires, 3),
+            }
+
+        return await self._vms.mutate(vm_id, "VM.setTicket", run)
+
+    @rpc_method("VM.setMemory")
+    async def set_memory(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        vm_id, kib = params["vm_id"], params["memory_mib"] * 1024
+
+        def run(dom: Any) -> None:
+            maximum = dom.maxMemory()
+            if kib > maximum:
+                raise FailedPrecondition(
+                    f"{params['memory_mib']} MiB is above the VM's maximum of "
+                    f"{maximum // 1024} MiB", reason="above_maximum", object="vm", id=vm_id)
+            dom.setMemoryFlags(kib, self._live_or_config(dom))
+
+        await self._change(vm_id, "VM.setMemory", run)
+        return {"memory_mib": params["memory_mib"]}
+
+    @rpc_method("VM.setVcpus")
+    async def set_vcpus(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+        vm_id, count = params["vm_id"], params["vcpus"]
+        await self._change(vm_id, "VM.setVcpus",
+                           lambda dom: dom.setVcpusFlags(count, self._live_or_config(dom)))
+        return {"vcpus": count}
+
+    @staticmethod
+    def _live_or_config(dom: Any) -> int:
+        running = vmops.state_of(dom)[0] in ("running", "paused")
+        return ((vc.DOMAIN_AFFECT_LIVE if running else 0)
+                | (vc.DOMAIN_AFFECT_CONFIG if dom.isPersistent() else 0))
+
+    async def _change(self, vm_id: str, method: str, run: Any) -> None:
+        try:
+            await self._vms.mutate(vm_id, method, run)
+        except (NotFound, FailedPrecondition):
+            raise
+        except ApiError as exc:
+            if exc.name in ("Unavailable", "DeadlineExceeded", "Aborted"):
+                raise
+            raise FailedPrecondition(f"{method}: the hypervisor refused: {exc.message}",
+                                     reason="not_changeable", object="vm", id=vm_id) from None
+

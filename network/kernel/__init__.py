@@ -1,0 +1,1 @@
+"""The kernel side of host networking: rtnetlink, the link monitor and DHCP clients."""

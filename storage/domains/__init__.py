@@ -1,0 +1,2 @@
+"""Storage domains: the ``StorageDomain.*`` service, mounts, locations, the registry and
+the monitor."""

@@ -1,0 +1,1 @@
+"""Image files: ``qemu-img`` and what a qcow2 header says."""

@@ -1,0 +1,1 @@
+"""Fakes that behave: simulators the unit tests drive instead of the real thing."""

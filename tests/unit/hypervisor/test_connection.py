@@ -1,0 +1,175 @@
+"""The hypervisor owner on libvirt's test driver: deadlines, pool bounds, errors, events."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from virtnode.config import HypervisorConfig
+from virtnode.errors import DeadlineExceeded, NotFound, Unavailable
+from virtnode.events.bus import Event, EventBus
+from virtnode.hypervisor.connection import ConnectionState, Hypervisor
+
+
+def recorder(bus: EventBus) -> list[Event]:
+    seen: list[Event] = []
+    bus.subscribe(["hypervisor.*"], seen.append)
+    return seen
+
+
+@pytest.fixture
+async def bus() -> EventBus:
+    return EventBus()
+
+
+@pytest.fixture
+async def hv(bus: EventBus) -> AsyncIterator[Hypervisor]:
+    hypervisor = Hypervisor(HypervisorConfig(uri="test:///default", pool_size=2), bus)
+    await hypervisor.start()
+    yield hypervisor
+    await hypervisor.close()
+
+
+async def test_connects_and_reports_it(bus: EventBus) -> None:
+    seen = recorder(bus)
+    hypervisor = Hypervisor(HypervisorConfig(uri="test:///default"), bus)
+    await hypervisor.start()
+    try:
+        assert hypervisor.state is ConnectionState.CONNECTED
+        assert await hypervisor.call(lambda conn: conn.getType()) == "TEST"
+    finally:
+        await hypervisor.close()
+    states = [e.data["state"] for e in seen]
+    assert states == ["connected", "disconnected"]
+    assert all(e.data["uri"] == "test:///default" for e in seen)
+
+
+async def test_stuck_call_hits_its_deadline_and_others_go_on(hv: Hypervisor) -> None:
+    release = threading.Event()
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded) as caught:
+        await hv.call(lambda conn: release.wait(10), timeout=0.2, what="stuck call")
+    assert time.monotonic() - started < 1.0
+    assert caught.value.reason == "hypervisor_call_timeout"
+    assert "stuck call" in caught.value.message
+    # The stuck thread still holds one slot of two; the other serves calls.
+    assert await hv.call(lambda conn: conn.getHostname(), timeout=1.0)
+    release.set()
+
+
+async def test_full_pool_gives_deadline_not_a_hang(hv: Hypervisor) -> None:
+    release = threading.Event()
+    stuck = [
+        asyncio.create_task(hv.call(lambda conn: release.wait(10), timeout=5.0))
+        for _ in range(2)
+    ]
+    await asyncio.sleep(0)  # let both take their slots
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        await hv.call(lambda conn: conn.getType(), timeout=0.2)
+    assert time.monotonic() - started < 1.0
+    release.set()
+    assert await asyncio.gather(*stuck) == [True, True]
+    assert await hv.call(lambda conn: conn.getType(), timeout=1.0) == "TEST"
+
+
+async def test_libvirt_errors_are_translated(hv: Hypervisor) -> None:
+    with pytest.raises(NotFound) as caught:
+        await hv.call(lambda conn: conn.lookupByName("no-such-vm"))
+    assert caught.value.object == "vm"
+    assert hv.connected, "a NotFound must not be taken for a lost connection"
+
+
+async def test_closed_hypervisor_is_unavailable(bus: EventBus) -> None:
+    hypervisor = Hypervisor(HypervisorConfig(uri="test:///default"), bus)
+    await hypervisor.start()
+    await hypervisor.close()
+    await hypervisor.close()  # idempotent
+    with pytest.raises(Unavailable):
+        await hypervisor.call(lambda conn: conn.getType())
+
+
+async def test_unreachable_hypervisor_does_not_fail_start(bus: EventBus, tmp_path: object) -> None:
+    seen = recorder(bus)
+    config = HypervisorConfig(
+        uri=f"qemu+unix:///system?socket={tmp_path}/missing.sock",
+        call_timeout=2.0, reconnect_min=0.05, reconnect_max=0.1,
+    )
+    hypervisor = Hypervisor(config, bus)
+    await hypervisor.start()
+    try:
+        assert hypervisor.state is ConnectionState.DISCONNECTED
+        with pytest.raises(Unavailable) as caught:
+            await hypervisor.call(lambda conn: conn.getType())
+        assert caught.value.reason == "hypervisor_disconnected"
+        assert "missing.sock" in hypervisor.reason
+    finally:
+        await hypervisor.close()
+    assert [e.data["state"] for e in seen] == [], "never connected: no state change to report"
+
+
+async def test_failed_connect_hook_is_retried_not_fatal(bus: EventBus) -> None:
+    config = HypervisorConfig(uri="test:///default", reconnect_min=0.01, reconnect_max=0.02)
+    hypervisor = Hypervisor(config, bus)
+    attempts: list[int] = []
+    connected = asyncio.Event()
+    bus.subscribe(["hypervisor.connection"],
+                  lambda event: connected.set() if event.data["state"] == "connected" else None)
+
+    async def flaky_hook(conn: object) -> None:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise RuntimeError("callback registration failed")
+
+    hypervisor.add_connect_hook(flaky_hook)
+    await hypervisor.start()
+    try:
+        async with asyncio.timeout(5):
+            await connected.wait()
+        assert len(attempts) == 3
+        assert await hypervisor.call(lambda conn: conn.getType()) == "TEST"
+    finally:
+        await hypervisor.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "domain", "expected"),
+    [
+        ("VIR_ERR_NO_DOMAIN", "VIR_FROM_QEMU", "NotFound"),
+        ("VIR_ERR_DOM_EXIST", "VIR_FROM_DOMAIN", "AlreadyExists"),
+        ("VIR_ERR_XML_ERROR", "VIR_FROM_DOMAIN", "InvalidArgument"),
+        ("VIR_ERR_OPERATION_INVALID", "VIR_FROM_QEMU", "FailedPrecondition"),
+        ("VIR_ERR_ARGUMENT_UNSUPPORTED", "VIR_FROM_QEMU", "Unimplemented"),
+        ("VIR_ERR_OPERATION_TIMEOUT", "VIR_FROM_QEMU", "DeadlineExceeded"),
+        # A missing disk image is a system error from the driver, not a lost connection.
+        ("VIR_ERR_SYSTEM_ERROR", "VIR_FROM_QEMU", "Internal"),
+        ("VIR_ERR_SYSTEM_ERROR", "VIR_FROM_RPC", "Unavailable"),
+        ("VIR_ERR_NO_CONNECT", "VIR_FROM_NONE", "Unavailable"),
+    ],
+)
+def test_libvirt_error_translation(code: str, domain: str, expected: str) -> None:
+    import libvirt
+
+    from virtnode.hypervisor.connection import translate_error
+
+    error = translate_error(getattr(libvirt, code), getattr(libvirt, domain), "message")
+    assert error.name == expected
+    assert error.message == "message"
+
+
+def test_no_pci_slot_left_is_resource_exhausted() -> None:
+    import libvirt
+
+    from virtnode.hypervisor.connection import translate_error
+
+    # What libvirt 9 says when a hotplug finds no free PCI(e) slot.
+    error = translate_error(libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_FROM_DOMAIN,
+                            "internal error: No more available PCI slots")
+    assert (error.name, error.reason) == ("ResourceExhausted", "no_free_slot")
+    other = translate_error(libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_FROM_DOMAIN,
+                            "internal error: something else")
+    assert other.name == "Internal"
