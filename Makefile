@@ -27,6 +27,7 @@ check: venv
 
 docs: venv
 	$(BIN)/python -m virtnode.rpc.apidoc > docs/api.md
+	$(BIN)/python -m virtnode.rpc.typegen > api_schema/params.py
 
 bench: setup
 	$(BIN)/python bench/rpc.py

@@ -9,7 +9,6 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import ProcessCollector
 
@@ -19,15 +18,23 @@ from virtnode.events.bus import EventBus
 from virtnode.events.journal import Journal
 from virtnode.events.subscriptions import EventsService
 from virtnode.host.devices import DeviceMonitor
-from virtnode.host.service import HostService, load_host_id
+from virtnode.host.service import ApiFacts, HostService, load_host_id
 from virtnode.hypervisor.connection import Hypervisor
 from virtnode.jobs import store as jobstore
 from virtnode.jobs.manager import JobManager
 from virtnode.jobs.service import JobService
 from virtnode.network.service import NetworkService
+from virtnode.rpc import bindings
 from virtnode.rpc.api import ApiService
+from virtnode.rpc.bindings import api as api_binding
+from virtnode.rpc.bindings import events as events_binding
+from virtnode.rpc.bindings import host as host_binding
+from virtnode.rpc.bindings import job as job_binding
+from virtnode.rpc.bindings import network as network_binding
+from virtnode.rpc.bindings import storage as storage_binding
+from virtnode.rpc.bindings import vm as vm_binding
 from virtnode.rpc.connguard import AcceptErrors, raise_descriptor_limit
-from virtnode.rpc.dispatch import Dispatcher, handlers_of
+from virtnode.rpc.dispatch import Dispatcher
 from virtnode.rpc.schema import load_schema
 from virtnode.rpc.server import ApiServer
 from virtnode.rpc.tls import server_context
@@ -46,12 +53,12 @@ from virtnode.storage.domains.monitor import StorageCollector
 from virtnode.storage.domains.service import StorageDomainService
 from virtnode.storage.volumes.service import VolumeService
 from virtnode.store import Store, StoreError, prepare_state_dir
+from virtnode.util.jsontypes import JsonObject
 from virtnode.vm.devices import VmDeviceService
 from virtnode.vm.service import VmService
 
 log = logging.getLogger(__name__)
 
-JsonObject = dict[str, Any]
 
 
 class Agent:
@@ -88,7 +95,7 @@ class Agent:
                              networks=self.network.bridge_of,
                              storage_dirs=lambda: [str(d.layout.images_dir)
                                                    for d in self.storage.attached()],
-                             writers=self.volumes.writers)
+                             writers=self.volumes.core.writers)
         self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None
@@ -119,24 +126,23 @@ class Agent:
                                               events_config.journal_max_age))
         self.events = EventsService(self.bus, events_config)
         await self.jobs.start()
-        host = HostService(self.hypervisor, schema, host_id,
-                           device_events=lambda: self.devices.state.value)
-        services = (
-            ApiService(schema),
-            host,
-            self.vms,
-            VmDeviceService(self.vms),
-            self.events,
-            JobService(self.jobs),
-            StatsService(self.stats, lambda: [
-                {"sd_id": sd_id, "name": name, "monitor": result.to_api()}
-                for sd_id, name, result in self.storage.results()]),
-            self.storage,
-            self.volumes,
-            self.network,
+        host = HostService(self.hypervisor, ApiFacts(schema.version, tuple(sorted(schema.methods)),
+                                                     tuple(sorted(schema.events))),
+                           host_id, device_events=lambda: self.devices.state.value)
+        stats = StatsService(self.stats, lambda: [
+            {"sd_id": sd_id, "name": name, "monitor": result.to_api()}
+            for sd_id, name, result in self.storage.results()])
+        handlers = bindings.combine(
+            api_binding.handlers(ApiService(schema)),
+            host_binding.handlers(host, stats),
+            vm_binding.handlers(self.vms, VmDeviceService(self.vms), stats),
+            events_binding.handlers(self.events),
+            job_binding.handlers(JobService(self.jobs)),
+            storage_binding.handlers(self.storage, self.volumes),
+            network_binding.handlers(self.network),
         )
         self.metrics = metrics = self._metrics(schema.methods)
-        self.dispatcher = Dispatcher(schema, handlers_of(*services), check_results=check,
+        self.dispatcher = Dispatcher(schema, handlers, check_results=check,
                                      observer=metrics.requests.observe,
                                      max_batch=self.config.server.max_batch,
                                      max_answer_size=self.config.server.max_answer_size)

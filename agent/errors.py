@@ -35,8 +35,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-JsonObject = dict[str, Any]
-
 
 class ApiError(Exception):
     """Base class of every error that is reported to a client."""
@@ -60,9 +58,9 @@ class ApiError(Exception):
         self.id = id
         self.details = details
 
-    def to_error(self) -> JsonObject:
+    def to_error(self) -> dict[str, Any]:
         """Return the JSON-RPC ``error`` member for this exception."""
-        data: JsonObject = {"name": self.name}
+        data: dict[str, Any] = {"name": self.name}
         if self.reason is not None:
             data["reason"] = self.reason
         if self.object is not None:

@@ -30,9 +30,8 @@ import libvirt
 import psutil
 
 import virtnode
+from virtnode.util.jsontypes import JsonObject
 from virtnode.vm.spec import check_spec, domain_xml
-
-JsonObject = dict[str, Any]
 
 #: How long a started server may take to be ready (answer ``GET /healthz`` with 200), and
 #: bench/events.py's subscriber processes to have subscribed.

@@ -54,8 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.fuzzing import Exchange, Sent, messages, post, problems
 from tests.rawws import BlockingWebSocket
 from virtnode.rpc.schema import load_schema
+from virtnode.util.jsontypes import JsonObject
 
-JsonObject = dict[str, Any]
 MiB = 1024 * 1024
 HEALTH_EVERY = 0.05
 SAMPLE_EVERY = 0.25

@@ -32,6 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from virtnode.api_schema.params import NetworkConfirmParams, NetworkSetupParams
 from virtnode.errors import (
     Aborted,
     FailedPrecondition,
@@ -56,9 +57,9 @@ from virtnode.network.model import (
     after_request,
 )
 from virtnode.network.store import Transaction
-from virtnode.rpc.dispatch import CallContext, rpc_method
 from virtnode.store import Store
 from virtnode.util.aio import DaemonThreadPool
+from virtnode.util.jsontypes import JsonObject
 
 if TYPE_CHECKING:
     # pyroute2 takes a seventh of a second to import: the netlink modules are imported
@@ -67,7 +68,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-JsonObject = dict[str, Any]
 T = TypeVar("T")
 SETUP_JOB = JobKind("Network.setup", cancellable=True)
 CONFIG_TOPIC = "network.config"
@@ -202,14 +202,12 @@ class NetworkService:
 
     # --- reading ----------------------------------------------------------------------------
 
-    @rpc_method("Network.getState")
-    async def get_state(self, _ctx: CallContext, _params: JsonObject) -> JsonObject:
+    async def get_state(self) -> JsonObject:
         await self.ready()
         state = await self._call(self.host.read_state)
         return state_api(state, self._running, self.features, self._running_bonds)
 
-    @rpc_method("Network.list")
-    async def list_networks(self, _ctx: CallContext, _params: JsonObject) -> JsonObject:
+    async def list_networks(self) -> JsonObject:
         await self.ready()
         return {"networks": [
             {"name": name, "config": netconfig.config_to_api(cfg),
@@ -237,8 +235,7 @@ class NetworkService:
 
     # --- changing ---------------------------------------------------------------------------
 
-    @rpc_method("Network.setup")
-    async def setup(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def setup(self, params: NetworkSetupParams) -> JsonObject:
         await self.ready()
         requested = self._requested(params)
         bonds = netconfig.bonds_from_api(params.get("bonds", {}))
@@ -267,8 +264,7 @@ class NetworkService:
                 self._active, self._active_key = job.job_id, key
         return {"job_id": job.job_id, "job": job.to_api()}
 
-    @rpc_method("Network.confirm")
-    async def confirm(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def confirm(self, params: NetworkConfirmParams) -> JsonObject:
         await self.ready()
         job_id = params["job_id"]
         job = self._jobs.get(job_id)  # NotFound
@@ -279,8 +275,7 @@ class NetworkService:
         waiting.set_result(None)
         return {"job": (await self._jobs.wait(job_id, 30.0)).to_api()}
 
-    @rpc_method("Network.persist")
-    async def persist(self, _ctx: CallContext, _params: JsonObject) -> JsonObject:
+    async def persist(self) -> JsonObject:
         await self.ready()
         async with self._starting:
             self._refuse_if_busy()
@@ -298,7 +293,7 @@ class NetworkService:
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.wrap_future(self._pool.submit(fn, *args))
 
-    def _requested(self, params: JsonObject) -> dict[str, NetworkConfig | None]:
+    def _requested(self, params: NetworkSetupParams) -> dict[str, NetworkConfig | None]:
         requested = netconfig.request_from_api(params["networks"])
         for name, cfg in requested.items():
             for family, ip in ((4, cfg.ipv4), (6, cfg.ipv6)) if cfg is not None else ():

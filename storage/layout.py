@@ -31,8 +31,7 @@ from typing import Any, Literal, get_args
 
 from virtnode.errors import FailedPrecondition, InvalidArgument
 from virtnode.util.files import atomic_write, make_dir
-
-JsonObject = dict[str, Any]
+from virtnode.util.jsontypes import JsonObject
 
 #: The layout version this agent writes and the newest it reads.
 LAYOUT_VERSION = 1

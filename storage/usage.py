@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import PurePosixPath
-from typing import Any
 
 from virtnode.hypervisor import constants as vc
 from virtnode.hypervisor.connection import Hypervisor
+from virtnode.hypervisor.handles import Connection
 from virtnode.util.safexml import parse_xml
 
 
@@ -36,7 +36,7 @@ async def running_vm_disks(hypervisor: Hypervisor) -> dict[str, list[str]]:
     """Disk paths of every running VM, by VM name. Raises what ``Hypervisor.call`` raises
     (``Unavailable`` while libvirt is disconnected)."""
 
-    def read(conn: Any) -> list[tuple[str, str]]:
+    def read(conn: Connection) -> list[tuple[str, str]]:
         return [(dom.name(), dom.XMLDesc(0))
                 for dom in conn.listAllDomains(vc.CONNECT_LIST_DOMAINS_ACTIVE)]
 

@@ -24,8 +24,7 @@ from hypothesis import strategies as st
 
 from tests.rawws import CLOSE, BlockingWebSocket
 from virtnode.rpc.schema import ApiSchema
-
-JsonObject = dict[str, Any]
+from virtnode.util.jsontypes import JsonObject
 
 #: Write methods whose valid calls change the host beyond a test's state dir.
 HOST_CHANGING = frozenset({

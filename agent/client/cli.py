@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from virtnode import __version__
+from virtnode import __version__, jsonrpc
 from virtnode.client import jobs as jobcli
 from virtnode.client.connection import (
     DEFAULT_URL,
@@ -33,7 +33,6 @@ from virtnode.client.connection import (
     tls_context,
 )
 from virtnode.client.events import EventWatch, json_line, pretty_line
-from virtnode.rpc import jsonrpc
 
 EXIT_REMOTE_ERROR = 1
 EXIT_USAGE = 2

@@ -30,7 +30,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-JsonObject = dict[str, Any]
+from virtnode.util.jsontypes import JsonObject
+
 ResultCheck = Callable[[str, Any], None]
 
 #: Where clients connect unless told otherwise; ``VIRTNODE_URL`` overrides it.

@@ -15,8 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from virtnode.client.connection import Client, ConnectionLost, RemoteError
-
-JsonObject = dict[str, Any]
+from virtnode.util.jsontypes import JsonObject
 
 SUBSCRIBE_TIMEOUT = 30.0
 

@@ -9,11 +9,11 @@ progress changes, for logs and scripts.
 from __future__ import annotations
 
 import json
-from typing import Any, TextIO
+from typing import TextIO
 
 from virtnode.client.connection import Client
+from virtnode.util.jsontypes import JsonObject
 
-JsonObject = dict[str, Any]
 BAR_WIDTH = 30
 TERMINAL = ("succeeded", "failed", "cancelled")
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from virtnode.stats.summary import vm_summary
-
-JsonObject = dict[str, Any]
+from virtnode.util.jsontypes import JsonObject
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 

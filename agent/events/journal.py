@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from virtnode.events.bus import Event, notification_text
+from virtnode.events.event import Event, notification_text
 from virtnode.store import Store, TableSchema, transaction
 
 log = logging.getLogger(__name__)

@@ -18,18 +18,63 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Protocol
 
+from virtnode import jsonrpc
+from virtnode.api_schema.params import (
+    EventsGetParams,
+    EventsSubscribeParams,
+    EventsUnsubscribeParams,
+)
 from virtnode.config import EventsConfig
 from virtnode.errors import FailedPrecondition, NotFound
-from virtnode.events.bus import Event, EventBus
+from virtnode.events.bus import EventBus
+from virtnode.events.event import Event
 from virtnode.events.journal import Journal
-from virtnode.rpc import jsonrpc
-from virtnode.rpc.dispatch import CallContext, Session, rpc_method
+from virtnode.util.jsontypes import JsonObject
 
 log = logging.getLogger(__name__)
 
-JsonObject = dict[str, Any]
+
+
+class Named(Protocol):
+    @property
+    def identity(self) -> str: ...
+
+
+class Peer(Protocol):
+    """What a subscription needs of the connection it pushes events to."""
+
+    can_push: bool
+
+    @property
+    def caller(self) -> Named:
+        """Who is on the other end, for the log."""
+        ...
+
+    def push(self, message: JsonObject) -> bool:
+        """Queue a notification to the peer; False if this session cannot push."""
+        ...
+
+    def push_text(self, text: str) -> bool:
+        """Queue an encoded notification; False if this session cannot push."""
+        ...
+
+    @property
+    def backlog(self) -> int:
+        """Notifications queued and not yet written to the peer."""
+        ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def wait_backlog(self, size: int) -> None:
+        """Return once at most ``size`` notifications wait to be written, or on close."""
+        ...
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when the session ends."""
+        ...
 
 #: Events read from the journal at a time while replaying.
 REPLAY_PAGE = 500
@@ -40,7 +85,7 @@ MAX_GET_WAIT = 60.0
 class _Subscriber:
     """One subscription: replaying, then live, until it ends or lags."""
 
-    def __init__(self, service: EventsService, subscription_id: str, session: Session,
+    def __init__(self, service: EventsService, subscription_id: str, session: Peer,
                  patterns: Sequence[str], limit: int) -> None:
         self.id = subscription_id
         self.session = session
@@ -161,9 +206,7 @@ class EventsService:
                 reason="resync_required", epoch=bus.epoch, first_seq=first,
                 last_seq=bus.delivered_seq)
 
-    @rpc_method("Events.subscribe")
-    async def subscribe(self, ctx: CallContext, params: JsonObject) -> JsonObject:
-        session = ctx.session
+    async def subscribe(self, session: Peer, params: EventsSubscribeParams) -> JsonObject:
         if not session.can_push:
             raise FailedPrecondition(
                 "events are pushed over WebSocket connections only; poll with Events.get",
@@ -171,7 +214,7 @@ class EventsService:
             )
         return self.open(session, params["topics"], params.get("since"), params.get("epoch"))
 
-    def open(self, session: Session, topics: Sequence[str], since: int | None = None,
+    def open(self, session: Peer, topics: Sequence[str], since: int | None = None,
              epoch: str | None = None) -> JsonObject:
         """Subscribe ``session`` to ``topics``, replaying after ``since``; the result.
 
@@ -200,18 +243,16 @@ class EventsService:
             "last_seq": upto,
         }
 
-    @rpc_method("Events.unsubscribe")
-    async def unsubscribe(self, ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def unsubscribe(self, session: Peer, params: EventsUnsubscribeParams) -> JsonObject:
         subscription_id = params["subscription_id"]
         subscriber = self._subscribers.get(subscription_id)
-        if subscriber is None or subscriber.session is not ctx.session:
+        if subscriber is None or subscriber.session is not session:
             raise NotFound(f"no subscription {subscription_id} on this connection",
                            reason="not_found", object="subscription", id=subscription_id)
         self.end(subscription_id)
         return {}
 
-    @rpc_method("Events.get")
-    async def get(self, ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def get(self, params: EventsGetParams) -> JsonObject:
         self._check_since(params.get("since"), params.get("epoch"))
         journal = self.bus.journal
         since: int = params.get("since", self.bus.delivered_seq)

@@ -28,10 +28,10 @@ from typing import Any
 
 from virtnode.config import DevicesConfig, DeviceSource
 from virtnode.events.bus import EventBus
+from virtnode.util.jsontypes import JsonObject
 
 log = logging.getLogger(__name__)
 
-JsonObject = dict[str, Any]
 
 TOPIC = "host.device"
 SUBSYSTEMS = ("block", "net")

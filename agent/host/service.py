@@ -6,19 +6,17 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
 
 from virtnode import __version__
 from virtnode.hypervisor.capabilities import parse_capabilities
-from virtnode.hypervisor.connection import Connection, Hypervisor
-from virtnode.rpc.dispatch import CallContext, rpc_method
-from virtnode.rpc.schema import ApiSchema
+from virtnode.hypervisor.connection import Hypervisor
+from virtnode.hypervisor.handles import Connection
 from virtnode.util.files import atomic_write
-
-JsonObject = dict[str, Any]
+from virtnode.util.jsontypes import JsonObject
 
 HOST_ID_FILE = "host-id"
 
@@ -70,13 +68,22 @@ def load_host_id(state_dir: Path) -> str:
     return host_id
 
 
+@dataclass(frozen=True, slots=True)
+class ApiFacts:
+    """What ``Host.getCapabilities`` says of the API this agent serves."""
+
+    version: str
+    methods: tuple[str, ...]
+    events: tuple[str, ...]
+
+
 class HostService:
     """Answers questions about this host; hypervisor facts are cached per connection."""
 
-    def __init__(self, hypervisor: Hypervisor, schema: ApiSchema, host_id: str,
+    def __init__(self, hypervisor: Hypervisor, api: ApiFacts, host_id: str,
                  device_events: Callable[[], str] = lambda: "off") -> None:
         self._hypervisor = hypervisor
-        self._schema = schema
+        self._api = api
         self._host_id = host_id
         self._device_events = device_events
         self._facts: JsonObject | None = None
@@ -87,12 +94,10 @@ class HostService:
     async def _forget_facts(self, _conn: Connection) -> None:
         self._facts = None
 
-    @rpc_method("Host.ping")
-    async def ping(self, _ctx: CallContext, _params: JsonObject) -> JsonObject:
+    async def ping(self) -> JsonObject:
         return {"time": time.time()}
 
-    @rpc_method("Host.getCapabilities")
-    async def get_capabilities(self, _ctx: CallContext, _params: JsonObject) -> JsonObject:
+    async def get_capabilities(self) -> JsonObject:
         if self._facts is None:
             self._facts = await self._hypervisor.call(
                 _hypervisor_facts, what="reading host capabilities"
@@ -100,11 +105,11 @@ class HostService:
         return {
             "hostname": socket.gethostname(),
             "host_uuid": self._host_id,
-            "agent": {"version": __version__, "api_version": self._schema.version},
+            "agent": {"version": __version__, "api_version": self._api.version},
             **self._facts,
             "features": {
-                "methods": sorted(self._schema.methods),
-                "events": sorted(self._schema.events),
+                "methods": list(self._api.methods),
+                "events": list(self._api.events),
                 "device_events": self._device_events(),
             },
         }

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from lxml import etree
 
+from virtnode.util.jsontypes import JsonObject
 from virtnode.util.safexml import parse_xml
-
-JsonObject = dict[str, Any]
 
 _UNIT_BYTES = {"b": 1, "bytes": 1, "kib": 1024, "k": 1024, "mib": 1024**2, "m": 1024**2,
                "gib": 1024**3, "g": 1024**3, "tib": 1024**4}

@@ -37,12 +37,12 @@ from virtnode.errors import (
     Unimplemented,
 )
 from virtnode.events.bus import EventBus
+from virtnode.hypervisor.handles import Connection, Domain
 from virtnode.util.aio import DaemonThreadPool
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Connection = Any  # libvirt.virConnect; libvirt ships no type information
 ConnectHook = Callable[[Connection], Awaitable[None]]
 
 TOPIC = "hypervisor.connection"
@@ -257,7 +257,7 @@ class Hypervisor:
 
     def _open(self) -> Connection:
         try:
-            conn = libvirt.open(self.uri)
+            conn: Connection = libvirt.open(self.uri)
         except libvirt.libvirtError as exc:
             raise Unavailable(f"cannot connect to {self.uri}: {exc}",
                               reason="hypervisor_unreachable") from None
@@ -284,14 +284,16 @@ class Hypervisor:
             except libvirt.libvirtError as exc:
                 log.debug("%s: no domain event %d: %s", self.uri, event_id, exc)
 
-    def _on_lifecycle(self, _conn: Connection, dom: Any, event: int, detail: int,
+    def _on_lifecycle(self, _conn: Connection, dom: Domain, event: int, detail: int,
                       _opaque: Any) -> None:
         self._deliver(DomainEvent("lifecycle", dom.UUIDString(), dom.name(), event, detail))
 
-    def _on_device_removed(self, _conn: Connection, dom: Any, alias: str, _opaque: Any) -> None:
+    def _on_device_removed(self, _conn: Connection, dom: Domain, alias: str,
+                           _opaque: Any) -> None:
         self._deliver(DomainEvent("device_removed", dom.UUIDString(), dom.name(), alias=alias))
 
-    def _on_removal_failed(self, _conn: Connection, dom: Any, alias: str, _opaque: Any) -> None:
+    def _on_removal_failed(self, _conn: Connection, dom: Domain, alias: str,
+                           _opaque: Any) -> None:
         self._deliver(DomainEvent("device_removal_failed", dom.UUIDString(), dom.name(),
                                   alias=alias))
 

@@ -14,10 +14,10 @@ from collections.abc import Collection
 from typing import Any
 
 from virtnode.hypervisor import constants as vc
+from virtnode.hypervisor.handles import Connection, Domain, DomainStats
 
-Connection = Any
 #: (vm_id, name, libvirt's flat stats with net.N.bridge, the domain handle)
-Record = tuple[str, str, dict[str, Any], Any]
+Record = tuple[str, str, DomainStats, Domain]
 
 GROUPS = (vc.DOMAIN_STATS_STATE | vc.DOMAIN_STATS_CPU_TOTAL | vc.DOMAIN_STATS_BALLOON
           | vc.DOMAIN_STATS_VCPU | vc.DOMAIN_STATS_INTERFACE | vc.DOMAIN_STATS_BLOCK)
@@ -42,7 +42,7 @@ def _with_bridges(stats: dict[str, Any]) -> dict[str, Any]:
     return stats
 
 
-def _records(pairs: Any) -> list[Record]:
+def _records(pairs: list[tuple[Domain, DomainStats]]) -> list[Record]:
     # UUIDString() and name() read the handle; they make no call to libvirtd.
     return [(dom.UUIDString(), dom.name(), _with_bridges(stats), dom) for dom, stats in pairs
             if stats.get("state.state") != vc.DOMAIN_SHUTOFF]
@@ -53,7 +53,7 @@ def bulk(conn: Connection) -> list[Record]:
     return _records(conn.getAllDomainStats(GROUPS, BULK_FLAGS))
 
 
-def of(conn: Connection, doms: Collection[Any], new_ids: Collection[str]) -> list[Record]:
+def of(conn: Connection, doms: Collection[Domain], new_ids: Collection[str]) -> list[Record]:
     """Statistics of the domains ``doms`` and those with ``new_ids``, in one call.
 
     Lists nothing: libvirt locks every domain to list them, and a stats call stuck on a
@@ -70,7 +70,7 @@ def of(conn: Connection, doms: Collection[Any], new_ids: Collection[str]) -> lis
     return _records(conn.domainListGetStats(handles, GROUPS, LIST_FLAGS)) if handles else []
 
 
-def control_state(dom: Any) -> tuple[int, int] | None:
+def control_state(dom: Domain) -> tuple[int, int] | None:
     """The domain's control interface state and its age in ms; None if unknown.
 
     Blocks while another call holds the domain's lock.

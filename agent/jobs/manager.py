@@ -31,7 +31,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -51,10 +51,10 @@ from virtnode.jobs import store as jobstore
 from virtnode.jobs.store import JobRecord
 from virtnode.store import Store
 from virtnode.util.aio import KeyedLocks, wait_event
+from virtnode.util.jsontypes import JsonObject
 
 log = logging.getLogger(__name__)
 
-JsonObject = dict[str, Any]
 
 STATE_TOPIC = "job.state"
 PROGRESS_TOPIC = "job.progress"
@@ -90,7 +90,7 @@ class JobKind:
     resume: Callable[[JsonObject], Runner] | None = None
 
 
-def params_hash(kind: str, params: JsonObject) -> str:
+def params_hash(kind: str, params: Mapping[str, Any]) -> str:
     """The digest that ties a request key to one request."""
     text = json.dumps([kind, params], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
@@ -223,7 +223,7 @@ class JobManager:
 
     # --- starting and cancelling -----------------------------------------------------------
 
-    async def submit(self, kind: str, params: JsonObject, run: Runner, *,
+    async def submit(self, kind: str, params: Mapping[str, Any], run: Runner, *,
                      description: str, target: str | None = None,
                      request_key: str | None = None, prepare: Prepare | None = None,
                      ) -> JobRecord:
@@ -251,7 +251,7 @@ class JobManager:
             job = JobRecord(
                 job_id=str(uuid.uuid4()), kind=kind, state="pending", progress=0,
                 description=description, target=target, cancellable=spec.cancellable,
-                started=self._clock(), params=params, request_key=request_key,
+                started=self._clock(), params=dict(params), request_key=request_key,
                 params_hash=digest,
             )
             # Shielded: once the row is written the job exists, even if the caller is gone.

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from virtnode.api_schema.params import (
+    JobCancelParams,
+    JobGetParams,
+    JobListParams,
+    JobWaitParams,
+)
 from virtnode.jobs.manager import JobManager
-from virtnode.rpc.dispatch import CallContext, rpc_method
-
-JsonObject = dict[str, Any]
+from virtnode.util.jsontypes import JsonObject
 
 
 class JobService:
@@ -16,22 +18,19 @@ class JobService:
     def __init__(self, jobs: JobManager) -> None:
         self._jobs = jobs
 
-    @rpc_method("Job.list")
-    async def list(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def list(self, params: JobListParams) -> JsonObject:
         jobs = self._jobs.list(state=params.get("state"), kind=params.get("kind"),
                                target=params.get("target"))
         return {"jobs": [job.to_api() for job in jobs]}
 
-    @rpc_method("Job.get")
-    async def get(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def get(self, params: JobGetParams) -> JsonObject:
         return {"job": self._jobs.get(params["job_id"]).to_api()}
 
-    @rpc_method("Job.wait")
-    async def wait(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def wait(self, params: JobWaitParams) -> JsonObject:
         job = await self._jobs.wait(params["job_id"], params["timeout"])
         return {"job": job.to_api()}
 
-    @rpc_method("Job.cancel")
-    async def cancel(self, ctx: CallContext, params: JsonObject) -> JsonObject:
-        job = await self._jobs.cancel(params["job_id"], by=ctx.caller.identity)
+    async def cancel(self, params: JobCancelParams, by: str) -> JsonObject:
+        """Cancel a job; ``by`` names the caller in the job's record."""
+        job = await self._jobs.cancel(params["job_id"], by=by)
         return {"job": job.to_api()}

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from virtnode.store import TableSchema, transaction
-
-JsonObject = dict[str, Any]
+from virtnode.util.jsontypes import JsonObject
 
 COMPONENT = "jobs"
 VERSION = 1

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from virtnode.rpc.dispatch import CallContext, rpc_method
 from virtnode.rpc.schema import ApiSchema
-
-JsonObject = dict[str, Any]
+from virtnode.util.jsontypes import JsonObject
 
 
 class ApiService:
@@ -15,8 +11,7 @@ class ApiService:
         self._schema = schema
         self._described: JsonObject | None = None
 
-    @rpc_method("Api.describe")
-    async def describe(self, _ctx: CallContext, _params: JsonObject) -> JsonObject:
+    async def describe(self) -> JsonObject:
         if self._described is None:
             self._described = self._schema.describe()
         return self._described

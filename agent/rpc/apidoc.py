@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping
-from typing import Any
 
 from virtnode.rpc.schema import COMMON_ERRORS, DEFINITION_REF, ApiSchema, load_schema
-
-JsonObject = dict[str, Any]
+from virtnode.util.jsontypes import JsonObject
 
 
 def _type_of(schema: JsonObject) -> str:

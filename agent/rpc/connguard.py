@@ -28,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from virtnode import jsonrpc
 from virtnode.errors import ResourceExhausted
-from virtnode.rpc import jsonrpc
 from virtnode.rpc.identity import certificate_cn, peer_uid
 from virtnode.rpc.origins import Site
 from virtnode.util.burstlog import BurstLog

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from virtnode import jsonrpc
 from virtnode.errors import (
     ApiError,
     InternalError,
@@ -24,49 +25,25 @@ from virtnode.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from virtnode.rpc import jsonrpc
+from virtnode.events.subscriptions import Peer
 from virtnode.rpc.identity import Caller
 from virtnode.rpc.schema import ApiSchema, SchemaError
 from virtnode.util.aio import wait_event
+from virtnode.util.jsontypes import JsonObject
 
 log = logging.getLogger(__name__)
 
-JsonObject = dict[str, Any]
 
 
-class Session(Protocol):
-    """What a handler can know about the connection a call came on."""
+class Session(Peer, Protocol):
+    """What a handler can know about the connection a call came on: the peer events are
+    pushed to, who is calling and how many of its requests are in flight."""
 
     caller: Caller
     inflight: int
-    can_push: bool
 
     @property
     def max_inflight(self) -> int: ...
-
-    def push(self, message: JsonObject) -> bool:
-        """Queue a notification to the peer; False if this session cannot push."""
-        ...
-
-    def push_text(self, text: str) -> bool:
-        """Queue an encoded notification; False if this session cannot push."""
-        ...
-
-    @property
-    def backlog(self) -> int:
-        """Notifications queued and not yet written to the peer."""
-        ...
-
-    @property
-    def closed(self) -> bool: ...
-
-    async def wait_backlog(self, size: int) -> None:
-        """Return once at most ``size`` notifications wait to be written, or on close."""
-        ...
-
-    def on_close(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` when the session ends."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,31 +253,3 @@ def _encode(response: JsonObject) -> str:
             return jsonrpc.encode(jsonrpc.error(response.get("id"), error))
         except ValueError:
             return jsonrpc.encode(jsonrpc.error(None, error))
-
-
-_F = Callable[..., Awaitable[JsonObject]]
-_MARK = "__virtnode_rpc_method__"
-
-
-def rpc_method(name: str) -> Callable[[_F], _F]:
-    """Mark a service coroutine as the handler of the API method ``name``."""
-
-    def mark(fn: _F) -> _F:
-        setattr(fn, _MARK, name)
-        return fn
-
-    return mark
-
-
-def handlers_of(*services: object) -> dict[str, Handler]:
-    """Collect the bound handlers that ``services`` marked with :func:`rpc_method`."""
-    table: dict[str, Handler] = {}
-    for service in services:
-        for attr in dir(type(service)):
-            name = getattr(getattr(type(service), attr), _MARK, None)
-            if name is None:
-                continue
-            if name in table:
-                raise SchemaError(f"two handlers for {name}")
-            table[name] = getattr(service, attr)
-    return table

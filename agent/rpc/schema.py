@@ -19,9 +19,9 @@ import yaml
 
 from virtnode import __version__
 from virtnode.errors import ERRORS_BY_NAME, InvalidParams
-from virtnode.rpc.jsonrpc import holds_match
+from virtnode.jsonrpc import holds_match
+from virtnode.util.jsontypes import JsonObject
 
-JsonObject = dict[str, Any]
 Access = Literal["read", "write"]
 Validator = Callable[[Any], Any]
 

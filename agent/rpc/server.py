@@ -21,22 +21,21 @@ import ssl
 import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from virtnode import jsonrpc
 from virtnode.config import AccessConfig, Listener, ServerConfig
 from virtnode.errors import ApiError, InvalidRequest, PermissionDenied
-from virtnode.rpc import jsonrpc
 from virtnode.rpc.connguard import Gate, GuardedProtocol, Limits, Registry, connection_budget
 from virtnode.rpc.dispatch import Dispatcher
 from virtnode.rpc.identity import Caller, peer_uid, tcp_caller, tls_caller, unix_caller
 from virtnode.rpc.origins import Site, host_refusal, origin_refusal
 from virtnode.rpc.sessions import HttpSession, SendLimits, WebSocketLike, WsSession, cork_for
+from virtnode.util.jsontypes import JsonObject
 
 log = logging.getLogger(__name__)
 
-JsonObject = dict[str, Any]
 HealthFn = Callable[[], JsonObject]
 MetricsFn = Callable[[], bytes]
 

@@ -19,12 +19,12 @@ from typing import Any, Protocol
 
 from aiohttp import ClientWebSocketResponse, WSCloseCode, web
 
-from virtnode.rpc import jsonrpc
+from virtnode import jsonrpc
 from virtnode.rpc.identity import Caller
+from virtnode.util.jsontypes import JsonObject
 
 log = logging.getLogger(__name__)
 
-JsonObject = dict[str, Any]
 #: A server-side WebSocketResponse, or a client-side ClientWebSocketResponse (uplinks).
 WebSocketLike = web.WebSocketResponse | ClientWebSocketResponse
 

@@ -35,18 +35,17 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from virtnode import __version__
+from virtnode import __version__, jsonrpc
 from virtnode.config import UplinkConfig
 from virtnode.errors import FailedPrecondition
 from virtnode.events.bus import EventBus
 from virtnode.events.subscriptions import EventsService
-from virtnode.rpc import jsonrpc
 from virtnode.rpc.identity import Caller
 from virtnode.rpc.server import ApiServer
+from virtnode.util.jsontypes import JsonObject
 
 log = logging.getLogger(__name__)
 
-JsonObject = dict[str, Any]
 
 HELLO_ID = "hello"
 #: A connection that lasted this long resets the backoff to its minimum (seconds).

@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 
-JsonObject = dict[str, Any]
+from virtnode.util.jsontypes import JsonObject
 
 
 def _times(cpu: Any) -> dict[str, float]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -29,10 +28,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from virtnode import __version__
-from virtnode.events.bus import Event, EventBus
+from virtnode.events.bus import EventBus
+from virtnode.events.event import Event
 from virtnode.stats.sampler import StatsSampler
-
-JsonObject = dict[str, Any]
+from virtnode.util.jsontypes import JsonObject
 
 #: Upper bounds of the request duration histogram, seconds.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,

@@ -11,9 +11,9 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from virtnode.util.jsontypes import JsonObject
 from virtnode.vm.state import vm_state
 
-JsonObject = dict[str, Any]
 Counters = Mapping[str, Any]
 
 _NS = 1e9

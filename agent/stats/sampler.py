@@ -22,15 +22,16 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
+from virtnode.api_schema.params import HostGetStatsHistoryParams, VmGetStatsParams
 from virtnode.config import StatsConfig
 from virtnode.errors import ApiError, DeadlineExceeded, Unavailable
 from virtnode.events.bus import EventBus
 from virtnode.hypervisor import constants as vc
 from virtnode.hypervisor import domstats
-from virtnode.hypervisor.connection import Connection, DomainEvent, Hypervisor
-from virtnode.rpc.dispatch import CallContext, rpc_method
+from virtnode.hypervisor.connection import DomainEvent, Hypervisor
+from virtnode.hypervisor.handles import Connection, Domain
 from virtnode.stats import host as hoststats
 from virtnode.stats.rates import (
     downsample,
@@ -39,10 +40,10 @@ from virtnode.stats.rates import (
     vm_stats,
 )
 from virtnode.stats.summary import host_summary, vm_summary
+from virtnode.util.jsontypes import JsonObject
 
 log = logging.getLogger(__name__)
 
-JsonObject = dict[str, Any]
 T = TypeVar("T")
 
 HOST_TOPIC = "stats.host"
@@ -120,7 +121,7 @@ class StatsSampler:
         #: VMs left out of the bulk call, with the monotonic time they were last probed.
         self._stuck: dict[str, float] = {}
         #: Domain handles of the VMs sampled last, to sample them without listing.
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, Domain] = {}
         #: VMs started since the last listing (from lifecycle events).
         self._new: set[str] = set()
         #: VMs with a probe still running in a pool thread.
@@ -272,7 +273,7 @@ class StatsSampler:
         return await self._call(functools.partial(domstats.of, doms=doms, new_ids=new),
                                 self._config.vm_timeout, "reading VM statistics")
 
-    async def _is_stuck(self, vm_id: str, dom: Any) -> bool:
+    async def _is_stuck(self, vm_id: str, dom: Domain) -> bool:
         """Probe one VM's control interface with a short deadline.
 
         A probe that misses it waits on the lock a stuck call holds; a monitor occupied
@@ -395,14 +396,12 @@ class StatsService:
         #: The storage domains' latest monitor checks (a cache read, no I/O).
         self._storage = storage
 
-    @rpc_method("Host.getStats")
-    async def get_host_stats(self, _ctx: CallContext, _params: JsonObject) -> JsonObject:
+    async def get_host_stats(self) -> JsonObject:
         if self.sampler.host is None:
             raise Unavailable("no host statistics yet", reason="not_sampled")
         return {**self.sampler.host, "storage_domains": self._storage()}
 
-    @rpc_method("Host.getStatsHistory")
-    async def get_history(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def get_history(self, params: HostGetStatsHistoryParams) -> JsonObject:
         since = params.get("since")
         interval = self.sampler.interval
         resolution = max(float(params.get("resolution") or interval), interval)
@@ -412,8 +411,7 @@ class StatsService:
         return {"interval_seconds": interval, "resolution_seconds": resolution,
                 "samples": samples}
 
-    @rpc_method("VM.getStats")
-    async def get_vm_stats(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def get_vm_stats(self, params: VmGetStatsParams) -> JsonObject:
         vms = self.sampler.vms
         wanted = params.get("vm_ids")
         if wanted is None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-JsonObject = dict[str, Any]
+from virtnode.util.jsontypes import JsonObject
+
 Counters = Mapping[str, Any]
 
 

@@ -12,10 +12,19 @@ import asyncio
 import copy
 import datetime
 import time
-from typing import Any
+from collections.abc import Callable
 
 from lxml import etree
 
+from virtnode.api_schema.params import (
+    VmHotplugDiskParams,
+    VmHotplugNicParams,
+    VmHotunplugDiskParams,
+    VmHotunplugNicParams,
+    VmSetMemoryParams,
+    VmSetTicketParams,
+    VmSetVcpusParams,
+)
 from virtnode.errors import (
     AlreadyExists,
     ApiError,
@@ -25,7 +34,8 @@ from virtnode.errors import (
     NotFound,
 )
 from virtnode.hypervisor import constants as vc
-from virtnode.rpc.dispatch import CallContext, rpc_method
+from virtnode.hypervisor.handles import Domain
+from virtnode.util.jsontypes import JsonObject
 from virtnode.util.safexml import parse_xml
 from virtnode.vm import ops as vmops
 from virtnode.vm.service import VmService
@@ -39,14 +49,12 @@ from virtnode.vm.spec import (
     written_files,
 )
 
-JsonObject = dict[str, Any]
 
-
-def _flags(dom: Any) -> int:
+def _flags(dom: Domain) -> int:
     return vc.DOMAIN_AFFECT_LIVE | (vc.DOMAIN_AFFECT_CONFIG if dom.isPersistent() else 0)
 
 
-def _live_root(dom: Any) -> etree._Element:
+def _live_root(dom: Domain) -> etree._Element:
     return parse_xml(dom.XMLDesc(0), what="domain XML")
 
 
@@ -82,8 +90,7 @@ class VmDeviceService:
     def __init__(self, vms: VmService) -> None:
         self._vms = vms
 
-    @rpc_method("VM.hotplugDisk")
-    async def hotplug_disk(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def hotplug_disk(self, params: VmHotplugDiskParams) -> JsonObject:
         vm_id = params["vm_id"]
         raw = await self._vms.resolve_disk(params["disk"])
         # Shape, policy and files before touching the VM; the device name comes later.
@@ -91,7 +98,7 @@ class VmDeviceService:
         element = disk_element(checked)
         await self._vms.vet(element, "disk", lambda field: disk_field(field, params["disk"]))
 
-        def run(dom: Any) -> str:
+        def run(dom: Domain) -> str:
             vmops.require_running(dom, vm_id)
             root = _live_root(dom)
             target = checked.target if raw.get("target") else _next_target(
@@ -106,19 +113,17 @@ class VmDeviceService:
         return {"target": await self._vms.mutate(vm_id, "VM.hotplugDisk", run,
                                                  writes=written_files(element))}
 
-    @rpc_method("VM.hotunplugDisk")
-    async def hotunplug_disk(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def hotunplug_disk(self, params: VmHotunplugDiskParams) -> JsonObject:
         xpath = "devices/disk[target/@dev=$key]"
         await self._unplug(params["vm_id"], "VM.hotunplugDisk", xpath, what="disk",
                            key=params["target"], timeout=params["timeout"])
         return {}
 
-    @rpc_method("VM.hotplugNic")
-    async def hotplug_nic(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def hotplug_nic(self, params: VmHotplugNicParams) -> JsonObject:
         vm_id = params["vm_id"]
         nic = check_nic(self._vms.resolve_nic(params["nic"], "nic"), "nic")
 
-        def run(dom: Any) -> str:
+        def run(dom: Domain) -> str:
             vmops.require_running(dom, vm_id)
             before = {m.get("address") for m in _live_root(dom).iterfind("devices/interface/mac")}
             if nic.mac and nic.mac in before:
@@ -131,8 +136,7 @@ class VmDeviceService:
 
         return {"mac": await self._vms.mutate(vm_id, "VM.hotplugNic", run)}
 
-    @rpc_method("VM.hotunplugNic")
-    async def hotunplug_nic(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def hotunplug_nic(self, params: VmHotunplugNicParams) -> JsonObject:
         mac = params["mac"].lower()
         xpath = "devices/interface[mac/@address=$key]"
         await self._unplug(params["vm_id"], "VM.hotunplugNic", xpath, what="nic", key=mac,
@@ -143,7 +147,7 @@ class VmDeviceService:
                       timeout: float) -> None:
         self._vms.require_ready()
         async with self._vms.locks.hold(vm_id, method):
-            def find(dom: Any) -> tuple[str, str]:
+            def find(dom: Domain) -> tuple[str, str]:
                 vmops.require_running(dom, vm_id)
                 return _device(_live_root(dom), xpath, what, key)
 
@@ -167,8 +171,7 @@ class VmDeviceService:
             finally:
                 removed.cancel()
 
-    @rpc_method("VM.setTicket")
-    async def set_ticket(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def set_ticket(self, params: VmSetTicketParams) -> JsonObject:
         vm_id, protocol = params["vm_id"], params["protocol"]
         if protocol == "vnc" and len(params["password"]) > 8:
             raise InvalidArgument("VNC passwords are at most 8 characters", reason="too_long",
@@ -176,7 +179,7 @@ class VmDeviceService:
         expires = time.time() + params["expires_in"]
         valid_to = datetime.datetime.fromtimestamp(expires, datetime.UTC)
 
-        def run(dom: Any) -> JsonObject:
+        def run(dom: Domain) -> JsonObject:
             vmops.require_running(dom, vm_id)
             found = _elements(_live_root(dom), "devices/graphics[@type=$p]", p=protocol)
             if not found:
@@ -200,11 +203,10 @@ class VmDeviceService:
 
         return await self._vms.mutate(vm_id, "VM.setTicket", run)
 
-    @rpc_method("VM.setMemory")
-    async def set_memory(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def set_memory(self, params: VmSetMemoryParams) -> JsonObject:
         vm_id, kib = params["vm_id"], params["memory_mib"] * 1024
 
-        def run(dom: Any) -> None:
+        def run(dom: Domain) -> None:
             maximum = dom.maxMemory()
             if kib > maximum:
                 raise FailedPrecondition(
@@ -215,20 +217,19 @@ class VmDeviceService:
         await self._change(vm_id, "VM.setMemory", run)
         return {"memory_mib": params["memory_mib"]}
 
-    @rpc_method("VM.setVcpus")
-    async def set_vcpus(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def set_vcpus(self, params: VmSetVcpusParams) -> JsonObject:
         vm_id, count = params["vm_id"], params["vcpus"]
         await self._change(vm_id, "VM.setVcpus",
                            lambda dom: dom.setVcpusFlags(count, self._live_or_config(dom)))
         return {"vcpus": count}
 
     @staticmethod
-    def _live_or_config(dom: Any) -> int:
+    def _live_or_config(dom: Domain) -> int:
         running = vmops.state_of(dom)[0] in ("running", "paused")
         return ((vc.DOMAIN_AFFECT_LIVE if running else 0)
                 | (vc.DOMAIN_AFFECT_CONFIG if dom.isPersistent() else 0))
 
-    async def _change(self, vm_id: str, method: str, run: Any) -> None:
+    async def _change(self, vm_id: str, method: str, run: Callable[[Domain], object]) -> None:
         try:
             await self._vms.mutate(vm_id, method, run)
         except (NotFound, FailedPrecondition):

@@ -12,13 +12,14 @@ import logging
 import os
 import stat
 import time
-from typing import Any
 
 from lxml import etree
 
 from virtnode.errors import AlreadyExists, FailedPrecondition, NotFound
 from virtnode.hypervisor import constants as vc
+from virtnode.hypervisor.handles import Connection, Domain
 from virtnode.storage.images import qcow2
+from virtnode.util.jsontypes import JsonObject
 from virtnode.util.safexml import parse_xml
 from virtnode.vm import pcieports
 from virtnode.vm.spec import NAMESPACE, PREFIX, device_summary, metadata_body, read_metadata
@@ -26,9 +27,6 @@ from virtnode.vm.state import reason_name, vm_state
 
 log = logging.getLogger(__name__)
 
-JsonObject = dict[str, Any]
-Connection = Any
-Domain = Any
 
 _UNDEFINE_FLAGS = (
     vc.DOMAIN_UNDEFINE_MANAGED_SAVE

@@ -14,10 +14,24 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from lxml import etree
 
+from virtnode.api_schema.params import (
+    VmCreateParams,
+    VmDestroyParams,
+    VmGetInfoParams,
+    VmGetXMLParams,
+    VmListParams,
+    VmPauseParams,
+    VmRebootParams,
+    VmResetParams,
+    VmResumeParams,
+    VmShutdownParams,
+    VmStartParams,
+    VmUndefineParams,
+)
 from virtnode.config import VmConfig
 from virtnode.errors import (
     ApiError,
@@ -30,10 +44,11 @@ from virtnode.errors import (
 from virtnode.events.bus import EventBus
 from virtnode.hypervisor import constants as vc
 from virtnode.hypervisor.capabilities import parse_capabilities
-from virtnode.hypervisor.connection import Connection, DomainEvent, Hypervisor
+from virtnode.hypervisor.connection import DomainEvent, Hypervisor
+from virtnode.hypervisor.handles import Connection, Domain
 from virtnode.jobs.manager import JobHandle, JobKind, JobManager
-from virtnode.rpc.dispatch import CallContext, rpc_method
 from virtnode.util.aio import wait_event
+from virtnode.util.jsontypes import JsonObject
 from virtnode.util.safexml import parse_xml
 from virtnode.vm import ops as vmops
 from virtnode.vm import pcieports
@@ -55,7 +70,6 @@ from virtnode.vm.state import is_start_noise, lifecycle, vm_state
 
 log = logging.getLogger(__name__)
 
-JsonObject = dict[str, Any]
 T = TypeVar("T")
 #: Resolves ``{sd_id, image_id, volume_id}`` (and whether the disk is read-only) to the
 #: volume's chain as ``(path, format)``, leaf first.
@@ -172,7 +186,7 @@ class VmService:
 
     # --- plumbing --------------------------------------------------------------------------
 
-    async def on_vm(self, vm_id: str, fn: Callable[[Any], T], *, what: str = "") -> T:
+    async def on_vm(self, vm_id: str, fn: Callable[[Domain], T], *, what: str = "") -> T:
         """Run ``fn(domain)`` for the VM ``vm_id`` in the libvirt pool."""
         def run(conn: Connection) -> T:
             return fn(vmops.lookup(conn, vm_id))
@@ -189,7 +203,7 @@ class VmService:
             raise Unavailable("the agent is recovering its view of the VMs; retry shortly",
                               reason="recovering")
 
-    async def mutate(self, vm_id: str, method: str, fn: Callable[[Any], T], *,
+    async def mutate(self, vm_id: str, method: str, fn: Callable[[Domain], T], *,
                      writes: Sequence[str] = ()) -> T:
         """Run a mutating ``fn(domain)`` holding the VM's lock, and the :attr:`writers`
         guard of the files it ``writes`` (taken after the VM's lock, always)."""
@@ -307,8 +321,7 @@ class VmService:
 
     # --- methods ---------------------------------------------------------------------------
 
-    @rpc_method("VM.list")
-    async def list(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def list(self, params: VmListParams) -> JsonObject:
         vms = [
             {"vm_id": vm_id, "name": name, "state": state}
             for vm_id, name, state in await self._hv.call(_snapshot, what="listing VMs")
@@ -319,8 +332,7 @@ class VmService:
         vms.sort(key=lambda vm: (vm["name"], vm["vm_id"]))
         return {"vms": vms}
 
-    @rpc_method("VM.create")
-    async def create(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def create(self, params: VmCreateParams) -> JsonObject:
         self.require_ready()
         persistent, start = params["persistent"], params["start"]
         if ("spec" in params) == ("xml" in params):
@@ -442,16 +454,15 @@ class VmService:
             self._domain_type = await self._hv.call(pick, what="reading domain types")
         return self._domain_type
 
-    @rpc_method("VM.start")
-    async def start_vm(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def start_vm(self, params: VmStartParams) -> JsonObject:
         vm_id = params["vm_id"]
 
-        def disks(dom: Any) -> list[str]:
+        def disks(dom: Domain) -> list[str]:
             vmops.require_stopped(dom, vm_id)
             return written_files(parse_xml(dom.XMLDesc(vc.DOMAIN_XML_INACTIVE),
                                            what="domain XML"))
 
-        def run(dom: Any) -> str:
+        def run(dom: Domain) -> str:
             vmops.require_stopped(dom, vm_id)
             dom.create()
             vmops.mark_started(dom, read_metadata(dom.XMLDesc(0)))
@@ -466,18 +477,17 @@ class VmService:
                 state = await self.on_vm(vm_id, run, what=f"VM.start on {vm_id}")
         return {"state": state}
 
-    @rpc_method("VM.destroy")
-    async def destroy(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
-        def run(dom: Any) -> None:
+    async def destroy(self, params: VmDestroyParams) -> JsonObject:
+        def run(dom: Domain) -> None:
             vmops.require_running(dom, params["vm_id"])
             dom.destroy()
 
         await self.mutate(params["vm_id"], "VM.destroy", run)
         return {}
 
-    def _state_change(self, method: str, needs: str, action: Callable[[Any], Any]
-                      ) -> Callable[[Any], str]:
-        def run(dom: Any) -> str:
+    def _state_change(self, method: str, needs: str, action: Callable[[Domain], object]
+                      ) -> Callable[[Domain], str]:
+        def run(dom: Domain) -> str:
             state, _ = vmops.state_of(dom)
             if state != needs:
                 raise FailedPrecondition(f"{method} needs a {needs} VM; it is {state}",
@@ -488,32 +498,27 @@ class VmService:
 
         return run
 
-    @rpc_method("VM.pause")
-    async def pause(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def pause(self, params: VmPauseParams) -> JsonObject:
         run = self._state_change("VM.pause", "running", lambda dom: dom.suspend())
         return {"state": await self.mutate(params["vm_id"], "VM.pause", run)}
 
-    @rpc_method("VM.resume")
-    async def resume(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def resume(self, params: VmResumeParams) -> JsonObject:
         run = self._state_change("VM.resume", "paused", lambda dom: dom.resume())
         return {"state": await self.mutate(params["vm_id"], "VM.resume", run)}
 
-    @rpc_method("VM.reset")
-    async def reset(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def reset(self, params: VmResetParams) -> JsonObject:
         run = self._state_change("VM.reset", "running", lambda dom: dom.reset(0))
         return {"state": await self.mutate(params["vm_id"], "VM.reset", run)}
 
-    @rpc_method("VM.reboot")
-    async def reboot(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def reboot(self, params: VmRebootParams) -> JsonObject:
         flags = _REBOOT_FLAGS[params["method"]]
         run = self._state_change("VM.reboot", "running", lambda dom: dom.reboot(flags))
         return {"state": await self.mutate(params["vm_id"], "VM.reboot", run)}
 
-    @rpc_method("VM.undefine")
-    async def undefine(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def undefine(self, params: VmUndefineParams) -> JsonObject:
         vm_id, force = params["vm_id"], params["force"]
 
-        def run(dom: Any) -> None:
+        def run(dom: Domain) -> None:
             state, _ = vmops.state_of(dom)
             if state not in ("shutoff", "defined", "crashed"):
                 if not force:
@@ -529,8 +534,7 @@ class VmService:
         await self.mutate(vm_id, "VM.undefine", run)
         return {}
 
-    @rpc_method("VM.shutdown")
-    async def shutdown(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def shutdown(self, params: VmShutdownParams) -> JsonObject:
         vm_id, timeout, fallback = params["vm_id"], params["timeout"], params["fallback"]
         methods = tuple(dict.fromkeys(params["methods"]))
         if not methods:
@@ -582,15 +586,13 @@ class VmService:
         return {"stopped_by": outcome.stopped_by, "seconds": round(outcome.seconds, 3),
                 "tried": list(outcome.tried)}
 
-    @rpc_method("VM.getInfo")
-    async def get_info(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def get_info(self, params: VmGetInfoParams) -> JsonObject:
         info = await self.on_vm(params["vm_id"], vmops.info)
         operation = self._locks.holder(params["vm_id"])
         info["operation"] = None if operation is None else operation.describe()
         return info
 
-    @rpc_method("VM.getXML")
-    async def get_xml(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def get_xml(self, params: VmGetXMLParams) -> JsonObject:
         flags = vc.DOMAIN_XML_INACTIVE if params["inactive"] else 0
         return {"xml": await self.on_vm(params["vm_id"], lambda dom: dom.XMLDesc(flags))}
 

@@ -19,9 +19,8 @@ from typing import Any
 from lxml import etree
 
 from virtnode.errors import InvalidArgument
+from virtnode.util.jsontypes import JsonObject
 from virtnode.util.safexml import parse_xml
-
-JsonObject = dict[str, Any]
 
 #: The XML namespace of the agent's metadata inside a domain.
 NAMESPACE = "https://virtnode.dev/xmlns/vm/1"

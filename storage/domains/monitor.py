@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
@@ -39,10 +38,10 @@ from virtnode.errors import ApiError
 from virtnode.storage.domains import mounts
 from virtnode.storage.layout import MAX_METADATA_BYTES, DomainLayout, DomainMetadata
 from virtnode.util.aio import DaemonThreadPool
+from virtnode.util.jsontypes import JsonObject
 
 log = logging.getLogger(__name__)
 
-JsonObject = dict[str, Any]
 #: Direct I/O needs buffers, offsets and lengths aligned to the logical block size; a page
 #: covers 512 and 4096-byte sectors.
 _ALIGN = mmap.PAGESIZE

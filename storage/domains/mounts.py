@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from virtnode.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
-
-JsonObject = dict[str, Any]
+from virtnode.util.jsontypes import JsonObject
 
 MOUNT = "/bin/mount"
 UMOUNT = "/bin/umount"

@@ -30,11 +30,18 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from virtnode.api_schema.params import (
+    StorageDomainAttachParams,
+    StorageDomainCreateParams,
+    StorageDomainDeleteParams,
+    StorageDomainDetachParams,
+    StorageDomainGetInfoParams,
+)
 from virtnode.config import StorageConfig
 from virtnode.errors import (
     AlreadyExists,
@@ -45,7 +52,6 @@ from virtnode.errors import (
     NotFound,
 )
 from virtnode.events.bus import EventBus
-from virtnode.rpc.dispatch import CallContext, rpc_method
 from virtnode.storage import layout as lay
 from virtnode.storage import usage
 from virtnode.storage.domains import access, location, mounts, registry
@@ -56,10 +62,10 @@ from virtnode.storage.layout import DomainLayout, DomainMetadata, DomainType
 from virtnode.store import Store
 from virtnode.util.aio import DaemonThreadPool
 from virtnode.util.files import make_dir
+from virtnode.util.jsontypes import JsonObject
 
 log = logging.getLogger(__name__)
 
-JsonObject = dict[str, Any]
 T = TypeVar("T")
 #: Disk paths of running VMs by VM name; raises when that cannot be known.
 VmDisks = Callable[[], Awaitable[dict[str, list[str]]]]
@@ -171,17 +177,14 @@ class StorageDomainService:
 
     # --- methods --------------------------------------------------------------------------
 
-    @rpc_method("StorageDomain.list")
-    async def list(self, _ctx: CallContext, _params: JsonObject) -> JsonObject:
+    async def list(self) -> JsonObject:
         return {"domains": [d.to_api() for d in self._domains.values()]}
 
-    @rpc_method("StorageDomain.getInfo")
-    async def get_info(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def get_info(self, params: StorageDomainGetInfoParams) -> JsonObject:
         return {"domain": self._get(params["sd_id"]).to_api()}
 
-    @rpc_method("StorageDomain.create")
-    async def create(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
-        dtype = cast(DomainType, params["type"])
+    async def create(self, params: StorageDomainCreateParams) -> JsonObject:
+        dtype: DomainType = params["type"]
         name = lay.check_name(params["name"])
         spec = _where(dtype, params)
         async with self._lock:
@@ -200,10 +203,9 @@ class StorageDomainService:
         self._publish(domain, "created")
         return {"domain": domain.to_api()}
 
-    @rpc_method("StorageDomain.attach")
-    async def attach(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def attach(self, params: StorageDomainAttachParams) -> JsonObject:
         sd_id = lay.check_uuid(params["sd_id"], "sd_id")
-        dtype = cast(DomainType, params["type"])
+        dtype: DomainType = params["type"]
         spec = _where(dtype, params)
         async with self._lock:
             old = self._domains.get(sd_id)
@@ -226,8 +228,7 @@ class StorageDomainService:
         self._publish(domain, "attached")
         return {"domain": domain.to_api()}
 
-    @rpc_method("StorageDomain.detach")
-    async def detach(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def detach(self, params: StorageDomainDetachParams) -> JsonObject:
         async with self._lock:
             domain = self._get(params["sd_id"])
             await self._check_unused(domain)
@@ -236,8 +237,7 @@ class StorageDomainService:
         self._publish(domain, "detached")
         return {}
 
-    @rpc_method("StorageDomain.delete")
-    async def delete(self, _ctx: CallContext, params: JsonObject) -> JsonObject:
+    async def delete(self, params: StorageDomainDeleteParams) -> JsonObject:
         async with self._lock:
             domain = self._get(params["sd_id"])
             if domain.error is not None:
@@ -353,7 +353,7 @@ class StorageDomainService:
         return target
 
     @contextlib.asynccontextmanager
-    async def _root(self, sd_id: str, spec: MountSpec | None, params: JsonObject,
+    async def _root(self, sd_id: str, spec: MountSpec | None, params: Mapping[str, Any],
                     local: LocalRoot, *, what: str) -> AsyncIterator[Path]:
         """The root of a domain being created or attached: ``local`` of the call's path
         (localfs; a directory it made is removed again if anything inside fails), or the
@@ -463,7 +463,7 @@ class StorageDomainService:
         self._bus.publish(TOPIC, data)
 
 
-def _where(dtype: str, params: JsonObject) -> MountSpec | None:
+def _where(dtype: str, params: Mapping[str, Any]) -> MountSpec | None:
     """The mount spec of a posixfs call (None for localfs); checks that the call gives
     exactly what its type needs, and a path or filesystem type no domain may have."""
     if dtype == "localfs":

@@ -21,16 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
+from virtnode.api_schema.params import VolumeCopyParams, VolumeMergeParams
 from virtnode.errors import FailedPrecondition, InvalidArgument
 from virtnode.jobs.manager import JobHandle, JobKind
 from virtnode.jobs.store import JobRecord
 from virtnode.storage.domains.gate import Lease
+from virtnode.storage.domains.service import Domain
 from virtnode.storage.images import qemuimg
 from virtnode.storage.layout import VolumeMetadata
 from virtnode.storage.volumes import files as volfiles
+from virtnode.storage.volumes.core import VolumeCore
 from virtnode.storage.volumes.files import Found
 from virtnode.storage.volumes.view import (
     preallocation,
@@ -39,18 +42,14 @@ from virtnode.storage.volumes.view import (
     require_legal,
     volume_api,
 )
+from virtnode.util.jsontypes import JsonObject
 
-if TYPE_CHECKING:
-    from virtnode.storage.domains.service import Domain
-    from virtnode.storage.volumes.service import VolumeService
-
-JsonObject = dict[str, Any]
 COPY_JOB = JobKind("Volume.copy", cancellable=True)
 #: Cancelling a merge stops qemu-img; the chain stays illegal and the merge can be rerun.
 MERGE_JOB = JobKind("Volume.merge", cancellable=True)
 
 
-def _job_params(params: JsonObject) -> JsonObject:
+def _job_params(params: Mapping[str, Any]) -> JsonObject:
     return {k: v for k, v in params.items() if k != "request_key"}
 
 
@@ -77,13 +76,13 @@ async def _leased(domains: Sequence[Domain], what: str,
 
 
 @contextlib.asynccontextmanager
-async def _job_context(service: VolumeService, volumes: Sequence[Found], what: str,
+async def _job_context(core: VolumeCore, volumes: Sequence[Found], what: str,
                        leases: list[Lease]) -> AsyncIterator[None]:
     """A job's resources: its volumes busy, and its domain leases until it ends."""
     for lease in leases:
         lease.taken = True  # released when the job ends
     try:
-        async with service.hold(volumes, what):
+        async with core.hold(volumes, what):
             yield
     finally:
         for lease in leases:
@@ -95,30 +94,30 @@ def _name_job(handle: JobHandle, leases: list[Lease]) -> None:
         lease.job_id = handle.job_id
 
 
-async def start_copy(service: VolumeService, params: JsonObject) -> JsonObject:
+async def start_copy(core: VolumeCore, params: VolumeCopyParams) -> JsonObject:
     """Check a ``Volume.copy`` call and start its job; returns ``{job_id, job}``."""
-    src_domain = service.domains.domain(params["src"]["sd_id"])
-    dst = service.domains.domain(params["dst_sd"])
+    src_domain = core.domains.domain(params["src"]["sd_id"])
+    dst = core.domains.domain(params["dst_sd"])
     return await _leased([src_domain, dst], COPY_JOB.name,
-                         lambda leases: _submit_copy(service, params, leases))
+                         lambda leases: _submit_copy(core, params, leases))
 
 
-async def _submit_copy(service: VolumeService, params: JsonObject,
+async def _submit_copy(core: VolumeCore, params: VolumeCopyParams,
                        leases: list[Lease]) -> JobRecord:
-    src_domain, leaf = await service.volume(params["src"])
-    dst = service.domains.domain(params["dst_sd"])
+    src_domain, leaf = await core.volume(params["src"])
+    dst = core.domains.domain(params["dst_sd"])
     dst_fmt, allocation = params["dst_format"], params["allocation"]
     if not params["collapse"] and leaf.metadata.parent is not None:
         raise InvalidArgument(
             "collapse=false copies a single volume, and this one has a parent; use "
             "collapse=true to copy its whole chain into one volume",
             reason="has_parent", field="collapse")
-    chain = await service.chain(src_domain, leaf)
+    chain = await core.chain(src_domain, leaf)
     require_legal(chain)
     src = qemu_chain(chain)
     prealloc = preallocation(allocation)
-    await service.check_space(dst, dst_fmt, 0, allocation, measured=qemuimg.measure(
-        dst_fmt, src=src, timeout=service.domains.io_timeout))
+    await core.check_space(dst, dst_fmt, 0, allocation, measured=qemuimg.measure(
+        dst_fmt, src=src, timeout=core.domains.io_timeout))
 
     async def run(handle: JobHandle) -> JsonObject:
         _name_job(handle, leases)
@@ -127,8 +126,8 @@ async def _submit_copy(service: VolumeService, params: JsonObject,
             dst_fmt, allocation, leaf.metadata.virtual_size, parent=None,
             shared=params["shared"],
             description=params.get("description", leaf.metadata.description))
-        async with service.lock(dst):
-            target: Found = await service.io(
+        async with core.lock(dst):
+            target: Found = await core.io(
                 volfiles.start_new, dst.layout, image_id, volume_id, metadata,
                 new_image=True, what="writing volume metadata")
         dst_path = target.path
@@ -136,39 +135,39 @@ async def _submit_copy(service: VolumeService, params: JsonObject,
             with qemu_guard(f"copying volume {leaf.volume_id}"):
                 await qemuimg.convert(src, dst_path, dst_fmt=dst_fmt,
                                       preallocation=prealloc, progress=_progress(handle))
-            await service.io(volfiles.sync_data, dst_path, what="flushing the copy")
-            async with service.lock(dst):
-                target = await service.io(volfiles.update, dst.layout, target,
+            await core.io(volfiles.sync_data, dst_path, what="flushing the copy")
+            async with core.lock(dst):
+                target = await core.io(volfiles.update, dst.layout, target,
                                           legality="legal", what="writing volume metadata")
         except BaseException:
-            await service.discard(dst, target)
+            await core.discard(dst, target)
             raise
-        service.publish(dst, image_id, volume_id, "created")
+        core.publish(dst, image_id, volume_id, "created")
         return {"volume": volume_api(dst, target)}
 
-    return await service.jobs.submit(
+    return await core.jobs.submit(
         COPY_JOB.name, _job_params(params), run,
         description=f"copy volume {leaf.volume_id} to storage domain {dst.sd_id}",
         target=leaf.volume_id, request_key=params.get("request_key"),
-        prepare=lambda: _job_context(service, chain, COPY_JOB.name, leases))
+        prepare=lambda: _job_context(core, chain, COPY_JOB.name, leases))
 
 
-async def _merge_chain(service: VolumeService, params: JsonObject
+async def _merge_chain(core: VolumeCore, params: VolumeMergeParams
                        ) -> tuple[Domain, Sequence[Found]]:
     """The domain and the chain of the layer to merge (the layer, its parent, and what
     lies below)."""
-    domain, top = await service.volume(params)
+    domain, top = await core.volume(params)
     parent_id = top.metadata.parent
     if parent_id is None:
         raise FailedPrecondition(f"volume {top.volume_id} has no parent to merge into",
                                  reason="no_parent", object="volume", id=top.volume_id)
-    chain = await service.chain(domain, top)
+    chain = await core.chain(domain, top)
     parent = chain[1]
     if parent.metadata.role == "shared" or parent.image_id != top.image_id:
         raise FailedPrecondition(
             f"parent {parent_id} is a template; merging into it would change every image "
             "made from it", reason="parent_shared", object="volume", id=parent_id)
-    kids = await service.io(volfiles.children, domain.layout, top.volume_id,
+    kids = await core.io(volfiles.children, domain.layout, top.volume_id,
                             what="looking for children")
     if kids:
         raise FailedPrecondition(f"volume {top.volume_id} has child volumes; only an image's "
@@ -178,49 +177,49 @@ async def _merge_chain(service: VolumeService, params: JsonObject
     if parent.metadata.legality == "legal" and top.metadata.legality != "legal":
         raise FailedPrecondition(f"volume {top.volume_id} is illegal",
                                  reason="volume_illegal", object="volume", id=top.volume_id)
-    await service.check_unused(domain, [top, parent])
+    await core.check_unused(domain, [top, parent])
     return domain, chain
 
 
-async def start_merge(service: VolumeService, params: JsonObject) -> JsonObject:
+async def start_merge(core: VolumeCore, params: VolumeMergeParams) -> JsonObject:
     """Check a ``Volume.merge`` call and start its job; returns ``{job_id, job}``."""
-    return await _leased([service.domains.domain(params["sd_id"])], MERGE_JOB.name,
-                         lambda leases: _submit_merge(service, params, leases))
+    return await _leased([core.domains.domain(params["sd_id"])], MERGE_JOB.name,
+                         lambda leases: _submit_merge(core, params, leases))
 
 
-async def _submit_merge(service: VolumeService, params: JsonObject,
+async def _submit_merge(core: VolumeCore, params: VolumeMergeParams,
                         leases: list[Lease]) -> JobRecord:
-    domain, chain = await _merge_chain(service, params)
+    domain, chain = await _merge_chain(core, params)
     top, parent = chain[0], chain[1]
     committed, base_path = qemu_chain(chain), parent.path
 
     async def run(handle: JobHandle) -> JsonObject:
         nonlocal top, parent
         _name_job(handle, leases)
-        async with service.lock(domain):
+        async with core.lock(domain):
             # The parent first: a crash between the two leaves an illegal parent under a
             # legal leaf, never an illegal leaf over a legal parent (which the start-up
             # scan would take for a half-made volume and remove).
             if parent.metadata.legality == "legal":
-                parent = await service.io(volfiles.update, domain.layout, parent,
+                parent = await core.io(volfiles.update, domain.layout, parent,
                                           legality="illegal", what="marking the chain")
             if top.metadata.legality == "legal":
-                top = await service.io(volfiles.update, domain.layout, top,
+                top = await core.io(volfiles.update, domain.layout, top,
                                        legality="illegal", what="marking the chain")
         with qemu_guard(f"merging volume {top.volume_id}"):
             await qemuimg.commit(committed, progress=_progress(handle))
-        await service.io(volfiles.sync_data, base_path, what="flushing the parent")
-        async with service.lock(domain):
-            parent = await service.io(
+        await core.io(volfiles.sync_data, base_path, what="flushing the parent")
+        async with core.lock(domain):
+            parent = await core.io(
                 volfiles.update, domain.layout, parent, legality="legal", role="leaf",
                 virtual_size=max(parent.metadata.virtual_size, top.metadata.virtual_size),
                 what="writing volume metadata")
-            await service.discard(domain, top)
-        service.publish(domain, top.image_id, top.volume_id, "merged")
+            await core.discard(domain, top)
+        core.publish(domain, top.image_id, top.volume_id, "merged")
         return {"volume": volume_api(domain, parent)}
 
-    return await service.jobs.submit(
+    return await core.jobs.submit(
         MERGE_JOB.name, _job_params(params), run,
         description=f"merge volume {top.volume_id} into {parent.volume_id}",
         target=top.volume_id, request_key=params.get("request_key"),
-        prepare=lambda: _job_context(service, [top, parent], MERGE_JOB.name, leases))
+        prepare=lambda: _job_context(core, [top, parent], MERGE_JOB.name, leases))

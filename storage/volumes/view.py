@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from virtnode.errors import (
     AlreadyExists,
@@ -19,8 +18,8 @@ from virtnode.errors import (
 from virtnode.storage.domains.service import Domain
 from virtnode.storage.images import qemuimg
 from virtnode.storage.volumes.files import Found
+from virtnode.util.jsontypes import JsonObject
 
-JsonObject = dict[str, Any]
 #: How qemu-img preallocates a ``preallocated`` volume, raw or qcow2 alike.
 PREALLOCATION = "falloc"
 

@@ -23,8 +23,7 @@ from tests.conftest import ClientFactory, missing
 from tests.subproc import tmpfs, virtnode
 from virtnode.client import RemoteError
 from virtnode.rpc.schema import ApiSchema
-
-JsonObject = dict[str, Any]
+from virtnode.util.jsontypes import JsonObject
 
 #: test:///default always defines one running domain with this name.
 TEST_VM = "test"

@@ -11,7 +11,6 @@ import signal
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -19,10 +18,10 @@ import pytest
 from tests.agentproc import AgentProcess, start_agent
 from tests.conftest import ClientFactory
 from virtnode.client import Client, RemoteError
+from virtnode.util.jsontypes import JsonObject
 
 pytestmark = pytest.mark.integration
 
-JsonObject = dict[str, Any]
 
 
 async def vm_cycle(client: Client) -> None:

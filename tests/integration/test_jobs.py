@@ -12,7 +12,6 @@ import io
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,7 +26,6 @@ from virtnode.client import jobs as jobcli
 
 pytestmark = [pytest.mark.integration]
 
-JsonObject = dict[str, Any]
 MISSING = "00000000-0000-4000-8000-000000000000"
 
 

@@ -9,7 +9,6 @@ import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,13 +26,13 @@ from tests.integration.conftest import (
 )
 from tests.integration.test_vm_lifecycle import create, firmware_spec
 from virtnode.client import Client
+from virtnode.util.jsontypes import JsonObject
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu,
               pytest.mark.usefixtures("libvirtd", "cleanup_vms")]
 
 SAMPLING = {"host_interval": 1.0, "vm_interval": 1.0, "vm_timeout": 1.0, "probe_timeout": 0.5,
             "stuck_retry": 2.0}
-JsonObject = dict[str, Any]
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ from aiohttp import WSMsgType, web
 from tests.agentproc import AgentProcess, free_port, start_agent
 from tests.conftest import ClientFactory
 from tests.integration.test_events_journal import position, vm_cycle
+from virtnode.util.jsontypes import JsonObject
 
 pytestmark = pytest.mark.integration
 
-JsonObject = dict[str, Any]
 
 
 class Upstream:

@@ -41,8 +41,8 @@ from virtnode.config import AccessConfig, Role, ServerConfig
 from virtnode.rpc.dispatch import Dispatcher
 from virtnode.rpc.schema import ApiSchema
 from virtnode.rpc.server import ApiServer
+from virtnode.util.jsontypes import JsonObject
 
-JsonObject = dict[str, Any]
 
 class Wire:
     """Hand-written JSON text over one transport: a WebSocket or POST /rpc."""

@@ -24,8 +24,7 @@ from virtnode.config import AccessConfig, Role, ServerConfig
 from virtnode.rpc.dispatch import CallContext, Dispatcher, Handler
 from virtnode.rpc.schema import ApiSchema, build_schema
 from virtnode.rpc.server import ApiServer
-
-JsonObject = dict[str, Any]
+from virtnode.util.jsontypes import JsonObject
 
 MAX_MESSAGE = 64 * 1024
 MAX_INFLIGHT = 4

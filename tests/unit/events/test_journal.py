@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from virtnode.events.bus import Event, EventBus
+from virtnode.events.bus import EventBus
+from virtnode.events.event import Event
 from virtnode.events.journal import Journal
 from virtnode.store import Store, StoreError
 

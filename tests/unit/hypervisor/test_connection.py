@@ -11,7 +11,8 @@ import pytest
 
 from virtnode.config import HypervisorConfig
 from virtnode.errors import DeadlineExceeded, NotFound, Unavailable
-from virtnode.events.bus import Event, EventBus
+from virtnode.events.bus import EventBus
+from virtnode.events.event import Event
 from virtnode.hypervisor.connection import ConnectionState, Hypervisor
 
 

@@ -13,12 +13,13 @@ import pytest
 
 from virtnode.config import JobsConfig
 from virtnode.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from virtnode.events.bus import Event, EventBus
+from virtnode.events.bus import EventBus
+from virtnode.events.event import Event
 from virtnode.jobs.manager import JobHandle, JobKind, JobManager
 from virtnode.rpc.schema import ApiSchema
 from virtnode.store import Store
+from virtnode.util.jsontypes import JsonObject
 
-JsonObject = dict[str, Any]
 WORK = JobKind("Test.work", cancellable=True)
 STUBBORN = JobKind("Test.stubborn", cancellable=False)
 

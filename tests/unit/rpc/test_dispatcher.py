@@ -16,11 +16,11 @@ import pytest
 from virtnode.config import Role
 from virtnode.errors import NotFound
 from virtnode.rpc import dispatch as rpc
-from virtnode.rpc.dispatch import CallContext, Dispatcher, handlers_of, rpc_method
+from virtnode.rpc.bindings import combine
+from virtnode.rpc.dispatch import CallContext, Dispatcher, Handler
 from virtnode.rpc.identity import Caller
 from virtnode.rpc.schema import ApiSchema, SchemaError, build_schema
-
-JsonObject = dict[str, Any]
+from virtnode.util.jsontypes import JsonObject
 
 TEST_YAML = """
 methods:
@@ -124,28 +124,23 @@ class FakeService:
         self.expected_waiters = 1
         self.contexts: list[CallContext] = []
 
-    @rpc_method("Test.echo")
     async def echo(self, ctx: CallContext, params: JsonObject) -> JsonObject:
         self.calls.append("echo")
         return dict(params)
 
-    @rpc_method("Test.set")
     async def set(self, ctx: CallContext, params: JsonObject) -> JsonObject:
         self.calls.append("set")
         return {"value": params.get("value")}
 
-    @rpc_method("Test.lookup")
     async def lookup(self, ctx: CallContext, params: JsonObject) -> JsonObject:
         self.calls.append("lookup")
         raise NotFound(f"no VM {params['vm_id']}", reason="no_vm", object="vm",
                        id=params["vm_id"])
 
-    @rpc_method("Test.crash")
     async def crash(self, ctx: CallContext, params: JsonObject) -> JsonObject:
         self.calls.append("crash")
         raise RuntimeError(SECRET)
 
-    @rpc_method("Test.wait")
     async def wait(self, ctx: CallContext, params: JsonObject) -> JsonObject:
         self.calls.append("wait")
         self.waiting += 1
@@ -154,22 +149,23 @@ class FakeService:
         await self.release.wait()
         return {"waited": True}
 
-    @rpc_method("Test.unsendable")
     async def unsendable(self, ctx: CallContext, params: JsonObject) -> JsonObject:
         return {"ratio": float("nan"), "when": object()}
 
-    @rpc_method("Test.lonely")
     async def lonely(self, ctx: CallContext, params: JsonObject) -> JsonObject:
         return {"description": "stored before it was refused \udfff"}
 
-    @rpc_method("Test.whoami")
     async def whoami(self, ctx: CallContext, params: JsonObject) -> JsonObject:
         self.contexts.append(ctx)
         return {"identity": ctx.caller.identity, "role": ctx.caller.role.value,
                 "method": ctx.method}
 
-    def not_a_handler(self) -> None:
-        """Unmarked methods are not collected."""
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "Test.echo": self.echo, "Test.set": self.set, "Test.lookup": self.lookup,
+            "Test.crash": self.crash, "Test.wait": self.wait, "Test.unsendable": self.unsendable,
+            "Test.lonely": self.lonely, "Test.whoami": self.whoami,
+        }
 
 
 @dataclass
@@ -204,7 +200,7 @@ def service() -> FakeService:
 
 @pytest.fixture
 def dispatcher(test_schema: ApiSchema, service: FakeService) -> Dispatcher:
-    return Dispatcher(test_schema, handlers_of(service))
+    return Dispatcher(test_schema, service.handlers())
 
 
 @pytest.fixture
@@ -736,7 +732,7 @@ async def test_cancelled_call_leaves_no_count_behind(
 def test_schema_method_without_handler_is_refused(
     test_schema: ApiSchema, service: FakeService
 ) -> None:
-    handlers = handlers_of(service)
+    handlers = service.handlers()
     del handlers["Test.crash"]
     with pytest.raises(SchemaError, match=r"no handler for Test\.crash"):
         Dispatcher(test_schema, handlers)
@@ -745,64 +741,21 @@ def test_schema_method_without_handler_is_refused(
 def test_handler_without_schema_entry_is_refused(
     test_schema: ApiSchema, service: FakeService
 ) -> None:
-    handlers = handlers_of(service)
+    handlers = service.handlers()
     handlers["Test.extra"] = service.echo
     with pytest.raises(SchemaError, match=r"no schema entry for Test\.extra"):
         Dispatcher(test_schema, handlers)
 
 
-def test_handlers_of_collects_marked_methods_bound_to_the_service(service: FakeService) -> None:
-    handlers = handlers_of(service)
-    assert set(handlers) == {
-        "Test.echo", "Test.set", "Test.lookup", "Test.crash", "Test.wait", "Test.unsendable",
-        "Test.lonely", "Test.whoami",
-    }
-    assert handlers["Test.echo"] == service.echo
-    assert getattr(handlers["Test.echo"], "__self__", None) is service
+def test_tables_of_several_namespaces_combine(service: FakeService) -> None:
+    other: dict[str, Handler] = {"Two.b": service.echo}
+    assert set(combine(service.handlers(), other)) == {*service.handlers(), "Two.b"}
+    assert combine() == {}
 
 
-def test_handlers_of_several_services() -> None:
-    class One:
-        @rpc_method("One.a")
-        async def a(self, ctx: CallContext, params: JsonObject) -> JsonObject:
-            return {}
-
-    class Two:
-        @rpc_method("Two.b")
-        async def b(self, ctx: CallContext, params: JsonObject) -> JsonObject:
-            return {}
-
-    assert set(handlers_of(One(), Two())) == {"One.a", "Two.b"}
-    assert handlers_of() == {}
-
-
-def test_handlers_of_rejects_two_handlers_for_one_method() -> None:
-    class One:
-        @rpc_method("Same.name")
-        async def a(self, ctx: CallContext, params: JsonObject) -> JsonObject:
-            return {}
-
-    class Two:
-        @rpc_method("Same.name")
-        async def b(self, ctx: CallContext, params: JsonObject) -> JsonObject:
-            return {}
-
-    with pytest.raises(SchemaError, match=r"Same\.name"):
-        handlers_of(One(), Two())
-
-
-def test_handlers_of_rejects_duplicates_within_one_service() -> None:
-    class Both:
-        @rpc_method("Same.name")
-        async def a(self, ctx: CallContext, params: JsonObject) -> JsonObject:
-            return {}
-
-        @rpc_method("Same.name")
-        async def b(self, ctx: CallContext, params: JsonObject) -> JsonObject:
-            return {}
-
-    with pytest.raises(SchemaError, match=r"Same\.name"):
-        handlers_of(Both())
+def test_two_handlers_for_one_method_are_refused(service: FakeService) -> None:
+    with pytest.raises(SchemaError, match=r"Test\.echo"):
+        combine(service.handlers(), {"Test.echo": service.set})
 
 
 async def test_result_checking_turns_a_result_off_schema_into_an_internal_error(
@@ -813,14 +766,13 @@ async def test_result_checking_turns_a_result_off_schema_into_an_internal_error(
     off_schema = {"value": "not an integer"}
 
     class Liar(FakeService):
-        @rpc_method("Test.set")
         async def set(self, ctx: CallContext, params: JsonObject) -> JsonObject:
             return {"value": params["value"]} if "value" in params else off_schema
 
-    unchecked = Dispatcher(test_schema, handlers_of(Liar()))
+    unchecked = Dispatcher(test_schema, Liar().handlers())
     assert (await call(unchecked, admin, request("Test.set", {})))["result"] == off_schema
 
-    checked = Dispatcher(test_schema, handlers_of(Liar()), check_results=True)
+    checked = Dispatcher(test_schema, Liar().handlers(), check_results=True)
     with caplog.at_level(logging.ERROR, logger="virtnode.rpc.dispatch"):
         response = await call(checked, admin, request("Test.set", {}))
     assert response["error"]["code"] == -32603

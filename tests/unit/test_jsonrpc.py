@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from virtnode import jsonrpc
 from virtnode.errors import InvalidRequest, NotFound, ParseError
-from virtnode.rpc import jsonrpc
 
 
 def parse_one(raw: str | bytes) -> jsonrpc.Entry:

@@ -12,8 +12,8 @@ import re
 from typing import Any, NamedTuple
 
 from virtnode.errors import ApiError, InvalidRequest, ParseError
+from virtnode.util.jsontypes import JsonObject
 
-JsonObject = dict[str, Any]
 #: A request id: JSON-RPC allows a string, a number or null.
 RequestId = str | int | float | None
 

@@ -1,0 +1,120 @@
+"""The libvirt objects as the agent uses them: typed Protocols of ``virConnect`` and
+``virDomain``.
+
+libvirt-python ships no type information. These Protocols name every method the agent
+calls, with the types libvirt-python gives and takes, so that code handed a connection or
+a domain by :meth:`~virtnode.hypervisor.connection.Hypervisor.call` is checked like any
+other. Only :mod:`virtnode.hypervisor.connection` imports libvirt itself; a method not
+listed here is not called anywhere. Errors are libvirt's own (``libvirtError``), turned into
+API errors by :func:`~virtnode.hypervisor.connection.translate_error` in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+#: One domain's statistics from ``getAllDomainStats``/``domainListGetStats``: flat keys
+#: (``vcpu.0.time``, ``block.1.rd.bytes``...) to numbers and strings.
+DomainStats = dict[str, Any]
+
+
+class Domain(Protocol):
+    """A ``virDomain``: one VM, defined or running."""
+
+    def name(self) -> str: ...
+
+    def UUIDString(self) -> str: ...  # noqa: N802 (libvirt's names)
+
+    def XMLDesc(self, flags: int = 0) -> str: ...  # noqa: N802
+
+    def isPersistent(self) -> int: ...  # noqa: N802
+
+    def state(self, flags: int = 0) -> list[int]:
+        """``[state, reason]``."""
+        ...
+
+    def info(self) -> list[int]:
+        """``[state, max_kib, current_kib, vcpus, cpu_time_ns]``."""
+        ...
+
+    def controlInfo(self, flags: int = 0) -> list[int]:  # noqa: N802
+        """``[state, details, state_time_ms]`` of the monitor connection."""
+        ...
+
+    def maxMemory(self) -> int: ...  # noqa: N802
+
+    def create(self) -> int: ...
+
+    def destroy(self) -> int: ...
+
+    def undefineFlags(self, flags: int = 0) -> int: ...  # noqa: N802
+
+    def suspend(self) -> int: ...
+
+    def resume(self) -> int: ...
+
+    def reset(self, flags: int = 0) -> int: ...
+
+    def reboot(self, flags: int = 0) -> int: ...
+
+    def shutdownFlags(self, flags: int = 0) -> int: ...  # noqa: N802
+
+    def attachDeviceFlags(self, xml: str, flags: int = 0) -> int: ...  # noqa: N802
+
+    def detachDeviceFlags(self, xml: str, flags: int = 0) -> int: ...  # noqa: N802
+
+    def updateDeviceFlags(self, xml: str, flags: int = 0) -> int: ...  # noqa: N802
+
+    def setMemoryFlags(self, memory: int, flags: int = 0) -> int: ...  # noqa: N802
+
+    def setVcpusFlags(self, nvcpus: int, flags: int = 0) -> int: ...  # noqa: N802
+
+    def setMetadata(self, type: int, metadata: str | None, key: str | None,  # noqa: N802
+                    uri: str | None, flags: int = 0) -> int: ...
+
+
+class Connection(Protocol):
+    """A ``virConnect``: the hypervisor connection, used only on the hypervisor's thread."""
+
+    def lookupByUUIDString(self, uuidstr: str) -> Domain: ...  # noqa: N802
+
+    def lookupByName(self, name: str) -> Domain: ...  # noqa: N802
+
+    def defineXMLFlags(self, xml: str, flags: int = 0) -> Domain: ...  # noqa: N802
+
+    def createXML(self, xmlDesc: str, flags: int = 0) -> Domain: ...  # noqa: N802, N803
+
+    def listAllDomains(self, flags: int = 0) -> list[Domain]: ...  # noqa: N802
+
+    def getAllDomainStats(self, stats: int = 0,  # noqa: N802
+                          flags: int = 0) -> list[tuple[Domain, DomainStats]]: ...
+
+    def domainListGetStats(self, doms: list[Domain], stats: int = 0,  # noqa: N802
+                           flags: int = 0) -> list[tuple[Domain, DomainStats]]: ...
+
+    def getCapabilities(self) -> str: ...  # noqa: N802
+
+    def getInfo(self) -> list[Any]:  # noqa: N802
+        """``[model, memory_mib, cpus, mhz, nodes, sockets, cores, threads]``."""
+        ...
+
+    def getURI(self) -> str: ...  # noqa: N802
+
+    def getType(self) -> str: ...  # noqa: N802
+
+    def getVersion(self) -> int: ...  # noqa: N802
+
+    def getLibVersion(self) -> int: ...  # noqa: N802
+
+    def isAlive(self) -> int: ...  # noqa: N802
+
+    def setKeepAlive(self, interval: int, count: int) -> int: ...  # noqa: N802
+
+    def registerCloseCallback(self, cb: Any, opaque: Any) -> int: ...  # noqa: N802
+
+    def unregisterCloseCallback(self) -> int: ...  # noqa: N802
+
+    def domainEventRegisterAny(self, dom: Domain | None, eventID: int,  # noqa: N802, N803
+                               cb: Any, opaque: Any) -> int: ...
+
+    def close(self) -> int: ...

@@ -1,0 +1,33 @@
+"""``VM.*``: lifecycle, live device changes, and each VM's statistics from the sampler."""
+
+from __future__ import annotations
+
+from virtnode.rpc.bindings import Bound, params
+from virtnode.stats.sampler import StatsService
+from virtnode.vm.devices import VmDeviceService
+from virtnode.vm.service import VmService
+
+
+def handlers(vms: VmService, devices: VmDeviceService, stats: StatsService) -> dict[str, Bound]:
+    return {
+        "VM.list": params(vms.list),
+        "VM.create": params(vms.create),
+        "VM.start": params(vms.start_vm),
+        "VM.shutdown": params(vms.shutdown),
+        "VM.reboot": params(vms.reboot),
+        "VM.reset": params(vms.reset),
+        "VM.pause": params(vms.pause),
+        "VM.resume": params(vms.resume),
+        "VM.destroy": params(vms.destroy),
+        "VM.undefine": params(vms.undefine),
+        "VM.getInfo": params(vms.get_info),
+        "VM.getXML": params(vms.get_xml),
+        "VM.getStats": params(stats.get_vm_stats),
+        "VM.hotplugDisk": params(devices.hotplug_disk),
+        "VM.hotunplugDisk": params(devices.hotunplug_disk),
+        "VM.hotplugNic": params(devices.hotplug_nic),
+        "VM.hotunplugNic": params(devices.hotunplug_nic),
+        "VM.setMemory": params(devices.set_memory),
+        "VM.setVcpus": params(devices.set_vcpus),
+        "VM.setTicket": params(devices.set_ticket),
+    }

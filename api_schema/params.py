@@ -1,0 +1,270 @@
+"""The params of every API method as a TypedDict, generated from the YAML beside it.
+
+Do not edit: ``make docs`` writes it (``python -m virtnode.rpc.typegen``).
+"""
+
+from typing import Any, Literal, NotRequired, TypedDict
+
+from virtnode.util.jsontypes import JsonObject
+
+
+ApiDescribeParams = TypedDict("ApiDescribeParams", {})
+
+
+class EventsGetParams(TypedDict):
+    since: NotRequired[int]
+    epoch: NotRequired[str]
+    topics: list[str]
+    limit: int
+    wait: float
+
+
+class EventsSubscribeParams(TypedDict):
+    topics: list[str]
+    since: NotRequired[int]
+    epoch: NotRequired[str]
+
+
+class EventsUnsubscribeParams(TypedDict):
+    subscription_id: str
+
+
+HostGetCapabilitiesParams = TypedDict("HostGetCapabilitiesParams", {})
+
+
+HostGetStatsParams = TypedDict("HostGetStatsParams", {})
+
+
+class HostGetStatsHistoryParams(TypedDict):
+    since: NotRequired[float]
+    resolution: NotRequired[float]
+
+
+HostPingParams = TypedDict("HostPingParams", {})
+
+
+class JobCancelParams(TypedDict):
+    job_id: str
+
+
+class JobGetParams(TypedDict):
+    job_id: str
+
+
+class JobListParams(TypedDict):
+    state: NotRequired[Literal["pending", "running", "succeeded", "failed", "cancelled"]]
+    kind: NotRequired[str]
+    target: NotRequired[str]
+
+
+class JobWaitParams(TypedDict):
+    job_id: str
+    timeout: float
+
+
+class NetworkConfirmParams(TypedDict):
+    job_id: str
+
+
+NetworkGetStateParams = TypedDict("NetworkGetStateParams", {})
+
+
+NetworkListParams = TypedDict("NetworkListParams", {})
+
+
+NetworkPersistParams = TypedDict("NetworkPersistParams", {})
+
+
+class NetworkSetupParams(TypedDict):
+    networks: JsonObject
+    bonds: NotRequired[JsonObject]
+    options: NotRequired[JsonObject]
+    request_key: NotRequired[str]
+
+
+class StorageDomainAttachParams(TypedDict):
+    sd_id: str
+    type: Literal["localfs", "posixfs"]
+    path: NotRequired[str]
+    mount: NotRequired[JsonObject]
+
+
+class StorageDomainCreateParams(TypedDict):
+    type: Literal["localfs", "posixfs"]
+    name: str
+    path: NotRequired[str]
+    mount: NotRequired[JsonObject]
+    block_size: int
+    force: bool
+
+
+class StorageDomainDeleteParams(TypedDict):
+    sd_id: str
+    force: bool
+
+
+class StorageDomainDetachParams(TypedDict):
+    sd_id: str
+
+
+class StorageDomainGetInfoParams(TypedDict):
+    sd_id: str
+
+
+StorageDomainListParams = TypedDict("StorageDomainListParams", {})
+
+
+class VmCreateParams(TypedDict):
+    spec: NotRequired[JsonObject]
+    xml: NotRequired[str]
+    persistent: bool
+    start: bool
+
+
+class VmDestroyParams(TypedDict):
+    vm_id: str
+
+
+class VmGetInfoParams(TypedDict):
+    vm_id: str
+
+
+class VmGetStatsParams(TypedDict):
+    vm_ids: NotRequired[list[str]]
+
+
+class VmGetXMLParams(TypedDict):
+    vm_id: str
+    inactive: bool
+
+
+class VmHotplugDiskParams(TypedDict):
+    vm_id: str
+    disk: Any
+
+
+class VmHotplugNicParams(TypedDict):
+    vm_id: str
+    nic: JsonObject
+
+
+class VmHotunplugDiskParams(TypedDict):
+    vm_id: str
+    target: str
+    timeout: float
+
+
+class VmHotunplugNicParams(TypedDict):
+    vm_id: str
+    mac: str
+    timeout: float
+
+
+class VmListParams(TypedDict):
+    state: NotRequired[Literal["defined", "starting", "running", "paused", "shutting_down", "shutoff", "crashed", "unknown"]]
+
+
+class VmPauseParams(TypedDict):
+    vm_id: str
+
+
+class VmRebootParams(TypedDict):
+    vm_id: str
+    method: Literal["default", "acpi", "agent"]
+
+
+class VmResetParams(TypedDict):
+    vm_id: str
+
+
+class VmResumeParams(TypedDict):
+    vm_id: str
+
+
+class VmSetMemoryParams(TypedDict):
+    vm_id: str
+    memory_mib: int
+
+
+class VmSetTicketParams(TypedDict):
+    vm_id: str
+    protocol: Literal["vnc", "spice"]
+    password: str
+    expires_in: int
+
+
+class VmSetVcpusParams(TypedDict):
+    vm_id: str
+    vcpus: int
+
+
+VmShutdownParams = TypedDict("VmShutdownParams", {
+    "vm_id": str,
+    "timeout": float,
+    "methods": list[Literal["agent", "acpi"]],
+    "fallback": Literal["destroy", "none"],
+    "async": bool,
+    "request_key": NotRequired[str],
+})
+
+
+class VmStartParams(TypedDict):
+    vm_id: str
+
+
+class VmUndefineParams(TypedDict):
+    vm_id: str
+    force: bool
+
+
+class VolumeCopyParams(TypedDict):
+    src: JsonObject
+    dst_sd: str
+    dst_format: Literal["raw", "qcow2"]
+    allocation: Literal["sparse", "preallocated"]
+    collapse: bool
+    shared: bool
+    description: NotRequired[str]
+    request_key: NotRequired[str]
+
+
+class VolumeCreateParams(TypedDict):
+    sd_id: str
+    image_id: NotRequired[str]
+    size: NotRequired[int]
+    format: Literal["raw", "qcow2"]
+    allocation: Literal["sparse", "preallocated"]
+    parent: NotRequired[JsonObject]
+    shared: bool
+    description: str
+
+
+class VolumeDeleteParams(TypedDict):
+    sd_id: str
+    image_id: str
+    volume_id: str
+
+
+class VolumeGetInfoParams(TypedDict):
+    sd_id: str
+    image_id: str
+    volume_id: str
+
+
+class VolumeListParams(TypedDict):
+    sd_id: str
+    image_id: NotRequired[str]
+
+
+class VolumeMergeParams(TypedDict):
+    sd_id: str
+    image_id: str
+    volume_id: str
+    request_key: NotRequired[str]
+
+
+class VolumeResizeParams(TypedDict):
+    sd_id: str
+    image_id: str
+    volume_id: str
+    size: int
