@@ -30,6 +30,7 @@ docs: venv
 	$(BIN)/python -m virtnode.rpc.typegen > api_schema/params.py
 
 bench: setup
+	$(BIN)/python bench/start.py
 	$(BIN)/python bench/rpc.py
 	$(BIN)/python bench/events.py
 	$(BIN)/python bench/vm.py

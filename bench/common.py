@@ -118,16 +118,18 @@ def spawn(name: str, argv: Sequence[str], url: str, log_path: Path) -> Server:
 
 
 def start_agent(tmp: Path, hypervisor: str, *, listen: str | None = None,
-                overrides: Sequence[str] = (), name: str = "agent") -> Server:
+                overrides: Sequence[str] = (), name: str = "agent",
+                python: str = sys.executable) -> Server:
     """Start ``python -m virtnode serve`` with its state and an empty config in ``tmp``.
 
-    ``listen`` defaults to a unix socket in ``tmp``; ``overrides`` are ``--set`` items.
+    ``listen`` defaults to a unix socket in ``tmp``; ``overrides`` are ``--set`` items;
+    ``python`` is the interpreter (another checkout's virtual environment, to compare).
     """
     config = tmp / f"{name}.toml"
     config.write_text("")  # isolate the run from a host-wide configuration file
     url = listen or f"unix:{tmp / (name + '.sock')}"
     argv = [
-        sys.executable, "-m", "virtnode", "serve",
+        python, "-m", "virtnode", "serve",
         "--config", str(config),
         "--listen", url,
         "--state-dir", str(tmp / f"{name}-state"),
