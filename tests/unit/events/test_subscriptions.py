@@ -61,10 +61,10 @@ async def test_a_burst_larger_than_the_queue_does_not_drop_a_reading_subscriber(
     # peer has had no chance to read any of them yet, and it reads them all afterwards.
     for i in range(30):
         bus.publish("vm.lifecycle", {"n": i})
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn: the turn that handed them over ends
     session.reads()
     bus.publish("vm.lifecycle", {"n": 30})
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn, as above
     session.reads()
     assert not lagged(session)
     assert [m["params"]["data"]["n"] for m in session.read] == list(range(31))

@@ -205,7 +205,7 @@ async def test_wait_does_not_return_while_the_outcome_is_being_recorded(
     gate.opened.set()
     await harness.store.held.wait()  # the job ended; its outcome waits for the store
     waiter = asyncio.create_task(manager.wait(job_id, 5))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn: the waiter runs until it blocks
     assert not waiter.done()
     assert manager.get(job_id).state == "running"  # not visible before it is written
     harness.store.hold.set()
@@ -307,7 +307,7 @@ async def test_concurrent_submits_with_one_key_make_one_job(harness: Harness) ->
     @contextlib.asynccontextmanager
     async def prepare() -> AsyncIterator[None]:
         async with slow:
-            await asyncio.sleep(0.01)  # a lock that takes a moment, like a busy VM
+            await asyncio.sleep(0.01)  # deliberate: a lock that takes a moment, like a busy VM
             yield
 
     ids = await asyncio.gather(*(submit(manager, gate, request_key="k", prepare=prepare)

@@ -690,7 +690,7 @@ async def test_drain_waits_for_calls_in_flight(
     slow = await start_waiting_call(dispatcher, reader, service)
     dispatcher.refuse_new()
     drain = asyncio.create_task(dispatcher.drain(timeout=5))
-    await asyncio.sleep(0.02)
+    await asyncio.sleep(0.02)  # deliberate: time for drain to return, were it to
     assert not drain.done(), "drain returned while a call was in flight"
     service.release.set()
     assert await asyncio.wait_for(drain, 5) is True

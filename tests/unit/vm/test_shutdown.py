@@ -233,7 +233,7 @@ async def test_guest_gone_before_the_next_method_is_stopped_by_the_first() -> No
     # request then finds no VM. That is a success, not a timeout.
     guest = FakeGuest(transient=True)
     task = asyncio.create_task(run(guest, timeout=0.2, fallback="none"))
-    await asyncio.sleep(0)  # let the agent request go out
+    await asyncio.sleep(0)  # one loop turn: the agent request goes out (all in-loop)
     assert [m for m, _ in guest.requests] == ["agent"]
     guest.vanish_on_next_request = True
     outcome = await task
