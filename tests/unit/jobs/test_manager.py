@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.fakes.clock import Clock
 from virtnode.config import JobsConfig
 from virtnode.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from virtnode.events.bus import EventBus
@@ -22,14 +23,6 @@ from virtnode.util.jsontypes import JsonObject
 
 WORK = JobKind("Test.work", cancellable=True)
 STUBBORN = JobKind("Test.stubborn", cancellable=False)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Recorder:
@@ -101,7 +94,7 @@ class Harness:
         self.tmp_path = tmp_path
         self.schema = schema
         self.config = config
-        self.clock = Clock()
+        self.clock = Clock(1_700_000_000.0)  # a wall-clock time: jobs carry dates
         self._opened: list[tuple[Store, JobManager]] = []
 
     async def manager(self, *kinds: JobKind) -> tuple[JobManager, Recorder]:
