@@ -1,1 +1,9 @@
-"""Fakes that behave: simulators the unit tests drive instead of the real thing."""
+"""Fakes that behave: simulators the unit tests drive instead of the real thing.
+
+- :mod:`.kernel`: a kernel's network side (links, addresses, routes, bonds, DHCP clients)
+  under the network planner.
+- :mod:`.guest`: a guest being shut down.
+- :mod:`.session`: a client's session under the dispatcher and the event subscriptions.
+- :mod:`.clock`: a clock that moves when the test says.
+- :mod:`.netstates`: host network states, written by hand.
+"""

@@ -249,7 +249,7 @@ async def test_polling_over_http(agent: AgentProcess, checked_client: ClientFact
     assert seqs(events) == sorted(set(seqs(events)))
     # Nothing new: a long poll waits until an event comes, then answers at once.
     waiting = asyncio.create_task(post({"since": rest["next_since"], "wait": 20}))
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # deliberate: time must pass to show the poll holds its answer
     assert not waiting.done()
     began = time.monotonic()
     await vm_cycle(client)

@@ -169,14 +169,17 @@ async def test_wait_for_console_counts_and_times_out(tmp_path: Path) -> None:
     with pytest.raises(TimeoutError, match="no console log"):
         await guests.wait_for_console(log, "READY", timeout=0.1)
 
+    first_seen = asyncio.Event()
+
     async def boots_twice() -> None:
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # deliberate: the guest boots while the waiting is under way
         await asyncio.to_thread(log.write_text, "kernel\nREADY\n")
-        await asyncio.sleep(0.1)
+        await first_seen.wait()
         await asyncio.to_thread(log.write_text, "kernel\nREADY\nkernel\nREADY\n")
 
     writer = asyncio.create_task(boots_twice())
     assert await guests.wait_for_console(log, "READY", timeout=5) == 1
+    first_seen.set()
     assert await guests.wait_for_console(log, "READY", timeout=5, count=2) == 2
     await writer
     with pytest.raises(TimeoutError, match="seen 2 times"):
@@ -198,7 +201,7 @@ async def test_noacpi_guest_ignores_acpi_shutdown_and_reboot(conn: libvirt.virCo
     async with running_guest(conn, "noacpi") as guest:
         await blocking(guest.dom.shutdown)
         await blocking(guest.dom.reboot, 0)
-        await asyncio.sleep(IGNORED_FOR)
+        await asyncio.sleep(IGNORED_FOR)  # deliberate: time must pass to show nothing happens
         state, _ = await blocking(guest.dom.state)
         assert state == libvirt.VIR_DOMAIN_RUNNING
         assert await markers(guest) == 1

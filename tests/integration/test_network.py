@@ -598,7 +598,14 @@ async def test_link_events(net_host: NetHost, checked_client: ClientFactory) -> 
 #: address, moves that address away, cannot confirm, and reconnects after the rollback.
 CLIENT = """
 import asyncio, json, sys, time
+from urllib.parse import urlsplit
 from virtnode.client import Client, tls_context
+
+async def answers(address):
+    ping = await asyncio.create_subprocess_exec(
+        "ping", "-c", "1", "-W", "1", address,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    return await ping.wait() == 0
 
 async def main():
     url, ca, cert, key = sys.argv[1:5]
@@ -609,7 +616,13 @@ async def main():
         "options": {"connectivity_timeout": 4}})
     job_id = started["job_id"]
     print(json.dumps({"job_id": job_id}), flush=True)
-    await asyncio.sleep(1)  # applied by now: the address this client uses is gone
+    # Applied once the address this client uses is gone (it comes back with the rollback,
+    # 4 s later).
+    deadline = time.monotonic() + 10
+    while await answers(urlsplit(url).hostname):
+        if time.monotonic() > deadline:
+            raise AssertionError("the change never took the address away")
+        await asyncio.sleep(0.05)
     try:
         async with asyncio.timeout(2):
             await client.call("Network.confirm", {"job_id": job_id})

@@ -153,7 +153,7 @@ class Backend:
         if name:
             await self.gate(name).wait()
         else:
-            await asyncio.sleep(params.get("seconds", 0))
+            await asyncio.sleep(params.get("seconds", 0))  # deliberate: a call this slow
         return {"gate": name}
 
     async def whoami(self, ctx: CallContext, _params: JsonObject) -> JsonObject:

@@ -13,10 +13,10 @@ BLOCKING_TEST = '''
 import asyncio, time
 
 async def test_blocks_the_loop():
-    time.sleep(0.8)
+    time.sleep(0.8)  # deliberate: the blocking call the guard must catch
 
 async def test_yields_properly():
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # deliberate: a wait that yields, which the guard lets pass
 '''
 
 

@@ -68,7 +68,7 @@ async def test_full_pool_gives_deadline_not_a_hang(hv: Hypervisor) -> None:
         asyncio.create_task(hv.call(lambda conn: release.wait(10), timeout=5.0))
         for _ in range(2)
     ]
-    await asyncio.sleep(0)  # let both take their slots
+    await asyncio.sleep(0)  # one loop turn: both take their slots (an in-loop semaphore)
     started = time.monotonic()
     with pytest.raises(DeadlineExceeded):
         await hv.call(lambda conn: conn.getType(), timeout=0.2)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.fakes.clock import Clock
 from virtnode.config import JobsConfig
 from virtnode.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from virtnode.events.bus import EventBus
@@ -22,14 +23,6 @@ from virtnode.util.jsontypes import JsonObject
 
 WORK = JobKind("Test.work", cancellable=True)
 STUBBORN = JobKind("Test.stubborn", cancellable=False)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Recorder:
@@ -101,7 +94,7 @@ class Harness:
         self.tmp_path = tmp_path
         self.schema = schema
         self.config = config
-        self.clock = Clock()
+        self.clock = Clock(1_700_000_000.0)  # a wall-clock time: jobs carry dates
         self._opened: list[tuple[Store, JobManager]] = []
 
     async def manager(self, *kinds: JobKind) -> tuple[JobManager, Recorder]:
@@ -205,7 +198,7 @@ async def test_wait_does_not_return_while_the_outcome_is_being_recorded(
     gate.opened.set()
     await harness.store.held.wait()  # the job ended; its outcome waits for the store
     waiter = asyncio.create_task(manager.wait(job_id, 5))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn: the waiter runs until it blocks
     assert not waiter.done()
     assert manager.get(job_id).state == "running"  # not visible before it is written
     harness.store.hold.set()
@@ -307,7 +300,7 @@ async def test_concurrent_submits_with_one_key_make_one_job(harness: Harness) ->
     @contextlib.asynccontextmanager
     async def prepare() -> AsyncIterator[None]:
         async with slow:
-            await asyncio.sleep(0.01)  # a lock that takes a moment, like a busy VM
+            await asyncio.sleep(0.01)  # deliberate: a lock that takes a moment, like a busy VM
             yield
 
     ids = await asyncio.gather(*(submit(manager, gate, request_key="k", prepare=prepare)

@@ -6,13 +6,12 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import pytest
 
+from tests.fakes.session import FakeSession
 from virtnode.config import Role
 from virtnode.errors import NotFound
 from virtnode.rpc import dispatch as rpc
@@ -166,27 +165,6 @@ class FakeService:
             "Test.crash": self.crash, "Test.wait": self.wait, "Test.unsendable": self.unsendable,
             "Test.lonely": self.lonely, "Test.whoami": self.whoami,
         }
-
-
-@dataclass
-class FakeSession:
-    caller: Caller
-    limit: int = 64
-    inflight: int = 0
-    can_push: bool = True
-    pushed: list[JsonObject] = field(default_factory=list)
-    closers: list[Callable[[], None]] = field(default_factory=list)
-
-    @property
-    def max_inflight(self) -> int:
-        return self.limit
-
-    def push(self, message: JsonObject) -> bool:
-        self.pushed.append(message)
-        return self.can_push
-
-    def on_close(self, callback: Callable[[], None]) -> None:
-        self.closers.append(callback)
 
 
 READER = Caller("uid:1000", Role.READER, "unix")
@@ -690,7 +668,7 @@ async def test_drain_waits_for_calls_in_flight(
     slow = await start_waiting_call(dispatcher, reader, service)
     dispatcher.refuse_new()
     drain = asyncio.create_task(dispatcher.drain(timeout=5))
-    await asyncio.sleep(0.02)
+    await asyncio.sleep(0.02)  # deliberate: time for drain to return, were it to
     assert not drain.done(), "drain returned while a call was in flight"
     service.release.set()
     assert await asyncio.wait_for(drain, 5) is True

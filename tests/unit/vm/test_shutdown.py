@@ -4,88 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 
 import pytest
 
-from virtnode.errors import DeadlineExceeded, FailedPrecondition, NotFound, Unavailable
+from tests.fakes.guest import FakeGuest
+from virtnode.errors import DeadlineExceeded, FailedPrecondition
 from virtnode.util.aio import wait_event
 from virtnode.vm.shutdown import Guest, Outcome, shutdown
 
 INTERVAL = 0.05  # seconds between ACPI presses in these tests
-
-
-class FakeGuest:
-    """A guest that stops on the n-th request of a method, or some seconds after it.
-
-    ``honours`` maps a method to the press that makes the guest stop (1 = the first);
-    ``delay`` to the seconds the guest then takes to power off. Methods in
-    ``unavailable`` are refused (no guest agent). A ``transient`` guest no longer exists
-    once stopped. ``vanish_on_next_request``: the guest finishes shutting down just as
-    the next request arrives, which then fails because the VM is gone.
-    """
-
-    def __init__(self, state: str = "running", *, honours: dict[str, int] | None = None,
-                 delay: dict[str, float] | None = None, unavailable: tuple[str, ...] = (),
-                 transient: bool = False) -> None:
-        self.current = state
-        self.honours = honours or {}
-        self.delay = delay or {}
-        self.unavailable = set(unavailable)
-        self.transient = transient
-        self.vanish_on_next_request = False
-        self.presses: Counter[str] = Counter()
-        self.requests: list[tuple[str, float]] = []  # (method, seconds since creation)
-        self.refused: list[str] = []
-        self.destroyed = False
-        self._born = time.monotonic()
-        self._stopped = asyncio.Event()
-        self._timers: list[asyncio.TimerHandle] = []
-
-    def running(self) -> bool:
-        return self.current not in ("shutoff", "removed")
-
-    def _stop(self) -> None:
-        if self.running():
-            self.current = "removed" if self.transient else "shutoff"
-            self._stopped.set()
-
-    def at(self, method: str, press: int = 1) -> float:
-        """When the guest got the ``press``-th request of ``method``."""
-        return [t for m, t in self.requests if m == method][press - 1]
-
-    async def state(self) -> str:
-        return self.current
-
-    async def request(self, method: str) -> None:
-        if self.vanish_on_next_request:
-            self._stop()
-        if not self.running():
-            raise NotFound("no domain with matching uuid", reason="not_found", object="vm")
-        if method in self.unavailable:
-            self.refused.append(method)
-            raise Unavailable("QEMU guest agent is not connected", reason="agent_unavailable")
-        self.requests.append((method, time.monotonic() - self._born))
-        self.presses[method] += 1
-        if self.presses[method] == self.honours.get(method):
-            seconds = self.delay.get(method, 0.0)
-            if seconds:
-                self._timers.append(asyncio.get_running_loop().call_later(seconds, self._stop))
-            else:
-                self._stop()
-
-    async def destroy(self) -> None:
-        if not self.running():
-            raise NotFound("no domain with matching uuid", reason="not_found", object="vm")
-        self.destroyed = True
-        self._stop()
-
-    async def wait_stopped(self, timeout: float) -> bool:
-        return await wait_event(self._stopped, timeout)
-
-    def close(self) -> None:
-        for timer in self._timers:
-            timer.cancel()
 
 
 async def run(guest: FakeGuest, *, methods: tuple[str, ...] = ("agent", "acpi"),
@@ -233,7 +160,7 @@ async def test_guest_gone_before_the_next_method_is_stopped_by_the_first() -> No
     # request then finds no VM. That is a success, not a timeout.
     guest = FakeGuest(transient=True)
     task = asyncio.create_task(run(guest, timeout=0.2, fallback="none"))
-    await asyncio.sleep(0)  # let the agent request go out
+    await asyncio.sleep(0)  # one loop turn: the agent request goes out (all in-loop)
     assert [m for m, _ in guest.requests] == ["agent"]
     guest.vanish_on_next_request = True
     outcome = await task

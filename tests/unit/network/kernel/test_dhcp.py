@@ -22,6 +22,7 @@ def test_a_pid_counts_only_while_it_is_a_dhclient_of_that_pid_file(tmp_path: Pat
     (tmp_path / "br0.4.pid").write_text(f"{os.getpid()}\n")
     (tmp_path / "br1.6.pid").write_text("not a pid\n")
     (tmp_path / "junk.pid").write_text(f"{os.getpid()}\n")
+    # A live process that is no dhclient (it sleeps until killed below).
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         (tmp_path / "br2.4.pid").write_text(f"{sleeper.pid}\n")

@@ -28,7 +28,7 @@ async def test_exclusive_waits_for_the_calls_and_later_calls_find_the_domain_gon
 
     deleting = asyncio.create_task(delete())
     late = asyncio.create_task(gate.enter("Volume.create"))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn: both run until they block
     assert not entered.is_set() and not late.done()  # both wait for the call under way
     lease.release()
     await deleting

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from tests.fakes.clock import Clock
 from virtnode.storage.images.qemuimg import (
     Chain,
     ProgressParser,
@@ -77,14 +78,6 @@ def test_progress_keeps_a_bounded_partial_line() -> None:
     parser = ProgressParser()
     assert parser.feed(b"x" * 100_000) is None
     assert parser.feed(b"(50.00/100%)\r") == 50.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_throttle_sends_at_most_once_per_interval_and_flushes_the_last() -> None:
