@@ -234,6 +234,8 @@ class Hypervisor:
         self._config = config
         self._bus = bus
         self._conn: Connection | None = None
+        #: The domain event callbacks registered on ``_conn``, to deregister on closing.
+        self._callback_ids: list[int] = []
         self._pool = DaemonThreadPool(config.pool_size, "libvirt")
         self._slots = asyncio.Semaphore(config.pool_size)
         self._lost = asyncio.Event()
@@ -321,7 +323,8 @@ class Hypervisor:
             future.exception()  # a failure after the deadline has nobody left to tell
 
     async def _connect(self) -> None:
-        conn = await self._in_thread(self._open, None, f"connecting to {self.uri}")
+        conn, self._callback_ids = await self._in_thread(self._open, None,
+                                                         f"connecting to {self.uri}")
         self._conn = conn
         self._lost.clear()
         try:
@@ -338,7 +341,7 @@ class Hypervisor:
                               reason="hypervisor_setup_failed") from None
         self._set_state(ConnectionState.CONNECTED, "connected")
 
-    def _open(self) -> Connection:
+    def _open(self) -> tuple[Connection, list[int]]:
         try:
             conn: Connection = libvirt.open(self.uri)
         except libvirt.libvirtError as exc:
@@ -352,20 +355,21 @@ class Hypervisor:
             conn.setKeepAlive(self._config.keepalive_interval, self._config.keepalive_count)
         except libvirt.libvirtError:
             log.debug("%s has no keepalive", self.uri)
-        self._register_domain_events(conn)
-        return conn
+        return conn, self._register_domain_events(conn)
 
-    def _register_domain_events(self, conn: Connection) -> None:
+    def _register_domain_events(self, conn: Connection) -> list[int]:
         callbacks = (
             (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle),
             (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_device_removed),
             (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, self._on_removal_failed),
         )
+        ids = []
         for event_id, callback in callbacks:
             try:
-                conn.domainEventRegisterAny(None, event_id, callback, None)
+                ids.append(conn.domainEventRegisterAny(None, event_id, callback, None))
             except libvirt.libvirtError as exc:
                 log.debug("%s: no domain event %d: %s", self.uri, event_id, exc)
+        return ids
 
     def _on_lifecycle(self, _conn: Connection, dom: Domain, event: int, detail: int,
                       _opaque: Any) -> None:
@@ -409,11 +413,18 @@ class Hypervisor:
 
     async def _drop(self, reason: str) -> None:
         conn, self._conn = self._conn, None
+        callback_ids, self._callback_ids = self._callback_ids, []
         if conn is None:
             return
         self._set_state(ConnectionState.DISCONNECTED, reason)
 
         def close() -> None:
+            # Each registered callback holds the connection: without deregistering them,
+            # close() only drops a reference, and the connection stays open, its events
+            # still delivered to this hypervisor's listeners next to the new one's.
+            for callback_id in callback_ids:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.domainEventDeregisterAny(callback_id)
             with contextlib.suppress(libvirt.libvirtError):
                 conn.unregisterCloseCallback()
             with contextlib.suppress(libvirt.libvirtError):

@@ -107,6 +107,32 @@ async def test_an_event_a_pooled_call_causes_reaches_the_listeners(hv: Hyperviso
         await hv.call(lambda conn: conn.lookupByName("test").resume())
 
 
+async def test_a_closed_connection_hears_no_more_events(bus: EventBus) -> None:
+    # Connections to test:///default in one process share one host: a connection that is
+    # not really closed (its event callbacks hold it) goes on hearing the other's events.
+    first, second = (Hypervisor(HypervisorConfig(uri="test:///default"), bus)
+                     for _ in range(2))
+    heard: dict[str, list[DomainEvent]] = {"first": [], "second": []}
+    arrived = asyncio.Event()
+    first.add_domain_listener(heard["first"].append)
+    second.add_domain_listener(lambda event: (heard["second"].append(event), arrived.set()))
+    await first.start()
+    await first.close()
+    await second.start()
+    try:
+        for change in ("suspend", "resume"):
+            arrived.clear()
+            await second.call(lambda conn, change=change: getattr(
+                conn.lookupByName("test"), change)())
+            async with asyncio.timeout(5):
+                await arrived.wait()
+    finally:
+        await second.close()
+    assert [e.event for e in heard["second"]] == [vc.DOMAIN_EVENT_SUSPENDED,
+                                                  vc.DOMAIN_EVENT_RESUMED]
+    assert heard["first"] == []
+
+
 async def test_closed_hypervisor_is_unavailable(bus: EventBus) -> None:
     hypervisor = Hypervisor(HypervisorConfig(uri="test:///default"), bus)
     await hypervisor.start()
