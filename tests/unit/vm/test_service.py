@@ -326,8 +326,11 @@ async def test_shutdown_falls_back_to_destroy(api: InProcessAgent,
                                          (vc.DOMAIN_SHUTDOWN_ACPI_POWER_BTN,)]
     assert await api.state(vm_id) == "shutoff"
     assert (await api.events.lifecycle(vm_id, 3))[2] == ("stopped", "destroyed", "shutoff")
-    await api.error("VM.shutdown", {"vm_id": vm_id}, "FailedPrecondition", "vm_not_running")
-    await api.error("VM.shutdown", {"vm_id": UNKNOWN}, "FailedPrecondition", "vm_not_running")
+    error = await api.error("VM.shutdown", {"vm_id": vm_id}, "FailedPrecondition",
+                            "vm_not_running")
+    assert (error.data["object"], error.data["id"]) == ("vm", vm_id)
+    error = await api.error("VM.shutdown", {"vm_id": UNKNOWN}, "NotFound", "not_found")
+    assert (error.data["object"], error.data["id"]) == ("vm", UNKNOWN)
 
 
 @pytest.mark.covers("VM.shutdown")
@@ -388,7 +391,7 @@ async def test_an_async_shutdown_of_a_stopped_vm_makes_no_job(api: InProcessAgen
     vm_id = await api.create(start=False)
     await api.error("VM.shutdown", {"vm_id": vm_id, "async": True}, "FailedPrecondition",
                     "vm_not_running")
-    await api.error("VM.shutdown", {"vm_id": UNKNOWN, "async": True}, "NotFound")
+    await api.error("VM.shutdown", {"vm_id": UNKNOWN, "async": True}, "NotFound", "not_found")
     assert (await api.call("Job.list", {}))["jobs"] == []
 
 
