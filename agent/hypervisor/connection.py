@@ -10,7 +10,9 @@ translated into the API's vocabulary by :func:`translate_error`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import itertools
 import logging
 import random
 import threading
@@ -123,6 +125,87 @@ def translate_error(code: int, domain: int, message: str) -> ApiError:
     return Internal(message, reason="hypervisor_error", libvirt_code=code)
 
 
+class _LoopThreadEvents:
+    """libvirt's event loop hooks, run on the asyncio loop's thread whichever thread calls.
+
+    libvirt adds, changes and removes its handles and timers on the thread that makes a
+    call: a driver that queues a domain event during a call in the pool arms the timer
+    that delivers it from that pool thread, and the remote driver does the same with the
+    events it reads while it waits for its reply. libvirtaio acts on the asyncio loop at
+    once, which only the loop's own thread may do: in debug mode asyncio refuses it, and
+    the event is never delivered; otherwise the loop's structures are changed under it.
+
+    A hook called on another thread is queued and run on the loop, in the order of the
+    calls; the caller never waits for the loop (a pool thread holding a libvirt lock
+    would otherwise deadlock with a loop callback that wants it). Handle and timer ids
+    are this class's own, so that an add can answer before it has run.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.get_ident()  # made on the loop's thread
+        self._impl = libvirtaio.virEventAsyncIOImpl(loop=loop)
+        self._ids = itertools.count(1)
+        #: This class's ids to libvirtaio's; only the loop's thread reads and writes it.
+        self._theirs: dict[int, int] = {}
+        self._queue: collections.deque[Callable[[], object]] = collections.deque()
+
+    def register(self) -> None:
+        libvirt.virEventRegisterImpl(self._add_handle, self._update_handle,
+                                     self._remove_handle, self._add_timeout,
+                                     self._update_timeout, self._remove_timeout)
+
+    def _run(self, action: Callable[[], object]) -> None:
+        self._queue.append(action)
+        if threading.get_ident() == self._thread:
+            self._drain()  # after what other threads queued before
+            return
+        with contextlib.suppress(RuntimeError):  # a closed loop runs nothing any more
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        while self._queue:
+            action = self._queue.popleft()
+            try:
+                action()
+            except Exception:
+                log.exception("libvirt event loop hook failed")
+
+    def _add_handle(self, fd: int, events: int, cb: Callable[..., None], opaque: Any) -> int:
+        ours = next(self._ids)
+
+        def add() -> None:
+            self._theirs[ours] = self._impl._add_handle(
+                fd, events, lambda _watch, *args: cb(ours, *args), opaque)
+
+        self._run(add)
+        return ours
+
+    def _update_handle(self, watch: int, events: int) -> None:
+        self._run(lambda: self._impl._update_handle(self._theirs[watch], events))
+
+    def _remove_handle(self, watch: int) -> int:
+        self._run(lambda: self._impl._remove_handle(self._theirs.pop(watch)))
+        return 0
+
+    def _add_timeout(self, timeout: int, cb: Callable[..., None], opaque: Any) -> int:
+        ours = next(self._ids)
+
+        def add() -> None:
+            self._theirs[ours] = self._impl._add_timeout(
+                timeout, lambda _timer, *args: cb(ours, *args), opaque)
+
+        self._run(add)
+        return ours
+
+    def _update_timeout(self, timer: int, timeout: int) -> None:
+        self._run(lambda: self._impl._update_timeout(self._theirs[timer], timeout))
+
+    def _remove_timeout(self, timer: int) -> int:
+        self._run(lambda: self._impl._remove_timeout(self._theirs.pop(timer)))
+        return 0
+
+
 _event_impl_lock = threading.Lock()
 _event_impl_loop: asyncio.AbstractEventLoop | None = None
 
@@ -137,7 +220,7 @@ def _register_event_impl(loop: asyncio.AbstractEventLoop) -> None:
     with _event_impl_lock:
         if _event_impl_loop is None:
             libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised
-            libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+            _LoopThreadEvents(loop).register()
             _event_impl_loop = loop
         elif _event_impl_loop is not loop:
             raise RuntimeError("libvirt's event loop is bound to another asyncio loop")
@@ -151,6 +234,8 @@ class Hypervisor:
         self._config = config
         self._bus = bus
         self._conn: Connection | None = None
+        #: The domain event callbacks registered on ``_conn``, to deregister on closing.
+        self._callback_ids: list[int] = []
         self._pool = DaemonThreadPool(config.pool_size, "libvirt")
         self._slots = asyncio.Semaphore(config.pool_size)
         self._lost = asyncio.Event()
@@ -238,7 +323,8 @@ class Hypervisor:
             future.exception()  # a failure after the deadline has nobody left to tell
 
     async def _connect(self) -> None:
-        conn = await self._in_thread(self._open, None, f"connecting to {self.uri}")
+        conn, self._callback_ids = await self._in_thread(self._open, None,
+                                                         f"connecting to {self.uri}")
         self._conn = conn
         self._lost.clear()
         try:
@@ -255,7 +341,7 @@ class Hypervisor:
                               reason="hypervisor_setup_failed") from None
         self._set_state(ConnectionState.CONNECTED, "connected")
 
-    def _open(self) -> Connection:
+    def _open(self) -> tuple[Connection, list[int]]:
         try:
             conn: Connection = libvirt.open(self.uri)
         except libvirt.libvirtError as exc:
@@ -269,20 +355,21 @@ class Hypervisor:
             conn.setKeepAlive(self._config.keepalive_interval, self._config.keepalive_count)
         except libvirt.libvirtError:
             log.debug("%s has no keepalive", self.uri)
-        self._register_domain_events(conn)
-        return conn
+        return conn, self._register_domain_events(conn)
 
-    def _register_domain_events(self, conn: Connection) -> None:
+    def _register_domain_events(self, conn: Connection) -> list[int]:
         callbacks = (
             (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle),
             (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_device_removed),
             (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, self._on_removal_failed),
         )
+        ids = []
         for event_id, callback in callbacks:
             try:
-                conn.domainEventRegisterAny(None, event_id, callback, None)
+                ids.append(conn.domainEventRegisterAny(None, event_id, callback, None))
             except libvirt.libvirtError as exc:
                 log.debug("%s: no domain event %d: %s", self.uri, event_id, exc)
+        return ids
 
     def _on_lifecycle(self, _conn: Connection, dom: Domain, event: int, detail: int,
                       _opaque: Any) -> None:
@@ -326,11 +413,18 @@ class Hypervisor:
 
     async def _drop(self, reason: str) -> None:
         conn, self._conn = self._conn, None
+        callback_ids, self._callback_ids = self._callback_ids, []
         if conn is None:
             return
         self._set_state(ConnectionState.DISCONNECTED, reason)
 
         def close() -> None:
+            # Each registered callback holds the connection: without deregistering them,
+            # close() only drops a reference, and the connection stays open, its events
+            # still delivered to this hypervisor's listeners next to the new one's.
+            for callback_id in callback_ids:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.domainEventDeregisterAny(callback_id)
             with contextlib.suppress(libvirt.libvirtError):
                 conn.unregisterCloseCallback()
             with contextlib.suppress(libvirt.libvirtError):

@@ -117,4 +117,6 @@ class Connection(Protocol):
     def domainEventRegisterAny(self, dom: Domain | None, eventID: int,  # noqa: N802, N803
                                cb: Any, opaque: Any) -> int: ...
 
+    def domainEventDeregisterAny(self, callbackID: int) -> int: ...  # noqa: N802, N803
+
     def close(self) -> int: ...

@@ -545,8 +545,7 @@ class VmService:
             if request_key is not None:
                 raise InvalidArgument("request_key is for async calls only",
                                       reason="request_key_needs_async", field="request_key")
-            self.require_ready()
-            async with self._locks.hold(vm_id, "VM.shutdown"):
+            async with self._hold_running(vm_id, "VM.shutdown"):
                 return await self._shutdown(vm_id, methods, timeout, fallback)
 
         async def run(handle: JobHandle) -> JsonObject:
@@ -566,7 +565,8 @@ class VmService:
 
     @contextlib.asynccontextmanager
     async def _hold_running(self, vm_id: str, method: str) -> AsyncIterator[None]:
-        """Hold a VM that is running, so a job is only made for a request that can start.
+        """Hold a VM that is running: an unknown VM is NotFound, as for every method, and
+        a job is only made for a request that can start.
 
         Raises ``Unavailable`` (recovering), ``Aborted`` (busy), ``NotFound`` and
         ``FailedPrecondition`` (``vm_not_running``).

@@ -13,7 +13,8 @@ from virtnode.config import HypervisorConfig
 from virtnode.errors import DeadlineExceeded, NotFound, Unavailable
 from virtnode.events.bus import EventBus
 from virtnode.events.event import Event
-from virtnode.hypervisor.connection import ConnectionState, Hypervisor
+from virtnode.hypervisor import constants as vc
+from virtnode.hypervisor.connection import ConnectionState, DomainEvent, Hypervisor
 
 
 def recorder(bus: EventBus) -> list[Event]:
@@ -83,6 +84,53 @@ async def test_libvirt_errors_are_translated(hv: Hypervisor) -> None:
         await hv.call(lambda conn: conn.lookupByName("no-such-vm"))
     assert caught.value.object == "vm"
     assert hv.connected, "a NotFound must not be taken for a lost connection"
+
+
+async def test_an_event_a_pooled_call_causes_reaches_the_listeners(hv: Hypervisor) -> None:
+    # The test driver queues a domain event, and arms the timer that delivers it, on the
+    # thread that makes the call: a pool thread, not the loop's.
+    seen: list[DomainEvent] = []
+    arrived = asyncio.Event()
+
+    def listen(event: DomainEvent) -> None:
+        seen.append(event)
+        arrived.set()
+
+    hv.add_domain_listener(listen)
+    await hv.call(lambda conn: conn.lookupByName("test").suspend())
+    try:
+        async with asyncio.timeout(5):
+            await arrived.wait()
+        assert (seen[0].kind, seen[0].name, seen[0].event) == (
+            "lifecycle", "test", vc.DOMAIN_EVENT_SUSPENDED)
+    finally:
+        await hv.call(lambda conn: conn.lookupByName("test").resume())
+
+
+async def test_a_closed_connection_hears_no_more_events(bus: EventBus) -> None:
+    # Connections to test:///default in one process share one host: a connection that is
+    # not really closed (its event callbacks hold it) goes on hearing the other's events.
+    first, second = (Hypervisor(HypervisorConfig(uri="test:///default"), bus)
+                     for _ in range(2))
+    heard: dict[str, list[DomainEvent]] = {"first": [], "second": []}
+    arrived = asyncio.Event()
+    first.add_domain_listener(heard["first"].append)
+    second.add_domain_listener(lambda event: (heard["second"].append(event), arrived.set()))
+    await first.start()
+    await first.close()
+    await second.start()
+    try:
+        for change in ("suspend", "resume"):
+            arrived.clear()
+            await second.call(lambda conn, change=change: getattr(
+                conn.lookupByName("test"), change)())
+            async with asyncio.timeout(5):
+                await arrived.wait()
+    finally:
+        await second.close()
+    assert [e.event for e in heard["second"]] == [vc.DOMAIN_EVENT_SUSPENDED,
+                                                  vc.DOMAIN_EVENT_RESUMED]
+    assert heard["first"] == []
 
 
 async def test_closed_hypervisor_is_unavailable(bus: EventBus) -> None:
