@@ -135,7 +135,7 @@ class Agent:
         handlers = bindings.combine(
             api_binding.handlers(ApiService(schema)),
             host_binding.handlers(host, stats),
-            vm_binding.handlers(self.vms, VmDeviceService(self.vms), stats),
+            vm_binding.handlers(self.vms, VmDeviceService(self.vms.core), stats),
             events_binding.handlers(self.events),
             job_binding.handlers(JobService(self.jobs)),
             storage_binding.handlers(self.storage, self.volumes),

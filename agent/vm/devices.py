@@ -38,7 +38,7 @@ from virtnode.hypervisor.handles import Domain
 from virtnode.util.jsontypes import JsonObject
 from virtnode.util.safexml import parse_xml
 from virtnode.vm import ops as vmops
-from virtnode.vm.service import VmService
+from virtnode.vm.core import VmCore
 from virtnode.vm.spec import (
     DISK_BUSES,
     check_disk,
@@ -87,7 +87,7 @@ def _device(root: etree._Element, xpath: str, what: str, key: str) -> tuple[str,
 class VmDeviceService:
     """``VM.hotplug*``, ``VM.hotunplug*``, ``VM.setTicket``, ``VM.setMemory``, ``VM.setVcpus``."""
 
-    def __init__(self, vms: VmService) -> None:
+    def __init__(self, vms: VmCore) -> None:
         self._vms = vms
 
     async def hotplug_disk(self, params: VmHotplugDiskParams) -> JsonObject:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 from lxml import etree
@@ -34,36 +33,28 @@ from virtnode.api_schema.params import (
 )
 from virtnode.config import VmConfig
 from virtnode.errors import (
-    ApiError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
-    Unavailable,
 )
 from virtnode.events.bus import EventBus
 from virtnode.hypervisor import constants as vc
-from virtnode.hypervisor.capabilities import parse_capabilities
 from virtnode.hypervisor.connection import DomainEvent, Hypervisor
 from virtnode.hypervisor.handles import Connection, Domain
 from virtnode.jobs.manager import JobHandle, JobKind, JobManager
-from virtnode.util.aio import wait_event
 from virtnode.util.jsontypes import JsonObject
 from virtnode.util.safexml import parse_xml
 from virtnode.vm import ops as vmops
 from virtnode.vm import pcieports
+from virtnode.vm.core import NetworkResolver, StorageDirs, VmCore, VolumeResolver, Writers
 from virtnode.vm.locks import VmLocks
-from virtnode.vm.policy import Policy, check_device, check_domain
 from virtnode.vm.shutdown import STOPPED, shutdown
 from virtnode.vm.spec import (
     check_domain_xml,
     check_spec,
     domain_xml,
-    image_files,
-    invalid,
     read_metadata,
     spec_field,
-    with_chain,
     written_files,
 )
 from virtnode.vm.state import is_start_noise, lifecycle, vm_state
@@ -71,19 +62,6 @@ from virtnode.vm.state import is_start_noise, lifecycle, vm_state
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-#: Resolves ``{sd_id, image_id, volume_id}`` (and whether the disk is read-only) to the
-#: volume's chain as ``(path, format)``, leaf first.
-VolumeResolver = Callable[[JsonObject, bool], Awaitable[Sequence[tuple[str, str]]]]
-#: The bridge of a managed network, by the network's name (raises NotFound and
-#: FailedPrecondition as :meth:`NetworkService.bridge_of` says).
-NetworkResolver = Callable[[str], str]
-#: The directories of the attached storage domains that hold volumes.
-StorageDirs = Callable[[], Iterable[str]]
-#: Held while VM ``vm`` starts writing the files ``paths``: refuses (FailedPrecondition,
-#: ``not_leaf``) a volume that is not its image's leaf, and keeps layers from being made
-#: over them meanwhile (:meth:`VolumeService.writers`).
-Writers = Callable[[Sequence[str], str], contextlib.AbstractAsyncContextManager[None]]
-
 LIFECYCLE_TOPIC = "vm.lifecycle"
 DEVICE_TOPIC = "vm.device"
 _REBOOT_FLAGS = {"default": 0, "acpi": 1, "agent": 2}
@@ -105,8 +83,8 @@ def _snapshot(conn: Connection) -> list[tuple[str, str, str]]:
 class VmGuest:
     """A :class:`~virtnode.vm.shutdown.Guest` backed by libvirt and the event stream."""
 
-    def __init__(self, service: VmService, vm_id: str) -> None:
-        self._service = service
+    def __init__(self, core: VmCore, vm_id: str) -> None:
+        self._service = core
         self._vm_id = vm_id
 
     async def state(self) -> str:
@@ -136,28 +114,23 @@ class VmService:
                  networks: NetworkResolver | None = None,
                  storage_dirs: StorageDirs | None = None,
                  writers: Writers | None = None) -> None:
+        #: What this service and the device service share; see :mod:`virtnode.vm.core`.
+        self.core = core = VmCore(hypervisor, config, volumes, networks=networks,
+                                  storage_dirs=storage_dirs, writers=writers)
         self._hv = hypervisor
-        self._volumes = volumes
-        self.writers: Writers = writers or (lambda _paths, _vm: contextlib.nullcontext())
-        self._networks = networks
-        self._storage_dirs = storage_dirs
+        self._locks = core.locks
         self._bus = bus
         self._config = config
         self._jobs = jobs
         jobs.register(SHUTDOWN_JOB)
-        self._locks = VmLocks(config.lock_wait)
         self._states: dict[str, str] = {}
         self._names: dict[str, str] = {}
         #: Rises with every change of the view (for renderers that cache what they made).
         self.generation = 0
-        self._stop_waiters: dict[str, set[asyncio.Event]] = {}
-        self._removals: dict[tuple[str, str], asyncio.Future[str]] = {}
-        self._recovered = asyncio.Event()
-        self._domain_type: str | None = None
 
     @property
     def recovering(self) -> bool:
-        return not self._recovered.is_set()
+        return self.core.recovering
 
     def view(self) -> list[tuple[str, str, str]]:
         """Every VM the agent knows of, running or not: ``(vm_id, name, state)``."""
@@ -168,10 +141,6 @@ class VmService:
     def locks(self) -> VmLocks:
         return self._locks
 
-    @property
-    def hypervisor(self) -> Hypervisor:
-        return self._hv
-
     async def start(self) -> None:
         """Follow domain events and resync after every (re)connect."""
         self._hv.add_domain_listener(self._on_domain_event)
@@ -179,65 +148,14 @@ class VmService:
 
     async def wait_recovered(self, timeout: float) -> bool:
         """Wait for the first view of the VMs; False if ``timeout`` passed first."""
-        return await wait_event(self._recovered, timeout)
+        return await self.core.wait_recovered(timeout)
 
     async def close(self) -> None:
         """Nothing of its own runs in the background; kept for the agent's stop stages."""
 
-    # --- plumbing --------------------------------------------------------------------------
-
-    async def on_vm(self, vm_id: str, fn: Callable[[Domain], T], *, what: str = "") -> T:
-        """Run ``fn(domain)`` for the VM ``vm_id`` in the libvirt pool."""
-        def run(conn: Connection) -> T:
-            return fn(vmops.lookup(conn, vm_id))
-
-        try:
-            return await self._hv.call(run, what=what or f"operation on VM {vm_id}")
-        except NotFound as exc:
-            if exc.id is None:
-                raise NotFound(exc.message, reason="not_found", object="vm", id=vm_id) from None
-            raise
-
-    def require_ready(self) -> None:
-        if self.recovering:
-            raise Unavailable("the agent is recovering its view of the VMs; retry shortly",
-                              reason="recovering")
-
-    async def mutate(self, vm_id: str, method: str, fn: Callable[[Domain], T], *,
-                     writes: Sequence[str] = ()) -> T:
-        """Run a mutating ``fn(domain)`` holding the VM's lock, and the :attr:`writers`
-        guard of the files it ``writes`` (taken after the VM's lock, always)."""
-        self.require_ready()
-        async with self._locks.hold(vm_id, method), self.writers(writes, vm_id):
-            return await self.on_vm(vm_id, fn, what=f"{method} on {vm_id}")
-
-    async def wait_stopped(self, vm_id: str, timeout: float) -> bool:
-        """Wait up to ``timeout`` s for VM ``vm_id`` to stop (event-driven, then checked)."""
-        stopped = asyncio.Event()
-        waiters = self._stop_waiters.setdefault(vm_id, set())
-        waiters.add(stopped)
-        try:
-            await wait_event(stopped, timeout)
-        finally:
-            waiters.discard(stopped)
-            if not waiters:
-                self._stop_waiters.pop(vm_id, None)
-        try:
-            state, _ = await self.on_vm(vm_id, vmops.state_of)
-        except NotFound:
-            return True
-        return state in STOPPED
-
-    def expect_removal(self, vm_id: str, alias: str) -> asyncio.Future[str]:
-        """A future resolved with ``removed`` or ``removal_failed`` for a device alias."""
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._removals[(vm_id, alias)] = future
-        future.add_done_callback(lambda _: self._removals.pop((vm_id, alias), None))
-        return future
-
     async def _on_connect(self, _conn: Connection) -> None:
         # Run inside the connect: the connection is announced once the view is rebuilt.
-        self._domain_type = None
+        self.core.forget_domain_type()
         await self._resync_states()
 
     async def _resync_states(self) -> None:
@@ -272,7 +190,7 @@ class VmService:
         if first:
             log.info("recovered the view of %d VMs; %d changed since the journal's last "
                      "word on them", len(vms), changed)
-        self._recovered.set()
+        self.core.recovered()
 
     async def _journaled_view(self) -> tuple[dict[str, str], dict[str, str]]:
         """The states and names of the VMs as the journaled lifecycle events leave them."""
@@ -302,13 +220,10 @@ class VmService:
             self._publish_lifecycle(event.vm_id, event.name, event=name, detail=detail,
                                     state=state, previous=previous)
             if state in STOPPED:
-                for waiter in self._stop_waiters.get(event.vm_id, ()):
-                    waiter.set()
+                self.core.stopped(event.vm_id)
             return
         outcome = "removed" if event.kind == "device_removed" else "removal_failed"
-        future = self._removals.get((event.vm_id, event.alias))
-        if future is not None and not future.done():
-            future.set_result(outcome)
+        self.core.device_outcome(event.vm_id, event.alias, outcome)
         self._bus.publish(DEVICE_TOPIC, {"vm_id": event.vm_id, "name": event.name,
                                          "alias": event.alias, "event": outcome})
 
@@ -333,7 +248,7 @@ class VmService:
         return {"vms": vms}
 
     async def create(self, params: VmCreateParams) -> JsonObject:
-        self.require_ready()
+        self.core.require_ready()
         persistent, start = params["persistent"], params["start"]
         if ("spec" in params) == ("xml" in params):
             raise InvalidArgument("give exactly one of spec or xml", reason="invalid_spec",
@@ -347,19 +262,19 @@ class VmService:
         if "spec" in params:
             raw = dict(params["spec"])
             if "disks" in raw:
-                raw["disks"] = [await self.resolve_disk(d) for d in raw["disks"]]
+                raw["disks"] = [await self.core.resolve_disk(d) for d in raw["disks"]]
             if "nics" in raw:
-                raw["nics"] = [self.resolve_nic(n, f"spec.nics.{i}")
+                raw["nics"] = [self.core.resolve_nic(n, f"spec.nics.{i}")
                                for i, n in enumerate(raw["nics"])]
-            spec = check_spec(raw, await self._default_domain_type())
+            spec = check_spec(raw, await self.core.default_domain_type())
             name, vm_id = spec.name, spec.uuid
             given = params["spec"].get("disks", [])
             root = parse_xml(domain_xml(spec, metadata))
-            await self.vet(root, "xml", lambda field: spec_field(field, given))
+            await self.core.vet(root, "xml", lambda field: spec_field(field, given))
         else:
             name, vm_id, xml = check_domain_xml(params["xml"], metadata)
             root = parse_xml(xml, what="domain XML")
-            await self.vet(root, "xml")
+            await self.core.vet(root, "xml")
         spare = self._config.hotplug_ports if pcieports.manages_ports(root) else None
         if spare is not None:
             pcieports.add_ports(root, spare)
@@ -378,81 +293,9 @@ class VmService:
                     vmops.mark_started(dom, metadata)
                 return vmops.state_of(dom)[0]
 
-            async with self.writers(written_files(root) if start else (), vm_id):
+            async with self.core.writers(written_files(root) if start else (), vm_id):
                 state = await self._hv.call(make, what=f"creating VM {name}")
         return {"vm_id": vm_id, "name": name, "state": state}
-
-    async def vet(self, element: etree._Element, prefix: str,
-                  rename: Callable[[str], str] | None = None) -> None:
-        """Check a ``<domain>``, or one device, before it goes to libvirt: the host-access
-        policy (:mod:`virtnode.vm.policy`; host paths are replaced resolved), then its
-        image files. Runs in a thread: it reads the filesystem. ``rename`` maps the XML
-        field of a refusal to the field the caller gave.
-
-        Raises PermissionDenied and InvalidArgument as the policy does, NotFound
-        (``no_such_file``) for a missing image and InvalidArgument (``has_backing_file``)
-        for a qcow2 image used without a chain that names a backing file (its guest would
-        see holes where the backing file's data is).
-        """
-        dirs = list(self._storage_dirs()) if self._storage_dirs is not None else []
-
-        def check() -> None:
-            policy = Policy.of(self._config, dirs)
-            if element.tag == "domain":
-                check_domain(element, policy, prefix)
-            else:
-                check_device(element, policy, prefix)
-            for path, where, alone in image_files(element, prefix):
-                if not os.path.exists(path):
-                    raise NotFound(f"no such file: {path}", reason="no_such_file",
-                                   object="file", id=path)
-                if alone and vmops.names_backing(path):
-                    raise InvalidArgument(
-                        f"{where}: {path} has a backing file; give it as a volume, or its "
-                        "whole chain in the XML", reason="has_backing_file", field=where)
-
-        try:
-            await asyncio.to_thread(check)
-        except (PermissionDenied, InvalidArgument) as exc:
-            where = exc.details.get("field")
-            if rename is None or not isinstance(where, str) or rename(where) == where:
-                raise
-            raise _renamed(exc, where, rename(where)) from None
-
-    async def resolve_disk(self, raw: JsonObject) -> JsonObject:
-        """A disk spec with ``volume`` rewritten as its chain's paths; others as given.
-
-        Raises what resolving a volume raises (NotFound, FailedPrecondition), and
-        Unavailable when this agent has no volumes.
-        """
-        if "volume" not in raw:
-            return raw
-        if self._volumes is None:
-            raise Unavailable("volumes are not available", reason="no_volumes")
-        chain = await self._volumes(raw["volume"], bool(raw.get("readonly", False)))
-        return with_chain(raw, list(chain))
-
-    def resolve_nic(self, raw: JsonObject, field: str) -> JsonObject:
-        """A NIC spec on a managed network rewritten to that network's bridge."""
-        if "network" not in raw:
-            return raw
-        if raw.get("bridge") is not None or raw.get("libvirt_network") is not None:
-            raise invalid(field, "needs exactly one of bridge, network or libvirt_network")
-        if self._networks is None:
-            raise Unavailable("managed networks are not available", reason="no_networks")
-        nic = {k: v for k, v in raw.items() if k != "network"}
-        nic["bridge"] = self._networks(raw["network"])
-        return nic
-
-    async def _default_domain_type(self) -> str:
-        """kvm when the host has it, else qemu (TCG); read once per connection."""
-        def pick(conn: Connection) -> str:
-            types = parse_capabilities(conn.getCapabilities())["domain_types"]
-            return next((t for t in ("kvm", "qemu", "test") if t in types), "qemu")
-
-        if self._domain_type is None:
-            self._domain_type = await self._hv.call(pick, what="reading domain types")
-        return self._domain_type
 
     async def start_vm(self, params: VmStartParams) -> JsonObject:
         vm_id = params["vm_id"]
@@ -470,11 +313,11 @@ class VmService:
 
         # The definition can name a volume that has become internal since (a layer was
         # made over it while the VM was off): starting it would change that layer.
-        self.require_ready()
+        self.core.require_ready()
         async with self._locks.hold(vm_id, "VM.start"):
-            files = await self.on_vm(vm_id, disks, what=f"reading the disks of {vm_id}")
-            async with self.writers(files, vm_id):
-                state = await self.on_vm(vm_id, run, what=f"VM.start on {vm_id}")
+            files = await self.core.on_vm(vm_id, disks, what=f"reading the disks of {vm_id}")
+            async with self.core.writers(files, vm_id):
+                state = await self.core.on_vm(vm_id, run, what=f"VM.start on {vm_id}")
         return {"state": state}
 
     async def destroy(self, params: VmDestroyParams) -> JsonObject:
@@ -482,7 +325,7 @@ class VmService:
             vmops.require_running(dom, params["vm_id"])
             dom.destroy()
 
-        await self.mutate(params["vm_id"], "VM.destroy", run)
+        await self.core.mutate(params["vm_id"], "VM.destroy", run)
         return {}
 
     def _state_change(self, method: str, needs: str, action: Callable[[Domain], object]
@@ -500,20 +343,20 @@ class VmService:
 
     async def pause(self, params: VmPauseParams) -> JsonObject:
         run = self._state_change("VM.pause", "running", lambda dom: dom.suspend())
-        return {"state": await self.mutate(params["vm_id"], "VM.pause", run)}
+        return {"state": await self.core.mutate(params["vm_id"], "VM.pause", run)}
 
     async def resume(self, params: VmResumeParams) -> JsonObject:
         run = self._state_change("VM.resume", "paused", lambda dom: dom.resume())
-        return {"state": await self.mutate(params["vm_id"], "VM.resume", run)}
+        return {"state": await self.core.mutate(params["vm_id"], "VM.resume", run)}
 
     async def reset(self, params: VmResetParams) -> JsonObject:
         run = self._state_change("VM.reset", "running", lambda dom: dom.reset(0))
-        return {"state": await self.mutate(params["vm_id"], "VM.reset", run)}
+        return {"state": await self.core.mutate(params["vm_id"], "VM.reset", run)}
 
     async def reboot(self, params: VmRebootParams) -> JsonObject:
         flags = _REBOOT_FLAGS[params["method"]]
         run = self._state_change("VM.reboot", "running", lambda dom: dom.reboot(flags))
-        return {"state": await self.mutate(params["vm_id"], "VM.reboot", run)}
+        return {"state": await self.core.mutate(params["vm_id"], "VM.reboot", run)}
 
     async def undefine(self, params: VmUndefineParams) -> JsonObject:
         vm_id, force = params["vm_id"], params["force"]
@@ -531,7 +374,7 @@ class VmService:
                     return  # a transient VM is gone once destroyed
             vmops.undefine(dom)
 
-        await self.mutate(vm_id, "VM.undefine", run)
+        await self.core.mutate(vm_id, "VM.undefine", run)
         return {}
 
     async def shutdown(self, params: VmShutdownParams) -> JsonObject:
@@ -571,9 +414,9 @@ class VmService:
         Raises ``Unavailable`` (recovering), ``Aborted`` (busy), ``NotFound`` and
         ``FailedPrecondition`` (``vm_not_running``).
         """
-        self.require_ready()
+        self.core.require_ready()
         async with self._locks.hold(vm_id, method):
-            state, _ = await self.on_vm(vm_id, vmops.state_of)
+            state, _ = await self.core.on_vm(vm_id, vmops.state_of)
             if state in STOPPED:
                 raise FailedPrecondition(f"the VM is not running (state {state})",
                                          reason="vm_not_running", object="vm", id=vm_id)
@@ -581,20 +424,20 @@ class VmService:
 
     async def _shutdown(self, vm_id: str, methods: tuple[str, ...], timeout: float,
                         fallback: str) -> JsonObject:
-        outcome = await shutdown(VmGuest(self, vm_id), methods=methods, timeout=timeout,
+        outcome = await shutdown(VmGuest(self.core, vm_id), methods=methods, timeout=timeout,
                                  fallback=fallback, acpi_interval=self._config.acpi_interval)
         return {"stopped_by": outcome.stopped_by, "seconds": round(outcome.seconds, 3),
                 "tried": list(outcome.tried)}
 
     async def get_info(self, params: VmGetInfoParams) -> JsonObject:
-        info = await self.on_vm(params["vm_id"], vmops.info)
+        info = await self.core.on_vm(params["vm_id"], vmops.info)
         operation = self._locks.holder(params["vm_id"])
         info["operation"] = None if operation is None else operation.describe()
         return info
 
     async def get_xml(self, params: VmGetXMLParams) -> JsonObject:
         flags = vc.DOMAIN_XML_INACTIVE if params["inactive"] else 0
-        return {"xml": await self.on_vm(params["vm_id"], lambda dom: dom.XMLDesc(flags))}
+        return {"xml": await self.core.on_vm(params["vm_id"], lambda dom: dom.XMLDesc(flags))}
 
 
 async def _tick(handle: JobHandle, timeout: float) -> None:
@@ -603,9 +446,3 @@ async def _tick(handle: JobHandle, timeout: float) -> None:
     while True:
         handle.progress(min(99.0, (time.monotonic() - started) / timeout * 100))
         await asyncio.sleep(1.0)
-
-
-def _renamed(exc: ApiError, old: str, new: str) -> ApiError:
-    message = exc.message.replace(old, new, 1)
-    return type(exc)(message, reason=exc.reason, object=exc.object, id=exc.id,
-                     **{**exc.details, "field": new})

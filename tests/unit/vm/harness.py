@@ -226,7 +226,8 @@ class InProcessAgent:
         self.sampler = StatsSampler(self.config.stats, self.hypervisor, self.bus,
                                     pool_size=self.config.hypervisor.pool_size)
         handlers = bindings.combine(
-            vm_binding.handlers(self.vms, VmDeviceService(self.vms), StatsService(self.sampler)),
+            vm_binding.handlers(self.vms, VmDeviceService(self.vms.core),
+                                StatsService(self.sampler)),
             job_binding.handlers(JobService(self.jobs)),
         )
         handlers.update({name: _not_served for name in schema.methods if name not in handlers})
