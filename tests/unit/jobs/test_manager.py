@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from tests.fakes.clock import Clock
+from tests.fakes.events import EventLog
 from virtnode.config import JobsConfig
 from virtnode.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from virtnode.events.bus import EventBus
-from virtnode.events.event import Event
 from virtnode.jobs.manager import JobHandle, JobKind, JobManager
 from virtnode.rpc.schema import ApiSchema
 from virtnode.store import Store
@@ -25,17 +25,11 @@ WORK = JobKind("Test.work", cancellable=True)
 STUBBORN = JobKind("Test.stubborn", cancellable=False)
 
 
-class Recorder:
-    """Every event of the bus, with a way to wait for one."""
+class Recorder(EventLog):
+    """Every job event of the bus, with a way to wait for one."""
 
     def __init__(self, bus: EventBus) -> None:
-        self.events: list[Event] = []
-        self._changed = asyncio.Event()
-        bus.subscribe(["job.*"], self._on_event)
-
-    def _on_event(self, event: Event) -> None:
-        self.events.append(event)
-        self._changed.set()
+        super().__init__(bus, ["job.*"])
 
     def states(self, job_id: str) -> list[str]:
         return [e.data["state"] for e in self.events
@@ -46,10 +40,7 @@ class Recorder:
                 if e.topic == "job.progress" and e.data["job_id"] == job_id]
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
+        await self.until(predicate, "a job event", timeout)
 
 
 class Gate:

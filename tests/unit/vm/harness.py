@@ -20,21 +20,20 @@ connection. Two agents connected at once would share one host: start one at a ti
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.fakes.events import WAIT, EventLog
+from tests.fakes.session import FakeSession
 from virtnode.client import RemoteError
 from virtnode.config import Role, build_config
 from virtnode.events import journal
 from virtnode.events.bus import EventBus
-from virtnode.events.event import Event
 from virtnode.events.journal import Journal
 from virtnode.hypervisor import constants as vc
 from virtnode.hypervisor.connection import Hypervisor
@@ -59,63 +58,10 @@ DEFAULT_VM = "test"
 DEFAULT_VM_ID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
 ADMIN = Caller("uid:0", Role.ADMIN, "unix")
 READER = Caller("uid:1000", Role.READER, "unix")
-WAIT = 5.0
 
 
-@dataclass
-class LocalSession:
-    """A session of the dispatcher with nobody at the other end: calls only, no pushes."""
-
-    caller: Caller = ADMIN
-    inflight: int = 0
-    can_push: bool = False
-    closed: bool = False
-    backlog: int = 0
-    closers: list[Callable[[], None]] = field(default_factory=list)
-
-    @property
-    def max_inflight(self) -> int:
-        return 64
-
-    def push(self, message: JsonObject) -> bool:
-        return False
-
-    def push_text(self, text: str) -> bool:
-        return False
-
-    async def wait_backlog(self, size: int) -> None:
-        return None
-
-    def on_close(self, callback: Callable[[], None]) -> None:
-        self.closers.append(callback)
-
-
-class EventLog:
-    """Every event the agent's bus delivers (after the journal took it), in order."""
-
-    def __init__(self, bus: EventBus) -> None:
-        self.events: list[Event] = []
-        self._changed = asyncio.Event()
-        bus.subscribe(["*"], self._on_event)
-
-    def _on_event(self, event: Event) -> None:
-        self.events.append(event)
-        self._changed.set()
-
-    def of(self, topic: str) -> list[JsonObject]:
-        return [e.data for e in self.events if e.topic == topic]
-
-    async def until(self, condition: Callable[[], bool], what: str,
-                    timeout: float = WAIT) -> None:
-        """Return once ``condition()`` holds, checked on every event."""
-        try:
-            async with asyncio.timeout(timeout):
-                while not condition():
-                    self._changed.clear()
-                    await self._changed.wait()
-        except TimeoutError:
-            raise AssertionError(f"{what}: not within {timeout} s; events: "
-                                 f"{[(e.topic, e.data) for e in self.events]}") from None
+class VmEventLog(EventLog):
+    """Every event the agent's bus delivers, with the VM tests' questions about them."""
 
     def lifecycle_now(self, vm_id: str) -> list[tuple[str, str, str]]:
         """``(event, detail, state)`` of each ``vm.lifecycle`` event of ``vm_id`` so far."""
@@ -232,8 +178,8 @@ class InProcessAgent:
         )
         handlers.update({name: _not_served for name in schema.methods if name not in handlers})
         self.dispatcher = Dispatcher(schema, handlers, check_results=True)
-        self.session = LocalSession()
-        self.events = EventLog(self.bus)
+        self.session = FakeSession(ADMIN, can_push=False)
+        self.events = VmEventLog(self.bus)
         #: Every method called through :meth:`call`, answered with a result or an error.
         self.called: set[str] = set()
         self._ids = 0
@@ -312,7 +258,7 @@ class InProcessAgent:
         request: JsonObject = {"jsonrpc": "2.0", "id": request_id, "method": method}
         if params is not None:
             request["params"] = params
-        session = self.session if caller is ADMIN else LocalSession(caller)
+        session = self.session if caller is ADMIN else FakeSession(caller, can_push=False)
         raw = await self.dispatcher.handle(json.dumps(request), session)
         assert raw is not None
         response: JsonObject = json.loads(raw)
