@@ -156,16 +156,23 @@ class _LoopThreadEvents:
                                      self._update_timeout, self._remove_timeout)
 
     def _run(self, action: Callable[[], object]) -> None:
+        if self._loop.is_closed():
+            # The agent's loop has ended (libvirt closes its last handles as the process
+            # exits): no handle or timer will ever run again, so there is nothing to do.
+            return
         self._queue.append(action)
         if threading.get_ident() == self._thread:
             self._drain()  # after what other threads queued before
             return
-        with contextlib.suppress(RuntimeError):  # a closed loop runs nothing any more
+        with contextlib.suppress(RuntimeError):  # closed meanwhile: see above
             self._loop.call_soon_threadsafe(self._drain)
 
     def _drain(self) -> None:
         while self._queue:
             action = self._queue.popleft()
+            if self._loop.is_closed():
+                self._queue.clear()
+                return
             try:
                 action()
             except Exception:

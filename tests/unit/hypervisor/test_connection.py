@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -14,7 +15,12 @@ from virtnode.errors import DeadlineExceeded, NotFound, Unavailable
 from virtnode.events.bus import EventBus
 from virtnode.events.event import Event
 from virtnode.hypervisor import constants as vc
-from virtnode.hypervisor.connection import ConnectionState, DomainEvent, Hypervisor
+from virtnode.hypervisor.connection import (
+    ConnectionState,
+    DomainEvent,
+    Hypervisor,
+    _LoopThreadEvents,
+)
 
 
 def recorder(bus: EventBus) -> list[Event]:
@@ -222,3 +228,19 @@ def test_no_pci_slot_left_is_resource_exhausted() -> None:
     other = translate_error(libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_FROM_DOMAIN,
                             "internal error: something else")
     assert other.name == "Internal"
+
+
+def test_hooks_after_the_loop_closed_do_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    # libvirt closes its last handles and timers as the process exits, after the agent's
+    # loop has closed: the hooks must neither touch that loop nor log a traceback.
+    loop = asyncio.new_event_loop()
+    events = _LoopThreadEvents(loop)
+    loop.close()
+    with caplog.at_level(logging.DEBUG, logger="virtnode.hypervisor.connection"):
+        watch = events._add_handle(0, 1, lambda *_: None, None)
+        events._update_handle(watch, 0)
+        events._remove_handle(watch)
+        timer = events._add_timeout(1000, lambda *_: None, None)
+        events._remove_timeout(timer)
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
