@@ -21,8 +21,9 @@ test: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 check: venv
-	$(BIN)/ruff check agent storage network tests bench tools
+	$(BIN)/ruff check agent storage network tests bench tools tools/lab
 	$(BIN)/mypy --strict -p virtnode
+	$(BIN)/mypy --strict tools/lab
 	$(BIN)/lint-imports
 
 docs: venv
