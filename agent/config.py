@@ -301,6 +301,25 @@ class VmConfig:
 
 
 @dataclass(frozen=True)
+class MigrationConfig:
+    libvirt_uri: str = _spec(
+        "qemu+tls://{host}/system", None,
+        "how another host's libvirtd reaches this one for an incoming migration; {host} is "
+        "the host name or address the source agent called this agent on")
+    max_outgoing: int = _spec(
+        2, _within(1, 64, low_included=True, problem="must be at least 1 and at most 64"),
+        "migrations this host sends at once, at most 64; more wait their turn")
+    max_incoming: int = _spec(
+        2, _within(1, 64, low_included=True, problem="must be at least 1 and at most 64"),
+        "migrations this host takes in at once, at most 64; more are refused "
+        "ResourceExhausted")
+    connect_timeout: float = _spec(
+        10.0, _seconds(), "seconds to reach the destination agent (at most a day)")
+    progress_interval: float = _spec(
+        1.0, _seconds(), "seconds between readings of a migration's progress (at most a day)")
+
+
+@dataclass(frozen=True)
 class DevicesConfig:
     source: DeviceSource = _spec(
         DeviceSource.AUTO, None, "host.device events from: auto, udev, kernel or off"
@@ -465,6 +484,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     vm: VmConfig = field(default_factory=VmConfig)
+    migration: MigrationConfig = field(default_factory=MigrationConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from prometheus_client import ProcessCollector
 
-from virtnode.config import Config, ConfigError
+from virtnode.client import Client, ClientError, RemoteError, tls_context
+from virtnode.config import Config, ConfigError, TlsConfig
+from virtnode.errors import ERRORS_BY_NAME, FailedPrecondition, Internal, Unavailable
 from virtnode.events import journal
 from virtnode.events.bus import EventBus
 from virtnode.events.journal import Journal
@@ -30,6 +32,7 @@ from virtnode.rpc.bindings import api as api_binding
 from virtnode.rpc.bindings import events as events_binding
 from virtnode.rpc.bindings import host as host_binding
 from virtnode.rpc.bindings import job as job_binding
+from virtnode.rpc.bindings import migration as migration_binding
 from virtnode.rpc.bindings import network as network_binding
 from virtnode.rpc.bindings import storage as storage_binding
 from virtnode.rpc.bindings import vm as vm_binding
@@ -55,6 +58,7 @@ from virtnode.storage.volumes.service import VolumeService
 from virtnode.store import Store, StoreError, prepare_state_dir
 from virtnode.util.jsontypes import JsonObject
 from virtnode.vm.devices import VmDeviceService
+from virtnode.vm.migration import MigrationService, Peer, PeerConnector
 from virtnode.vm.service import VmService
 
 log = logging.getLogger(__name__)
@@ -96,6 +100,11 @@ class Agent:
                              storage_dirs=lambda: [str(d.layout.images_dir)
                                                    for d in self.storage.attached()],
                              writers=self.volumes.core.writers)
+        self._host_id = ""
+        self.migrations = MigrationService(
+            self.vms.core, self.bus, self.jobs, config.migration,
+            host_id=lambda: self._host_id, connect=peer_connector(config.tls),
+            storage_dirs=lambda: [str(d.layout.images_dir) for d in self.storage.attached()])
         self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None
@@ -120,6 +129,7 @@ class Agent:
             await asyncio.to_thread(schema.compile_checks)
             self.bus.check = schema.check_event
         host_id = await asyncio.to_thread(_open_state_dir, Path(self.config.state.dir))
+        self._host_id = host_id
         await self.store.open()
         events_config = self.config.events
         await self.bus.attach_journal(Journal(self.store, events_config.journal_max_events,
@@ -135,7 +145,9 @@ class Agent:
         handlers = bindings.combine(
             api_binding.handlers(ApiService(schema)),
             host_binding.handlers(host, stats),
-            vm_binding.handlers(self.vms, VmDeviceService(self.vms.core), stats),
+            vm_binding.handlers(self.vms, VmDeviceService(self.vms.core), stats,
+                                self.migrations),
+            migration_binding.handlers(self.migrations),
             events_binding.handlers(self.events),
             job_binding.handlers(JobService(self.jobs)),
             storage_binding.handlers(self.storage, self.volumes),
@@ -311,3 +323,50 @@ async def serve(config: Config) -> None:
         log.info("stopping on signal")
     finally:
         await agent.stop()
+
+
+class _RemotePeer:
+    """Another agent over the client library: its errors raised as the API's own."""
+
+    def __init__(self, client: Client, url: str) -> None:
+        self._client = client
+        self._url = url
+
+    async def call(self, method: str, params: JsonObject | None = None, *,
+                   timeout: float | None = None) -> JsonObject:
+        try:
+            return await self._client.call(method, params, timeout=timeout)
+        except RemoteError as exc:
+            error = ERRORS_BY_NAME.get(exc.name, Internal)
+            details = {k: v for k, v in exc.data.items()
+                       if k not in ("name", "reason", "object", "id")}
+            raise error(f"{self._url}: {exc.message}", reason=exc.data.get("reason"),
+                        object=exc.data.get("object"), id=exc.data.get("id"),
+                        **details) from None
+        except ClientError as exc:
+            raise Unavailable(f"the agent at {self._url} went away: {exc}",
+                              reason="peer_lost") from None
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def peer_connector(tls: TlsConfig) -> PeerConnector:
+    """Reach another agent with this agent's own certificate (tls.cert_file/key_file),
+    trusting tls.ca_file, as engines reach this one."""
+    async def connect(url: str, timeout: float) -> Peer:
+        if not (tls.cert_file and tls.key_file and tls.ca_file):
+            raise FailedPrecondition(
+                "reaching another agent needs tls.cert_file, tls.key_file and tls.ca_file",
+                reason="destination_unreachable", destination=url)
+        try:
+            context = await asyncio.to_thread(tls_context, tls.ca_file, tls.cert_file,
+                                              tls.key_file)
+            client = await Client.connect(url, timeout=timeout, tls=context)
+        except (ClientError, OSError, ValueError) as exc:
+            raise FailedPrecondition(f"cannot reach the agent at {url}: {exc}",
+                                     reason="destination_unreachable",
+                                     destination=url) from None
+        return _RemotePeer(client, url)
+
+    return connect

@@ -62,6 +62,21 @@ class JobWaitParams(TypedDict):
     timeout: float
 
 
+class MigrationFinishParams(TypedDict):
+    migration_id: str
+    outcome: Literal["succeeded", "failed", "cancelled"]
+
+
+class MigrationPrepareParams(TypedDict):
+    migration_id: str
+    vm_id: str
+    name: str
+    xml: str
+    memory_bytes: int
+    source_host_uuid: str
+    host: str
+
+
 class NetworkConfirmParams(TypedDict):
     job_id: str
 
@@ -162,6 +177,15 @@ class VmHotunplugNicParams(TypedDict):
 
 class VmListParams(TypedDict):
     state: NotRequired[Literal["defined", "starting", "running", "paused", "shutting_down", "shutoff", "crashed", "unknown"]]
+
+
+class VmMigrateParams(TypedDict):
+    vm_id: str
+    destination: str
+    mode: Literal["live"]
+    storage: Literal["shared"]
+    max_bandwidth_mibps: NotRequired[int]
+    request_key: NotRequired[str]
 
 
 class VmPauseParams(TypedDict):

@@ -311,6 +311,46 @@ class Hypervisor:
                 self._mark_lost(conn, error.message)
             raise error from None
 
+    async def call_long(self, fn: Callable[[Connection], T], *, what: str) -> T:
+        """Run ``fn(conn)`` on a thread of its own, with no deadline, and return its result.
+
+        For an operation that lasts as long as it must (a migration) and that other calls
+        watch and stop (job statistics, abort): it takes no slot of the pool, so they can
+        run meanwhile. The thread is a daemon: a stuck operation does not keep the agent
+        from exiting. Errors are translated as :meth:`call`'s are.
+        """
+        conn = self._conn
+        if conn is None:
+            raise Unavailable(f"hypervisor {self.uri} is not connected: {self.reason}",
+                              reason="hypervisor_disconnected")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def settle(result: T | None, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)  # type: ignore[arg-type]
+
+        def work() -> None:
+            try:
+                result = fn(conn)
+            except BaseException as exc:  # handed to the loop, raised there
+                loop.call_soon_threadsafe(settle, None, exc)
+            else:
+                loop.call_soon_threadsafe(settle, result, None)
+
+        threading.Thread(target=work, name=f"libvirt: {what}", daemon=True).start()
+        try:
+            return await asyncio.shield(future)
+        except libvirt.libvirtError as exc:
+            error = translate_error(exc.get_error_code(), exc.get_error_domain(), str(exc))
+            if isinstance(error, Unavailable):
+                self._mark_lost(conn, error.message)
+            raise error from None
+
     async def _in_thread(self, fn: Callable[[], T], timeout: float | None, what: str) -> T:
         deadline = timeout if timeout is not None else self._config.call_timeout
         loop = asyncio.get_running_loop()

@@ -71,6 +71,15 @@ DOMAIN_CONTROL_ERROR = 3
 # virConnectListAllDomains filters.
 CONNECT_LIST_DOMAINS_ACTIVE = 1
 
+# Migration (virDomainMigrateFlags, typed parameters, errors).
+MIGRATE_LIVE = 1
+MIGRATE_PEER2PEER = 2
+MIGRATE_PERSIST_DEST = 8
+MIGRATE_UNDEFINE_SOURCE = 16
+MIGRATE_UNSAFE = 512
+MIGRATE_ABORT_ON_ERROR = 4096
+ERR_OPERATION_ABORTED = 78
+
 
 def has_error_code(exc: BaseException, *codes: int) -> bool:
     """Whether ``exc`` is a libvirt error with one of ``codes`` (``ERR_*``)."""

@@ -72,6 +72,18 @@ class Domain(Protocol):
     def setMetadata(self, type: int, metadata: str | None, key: str | None,  # noqa: N802
                     uri: str | None, flags: int = 0) -> int: ...
 
+    def migrateToURI3(self, dconnuri: str, params: dict[str, Any],  # noqa: N802
+                      flags: int = 0) -> int:
+        """Migrate to the libvirtd at ``dconnuri`` (peer to peer); blocks until done."""
+        ...
+
+    def jobStats(self, flags: int = 0) -> dict[str, Any]:  # noqa: N802
+        """The running job's figures (``type``, ``data_total``, ``data_processed``,
+        ``data_remaining``, ``memory_iteration``, ``memory_dirty_rate``...)."""
+        ...
+
+    def abortJob(self) -> int: ...  # noqa: N802
+
 
 class Connection(Protocol):
     """A ``virConnect``: the hypervisor connection, used only on the hypervisor's thread."""
@@ -99,6 +111,10 @@ class Connection(Protocol):
         ...
 
     def getURI(self) -> str: ...  # noqa: N802
+
+    def getFreeMemory(self) -> int:  # noqa: N802
+        """Bytes of memory free on the host."""
+        ...
 
     def getType(self) -> str: ...  # noqa: N802
 

@@ -17,6 +17,7 @@ import pytest
 from tests.agentproc import IMAGE_ROOT, AgentProcess, start_agent
 from tests.conftest import missing
 from tests.integration import libvirtd as daemon
+from tests.integration.lab import hosts  # noqa: F401 - fixture
 from tests.integration.wireserver import serve, served, wire_schema  # noqa: F401 - fixtures
 from tests.subproc import run
 from virtnode.client import Client, RemoteError

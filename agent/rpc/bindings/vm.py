@@ -1,14 +1,16 @@
-"""``VM.*``: lifecycle, live device changes, and each VM's statistics from the sampler."""
+"""``VM.*``: lifecycle, live device changes, migration, and each VM's statistics."""
 
 from __future__ import annotations
 
 from virtnode.rpc.bindings import Bound, params
 from virtnode.stats.sampler import StatsService
 from virtnode.vm.devices import VmDeviceService
+from virtnode.vm.migration import MigrationService
 from virtnode.vm.service import VmService
 
 
-def handlers(vms: VmService, devices: VmDeviceService, stats: StatsService) -> dict[str, Bound]:
+def handlers(vms: VmService, devices: VmDeviceService, stats: StatsService,
+             migrations: MigrationService) -> dict[str, Bound]:
     return {
         "VM.list": params(vms.list),
         "VM.create": params(vms.create),
@@ -30,4 +32,5 @@ def handlers(vms: VmService, devices: VmDeviceService, stats: StatsService) -> d
         "VM.setMemory": params(devices.set_memory),
         "VM.setVcpus": params(devices.set_vcpus),
         "VM.setTicket": params(devices.set_ticket),
+        "VM.migrate": params(migrations.migrate),
     }

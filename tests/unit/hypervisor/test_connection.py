@@ -244,3 +244,24 @@ def test_hooks_after_the_loop_closed_do_nothing(caplog: pytest.LogCaptureFixture
         events._remove_timeout(timer)
     assert "Traceback" not in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_long_call_takes_no_slot_and_translates_errors(hv: Hypervisor) -> None:
+    # A migration runs on its own thread: every thread of the pool stays free for the
+    # calls that watch it. Each pooled call waits for all the others, so they only all
+    # return if each had a thread at once.
+    release = threading.Event()
+    long = asyncio.ensure_future(hv.call_long(lambda conn: release.wait(10) and
+                                              conn.getType(), what="waiting"))
+    together = threading.Barrier(hv._config.pool_size, timeout=5)
+    try:
+        answers = await asyncio.gather(*(
+            hv.call(lambda conn: together.wait() >= 0 and conn.getType(), timeout=8)
+            for _ in range(hv._config.pool_size)))
+        assert answers == ["TEST"] * hv._config.pool_size
+        assert not long.done()
+    finally:
+        release.set()
+    assert await long == "TEST"
+    with pytest.raises(NotFound):
+        await hv.call_long(lambda conn: conn.lookupByName("no-such-vm"), what="lookup")

@@ -11,13 +11,25 @@ from virtnode.host.service import HostService
 from virtnode.jobs.service import JobService
 from virtnode.network.service import NetworkService
 from virtnode.rpc.api import ApiService
-from virtnode.rpc.bindings import Bound, api, combine, events, host, job, network, storage, vm
+from virtnode.rpc.bindings import (
+    Bound,
+    api,
+    combine,
+    events,
+    host,
+    job,
+    migration,
+    network,
+    storage,
+    vm,
+)
 from virtnode.rpc.schema import ApiSchema
 from virtnode.rpc.typegen import render, type_name
 from virtnode.stats.sampler import StatsService
 from virtnode.storage.domains.service import StorageDomainService
 from virtnode.storage.volumes.service import VolumeService
 from virtnode.vm.devices import VmDeviceService
+from virtnode.vm.migration import MigrationService
 from virtnode.vm.service import VmService
 
 
@@ -35,7 +47,9 @@ def _table() -> dict[str, Bound]:
         job.handlers(_unbound(JobService)),
         network.handlers(_unbound(NetworkService)),
         storage.handlers(_unbound(StorageDomainService), _unbound(VolumeService)),
-        vm.handlers(_unbound(VmService), _unbound(VmDeviceService), _unbound(StatsService)),
+        vm.handlers(_unbound(VmService), _unbound(VmDeviceService), _unbound(StatsService),
+                    _unbound(MigrationService)),
+        migration.handlers(_unbound(MigrationService)),
     ))
 
 

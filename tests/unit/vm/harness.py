@@ -32,6 +32,8 @@ from tests.fakes.events import WAIT, EventLog
 from tests.fakes.session import FakeSession
 from virtnode.client import RemoteError
 from virtnode.config import Role, build_config
+from virtnode.daemon import peer_connector
+from virtnode.errors import ERRORS_BY_NAME
 from virtnode.events import journal
 from virtnode.events.bus import EventBus
 from virtnode.events.journal import Journal
@@ -42,6 +44,7 @@ from virtnode.jobs.manager import JobManager
 from virtnode.jobs.service import JobService
 from virtnode.rpc import bindings
 from virtnode.rpc.bindings import job as job_binding
+from virtnode.rpc.bindings import migration as migration_binding
 from virtnode.rpc.bindings import vm as vm_binding
 from virtnode.rpc.dispatch import CallContext, Dispatcher
 from virtnode.rpc.identity import Caller
@@ -50,6 +53,7 @@ from virtnode.stats.sampler import StatsSampler, StatsService
 from virtnode.store import Store
 from virtnode.util.jsontypes import JsonObject
 from virtnode.vm.devices import VmDeviceService
+from virtnode.vm.migration import MigrationService, Peer, PeerConnector
 from virtnode.vm.service import VmService
 
 URI = "test:///default"
@@ -57,6 +61,8 @@ URI = "test:///default"
 DEFAULT_VM = "test"
 DEFAULT_VM_ID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
 ADMIN = Caller("uid:0", Role.ADMIN, "unix")
+#: The agent's own host UUID (the one Host.getCapabilities reports).
+HOST_ID = "0e5b2c1a-6f0d-4d7e-9a35-6c1f1f6f0a11"
 READER = Caller("uid:1000", Role.READER, "unix")
 
 
@@ -171,9 +177,17 @@ class InProcessAgent:
         self.vms = VmService(self.hypervisor, self.bus, self.config.vm, self.jobs)
         self.sampler = StatsSampler(self.config.stats, self.hypervisor, self.bus,
                                     pool_size=self.config.hypervisor.pool_size)
+        #: How VM.migrate reaches another agent: by default the daemon's own connector
+        #: (with this config's tls section), else whatever a test sets.
+        self.connect: PeerConnector = peer_connector(self.config.tls)
+        self.migrations = MigrationService(
+            self.vms.core, self.bus, self.jobs, self.config.migration, host_id=lambda: HOST_ID,
+            connect=self._connect,
+            storage_dirs=lambda: [str(tmp_path / "domain-images")])
         handlers = bindings.combine(
             vm_binding.handlers(self.vms, VmDeviceService(self.vms.core),
-                                StatsService(self.sampler)),
+                                StatsService(self.sampler), self.migrations),
+            migration_binding.handlers(self.migrations),
             job_binding.handlers(JobService(self.jobs)),
         )
         handlers.update({name: _not_served for name in schema.methods if name not in handlers})
@@ -184,6 +198,9 @@ class InProcessAgent:
         self.called: set[str] = set()
         self._ids = 0
         self._started = False
+
+    async def _connect(self, url: str, timeout: float) -> Peer:
+        return await self.connect(url, timeout)
 
     async def start(self, *, connect: bool = True) -> None:
         """Start as the daemon does; with ``connect=False`` the hypervisor is never
@@ -328,3 +345,31 @@ class InProcessAgent:
 
 async def _not_served(ctx: CallContext, _params: JsonObject) -> JsonObject:
     raise AssertionError(f"{ctx.method} is not served by the VM test harness")
+
+
+class LoopbackPeer:
+    """The agent itself as the destination of a migration: its own dispatcher answers,
+    with errors raised as the API's own, as the daemon's peer raises them."""
+
+    def __init__(self, agent: InProcessAgent) -> None:
+        self._agent = agent
+
+    async def call(self, method: str, params: JsonObject | None = None, *,
+                   timeout: float | None = None) -> JsonObject:
+        response = await self._agent.answer(method, params)
+        if "error" in response:
+            data = dict(response["error"].get("data", {}))
+            error = ERRORS_BY_NAME[data.pop("name")]
+            raise error(response["error"]["message"], **data)
+        result: JsonObject = response["result"]
+        return result
+
+    async def close(self) -> None:
+        return None
+
+
+def loopback(agent: InProcessAgent) -> PeerConnector:
+    async def connect(_url: str, _timeout: float) -> Peer:
+        return LoopbackPeer(agent)
+
+    return connect

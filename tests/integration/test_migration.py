@@ -1,0 +1,172 @@
+"""VM.migrate between two agents of the lab (tools/lab): real libvirtds, real KVM guests.
+
+Each test leaves the lab as it found it: no VM on either host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+
+from tests.integration.lab import on_host
+from virtnode.client import Client, RemoteError, tls_context
+
+pytestmark = [pytest.mark.integration, pytest.mark.qemu]
+
+
+async def connect(host: dict[str, Any]) -> Client:
+    tls = tls_context(host["ca"], host["cert"], host["key"])
+    return await Client.connect(host["url"], tls=tls)
+
+
+async def running(host: str) -> list[str]:
+    listed = await asyncio.to_thread(on_host, host, "virsh", "-q", "-c", "qemu:///system",
+                                     "list", "--name")
+    return listed.stdout.split()
+
+
+async def defined(host: str) -> list[str]:
+    listed = await asyncio.to_thread(on_host, host, "virsh", "-q", "-c", "qemu:///system",
+                                     "list", "--all", "--name")
+    return listed.stdout.split()
+
+
+async def create_vm(client: Client, **extra: Any) -> tuple[str, str]:
+    name = f"mig-{uuid.uuid4().hex[:8]}"
+    spec = {"name": name, "memory_mib": 64, "domain_type": "kvm", "machine": "pc", **extra}
+    created = await client.call("VM.create", {"spec": spec, "start": True})
+    return created["vm_id"], name
+
+
+async def remove_vm(client: Client, vm_id: str) -> None:
+    try:
+        await client.call("VM.undefine", {"vm_id": vm_id, "force": True})
+    except RemoteError as exc:
+        assert exc.name == "NotFound", exc.error
+
+
+async def migrate(client: Client, vm_id: str, destination: str,
+                  **extra: Any) -> dict[str, Any]:
+    started = await client.call("VM.migrate", {"vm_id": vm_id, "destination": destination,
+                                               **extra})
+    job: dict[str, Any] = (await client.call("Job.wait", {"job_id": started["job_id"],
+                                                           "timeout": 120}))["job"]
+    return job
+
+
+async def phases(client: Client, vm_id: str) -> list[tuple[str, str]]:
+    events = (await client.call("Events.get", {"topics": ["vm.migration"],
+                                               "since": 0}))["events"]
+    return [(e["data"]["role"], e["data"]["phase"]) for e in events
+            if e["data"]["vm_id"] == vm_id and e["data"]["phase"] != "migrating"]
+
+
+async def test_a_running_vm_moves_live_and_back(hosts: list[dict[str, Any]]) -> None:
+    a, b = hosts
+    async with await connect(a) as on_a, await connect(b) as on_b:
+        vm_id, name = await create_vm(on_a)
+        try:
+            job = await migrate(on_a, vm_id, b["url"])
+            assert job["state"] == "succeeded", job
+            assert job["result"]["destination_host_uuid"] != job["result"]["vm_id"]
+            assert name in await running("lab-h2")
+            assert name not in await defined("lab-h1"), "the source keeps no definition"
+            assert name in await defined("lab-h2"), "a persistent VM stays persistent"
+            info = await on_b.call("VM.getInfo", {"vm_id": vm_id})
+            assert (info["state"], info["persistent"]) == ("running", True)
+            assert await phases(on_a, vm_id) == [("source", "succeeded")]
+            assert await phases(on_b, vm_id) == [("destination", "preparing"),
+                                                 ("destination", "succeeded")]
+
+            back = await migrate(on_b, vm_id, a["url"])
+            assert back["state"] == "succeeded", back
+            assert name in await running("lab-h1")
+            assert name not in await defined("lab-h2")
+        finally:
+            await remove_vm(on_a, vm_id)
+            await remove_vm(on_b, vm_id)
+
+
+async def test_refusals_leave_both_hosts_unchanged(hosts: list[dict[str, Any]]) -> None:
+    a, b = hosts
+    # A bridge that only the source has.
+    made = await asyncio.to_thread(on_host, "lab-h1", "ip", "link", "add", "onlyhere0",
+                                   "type", "bridge")
+    assert made.returncode == 0, made.stderr
+    async with await connect(a) as on_a:
+        vm_id, name = await create_vm(
+            on_a, nics=[{"bridge": "onlyhere0", "model": "virtio"}])
+        try:
+            cases = [
+                (b["url"], "network_missing"),
+                ("tls://10.77.0.19:8765", "destination_unreachable"),
+                (a["url"], "destination_is_source"),
+            ]
+            for destination, reason in cases:
+                with pytest.raises(RemoteError) as caught:
+                    await on_a.call("VM.migrate", {"vm_id": vm_id,
+                                                   "destination": destination})
+                assert (caught.value.name, caught.value.data.get("reason")) == (
+                    "FailedPrecondition", reason), caught.value.error
+                assert name in await running("lab-h1")
+                assert name not in await defined("lab-h2")
+            jobs = (await on_a.call("Job.list", {"kind": "VM.migrate"}))["jobs"]
+            assert [j for j in jobs if j["target"] == vm_id] == []
+        finally:
+            await remove_vm(on_a, vm_id)
+            await asyncio.to_thread(on_host, "lab-h1", "ip", "link", "del", "onlyhere0")
+
+
+async def test_a_cancelled_migration_leaves_the_vm_running_on_the_source(
+        hosts: list[dict[str, Any]]) -> None:
+    a, b = hosts
+    async with await connect(a) as on_a, await connect(b) as on_b:
+        vm_id, name = await create_vm(on_a, memory_mib=512)
+        try:
+            started = await on_a.call("VM.migrate", {
+                "vm_id": vm_id, "destination": b["url"], "max_bandwidth_mibps": 1})
+            job_id = started["job_id"]
+            for _ in range(200):
+                job = (await on_a.call("Job.get", {"job_id": job_id}))["job"]
+                if job["state"] == "running":
+                    break
+                await asyncio.sleep(0.05)
+            cancelled = (await on_a.call("Job.cancel", {"job_id": job_id}))["job"]
+            assert cancelled["state"] == "cancelled", cancelled
+            assert name in await running("lab-h1")
+            assert name not in await defined("lab-h2")
+            assert (await on_a.call("VM.getInfo", {"vm_id": vm_id}))["state"] == "running"
+            assert ("destination", "cancelled") in await phases(on_b, vm_id)
+        finally:
+            await remove_vm(on_a, vm_id)
+
+
+async def test_progress_follows_libvirts_figures(hosts: list[dict[str, Any]]) -> None:
+    a, b = hosts
+    async with await connect(a) as on_a, await connect(b) as on_b:
+        vm_id, name = await create_vm(on_a, memory_mib=512)
+        try:
+            started = await on_a.call("VM.migrate", {
+                "vm_id": vm_id, "destination": b["url"], "max_bandwidth_mibps": 1})
+            seen = []
+            while True:
+                job = (await on_a.call("Job.get", {"job_id": started["job_id"]}))["job"]
+                seen.append(job["progress"])
+                if job["state"] not in ("pending", "running"):
+                    break
+                await asyncio.sleep(0.1)
+            assert job["state"] == "succeeded", job
+            assert [p for p in seen if 0 < p < 100], seen
+            events = (await on_a.call("Events.get", {"topics": ["vm.migration"],
+                                                      "since": 0}))["events"]
+            figures = [e["data"] for e in events if e["data"]["vm_id"] == vm_id
+                       and e["data"].get("data_total_bytes")]
+            assert figures, "no reading of libvirt's figures"
+            assert figures[0]["data_total_bytes"] >= 512 * 1024 * 1024
+            assert name in await running("lab-h2")
+        finally:
+            await remove_vm(on_a, vm_id)
+            await remove_vm(on_b, vm_id)
