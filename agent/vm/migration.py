@@ -240,13 +240,42 @@ class MigrationService:
                     self._report(handle, stats, event)
             await transfer
         except asyncio.CancelledError:
-            if not transfer.done():
-                with contextlib.suppress(ApiError):
-                    await core.on_vm(vm_id, lambda dom: dom.abortJob(),
-                                     what=f"aborting the migration of {vm_id}")
-                with contextlib.suppress(ApiError, asyncio.CancelledError):
-                    await transfer
+            await self._abort(vm_id, transfer)
+            if await self._moved(vm_id):
+                # libvirt finished before the abort took: the VM runs at the destination
+                # now, and saying "cancelled" would have the destination remove it.
+                log.warning("migration of VM %s ended before it could be cancelled", vm_id)
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                return
             raise
+        except ApiError:
+            if await self._moved(vm_id):
+                log.warning("libvirt reported the migration of VM %s failed, but the VM is "
+                            "gone from here: taking it as moved", vm_id)
+                return
+            raise
+
+    async def _abort(self, vm_id: str, transfer: asyncio.Future[None]) -> None:
+        """Abort libvirt's migration job until it takes, or the migration ends. Early on
+        (the destination's QEMU still starting) libvirt refuses to abort: tried again."""
+        while not transfer.done():
+            with contextlib.suppress(ApiError):
+                await self._core.on_vm(vm_id, lambda dom: dom.abortJob(),
+                                       what=f"aborting the migration of {vm_id}")
+            await asyncio.wait([transfer], timeout=0.2)
+        with contextlib.suppress(ApiError):
+            await transfer
+
+    async def _moved(self, vm_id: str) -> bool:
+        """Whether the VM has left this host: undefined here (a persistent VM migrates
+        with UNDEFINE_SOURCE, a transient one goes), or shut off for a migration."""
+        try:
+            state, reason = await self._core.on_vm(vm_id, vmops.state_of)
+        except NotFound:
+            return True
+        return state == "shutoff" and reason == "migrated"
 
     def _report(self, handle: JobHandle, stats: JsonObject, event: JsonObject) -> None:
         total = int(stats.get("data_total", 0) or 0)
@@ -334,7 +363,7 @@ class MigrationService:
             except NotFound:
                 return
             state, _ = vmops.state_of(dom)
-            if state == "running":  # not ours to remove: it runs
+            if state != "paused":  # only an incoming domain that never resumed is a leftover
                 return
             with contextlib.suppress(Exception):  # gone meanwhile: nothing is left
                 dom.destroy()

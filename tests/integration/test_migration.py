@@ -124,7 +124,7 @@ async def test_a_cancelled_migration_leaves_the_vm_running_on_the_source(
         hosts: list[dict[str, Any]]) -> None:
     a, b = hosts
     async with await connect(a) as on_a, await connect(b) as on_b:
-        vm_id, name = await create_vm(on_a, memory_mib=512)
+        vm_id, name = await create_vm(on_a, memory_mib=2048)
         try:
             started = await on_a.call("VM.migrate", {
                 "vm_id": vm_id, "destination": b["url"], "max_bandwidth_mibps": 1})
