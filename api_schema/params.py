@@ -182,7 +182,7 @@ class VmListParams(TypedDict):
 class VmMigrateParams(TypedDict):
     vm_id: str
     destination: str
-    mode: Literal["live"]
+    mode: Literal["live", "offline"]
     storage: Literal["shared"]
     max_bandwidth_mibps: NotRequired[int]
     request_key: NotRequired[str]

@@ -45,6 +45,7 @@ from virtnode.util.jsontypes import JsonObject
 from virtnode.util.safexml import parse_xml
 from virtnode.vm import ops as vmops
 from virtnode.vm.core import VmCore
+from virtnode.vm.shutdown import STOPPED
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +133,14 @@ class MigrationService:
             {k: v for k, v in params.items() if k != "request_key"},
             run, description=f"migrate VM {vm_id} to {destination}", target=vm_id,
             request_key=params.get("request_key"),
-            prepare=lambda: self._prepared(vm_id, destination, host, migration_id, prepared),
+            prepare=lambda: self._prepared(vm_id, destination, host, migration_id,
+                                           mode=params["mode"], prepared=prepared),
         )
         return {"job_id": job.job_id, "job": job.to_api()}
 
     @contextlib.asynccontextmanager
-    async def _prepared(self, vm_id: str, destination: str, host: str, migration_id: str,
-                        prepared: dict[str, Any]) -> AsyncIterator[None]:
+    async def _prepared(self, vm_id: str, destination: str, host: str, migration_id: str, *,
+                        mode: str, prepared: dict[str, Any]) -> AsyncIterator[None]:
         """Everything checked and the destination ready, before the job exists; held (the
         VM's lock, the destination's connection) until the job ends."""
         core = self._core
@@ -148,10 +150,16 @@ class MigrationService:
                                      object="vm", id=vm_id)
         async with core.locks.hold(vm_id, "VM.migrate"):
             state, _ = await core.on_vm(vm_id, vmops.state_of)
-            if state != "running":
+            if mode == "live" and state != "running":
                 raise FailedPrecondition(f"a live migration needs a running VM; it is {state}",
                                          reason="vm_not_running", object="vm", id=vm_id)
+            if mode == "offline" and state not in STOPPED:
+                raise FailedPrecondition(
+                    f"an offline migration moves a stopped VM; it is {state}",
+                    reason="vm_running", object="vm", id=vm_id)
             name, xml, memory, persistent = await core.on_vm(vm_id, _describe)
+            if mode == "offline":
+                memory = 0  # it needs its memory once started, wherever that is
             root = parse_xml(xml, what="domain XML")
             disks = _disk_files(root)
             dirs = list(self._storage_dirs())
@@ -169,7 +177,8 @@ class MigrationService:
                     "host": host})
                 prepared.update(peer=peer, uri=answer["libvirt_uri"],
                                 peer_uuid=answer["host_uuid"], persistent=persistent,
-                                shared_disks=bool(disks), destination=destination)
+                                shared_disks=bool(disks), destination=destination,
+                                offline=mode == "offline")
                 self._outgoing.add(vm_id)
                 try:
                     yield
@@ -211,9 +220,14 @@ class MigrationService:
 
     async def _transfer(self, handle: JobHandle, vm_id: str, prepared: dict[str, Any],
                         bandwidth: int | None, event: JsonObject) -> None:
-        flags = vc.MIGRATE_LIVE | vc.MIGRATE_PEER2PEER | vc.MIGRATE_ABORT_ON_ERROR
-        if prepared["persistent"]:
-            flags |= vc.MIGRATE_PERSIST_DEST | vc.MIGRATE_UNDEFINE_SOURCE
+        if prepared["offline"]:
+            # Only the definition moves (the disks are shared): libvirt defines it there.
+            flags = (vc.MIGRATE_OFFLINE | vc.MIGRATE_PEER2PEER | vc.MIGRATE_PERSIST_DEST
+                     | vc.MIGRATE_UNDEFINE_SOURCE)
+        else:
+            flags = vc.MIGRATE_LIVE | vc.MIGRATE_PEER2PEER | vc.MIGRATE_ABORT_ON_ERROR
+            if prepared["persistent"]:
+                flags |= vc.MIGRATE_PERSIST_DEST | vc.MIGRATE_UNDEFINE_SOURCE
         if prepared["shared_disks"]:
             # libvirt takes ext4 and the like for local storage; every disk was found on a
             # storage domain that the destination has attached too, so it is shared.

@@ -170,3 +170,25 @@ async def test_progress_follows_libvirts_figures(hosts: list[dict[str, Any]]) ->
         finally:
             await remove_vm(on_a, vm_id)
             await remove_vm(on_b, vm_id)
+
+
+async def test_a_stopped_vm_moves_offline(hosts: list[dict[str, Any]]) -> None:
+    a, b = hosts
+    async with await connect(a) as on_a, await connect(b) as on_b:
+        name = f"mig-{uuid.uuid4().hex[:8]}"
+        created = await on_a.call("VM.create", {"spec": {
+            "name": name, "memory_mib": 64, "domain_type": "kvm", "machine": "pc"},
+            "start": False})
+        vm_id = created["vm_id"]
+        try:
+            job = await migrate(on_a, vm_id, b["url"], mode="offline")
+            assert job["state"] == "succeeded", job
+            assert name in await defined("lab-h2")
+            assert name not in await running("lab-h2"), "it stays stopped"
+            assert name not in await defined("lab-h1")
+            assert (await on_b.call("VM.getInfo", {"vm_id": vm_id}))["persistent"] is True
+            await on_b.call("VM.start", {"vm_id": vm_id})
+            assert name in await running("lab-h2")
+        finally:
+            await remove_vm(on_a, vm_id)
+            await remove_vm(on_b, vm_id)

@@ -66,3 +66,17 @@ async def test_the_destination_must_be_a_tls_url(api: InProcessAgent) -> None:
     vm_id = await api.create()
     await api.error("VM.migrate", {"vm_id": vm_id, "destination": "tcp://10.77.0.12:8765"},
                     "InvalidParams")
+
+
+@pytest.mark.covers("VM.migrate")
+async def test_an_offline_migration_moves_only_a_stopped_vm(api: InProcessAgent) -> None:
+    api.connect = loopback(api)
+    vm_id = await api.create()
+    await api.error("VM.migrate", {"vm_id": vm_id, "destination": DESTINATION,
+                                   "mode": "offline"}, "FailedPrecondition", "vm_running")
+    await _no_job_and_still_running(api, vm_id)
+    stopped = await api.create("vm2", start=False)
+    # Past the source's checks, the destination (this same host) refuses it.
+    await api.error("VM.migrate", {"vm_id": stopped, "destination": DESTINATION,
+                                   "mode": "offline"}, "FailedPrecondition",
+                    "destination_is_source")
