@@ -75,6 +75,7 @@ class MigrationPrepareParams(TypedDict):
     memory_bytes: int
     source_host_uuid: str
     host: str
+    post_copy: bool
 
 
 class NetworkConfirmParams(TypedDict):
@@ -185,6 +186,8 @@ class VmMigrateParams(TypedDict):
     mode: Literal["live", "offline"]
     storage: Literal["shared"]
     max_bandwidth_mibps: NotRequired[int]
+    policy: NotRequired[Literal["minimal_downtime", "post_copy", "suspend_workload"] | JsonObject]
+    timeout: NotRequired[float]
     request_key: NotRequired[str]
 
 

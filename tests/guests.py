@@ -17,6 +17,9 @@ Variants:
 - ``writer``: the ``acpi`` guest that also loads the virtio block driver and keeps writing
   to and reading from its first virtio disk (``/dev/vda``, given with ``domain_xml(disk=)``)
   with ``dd``: real guest disk I/O for statistics tests.
+- ``dirty``: the ``noacpi`` guest that keeps rewriting 16 MiB of random data in its tmpfs
+  (``cat`` of one file over another, forever): memory a live migration must send again
+  and again, for tests of convergence, cancel and post-copy.
 
 Both print :data:`GUEST_READY` on the serial console once they are ready for the power
 button (after a reboot it appears again). They need TCG (``<domain type='qemu'>``): a Linux
@@ -55,7 +58,7 @@ from xml.sax.saxutils import escape, quoteattr
 GUEST_READY = "VIRTNODE-GUEST-READY"
 GUEST_POWEROFF = "VIRTNODE-GUEST-POWEROFF"
 GUEST_BROKEN = "VIRTNODE-GUEST-BROKEN"  # the guest could not get ready: no GUEST_READY
-VARIANTS = ("acpi", "noacpi", "writer")
+VARIANTS = ("acpi", "noacpi", "writer", "dirty")
 DEFAULT_CACHE = Path("/var/cache/virtnode-tests/guests")
 CACHE_ENV = "VIRTNODE_TEST_CACHE"
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
@@ -110,6 +113,11 @@ while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do usleep 50000; n=$((n + 1)); done
     dd if=/dev/vda of=/dev/null bs=65536 count=64 2>/dev/null
     usleep 200000
   done ) &"""
+
+# 16 MiB of random data, copied over and over: about 16 MiB of guest memory dirtied per
+# copy. Zero pages would not do: a migration sends them as flags, not data.
+_DIRTIER = """dd if=/dev/urandom of=/tmp/dirty.src bs=1048576 count=16 2>/dev/null
+( while :; do cat /tmp/dirty.src > /tmp/dirty.dst; done ) &"""
 
 # acpid writes its pid file only after it has opened every /dev/input/event*: waiting for
 # it means a power-button press right after the ready marker is not lost.
@@ -453,6 +461,8 @@ def _init_script(variant: str) -> str:
     acpid = _ACPID if variant in ("acpi", "writer") else "# no acpid: the power button is ignored"
     if variant == "writer":
         acpid += "\n" + _WRITER
+    if variant == "dirty":
+        acpid += "\n" + _DIRTIER
     return (_INIT.replace("@ACPID@", acpid).replace("@READY@", GUEST_READY)
             .replace("@BROKEN@", GUEST_BROKEN).replace("@VARIANT@", variant))
 

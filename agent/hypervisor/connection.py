@@ -16,8 +16,8 @@ import itertools
 import logging
 import random
 import threading
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -82,7 +82,8 @@ class DomainEvent:
     """A domain event from libvirt, in plain Python types.
 
     ``kind`` is ``lifecycle`` (with libvirt's ``event`` and ``detail`` numbers),
-    ``device_removed`` or ``device_removal_failed`` (with the device ``alias``).
+    ``device_removed`` or ``device_removal_failed`` (with the device ``alias``), or
+    ``job_completed`` (with the job's final ``stats``, as ``jobStats`` gives them).
     """
 
     kind: str
@@ -91,6 +92,7 @@ class DomainEvent:
     event: int = 0
     detail: int = 0
     alias: str = ""
+    stats: Mapping[str, Any] = field(default_factory=dict)
 
 
 DomainListener = Callable[[DomainEvent], None]
@@ -409,6 +411,7 @@ class Hypervisor:
             (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle),
             (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_device_removed),
             (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, self._on_removal_failed),
+            (libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, self._on_job_completed),
         )
         ids = []
         for event_id, callback in callbacks:
@@ -430,6 +433,11 @@ class Hypervisor:
                            _opaque: Any) -> None:
         self._deliver(DomainEvent("device_removal_failed", dom.UUIDString(), dom.name(),
                                   alias=alias))
+
+    def _on_job_completed(self, _conn: Connection, dom: Domain, stats: dict[str, Any],
+                          _opaque: Any) -> None:
+        self._deliver(DomainEvent("job_completed", dom.UUIDString(), dom.name(),
+                                  stats=dict(stats)))
 
     def _deliver(self, event: DomainEvent) -> None:
         if self._loop is not None:

@@ -84,6 +84,10 @@ class Domain(Protocol):
 
     def abortJob(self) -> int: ...  # noqa: N802
 
+    def migrateSetMaxDowntime(self, downtime: int, flags: int = 0) -> int: ...  # noqa: N802
+
+    def migrateStartPostCopy(self, flags: int = 0) -> int: ...  # noqa: N802
+
 
 class Connection(Protocol):
     """A ``virConnect``: the hypervisor connection, used only on the hypervisor's thread."""

@@ -19,6 +19,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -32,18 +33,23 @@ from virtnode.api_schema.params import (
 )
 from virtnode.config import MigrationConfig
 from virtnode.errors import (
+    Aborted,
     ApiError,
+    DeadlineExceeded,
     FailedPrecondition,
     NotFound,
     ResourceExhausted,
 )
 from virtnode.events.bus import EventBus
 from virtnode.hypervisor import constants as vc
+from virtnode.hypervisor.connection import DomainEvent
 from virtnode.hypervisor.handles import Connection, Domain
 from virtnode.jobs.manager import JobHandle, JobKind, JobManager
+from virtnode.storage.domains.access import QEMU_CONF, qemu_conf_identity
 from virtnode.util.jsontypes import JsonObject
 from virtnode.util.safexml import parse_xml
 from virtnode.vm import ops as vmops
+from virtnode.vm.convergence import Follower, Schedule, Step, post_copy_possible, schedule_of
 from virtnode.vm.core import VmCore
 from virtnode.vm.shutdown import STOPPED
 
@@ -53,6 +59,10 @@ TOPIC = "vm.migration"
 #: libvirt's VIR_MIGRATE_PARAM_BANDWIDTH: the cap on the transfer, MiB/s.
 PARAM_BANDWIDTH = "bandwidth"
 MIGRATE_JOB = JobKind("VM.migrate", cancellable=True)
+#: Where the kernel says whether unprivileged processes may use userfaultfd.
+USERFAULTFD_SYSCTL = "/proc/sys/vm/unprivileged_userfaultfd"
+#: How long a finished migration's statistics (its downtime) may take to arrive.
+COMPLETED_WAIT = 2.0
 
 
 class Peer(Protocol):
@@ -75,6 +85,38 @@ class _Incoming:
     vm_id: str
     source: str
     started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Course:
+    """Where a running migration stands."""
+
+    follower: Follower
+    live: bool
+    timeout: float | None = None
+    started: float = field(default_factory=time.monotonic)
+    downtime_set: bool = False
+    post_copy: bool = False
+    verdict: ApiError | None = None
+
+
+def _flags(prepared: dict[str, Any], schedule: Schedule) -> int:
+    """libvirt's migration flags for a prepared migration."""
+    if prepared["offline"]:
+        # Only the definition moves (the disks are shared): libvirt defines it there.
+        flags = (vc.MIGRATE_OFFLINE | vc.MIGRATE_PEER2PEER | vc.MIGRATE_PERSIST_DEST
+                 | vc.MIGRATE_UNDEFINE_SOURCE)
+    else:
+        flags = vc.MIGRATE_LIVE | vc.MIGRATE_PEER2PEER | vc.MIGRATE_ABORT_ON_ERROR
+        if prepared["persistent"]:
+            flags |= vc.MIGRATE_PERSIST_DEST | vc.MIGRATE_UNDEFINE_SOURCE
+        if schedule.post_copy:
+            flags |= vc.MIGRATE_POSTCOPY
+    if prepared["shared_disks"]:
+        # libvirt takes ext4 and the like for local storage; every disk was found on a
+        # storage domain that the destination has attached too, so it is shared.
+        flags |= vc.MIGRATE_UNSAFE
+    return flags
 
 
 def _bridges(root: etree._Element) -> list[str]:
@@ -111,7 +153,14 @@ class MigrationService:
         self._outgoing_slots = asyncio.Semaphore(config.max_outgoing)
         self._outgoing: set[str] = set()
         self._incoming: dict[str, _Incoming] = {}
+        self._completed: dict[str, asyncio.Future[dict[str, Any]]] = {}
         jobs.register(MIGRATE_JOB)
+        core.hypervisor.add_domain_listener(self._on_domain_event)
+
+    def _on_domain_event(self, event: DomainEvent) -> None:
+        waiter = self._completed.get(event.vm_id)
+        if event.kind == "job_completed" and waiter is not None and not waiter.done():
+            waiter.set_result(dict(event.stats))
 
     # --- the source ---------------------------------------------------------------------
 
@@ -121,12 +170,12 @@ class MigrationService:
         if not host:
             raise FailedPrecondition(f"no host in {destination}", reason="bad_destination",
                                      field="destination")
+        schedule = schedule_of(params.get("policy"))
         migration_id = str(uuid.uuid4())
-        prepared: dict[str, Any] = {}
+        prepared: dict[str, Any] = {"schedule": schedule}
 
         async def run(handle: JobHandle) -> JsonObject:
-            return await self._run(handle, migration_id, vm_id, prepared,
-                                   params.get("max_bandwidth_mibps"))
+            return await self._run(handle, migration_id, vm_id, prepared, params)
 
         job = await self._jobs.submit(
             MIGRATE_JOB.name,
@@ -174,7 +223,8 @@ class MigrationService:
                 answer = await peer.call("Migration.prepare", {
                     "migration_id": migration_id, "vm_id": vm_id, "name": name, "xml": xml,
                     "memory_bytes": memory, "source_host_uuid": self._host_id(),
-                    "host": host})
+                    "host": host,
+                    "post_copy": mode == "live" and prepared["schedule"].post_copy})
                 prepared.update(peer=peer, uri=answer["libvirt_uri"],
                                 peer_uuid=answer["host_uuid"], persistent=persistent,
                                 shared_disks=bool(disks), destination=destination,
@@ -192,21 +242,22 @@ class MigrationService:
                 await peer.close()
 
     async def _run(self, handle: JobHandle, migration_id: str, vm_id: str,
-                   prepared: dict[str, Any], bandwidth: int | None) -> JsonObject:
+                   prepared: dict[str, Any], params: VmMigrateParams) -> JsonObject:
         peer: Peer = prepared["peer"]
         started = time.monotonic()
         event = {"vm_id": vm_id, "migration_id": migration_id, "role": "source",
                  "peer": prepared["peer_uuid"]}
         outcome = "failed"
+        ending: JsonObject = {}
         try:
             async with self._outgoing_slots:
                 self._bus.publish(TOPIC, {**event, "phase": "migrating"})
-                await self._transfer(handle, vm_id, prepared, bandwidth, event)
+                ending = await self._transfer(handle, vm_id, prepared, params, event)
             outcome = "succeeded"
             return {"vm_id": vm_id, "migration_id": migration_id,
                     "destination": prepared["destination"],
                     "destination_host_uuid": prepared["peer_uuid"],
-                    "seconds": round(time.monotonic() - started, 3)}
+                    "seconds": round(time.monotonic() - started, 3), **ending}
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
@@ -215,28 +266,24 @@ class MigrationService:
             with contextlib.suppress(ApiError, OSError):
                 await asyncio.shield(peer.call("Migration.finish", {
                     "migration_id": migration_id, "outcome": outcome}))
-            self._bus.publish(TOPIC, {**event, "phase": outcome,
-                                      "seconds": round(time.monotonic() - started, 3)})
+            self._bus.publish(TOPIC, {**event, "phase": outcome, **{
+                k: v for k, v in ending.items() if k in ("downtime_ms", "post_copy")},
+                "seconds": round(time.monotonic() - started, 3)})
 
     async def _transfer(self, handle: JobHandle, vm_id: str, prepared: dict[str, Any],
-                        bandwidth: int | None, event: JsonObject) -> None:
-        if prepared["offline"]:
-            # Only the definition moves (the disks are shared): libvirt defines it there.
-            flags = (vc.MIGRATE_OFFLINE | vc.MIGRATE_PEER2PEER | vc.MIGRATE_PERSIST_DEST
-                     | vc.MIGRATE_UNDEFINE_SOURCE)
-        else:
-            flags = vc.MIGRATE_LIVE | vc.MIGRATE_PEER2PEER | vc.MIGRATE_ABORT_ON_ERROR
-            if prepared["persistent"]:
-                flags |= vc.MIGRATE_PERSIST_DEST | vc.MIGRATE_UNDEFINE_SOURCE
-        if prepared["shared_disks"]:
-            # libvirt takes ext4 and the like for local storage; every disk was found on a
-            # storage domain that the destination has attached too, so it is shared.
-            flags |= vc.MIGRATE_UNSAFE
+                        params: VmMigrateParams, event: JsonObject) -> JsonObject:
+        """Have libvirt migrate the VM, following its course; what the end measured."""
+        schedule: Schedule = prepared["schedule"]
+        live = not prepared["offline"]
+        flags = _flags(prepared, schedule)
         migrate_params: dict[str, Any] = {}
-        if bandwidth is not None:
-            migrate_params[PARAM_BANDWIDTH] = bandwidth
+        if params.get("max_bandwidth_mibps") is not None:
+            migrate_params[PARAM_BANDWIDTH] = params["max_bandwidth_mibps"]
         uri = prepared["uri"]
         core = self._core
+        course = _Course(Follower(schedule), live, params.get("timeout"))
+        completed = asyncio.get_running_loop().create_future()
+        self._completed[vm_id] = completed
 
         def send(conn: Connection) -> None:
             vmops.lookup(conn, vm_id).migrateToURI3(uri, migrate_params, flags)
@@ -244,32 +291,119 @@ class MigrationService:
         transfer = asyncio.ensure_future(
             core.hypervisor.call_long(send, what=f"migrating VM {vm_id} to {uri}"))
         try:
-            while not transfer.done():
-                await asyncio.wait([transfer], timeout=self._config.progress_interval)
-                if transfer.done():
-                    break
-                with contextlib.suppress(ApiError):
-                    stats = await core.on_vm(vm_id, lambda dom: dom.jobStats(),
-                                             what=f"reading the migration of {vm_id}")
-                    self._report(handle, stats, event)
-            await transfer
-        except asyncio.CancelledError:
-            await self._abort(vm_id, transfer)
-            if await self._moved(vm_id):
-                # libvirt finished before the abort took: the VM runs at the destination
-                # now, and saying "cancelled" would have the destination remove it.
-                log.warning("migration of VM %s ended before it could be cancelled", vm_id)
-                task = asyncio.current_task()
-                if task is not None:
-                    task.uncancel()
-                return
-            raise
+            try:
+                while not transfer.done() and course.verdict is None:
+                    await asyncio.wait([transfer], timeout=self._config.progress_interval)
+                    if transfer.done():
+                        break
+                    await self._follow(handle, vm_id, course, event)
+                if course.verdict is None:
+                    await transfer
+            except asyncio.CancelledError:
+                await self._abort(vm_id, transfer)
+                if await self._moved(vm_id):
+                    # libvirt finished before the abort took: the VM runs at the
+                    # destination now, and "cancelled" would have the destination remove it.
+                    log.warning("migration of VM %s ended before it could be cancelled",
+                                vm_id)
+                    task = asyncio.current_task()
+                    if task is not None:
+                        task.uncancel()
+                    return await self._ending(course, completed)
+                raise
+            except ApiError as exc:
+                if await self._moved(vm_id):
+                    log.warning("libvirt reported the migration of VM %s failed, but the VM "
+                                "is gone from here: taking it as moved", vm_id)
+                    return await self._ending(course, completed)
+                if "ostcopy is not supported" in str(exc):
+                    raise FailedPrecondition(
+                        "the destination's QEMU cannot run post-copy (it needs userfaultfd)",
+                        reason="post_copy_unsupported") from None
+                raise
+            if course.verdict is not None:
+                await self._abort(vm_id, transfer)
+                if not await self._moved(vm_id):
+                    raise course.verdict
+                log.warning("migration of VM %s ended before it could be aborted", vm_id)
+            return await self._ending(course, completed)
+        finally:
+            self._completed.pop(vm_id, None)
+
+    async def _follow(self, handle: JobHandle, vm_id: str, course: _Course,
+                      event: JsonObject) -> None:
+        """One reading of libvirt's job statistics: progress, events, convergence."""
+        core = self._core
+        try:
+            stats = await core.on_vm(vm_id, lambda dom: dom.jobStats(),
+                                     what=f"reading the migration of {vm_id}")
         except ApiError:
-            if await self._moved(vm_id):
-                log.warning("libvirt reported the migration of VM %s failed, but the VM is "
-                            "gone from here: taking it as moved", vm_id)
+            return
+        follower = course.follower
+        if (course.timeout is not None and not course.post_copy
+                and time.monotonic() - course.started > course.timeout):
+            course.verdict = DeadlineExceeded(
+                f"the migration took longer than {course.timeout} s",
+                reason="migration_timeout")
+            return
+        if course.live and not course.downtime_set and int(stats.get("type", 0) or 0):
+            # libvirt takes a maximum downtime only once its migration job exists.
+            course.downtime_set = await self._act(
+                vm_id, Step(0, "downtime", follower.downtime_ms))
+        self._report(handle, stats, {**event, "max_downtime_ms": follower.downtime_ms,
+                                     "stalled_iterations": follower.stalled,
+                                     "post_copy": course.post_copy})
+        if not course.live or course.post_copy or int(stats.get("data_total", 0) or 0) <= 0:
+            return
+        for step in follower.observe(int(stats.get("memory_iteration", 0) or 0),
+                                     int(stats.get("data_remaining", 0) or 0)):
+            log.info("migration of VM %s stalled %d times: %s", vm_id, follower.stalled,
+                     step.action)
+            self._bus.publish(TOPIC, {**event, "phase": "migrating", "action": step.action,
+                                      "stalled_iterations": follower.stalled,
+                                      "max_downtime_ms": follower.downtime_ms})
+            if step.action == "abort":
+                course.verdict = Aborted(
+                    f"the migration did not converge: it stalled {follower.stalled} times "
+                    f"with a downtime of {follower.downtime_ms} ms allowed",
+                    reason="not_converging", stalled_iterations=follower.stalled,
+                    max_downtime_ms=follower.downtime_ms)
                 return
-            raise
+            if await self._act(vm_id, step) and step.action == "post_copy":
+                course.post_copy = True
+
+    async def _act(self, vm_id: str, step: Step) -> bool:
+        """Take a convergence step on libvirt's migration job; whether it took."""
+        def act(dom: Domain) -> None:
+            if step.action == "downtime":
+                dom.migrateSetMaxDowntime(step.downtime_ms, 0)
+            elif step.action == "post_copy":
+                dom.migrateStartPostCopy(0)
+            elif step.action == "suspend":
+                dom.suspend()
+
+        try:
+            await self._core.on_vm(vm_id, act, what=f"{step.action} for the migration of "
+                                   f"{vm_id}")
+        except ApiError as exc:
+            log.warning("migration of VM %s: %s did not take: %s", vm_id, step.action, exc)
+            return False
+        return True
+
+    async def _ending(self, course: _Course,
+                      completed: asyncio.Future[dict[str, Any]]) -> JsonObject:
+        """What the finished migration measured: libvirt's downtime when it says."""
+        ending: JsonObject = {"policy": course.follower.schedule.name,
+                              "post_copy": course.post_copy,
+                              "stalled_iterations": course.follower.stalled,
+                              "max_downtime_ms": course.follower.downtime_ms}
+        with contextlib.suppress(TimeoutError):
+            stats = await asyncio.wait_for(asyncio.shield(completed), COMPLETED_WAIT)
+            if stats.get("downtime") is not None:
+                ending["downtime_ms"] = int(stats["downtime"])
+            if stats.get("time_elapsed") is not None:
+                ending["libvirt_ms"] = int(stats["time_elapsed"])
+        return ending
 
     async def _abort(self, vm_id: str, transfer: asyncio.Future[None]) -> None:
         """Abort libvirt's migration job until it takes, or the migration ends. Early on
@@ -303,7 +437,10 @@ class MigrationService:
         figures = {"data_total_bytes": total, "data_processed_bytes": processed,
                    "data_remaining_bytes": remaining,
                    "memory_iteration": int(stats.get("memory_iteration", 0) or 0),
-                   "memory_dirty_rate_pages": int(stats.get("memory_dirty_rate", 0) or 0)}
+                   "memory_dirty_rate_pages": int(stats.get("memory_dirty_rate", 0) or 0),
+                   "memory_bandwidth_bytes": int(stats.get("memory_bps", 0) or 0)}
+        if stats.get("downtime") is not None:
+            figures["expected_downtime_ms"] = int(stats["downtime"])
         self._bus.publish(TOPIC, {**event, "phase": "migrating", **figures})
 
     # --- the destination ----------------------------------------------------------------
@@ -343,6 +480,13 @@ class MigrationService:
                                          reason="vm_exists", object="vm", id=vm_id)
             return conn.getFreeMemory()
 
+        # The incoming VM must pass this host's own policy, as a VM.create would.
+        await self._core.vet(_without_dynamic_labels(root), "xml")
+        if params.get("post_copy") and not await asyncio.to_thread(_post_copy_here):
+            raise FailedPrecondition(
+                "this host's QEMU cannot take a post-copy migration: it needs userfaultfd "
+                "(vm.unprivileged_userfaultfd = 1, or QEMU running as root with its "
+                "capabilities)", reason="post_copy_unsupported")
         free = await self._core.hypervisor.call(check, what="checking an incoming VM")
         if free < params["memory_bytes"]:
             raise FailedPrecondition(
@@ -390,3 +534,26 @@ def _describe(dom: Domain) -> tuple[str, str, int, bool]:
     """Name, live XML, current memory in bytes and persistence of a domain."""
     info = dom.info()
     return dom.name(), dom.XMLDesc(0), int(info[2]) * 1024, bool(dom.isPersistent())
+
+
+def _post_copy_here() -> bool:
+    """Whether this host's QEMU can take a post-copy migration (blocking reads)."""
+    def read(path: str | os.PathLike[str]) -> str:
+        try:
+            with open(path, encoding="utf-8") as file:
+                return file.read()
+        except OSError:
+            return ""
+
+    conf = read(QEMU_CONF)
+    return post_copy_possible(read(USERFAULTFD_SYSCTL), conf, qemu_conf_identity(conf)[0])
+
+
+def _without_dynamic_labels(root: etree._Element) -> etree._Element:
+    """A copy of a running domain's XML without the labels libvirt generated for its
+    dynamic security labels: the destination's libvirt makes its own."""
+    copy = deepcopy(root)
+    for label in copy.iterfind("seclabel[@type='dynamic']"):
+        for generated in label.findall("label") + label.findall("imagelabel"):
+            label.remove(generated)
+    return copy

@@ -1,5 +1,6 @@
 """The lab (tools/lab) for the tests that need several hosts: the ``hosts`` fixture
-brings up two hosts for a test module and takes them down after it."""
+brings up a lab for a test module (``LAB_HOSTS`` hosts, two unless the module says) and
+takes it down after it. Its VMs may use the test guests' files (tests/guests.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import missing
+from tests.guests import cache_root
 from tests.paths import ROOT
 
 LAB = ROOT / "tools" / "lab"
@@ -40,7 +42,7 @@ def on_host(name: str, *argv: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def hosts() -> Iterator[list[dict[str, Any]]]:
+def hosts(request: pytest.FixtureRequest) -> Iterator[list[dict[str, Any]]]:
     if os.geteuid() != 0:
         missing("the lab needs root")
     if not Path("/dev/kvm").exists():
@@ -48,7 +50,9 @@ def hosts() -> Iterator[list[dict[str, Any]]]:
     if RUN.exists() or VAR.exists():
         pytest.fail("a lab is up on this machine: tools/lab down first")
     try:
-        lab("up", "2")
+        cache = cache_root()
+        cache.mkdir(parents=True, exist_ok=True)
+        lab("up", str(getattr(request.module, "LAB_HOSTS", 2)), "--allow", str(cache))
         yield json.loads(lab("status", "--json").stdout)
     finally:
         lab("down", check=False)

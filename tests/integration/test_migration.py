@@ -1,6 +1,6 @@
 """VM.migrate between two agents of the lab (tools/lab): real libvirtds, real KVM guests.
 
-Each test leaves the lab as it found it: no VM on either host.
+Each test leaves the lab as it found it: no VM on any host.
 """
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 
+from tests import guests
 from tests.integration.lab import on_host
 from virtnode.client import Client, RemoteError, tls_context
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu]
+LAB_HOSTS = 3
 
 
 async def connect(host: dict[str, Any]) -> Client:
@@ -48,6 +50,32 @@ async def remove_vm(client: Client, vm_id: str) -> None:
         assert exc.name == "NotFound", exc.error
 
 
+async def create_guest(client: Client, variant: str = "dirty") -> tuple[str, str]:
+    """A running TCG Linux guest (tests/guests.py), ready: the ``dirty`` one keeps
+    rewriting 16 MiB of its memory."""
+    image = await guests.guest_image(variant)
+    name = f"mig-{uuid.uuid4().hex[:8]}"
+    log = guests.console_log_path(name)
+    log.unlink(missing_ok=True)
+    xml = guests.domain_xml(image, name, str(uuid.uuid4()), log)
+    created = await client.call("VM.create", {"xml": xml})
+    await guests.wait_for_console(log, timeout=120)
+    return created["vm_id"], name
+
+
+async def state_on(host: str, name: str) -> str:
+    shown = await asyncio.to_thread(on_host, host, "virsh", "-q", "-c", "qemu:///system",
+                                    "domstate", name)
+    return shown.stdout.strip() or shown.stderr.strip()
+
+
+async def actions(client: Client, vm_id: str) -> list[str]:
+    events = (await client.call("Events.get", {"topics": ["vm.migration"],
+                                               "since": 0}))["events"]
+    return [e["data"]["action"] for e in events
+            if e["data"]["vm_id"] == vm_id and "action" in e["data"]]
+
+
 async def migrate(client: Client, vm_id: str, destination: str,
                   **extra: Any) -> dict[str, Any]:
     started = await client.call("VM.migrate", {"vm_id": vm_id, "destination": destination,
@@ -65,7 +93,7 @@ async def phases(client: Client, vm_id: str) -> list[tuple[str, str]]:
 
 
 async def test_a_running_vm_moves_live_and_back(hosts: list[dict[str, Any]]) -> None:
-    a, b = hosts
+    a, b, _ = hosts
     async with await connect(a) as on_a, await connect(b) as on_b:
         vm_id, name = await create_vm(on_a)
         try:
@@ -91,7 +119,7 @@ async def test_a_running_vm_moves_live_and_back(hosts: list[dict[str, Any]]) -> 
 
 
 async def test_refusals_leave_both_hosts_unchanged(hosts: list[dict[str, Any]]) -> None:
-    a, b = hosts
+    a, b, _ = hosts
     # A bridge that only the source has.
     made = await asyncio.to_thread(on_host, "lab-h1", "ip", "link", "add", "onlyhere0",
                                    "type", "bridge")
@@ -120,23 +148,25 @@ async def test_refusals_leave_both_hosts_unchanged(hosts: list[dict[str, Any]]) 
             await asyncio.to_thread(on_host, "lab-h1", "ip", "link", "del", "onlyhere0")
 
 
-async def test_a_cancelled_migration_leaves_the_vm_running_on_the_source(
+async def test_a_migration_cancelled_half_way_leaves_the_vm_running_on_the_source(
         hosts: list[dict[str, Any]]) -> None:
-    a, b = hosts
+    a, b, _ = hosts
     async with await connect(a) as on_a, await connect(b) as on_b:
-        vm_id, name = await create_vm(on_a, memory_mib=2048)
+        vm_id, name = await create_guest(on_a)
         try:
             started = await on_a.call("VM.migrate", {
                 "vm_id": vm_id, "destination": b["url"], "max_bandwidth_mibps": 1})
             job_id = started["job_id"]
-            for _ in range(200):
+            for _ in range(1200):
                 job = (await on_a.call("Job.get", {"job_id": job_id}))["job"]
-                if job["state"] == "running":
+                if job["progress"] >= 40 or job["state"] not in ("pending", "running"):
                     break
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.1)
+            assert job["state"] == "running" and 40 <= job["progress"] < 80, job
             cancelled = (await on_a.call("Job.cancel", {"job_id": job_id}))["job"]
             assert cancelled["state"] == "cancelled", cancelled
             assert name in await running("lab-h1")
+            assert await state_on("lab-h1", name) == "running"
             assert name not in await defined("lab-h2")
             assert (await on_a.call("VM.getInfo", {"vm_id": vm_id}))["state"] == "running"
             assert ("destination", "cancelled") in await phases(on_b, vm_id)
@@ -144,8 +174,84 @@ async def test_a_cancelled_migration_leaves_the_vm_running_on_the_source(
             await remove_vm(on_a, vm_id)
 
 
+async def test_a_migration_that_does_not_converge_is_aborted_by_its_policy(
+        hosts: list[dict[str, Any]]) -> None:
+    a, b, _ = hosts
+    async with await connect(a) as on_a, await connect(b) as on_b:
+        vm_id, name = await create_guest(on_a)
+        try:
+            job = await migrate(on_a, vm_id, b["url"], max_bandwidth_mibps=8, policy={
+                "initial_downtime_ms": 50, "steps": [
+                    {"stalled_iterations": 1, "action": "downtime", "downtime_ms": 100},
+                    {"stalled_iterations": 2, "action": "abort"}]})
+            assert job["state"] == "failed", job
+            assert (job["error"]["data"]["name"], job["error"]["data"]["reason"]) == (
+                "Aborted", "not_converging"), job["error"]
+            assert job["error"]["data"]["max_downtime_ms"] == 100
+            assert await actions(on_a, vm_id) == ["downtime", "abort"]
+            assert await state_on("lab-h1", name) == "running"
+            assert name not in await defined("lab-h2")
+            assert ("destination", "failed") in await phases(on_b, vm_id)
+        finally:
+            await remove_vm(on_a, vm_id)
+
+
+async def test_post_copy_ends_a_migration_that_does_not_converge(
+        hosts: list[dict[str, Any]]) -> None:
+    a, b, _ = hosts
+    async with await connect(a) as on_a, await connect(b) as on_b:
+        vm_id, name = await create_guest(on_a)
+        try:
+            job = await migrate(on_a, vm_id, b["url"], max_bandwidth_mibps=8,
+                                policy="post_copy")
+            assert job["state"] == "succeeded", job
+            assert job["result"]["post_copy"] is True
+            assert job["result"]["policy"] == "post_copy"
+            assert await actions(on_a, vm_id) == ["downtime", "downtime", "post_copy"]
+            assert await state_on("lab-h2", name) == "running"
+            assert name not in await defined("lab-h1")
+        finally:
+            await remove_vm(on_a, vm_id)
+            await remove_vm(on_b, vm_id)
+
+
+async def test_suspending_the_workload_ends_a_migration_with_a_measured_downtime(
+        hosts: list[dict[str, Any]]) -> None:
+    a, b, _ = hosts
+    async with await connect(a) as on_a, await connect(b) as on_b:
+        vm_id, name = await create_guest(on_a)
+        try:
+            job = await migrate(on_a, vm_id, b["url"], max_bandwidth_mibps=8, policy={
+                "steps": [{"stalled_iterations": 1, "action": "suspend"}]})
+            assert job["state"] == "succeeded", job
+            # Paused for what remained at 8 MiB/s: well over the 100 ms allowed.
+            assert job["result"]["downtime_ms"] > 100, job["result"]
+            assert await actions(on_a, vm_id) == ["suspend"]
+            assert await state_on("lab-h2", name) == "running", "it runs on there"
+            assert name not in await defined("lab-h1")
+        finally:
+            await remove_vm(on_a, vm_id)
+            await remove_vm(on_b, vm_id)
+
+
+async def test_a_migration_past_its_timeout_is_aborted(hosts: list[dict[str, Any]]) -> None:
+    a, b, _ = hosts
+    async with await connect(a) as on_a, await connect(b) as on_b:
+        vm_id, name = await create_vm(on_a, memory_mib=2048)
+        try:
+            job = await migrate(on_a, vm_id, b["url"], max_bandwidth_mibps=1, timeout=3)
+            assert job["state"] == "failed", job
+            assert (job["error"]["data"]["name"], job["error"]["data"]["reason"]) == (
+                "DeadlineExceeded", "migration_timeout"), job["error"]
+            assert await state_on("lab-h1", name) == "running"
+            assert name not in await defined("lab-h2")
+            assert ("destination", "failed") in await phases(on_b, vm_id)
+        finally:
+            await remove_vm(on_a, vm_id)
+
+
 async def test_progress_follows_libvirts_figures(hosts: list[dict[str, Any]]) -> None:
-    a, b = hosts
+    a, b, _ = hosts
     async with await connect(a) as on_a, await connect(b) as on_b:
         vm_id, name = await create_vm(on_a, memory_mib=512)
         try:
@@ -173,7 +279,7 @@ async def test_progress_follows_libvirts_figures(hosts: list[dict[str, Any]]) ->
 
 
 async def test_a_stopped_vm_moves_offline(hosts: list[dict[str, Any]]) -> None:
-    a, b = hosts
+    a, b, _ = hosts
     async with await connect(a) as on_a, await connect(b) as on_b:
         name = f"mig-{uuid.uuid4().hex[:8]}"
         created = await on_a.call("VM.create", {"spec": {
