@@ -104,7 +104,9 @@ class Agent:
         self.migrations = MigrationService(
             self.vms.core, self.bus, self.jobs, config.migration,
             host_id=lambda: self._host_id, connect=peer_connector(config.tls),
-            storage_dirs=lambda: [str(d.layout.images_dir) for d in self.storage.attached()])
+            storage_dirs=lambda: {d.sd_id: str(d.layout.images_dir)
+                                  for d in self.storage.attached()},
+            volumes=self.volumes)
         self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None

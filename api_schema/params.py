@@ -75,6 +75,11 @@ class MigrationPrepareParams(TypedDict):
     memory_bytes: int
     source_host_uuid: str
     host: str
+    persistent_xml: NotRequired[str]
+    domains: NotRequired[JsonObject]
+    storage: Literal["shared", "copy"]
+    sd_id: NotRequired[str]
+    disks: NotRequired[list[JsonObject]]
     post_copy: bool
 
 
@@ -184,7 +189,8 @@ class VmMigrateParams(TypedDict):
     vm_id: str
     destination: str
     mode: Literal["live", "offline"]
-    storage: Literal["shared"]
+    storage: Literal["shared", "copy"]
+    destination_sd_id: NotRequired[str]
     max_bandwidth_mibps: NotRequired[int]
     policy: NotRequired[Literal["minimal_downtime", "post_copy", "suspend_workload"] | JsonObject]
     timeout: NotRequired[float]

@@ -88,6 +88,12 @@ class Domain(Protocol):
 
     def migrateStartPostCopy(self, flags: int = 0) -> int: ...  # noqa: N802
 
+    def isActive(self) -> int: ...  # noqa: N802
+
+    def blockInfo(self, path: str, flags: int = 0) -> list[int]:  # noqa: N802
+        """``[capacity, allocation, physical]`` of a disk, by target or path."""
+        ...
+
 
 class Connection(Protocol):
     """A ``virConnect``: the hypervisor connection, used only on the hypervisor's thread."""
@@ -99,6 +105,10 @@ class Connection(Protocol):
     def defineXMLFlags(self, xml: str, flags: int = 0) -> Domain: ...  # noqa: N802
 
     def createXML(self, xmlDesc: str, flags: int = 0) -> Domain: ...  # noqa: N802, N803
+
+    def compareHypervisorCPU(self, emulator: str | None, arch: str | None,  # noqa: N802, PLR0917
+                             machine: str | None, virttype: str | None, xmlCPU: str,  # noqa: N803
+                             flags: int = 0) -> int: ...
 
     def listAllDomains(self, flags: int = 0) -> list[Domain]: ...  # noqa: N802
 

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,13 +30,16 @@ from virtnode.api_schema.params import (
     MigrationFinishParams,
     MigrationPrepareParams,
     VmMigrateParams,
+    VolumeCreateParams,
 )
 from virtnode.config import MigrationConfig
 from virtnode.errors import (
     Aborted,
+    AlreadyExists,
     ApiError,
     DeadlineExceeded,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
@@ -46,6 +49,7 @@ from virtnode.hypervisor.connection import DomainEvent
 from virtnode.hypervisor.handles import Connection, Domain
 from virtnode.jobs.manager import JobHandle, JobKind, JobManager
 from virtnode.storage.domains.access import QEMU_CONF, qemu_conf_identity
+from virtnode.storage.volumes.service import VolumeService
 from virtnode.util.jsontypes import JsonObject
 from virtnode.util.safexml import parse_xml
 from virtnode.vm import ops as vmops
@@ -56,8 +60,6 @@ from virtnode.vm.shutdown import STOPPED
 log = logging.getLogger(__name__)
 
 TOPIC = "vm.migration"
-#: libvirt's VIR_MIGRATE_PARAM_BANDWIDTH: the cap on the transfer, MiB/s.
-PARAM_BANDWIDTH = "bandwidth"
 MIGRATE_JOB = JobKind("VM.migrate", cancellable=True)
 #: Where the kernel says whether unprivileged processes may use userfaultfd.
 USERFAULTFD_SYSCTL = "/proc/sys/vm/unprivileged_userfaultfd"
@@ -85,6 +87,7 @@ class _Incoming:
     vm_id: str
     source: str
     started: float = field(default_factory=time.monotonic)
+    volumes: list[JsonObject] = field(default_factory=list)  # made for copied disks
 
 
 @dataclass
@@ -100,6 +103,31 @@ class _Course:
     verdict: ApiError | None = None
 
 
+def _migrate_params(prepared: dict[str, Any], params: VmMigrateParams) -> dict[str, Any]:
+    """libvirt's typed parameters for a prepared migration."""
+    migrate_params: dict[str, Any] = {}
+    if params.get("max_bandwidth_mibps") is not None:
+        migrate_params[vc.MIGRATE_PARAM_BANDWIDTH] = params["max_bandwidth_mibps"]
+    if prepared["dest_xml"]:
+        # The destination's own paths: the volumes it made, its mounts of the domains.
+        if prepared["offline"]:
+            # A stopped VM's definition is the XML; libvirt takes either parameter.
+            migrate_params[vc.MIGRATE_PARAM_DEST_XML] = prepared["dest_xml"]
+            migrate_params[vc.MIGRATE_PARAM_PERSIST_XML] = prepared["dest_xml"]
+        else:
+            migrate_params[vc.MIGRATE_PARAM_DEST_XML] = prepared["dest_xml"]
+            if prepared["dest_persistent_xml"] and prepared["persistent"]:
+                migrate_params[vc.MIGRATE_PARAM_PERSIST_XML] = prepared["dest_persistent_xml"]
+    if prepared["copied"]:
+        # QEMU's NBD server at the destination listens at the address this agent
+        # reached it on.
+        host = prepared["host"]
+        migrate_params[vc.MIGRATE_PARAM_MIGRATE_DISKS] = prepared["copied"]
+        migrate_params[vc.MIGRATE_PARAM_URI] = (f"tcp://[{host}]" if ":" in host
+                                                else f"tcp://{host}")
+    return migrate_params
+
+
 def _flags(prepared: dict[str, Any], schedule: Schedule) -> int:
     """libvirt's migration flags for a prepared migration."""
     if prepared["offline"]:
@@ -112,6 +140,8 @@ def _flags(prepared: dict[str, Any], schedule: Schedule) -> int:
             flags |= vc.MIGRATE_PERSIST_DEST | vc.MIGRATE_UNDEFINE_SOURCE
         if schedule.post_copy:
             flags |= vc.MIGRATE_POSTCOPY
+        if prepared["copied"]:
+            flags |= vc.MIGRATE_NON_SHARED_DISK
     if prepared["shared_disks"]:
         # libvirt takes ext4 and the like for local storage; every disk was found on a
         # storage domain that the destination has attached too, so it is shared.
@@ -125,9 +155,15 @@ def _bridges(root: etree._Element) -> list[str]:
                    if source.get("bridge")})
 
 
-def _disk_files(root: etree._Element) -> list[str]:
-    return [str(source.get("file")) for source in root.iterfind("devices/disk/source")
-            if source.get("file")]
+def _disk_files(root: etree._Element) -> list[tuple[str, str]]:
+    """``(target, file)`` of the domain's disks that are files."""
+    found = []
+    for disk in root.iterfind("devices/disk"):
+        source, target = disk.find("source"), disk.find("target")
+        if source is not None and source.get("file"):
+            found.append((str(target.get("dev", "")) if target is not None else "",
+                          str(source.get("file"))))
+    return found
 
 
 def _under(path: str, dirs: Iterable[str]) -> bool:
@@ -142,7 +178,8 @@ class MigrationService:
     def __init__(self, core: VmCore, bus: EventBus, jobs: JobManager,
                  config: MigrationConfig, *, host_id: Callable[[], str],
                  connect: PeerConnector,
-                 storage_dirs: Callable[[], Iterable[str]] = lambda: ()) -> None:
+                 storage_dirs: Callable[[], Mapping[str, str]] = dict,
+                 volumes: VolumeService | None = None) -> None:
         self._core = core
         self._bus = bus
         self._jobs = jobs
@@ -150,6 +187,7 @@ class MigrationService:
         self._host_id = host_id
         self._connect = connect
         self._storage_dirs = storage_dirs
+        self._volumes = volumes
         self._outgoing_slots = asyncio.Semaphore(config.max_outgoing)
         self._outgoing: set[str] = set()
         self._incoming: dict[str, _Incoming] = {}
@@ -171,6 +209,14 @@ class MigrationService:
             raise FailedPrecondition(f"no host in {destination}", reason="bad_destination",
                                      field="destination")
         schedule = schedule_of(params.get("policy"))
+        copy = params["storage"] == "copy"
+        if copy and params["mode"] == "offline":
+            raise InvalidArgument("storage copy moves the disks of a running VM; an offline "
+                                  "migration moves a definition only", reason="bad_storage",
+                                  field="storage")
+        if copy and "destination_sd_id" not in params:
+            raise InvalidArgument("storage copy needs destination_sd_id",
+                                  reason="missing_field", field="destination_sd_id")
         migration_id = str(uuid.uuid4())
         prepared: dict[str, Any] = {"schedule": schedule}
 
@@ -182,16 +228,17 @@ class MigrationService:
             {k: v for k, v in params.items() if k != "request_key"},
             run, description=f"migrate VM {vm_id} to {destination}", target=vm_id,
             request_key=params.get("request_key"),
-            prepare=lambda: self._prepared(vm_id, destination, host, migration_id,
-                                           mode=params["mode"], prepared=prepared),
+            prepare=lambda: self._prepared(params, host, migration_id, prepared),
         )
         return {"job_id": job.job_id, "job": job.to_api()}
 
     @contextlib.asynccontextmanager
-    async def _prepared(self, vm_id: str, destination: str, host: str, migration_id: str, *,
-                        mode: str, prepared: dict[str, Any]) -> AsyncIterator[None]:
+    async def _prepared(self, params: VmMigrateParams, host: str, migration_id: str,
+                        prepared: dict[str, Any]) -> AsyncIterator[None]:
         """Everything checked and the destination ready, before the job exists; held (the
         VM's lock, the destination's connection) until the job ends."""
+        vm_id, destination, mode = params["vm_id"], params["destination"], params["mode"]
+        copy = params["storage"] == "copy"
         core = self._core
         core.require_ready()
         if vm_id in self._outgoing:
@@ -206,29 +253,47 @@ class MigrationService:
                 raise FailedPrecondition(
                     f"an offline migration moves a stopped VM; it is {state}",
                     reason="vm_running", object="vm", id=vm_id)
-            name, xml, memory, persistent = await core.on_vm(vm_id, _describe)
-            if mode == "offline":
-                memory = 0  # it needs its memory once started, wherever that is
-            root = parse_xml(xml, what="domain XML")
-            disks = _disk_files(root)
-            dirs = list(self._storage_dirs())
+            found = await core.on_vm(vm_id, _describe)
+            memory = 0 if mode == "offline" else found.memory  # offline: needed once started
+            root = parse_xml(found.xml, what="domain XML")
+            copied = await core.on_vm(vm_id, lambda dom: _copied_disks(dom, root)) if copy \
+                else []
+            domains = dict(self._storage_dirs())
+            dirs = list(domains.values())
+            for disk in copied:
+                disk.image_id = _image_of(disk.path, dirs)
+            targets = {d.target for d in copied}
+            disks = [path for target, path in _disk_files(root) if target not in targets]
             local = [d for d in disks if not _under(d, dirs)]
             if local:
                 raise FailedPrecondition(
-                    f"disk {local[0]} is on no storage domain: with storage shared every disk "
+                    f"disk {local[0]} is on no storage domain: a disk that is not copied "
                     "must be on a storage domain attached on both hosts",
                     reason="storage_not_shared", object="vm", id=vm_id, path=local[0])
+            request: JsonObject = {
+                "migration_id": migration_id, "vm_id": vm_id, "name": found.name,
+                "xml": found.xml, "memory_bytes": memory,
+                "source_host_uuid": self._host_id(), "host": host,
+                "post_copy": mode == "live" and prepared["schedule"].post_copy,
+                # Where this host has its storage domains: the destination may mount
+                # them elsewhere, and then names its own paths.
+                "domains": domains}
+            if found.persistent_xml is not None:
+                request["persistent_xml"] = found.persistent_xml
+            if copy:
+                request.update(storage="copy", sd_id=params["destination_sd_id"],
+                               disks=[d.to_api() for d in copied])
             peer = await self._connect(destination, self._config.connect_timeout)
             try:
-                answer = await peer.call("Migration.prepare", {
-                    "migration_id": migration_id, "vm_id": vm_id, "name": name, "xml": xml,
-                    "memory_bytes": memory, "source_host_uuid": self._host_id(),
-                    "host": host,
-                    "post_copy": mode == "live" and prepared["schedule"].post_copy})
+                answer = await peer.call("Migration.prepare", request)
                 prepared.update(peer=peer, uri=answer["libvirt_uri"],
-                                peer_uuid=answer["host_uuid"], persistent=persistent,
+                                peer_uuid=answer["host_uuid"], persistent=found.persistent,
                                 shared_disks=bool(disks), destination=destination,
-                                offline=mode == "offline")
+                                offline=mode == "offline", host=host,
+                                copied=[d.target for d in copied],
+                                dest_xml=answer.get("xml"),
+                                dest_persistent_xml=answer.get("persistent_xml"),
+                                volumes=answer.get("volumes", []))
                 self._outgoing.add(vm_id)
                 try:
                     yield
@@ -257,7 +322,8 @@ class MigrationService:
             return {"vm_id": vm_id, "migration_id": migration_id,
                     "destination": prepared["destination"],
                     "destination_host_uuid": prepared["peer_uuid"],
-                    "seconds": round(time.monotonic() - started, 3), **ending}
+                    "seconds": round(time.monotonic() - started, 3), **ending,
+                    **({"volumes": prepared["volumes"]} if prepared["copied"] else {})}
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
@@ -276,9 +342,7 @@ class MigrationService:
         schedule: Schedule = prepared["schedule"]
         live = not prepared["offline"]
         flags = _flags(prepared, schedule)
-        migrate_params: dict[str, Any] = {}
-        if params.get("max_bandwidth_mibps") is not None:
-            migrate_params[PARAM_BANDWIDTH] = params["max_bandwidth_mibps"]
+        migrate_params = _migrate_params(prepared, params)
         uri = prepared["uri"]
         core = self._core
         course = _Course(Follower(schedule), live, params.get("timeout"))
@@ -439,6 +503,9 @@ class MigrationService:
                    "memory_iteration": int(stats.get("memory_iteration", 0) or 0),
                    "memory_dirty_rate_pages": int(stats.get("memory_dirty_rate", 0) or 0),
                    "memory_bandwidth_bytes": int(stats.get("memory_bps", 0) or 0)}
+        if stats.get("disk_total"):
+            figures["disk_total_bytes"] = int(stats["disk_total"])
+            figures["disk_remaining_bytes"] = int(stats.get("disk_remaining", 0) or 0)
         if stats.get("downtime") is not None:
             figures["expected_downtime_ms"] = int(stats["downtime"])
         self._bus.publish(TOPIC, {**event, "phase": "migrating", **figures})
@@ -456,12 +523,86 @@ class MigrationService:
                 f"(migration.max_incoming)", reason="too_many_migrations")
         self._core.require_ready()
         root = parse_xml(params["xml"], what="domain XML")
-        dirs = list(self._storage_dirs())
+        copied = {d["target"]: d for d in params.get("disks", [])} \
+            if params.get("storage") == "copy" else {}
+        moved = await self._check_incoming(root, params, set(copied))
+        if copied:
+            await self._check_space(params["sd_id"], copied.values())
+        if params.get("post_copy") and not await asyncio.to_thread(_post_copy_here):
+            raise FailedPrecondition(
+                "this host's QEMU cannot take a post-copy migration: it needs userfaultfd "
+                "(vm.unprivileged_userfaultfd = 1, or QEMU running as root with its "
+                "capabilities)", reason="post_copy_unsupported")
+        free = await self._core.hypervisor.call(lambda conn: _check_host(conn, vm_id),
+                                                what="checking an incoming VM")
+        await self._check_cpu(root)
+        if free < params["memory_bytes"]:
+            raise FailedPrecondition(
+                f"the VM needs {params['memory_bytes']} bytes of memory; {free} are free",
+                reason="insufficient_memory", need=params["memory_bytes"], free=free)
+        incoming = _Incoming(vm_id, params["source_host_uuid"])
+        answer: JsonObject = {
+            "libvirt_uri": self._config.libvirt_uri.format(host=params["host"]),
+            "host_uuid": self._host_id()}
+        try:
+            paths = await self._make_disks(params, copied, incoming) if copied else {}
+            if paths or moved:
+                # This host's own paths: the copies, and its mounts of shared domains.
+                answer["xml"] = _with_disks(root, paths, moved)
+                if params.get("persistent_xml"):
+                    answer["persistent_xml"] = _with_disks(
+                        parse_xml(params["persistent_xml"], what="domain XML"), paths, moved)
+                answer["volumes"] = [
+                    {"target": target, **{k: made["volume"][k] for k in
+                                          ("sd_id", "image_id", "volume_id", "path")}}
+                    for target, made in zip(copied, incoming.volumes, strict=True)]
+                root = parse_xml(str(answer["xml"]), what="domain XML")
+            # The incoming VM must pass this host's own policy, as a VM.create would.
+            await self._core.vet(_without_dynamic_labels(root), "xml")
+        except BaseException:
+            await self._remove_volumes(incoming)
+            raise
+        self._incoming[migration_id] = incoming
+        self._bus.publish(TOPIC, {"vm_id": vm_id, "migration_id": migration_id,
+                                  "role": "destination", "phase": "preparing",
+                                  "peer": params["source_host_uuid"]})
+        return answer
+
+    async def _check_cpu(self, root: etree._Element) -> None:
+        """This host can give the VM its CPU (libvirt's comparison with what this host's
+        hypervisor offers); a comparison libvirt cannot make is logged, not refused."""
+        cpu = _cpu_of(root)
+        if cpu is None:
+            return
+        arch, machine, virttype, xml = cpu
+        try:
+            verdict = await self._core.hypervisor.call(
+                lambda conn: conn.compareHypervisorCPU(None, arch, machine, virttype, xml, 0),
+                what="comparing the incoming VM's CPU")
+        except ApiError as exc:
+            log.warning("could not compare the incoming VM's CPU with this host's: %s", exc)
+            return
+        if verdict == vc.CPU_COMPARE_INCOMPATIBLE:
+            model = root.findtext("cpu/model")
+            raise FailedPrecondition(
+                f"this host cannot give the VM its CPU ({model} and its features)",
+                reason="cpu_incompatible", model=model)
+
+    async def _check_incoming(self, root: etree._Element, params: MigrationPrepareParams,
+                              copied: set[str]) -> dict[str, str]:
+        """The bridges and the disks (but those to be copied) the VM needs are here.
+        Returns where the source's storage domains are here (its images directory to
+        this host's), for those attached here too."""
+        mine = dict(self._storage_dirs())
+        moved = {str(there).rstrip("/"): mine[sd_id].rstrip("/")
+                 for sd_id, there in params.get("domains", {}).items() if sd_id in mine}
+        dirs = list(mine.values())
 
         def lacking() -> tuple[list[str], list[str]]:
             bridges = [b for b in _bridges(root) if not os.path.isdir(f"/sys/class/net/{b}")]
-            disks = [d for d in _disk_files(root) if not (_under(d, dirs)
-                                                           and os.path.exists(d))]
+            disks = [path for target, path in _disk_files(root) if target not in copied
+                     and not (_under(_moved(path, moved), dirs)
+                              and os.path.exists(_moved(path, moved)))]
             return bridges, disks
 
         missing, absent = await asyncio.to_thread(lacking)
@@ -472,32 +613,70 @@ class MigrationService:
             raise FailedPrecondition(
                 f"disk {absent[0]} is on no storage domain attached on this host",
                 reason="storage_missing", path=absent[0])
+        return {there: here for there, here in moved.items() if there != here}
 
-        def check(conn: Connection) -> int:
-            with contextlib.suppress(NotFound):
-                vmops.lookup(conn, vm_id)
-                raise FailedPrecondition(f"VM {vm_id} exists on this host already",
-                                         reason="vm_exists", object="vm", id=vm_id)
-            return conn.getFreeMemory()
+    async def _check_space(self, sd_id: str, disks: Iterable[JsonObject]) -> None:
+        if self._volumes is None:
+            raise FailedPrecondition("this agent keeps no volumes", reason="storage_missing",
+                                     sd_id=sd_id)
+        try:
+            free = await self._volumes.free_bytes(sd_id)
+        except NotFound:
+            raise FailedPrecondition(f"no storage domain {sd_id} is attached on this host",
+                                     reason="storage_missing", sd_id=sd_id) from None
+        need = sum(int(d["need_bytes"]) for d in disks)
+        if need > free:
+            raise FailedPrecondition(
+                f"the disks need {need} bytes; storage domain {sd_id} has {free} free",
+                reason="insufficient_space", need=need, free=free, sd_id=sd_id)
 
-        # The incoming VM must pass this host's own policy, as a VM.create would.
-        await self._core.vet(_without_dynamic_labels(root), "xml")
-        if params.get("post_copy") and not await asyncio.to_thread(_post_copy_here):
-            raise FailedPrecondition(
-                "this host's QEMU cannot take a post-copy migration: it needs userfaultfd "
-                "(vm.unprivileged_userfaultfd = 1, or QEMU running as root with its "
-                "capabilities)", reason="post_copy_unsupported")
-        free = await self._core.hypervisor.call(check, what="checking an incoming VM")
-        if free < params["memory_bytes"]:
-            raise FailedPrecondition(
-                f"the VM needs {params['memory_bytes']} bytes of memory; {free} are free",
-                reason="insufficient_memory", need=params["memory_bytes"], free=free)
-        self._incoming[migration_id] = _Incoming(vm_id, params["source_host_uuid"])
-        self._bus.publish(TOPIC, {"vm_id": vm_id, "migration_id": migration_id,
-                                  "role": "destination", "phase": "preparing",
-                                  "peer": params["source_host_uuid"]})
-        return {"libvirt_uri": self._config.libvirt_uri.format(host=params["host"]),
-                "host_uuid": self._host_id()}
+    async def _make_disks(self, params: MigrationPrepareParams,
+                          copied: dict[str, JsonObject],
+                          incoming: _Incoming) -> dict[str, tuple[str, str]]:
+        """A volume for each copied disk: its path and format by target."""
+        paths: dict[str, tuple[str, str]] = {}
+        for target, disk in copied.items():
+            volume = await self._new_volume(params["sd_id"], disk)
+            incoming.volumes.append(volume)
+            paths[target] = (str(volume["path"]), str(disk["format"]))
+        return paths
+
+    async def _new_volume(self, sd_id: str, disk: JsonObject) -> JsonObject:
+        assert self._volumes is not None
+        request: VolumeCreateParams = {
+            "sd_id": sd_id, "size": int(disk["capacity"]),
+            "format": "qcow2" if disk["format"] == "qcow2" else "raw",
+            "allocation": "sparse", "shared": False,
+            "description": "copied by a migration"}
+        if disk.get("image_id"):
+            request["image_id"] = str(disk["image_id"])
+        try:
+            created = await self._volumes.create(request)
+        except AlreadyExists:
+            # The image is here already (the VM was here before): a new one.
+            request.pop("image_id", None)
+            created = await self._volumes.create(request)
+        except ResourceExhausted as exc:
+            raise FailedPrecondition(exc.message, reason="insufficient_space",
+                                     sd_id=sd_id) from None
+        volume = created["volume"]
+        assert isinstance(volume, dict)
+        return {"volume": volume, "path": volume["path"]}
+
+    async def _remove_volumes(self, incoming: _Incoming) -> None:
+        """The volumes made for a migration that did not happen."""
+        if self._volumes is None:
+            return
+        for made in incoming.volumes:
+            volume = made["volume"]
+            try:
+                await self._volumes.delete({"sd_id": volume["sd_id"],
+                                            "image_id": volume["image_id"],
+                                            "volume_id": volume["volume_id"]})
+            except ApiError as exc:
+                log.warning("could not remove volume %s made for a migration: %s",
+                            volume["volume_id"], exc)
+        incoming.volumes.clear()
 
     async def finish(self, params: MigrationFinishParams) -> JsonObject:
         migration_id, outcome = params["migration_id"], params["outcome"]
@@ -507,6 +686,7 @@ class MigrationService:
                            object="migration", id=migration_id)
         if outcome != "succeeded":
             await self._remove_leftover(incoming.vm_id)
+            await self._remove_volumes(incoming)
         self._bus.publish(TOPIC, {
             "vm_id": incoming.vm_id, "migration_id": migration_id, "role": "destination",
             "phase": outcome, "peer": incoming.source,
@@ -530,10 +710,80 @@ class MigrationService:
             await self._core.hypervisor.call(remove, what=f"removing the leftover of {vm_id}")
 
 
-def _describe(dom: Domain) -> tuple[str, str, int, bool]:
-    """Name, live XML, current memory in bytes and persistence of a domain."""
+@dataclass(frozen=True)
+class _Described:
+    name: str
+    xml: str  # the migratable XML of the running (or defined) domain
+    persistent_xml: str | None  # the migratable definition of a persistent VM
+    memory: int  # current memory, bytes
+    persistent: bool
+
+
+def _describe(dom: Domain) -> _Described:
+    """What the destination is told of a domain."""
     info = dom.info()
-    return dom.name(), dom.XMLDesc(0), int(info[2]) * 1024, bool(dom.isPersistent())
+    persistent = bool(dom.isPersistent())
+    active = bool(dom.isActive())
+    xml = dom.XMLDesc(vc.DOMAIN_XML_MIGRATABLE)
+    definition = None
+    if persistent and active:
+        definition = dom.XMLDesc(vc.DOMAIN_XML_MIGRATABLE | vc.DOMAIN_XML_INACTIVE)
+    return _Described(dom.name(), xml, definition, int(info[2]) * 1024, persistent)
+
+
+@dataclass
+class _CopiedDisk:
+    """A disk that a storage-copy migration copies."""
+
+    target: str
+    path: str
+    format: str
+    capacity: int
+    need_bytes: int
+    image_id: str | None = None
+
+    def to_api(self) -> JsonObject:
+        disk: JsonObject = {"target": self.target, "format": self.format,
+                            "capacity": self.capacity, "need_bytes": self.need_bytes}
+        if self.image_id is not None:
+            disk["image_id"] = self.image_id
+        return disk
+
+
+def _copied_disks(dom: Domain, root: etree._Element) -> list[_CopiedDisk]:
+    """The writable file disks of a running domain, with their size and what their data
+    takes (every file of the chain, the destination's copy being one file)."""
+    copied = []
+    for disk in root.iterfind("devices/disk[@device='disk'][@type='file']"):
+        source, target = disk.find("source"), disk.find("target")
+        if (source is None or target is None or not source.get("file")
+                or disk.find("readonly") is not None or disk.find("shareable") is not None):
+            continue
+        driver = disk.find("driver")
+        fmt = driver.get("type", "raw") if driver is not None else "raw"
+        if fmt not in ("raw", "qcow2"):
+            raise FailedPrecondition(f"disk {target.get('dev')} is {fmt}: only raw and qcow2 "
+                                     "disks are copied", reason="storage_not_copyable")
+        files = [str(source.get("file"))]
+        files += [str(s.get("file")) for s in disk.iterfind(".//backingStore/source")
+                  if s.get("file")]
+        need = 0
+        for path in files:
+            with contextlib.suppress(OSError):
+                need += os.stat(path).st_blocks * 512
+        capacity = int(dom.blockInfo(str(target.get("dev")))[0])
+        copied.append(_CopiedDisk(str(target.get("dev")), files[0], fmt, capacity,
+                                  min(need, capacity + capacity // 64 + (16 << 20))))
+    return copied
+
+
+def _image_of(path: str, dirs: Iterable[str]) -> str | None:
+    """The image a volume's file belongs to, when it is on a storage domain."""
+    if not _under(path, dirs):
+        return None
+    with contextlib.suppress(ValueError):
+        return str(uuid.UUID(os.path.basename(os.path.dirname(os.path.realpath(path)))))
+    return None
 
 
 def _post_copy_here() -> bool:
@@ -557,3 +807,68 @@ def _without_dynamic_labels(root: etree._Element) -> etree._Element:
         for generated in label.findall("label") + label.findall("imagelabel"):
             label.remove(generated)
     return copy
+
+
+def _check_host(conn: Connection, vm_id: str) -> int:
+    """No VM of that UUID here; the free memory."""
+    with contextlib.suppress(NotFound):
+        vmops.lookup(conn, vm_id)
+        raise FailedPrecondition(f"VM {vm_id} exists on this host already",
+                                 reason="vm_exists", object="vm", id=vm_id)
+    return conn.getFreeMemory()
+
+
+def _cpu_of(root: etree._Element) -> tuple[str | None, str | None, str | None, str] | None:
+    """What libvirt's hypervisor CPU comparison takes of a domain whose CPU is a model
+    (host-model is one once running): arch, machine, virt type and the ``<cpu>``.
+
+    None when nothing is checked: with ``check='none'`` (what libvirt gives a domain
+    that names no CPU: ``qemu64``) QEMU gives the guest what the host has of the model,
+    and libvirt starts it on any host; host-passthrough is not a model either.
+    """
+    cpu = root.find("cpu")
+    if (cpu is None or cpu.get("mode", "custom") != "custom" or cpu.find("model") is None
+            or cpu.get("check") == "none"):
+        return None
+    os_type = root.find("os/type")
+    return (os_type.get("arch") if os_type is not None else None,
+            os_type.get("machine") if os_type is not None else None,
+            root.get("type"), etree.tostring(cpu, encoding="unicode"))
+
+
+def _moved(path: str, moved: Mapping[str, str]) -> str:
+    """A path of the source's, on this host: under this host's mount of its domain."""
+    for there, here in moved.items():
+        if path.startswith(there + "/"):
+            return here + path[len(there):]
+    return path
+
+
+def _with_disks(root: etree._Element, paths: dict[str, tuple[str, str]],
+                moved: Mapping[str, str]) -> str:
+    """Domain XML with this host's paths: the disks with these targets are the given
+    files, each alone; the files of other disks (and their chains) are under this host's
+    mounts of the storage domains."""
+    copy = deepcopy(root)
+    for disk in copy.iterfind("devices/disk"):
+        target = disk.find("target")
+        dev = target.get("dev") if target is not None else None
+        if dev not in paths:
+            for chained in disk.iterfind(".//source[@file]"):
+                chained.set("file", _moved(str(chained.get("file")), moved))
+            continue
+        path, fmt = paths[dev]
+        found = disk.find("source")
+        source = found if found is not None else etree.SubElement(disk, "source")
+        for attr in list(source.attrib):
+            if attr != "file":
+                del source.attrib[attr]
+        source.set("file", path)
+        for chain in disk.findall("backingStore"):
+            disk.remove(chain)
+        # One file, with no backing file: said, so that libvirt follows no chain.
+        etree.SubElement(disk, "backingStore")
+        driver = disk.find("driver")
+        if driver is not None:
+            driver.set("type", fmt)
+    return etree.tostring(copy, encoding="unicode")

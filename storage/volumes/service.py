@@ -152,6 +152,12 @@ class VolumeService:
         require_legal(chain)
         return [(str(f.path), f.metadata.format) for f in chain]
 
+    async def free_bytes(self, sd_id: str) -> int:
+        """Bytes free on an attached storage domain's filesystem; NotFound for an unknown
+        domain."""
+        domain = self._domains.domain(sd_id)
+        return await self.io(volfiles.free_bytes, domain.layout, what="reading free space")
+
     # --- changing ----------------------------------------------------------------------------
 
     async def create(self, params: VolumeCreateParams) -> JsonObject:

@@ -55,13 +55,17 @@ async def test_each_agent_is_its_own_host_over_mutual_tls(
             domains = (await client.call("StorageDomain.list"))["domains"]
             networks = (await client.call("Network.list"))["networks"]
         seen.append((caps["hostname"], caps["host_uuid"]))
-        assert [(d["metadata"]["name"], d["metadata"]["type"], d["monitor"]["state"])
-                for d in domains] == [("lab-shared", "posixfs", "ok")]
+        assert sorted((d["metadata"]["name"], d["metadata"]["type"], d["monitor"]["state"])
+                      for d in domains) == [("lab-shared", "posixfs", "ok"),
+                                            ("local", "localfs", "ok")]
         assert "labnet" in [n["name"] for n in networks]
-        host["sd_id"] = domains[0]["sd_id"]
+        by_name = {d["metadata"]["name"]: d["sd_id"] for d in domains}
+        assert (by_name["lab-shared"], by_name["local"]) == (host["sd_id"],
+                                                             host["local_sd_id"])
     assert [s[0] for s in seen] == ["lab-h1", "lab-h2"]
     assert len({s[1] for s in seen}) == 2
     assert hosts[0]["sd_id"] == hosts[1]["sd_id"], "one storage domain, shared"
+    assert hosts[0]["local_sd_id"] != hosts[1]["local_sd_id"], "and one of each host's own"
     # Each libvirtd has its own host UUID: libvirt refuses to migrate between equal ones.
     host_uuids = set()
     for h in hosts:

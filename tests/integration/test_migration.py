@@ -6,6 +6,7 @@ Each test leaves the lab as it found it: no VM on any host.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from typing import Any
 
@@ -282,8 +283,11 @@ async def test_a_stopped_vm_moves_offline(hosts: list[dict[str, Any]]) -> None:
     a, b, _ = hosts
     async with await connect(a) as on_a, await connect(b) as on_b:
         name = f"mig-{uuid.uuid4().hex[:8]}"
+        disk = (await on_a.call("Volume.create", {"sd_id": a["sd_id"], "format": "qcow2",
+                                                  "size": 64 << 20}))["volume"]
         created = await on_a.call("VM.create", {"spec": {
-            "name": name, "memory_mib": 64, "domain_type": "kvm", "machine": "pc"},
+            "name": name, "memory_mib": 64, "domain_type": "kvm", "machine": "pc",
+            "disks": [{"volume": {k: disk[k] for k in ("sd_id", "image_id", "volume_id")}}]},
             "start": False})
         vm_id = created["vm_id"]
         try:
@@ -295,6 +299,168 @@ async def test_a_stopped_vm_moves_offline(hosts: list[dict[str, Any]]) -> None:
             assert (await on_b.call("VM.getInfo", {"vm_id": vm_id}))["persistent"] is True
             await on_b.call("VM.start", {"vm_id": vm_id})
             assert name in await running("lab-h2")
+            # Its disk, where B mounts the shared domain.
+            there = (await on_b.call("Volume.getInfo", {
+                k: disk[k] for k in ("sd_id", "image_id", "volume_id")}))["volume"]["path"]
+            assert await disk_paths("lab-h2", name) == [there]
         finally:
             await remove_vm(on_a, vm_id)
             await remove_vm(on_b, vm_id)
+            await on_a.call("Volume.delete", {k: disk[k] for k in
+                                              ("sd_id", "image_id", "volume_id")})
+
+
+PATTERN = "0x5a"  # what the tests write into a disk before migrating it
+REGIONS = (("0", "4M"), ("200M", "1M"))
+
+
+async def volume_with_data(client: Client, host: str, sd_id: str, fmt: str = "qcow2",
+                           parent: dict[str, str] | None = None) -> dict[str, Any]:
+    """A 256 MiB volume with PATTERN written at REGIONS (qemu-io, on the host)."""
+    request: dict[str, Any] = {"sd_id": sd_id, "format": fmt, "size": 256 << 20}
+    if parent is not None:
+        request["parent"] = parent
+    volume: dict[str, Any] = (await client.call("Volume.create", request))["volume"]
+    for offset, length in REGIONS:
+        wrote = await asyncio.to_thread(on_host, host, "qemu-io", "-f", fmt, "-c",
+                                        f"write -P {PATTERN} {offset} {length}",
+                                        volume["path"])
+        assert wrote.returncode == 0, wrote.stderr
+    return volume
+
+
+async def holds_data(host: str, path: str, fmt: str = "qcow2") -> bool:
+    """Whether the image at path (in use or not) reads PATTERN at REGIONS."""
+    for offset, length in REGIONS:
+        read = await asyncio.to_thread(on_host, host, "qemu-io", "-U", "-r", "-f", fmt,
+                                       "-c", f"read -P {PATTERN} {offset} {length}", path)
+        if read.returncode != 0 or "Pattern verification failed" in read.stdout:
+            return False
+    return True
+
+
+async def disk_paths(host: str, name: str) -> list[str]:
+    listed = await asyncio.to_thread(on_host, host, "virsh", "-q", "-c", "qemu:///system",
+                                     "domblklist", name)
+    return [line.split()[1] for line in listed.stdout.splitlines() if line.strip()]
+
+
+def ref(volume: dict[str, Any]) -> dict[str, str]:
+    return {k: volume[k] for k in ("sd_id", "image_id", "volume_id")}
+
+
+async def volumes_in(client: Client, sd_id: str) -> list[dict[str, Any]]:
+    listed: list[dict[str, Any]] = (await client.call("Volume.list", {"sd_id": sd_id}))[
+        "volumes"]
+    return listed
+
+
+async def drop_volumes(client: Client, sd_id: str) -> None:
+    """Every volume of a domain, leaves first."""
+    for _ in range(4):
+        for volume in await volumes_in(client, sd_id):
+            if volume.get("role") in ("leaf", None):
+                with contextlib.suppress(RemoteError):
+                    await client.call("Volume.delete", ref(volume))
+
+
+async def test_a_vm_on_local_storage_moves_with_its_disk_copied(
+        hosts: list[dict[str, Any]]) -> None:
+    a, b, _ = hosts
+    async with await connect(a) as on_a, await connect(b) as on_b:
+        # A chain of two layers on A's own storage, the data in the lower one.
+        base = await volume_with_data(on_a, "lab-h1", a["local_sd_id"])
+        leaf = (await on_a.call("Volume.create", {"sd_id": a["local_sd_id"],
+                                                  "format": "qcow2",
+                                                  "parent": {
+                                                      "image_id": base["image_id"],
+                                                      "volume_id": base["volume_id"]}}))[
+            "volume"]
+        vm_id, name = await create_vm(on_a, disks=[{"volume": ref(leaf)}])
+        try:
+            with pytest.raises(RemoteError) as caught:
+                await on_a.call("VM.migrate", {"vm_id": vm_id, "destination": b["url"]})
+            # A's own domain is not attached on B.
+            assert caught.value.data["reason"] == "storage_missing"
+            with pytest.raises(RemoteError) as caught:
+                await on_a.call("VM.migrate", {
+                    "vm_id": vm_id, "destination": b["url"], "storage": "copy",
+                    "destination_sd_id": str(uuid.uuid4())})
+            assert caught.value.data["reason"] == "storage_missing"
+            assert await volumes_in(on_b, b["local_sd_id"]) == []
+
+            job = await migrate(on_a, vm_id, b["url"], storage="copy",
+                                destination_sd_id=b["local_sd_id"])
+            assert job["state"] == "succeeded", job
+            [made] = job["result"]["volumes"]
+            assert made["sd_id"] == b["local_sd_id"]
+            assert made["image_id"] == leaf["image_id"], "the image keeps its id"
+            assert await disk_paths("lab-h2", name) == [made["path"]]
+            assert await holds_data("lab-h2", made["path"]), "the chain's data, copied"
+            assert await state_on("lab-h2", name) == "running"
+            assert name not in await defined("lab-h1")
+            [listed] = await volumes_in(on_b, b["local_sd_id"])
+            assert (listed["volume_id"], listed["format"], listed["virtual_size"]) == (
+                made["volume_id"], "qcow2", 256 << 20)
+            assert len(await volumes_in(on_a, a["local_sd_id"])) == 2, "the source keeps its"
+
+            # And back: A has the image already, so the copy goes into a new one.
+            back = await migrate(on_b, vm_id, a["url"], storage="copy",
+                                 destination_sd_id=a["local_sd_id"])
+            assert back["state"] == "succeeded", back
+            [home] = back["result"]["volumes"]
+            assert home["image_id"] != leaf["image_id"]
+            assert await holds_data("lab-h1", home["path"])
+            assert await state_on("lab-h1", name) == "running"
+        finally:
+            await remove_vm(on_a, vm_id)
+            await remove_vm(on_b, vm_id)
+            await drop_volumes(on_a, a["local_sd_id"])
+            await drop_volumes(on_b, b["local_sd_id"])
+
+
+async def test_a_cancelled_copy_leaves_no_volume_at_the_destination(
+        hosts: list[dict[str, Any]]) -> None:
+    a, b, _ = hosts
+    async with await connect(a) as on_a, await connect(b) as on_b:
+        disk = await volume_with_data(on_a, "lab-h1", a["local_sd_id"], fmt="raw")
+        vm_id, name = await create_vm(on_a, disks=[{"volume": ref(disk)}])
+        try:
+            started = await on_a.call("VM.migrate", {
+                "vm_id": vm_id, "destination": b["url"], "storage": "copy",
+                "destination_sd_id": b["local_sd_id"], "max_bandwidth_mibps": 1})
+            assert len(await volumes_in(on_b, b["local_sd_id"])) == 1, "made before the job"
+            cancelled = (await on_a.call("Job.cancel", {"job_id": started["job_id"]}))["job"]
+            assert cancelled["state"] == "cancelled", cancelled
+            assert await state_on("lab-h1", name) == "running"
+            assert name not in await defined("lab-h2")
+            assert await volumes_in(on_b, b["local_sd_id"]) == []
+        finally:
+            await remove_vm(on_a, vm_id)
+            await drop_volumes(on_a, a["local_sd_id"])
+            await drop_volumes(on_b, b["local_sd_id"])
+
+
+async def test_a_vm_moves_through_three_hosts(hosts: list[dict[str, Any]]) -> None:
+    a, b, c = hosts
+    async with await connect(a) as on_a, await connect(b) as on_b, \
+            await connect(c) as on_c:
+        disk = await volume_with_data(on_a, "lab-h1", a["sd_id"])
+        vm_id, name = await create_vm(on_a, disks=[{"volume": ref(disk)}])
+        try:
+            assert (await migrate(on_a, vm_id, b["url"]))["state"] == "succeeded"
+            assert (await migrate(on_b, vm_id, c["url"]))["state"] == "succeeded"
+            assert name in await running("lab-h3")
+            for host in ("lab-h1", "lab-h2"):
+                assert name not in await defined(host)
+            info = await on_c.call("VM.getInfo", {"vm_id": vm_id})
+            assert (info["vm_id"], info["state"]) == (vm_id, "running")
+            # The same volume, where C mounts the shared domain.
+            there = (await on_c.call("Volume.getInfo", ref(disk)))["volume"]["path"]
+            assert there != disk["path"]
+            assert await disk_paths("lab-h3", name) == [there]
+            assert await holds_data("lab-h3", there)
+        finally:
+            for client in (on_a, on_b, on_c):
+                await remove_vm(client, vm_id)
+            await on_a.call("Volume.delete", ref(disk))

@@ -183,7 +183,8 @@ class InProcessAgent:
         self.migrations = MigrationService(
             self.vms.core, self.bus, self.jobs, self.config.migration, host_id=lambda: HOST_ID,
             connect=self._connect,
-            storage_dirs=lambda: [str(tmp_path / "domain-images")])
+            storage_dirs=lambda: {"00000000-0000-4000-8000-000000000001":
+                                  str(tmp_path / "domain-images")})
         handlers = bindings.combine(
             vm_binding.handlers(self.vms, VmDeviceService(self.vms.core),
                                 StatsService(self.sampler), self.migrations),

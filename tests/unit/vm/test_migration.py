@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.vm.harness import HOST_ID, InProcessAgent, loopback
+from virtnode.util.safexml import parse_xml
+from virtnode.vm.migration import _cpu_of, _with_disks
 
 DESTINATION = "tls://10.77.0.12:8765"
 
@@ -80,3 +82,62 @@ async def test_an_offline_migration_moves_only_a_stopped_vm(api: InProcessAgent)
     await api.error("VM.migrate", {"vm_id": stopped, "destination": DESTINATION,
                                    "mode": "offline"}, "FailedPrecondition",
                     "destination_is_source")
+
+
+@pytest.mark.covers("VM.migrate")
+async def test_storage_copy_needs_a_destination_domain_and_a_running_vm(
+        api: InProcessAgent) -> None:
+    vm_id = await api.create()
+    await api.error("VM.migrate", {"vm_id": vm_id, "destination": DESTINATION,
+                                   "storage": "copy"}, "InvalidArgument", "missing_field")
+    await api.error("VM.migrate", {"vm_id": vm_id, "destination": DESTINATION,
+                                   "storage": "copy", "mode": "offline",
+                                   "destination_sd_id": HOST_ID}, "InvalidArgument",
+                    "bad_storage")
+    await api.error("VM.migrate", {"vm_id": vm_id, "destination": DESTINATION,
+                                   "policy": {"steps": [
+                                       {"stalled_iterations": 1, "action": "abort"},
+                                       {"stalled_iterations": 2, "action": "suspend"}]}},
+                    "InvalidArgument", "bad_policy")
+    await _no_job_and_still_running(api, vm_id)
+
+
+def test_the_destination_names_its_own_paths() -> None:
+    root = parse_xml("""<domain type='kvm'><devices>
+      <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+        <source file='/a/mnt/sd1/images/i1/leaf' index='2'/>
+        <backingStore type='file' index='1'><format type='qcow2'/>
+          <source file='/a/mnt/sd1/images/i1/base'/><backingStore/></backingStore>
+        <target dev='vda' bus='virtio'/></disk>
+      <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+        <source file='/a/mnt/sd1/images/i2/only'/><backingStore/>
+        <target dev='vdb' bus='virtio'/></disk>
+      <disk type='file' device='cdrom'><source file='/iso/elsewhere.iso'/>
+        <target dev='sda' bus='sata'/><readonly/></disk>
+    </devices></domain>""", what="test")
+    rewritten = parse_xml(_with_disks(root, {"vdb": ("/b/local/images/i9/new", "qcow2")},
+                                      {"/a/mnt/sd1/images": "/b/mnt/sd1/images"}), what="t")
+    files = [s.get("file") for s in rewritten.iterfind("devices/disk//source")]
+    assert files == ["/b/mnt/sd1/images/i1/leaf", "/b/mnt/sd1/images/i1/base",
+                     "/b/local/images/i9/new", "/iso/elsewhere.iso"]
+    copied = rewritten.find("devices/disk[2]")
+    assert copied is not None
+    assert [c.tag for c in copied if c.tag == "backingStore"] == ["backingStore"]
+    assert len(copied.find("backingStore")) == 0, "the copy is one file"
+
+
+def test_only_a_checked_cpu_model_is_compared() -> None:
+    def cpu(xml: str) -> object:
+        return _cpu_of(parse_xml(f"<domain type='kvm'><os><type arch='x86_64' "
+                                 f"machine='pc-q35-7.2'>hvm</type></os>{xml}</domain>",
+                                 what="test"))
+
+    # What libvirt gives a domain that names no CPU: QEMU gives what the host has.
+    assert cpu("<cpu mode='custom' check='none'><model>qemu64</model></cpu>") is None
+    assert cpu("<cpu mode='host-passthrough'/>") is None
+    assert cpu("") is None
+    compared = cpu("<cpu mode='custom' match='exact' check='full'>"
+                   "<model fallback='forbid'>Skylake-Client</model></cpu>")
+    assert isinstance(compared, tuple)
+    assert compared[:3] == ("x86_64", "pc-q35-7.2", "kvm")
+    assert "Skylake-Client" in compared[3]
