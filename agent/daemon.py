@@ -57,6 +57,7 @@ from virtnode.storage.domains.service import StorageDomainService
 from virtnode.storage.volumes.service import VolumeService
 from virtnode.store import Store, StoreError, prepare_state_dir
 from virtnode.util.jsontypes import JsonObject
+from virtnode.vm import migrationstore
 from virtnode.vm.devices import VmDeviceService
 from virtnode.vm.migration import MigrationService, Peer, PeerConnector
 from virtnode.vm.service import VmService
@@ -70,7 +71,8 @@ class Agent:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.store = Store(Path(config.state.dir), (journal.TABLES, jobstore.TABLES))
+        self.store = Store(Path(config.state.dir),
+                           (journal.TABLES, jobstore.TABLES, migrationstore.TABLES))
         self.bus = EventBus()
         self.hypervisor = Hypervisor(config.hypervisor, self.bus)
         self.jobs = JobManager(self.store, self.bus, config.jobs)
@@ -106,11 +108,24 @@ class Agent:
             host_id=lambda: self._host_id, connect=peer_connector(config.tls),
             storage_dirs=lambda: {d.sd_id: str(d.layout.images_dir)
                                   for d in self.storage.attached()},
-            volumes=self.volumes)
+            volumes=self.volumes, store=self.store)
         self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None
         self._stopped = False
+
+    async def _close_started(self) -> None:
+        """Undo a start whose listeners could not be bound."""
+        await self.devices.close()
+        await self.jobs.close()
+        await self.stats.close()
+        await self.storage.close()
+        await self.network.close()
+        await self.migrations.close()
+        await self.vms.close()
+        await self.hypervisor.close()
+        await self.bus.flush()
+        await self.store.close()
 
     async def start(self) -> None:
         """Check the schema against the handlers, connect, then listen.
@@ -137,6 +152,8 @@ class Agent:
         await self.bus.attach_journal(Journal(self.store, events_config.journal_max_events,
                                               events_config.journal_max_age))
         self.events = EventsService(self.bus, events_config)
+        # Before the jobs: a resumed VM.migrate looks for what its migration left.
+        await self.migrations.start()
         await self.jobs.start()
         host = HostService(self.hypervisor, ApiFacts(schema.version, tuple(sorted(schema.methods)),
                                                      tuple(sorted(schema.events))),
@@ -177,15 +194,7 @@ class Agent:
             await self.server.start()
         except BaseException:
             await self.server.close()
-            await self.devices.close()
-            await self.jobs.close()
-            await self.stats.close()
-            await self.storage.close()
-            await self.network.close()
-            await self.vms.close()
-            await self.hypervisor.close()
-            await self.bus.flush()
-            await self.store.close()
+            await self._close_started()
             raise
         self.uplinks = Uplinks([
             Uplink(url, self.config.uplink, server=self.server, events=self.events,
@@ -269,6 +278,7 @@ class Agent:
         async with _stage("stop the network monitor", stage_timeout):
             await self.network.close()
         async with _stage("close the hypervisor connection", stage_timeout):
+            await self.migrations.close()
             await self.vms.close()
             await self.hypervisor.close()
         if server is not None:

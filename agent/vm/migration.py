@@ -47,20 +47,27 @@ from virtnode.events.bus import EventBus
 from virtnode.hypervisor import constants as vc
 from virtnode.hypervisor.connection import DomainEvent
 from virtnode.hypervisor.handles import Connection, Domain
-from virtnode.jobs.manager import JobHandle, JobKind, JobManager
+from virtnode.jobs.manager import JobHandle, JobKind, JobManager, Runner
 from virtnode.storage.domains.access import QEMU_CONF, qemu_conf_identity
 from virtnode.storage.volumes.service import VolumeService
+from virtnode.store import Store
 from virtnode.util.jsontypes import JsonObject
 from virtnode.util.safexml import parse_xml
+from virtnode.vm import migrationstore
 from virtnode.vm import ops as vmops
 from virtnode.vm.convergence import Follower, Schedule, Step, post_copy_possible, schedule_of
 from virtnode.vm.core import VmCore
+from virtnode.vm.migrationstore import MigrationRecord
 from virtnode.vm.shutdown import STOPPED
 
 log = logging.getLogger(__name__)
 
 TOPIC = "vm.migration"
-MIGRATE_JOB = JobKind("VM.migrate", cancellable=True)
+MIGRATE_JOB = "VM.migrate"
+#: How often an end whose peer is gone looks at where the VM is.
+SETTLE_INTERVAL = 1.0
+#: How long a destination waits for the source's word once the incoming VM is gone.
+SOURCE_GRACE = 30.0
 #: Where the kernel says whether unprivileged processes may use userfaultfd.
 USERFAULTFD_SYSCTL = "/proc/sys/vm/unprivileged_userfaultfd"
 #: How long a finished migration's statistics (its downtime) may take to arrive.
@@ -179,7 +186,7 @@ class MigrationService:
                  config: MigrationConfig, *, host_id: Callable[[], str],
                  connect: PeerConnector,
                  storage_dirs: Callable[[], Mapping[str, str]] = dict,
-                 volumes: VolumeService | None = None) -> None:
+                 volumes: VolumeService | None = None, store: Store | None = None) -> None:
         self._core = core
         self._bus = bus
         self._jobs = jobs
@@ -192,8 +199,50 @@ class MigrationService:
         self._outgoing: set[str] = set()
         self._incoming: dict[str, _Incoming] = {}
         self._completed: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        jobs.register(MIGRATE_JOB)
+        self._store = store
+        #: What the previous run left: the source ends, by VM (destination ends go to
+        #: _incoming); set once loaded.
+        self._left: dict[str, MigrationRecord] = {}
+        self._loaded = asyncio.Event()
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        jobs.register(JobKind(MIGRATE_JOB, cancellable=True, resume=self._resume))
         core.hypervisor.add_domain_listener(self._on_domain_event)
+
+    async def start(self) -> None:
+        """Load the migrations a previous run left unsettled (before the jobs resume):
+        incoming ones are watched until the VM runs here or is gone; outgoing ones are
+        settled by their resumed ``VM.migrate`` job."""
+        if self._store is not None:
+            store = self._store
+            await store.ensure_schema(migrationstore.COMPONENT, migrationstore.VERSION,
+                                      migrationstore.SCHEMA)
+            for record in await store.run(migrationstore.load_all):
+                if record.role == "source":
+                    self._left[record.vm_id] = record
+                else:
+                    log.info("migration %s of VM %s was coming in when the agent stopped",
+                             record.migration_id, record.vm_id)
+                    self._incoming[record.migration_id] = _Incoming(
+                        record.vm_id, record.peer, volumes=list(record.volumes))
+                    self._watch(record.migration_id)
+        self._loaded.set()
+
+    async def close(self) -> None:
+        watchers, self._watchers = list(self._watchers.values()), {}
+        for task in watchers:
+            task.cancel()
+        for task in watchers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _record(self, record: MigrationRecord) -> None:
+        if self._store is not None:
+            await self._store.run(lambda conn: migrationstore.save(conn, record))
+
+    async def _forget(self, migration_id: str) -> None:
+        if self._store is not None:
+            with contextlib.suppress(ApiError):
+                await self._store.run(lambda conn: migrationstore.delete(conn, migration_id))
 
     def _on_domain_event(self, event: DomainEvent) -> None:
         waiter = self._completed.get(event.vm_id)
@@ -224,7 +273,7 @@ class MigrationService:
             return await self._run(handle, migration_id, vm_id, prepared, params)
 
         job = await self._jobs.submit(
-            MIGRATE_JOB.name,
+            MIGRATE_JOB,
             {k: v for k, v in params.items() if k != "request_key"},
             run, description=f"migrate VM {vm_id} to {destination}", target=vm_id,
             request_key=params.get("request_key"),
@@ -296,6 +345,9 @@ class MigrationService:
                                 volumes=answer.get("volumes", []))
                 self._outgoing.add(vm_id)
                 try:
+                    await self._record(MigrationRecord(
+                        migration_id, vm_id, "source", answer["host_uuid"], destination,
+                        started=time.time()))
                     yield
                 finally:
                     self._outgoing.discard(vm_id)
@@ -303,8 +355,151 @@ class MigrationService:
                         with contextlib.suppress(ApiError, OSError):
                             await asyncio.shield(peer.call("Migration.finish", {
                                 "migration_id": migration_id, "outcome": "failed"}))
+                    await asyncio.shield(self._forget(migration_id))
             finally:
                 await peer.close()
+
+    # --- the source, after a restart ------------------------------------------------------
+
+    def _resume(self, params: JsonObject) -> Runner:
+        """The runner of a ``VM.migrate`` job the agent was running when it stopped."""
+        async def run(handle: JobHandle) -> JsonObject:
+            return await self._recover(handle, str(params["vm_id"]), params)
+        return run
+
+    async def _recover(self, handle: JobHandle, vm_id: str, params: JsonObject) -> JsonObject:
+        """Find out from libvirt how the migration the previous run started went (it goes
+        on in libvirtd without the agent), follow it to its end, tell the destination."""
+        await self._loaded.wait()
+        record = self._left.pop(vm_id, None)
+        if record is None:
+            raise Aborted("the agent stopped before the migration was agreed with the "
+                          "destination; nothing moved", reason="interrupted")
+        core = self._core
+        while not await core.wait_recovered(3600):
+            pass  # the hypervisor connection comes back: the VMs are known again
+        event: JsonObject = {"vm_id": vm_id, "migration_id": record.migration_id,
+                             "role": "source", "peer": record.peer}
+        outcome = "failed"
+        started = time.monotonic()
+        try:
+            async with core.locks.hold(vm_id, "VM.migrate"):
+                self._outgoing.add(vm_id)
+                try:
+                    outcome = await self._settle_outgoing(handle, record, params, event)
+                finally:
+                    self._outgoing.discard(vm_id)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            await asyncio.shield(self._tell(record, outcome))
+            self._bus.publish(TOPIC, {**event, "phase": outcome,
+                                      "seconds": round(time.monotonic() - started, 3)})
+        if outcome != "succeeded":
+            raise Aborted(f"the migration of VM {vm_id} failed while the agent was down; "
+                          "the VM runs here", reason="migration_failed", object="vm",
+                          id=vm_id)
+        log.info("the migration of VM %s ended while the agent was down: it runs at %s",
+                 vm_id, record.peer_url)
+        return {"vm_id": vm_id, "migration_id": record.migration_id,
+                "destination": record.peer_url, "destination_host_uuid": record.peer,
+                "recovered": True}
+
+    async def _settle_outgoing(self, handle: JobHandle, record: MigrationRecord,
+                               params: JsonObject, event: JsonObject) -> str:
+        """Where the VM is once libvirt's migration job is over: ``succeeded`` (gone from
+        here, or running at the destination) or ``failed`` (running here)."""
+        vm_id = record.vm_id
+        core = self._core
+        course = _Course(Follower(schedule_of(params.get("policy"))), live=True,
+                         downtime_set=True)
+        while True:
+            if await self._moved(vm_id):
+                return "succeeded"
+            try:
+                stats = await core.on_vm(vm_id, lambda dom: dom.jobStats(),
+                                         what=f"reading the migration of {vm_id}")
+            except ApiError:
+                stats = {}
+            if int(stats.get("type", 0) or 0):
+                try:  # still running in libvirtd: follow it, with its policy
+                    await self._follow(handle, vm_id, course, event)
+                    if course.verdict is not None:
+                        await self._abort_job(vm_id)
+                    await asyncio.sleep(self._config.progress_interval)
+                except asyncio.CancelledError:
+                    await self._abort_job(vm_id)
+                    if await self._moved(vm_id):
+                        task = asyncio.current_task()
+                        if task is not None:
+                            task.uncancel()
+                        return "succeeded"
+                    raise
+                continue
+            state, _ = await core.on_vm(vm_id, vmops.state_of)
+            if state != "paused":
+                return "failed"  # libvirt ended it here, and resumed the VM if it ran
+            # Paused with no job: the one window where the destination may run it already
+            # (the answer to its "finish" was lost). Never resume it blindly.
+            there = await self._state_at(record)
+            if there == "running":
+                log.warning("VM %s runs at %s and is paused here: removing it here",
+                            vm_id, record.peer_url)
+                await core.on_vm(vm_id, _drop_here, what=f"removing the moved VM {vm_id}")
+                return "succeeded"
+            if there is None:
+                log.warning("VM %s is paused here and not at %s: resuming it", vm_id,
+                            record.peer_url)
+                await core.on_vm(vm_id, lambda dom: dom.resume(), what=f"resuming {vm_id}")
+                return "failed"
+            await asyncio.sleep(SETTLE_INTERVAL)  # the destination cannot say: ask again
+
+    async def _abort_job(self, vm_id: str) -> None:
+        """Abort libvirt's migration job of a VM until no job is left."""
+        for _ in range(100):
+            try:
+                stats = await self._core.on_vm(vm_id, lambda dom: dom.jobStats(),
+                                               what=f"reading the migration of {vm_id}")
+            except ApiError:
+                return
+            if not int(stats.get("type", 0) or 0):
+                return
+            with contextlib.suppress(ApiError):
+                await self._core.on_vm(vm_id, lambda dom: dom.abortJob(),
+                                       what=f"aborting the migration of {vm_id}")
+            await asyncio.sleep(0.2)
+
+    async def _state_at(self, record: MigrationRecord) -> str | None:
+        """The VM's state at the destination, None when it has no such VM, ``unknown``
+        when it cannot be asked."""
+        try:
+            peer = await self._connect(record.peer_url, self._config.connect_timeout)
+        except ApiError:
+            return "unknown"
+        try:
+            info = await peer.call("VM.getInfo", {"vm_id": record.vm_id})
+            return str(info.get("state", "unknown"))
+        except NotFound:
+            return None
+        except (ApiError, OSError):
+            return "unknown"
+        finally:
+            await peer.close()
+
+    async def _tell(self, record: MigrationRecord, outcome: str) -> None:
+        """Tell the destination how a recovered migration ended; forget it here."""
+        try:
+            peer = await self._connect(record.peer_url, self._config.connect_timeout)
+            try:
+                await peer.call("Migration.finish", {"migration_id": record.migration_id,
+                                                     "outcome": outcome})
+            finally:
+                await peer.close()
+        except (ApiError, OSError) as exc:
+            log.info("could not tell %s how migration %s ended (it settles on its own): %s",
+                     record.peer_url, record.migration_id, exc)
+        await self._forget(record.migration_id)
 
     async def _run(self, handle: JobHandle, migration_id: str, vm_id: str,
                    prepared: dict[str, Any], params: VmMigrateParams) -> JsonObject:
@@ -562,7 +757,15 @@ class MigrationService:
         except BaseException:
             await self._remove_volumes(incoming)
             raise
+        try:
+            await self._record(MigrationRecord(
+                migration_id, vm_id, "destination", params["source_host_uuid"],
+                volumes=incoming.volumes, started=time.time()))
+        except BaseException:
+            await self._remove_volumes(incoming)
+            raise
         self._incoming[migration_id] = incoming
+        self._watch(migration_id)
         self._bus.publish(TOPIC, {"vm_id": vm_id, "migration_id": migration_id,
                                   "role": "destination", "phase": "preparing",
                                   "peer": params["source_host_uuid"]})
@@ -679,19 +882,64 @@ class MigrationService:
         incoming.volumes.clear()
 
     async def finish(self, params: MigrationFinishParams) -> JsonObject:
-        migration_id, outcome = params["migration_id"], params["outcome"]
-        incoming = self._incoming.pop(migration_id, None)
-        if incoming is None:
+        migration_id = params["migration_id"]
+        if migration_id not in self._incoming:
             raise NotFound(f"no migration {migration_id} is coming in", reason="not_found",
                            object="migration", id=migration_id)
+        await self._settle_incoming(migration_id, params["outcome"])
+        return {}
+
+    async def _settle_incoming(self, migration_id: str, outcome: str) -> None:
+        """An incoming migration ended: on failure, what it left here goes."""
+        incoming = self._incoming.pop(migration_id, None)
+        if incoming is None:
+            return  # settled already (by the source, or seen here)
+        watcher = self._watchers.pop(migration_id, None)
+        if watcher is not None and watcher is not asyncio.current_task():
+            watcher.cancel()
         if outcome != "succeeded":
             await self._remove_leftover(incoming.vm_id)
             await self._remove_volumes(incoming)
+        await self._forget(migration_id)
         self._bus.publish(TOPIC, {
             "vm_id": incoming.vm_id, "migration_id": migration_id, "role": "destination",
             "phase": outcome, "peer": incoming.source,
             "seconds": round(time.monotonic() - incoming.started, 3)})
-        return {}
+
+    def _watch(self, migration_id: str) -> None:
+        self._watchers[migration_id] = asyncio.create_task(
+            self._watch_incoming(migration_id), name=f"migration-in-{migration_id}")
+
+    async def _watch_incoming(self, migration_id: str) -> None:
+        """Settle an incoming migration from what libvirt shows, should the source never
+        say (its agent died): the VM running here is ours; a VM that came and went
+        failed (libvirt removes a failed incoming domain)."""
+        seen = False
+        gone: float | None = None
+        while migration_id in self._incoming:
+            vm_id = self._incoming[migration_id].vm_id
+            try:
+                state, _ = await self._core.on_vm(vm_id, vmops.state_of)
+            except NotFound:
+                state = None
+            except ApiError:  # libvirt is away: look again later
+                await asyncio.sleep(SETTLE_INTERVAL)
+                continue
+            if state == "running":
+                log.info("VM %s runs here: migration %s succeeded", vm_id, migration_id)
+                await self._settle_incoming(migration_id, "succeeded")
+                return
+            if state is None and seen:
+                # The source says how it ended (failed, or cancelled) unless its agent is
+                # gone: its word is awaited a while.
+                gone = gone if gone is not None else time.monotonic()
+                if time.monotonic() - gone >= SOURCE_GRACE:
+                    log.info("the incoming VM %s is gone: migration %s failed", vm_id,
+                             migration_id)
+                    await self._settle_incoming(migration_id, "failed")
+                    return
+            seen = seen or state is not None
+            await asyncio.sleep(SETTLE_INTERVAL)
 
     async def _remove_leftover(self, vm_id: str) -> None:
         """A failed or cancelled migration's domain, if libvirt left one here."""
@@ -872,3 +1120,14 @@ def _with_disks(root: etree._Element, paths: dict[str, tuple[str, str]],
         if driver is not None:
             driver.set("type", fmt)
     return etree.tostring(copy, encoding="unicode")
+
+
+def _drop_here(dom: Domain) -> None:
+    """Remove a domain that runs elsewhere now: stop it, and its definition here."""
+    with contextlib.suppress(Exception):
+        dom.destroy()
+    if dom.isPersistent():
+        # Its NVRAM stays: the file may be what the destination uses.
+        dom.undefineFlags(vc.DOMAIN_UNDEFINE_MANAGED_SAVE
+                          | vc.DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                          | vc.DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
