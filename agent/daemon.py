@@ -109,6 +109,7 @@ class Agent:
             storage_dirs=lambda: {d.sd_id: str(d.layout.images_dir)
                                   for d in self.storage.attached()},
             volumes=self.volumes, store=self.store)
+        self.vms.migration_of = self.migrations.migration_of
         self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None

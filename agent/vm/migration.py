@@ -205,8 +205,21 @@ class MigrationService:
         self._left: dict[str, MigrationRecord] = {}
         self._loaded = asyncio.Event()
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        #: The migrations this host sends, by VM: their id and the destination's UUID.
+        self._sending: dict[str, JsonObject] = {}
         jobs.register(JobKind(MIGRATE_JOB, cancellable=True, resume=self._resume))
         core.hypervisor.add_domain_listener(self._on_domain_event)
+
+    def migration_of(self, vm_id: str) -> JsonObject | None:
+        """The migration VM ``vm_id`` is in, as ``VM.getInfo`` and ``VM.list`` show it."""
+        sending = self._sending.get(vm_id)
+        if sending is not None:
+            return {"role": "source", **sending}
+        for migration_id, incoming in self._incoming.items():
+            if incoming.vm_id == vm_id:
+                return {"role": "destination", "migration_id": migration_id,
+                        "peer": incoming.source}
+        return None
 
     async def start(self) -> None:
         """Load the migrations a previous run left unsettled (before the jobs resume):
@@ -344,6 +357,8 @@ class MigrationService:
                                 dest_persistent_xml=answer.get("persistent_xml"),
                                 volumes=answer.get("volumes", []))
                 self._outgoing.add(vm_id)
+                self._sending[vm_id] = {"migration_id": migration_id,
+                                        "peer": answer["host_uuid"]}
                 try:
                     await self._record(MigrationRecord(
                         migration_id, vm_id, "source", answer["host_uuid"], destination,
@@ -351,6 +366,7 @@ class MigrationService:
                     yield
                 finally:
                     self._outgoing.discard(vm_id)
+                    self._sending.pop(vm_id, None)
                     if not prepared.get("finished"):  # no job ran: release the destination
                         with contextlib.suppress(ApiError, OSError):
                             await asyncio.shield(peer.call("Migration.finish", {
@@ -385,10 +401,13 @@ class MigrationService:
         try:
             async with core.locks.hold(vm_id, "VM.migrate"):
                 self._outgoing.add(vm_id)
+                self._sending[vm_id] = {"migration_id": record.migration_id,
+                                        "peer": record.peer}
                 try:
                     outcome = await self._settle_outgoing(handle, record, params, event)
                 finally:
                     self._outgoing.discard(vm_id)
+                    self._sending.pop(vm_id, None)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
@@ -938,6 +957,11 @@ class MigrationService:
                              migration_id)
                     await self._settle_incoming(migration_id, "failed")
                     return
+            if state is not None and not seen:
+                # libvirt has made the incoming domain: the data is coming.
+                self._bus.publish(TOPIC, {
+                    "vm_id": vm_id, "migration_id": migration_id, "role": "destination",
+                    "phase": "migrating", "peer": self._incoming[migration_id].source})
             seen = seen or state is not None
             await asyncio.sleep(SETTLE_INTERVAL)
 

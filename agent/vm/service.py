@@ -144,6 +144,8 @@ class VmService:
     async def start(self) -> None:
         """Follow domain events and resync after every (re)connect."""
         self._hv.add_domain_listener(self._on_domain_event)
+        #: The migration a VM is in, if any (set by the migration service).
+        self.migration_of: Callable[[str], JsonObject | None] = lambda _vm_id: None
         self._hv.add_connect_hook(self._on_connect)
 
     async def wait_recovered(self, timeout: float) -> bool:
@@ -237,10 +239,14 @@ class VmService:
     # --- methods ---------------------------------------------------------------------------
 
     async def list(self, params: VmListParams) -> JsonObject:
-        vms = [
+        vms: list[JsonObject] = [
             {"vm_id": vm_id, "name": name, "state": state}
             for vm_id, name, state in await self._hv.call(_snapshot, what="listing VMs")
         ]
+        for vm in vms:
+            migration = self.migration_of(str(vm["vm_id"]))
+            if migration is not None:
+                vm["migration"] = migration
         wanted = params.get("state")
         if wanted is not None:
             vms = [vm for vm in vms if vm["state"] == wanted]
@@ -433,6 +439,9 @@ class VmService:
         info = await self.core.on_vm(params["vm_id"], vmops.info)
         operation = self._locks.holder(params["vm_id"])
         info["operation"] = None if operation is None else operation.describe()
+        migration = self.migration_of(params["vm_id"])
+        if migration is not None:
+            info["migration"] = migration
         return info
 
     async def get_xml(self, params: VmGetXMLParams) -> JsonObject:

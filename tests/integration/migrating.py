@@ -138,3 +138,12 @@ async def drop_volumes(client: Client, sd_id: str) -> None:
             if volume.get("role") in ("leaf", None):
                 with contextlib.suppress(RemoteError):
                     await client.call("Volume.delete", ref(volume))
+
+
+async def left_alone(client: Client, vm_id: str, name: str, source: str = "lab-h1",
+                     destination: str = "lab-h2") -> None:
+    """A refused migration changed nothing: the VM runs at the source only, with no job."""
+    assert name in await running(source)
+    assert name not in await defined(destination)
+    jobs = (await client.call("Job.list", {"kind": "VM.migrate"}))["jobs"]
+    assert [j for j in jobs if j["target"] == vm_id] == []

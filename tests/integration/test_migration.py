@@ -22,6 +22,7 @@ from tests.integration.migrating import (
     disk_paths,
     drop_volumes,
     holds_data,
+    left_alone,
     migrate,
     phases,
     ref,
@@ -84,10 +85,7 @@ async def test_refusals_leave_both_hosts_unchanged(hosts: list[dict[str, Any]]) 
                                                    "destination": destination})
                 assert (caught.value.name, caught.value.data.get("reason")) == (
                     "FailedPrecondition", reason), caught.value.error
-                assert name in await running("lab-h1")
-                assert name not in await defined("lab-h2")
-            jobs = (await on_a.call("Job.list", {"kind": "VM.migrate"}))["jobs"]
-            assert [j for j in jobs if j["target"] == vm_id] == []
+                await left_alone(on_a, vm_id, name)
         finally:
             await remove_vm(on_a, vm_id)
             await asyncio.to_thread(on_host, "lab-h1", "ip", "link", "del", "onlyhere0")
@@ -204,14 +202,33 @@ async def test_progress_follows_libvirts_figures(hosts: list[dict[str, Any]]) ->
             started = await on_a.call("VM.migrate", {
                 "vm_id": vm_id, "destination": b["url"], "max_bandwidth_mibps": 1})
             seen = []
+            shown: dict[str, Any] = {}
             while True:
                 job = (await on_a.call("Job.get", {"job_id": started["job_id"]}))["job"]
                 seen.append(job["progress"])
                 if job["state"] not in ("pending", "running"):
                     break
+                if 0 < job["progress"] < 100 and not shown:
+                    # Both agents show the VM migrating; B has it paused, coming in.
+                    shown["a"] = await on_a.call("VM.getInfo", {"vm_id": vm_id})
+                    shown["b"] = await on_b.call("VM.getInfo", {"vm_id": vm_id})
+                    shown["b_list"] = (await on_b.call("VM.list", {}))["vms"]
                 await asyncio.sleep(0.1)
             assert job["state"] == "succeeded", job
             assert [p for p in seen if 0 < p < 100], seen
+            out, into = shown["a"]["migration"], shown["b"]["migration"]
+            assert (out["role"], into["role"]) == ("source", "destination")
+            assert out["migration_id"] == into["migration_id"]
+            assert out["peer"] != into["peer"], "each names the other host"
+            assert shown["b"]["state"] == "paused"
+            assert [v["migration"]["role"] for v in shown["b_list"]
+                    if v["vm_id"] == vm_id] == ["destination"]
+            assert "migration" not in await on_b.call("VM.getInfo", {"vm_id": vm_id})
+            on_b_events = (await on_b.call("Events.get", {"topics": ["vm.migration"],
+                                                          "since": 0}))["events"]
+            assert [e["data"]["phase"] for e in on_b_events
+                    if e["data"]["vm_id"] == vm_id] == ["preparing", "migrating",
+                                                        "succeeded"]
             events = (await on_a.call("Events.get", {"topics": ["vm.migration"],
                                                       "since": 0}))["events"]
             figures = [e["data"] for e in events if e["data"]["vm_id"] == vm_id
@@ -355,3 +372,35 @@ async def test_a_vm_moves_through_three_hosts(hosts: list[dict[str, Any]]) -> No
             for client in (on_a, on_b, on_c):
                 await remove_vm(client, vm_id)
             await on_a.call("Volume.delete", ref(disk))
+
+
+async def test_a_copy_into_too_little_space_is_refused_before_anything_moves(
+        hosts: list[dict[str, Any]]) -> None:
+    a, b, _ = hosts
+    small = "/var/lib/libvirt/small"
+    for argv in (["mkdir", "-p", small], ["mount", "-t", "tmpfs", "-o", "size=64m",
+                                          "tmpfs", small]):
+        done = await asyncio.to_thread(on_host, "lab-h2", *argv)
+        assert done.returncode == 0, done.stderr
+    async with await connect(a) as on_a, await connect(b) as on_b:
+        tight = (await on_b.call("StorageDomain.create", {
+            "type": "localfs", "name": "tight", "path": small}))["domain"]["sd_id"]
+        disk = await volume_with_data(on_a, "lab-h1", a["local_sd_id"])  # 5 MiB of data
+        await asyncio.to_thread(on_host, "lab-h1", "qemu-io", "-f", "qcow2", "-c",
+                                "write -P 0x11 8M 100M", disk["path"])
+        vm_id, name = await create_vm(on_a, disks=[{"volume": ref(disk)}])
+        try:
+            with pytest.raises(RemoteError) as caught:
+                await on_a.call("VM.migrate", {"vm_id": vm_id, "destination": b["url"],
+                                               "storage": "copy",
+                                               "destination_sd_id": tight})
+            assert (caught.value.name, caught.value.data["reason"]) == (
+                "FailedPrecondition", "insufficient_space"), caught.value.error
+            assert caught.value.data["need"] > caught.value.data["free"]
+            assert await volumes_in(on_b, tight) == []
+            await left_alone(on_a, vm_id, name)
+        finally:
+            await remove_vm(on_a, vm_id)
+            await drop_volumes(on_a, a["local_sd_id"])
+            await on_b.call("StorageDomain.delete", {"sd_id": tight})
+            await asyncio.to_thread(on_host, "lab-h2", "umount", small)
