@@ -80,6 +80,7 @@ class MigrationPrepareParams(TypedDict):
     storage: Literal["shared", "copy"]
     sd_id: NotRequired[str]
     disks: NotRequired[list[JsonObject]]
+    offline: bool
     post_copy: bool
 
 

@@ -88,6 +88,8 @@ class Domain(Protocol):
 
     def migrateStartPostCopy(self, flags: int = 0) -> int: ...  # noqa: N802
 
+    def migrateGetMaxDowntime(self, flags: int = 0) -> int: ...  # noqa: N802
+
     def isActive(self) -> int: ...  # noqa: N802
 
     def blockInfo(self, path: str, flags: int = 0) -> list[int]:  # noqa: N802

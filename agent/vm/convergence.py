@@ -136,6 +136,15 @@ class Follower:
         self._best: int | None = None
         self._next = 0
 
+    def raise_floor(self, downtime_ms: int) -> None:
+        """The migration allows ``downtime_ms`` already (a follower taking over one that
+        ran without it): the steps that would not raise it are passed over."""
+        self.downtime_ms = max(self.downtime_ms, downtime_ms)
+        while (self._next < len(self.schedule.steps)
+               and self.schedule.steps[self._next].action == "downtime"
+               and self.schedule.steps[self._next].downtime_ms <= self.downtime_ms):
+            self._next += 1
+
     def observe(self, iteration: int, remaining: int) -> list[Step]:
         """A reading of libvirt's ``memory_iteration`` and ``data_remaining``: the steps
         to take now, in order (none while the iteration is the same)."""

@@ -68,6 +68,14 @@ MIGRATE_JOB = "VM.migrate"
 SETTLE_INTERVAL = 1.0
 #: How long a destination waits for the source's word once the incoming VM is gone.
 SOURCE_GRACE = 30.0
+#: How long a destination keeps a migration whose VM never came (the source's agent gone,
+#: its word lost) before it removes what it made for it.
+INCOMING_WAIT = 3600.0
+#: Seconds an agent waits for another's answer: a prepare may make volumes.
+PREPARE_TIMEOUT = 120.0
+PEER_TIMEOUT = 30.0
+#: How often a resumed source asks a destination that cannot say where the VM is.
+ASK_LIMIT = 60
 #: Where the kernel says whether unprivileged processes may use userfaultfd.
 USERFAULTFD_SYSCTL = "/proc/sys/vm/unprivileged_userfaultfd"
 #: How long a finished migration's statistics (its downtime) may take to arrive.
@@ -95,6 +103,7 @@ class _Incoming:
     source: str
     started: float = field(default_factory=time.monotonic)
     volumes: list[JsonObject] = field(default_factory=list)  # made for copied disks
+    offline: bool = False  # only a definition comes: defined here is arrived
 
 
 @dataclass
@@ -207,6 +216,8 @@ class MigrationService:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         #: The migrations this host sends, by VM: their id and the destination's UUID.
         self._sending: dict[str, JsonObject] = {}
+        #: Incoming migrations being prepared: their VM, by migration id.
+        self._preparing: dict[str, str] = {}
         jobs.register(JobKind(MIGRATE_JOB, cancellable=True, resume=self._resume))
         core.hypervisor.add_domain_listener(self._on_domain_event)
 
@@ -236,7 +247,8 @@ class MigrationService:
                     log.info("migration %s of VM %s was coming in when the agent stopped",
                              record.migration_id, record.vm_id)
                     self._incoming[record.migration_id] = _Incoming(
-                        record.vm_id, record.peer, volumes=list(record.volumes))
+                        record.vm_id, record.peer, volumes=list(record.volumes),
+                        offline=record.offline)
                     self._watch(record.migration_id)
         self._loaded.set()
 
@@ -253,9 +265,12 @@ class MigrationService:
             await self._store.run(lambda conn: migrationstore.save(conn, record))
 
     async def _forget(self, migration_id: str) -> None:
-        if self._store is not None:
-            with contextlib.suppress(ApiError):
-                await self._store.run(lambda conn: migrationstore.delete(conn, migration_id))
+        if self._store is None:
+            return
+        try:
+            await self._store.run(lambda conn: migrationstore.delete(conn, migration_id))
+        except Exception:  # the migration has ended: a stale record is settled next start
+            log.exception("could not remove the record of migration %s", migration_id)
 
     def _on_domain_event(self, event: DomainEvent) -> None:
         waiter = self._completed.get(event.vm_id)
@@ -321,22 +336,13 @@ class MigrationService:
             copied = await core.on_vm(vm_id, lambda dom: _copied_disks(dom, root)) if copy \
                 else []
             domains = dict(self._storage_dirs())
-            dirs = list(domains.values())
-            for disk in copied:
-                disk.image_id = _image_of(disk.path, dirs)
-            targets = {d.target for d in copied}
-            disks = [path for target, path in _disk_files(root) if target not in targets]
-            local = [d for d in disks if not _under(d, dirs)]
-            if local:
-                raise FailedPrecondition(
-                    f"disk {local[0]} is on no storage domain: a disk that is not copied "
-                    "must be on a storage domain attached on both hosts",
-                    reason="storage_not_shared", object="vm", id=vm_id, path=local[0])
+            disks = await self._shared_disks(vm_id, root, copied, list(domains.values()))
             request: JsonObject = {
                 "migration_id": migration_id, "vm_id": vm_id, "name": found.name,
                 "xml": found.xml, "memory_bytes": memory,
                 "source_host_uuid": self._host_id(), "host": host,
                 "post_copy": mode == "live" and prepared["schedule"].post_copy,
+                "offline": mode == "offline",
                 # Where this host has its storage domains: the destination may mount
                 # them elsewhere, and then names its own paths.
                 "domains": domains}
@@ -347,7 +353,8 @@ class MigrationService:
                                disks=[d.to_api() for d in copied])
             peer = await self._connect(destination, self._config.connect_timeout)
             try:
-                answer = await peer.call("Migration.prepare", request)
+                answer = await peer.call("Migration.prepare", request,
+                                         timeout=PREPARE_TIMEOUT)
                 prepared.update(peer=peer, uri=answer["libvirt_uri"],
                                 peer_uuid=answer["host_uuid"], persistent=found.persistent,
                                 shared_disks=bool(disks), destination=destination,
@@ -370,7 +377,8 @@ class MigrationService:
                     if not prepared.get("finished"):  # no job ran: release the destination
                         with contextlib.suppress(ApiError, OSError):
                             await asyncio.shield(peer.call("Migration.finish", {
-                                "migration_id": migration_id, "outcome": "failed"}))
+                                "migration_id": migration_id, "outcome": "failed"},
+                                timeout=PEER_TIMEOUT))
                     await asyncio.shield(self._forget(migration_id))
             finally:
                 await peer.close()
@@ -431,8 +439,14 @@ class MigrationService:
         here, or running at the destination) or ``failed`` (running here)."""
         vm_id = record.vm_id
         core = self._core
-        course = _Course(Follower(schedule_of(params.get("policy"))), live=True,
-                         downtime_set=True)
+        follower = Follower(schedule_of(params.get("policy")))
+        with contextlib.suppress(ApiError):
+            # Its steps go on from the downtime libvirt allows now, never below it.
+            follower.raise_floor(await core.on_vm(
+                vm_id, lambda dom: dom.migrateGetMaxDowntime(0),
+                what=f"reading the migration of {vm_id}"))
+        course = _Course(follower, live=True, downtime_set=True)
+        asked = 0
         while True:
             if await self._moved(vm_id):
                 return "succeeded"
@@ -456,9 +470,14 @@ class MigrationService:
                         return "succeeded"
                     raise
                 continue
-            state, _ = await core.on_vm(vm_id, vmops.state_of)
-            if state != "paused":
-                return "failed"  # libvirt ended it here, and resumed the VM if it ran
+            try:
+                state, reason = await core.on_vm(vm_id, vmops.state_of)
+            except NotFound:
+                return "succeeded"  # it finished between the two looks
+            if state != "paused" or reason in ("postcopy", "postcopy_failed"):
+                # libvirt ended it here, and resumed the VM if it ran; a failed post-copy
+                # is left as libvirt left it, for its own recovery
+                return "failed"
             # Paused with no job: the one window where the destination may run it already
             # (the answer to its "finish" was lost). Never resume it blindly.
             there = await self._state_at(record)
@@ -472,6 +491,14 @@ class MigrationService:
                             record.peer_url)
                 await core.on_vm(vm_id, lambda dom: dom.resume(), what=f"resuming {vm_id}")
                 return "failed"
+            asked += 1
+            if asked >= ASK_LIMIT:
+                # The destination has it but not running, or cannot say: a person decides.
+                raise Aborted(
+                    f"VM {vm_id} is paused here and {there} at {record.peer_url}: left "
+                    "paused, for an operator to resume here or there",
+                    reason="migration_unsettled", object="vm", id=vm_id,
+                    destination_state=there)
             await asyncio.sleep(SETTLE_INTERVAL)  # the destination cannot say: ask again
 
     async def _abort_job(self, vm_id: str) -> None:
@@ -497,7 +524,8 @@ class MigrationService:
         except ApiError:
             return "unknown"
         try:
-            info = await peer.call("VM.getInfo", {"vm_id": record.vm_id})
+            info = await peer.call("VM.getInfo", {"vm_id": record.vm_id},
+                                   timeout=PEER_TIMEOUT)
             return str(info.get("state", "unknown"))
         except NotFound:
             return None
@@ -512,13 +540,35 @@ class MigrationService:
             peer = await self._connect(record.peer_url, self._config.connect_timeout)
             try:
                 await peer.call("Migration.finish", {"migration_id": record.migration_id,
-                                                     "outcome": outcome})
+                                                     "outcome": outcome},
+                                timeout=PEER_TIMEOUT)
             finally:
                 await peer.close()
         except (ApiError, OSError) as exc:
             log.info("could not tell %s how migration %s ended (it settles on its own): %s",
                      record.peer_url, record.migration_id, exc)
         await self._forget(record.migration_id)
+
+    @staticmethod
+    async def _shared_disks(vm_id: str, root: etree._Element, copied: list[_CopiedDisk],
+                            dirs: list[str]) -> list[str]:
+        """The files of the disks that are not copied, each on a storage domain here
+        (else ``storage_not_shared``); the copied disks learn their image."""
+        targets = {d.target for d in copied}
+        disks = [path for target, path in _disk_files(root) if target not in targets]
+
+        def resolve() -> list[str]:  # realpath: blocking on a hung mount
+            for disk in copied:
+                disk.image_id = _image_of(disk.path, dirs)
+            return [d for d in disks if not _under(d, dirs)]
+
+        local = await asyncio.to_thread(resolve)
+        if local:
+            raise FailedPrecondition(
+                f"disk {local[0]} is on no storage domain: a disk that is not copied "
+                "must be on a storage domain attached on both hosts",
+                reason="storage_not_shared", object="vm", id=vm_id, path=local[0])
+        return disks
 
     async def _run(self, handle: JobHandle, migration_id: str, vm_id: str,
                    prepared: dict[str, Any], params: VmMigrateParams) -> JsonObject:
@@ -545,7 +595,8 @@ class MigrationService:
             prepared["finished"] = True
             with contextlib.suppress(ApiError, OSError):
                 await asyncio.shield(peer.call("Migration.finish", {
-                    "migration_id": migration_id, "outcome": outcome}))
+                    "migration_id": migration_id, "outcome": outcome},
+                    timeout=PEER_TIMEOUT))
             self._bus.publish(TOPIC, {**event, "phase": outcome, **{
                 k: v for k, v in ending.items() if k in ("downtime_ms", "post_copy")},
                 "seconds": round(time.monotonic() - started, 3)})
@@ -675,12 +726,20 @@ class MigrationService:
                               "post_copy": course.post_copy,
                               "stalled_iterations": course.follower.stalled,
                               "max_downtime_ms": course.follower.downtime_ms}
-        with contextlib.suppress(TimeoutError):
+        try:
             stats = await asyncio.wait_for(asyncio.shield(completed), COMPLETED_WAIT)
-            if stats.get("downtime") is not None:
-                ending["downtime_ms"] = int(stats["downtime"])
-            if stats.get("time_elapsed") is not None:
-                ending["libvirt_ms"] = int(stats["time_elapsed"])
+        except TimeoutError:
+            return ending
+        except asyncio.CancelledError:
+            # The VM has moved: a cancel now changes nothing, and is not reported.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            return ending
+        if stats.get("downtime") is not None:
+            ending["downtime_ms"] = int(stats["downtime"])
+        if stats.get("time_elapsed") is not None:
+            ending["libvirt_ms"] = int(stats["time_elapsed"])
         return ending
 
     async def _abort(self, vm_id: str, transfer: asyncio.Future[None]) -> None:
@@ -731,11 +790,23 @@ class MigrationService:
         if params["source_host_uuid"] == self._host_id():
             raise FailedPrecondition("the destination is this host itself",
                                      reason="destination_is_source")
-        if len(self._incoming) >= self._config.max_incoming:
+        coming = {**{m: i.vm_id for m, i in self._incoming.items()}, **self._preparing}
+        if migration_id in coming or vm_id in coming.values():
+            raise FailedPrecondition(f"VM {vm_id} is coming in already",
+                                     reason="vm_migrating", object="vm", id=vm_id)
+        if len(coming) >= self._config.max_incoming:
             raise ResourceExhausted(
-                f"{len(self._incoming)} migrations are coming in already "
+                f"{len(coming)} migrations are coming in already "
                 f"(migration.max_incoming)", reason="too_many_migrations")
         self._core.require_ready()
+        self._preparing[migration_id] = vm_id  # held from here: no await came before
+        try:
+            return await self._prepare(params)
+        finally:
+            self._preparing.pop(migration_id, None)
+
+    async def _prepare(self, params: MigrationPrepareParams) -> JsonObject:
+        migration_id, vm_id = params["migration_id"], params["vm_id"]
         root = parse_xml(params["xml"], what="domain XML")
         copied = {d["target"]: d for d in params.get("disks", [])} \
             if params.get("storage") == "copy" else {}
@@ -754,7 +825,8 @@ class MigrationService:
             raise FailedPrecondition(
                 f"the VM needs {params['memory_bytes']} bytes of memory; {free} are free",
                 reason="insufficient_memory", need=params["memory_bytes"], free=free)
-        incoming = _Incoming(vm_id, params["source_host_uuid"])
+        incoming = _Incoming(vm_id, params["source_host_uuid"],
+                             offline=bool(params.get("offline")))
         answer: JsonObject = {
             "libvirt_uri": self._config.libvirt_uri.format(host=params["host"]),
             "host_uuid": self._host_id()}
@@ -779,7 +851,7 @@ class MigrationService:
         try:
             await self._record(MigrationRecord(
                 migration_id, vm_id, "destination", params["source_host_uuid"],
-                volumes=incoming.volumes, started=time.time()))
+                volumes=incoming.volumes, started=time.time(), offline=incoming.offline))
         except BaseException:
             await self._remove_volumes(incoming)
             raise
@@ -873,11 +945,12 @@ class MigrationService:
         if disk.get("image_id"):
             request["image_id"] = str(disk["image_id"])
         try:
-            created = await self._volumes.create(request)
-        except AlreadyExists:
-            # The image is here already (the VM was here before): a new one.
-            request.pop("image_id", None)
-            created = await self._volumes.create(request)
+            try:
+                created = await self._volumes.create(request)
+            except AlreadyExists:
+                # The image is here already (the VM was here before): a new one.
+                request.pop("image_id", None)
+                created = await self._volumes.create(request)
         except ResourceExhausted as exc:
             raise FailedPrecondition(exc.message, reason="insufficient_space",
                                      sd_id=sd_id) from None
@@ -935,8 +1008,14 @@ class MigrationService:
         failed (libvirt removes a failed incoming domain)."""
         seen = False
         gone: float | None = None
+        waiting_since = time.monotonic()
         while migration_id in self._incoming:
             vm_id = self._incoming[migration_id].vm_id
+            if not seen and time.monotonic() - waiting_since > INCOMING_WAIT:
+                log.warning("migration %s of VM %s never came: removing what was made "
+                            "for it", migration_id, vm_id)
+                await self._settle_incoming(migration_id, "failed")
+                return
             try:
                 state, _ = await self._core.on_vm(vm_id, vmops.state_of)
             except NotFound:
@@ -944,8 +1023,9 @@ class MigrationService:
             except ApiError:  # libvirt is away: look again later
                 await asyncio.sleep(SETTLE_INTERVAL)
                 continue
-            if state == "running":
-                log.info("VM %s runs here: migration %s succeeded", vm_id, migration_id)
+            if state == "running" or (state is not None
+                                      and self._incoming[migration_id].offline):
+                log.info("VM %s is here: migration %s succeeded", vm_id, migration_id)
                 await self._settle_incoming(migration_id, "succeeded")
                 return
             if state is None and seen:
@@ -972,8 +1052,10 @@ class MigrationService:
                 dom = vmops.lookup(conn, vm_id)
             except NotFound:
                 return
-            state, _ = vmops.state_of(dom)
-            if state != "paused":  # only an incoming domain that never resumed is a leftover
+            state, reason = vmops.state_of(dom)
+            # Only an incoming domain that never ran is a leftover: a paused post-copy
+            # domain holds the guest's newest state, wherever its migration failed.
+            if state != "paused" or reason not in ("migration", "starting_up"):
                 return
             with contextlib.suppress(Exception):  # gone meanwhile: nothing is left
                 dom.destroy()

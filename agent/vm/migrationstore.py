@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS migrations (
     peer         TEXT NOT NULL,
     peer_url     TEXT NOT NULL,
     volumes      TEXT NOT NULL,
+    offline      INTEGER NOT NULL,
     started      REAL NOT NULL
 );
 """
@@ -44,15 +45,16 @@ class MigrationRecord:
     peer_url: str = ""
     volumes: list[JsonObject] = field(default_factory=list)
     started: float = 0.0
+    offline: bool = False
 
 
 def save(conn: sqlite3.Connection, record: MigrationRecord) -> None:
     with transaction(conn):
         conn.execute(
             "INSERT OR REPLACE INTO migrations (migration_id, vm_id, role, peer, peer_url, "
-            "volumes, started) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "volumes, offline, started) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (record.migration_id, record.vm_id, record.role, record.peer, record.peer_url,
-             json.dumps(record.volumes), record.started))
+             json.dumps(record.volumes), int(record.offline), record.started))
 
 
 def delete(conn: sqlite3.Connection, migration_id: str) -> None:
@@ -63,12 +65,12 @@ def delete(conn: sqlite3.Connection, migration_id: str) -> None:
 def load_all(conn: sqlite3.Connection) -> list[MigrationRecord]:
     records = []
     for row in conn.execute("SELECT migration_id, vm_id, role, peer, peer_url, volumes, "
-                            "started FROM migrations ORDER BY started"):
+                            "started, offline FROM migrations ORDER BY started"):
         try:
             volumes = json.loads(row[5])
         except ValueError:
             volumes = []
         records.append(MigrationRecord(row[0], row[1], row[2], row[3], row[4],
                                        volumes if isinstance(volumes, list) else [],
-                                       float(row[6])))
+                                       float(row[6]), bool(row[7])))
     return records

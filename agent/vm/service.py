@@ -127,6 +127,8 @@ class VmService:
         self._names: dict[str, str] = {}
         #: Rises with every change of the view (for renderers that cache what they made).
         self.generation = 0
+        #: The migration a VM is in, if any (set by the migration service).
+        self.migration_of: Callable[[str], JsonObject | None] = lambda _vm_id: None
 
     @property
     def recovering(self) -> bool:
@@ -144,8 +146,6 @@ class VmService:
     async def start(self) -> None:
         """Follow domain events and resync after every (re)connect."""
         self._hv.add_domain_listener(self._on_domain_event)
-        #: The migration a VM is in, if any (set by the migration service).
-        self.migration_of: Callable[[str], JsonObject | None] = lambda _vm_id: None
         self._hv.add_connect_hook(self._on_connect)
 
     async def wait_recovered(self, timeout: float) -> bool:

@@ -184,7 +184,8 @@ class InProcessAgent:
             self.vms.core, self.bus, self.jobs, self.config.migration, host_id=lambda: HOST_ID,
             connect=self._connect,
             storage_dirs=lambda: {"00000000-0000-4000-8000-000000000001":
-                                  str(tmp_path / "domain-images")})
+                                  str(tmp_path / "domain-images")}, store=self.store)
+        self.vms.migration_of = self.migrations.migration_of
         handlers = bindings.combine(
             vm_binding.handlers(self.vms, VmDeviceService(self.vms.core),
                                 StatsService(self.sampler), self.migrations),
@@ -209,6 +210,7 @@ class InProcessAgent:
         await self.store.open()
         await self.bus.attach_journal(Journal(self.store, self.config.events.journal_max_events,
                                               self.config.events.journal_max_age))
+        await self.migrations.start()
         await self.jobs.start()
         self._started = True
         if not connect:
@@ -231,6 +233,7 @@ class InProcessAgent:
         self._started = False
         await self.jobs.close()
         await self.sampler.close()
+        await self.migrations.close()
         await self.vms.close()
         if self.hypervisor.connected:
             await self._remove_vms()

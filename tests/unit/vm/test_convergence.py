@@ -97,3 +97,13 @@ def test_post_copy_needs_userfaultfd() -> None:
     assert not post_copy_possible("0\n", "", "root"), "libvirt drops root's capabilities"
     assert post_copy_possible("0\n", "clear_emulator_capabilities = 0\n", "root")
     assert not post_copy_possible("", "clear_emulator_capabilities = 1", "root")
+
+
+def test_a_follower_taking_over_never_lowers_the_downtime() -> None:
+    follower = Follower(POLICIES["minimal_downtime"])
+    follower.raise_floor(300)
+    assert follower.downtime_ms == 300
+    follower.observe(2, 16 * MIB)
+    taken = [(s.action, s.downtime_ms) for i in range(3, 12)
+             for s in follower.observe(i, 16 * MIB)]
+    assert taken == [("downtime", 400), ("downtime", 500), ("abort", 0)]

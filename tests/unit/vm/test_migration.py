@@ -11,6 +11,7 @@ import pytest
 
 from tests.unit.vm.harness import HOST_ID, InProcessAgent, loopback
 from virtnode.util.safexml import parse_xml
+from virtnode.vm import migrationstore
 from virtnode.vm.migration import _cpu_of, _with_disks
 
 DESTINATION = "tls://10.77.0.12:8765"
@@ -141,3 +142,41 @@ def test_only_a_checked_cpu_model_is_compared() -> None:
     assert isinstance(compared, tuple)
     assert compared[:3] == ("x86_64", "pc-q35-7.2", "kvm")
     assert "Skylake-Client" in compared[3]
+
+
+def _incoming_xml(name: str, vm_id: str) -> str:
+    return (f"<domain type='test'><name>{name}</name><uuid>{vm_id}</uuid>"
+            "<memory unit='MiB'>64</memory><os><type>hvm</type></os></domain>")
+
+
+@pytest.mark.covers("Migration.prepare")
+@pytest.mark.covers("Migration.finish")
+async def test_a_destination_takes_one_migration_of_a_vm_at_a_time(
+        api: InProcessAgent) -> None:
+    vm_id = "8f1f1c55-2222-4b3e-9d7a-0000000000a1"
+    prepare = {"migration_id": "8f1f1c55-2222-4b3e-9d7a-0000000000b1", "vm_id": vm_id,
+               "name": "incoming", "xml": _incoming_xml("incoming", vm_id),
+               "memory_bytes": 1 << 20, "host": "10.77.0.12",
+               "source_host_uuid": "8f1f1c55-2222-4b3e-9d7a-0000000000c1"}
+    # The test driver has a few MiB free.
+    error = await api.error("Migration.prepare", {**prepare, "memory_bytes": 64 << 30},
+                            "FailedPrecondition", "insufficient_memory")
+    assert error.data["need"] > error.data["free"]
+    answer = await api.call("Migration.prepare", prepare)
+    assert answer["host_uuid"] == HOST_ID
+    # Recorded, so that a restart finds it.
+    recorded = await api.store.run(migrationstore.load_all)
+    assert [(r.migration_id, r.role, r.vm_id) for r in recorded] == [
+        (prepare["migration_id"], "destination", vm_id)]
+    # The same VM again, under another id: refused while the first is open.
+    await api.error("Migration.prepare", {**prepare, "migration_id":
+                                          "8f1f1c55-2222-4b3e-9d7a-0000000000b2"},
+                    "FailedPrecondition", "vm_migrating")
+    await api.call("Migration.finish", {"migration_id": prepare["migration_id"],
+                                        "outcome": "failed"})
+    await api.error("Migration.finish", {"migration_id": prepare["migration_id"],
+                                         "outcome": "failed"}, "NotFound", "not_found")
+    assert await api.store.run(migrationstore.load_all) == []
+    # Settled: it may come again.
+    await api.call("Migration.prepare", {**prepare, "migration_id":
+                                         "8f1f1c55-2222-4b3e-9d7a-0000000000b3"})
