@@ -209,6 +209,10 @@ async def test_progress_follows_libvirts_figures(hosts: list[dict[str, Any]]) ->
                 if job["state"] not in ("pending", "running"):
                     break
                 if 0 < job["progress"] < 100 and not shown:
+                    with pytest.raises(RemoteError) as again:
+                        await on_a.call("VM.migrate", {"vm_id": vm_id,
+                                                       "destination": b["url"]})
+                    assert again.value.data["reason"] == "vm_migrating"
                     # Both agents show the VM migrating; B has it paused, coming in.
                     shown["a"] = await on_a.call("VM.getInfo", {"vm_id": vm_id})
                     shown["b"] = await on_b.call("VM.getInfo", {"vm_id": vm_id})
