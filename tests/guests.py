@@ -197,11 +197,12 @@ def console_log_path(name: str, cache: Path | None = None) -> Path:
 
 
 def domain_xml(image: GuestImage, name: str, uuid: str, console_log: Path,
-               cmdline: str = "", *, disk: Path | None = None) -> str:
+               cmdline: str = "", *, disk: Path | None = None,
+               memory_mib: int = MEMORY_MIB) -> str:
     """A TCG domain booting ``image`` directly, its serial console written to a file.
 
-    1 vCPU, 256 MiB, ACPI, no network, no disk unless ``disk`` (a raw image, attached as
-    virtio ``vda``); a guest reboot restarts it.
+    1 vCPU, ``memory_mib`` (256 MiB), ACPI, no network, no disk unless ``disk`` (a raw
+    image, attached as virtio ``vda``); a guest reboot restarts it.
     """
     args = " ".join(filter(None, ("console=ttyS0", cmdline)))
     disk_xml = "" if disk is None else f"""
@@ -213,7 +214,7 @@ def domain_xml(image: GuestImage, name: str, uuid: str, console_log: Path,
     return f"""<domain type='qemu'>
   <name>{escape(name)}</name>
   <uuid>{escape(uuid)}</uuid>
-  <memory unit='MiB'>{MEMORY_MIB}</memory>
+  <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>1</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>

@@ -44,14 +44,15 @@ async def remove_vm(client: Client, vm_id: str) -> None:
         assert exc.name == "NotFound", exc.error
 
 
-async def create_guest(client: Client, variant: str = "dirty") -> tuple[str, str]:
+async def create_guest(client: Client, variant: str = "dirty",
+                       memory_mib: int = guests.MEMORY_MIB) -> tuple[str, str]:
     """A running TCG Linux guest (tests/guests.py), ready: the ``dirty`` one keeps
     rewriting 16 MiB of its memory."""
     image = await guests.guest_image(variant)
     name = f"mig-{uuid.uuid4().hex[:8]}"
     log = guests.console_log_path(name)
     log.unlink(missing_ok=True)
-    xml = guests.domain_xml(image, name, str(uuid.uuid4()), log)
+    xml = guests.domain_xml(image, name, str(uuid.uuid4()), log, memory_mib=memory_mib)
     created = await client.call("VM.create", {"xml": xml})
     await guests.wait_for_console(log, timeout=120)
     return created["vm_id"], name
