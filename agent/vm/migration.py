@@ -396,12 +396,17 @@ class MigrationService:
         on in libvirtd without the agent), follow it to its end, tell the destination."""
         await self._loaded.wait()
         record = self._left.pop(vm_id, None)
-        if record is None:
-            raise Aborted("the agent stopped before the migration was agreed with the "
-                          "destination; nothing moved", reason="interrupted")
         core = self._core
         while not await core.wait_recovered(3600):
             pass  # the hypervisor connection comes back: the VMs are known again
+        if record is None:
+            # Not agreed with the destination yet, or settled and forgotten just before
+            # the agent stopped: where the VM is says which.
+            if await self._moved(vm_id):
+                return {"vm_id": vm_id, "destination": params.get("destination"),
+                        "recovered": True}
+            raise Aborted("the agent stopped before the migration was agreed with the "
+                          "destination; the VM runs here", reason="interrupted")
         event: JsonObject = {"vm_id": vm_id, "migration_id": record.migration_id,
                              "role": "source", "peer": record.peer}
         outcome = "failed"
