@@ -205,7 +205,6 @@ class MigrationService:
         self._storage_dirs = storage_dirs
         self._volumes = volumes
         self._outgoing_slots = asyncio.Semaphore(config.max_outgoing)
-        self._outgoing: set[str] = set()
         self._incoming: dict[str, _Incoming] = {}
         self._completed: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._store = store
@@ -318,7 +317,7 @@ class MigrationService:
         copy = params["storage"] == "copy"
         core = self._core
         core.require_ready()
-        if vm_id in self._outgoing:
+        if vm_id in self._sending:
             raise FailedPrecondition(f"VM {vm_id} is migrating already", reason="vm_migrating",
                                      object="vm", id=vm_id)
         async with core.locks.hold(vm_id, "VM.migrate"):
@@ -363,7 +362,6 @@ class MigrationService:
                                 dest_xml=answer.get("xml"),
                                 dest_persistent_xml=answer.get("persistent_xml"),
                                 volumes=answer.get("volumes", []))
-                self._outgoing.add(vm_id)
                 self._sending[vm_id] = {"migration_id": migration_id,
                                         "peer": answer["host_uuid"]}
                 try:
@@ -372,7 +370,6 @@ class MigrationService:
                         started=time.time()))
                     yield
                 finally:
-                    self._outgoing.discard(vm_id)
                     self._sending.pop(vm_id, None)
                     if not prepared.get("finished"):  # no job ran: release the destination
                         with contextlib.suppress(ApiError, OSError):
@@ -413,13 +410,11 @@ class MigrationService:
         started = time.monotonic()
         try:
             async with core.locks.hold(vm_id, "VM.migrate"):
-                self._outgoing.add(vm_id)
                 self._sending[vm_id] = {"migration_id": record.migration_id,
                                         "peer": record.peer}
                 try:
                     outcome = await self._settle_outgoing(handle, record, params, event)
                 finally:
-                    self._outgoing.discard(vm_id)
                     self._sending.pop(vm_id, None)
         except asyncio.CancelledError:
             outcome = "cancelled"
@@ -469,9 +464,7 @@ class MigrationService:
                 except asyncio.CancelledError:
                     await self._abort_job(vm_id)
                     if await self._moved(vm_id):
-                        task = asyncio.current_task()
-                        if task is not None:
-                            task.uncancel()
+                        _keep_going()
                         return "succeeded"
                     raise
                 continue
@@ -640,9 +633,7 @@ class MigrationService:
                     # destination now, and "cancelled" would have the destination remove it.
                     log.warning("migration of VM %s ended before it could be cancelled",
                                 vm_id)
-                    task = asyncio.current_task()
-                    if task is not None:
-                        task.uncancel()
+                    _keep_going()
                     return await self._ending(course, completed)
                 raise
             except ApiError as exc:
@@ -737,9 +728,7 @@ class MigrationService:
             return ending
         except asyncio.CancelledError:
             # The VM has moved: a cancel now changes nothing, and is not reported.
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
+            _keep_going()
             return ending
         if stats.get("downtime") is not None:
             ending["downtime_ms"] = int(stats["downtime"])
@@ -1242,3 +1231,10 @@ def _drop_here(dom: Domain) -> None:
         dom.undefineFlags(vc.DOMAIN_UNDEFINE_MANAGED_SAVE
                           | vc.DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                           | vc.DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+
+
+def _keep_going() -> None:
+    """Withdraw a cancel that came too late: the VM has moved, and the job says so."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()

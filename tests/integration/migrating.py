@@ -148,3 +148,9 @@ async def left_alone(client: Client, vm_id: str, name: str, source: str = "lab-h
     assert name not in await defined(destination)
     jobs = (await client.call("Job.list", {"kind": "VM.migrate"}))["jobs"]
     assert [j for j in jobs if j["target"] == vm_id] == []
+
+
+async def runs_only_on(host: str, name: str, other: str) -> None:
+    """The VM runs on ``host`` and libvirt on ``other`` has not even a definition of it."""
+    assert await state_on(host, name) == "running"
+    assert name not in await defined(other)

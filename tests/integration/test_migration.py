@@ -28,6 +28,7 @@ from tests.integration.migrating import (
     ref,
     remove_vm,
     running,
+    runs_only_on,
     state_on,
     volume_with_data,
     volumes_in,
@@ -112,8 +113,7 @@ async def test_a_migration_cancelled_half_way_leaves_the_vm_running_on_the_sourc
             cancelled = (await on_a.call("Job.cancel", {"job_id": job_id}))["job"]
             assert cancelled["state"] == "cancelled", cancelled
             assert name in await running("lab-h1")
-            assert await state_on("lab-h1", name) == "running"
-            assert name not in await defined("lab-h2")
+            await runs_only_on("lab-h1", name, "lab-h2")
             assert (await on_a.call("VM.getInfo", {"vm_id": vm_id}))["state"] == "running"
             assert ("destination", "cancelled") in await phases(on_b, vm_id)
         finally:
@@ -135,8 +135,7 @@ async def test_a_migration_that_does_not_converge_is_aborted_by_its_policy(
                 "Aborted", "not_converging"), job["error"]
             assert job["error"]["data"]["max_downtime_ms"] == 100
             assert await actions(on_a, vm_id) == ["downtime", "abort"]
-            assert await state_on("lab-h1", name) == "running"
-            assert name not in await defined("lab-h2")
+            await runs_only_on("lab-h1", name, "lab-h2")
             assert ("destination", "failed") in await phases(on_b, vm_id)
         finally:
             await remove_vm(on_a, vm_id)
@@ -154,8 +153,7 @@ async def test_post_copy_ends_a_migration_that_does_not_converge(
             assert job["result"]["post_copy"] is True
             assert job["result"]["policy"] == "post_copy"
             assert await actions(on_a, vm_id) == ["downtime", "downtime", "post_copy"]
-            assert await state_on("lab-h2", name) == "running"
-            assert name not in await defined("lab-h1")
+            await runs_only_on("lab-h2", name, "lab-h1")
         finally:
             await remove_vm(on_a, vm_id)
             await remove_vm(on_b, vm_id)
@@ -173,8 +171,7 @@ async def test_suspending_the_workload_ends_a_migration_with_a_measured_downtime
             # Paused for what remained at 8 MiB/s: well over the 100 ms allowed.
             assert job["result"]["downtime_ms"] > 100, job["result"]
             assert await actions(on_a, vm_id) == ["suspend"]
-            assert await state_on("lab-h2", name) == "running", "it runs on there"
-            assert name not in await defined("lab-h1")
+            await runs_only_on("lab-h2", name, "lab-h1")
         finally:
             await remove_vm(on_a, vm_id)
             await remove_vm(on_b, vm_id)
@@ -189,8 +186,7 @@ async def test_a_migration_past_its_timeout_is_aborted(hosts: list[dict[str, Any
             assert job["state"] == "failed", job
             assert (job["error"]["data"]["name"], job["error"]["data"]["reason"]) == (
                 "DeadlineExceeded", "migration_timeout"), job["error"]
-            assert await state_on("lab-h1", name) == "running"
-            assert name not in await defined("lab-h2")
+            await runs_only_on("lab-h1", name, "lab-h2")
             assert ("destination", "failed") in await phases(on_b, vm_id)
         finally:
             await remove_vm(on_a, vm_id)
@@ -312,8 +308,7 @@ async def test_a_vm_on_local_storage_moves_with_its_disk_copied(
             assert made["image_id"] == leaf["image_id"], "the image keeps its id"
             assert await disk_paths("lab-h2", name) == [made["path"]]
             assert await holds_data("lab-h2", made["path"]), "the chain's data, copied"
-            assert await state_on("lab-h2", name) == "running"
-            assert name not in await defined("lab-h1")
+            await runs_only_on("lab-h2", name, "lab-h1")
             [listed] = await volumes_in(on_b, b["local_sd_id"])
             assert (listed["volume_id"], listed["format"], listed["virtual_size"]) == (
                 made["volume_id"], "qcow2", 256 << 20)
@@ -347,8 +342,7 @@ async def test_a_cancelled_copy_leaves_no_volume_at_the_destination(
             assert len(await volumes_in(on_b, b["local_sd_id"])) == 1, "made before the job"
             cancelled = (await on_a.call("Job.cancel", {"job_id": started["job_id"]}))["job"]
             assert cancelled["state"] == "cancelled", cancelled
-            assert await state_on("lab-h1", name) == "running"
-            assert name not in await defined("lab-h2")
+            await runs_only_on("lab-h1", name, "lab-h2")
             assert await volumes_in(on_b, b["local_sd_id"]) == []
         finally:
             await remove_vm(on_a, vm_id)

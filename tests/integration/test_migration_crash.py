@@ -70,6 +70,20 @@ async def state_at(host: dict[str, Any], vm_id: str, timeout: float = 60) -> str
         await asyncio.sleep(0.5)
 
 
+async def moved(hosts: list[dict[str, Any]], vm_id: str, name: str) -> None:
+    """The VM runs on B only, both agents say so, and B has settled its end."""
+    a, b = hosts
+    assert name in await running("lab-h2")
+    assert name not in await defined("lab-h1")
+    assert (await state_at(a, vm_id), await state_at(b, vm_id)) == (None, "running")
+    async with await connect(b) as on_b:
+        for _ in range(50):
+            if ("destination", "succeeded") in await phases(on_b, vm_id):
+                break
+            await asyncio.sleep(0.2)
+        assert ("destination", "succeeded") in await phases(on_b, vm_id)
+
+
 async def cleanup(hosts: list[dict[str, Any]], vm_id: str) -> None:
     for host in hosts:
         async with await connect(host) as client:
@@ -89,11 +103,7 @@ async def test_the_source_agent_killed_half_way_finds_the_vm_moved(
         job = await settled(a, job_id)
         assert job["state"] == "succeeded", job
         assert job["result"]["recovered"] is True
-        assert name in await running("lab-h2")
-        assert name not in await defined("lab-h1")
-        assert (await state_at(a, vm_id), await state_at(b, vm_id)) == (None, "running")
-        async with await connect(b) as on_b:
-            assert ("destination", "succeeded") in await phases(on_b, vm_id)
+        await moved(hosts, vm_id, name)
     finally:
         await cleanup(hosts, vm_id)
 
@@ -109,16 +119,8 @@ async def test_the_destination_agent_killed_half_way_takes_the_vm_after_its_rest
             await asyncio.to_thread(lab, "start", "lab-h2", "agent")
             job = await settled(a, job_id)
             assert job["state"] == "succeeded", job
-            assert name in await running("lab-h2")
-            assert name not in await defined("lab-h1")
-            assert (await state_at(a, vm_id), await state_at(b, vm_id)) == (None, "running")
-            async with await connect(b) as on_b:
-                # The restarted agent settled the migration it had recorded.
-                for _ in range(50):
-                    if ("destination", "succeeded") in await phases(on_b, vm_id):
-                        break
-                    await asyncio.sleep(0.2)
-                assert ("destination", "succeeded") in await phases(on_b, vm_id)
+            # The restarted agent settled the migration it had recorded.
+            await moved(hosts, vm_id, name)
         finally:
             await cleanup(hosts, vm_id)
 
