@@ -812,7 +812,8 @@ class MigrationService:
                 "this host's QEMU cannot take a post-copy migration: it needs userfaultfd "
                 "(vm.unprivileged_userfaultfd = 1, or QEMU running as root with its "
                 "capabilities)", reason="post_copy_unsupported")
-        free = await self._core.hypervisor.call(lambda conn: _check_host(conn, vm_id),
+        name = params["name"]
+        free = await self._core.hypervisor.call(lambda conn: _check_host(conn, vm_id, name),
                                                 what="checking an incoming VM")
         await self._check_cpu(root)
         if free < params["memory_bytes"]:
@@ -1157,12 +1158,14 @@ def _without_dynamic_labels(root: etree._Element) -> etree._Element:
     return copy
 
 
-def _check_host(conn: Connection, vm_id: str) -> int:
-    """No VM of that UUID here; the free memory."""
-    with contextlib.suppress(NotFound):
-        vmops.lookup(conn, vm_id)
-        raise FailedPrecondition(f"VM {vm_id} exists on this host already",
-                                 reason="vm_exists", object="vm", id=vm_id)
+def _check_host(conn: Connection, vm_id: str, name: str) -> int:
+    """No VM of that UUID or name here (libvirt would refuse the migration at its end);
+    the free memory."""
+    try:
+        vmops.check_unique(conn, name, vm_id)
+    except AlreadyExists as exc:
+        raise FailedPrecondition(f"{exc.message} on this host", reason="vm_exists",
+                                 object="vm", id=vm_id, clash=exc.reason) from None
     return conn.getFreeMemory()
 
 

@@ -162,6 +162,12 @@ async def test_a_destination_takes_one_migration_of_a_vm_at_a_time(
     error = await api.error("Migration.prepare", {**prepare, "memory_bytes": 64 << 30},
                             "FailedPrecondition", "insufficient_memory")
     assert error.data["need"] > error.data["free"]
+    # A VM of that name here already: libvirt would refuse at the end; refused now.
+    await api.create("incoming", start=False)
+    error = await api.error("Migration.prepare", prepare, "FailedPrecondition", "vm_exists")
+    assert error.data["clash"] == "name_taken"
+    await api.call("VM.undefine", {"vm_id": (await api.call("VM.list", {}))["vms"][0][
+        "vm_id"]})
     answer = await api.call("Migration.prepare", prepare)
     assert answer["host_uuid"] == HOST_ID
     # Recorded, so that a restart finds it.
