@@ -20,6 +20,10 @@ Variants:
 - ``dirty``: the ``noacpi`` guest that keeps rewriting 16 MiB of random data in its tmpfs
   (``cat`` of one file over another, forever): memory a live migration must send again
   and again, for tests of convergence, cancel and post-copy.
+- ``console``: the ``acpi`` guest with a root shell on its serial port (busybox ``getty``,
+  started again when it exits; prompt ``guest# ``) and the drivers of a CD-ROM on a
+  virtio-scsi controller (``/dev/sr0``) with the ISO 9660 filesystem: tests type commands
+  into the serial console, mount media and read the answers.
 
 Both print :data:`GUEST_READY` on the serial console once they are ready for the power
 button (after a reboot it appears again). They need TCG (``<domain type='qemu'>``): a Linux
@@ -58,7 +62,7 @@ from xml.sax.saxutils import escape, quoteattr
 GUEST_READY = "VIRTNODE-GUEST-READY"
 GUEST_POWEROFF = "VIRTNODE-GUEST-POWEROFF"
 GUEST_BROKEN = "VIRTNODE-GUEST-BROKEN"  # the guest could not get ready: no GUEST_READY
-VARIANTS = ("acpi", "noacpi", "writer", "dirty")
+VARIANTS = ("acpi", "noacpi", "writer", "dirty", "console")
 DEFAULT_CACHE = Path("/var/cache/virtnode-tests/guests")
 CACHE_ENV = "VIRTNODE_TEST_CACHE"
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
@@ -102,6 +106,27 @@ _DISK_MODULES = {
     "drivers/virtio/virtio_pci.ko": "CONFIG_VIRTIO_PCI",
     "drivers/block/virtio_blk.ko": "CONFIG_VIRTIO_BLK",
 }
+
+# What a CD-ROM on a virtio-scsi controller needs, in load order, with the kernel options
+# that may build them in instead (Debian's cloud kernel has no AHCI driver: no SATA).
+_MEDIA_MODULES = {
+    "drivers/virtio/virtio_ring.ko": "CONFIG_VIRTIO",
+    "drivers/virtio/virtio.ko": "CONFIG_VIRTIO",
+    "drivers/virtio/virtio_pci_legacy_dev.ko": "CONFIG_VIRTIO_PCI_LIB_LEGACY",
+    "drivers/virtio/virtio_pci_modern_dev.ko": "CONFIG_VIRTIO_PCI_LIB",
+    "drivers/virtio/virtio_pci.ko": "CONFIG_VIRTIO_PCI",
+    "drivers/scsi/scsi_common.ko": "CONFIG_SCSI_COMMON",
+    "drivers/scsi/scsi_mod.ko": "CONFIG_SCSI",
+    "drivers/scsi/virtio_scsi.ko": "CONFIG_SCSI_VIRTIO",
+    "drivers/cdrom/cdrom.ko": "CONFIG_CDROM",
+    "drivers/scsi/sr_mod.ko": "CONFIG_BLK_DEV_SR",
+    "fs/isofs/isofs.ko": "CONFIG_ISO9660_FS",
+}
+
+# A root shell on the serial port, started again whenever it exits: what a person types
+# into the serial console reaches it, and its answers come back the same way.
+_SHELL = """export PS1='guest# '
+( while :; do setsid getty -n -l /bin/sh -L 115200 ttyS0 vt100; done ) &"""
 
 # Write 4 MiB to the disk and read it back without the page cache, forever.
 _WRITER = """n=0
@@ -390,6 +415,7 @@ def _build(plan: _Plan, cache: Path) -> None:
         vmlinuz = shutil.copyfile(vmlinuz, work / "vmlinuz")
         modules = _modules(work / "kernel", release, _MODULES)
         disk_modules = _modules(work / "kernel", release, _DISK_MODULES)
+        media_modules = _modules(work / "kernel", release, _MEDIA_MODULES)
         busybox = (work / "busybox" / "bin" / "busybox").read_bytes()
         for variant in VARIANTS:
             final = cache / plan.key(variant)
@@ -399,7 +425,7 @@ def _build(plan: _Plan, cache: Path) -> None:
             out.mkdir()
             # One copy of the kernel per build, linked into each variant.
             os.link(vmlinuz, out / "vmlinuz")
-            extra = disk_modules if variant == "writer" else {}
+            extra = {"writer": disk_modules, "console": media_modules}.get(variant, {})
             (out / "initrd.gz").write_bytes(_initramfs(variant, busybox, {**modules, **extra}))
             (out / "image.json").write_text(json.dumps({
                 "variant": variant,
@@ -459,11 +485,14 @@ def _unzstd(path: Path) -> bytes:
 
 
 def _init_script(variant: str) -> str:
-    acpid = _ACPID if variant in ("acpi", "writer") else "# no acpid: the power button is ignored"
+    acpid = (_ACPID if variant in ("acpi", "writer", "console")
+             else "# no acpid: the power button is ignored")
     if variant == "writer":
         acpid += "\n" + _WRITER
     if variant == "dirty":
         acpid += "\n" + _DIRTIER
+    if variant == "console":
+        acpid += "\n" + _SHELL
     return (_INIT.replace("@ACPID@", acpid).replace("@READY@", GUEST_READY)
             .replace("@BROKEN@", GUEST_BROKEN).replace("@VARIANT@", variant))
 
@@ -479,7 +508,7 @@ def _initramfs(variant: str, busybox: bytes, modules: dict[str, bytes]) -> bytes
     archive.file("init", _init_script(variant).encode(), 0o755)
     for name, data in sorted(modules.items()):
         archive.file(f"lib/modules/{name}", data, 0o644)
-    if variant in ("acpi", "writer"):
+    if variant in ("acpi", "writer", "console"):
         archive.directory("etc/acpi")
         archive.directory("etc/acpi/PWRF")
         archive.file("etc/acpi/PWRF/00000080", _POWER_BUTTON.encode(), 0o755)
