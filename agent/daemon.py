@@ -95,13 +95,14 @@ class Agent:
                                             hypervisor_uri=config.hypervisor.uri,
                                             cancel_job=lambda job_id: self.jobs.cancel(
                                                 job_id, by="StorageDomain.delete"))
-        self.volumes = VolumeService(self.storage, self.jobs, self.bus, vm_disks)
+        self.volumes = VolumeService(self.storage, self.jobs, self.bus, vm_disks,
+                                     lambda: usage.all_vm_disks(self.hypervisor))
         self.vms = VmService(self.hypervisor, self.bus, config.vm, self.jobs,
                              lambda ref, readonly: self.volumes.resolve(ref, readonly=readonly),
                              networks=self.network.bridge_of,
                              storage_dirs=lambda: [str(d.layout.images_dir)
                                                    for d in self.storage.attached()],
-                             writers=self.volumes.core.writers)
+                             writers=self.volumes.core.writers, images=self.volumes)
         self._host_id = ""
         self.migrations = MigrationService(
             self.vms.core, self.bus, self.jobs, config.migration,

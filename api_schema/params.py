@@ -136,6 +136,13 @@ class StorageDomainGetInfoParams(TypedDict):
 StorageDomainListParams = TypedDict("StorageDomainListParams", {})
 
 
+class VmChangeMediaParams(TypedDict):
+    vm_id: str
+    drive: str
+    media: JsonObject | None
+    force: bool
+
+
 class VmCreateParams(TypedDict):
     spec: NotRequired[JsonObject]
     xml: NotRequired[str]
@@ -288,6 +295,7 @@ class VolumeGetInfoParams(TypedDict):
 class VolumeListParams(TypedDict):
     sd_id: str
     image_id: NotRequired[str]
+    content: NotRequired[Literal["disk", "iso"]]
 
 
 class VolumeMergeParams(TypedDict):

@@ -25,6 +25,7 @@ import os
 import re
 import stat
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -33,8 +34,12 @@ from virtnode.errors import FailedPrecondition, InvalidArgument
 from virtnode.util.files import atomic_write, make_dir
 from virtnode.util.jsontypes import JsonObject
 
-#: The layout version this agent writes and the newest it reads.
+#: The layout version this agent writes for domains and disk volumes; older agents read it.
 LAYOUT_VERSION = 1
+#: The newest volume layout version this agent reads. Version 2 adds a volume's ``content``: a
+#: volume is written as version 2 only when it holds something version 1 cannot say (an
+#: ISO image), so agents that know only version 1 refuse exactly those volumes.
+NEWEST_VERSION = 2
 DOM_MD = "dom_md"
 METADATA_FILE = "metadata.json"
 IMAGES = "images"
@@ -48,6 +53,7 @@ VolumeFormat = Literal["raw", "qcow2"]
 Allocation = Literal["sparse", "preallocated"]
 Role = Literal["leaf", "internal", "shared"]
 Legality = Literal["legal", "illegal"]
+Content = Literal["disk", "iso"]
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -107,8 +113,13 @@ def _field_ok(value: Any, hint: Any) -> bool:
     return value in choices
 
 
-def _parse(cls: type[Any], data: bytes, where: str) -> JsonObject:
-    """Decode ``data`` into the fields of ``cls``, refusing anything unexpected."""
+def _parse(cls: type[Any], data: bytes, where: str, newest: int = LAYOUT_VERSION,
+           since: Mapping[str, tuple[int, Any]] | None = None) -> JsonObject:
+    """Decode ``data`` into the fields of ``cls``, refusing anything unexpected.
+
+    ``since`` maps a field added by a later layout version to ``(that version, its value
+    in older files)``: an older file must not have it, and gets that value.
+    """
     if len(data) > MAX_METADATA_BYTES:
         raise MetadataError(f"{where}: larger than {MAX_METADATA_BYTES} bytes",
                             reason="metadata_corrupt")
@@ -121,12 +132,18 @@ def _parse(cls: type[Any], data: bytes, where: str) -> JsonObject:
     version = raw.get("version")
     if type(version) is not int or version < 1:
         raise MetadataError(f"{where}: no valid version", reason="metadata_corrupt")
-    if version > LAYOUT_VERSION:
+    if version > newest:
         raise MetadataError(
             f"{where}: layout version {version} was written by a newer virtnode (this one "
-            f"reads up to {LAYOUT_VERSION}); refusing to use it", reason="metadata_newer",
+            f"reads up to {newest}); refusing to use it", reason="metadata_newer",
             version=version)
     known = {f.name: f.type for f in fields(cls)}
+    for name, (added, old_value) in (since or {}).items():
+        if version < added:
+            if name in raw:
+                raise MetadataError(f"{where}: unknown field {name!r} in a version "
+                                    f"{version} file", reason="metadata_corrupt")
+            raw[name] = old_value
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise MetadataError(f"{where}: unknown field {unknown[0]!r}", reason="metadata_corrupt")
@@ -200,21 +217,30 @@ class VolumeMetadata:
     generation: int
     description: str
     ctime: float
+    #: ``disk`` (a VM's disk) or ``iso`` (an ISO image: raw, shared, attached read-only as
+    #: CD-ROM media). Layout version 2; version 1 files are disks.
+    content: Content = "disk"
 
     @classmethod
     def new(cls, format: VolumeFormat, allocation: Allocation, virtual_size: int, *,
-            parent: str | None, shared: bool, description: str) -> VolumeMetadata:
+            parent: str | None, shared: bool, description: str,
+            content: Content = "disk") -> VolumeMetadata:
         """A volume about to be made: ``illegal`` until its data is complete and durable,
-        a template (``shared``) or its image's leaf."""
-        return cls(version=LAYOUT_VERSION, format=format, allocation=allocation,
+        a template (``shared``) or its image's leaf. An ISO image is always ``shared``."""
+        return cls(version=_VOLUME_VERSIONS[content], format=format, allocation=allocation,
                    virtual_size=virtual_size, parent=parent,
-                   role="shared" if shared else "leaf", legality="illegal", generation=0,
-                   description=description, ctime=round(time.time(), 3))
+                   role="shared" if shared or content == "iso" else "leaf",
+                   legality="illegal", generation=0, description=description,
+                   ctime=round(time.time(), 3), content=content)
 
     @classmethod
     def parse(cls, data: bytes, where: str = "volume metadata") -> VolumeMetadata:
         """Parse the file's bytes; raises :class:`MetadataError`."""
-        raw = _parse(cls, data, where)
+        raw = _parse(cls, data, where, NEWEST_VERSION, since={"content": (2, "disk")})
+        if raw["content"] == "iso" and (raw["format"] != "raw" or raw["parent"] is not None
+                                        or raw["role"] != "shared"):
+            raise MetadataError(f"{where}: an ISO image is a raw, shared volume without a "
+                                "parent", reason="metadata_corrupt")
         parent = raw["parent"]
         if parent is not None and not _UUID.fullmatch(parent):
             raise MetadataError(f"{where}: parent is not a UUID", reason="metadata_corrupt")
@@ -223,12 +249,20 @@ class VolumeMetadata:
         return cls(**raw)
 
     def encode(self) -> bytes:
+        if self.version < 2:
+            data = asdict(self)
+            del data["content"]  # version 1 has no such field: older agents read it
+            return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
         return _encode(self)
 
     def to_api(self) -> JsonObject:
         data = asdict(self)
         del data["version"]
         return data
+
+
+#: The layout version a volume of each content is written as.
+_VOLUME_VERSIONS: dict[str, int] = {"disk": LAYOUT_VERSION, "iso": 2}
 
 
 # --- paths --------------------------------------------------------------------------------

@@ -42,3 +42,21 @@ async def running_vm_disks(hypervisor: Hypervisor) -> dict[str, list[str]]:
 
     domains = await hypervisor.call(read, what="listing the disks of running VMs")
     return {name: disk_sources(xml) for name, xml in domains}
+
+
+async def all_vm_disks(hypervisor: Hypervisor) -> dict[str, list[str]]:
+    """Disk paths of every VM libvirt knows, running or only defined, by VM name: a
+    running VM's live disks and, when it is persistent, those of its definition too (the
+    media its next start will use). Raises what ``Hypervisor.call`` raises."""
+
+    def read(conn: Connection) -> list[tuple[str, list[str]]]:
+        found = []
+        for dom in conn.listAllDomains(0):
+            xmls = [dom.XMLDesc(0)]
+            if dom.isActive() and dom.isPersistent():
+                xmls.append(dom.XMLDesc(vc.DOMAIN_XML_INACTIVE))
+            found.append((dom.name(), xmls))
+        return [(name, [p for xml in xmls for p in disk_sources(xml)]) for name, xmls in found]
+
+    domains = await hypervisor.call(read, what="listing the disks of VMs")
+    return dict(domains)

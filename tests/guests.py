@@ -22,8 +22,10 @@ Variants:
   and again, for tests of convergence, cancel and post-copy.
 - ``console``: the ``acpi`` guest with a root shell on its serial port (busybox ``getty``,
   started again when it exits; prompt ``guest# ``) and the drivers of a CD-ROM on a
-  virtio-scsi controller (``/dev/sr0``) with the ISO 9660 filesystem: tests type commands
-  into the serial console, mount media and read the answers.
+  virtio-scsi controller (``/dev/sr0``) with the ISO 9660 filesystem, and ``findlabel``,
+  which prints the device of an ISO image by its label: tests type commands into the
+  serial console, mount media (``mount -t iso9660 $(findlabel cidata) /mnt``) and read
+  the answers.
 
 Both print :data:`GUEST_READY` on the serial console once they are ready for the power
 button (after a reboot it appears again). They need TCG (``<domain type='qemu'>``): a Linux
@@ -125,7 +127,19 @@ _MEDIA_MODULES = {
 
 # A root shell on the serial port, started again whenever it exits: what a person types
 # into the serial console reaches it, and its answers come back the same way.
-_SHELL = """export PS1='guest# '
+# ``findlabel LABEL`` prints the device holding the ISO 9660 image labelled LABEL (what
+# ``blkid -L`` does; this busybox has no blkid and its findfs knows no ISO 9660).
+_SHELL = """cat > /bin/findlabel <<'END'
+#!/bin/sh
+for dev in /dev/sr* /dev/vd* /dev/sd*; do
+    [ -b "$dev" ] || continue
+    label=$(dd if="$dev" bs=1 skip=32808 count=32 2>/dev/null | tr -d ' ')
+    [ "$label" = "$1" ] && { echo "$dev"; exit 0; }
+done
+exit 1
+END
+chmod 755 /bin/findlabel
+export PS1='guest# '
 ( while :; do setsid getty -n -l /bin/sh -L 115200 ttyS0 vt100; done ) &"""
 
 # Write 4 MiB to the disk and read it back without the page cache, forever.

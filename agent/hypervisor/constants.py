@@ -37,6 +37,8 @@ ERR_INVALID_ARG = 8
 # Flags.
 DOMAIN_AFFECT_LIVE = 1
 DOMAIN_AFFECT_CONFIG = 2
+#: virDomainUpdateDeviceFlags: eject media even from a tray the guest has locked.
+DOMAIN_DEVICE_MODIFY_FORCE = 4
 DOMAIN_DEFINE_VALIDATE = 1
 DOMAIN_START_VALIDATE = 16
 DOMAIN_XML_SECURE = 1

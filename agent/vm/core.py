@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from lxml import etree
 
@@ -28,13 +28,14 @@ from virtnode.errors import (
 from virtnode.hypervisor.capabilities import parse_capabilities
 from virtnode.hypervisor.connection import Hypervisor
 from virtnode.hypervisor.handles import Connection, Domain
+from virtnode.storage.layout import Content
 from virtnode.util.aio import wait_event
 from virtnode.util.jsontypes import JsonObject
 from virtnode.vm import ops as vmops
 from virtnode.vm.locks import VmLocks
 from virtnode.vm.policy import Policy, check_device, check_domain
 from virtnode.vm.shutdown import STOPPED
-from virtnode.vm.spec import image_files, invalid, with_chain
+from virtnode.vm.spec import image_files, invalid, with_chain, with_media
 
 T = TypeVar("T")
 #: Resolves ``{sd_id, image_id, volume_id}`` (and whether the disk is read-only) to the
@@ -51,6 +52,17 @@ StorageDirs = Callable[[], Iterable[str]]
 Writers = Callable[[Sequence[str], str], contextlib.AbstractAsyncContextManager[None]]
 
 
+class Images(Protocol):
+    """The volumes the VM services make and remove themselves: cloud-init seeds
+    (:class:`~virtnode.storage.volumes.service.VolumeService`)."""
+
+    async def create_image(self, sd_id: str, data: bytes, *, content: Content,
+                           description: str, image_id: str, volume_id: str,
+                           method: str) -> JsonObject: ...
+
+    async def remove_image(self, sd_id: str, image_id: str, volume_id: str) -> None: ...
+
+
 class VmCore:
     """The hypervisor, the per-VM locks and the waits and checks both VM services use."""
 
@@ -58,8 +70,10 @@ class VmCore:
                  volumes: VolumeResolver | None = None, *,
                  networks: NetworkResolver | None = None,
                  storage_dirs: StorageDirs | None = None,
-                 writers: Writers | None = None) -> None:
+                 writers: Writers | None = None, images: Images | None = None) -> None:
         self._hv = hypervisor
+        #: Where cloud-init seeds are made, if this agent has volumes.
+        self.images = images
         self._config = config
         self._volumes = volumes
         self.writers: Writers = writers or (lambda _paths, _vm: contextlib.nullcontext())
@@ -204,6 +218,19 @@ class VmCore:
             raise Unavailable("volumes are not available", reason="no_volumes")
         chain = await self._volumes(raw["volume"], bool(raw.get("readonly", False)))
         return with_chain(raw, list(chain))
+
+    async def resolve_media(self, raw: JsonObject, field: str) -> JsonObject:
+        """A CD-ROM (or media) spec with ``volume`` rewritten as the volume's path; others
+        as given. Raises InvalidArgument for both path and volume, or a volume that is not
+        one raw image (``invalid_media``), and what resolving a volume raises."""
+        if "path" in raw and "volume" in raw:
+            raise invalid(field, "give path or volume, not both")
+        if "volume" not in raw:
+            return raw
+        if self._volumes is None:
+            raise Unavailable("volumes are not available", reason="no_volumes")
+        chain = await self._volumes(raw["volume"], True)
+        return with_media(raw, chain, field)
 
     def resolve_nic(self, raw: JsonObject, field: str) -> JsonObject:
         """A NIC spec on a managed network rewritten to that network's bridge."""

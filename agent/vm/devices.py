@@ -17,6 +17,7 @@ from collections.abc import Callable
 from lxml import etree
 
 from virtnode.api_schema.params import (
+    VmChangeMediaParams,
     VmHotplugDiskParams,
     VmHotplugNicParams,
     VmHotunplugDiskParams,
@@ -41,6 +42,9 @@ from virtnode.vm import ops as vmops
 from virtnode.vm.core import VmCore
 from virtnode.vm.spec import (
     DISK_BUSES,
+    Cdrom,
+    cdrom_element,
+    check_cdrom,
     check_disk,
     check_nic,
     disk_element,
@@ -84,6 +88,23 @@ def _device(root: etree._Element, xpath: str, what: str, key: str) -> tuple[str,
         alias.get("name", "") if alias is not None else "")
 
 
+def _with_media(drive: etree._Element, path: str | None) -> etree._Element:
+    """A copy of a CD-ROM's ``<disk>`` with ``path`` as its media (None: empty)."""
+    element = copy.deepcopy(drive)
+    for old in [*element.findall("source"), *element.findall("backingStore")]:
+        element.remove(old)
+    if path is not None:
+        driver = element.find("driver")
+        source = etree.Element("source", file=path)
+        if driver is not None:
+            driver.addnext(source)
+        else:
+            element.insert(0, source)
+    if element.find("readonly") is None:
+        etree.SubElement(element, "readonly")
+    return element
+
+
 class VmDeviceService:
     """``VM.hotplug*``, ``VM.hotunplug*``, ``VM.setTicket``, ``VM.setMemory``, ``VM.setVcpus``."""
 
@@ -112,6 +133,51 @@ class VmDeviceService:
 
         return {"target": await self._vms.mutate(vm_id, "VM.hotplugDisk", run,
                                                  writes=written_files(element))}
+
+    async def change_media(self, params: VmChangeMediaParams) -> JsonObject:
+        vm_id, drive, media = params["vm_id"], params["drive"], params["media"]
+        path = None
+        if media is not None:
+            resolved = await self._vms.resolve_media(media, "media")
+            if "path" not in resolved:
+                raise InvalidArgument("media: give path or volume, or null to eject",
+                                      reason="invalid_media", field="media")
+            checked = cdrom_element(Cdrom(check_cdrom(resolved, "media", "sda").path, "sata",
+                                          "sda", None))
+            field = f"media.{'volume' if 'volume' in media else 'path'}"
+            # The policy writes the path back resolved (no symbolic link on the way).
+            await self._vms.vet(checked, "media", lambda _where: field)
+            path = checked.find("source").get("file")  # type: ignore[union-attr]
+
+        def run(dom: Domain) -> None:
+            live = bool(dom.isActive())
+            root = parse_xml(dom.XMLDesc(0 if live else vc.DOMAIN_XML_INACTIVE),
+                             what="domain XML")
+            found = _elements(root, "devices/disk[target/@dev=$key]", key=drive)
+            if not found:
+                raise NotFound(f"the VM has no drive {drive}", reason="no_such_device",
+                               object="disk", id=drive)
+            if found[0].get("device") != "cdrom":
+                raise FailedPrecondition(f"{drive} is a {found[0].get('device', 'disk')}, not "
+                                         "a CD-ROM", reason="not_cdrom", object="disk", id=drive)
+            element = _with_media(found[0], path)
+            flags = ((vc.DOMAIN_AFFECT_LIVE if live else 0)
+                     | (vc.DOMAIN_AFFECT_CONFIG if dom.isPersistent() else 0)
+                     | (vc.DOMAIN_DEVICE_MODIFY_FORCE if params["force"] else 0))
+            dom.updateDeviceFlags(etree.tostring(element, encoding="unicode"), flags)
+
+        try:
+            await self._vms.mutate(vm_id, "VM.changeMedia", run)
+        except FailedPrecondition as exc:
+            if "tray" not in exc.message:
+                raise
+            # libvirt asks the guest to open the tray and waits; a guest that has the
+            # disc mounted keeps it locked.
+            raise FailedPrecondition(
+                f"the guest keeps the tray of {drive} locked (a mounted disc): unmount it in "
+                "the guest, or pass force", reason="tray_locked", object="disk",
+                id=drive) from None
+        return {"drive": drive, "path": path}
 
     async def hotunplug_disk(self, params: VmHotunplugDiskParams) -> JsonObject:
         xpath = "devices/disk[target/@dev=$key]"

@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TypeVar
 
 from lxml import etree
@@ -33,9 +34,11 @@ from virtnode.api_schema.params import (
 )
 from virtnode.config import VmConfig
 from virtnode.errors import (
+    ApiError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Unavailable,
 )
 from virtnode.events.bus import EventBus
 from virtnode.hypervisor import constants as vc
@@ -44,16 +47,25 @@ from virtnode.hypervisor.handles import Connection, Domain
 from virtnode.jobs.manager import JobHandle, JobKind, JobManager
 from virtnode.util.jsontypes import JsonObject
 from virtnode.util.safexml import parse_xml
+from virtnode.vm import cloudinit, pcieports
 from virtnode.vm import ops as vmops
-from virtnode.vm import pcieports
-from virtnode.vm.core import NetworkResolver, StorageDirs, VmCore, VolumeResolver, Writers
+from virtnode.vm.core import (
+    Images,
+    NetworkResolver,
+    StorageDirs,
+    VmCore,
+    VolumeResolver,
+    Writers,
+)
 from virtnode.vm.locks import VmLocks
 from virtnode.vm.shutdown import STOPPED, shutdown
 from virtnode.vm.spec import (
+    Spec,
     check_domain_xml,
     check_spec,
     domain_xml,
     read_metadata,
+    seed_element,
     spec_field,
     written_files,
 )
@@ -113,10 +125,10 @@ class VmService:
                  jobs: JobManager, volumes: VolumeResolver | None = None, *,
                  networks: NetworkResolver | None = None,
                  storage_dirs: StorageDirs | None = None,
-                 writers: Writers | None = None) -> None:
+                 writers: Writers | None = None, images: Images | None = None) -> None:
         #: What this service and the device service share; see :mod:`virtnode.vm.core`.
         self.core = core = VmCore(hypervisor, config, volumes, networks=networks,
-                                  storage_dirs=storage_dirs, writers=writers)
+                                  storage_dirs=storage_dirs, writers=writers, images=images)
         self._hv = hypervisor
         self._locks = core.locks
         self._bus = bus
@@ -265,18 +277,26 @@ class VmService:
                                   field="start")
         metadata = {"owner": "virtnode", "created": f"{time.time():.3f}",
                     "labels": dict(params.get("spec", {}).get("labels", {}))}
+        spec, seed = None, None
         if "spec" in params:
             raw = dict(params["spec"])
             if "disks" in raw:
                 raw["disks"] = [await self.core.resolve_disk(d) for d in raw["disks"]]
+            if "cdroms" in raw:
+                raw["cdroms"] = [await self.core.resolve_media(c, f"spec.cdroms.{i}")
+                                 for i, c in enumerate(raw["cdroms"])]
             if "nics" in raw:
                 raw["nics"] = [self.core.resolve_nic(n, f"spec.nics.{i}")
                                for i, n in enumerate(raw["nics"])]
             spec = check_spec(raw, await self.core.default_domain_type())
             name, vm_id = spec.name, spec.uuid
-            given = params["spec"].get("disks", [])
+            if spec.cloud_init is not None:
+                seed = self._seed_place(params["spec"], persistent)
+                metadata["seed"] = "/".join(seed)
+            given = params["spec"]
             root = parse_xml(domain_xml(spec, metadata))
-            await self.core.vet(root, "xml", lambda field: spec_field(field, given))
+            await self.core.vet(root, "xml", lambda field: spec_field(
+                field, given.get("disks", []), given.get("cdroms", [])))
         else:
             name, vm_id, xml = check_domain_xml(params["xml"], metadata)
             root = parse_xml(xml, what="domain XML")
@@ -284,13 +304,18 @@ class VmService:
         spare = self._config.hotplug_ports if pcieports.manages_ports(root) else None
         if spare is not None:
             pcieports.add_ports(root, spare)
-        xml = etree.tostring(root, encoding="unicode")
         # Hold the name and the uuid (in that order, as every create does) so that two
         # creates of one name cannot both pass the uniqueness check; others run in parallel.
         async with (self._locks.hold(f"name:{name}", "VM.create"),
                     self._locks.hold(vm_id, "VM.create")):
             await self._hv.call(lambda conn: vmops.check_unique(conn, name, vm_id),
                                 what="checking the VM name")
+            if spec is not None and seed is not None:
+                path = await self._make_seed(spec, seed)
+                devices = root.find("devices")
+                assert devices is not None
+                devices.append(seed_element(spec, path))
+            xml = etree.tostring(root, encoding="unicode")
 
             def make(conn: Connection) -> str:
                 dom = vmops.create(conn, xml, persistent=persistent, start=start,
@@ -299,9 +324,53 @@ class VmService:
                     vmops.mark_started(dom, metadata)
                 return vmops.state_of(dom)[0]
 
-            async with self.core.writers(written_files(root) if start else (), vm_id):
-                state = await self._hv.call(make, what=f"creating VM {name}")
+            try:
+                async with self.core.writers(written_files(root) if start else (), vm_id):
+                    state = await self._hv.call(make, what=f"creating VM {name}")
+            except BaseException:
+                if seed is not None:
+                    await self._remove_seed(seed, vm_id)
+                raise
         return {"vm_id": vm_id, "name": name, "state": state}
+
+    def _seed_place(self, spec: JsonObject, persistent: bool) -> tuple[str, str, str]:
+        """``(sd_id, image_id, volume_id)`` for a new VM's cloud-init seed: in the storage
+        domain named, or that of its first disk given as a volume."""
+        if self.core.images is None:
+            raise Unavailable("volumes are not available", reason="no_volumes")
+        if not persistent:
+            raise InvalidArgument(
+                "spec.cloud_init: a transient VM cannot have cloud-init (its seed is removed "
+                "with the VM, which a transient VM never is)", reason="invalid_cloud_init",
+                field="spec.cloud_init")
+        sd_id = spec["cloud_init"].get("sd_id") or next(
+            (d["volume"]["sd_id"] for d in spec.get("disks", []) if "volume" in d), None)
+        if sd_id is None:
+            raise InvalidArgument(
+                "spec.cloud_init.sd_id: the seed needs a storage domain: give sd_id, or a "
+                "disk from a volume", reason="invalid_cloud_init", field="spec.cloud_init.sd_id")
+        return str(sd_id), str(uuid.uuid4()), str(uuid.uuid4())
+
+    async def _make_seed(self, spec: Spec, seed: tuple[str, str, str]) -> str:
+        """Build the NoCloud seed of ``spec`` into a new ISO volume; returns its path."""
+        assert spec.cloud_init is not None and self.core.images is not None
+        data = await asyncio.to_thread(cloudinit.seed_image, spec.cloud_init)
+        sd_id, image_id, volume_id = seed
+        volume = await self.core.images.create_image(
+            sd_id, data, content="iso", description=f"cloud-init seed of VM {spec.name} "
+            f"({spec.uuid})", image_id=image_id, volume_id=volume_id, method="VM.create")
+        return str(volume["path"])
+
+    async def _remove_seed(self, seed: Sequence[str], vm_id: str) -> None:
+        """Remove a VM's cloud-init seed; a failure is logged (the seed stays, an ISO
+        volume its description names), never raised over what the caller was doing."""
+        if self.core.images is None or len(seed) != 3:
+            return
+        try:
+            await self.core.images.remove_image(*seed)
+        except ApiError as exc:
+            log.warning("the cloud-init seed %s of VM %s stays: %s", "/".join(seed), vm_id,
+                        exc.message)
 
     async def start_vm(self, params: VmStartParams) -> JsonObject:
         vm_id = params["vm_id"]
@@ -367,7 +436,9 @@ class VmService:
     async def undefine(self, params: VmUndefineParams) -> JsonObject:
         vm_id, force = params["vm_id"], params["force"]
 
-        def run(dom: Domain) -> None:
+        def run(dom: Domain) -> str:
+            seed = str((read_metadata(dom.XMLDesc(vc.DOMAIN_XML_INACTIVE)) or {})
+                       .get("seed", ""))
             state, _ = vmops.state_of(dom)
             if state not in ("shutoff", "defined", "crashed"):
                 if not force:
@@ -377,10 +448,13 @@ class VmService:
                 persistent = dom.isPersistent()
                 dom.destroy()
                 if not persistent:
-                    return  # a transient VM is gone once destroyed
+                    return seed  # a transient VM is gone once destroyed
             vmops.undefine(dom)
+            return seed
 
-        await self.core.mutate(vm_id, "VM.undefine", run)
+        seed = await self.core.mutate(vm_id, "VM.undefine", run)
+        if seed:
+            await self._remove_seed(seed.split("/"), vm_id)
         return {}
 
     async def shutdown(self, params: VmShutdownParams) -> JsonObject:

@@ -21,6 +21,7 @@ from lxml import etree
 from virtnode.errors import InvalidArgument
 from virtnode.util.jsontypes import JsonObject
 from virtnode.util.safexml import parse_xml
+from virtnode.vm.cloudinit import CloudInit, check_cloud_init
 
 #: The XML namespace of the agent's metadata inside a domain.
 NAMESPACE = "https://virtnode.dev/xmlns/vm/1"
@@ -39,6 +40,7 @@ NOT_XML_RE = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]"
 DOMAIN_TYPES = ("kvm", "qemu", "test")
 MACHINES = re.compile(r"^(pc|q35|pc-i440fx-[0-9.]+|pc-q35-[0-9.]+)\Z")
 DISK_BUSES = {"virtio": "vd", "sata": "sd", "scsi": "sd", "ide": "hd"}
+CDROM_BUSES = ("sata", "scsi", "ide")
 DISK_FORMATS = ("raw", "qcow2")
 NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139")
 GRAPHICS = ("vnc", "spice")
@@ -98,6 +100,16 @@ class Disk:
 
 
 @dataclass(frozen=True)
+class Cdrom:
+    """A CD-ROM drive; ``path`` is its media, None for an empty drive."""
+
+    path: str | None
+    bus: str
+    target: str
+    boot_order: int | None
+
+
+@dataclass(frozen=True)
 class Nic:
     source_type: str  # "bridge" or "network"
     source: str
@@ -105,9 +117,7 @@ class Nic:
     mac: str | None
 
 
-def check_disk(raw: Mapping[str, Any], field: str, target: str | None = None) -> Disk:
-    """Check one disk of a spec; ``target`` is the device name to use if none is given."""
-    bus = _choice(raw.get("bus", "virtio"), DISK_BUSES, f"{field}.bus")
+def _target(raw: Mapping[str, Any], bus: str, field: str, target: str | None) -> str:
     given = raw.get("target")
     if given is not None and (not TARGET_RE.match(given) or
                               not given.startswith(DISK_BUSES[bus])):
@@ -116,7 +126,18 @@ def check_disk(raw: Mapping[str, Any], field: str, target: str | None = None) ->
     name = given or target
     if name is None:
         raise invalid(f"{field}.target", "is required")
+    return str(name)
+
+
+def _boot_order(raw: Mapping[str, Any], field: str) -> int | None:
     boot = raw.get("boot_order")
+    return None if boot is None else _int_range(boot, 1, 64, f"{field}.boot_order")
+
+
+def check_disk(raw: Mapping[str, Any], field: str, target: str | None = None) -> Disk:
+    """Check one disk of a spec; ``target`` is the device name to use if none is given."""
+    bus = _choice(raw.get("bus", "virtio"), DISK_BUSES, f"{field}.bus")
+    name = _target(raw, bus, field, target)
     backing = tuple((_check_path(p, f"{field}.volume"), _choice(f, DISK_FORMATS, f"{field}.volume"))
                     for p, f in raw.get(CHAIN_KEY, ()))
     if "volume" in raw:
@@ -127,9 +148,37 @@ def check_disk(raw: Mapping[str, Any], field: str, target: str | None = None) ->
         bus=bus,
         target=name,
         readonly=bool(raw.get("readonly", False)),
-        boot_order=None if boot is None else _int_range(boot, 1, 64, f"{field}.boot_order"),
+        boot_order=_boot_order(raw, f"{field}"),
         backing=backing,
     )
+
+
+def check_cdrom(raw: Mapping[str, Any], field: str, target: str | None = None) -> Cdrom:
+    """Check one CD-ROM drive of a spec (media given as a volume must have been resolved
+    to its path first, :func:`with_media`)."""
+    bus = _choice(raw.get("bus", "sata"), CDROM_BUSES, f"{field}.bus")
+    if "volume" in raw:
+        raise invalid(f"{field}.volume", "must be resolved to a path first")
+    path = raw.get("path")
+    return Cdrom(
+        path=None if path is None else _check_path(path, f"{field}.path"),
+        bus=bus,
+        target=_target(raw, bus, field, target),
+        boot_order=_boot_order(raw, field),
+    )
+
+
+def with_media(raw: Mapping[str, Any], chain: Sequence[tuple[str, str]],
+               field: str) -> dict[str, Any]:
+    """A CD-ROM (or media) given as ``{"volume": ...}`` rewritten with the volume's path:
+    media is one raw image, never a chain."""
+    if len(chain) != 1 or chain[0][1] != "raw":
+        raise InvalidArgument(f"{field}.volume: CD-ROM media is a raw image without "
+                              "layers (an ISO image)", reason="invalid_media",
+                              field=f"{field}.volume")
+    media = {k: v for k, v in raw.items() if k != "volume"}
+    media["path"] = chain[0][0]
+    return media
 
 
 #: Where a disk resolved from a volume carries its backing chain. Not in the API schema,
@@ -207,6 +256,7 @@ class Spec:
     machine: str
     firmware: str
     disks: tuple[Disk, ...]
+    cdroms: tuple[Cdrom, ...]
     nics: tuple[Nic, ...]
     graphics: str | None
     serial: bool
@@ -215,6 +265,7 @@ class Spec:
     initrd: str | None
     cmdline: str | None
     labels: Mapping[str, str]
+    cloud_init: CloudInit | None = None
 
 
 def check_spec(raw: Mapping[str, Any], default_domain_type: str) -> Spec:
@@ -239,10 +290,20 @@ def check_spec(raw: Mapping[str, Any], default_domain_type: str) -> Spec:
     if not MACHINES.match(machine):
         raise invalid("spec.machine", f"{machine!r} is not pc, q35 or a versioned variant")
     disks_raw = list(raw.get("disks", []))
-    targets = _targets(disks_raw)
+    cdroms_raw = [{"bus": "sata", **c} for c in raw.get("cdroms", [])]
+    seed_raw = raw.get("cloud_init")
+    seed_bus = "sata"
+    if seed_raw is not None:
+        seed_bus = _choice(seed_raw.get("bus", cdroms_raw[0]["bus"] if cdroms_raw else "sata"),
+                           CDROM_BUSES, "spec.cloud_init.bus")
+    # The seed's drive gets a name too (the last), so that no other device takes it.
+    targets = _targets([*disks_raw, *cdroms_raw, *([{"bus": seed_bus}] if seed_raw else [])])
     disks = tuple(check_disk(d, f"spec.disks.{i}", targets[i]) for i, d in enumerate(disks_raw))
-    if len({d.target for d in disks}) != len(disks):
-        raise invalid("spec.disks", "two disks have the same target")
+    cdroms = tuple(check_cdrom(c, f"spec.cdroms.{i}", targets[len(disks) + i])
+                   for i, c in enumerate(cdroms_raw))
+    drives: tuple[Disk | Cdrom, ...] = (*disks, *cdroms)
+    if len({d.target for d in drives}) != len(drives):
+        raise invalid("spec.disks", "two disks or CD-ROMs have the same target")
     nics = tuple(check_nic(n, f"spec.nics.{i}") for i, n in enumerate(raw.get("nics", [])))
     macs = [n.mac for n in nics if n.mac]
     if len(set(macs)) != len(macs):
@@ -258,11 +319,15 @@ def check_spec(raw: Mapping[str, Any], default_domain_type: str) -> Spec:
     kernel = raw.get("kernel")
     if kernel is None and (raw.get("initrd") is not None or raw.get("cmdline") is not None):
         raise invalid("spec.kernel", "initrd and cmdline need a kernel")
-    orders = [d.boot_order for d in disks if d.boot_order is not None]
+    orders = [d.boot_order for d in drives if d.boot_order is not None]
     if len(set(orders)) != len(orders):
-        raise invalid("spec.disks", "two disks have the same boot_order")
+        raise invalid("spec.disks", "two disks or CD-ROMs have the same boot_order")
     if orders and "boot" in raw:
-        raise invalid("spec.boot", "give either boot or per-disk boot_order, not both")
+        raise invalid("spec.boot", "give either boot or per-device boot_order, not both")
+    cloud_init = None
+    if seed_raw is not None:
+        cloud_init = check_cloud_init(seed_raw, name, vm_uuid, bus=seed_bus,
+                                      target=targets[-1])
     return Spec(
         name=name,
         uuid=vm_uuid,
@@ -276,6 +341,7 @@ def check_spec(raw: Mapping[str, Any], default_domain_type: str) -> Spec:
         machine=machine,
         firmware=_choice(raw.get("firmware", "bios"), ("bios", "uefi"), "spec.firmware"),
         disks=disks,
+        cdroms=cdroms,
         nics=nics,
         graphics=None if graphics is None else _choice(graphics, GRAPHICS, "spec.graphics"),
         serial=bool(raw.get("serial", True)),
@@ -285,6 +351,7 @@ def check_spec(raw: Mapping[str, Any], default_domain_type: str) -> Spec:
         initrd=None if raw.get("initrd") is None else _check_path(raw["initrd"], "spec.initrd"),
         cmdline=None if raw.get("cmdline") is None else _text(raw["cmdline"], "spec.cmdline"),
         labels=labels,
+        cloud_init=cloud_init,
     )
 
 
@@ -320,6 +387,26 @@ def disk_element(disk: Disk) -> etree._Element:
     return element
 
 
+def cdrom_element(cdrom: Cdrom) -> etree._Element:
+    """The ``<disk device='cdrom'>`` element of a CD-ROM drive, empty or with media."""
+    element = etree.Element("disk", type="file", device="cdrom")
+    _sub(element, "driver", name="qemu", type="raw")
+    if cdrom.path is not None:
+        _sub(element, "source", file=cdrom.path)
+    _sub(element, "target", dev=cdrom.target, bus=cdrom.bus)
+    _sub(element, "readonly")
+    if cdrom.boot_order is not None:
+        _sub(element, "boot", order=str(cdrom.boot_order))
+    return element
+
+
+def seed_element(spec: Spec, path: str) -> etree._Element:
+    """The read-only CD-ROM drive of a spec's cloud-init seed at ``path``."""
+    assert spec.cloud_init is not None
+    return cdrom_element(Cdrom(path=path, bus=spec.cloud_init.bus,
+                               target=spec.cloud_init.target, boot_order=None))
+
+
 def nic_element(nic: Nic) -> etree._Element:
     """The ``<interface>`` element of a NIC on a bridge or a libvirt network."""
     element = etree.Element("interface", type=nic.source_type)
@@ -342,13 +429,15 @@ def _os(root: etree._Element, spec: Spec) -> None:
             _sub(os_el, "initrd", spec.initrd)
         if spec.cmdline:
             _sub(os_el, "cmdline", spec.cmdline)
-    if not any(d.boot_order for d in spec.disks):
+    drives: tuple[Disk | Cdrom, ...] = (*spec.disks, *spec.cdroms)
+    if not any(d.boot_order for d in drives):
         for dev in spec.boot:
             _sub(os_el, "boot", dev=dev)
 
 
 def domain_xml(spec: Spec, metadata: Mapping[str, Any]) -> str:
-    """Render a checked spec as libvirt domain XML with the agent's metadata."""
+    """Render a checked spec as libvirt domain XML with the agent's metadata. A
+    cloud-init seed's drive is added once the seed exists (:func:`seed_element`)."""
     root = etree.Element("domain", type=spec.domain_type)
     _sub(root, "name", spec.name)
     _sub(root, "uuid", spec.uuid)
@@ -371,6 +460,15 @@ def domain_xml(spec: Spec, metadata: Mapping[str, Any]) -> str:
     devices = _sub(root, "devices")
     for disk in spec.disks:
         devices.append(disk_element(disk))
+    for cdrom in spec.cdroms:
+        devices.append(cdrom_element(cdrom))
+    drives: tuple[Disk | Cdrom, ...] = (*spec.disks, *spec.cdroms)
+    buses = {d.bus for d in drives}
+    if spec.cloud_init is not None:
+        buses.add(spec.cloud_init.bus)
+    if "scsi" in buses:
+        # libvirt would pick an emulated LSI controller; virtio-scsi is what guests expect.
+        _sub(devices, "controller", type="scsi", index="0", model="virtio-scsi")
     for nic in spec.nics:
         devices.append(nic_element(nic))
     if spec.serial:
@@ -506,16 +604,22 @@ _DISK_FIELD = re.compile(r"^xml\.devices\.disk\[(\d+)\]")
 _OS_FIELDS = {"xml.os.kernel": "spec.kernel", "xml.os.initrd": "spec.initrd"}
 
 
-def spec_field(field: str, disks: Sequence[Mapping[str, Any]]) -> str:
+def spec_field(field: str, disks: Sequence[Mapping[str, Any]],
+               cdroms: Sequence[Mapping[str, Any]] = ()) -> str:
     """The spec field behind an element of the XML :func:`domain_xml` built: disks come
-    first among the devices, in the spec's order (``disks`` as the caller gave them)."""
+    first among the devices, then CD-ROMs, in the spec's order (as the caller gave them)."""
     if field in _OS_FIELDS:
         return _OS_FIELDS[field]
     found = _DISK_FIELD.match(field)
-    if found is None or int(found[1]) > len(disks):
+    if found is None:
         return field
     index = int(found[1]) - 1
-    return f"spec.disks.{index}.{'volume' if 'volume' in disks[index] else 'path'}"
+    if index < len(disks):
+        return f"spec.disks.{index}.{'volume' if 'volume' in disks[index] else 'path'}"
+    index -= len(disks)
+    if index < len(cdroms):
+        return f"spec.cdroms.{index}.{'volume' if 'volume' in cdroms[index] else 'path'}"
+    return field
 
 
 def disk_field(field: str, disk: Mapping[str, Any]) -> str:

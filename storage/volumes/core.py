@@ -45,11 +45,12 @@ class VolumeCore:
     """The volumes of the attached storage domains, below the API."""
 
     def __init__(self, domains: StorageDomainService, jobs: JobManager, bus: EventBus,
-                 vm_disks: VmDisks) -> None:
+                 vm_disks: VmDisks, all_vm_disks: VmDisks | None = None) -> None:
         self._domains = domains
         self._jobs = jobs
         self._bus = bus
         self._vm_disks = vm_disks
+        self._all_vm_disks = all_vm_disks or vm_disks
         #: Blocking storage work, in the storage I/O threads with their deadline.
         self.io = domains.io_call
         self._locks: dict[str, asyncio.Lock] = {}
@@ -154,12 +155,17 @@ class VolumeCore:
             for found in volumes:
                 self._busy.pop(found.volume_id, None)
 
-    async def check_unused(self, domain: Domain, volumes: Sequence[Listed]) -> None:
+    async def check_unused(self, domain: Domain, volumes: Sequence[Listed], *,
+                           defined: bool = False) -> None:
+        """Refuse (``in_use``) volumes a running VM uses; with ``defined``, also those a
+        VM that is only defined names (CD-ROM media: its next start needs it)."""
         paths = [str(domain.layout.volume_name(f.image_id, f.volume_id)) for f in volumes]
-        users = sorted(vm for vm, used in (await self._vm_disks()).items()
+        listed = await (self._all_vm_disks if defined else self._vm_disks)()
+        users = sorted(vm for vm, used in listed.items()
                        if any(usage.paths_under(used, p) for p in paths))
         if users:
-            raise FailedPrecondition(f"volume {volumes[0].volume_id} is used by running VMs: "
+            kind = "VMs" if defined else "running VMs"
+            raise FailedPrecondition(f"volume {volumes[0].volume_id} is used by {kind}: "
                                      f"{', '.join(users)}", reason="in_use", object="volume",
                                      id=volumes[0].volume_id, vms=users)
 

@@ -229,6 +229,15 @@ def update(layout: DomainLayout, found: V, **changes: object) -> V:
     return dataclasses.replace(found, metadata=metadata)
 
 
+def write_new_data(path: Path, data: bytes) -> None:
+    """Write a new volume's data file (which must not exist yet) and make it durable."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    sync_data(path)
+
+
 def sync_data(path: Path) -> None:
     """Make a volume's data durable: fsync the file, then its directory."""
     fsync_file(path)

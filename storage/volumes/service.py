@@ -37,13 +37,14 @@ from virtnode.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
 )
 from virtnode.events.bus import EventBus
 from virtnode.jobs.manager import JobManager
 from virtnode.storage import layout as lay
 from virtnode.storage.domains.service import Domain, StorageDomainService, VmDisks
 from virtnode.storage.images import qemuimg
-from virtnode.storage.layout import VolumeMetadata
+from virtnode.storage.layout import Content, VolumeMetadata
 from virtnode.storage.volumes import files as volfiles
 from virtnode.storage.volumes import jobs as volcopy
 from virtnode.storage.volumes.core import VolumeCore
@@ -63,10 +64,12 @@ class VolumeService:
     """The volumes of the attached storage domains."""
 
     def __init__(self, domains: StorageDomainService, jobs: JobManager, bus: EventBus,
-                 vm_disks: VmDisks) -> None:
+                 vm_disks: VmDisks, all_vm_disks: VmDisks | None = None) -> None:
+        """``vm_disks`` lists the disks of running VMs, ``all_vm_disks`` those of every
+        VM (defined ones too), which ISO images are checked against before deletion."""
         self._domains = domains
         #: What the service and its jobs share; the VM service holds volumes through it.
-        self.core = core = VolumeCore(domains, jobs, bus, vm_disks)
+        self.core = core = VolumeCore(domains, jobs, bus, vm_disks, all_vm_disks)
         self.io = core.io
         jobs.register(volcopy.COPY_JOB)
         jobs.register(volcopy.MERGE_JOB)
@@ -119,6 +122,9 @@ class VolumeService:
         except FileNotFoundError:
             raise NotFound(f"no image {image_id} in storage domain {domain.sd_id}",
                            reason="no_image", object="image", id=image_id) from None
+        content = params.get("content")
+        if content is not None:
+            volumes = [v for v in volumes if v.get("content") == content]
         return {"volumes": volumes}
 
     async def get_info(self, params: VolumeGetInfoParams) -> JsonObject:
@@ -226,12 +232,55 @@ class VolumeService:
                     f"volume {found.volume_id} has {len(kids)} child volume(s); delete or "
                     "merge them first", reason="has_children", object="volume",
                     id=found.volume_id, children=[k.volume_id for k in kids])
-            await self.core.check_unused(domain, [found])
+            await self.core.check_unused(domain, [found],
+                                         defined=found.metadata.content == "iso")
             found = await self.io(volfiles.update, domain.layout, found,
                                    legality="illegal", what="writing volume metadata")
             await self.core.discard(domain, found)
         self.core.publish(domain, found.image_id, found.volume_id, "deleted")
         return {}
+
+    async def create_image(self, sd_id: str, data: bytes, *, content: Content,
+                           description: str, image_id: str, volume_id: str,
+                           method: str) -> JsonObject:
+        """A new image of one raw volume holding ``data`` (an ISO image the agent made,
+        such as a cloud-init seed), shared and legal once its data is durable. Raises
+        NotFound for an unknown domain, AlreadyExists for a taken id, ResourceExhausted
+        (``no_space``)."""
+        domain = self._domains.domain(sd_id)
+        image_id = lay.check_uuid(image_id, "image_id")
+        volume_id = lay.check_uuid(volume_id, "volume_id")
+        async with domain.gate.shared(method), self.core.lock(domain):
+            free = await self.io(volfiles.free_bytes, domain.layout, what="reading free space")
+            if len(data) > free:
+                raise ResourceExhausted(f"the volume needs {len(data)} bytes; storage domain "
+                                        f"{domain.sd_id} has {free} free", reason="no_space",
+                                        need=len(data), free=free)
+            metadata = VolumeMetadata.new("raw", "sparse", len(data), parent=None,
+                                          shared=True, description=description,
+                                          content=content)
+            try:
+                found = await self.io(volfiles.start_new, domain.layout, image_id,
+                                       volume_id, metadata, new_image=True,
+                                       what="writing volume metadata")
+            except FileExistsError:
+                raise AlreadyExists(f"image {image_id} exists", reason="image_exists",
+                                    object="image", id=image_id) from None
+            try:
+                await self.io(volfiles.write_new_data, found.path, data,
+                               what="writing the volume")
+                found = await self.io(volfiles.update, domain.layout, found,
+                                       legality="legal", what="writing volume metadata")
+            except BaseException:
+                await self.core.discard(domain, found)
+                raise
+        self.core.publish(domain, image_id, volume_id, "created")
+        return volume_api(domain, found)
+
+    async def remove_image(self, sd_id: str, image_id: str, volume_id: str) -> None:
+        """Delete a volume the agent made with :meth:`create_image`, as ``Volume.delete``
+        would (refused while a VM still names it)."""
+        await self.delete({"sd_id": sd_id, "image_id": image_id, "volume_id": volume_id})
 
     async def resize(self, params: VolumeResizeParams) -> JsonObject:
         size = params["size"]

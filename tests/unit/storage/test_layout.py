@@ -236,6 +236,36 @@ def test_volume_metadata_helpers(domain: DomainLayout) -> None:
     assert "version" not in volume_meta().to_api()
 
 
+def test_disk_volumes_stay_version_1_and_iso_images_are_version_2() -> None:
+    disk = VolumeMetadata.new("qcow2", "sparse", 1 << 20, parent=None, shared=False,
+                              description="")
+    written = json.loads(disk.encode())
+    assert written["version"] == 1 and "content" not in written
+    assert VolumeMetadata.parse(disk.encode()) == disk and disk.content == "disk"
+    iso = VolumeMetadata.new("raw", "sparse", 1 << 20, parent=None, shared=False,
+                             description="installer", content="iso")
+    written = json.loads(iso.encode())
+    assert written["version"] == 2 and written["content"] == "iso"
+    assert iso.role == "shared"  # many VMs may use it
+    assert VolumeMetadata.parse(iso.encode()) == iso
+    assert iso.to_api()["content"] == "iso"
+
+
+@pytest.mark.parametrize("change", [
+    {"content": "disk"},  # version 1 has no such field
+    {"version": 2, "content": "iso", "format": "qcow2"},
+    {"version": 2, "content": "iso", "role": "leaf"},
+    {"version": 2, "content": "iso", "parent": IMG},
+    {"version": 2, "content": "floppy"},
+    {"version": 2},  # version 2 names its content
+])
+def test_content_is_parsed_strictly(change: dict[str, object]) -> None:
+    raw = {**json.loads(volume_meta(role="shared", format="raw").encode()), **change}
+    with pytest.raises(MetadataError) as err:
+        VolumeMetadata.parse(json.dumps(raw).encode())
+    assert err.value.reason == "metadata_corrupt"
+
+
 @pytest.mark.parametrize(("change", "reason"), [
     ({"format": "vmdk"}, "metadata_corrupt"),
     ({"legality": "maybe"}, "metadata_corrupt"),

@@ -396,3 +396,75 @@ async def test_set_vcpus_above_the_maximum_is_refused(api: InProcessAgent) -> No
     for bad in (0, 257):
         await api.error("VM.setVcpus", {"vm_id": vm_id, "vcpus": bad}, "InvalidParams")
     await api.error("VM.setVcpus", {"vm_id": UNKNOWN, "vcpus": 2}, "NotFound", "not_found")
+
+
+# --- VM.changeMedia --------------------------------------------------------------------------
+
+
+@pytest.mark.covers("VM.changeMedia")
+async def test_change_media_inserts_and_ejects_live_and_in_the_definition(
+        api: InProcessAgent, monkeypatch: pytest.MonkeyPatch) -> None:
+    iso = api.image("installer.iso")
+    link = api.images / "installer-link.iso"
+    os.symlink(iso, link)
+    vm_id = await running_vm(api, cdroms=[{"bus": "sata"}])
+    calls = api.record_domain_calls(monkeypatch)
+    # Media changes (the tray, the guest seeing it, the definition): QEMU only.
+    await unimplemented(api, "VM.changeMedia", {"vm_id": vm_id, "drive": "sda",
+                                                "media": {"path": str(link)}})
+    drive, flags = sent(calls, "updateDeviceFlags")
+    assert flags == LIVE | CONFIG, "a persistent VM's definition gets the media too"
+    assert drive.get("device") == "cdrom"
+    assert drive.find("target").attrib == {"dev": "sda", "bus": "sata"}
+    assert drive.find("source").get("file") == iso, "the path as checked, not the link"
+    assert drive.find("readonly") is not None
+    calls = api.record_domain_calls(monkeypatch)
+    await unimplemented(api, "VM.changeMedia", {"vm_id": vm_id, "drive": "sda",
+                                                "media": None, "force": True})
+    drive, flags = sent(calls, "updateDeviceFlags")
+    assert drive.find("source") is None, "ejected: no media"
+    assert flags == LIVE | CONFIG | vc.DOMAIN_DEVICE_MODIFY_FORCE
+
+
+@pytest.mark.covers("VM.changeMedia")
+async def test_change_media_of_a_stopped_vm_changes_its_definition(
+        api: InProcessAgent, monkeypatch: pytest.MonkeyPatch) -> None:
+    iso = api.image("installer.iso")
+    vm_id = await api.create("off", start=False, cdroms=[{"bus": "ide"}])
+    calls = api.record_domain_calls(monkeypatch)
+    await unimplemented(api, "VM.changeMedia", {"vm_id": vm_id, "drive": "hda",
+                                                "media": {"path": iso}})
+    drive, flags = sent(calls, "updateDeviceFlags")
+    assert flags == CONFIG
+    assert drive.find("target").attrib == {"dev": "hda", "bus": "ide"}
+    assert drive.find("source").get("file") == iso
+
+
+@pytest.mark.covers("VM.changeMedia")
+@pytest.mark.parametrize(("drive", "media", "refusal"), [
+    ("sda", {"path": "/etc/shadow"}, ("PermissionDenied", "path_not_allowed", "media.path")),
+    ("sda", {"path": "relative.iso"}, ("InvalidArgument", "invalid_spec", "media.path")),
+    ("sda", {"path": "{images}/missing.iso"}, ("NotFound", "no_such_file", None)),
+    ("sda", {}, ("InvalidArgument", "invalid_media", "media")),
+    ("sda", {"path": "{images}/cd.iso", "volume": {"sd_id": UNKNOWN, "image_id": UNKNOWN,
+                                                   "volume_id": UNKNOWN}},
+     ("InvalidArgument", "invalid_spec", "media")),
+    ("vda", {"path": "{images}/cd.iso"}, ("FailedPrecondition", "not_cdrom", None)),
+    ("sdq", {"path": "{images}/cd.iso"}, ("NotFound", "no_such_device", None)),
+    ("sda", {"volume": {"sd_id": UNKNOWN, "image_id": UNKNOWN, "volume_id": UNKNOWN}},
+     ("Unavailable", "no_volumes", None)),
+])
+async def test_a_refused_media_change_does_not_reach_libvirt(
+        api: InProcessAgent, monkeypatch: pytest.MonkeyPatch, drive: str,
+        media: dict[str, object], refusal: tuple[str, str, str | None]) -> None:
+    name, reason, field = refusal
+    api.image("cd.iso")
+    vm_id = await running_vm(api, cdroms=[{}])
+    calls = api.record_domain_calls(monkeypatch)
+    given = {k: v.format(images=api.images) if isinstance(v, str) else v
+             for k, v in media.items()}
+    error = await api.error("VM.changeMedia", {"vm_id": vm_id, "drive": drive,
+                                               "media": given}, name, reason)
+    if field is not None:
+        assert error.data["field"] == field, error.error
+    assert calls.of("updateDeviceFlags") == []

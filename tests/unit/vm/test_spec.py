@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import time
 import uuid
 from collections.abc import Iterator
@@ -10,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
+import pycdlib
 import pytest
+import yaml
 from lxml import etree
 
 from tests.conftest import missing
 from virtnode.errors import InvalidArgument
 from virtnode.util import safexml as xmlutil
+from virtnode.vm.cloudinit import seed_image
 from virtnode.vm.spec import (
     NAMESPACE,
     check_domain_xml,
@@ -25,6 +29,8 @@ from virtnode.vm.spec import (
     metadata_body,
     read_metadata,
     read_metadata_body,
+    seed_element,
+    with_media,
 )
 
 NS = {"v": NAMESPACE}
@@ -806,3 +812,145 @@ def test_disk_field_of_a_refused_element() -> None:
 
     assert disk_field("disk.source", {"path": "/a"}) == "disk.path"
     assert disk_field("disk.backingStore.source", {"volume": {}}) == "disk.volume"
+
+
+# --- CD-ROMs -------------------------------------------------------------------------------
+
+def test_cdroms_empty_or_with_media_are_read_only_raw_drives() -> None:
+    root = render({"name": "vm1", "cdroms": [{"path": "/isos/debian.iso", "boot_order": 1},
+                                             {}]})
+    first, empty = root.findall("devices/disk")
+    assert first.get("device") == "cdrom" and empty.get("device") == "cdrom"
+    assert first.find("source").get("file") == "/isos/debian.iso"
+    assert first.find("driver").get("type") == "raw"
+    assert first.find("readonly") is not None and empty.find("readonly") is not None
+    assert empty.find("source") is None, "an empty drive has no media"
+    assert first.find("target").attrib == {"dev": "sda", "bus": "sata"}
+    assert empty.find("target").attrib == {"dev": "sdb", "bus": "sata"}
+    assert first.find("boot").get("order") == "1"
+    assert root.find("os/boot") is None, "per-device boot order replaces os/boot"
+
+
+def test_cdroms_and_disks_share_device_names() -> None:
+    root = render({"name": "vm1", "disks": [{"path": "/a", "bus": "sata"}],
+                   "cdroms": [{"path": "/b.iso"}, {"bus": "ide"}]})
+    targets = [t.attrib for t in root.iterfind("devices/disk/target")]
+    assert targets == [{"dev": "sda", "bus": "sata"}, {"dev": "sdb", "bus": "sata"},
+                       {"dev": "hda", "bus": "ide"}]
+
+
+def test_a_scsi_drive_gets_a_virtio_scsi_controller() -> None:
+    assert render({"name": "vm1", "cdroms": [{"bus": "sata"}]}).find(
+        "devices/controller[@type='scsi']") is None
+    root = render({"name": "vm1", "cdroms": [{"path": "/b.iso", "bus": "scsi"}]})
+    [controller] = root.findall("devices/controller[@type='scsi']")
+    assert controller.get("model") == "virtio-scsi"
+
+
+@pytest.mark.parametrize(("spec", "field"), [
+    ({"cdroms": [{"bus": "virtio"}]}, "spec.cdroms.0.bus"),
+    ({"cdroms": [{"path": "relative.iso"}]}, "spec.cdroms.0.path"),
+    ({"cdroms": [{"path": "/a/../etc/shadow"}]}, "spec.cdroms.0.path"),
+    ({"cdroms": [{"target": "vda"}]}, "spec.cdroms.0.target"),
+    ({"cdroms": [{"volume": {}}]}, "spec.cdroms.0.volume"),
+    ({"disks": [{"path": "/a", "bus": "sata", "target": "sda"}],
+      "cdroms": [{"target": "sda"}]}, "spec.disks"),
+    ({"disks": [{"path": "/a", "boot_order": 1}], "cdroms": [{"boot_order": 1}]},
+     "spec.disks"),
+    ({"boot": ["cdrom"], "cdroms": [{"boot_order": 1}]}, "spec.boot"),
+    ({"cdroms": [{"boot_order": 0}]}, "spec.cdroms.0.boot_order"),
+])
+def test_bad_cdroms_name_the_field(spec: dict[str, Any], field: str) -> None:
+    assert rejected({"name": "vm1", **spec}).details["field"] == field
+
+
+def test_cdrom_media_from_a_volume_is_one_raw_image() -> None:
+    assert with_media({"volume": {}, "bus": "scsi"}, [("/sd/iso", "raw")],
+                      "spec.cdroms.0") == {"path": "/sd/iso", "bus": "scsi"}
+    for chain in ([("/sd/top", "qcow2")], [("/sd/top", "raw"), ("/sd/base", "raw")]):
+        with pytest.raises(InvalidArgument) as caught:
+            with_media({"volume": {}}, chain, "spec.cdroms.0")
+        assert caught.value.reason == "invalid_media"
+        assert caught.value.details["field"] == "spec.cdroms.0.volume"
+
+
+def test_cdroms_pass_libvirts_schema() -> None:
+    if not Path("/usr/share/libvirt/schemas/domain.rng").exists():
+        missing("libvirt's RNG schemas are not installed")
+    spec = check_spec({"name": f"vmspec-{uuid.uuid4().hex[:8]}", "domain_type": "test",
+                       "cdroms": [{"path": "/isos/a.iso", "bus": "scsi", "boot_order": 1},
+                                  {"bus": "sata"}],
+                       "disks": [{"path": "/a.img", "boot_order": 2}]}, "kvm")
+    conn = libvirt.open("test:///default")
+    try:
+        dom = conn.defineXMLFlags(domain_xml(spec, METADATA),
+                                  libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+        dom.undefine()
+    finally:
+        conn.close()
+
+
+# --- cloud-init ----------------------------------------------------------------------------
+
+USER_DATA = "#cloud-config\npassword: secret\nruncmd:\n  - [touch, /tmp/done]\n"
+
+
+def test_cloud_init_gets_a_drive_after_every_other_and_its_meta_data() -> None:
+    spec = check_spec({"name": "web1", "uuid": "6c0f7c5e-0a8e-4b8a-9a51-0f4b3c1e2d10",
+                       "cdroms": [{"path": "/i.iso", "bus": "scsi"}],
+                       "cloud_init": {"user_data": USER_DATA,
+                                      "meta_data": {"local-hostname": "web"},
+                                      "network_config": {"version": 2, "ethernets": {}}}},
+                      "kvm")
+    seed = spec.cloud_init
+    assert seed is not None
+    assert (seed.bus, seed.target) == ("scsi", "sdb"), "the first CD-ROM's bus, next name"
+    assert seed.user_data == USER_DATA, "user data goes into the seed as given"
+    assert yaml.safe_load(seed.meta_data) == {
+        "instance-id": "6c0f7c5e-0a8e-4b8a-9a51-0f4b3c1e2d10", "local-hostname": "web"}
+    assert yaml.safe_load(seed.network_config or "") == {"version": 2, "ethernets": {}}
+    drive = seed_element(spec, "/sd/seed")
+    assert drive.find("source").get("file") == "/sd/seed"
+    assert drive.find("target").attrib == {"dev": "sdb", "bus": "scsi"}
+    assert drive.find("readonly") is not None
+
+
+@pytest.mark.parametrize(("cloud_init", "field", "says"), [
+    ({"user_data": "hello"}, "spec.cloud_init.user_data", "#cloud-config"),
+    ({"user_data": "#cloud-config\nruncmd: [a\n"}, "spec.cloud_init.user_data", "line 3"),
+    ({"user_data": "#cloud-config\n- a\n- b\n"}, "spec.cloud_init.user_data", "mapping"),
+    ({"user_data": "#cloud-config\na: !!python/object:os.system x\n"},
+     "spec.cloud_init.user_data", "python/object"),
+    ({"user_data": "#!/bin/sh\n", "meta_data": {"instance-id": 5}},
+     "spec.cloud_init.meta_data.instance-id", "string"),
+    ({"user_data": "#!/bin/sh\n", "network_config": {"version": 3}},
+     "spec.cloud_init.network_config.version", "1 or 2"),
+    ({"user_data": "#!/bin/sh\n", "bus": "virtio"}, "spec.cloud_init.bus", "virtio"),
+])
+def test_bad_cloud_init_is_refused_before_anything_is_made(
+        cloud_init: dict[str, Any], field: str, says: str) -> None:
+    error = rejected({"name": "vm1", "cloud_init": cloud_init})
+    assert error.details["field"] == field
+    assert says in error.message
+
+
+def test_the_seed_is_an_iso_labelled_cidata_with_the_nocloud_files() -> None:
+    spec = check_spec({"name": "web1", "cloud_init": {
+        "user_data": USER_DATA, "network_config": {"version": 1, "config": []}}}, "kvm")
+    assert spec.cloud_init is not None
+    data = seed_image(spec.cloud_init)
+    assert len(data) % 2048 == 0
+    iso = pycdlib.PyCdlib()
+    iso.open_fp(io.BytesIO(data))
+    try:
+        assert iso.pvd.volume_identifier.rstrip(b" ") == b"cidata"
+        files = {}
+        for name in ("user-data", "meta-data", "network-config"):
+            out = io.BytesIO()
+            iso.get_file_from_iso_fp(out, rr_path=f"/{name}")
+            files[name] = out.getvalue().decode()
+    finally:
+        iso.close()
+    assert files["user-data"] == USER_DATA
+    assert yaml.safe_load(files["meta-data"])["local-hostname"] == "web1"
+    assert yaml.safe_load(files["network-config"]) == {"version": 1, "config": []}
