@@ -134,7 +134,7 @@ async def test_image_is_built_once_and_readable_by_qemu(variant: str) -> None:
     init = archive["init"][1].decode()
     assert guests.GUEST_READY in init
     handler = "etc/acpi/PWRF/00000080"
-    if variant in ("acpi", "writer"):
+    if variant in ("acpi", "writer", "console"):
         assert "acpid" in init
         assert b"poweroff -f" in archive[handler][1]
     else:
@@ -144,6 +144,11 @@ async def test_image_is_built_once_and_readable_by_qemu(variant: str) -> None:
     if variant == "writer":
         assert "of=/dev/vda" in init
         assert disk_modules[-1].endswith("virtio_blk.ko"), disk_modules
+        assert disk_modules == sorted(disk_modules), "the init loads them in name order"
+    elif variant == "console":
+        assert "getty" in init and "findlabel" in init
+        assert disk_modules[-1].endswith("isofs.ko"), disk_modules
+        assert any(name.endswith("sr_mod.ko") for name in disk_modules)
         assert disk_modules == sorted(disk_modules), "the init loads them in name order"
     else:
         assert not disk_modules
