@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import shutil
 import struct
 import zlib
 from collections.abc import AsyncIterator
@@ -21,7 +23,8 @@ import pytest
 import yarl
 
 from tests import guests
-from tests.agentproc import AgentProcess, start_agent
+from tests.agentproc import AgentProcess, free_port, start_agent
+from tests.conftest import missing
 from tests.integration import libvirtd as daemon
 from tests.integration.conftest import expect_error, vm_name
 from tests.integration.consoleclient import console, http_session
@@ -289,3 +292,93 @@ async def test_vnc_speaks_rfb_and_screenshots_are_png(console_agent: AgentProces
         other = await create(admin, firmware_spec())
         await expect_error(admin, "VM.openConsole", {"vm_id": other, "kind": "vnc"},
                            "FailedPrecondition", "no_graphics")
+
+
+class Browser:
+    """Headless Chromium driven over its DevTools protocol (loopback only)."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self._ws = ws
+        self._ids = 0
+
+    async def send(self, method: str, **params: Any) -> dict[str, Any]:
+        self._ids += 1
+        await self._ws.send_json({"id": self._ids, "method": method, "params": params})
+        while True:
+            msg = await self._ws.receive_json(timeout=30)
+            if msg.get("id") == self._ids:
+                assert "error" not in msg, msg
+                return dict(msg.get("result", {}))
+
+    async def evaluate(self, expression: str) -> Any:
+        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")
+
+
+@contextlib.asynccontextmanager
+async def chromium(tmp_path: Path) -> AsyncIterator[Browser]:
+    command = shutil.which("chromium")
+    if command is None:
+        missing("chromium is not installed")
+    assert command is not None
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        command, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--remote-debugging-port={port}", "--remote-debugging-address=127.0.0.1",
+        f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1024,768", "about:blank",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with asyncio.timeout(30):
+                while True:
+                    try:
+                        async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
+                            pages = [t for t in await resp.json() if t["type"] == "page"]
+                        if pages:
+                            break
+                    except aiohttp.ClientError:
+                        pass
+                    await asyncio.sleep(0.2)
+            async with session.ws_connect(pages[0]["webSocketDebuggerUrl"],
+                                          max_msg_size=0) as ws:
+                browser = Browser(ws)
+                await browser.send("Page.enable")
+                yield browser
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+async def until(browser: Browser, condition: str, timeout: float = 30.0) -> None:
+    """Poll the page (it has no event to wait on from here) until ``condition`` holds."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if await browser.evaluate(condition):
+                return
+            await asyncio.sleep(0.2)
+
+
+async def test_the_vnc_page_connects_in_chromium(console_agent: AgentProcess,
+                                                 tmp_path: Path) -> None:
+    agent = console_agent
+    async with await Client.connect(agent.unix_url) as admin:
+        vm_id = await create(admin, firmware_spec(graphics="vnc"))
+        url = agent.http_url + await open_console(admin, vm_id, "vnc")
+        async with chromium(tmp_path) as browser:
+            await browser.send("Page.navigate", url=url)
+            await until(browser, "document.body && document.body.dataset.state === 'connected'")
+            # The canvas shows the guest's screen once noVNC has drawn the first update
+            # (its pixels are transparent until then).
+            await until(browser, "(() => { const c = document.querySelector('#screen canvas');"
+                                 " if (!c || !c.width) return false;"
+                                 " const p = c.getContext('2d').getImageData(c.width / 2,"
+                                 " c.height / 2, 1, 1).data; return p[3] === 255; })()")
+            shot = await browser.send("Page.captureScreenshot", format="png")
+        path = tmp_path / "vnc-console-page.png"
+        path.write_bytes(base64.b64decode(shot["data"]))
+        print(f"screenshot of the console page: {path}")
+        events = await console_events(admin)
+        assert any(e["kind"] == "vnc" and e["event"] == "connect" for e in events)
