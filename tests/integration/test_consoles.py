@@ -13,6 +13,7 @@ import base64
 import contextlib
 import shutil
 import struct
+import sys
 import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -382,3 +383,27 @@ async def test_the_vnc_page_connects_in_chromium(console_agent: AgentProcess,
         print(f"screenshot of the console page: {path}")
         events = await console_events(admin)
         assert any(e["kind"] == "vnc" and e["event"] == "connect" for e in events)
+
+
+async def test_virtnode_vnc_prints_a_page_url_and_names_must_be_unique(
+        console_agent: AgentProcess) -> None:
+    agent = console_agent
+    async with await Client.connect(agent.unix_url) as admin:
+        spec = firmware_spec(graphics="vnc")
+        await create(admin, spec)
+
+        async def virtnode(*args: str) -> tuple[int, str, str]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "virtnode", *args, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+            out, err = await proc.communicate()
+            return int(proc.returncode or 0), out.decode(), err.decode()
+
+        status, out, err = await virtnode("vnc", spec["name"], "--url", agent.tcp_url)
+        assert status == 0, err
+        assert out.startswith(agent.http_url + "/console/"), out
+        async with (http_session(agent, "tcp") as (session, _),
+                    session.get(out.strip()) as page):
+            assert page.status == 200
+        status, _, err = await virtnode("vnc", "no-such-vm", "--url", agent.unix_url)
+        assert status == 1 and "no VM is named" in err
