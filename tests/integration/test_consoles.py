@@ -14,6 +14,7 @@ import contextlib
 import shutil
 import struct
 import sys
+import uuid
 import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,12 +28,26 @@ from tests import guests
 from tests.agentproc import AgentProcess, free_port, start_agent
 from tests.conftest import missing
 from tests.integration import libvirtd as daemon
-from tests.integration.conftest import expect_error, vm_name
+from tests.integration.conftest import VM_PREFIX, _remove_test_vms, expect_error
 from tests.integration.consoleclient import console, http_session
 from tests.pki import Pki
 from virtnode.client import Client
 
 pytestmark = pytest.mark.integration
+
+#: The VMs of these tests, and only they, are removed after each.
+PREFIX = f"{VM_PREFIX}console-"
+
+
+def vm_name() -> str:
+    return f"{PREFIX}{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def cleanup_vms(libvirtd: None) -> AsyncIterator[None]:
+    yield
+    await asyncio.to_thread(_remove_test_vms, PREFIX)
+
 
 #: Long enough to use a token in the tests, short enough to watch one expire.
 TOKEN_LIFETIME = 20.0
