@@ -11,7 +11,7 @@ PACKAGE_FILES := $(shell find agent storage network api_schema -name '*.py' -o -
 STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo $(PACKAGE_FILES); } | sha1sum | cut -c1-16)
 LINK_TREE = $(wildcard build/__editable__.virtnode-*)
 
-.PHONY: run test check docs bench setup host venv compile clean
+.PHONY: run test check docs bench setup host venv compile web clean
 
 run: setup
 	mkdir -p run var
@@ -40,7 +40,16 @@ bench: setup
 	$(BIN)/python bench/network.py
 	$(BIN)/python bench/fuzz.py
 
-setup: host venv compile
+setup: host venv compile web
+
+# The console pages' browser packages (noVNC, xterm.js), pinned by web/package-lock.json.
+WEB_STAMP := web/node_modules/.package-lock.json
+
+web: $(WEB_STAMP)
+
+$(WEB_STAMP): web/package.json web/package-lock.json
+	cd web && npm ci --ignore-scripts --no-audit --no-fund
+	@touch $@
 
 # Byte-compile the project, as installing a package does. Where PYTHONDONTWRITEBYTECODE
 # is set, every agent start would otherwise compile each module from source (0.15-0.2 s).
@@ -61,4 +70,4 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 clean:
-	rm -rf $(VENV) build dist run var *.egg-info
+	rm -rf $(VENV) build dist run var *.egg-info web/node_modules

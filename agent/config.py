@@ -301,6 +301,26 @@ class VmConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    log_size: int = _spec(
+        256 * 1024, _count(64 * 1024 * 1024),
+        "bytes of each running VM's serial output the agent keeps for VM.getConsoleLog and "
+        "for clients that connect late (at most 64 MiB)")
+    token_lifetime: float = _spec(
+        60.0, _seconds(3600), "seconds a VM.openConsole token may wait to be used (at most "
+                              "an hour)")
+    client_buffer: int = _spec(
+        1024 * 1024, _count(GiB),
+        "serial output bytes one console client may leave unread before it is closed (1008; "
+        "at most 1 GiB)")
+    max_clients: int = _spec(
+        16, _count(1024), "console clients of one kind attached to one VM at most (at most 1024)")
+    web_dir: str = _spec(
+        "", None, "where the console pages and their npm packages are (web/ of the source "
+                  "tree when empty)")
+
+
+@dataclass(frozen=True)
 class MigrationConfig:
     libvirt_uri: str = _spec(
         "qemu+tls://{host}/system", None,
@@ -484,6 +504,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     vm: VmConfig = field(default_factory=VmConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     migration: MigrationConfig = field(default_factory=MigrationConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)

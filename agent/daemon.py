@@ -37,6 +37,7 @@ from virtnode.rpc.bindings import network as network_binding
 from virtnode.rpc.bindings import storage as storage_binding
 from virtnode.rpc.bindings import vm as vm_binding
 from virtnode.rpc.connguard import AcceptErrors, raise_descriptor_limit
+from virtnode.rpc.consoles import ConsoleRoutes
 from virtnode.rpc.dispatch import Dispatcher
 from virtnode.rpc.schema import load_schema
 from virtnode.rpc.server import ApiServer
@@ -58,6 +59,7 @@ from virtnode.storage.volumes.service import VolumeService
 from virtnode.store import Store, StoreError, prepare_state_dir
 from virtnode.util.jsontypes import JsonObject
 from virtnode.vm import migrationstore
+from virtnode.vm.console import ConsoleService
 from virtnode.vm.devices import VmDeviceService
 from virtnode.vm.migration import MigrationService, Peer, PeerConnector
 from virtnode.vm.service import VmService
@@ -111,6 +113,7 @@ class Agent:
                                   for d in self.storage.attached()},
             volumes=self.volumes, store=self.store)
         self.vms.migration_of = self.migrations.migration_of
+        self.consoles = ConsoleService(self.vms.core, self.bus, config.console)
         self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None
@@ -124,6 +127,7 @@ class Agent:
         await self.storage.close()
         await self.network.close()
         await self.migrations.close()
+        await self.consoles.close()
         await self.vms.close()
         await self.hypervisor.close()
         await self.bus.flush()
@@ -168,6 +172,7 @@ class Agent:
             host_binding.handlers(host, stats),
             vm_binding.handlers(self.vms, VmDeviceService(self.vms.core), stats,
                                 self.migrations),
+            vm_binding.console_handlers(self.consoles),
             migration_binding.handlers(self.migrations),
             events_binding.handlers(self.events),
             job_binding.handlers(JobService(self.jobs)),
@@ -185,6 +190,7 @@ class Agent:
         await self.network.start()
         await self.devices.start()
         await self.vms.start()
+        await self.consoles.start()
         await self.hypervisor.start()
         if self.hypervisor.connected:
             # Serve with a complete view of the VMs when libvirt is there to give it.
@@ -192,6 +198,7 @@ class Agent:
         await self.stats.start()
         self.server = ApiServer(self.config.server, self.config.access, self.dispatcher,
                                 self.health, metrics.render, tls=tls)
+        self.server.add_routes(ConsoleRoutes(self.consoles, self.config.console))
         try:
             await self.server.start()
         except BaseException:
@@ -281,6 +288,7 @@ class Agent:
             await self.network.close()
         async with _stage("close the hypervisor connection", stage_timeout):
             await self.migrations.close()
+            await self.consoles.close()
             await self.vms.close()
             await self.hypervisor.close()
         if server is not None:

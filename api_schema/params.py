@@ -154,6 +154,11 @@ class VmDestroyParams(TypedDict):
     vm_id: str
 
 
+class VmGetConsoleLogParams(TypedDict):
+    vm_id: str
+    format: Literal["base64", "text"]
+
+
 class VmGetInfoParams(TypedDict):
     vm_id: str
 
@@ -205,6 +210,12 @@ class VmMigrateParams(TypedDict):
     request_key: NotRequired[str]
 
 
+class VmOpenConsoleParams(TypedDict):
+    vm_id: str
+    kind: Literal["serial", "vnc"]
+    takeover: Literal["keep", "fail", "disconnect"]
+
+
 class VmPauseParams(TypedDict):
     vm_id: str
 
@@ -219,6 +230,10 @@ class VmResetParams(TypedDict):
 
 
 class VmResumeParams(TypedDict):
+    vm_id: str
+
+
+class VmScreenshotParams(TypedDict):
     vm_id: str
 
 

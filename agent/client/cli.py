@@ -121,6 +121,20 @@ def _stats_parser(sub: Any) -> None:
 Command = tuple[str, Callable[[Any], None], Callable[[argparse.Namespace], int]]
 
 
+def _console_parsers(sub: Any) -> None:
+    p = sub.add_parser("console", help="attach the terminal to a VM's serial console "
+                                        "(Ctrl-] detaches)")
+    p.add_argument("vm", help="the VM's name or UUID")
+    p.add_argument("--takeover", choices=("keep", "fail", "disconnect"), default="keep",
+                   help="with other sessions that may type: join them (keep), give up "
+                        "(fail) or close them (disconnect)")
+    _url_arg(p)
+    p = sub.add_parser("vnc", help="print the URL of a VM's VNC console page for a browser")
+    p.add_argument("vm", help="the VM's name or UUID")
+    p.add_argument("--takeover", choices=("keep", "fail", "disconnect"), default="keep")
+    _url_arg(p)
+
+
 def build_parser(extra: Sequence[Command] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="virtnode", description="virtnode host agent")
     parser.add_argument("--version", action="version", version=f"virtnode {__version__}")
@@ -132,6 +146,7 @@ def build_parser(extra: Sequence[Command] = ()) -> argparse.ArgumentParser:
     _events_parser(sub)
     _job_parser(sub)
     _stats_parser(sub)
+    _console_parsers(sub)
     return parser
 
 
@@ -348,11 +363,51 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _attach(target: Target, vm: str, takeover: str) -> str:
+    from virtnode.client.console import attach
+
+    async with await target.connect() as client:
+        return await attach(client, target.url, vm, takeover=takeover, tls=target.tls)
+
+
+async def _vnc_url(target: Target, vm: str, takeover: str) -> str:
+    from virtnode.client.console import page_url, resolve_vm
+
+    async with await target.connect() as client:
+        vm_id = await resolve_vm(client, vm)
+        grant = await client.call("VM.openConsole", {"vm_id": vm_id, "kind": "vnc",
+                                                     "takeover": takeover})
+        return page_url(target.url, grant["url"])
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from virtnode.client.console import VmNameError
+
+    target = target_of(args)
+    if target is None:
+        return EXIT_USAGE
+    run = _attach if args.command == "console" else _vnc_url
+    try:
+        status, answer = _run_client(run(target, args.vm, args.takeover))
+    except VmNameError as exc:
+        print(f"virtnode: {exc}", file=sys.stderr)
+        return EXIT_REMOTE_ERROR
+    if status == 0:
+        if args.command == "console":
+            print(f"\r\nvirtnode: {answer}", file=sys.stderr)
+        elif answer.startswith("/"):
+            print(f"{answer}\n(a path on the agent's tcp:// or tls:// listener: browsers "
+                  "cannot reach a unix socket; use --url tcp://HOST:PORT)", file=sys.stderr)
+        else:
+            print(answer)
+    return status
+
+
 def main(argv: Sequence[str] | None = None, extra: Sequence[Command] = ()) -> int:
     args = build_parser(extra).parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "call": cmd_call, "methods": cmd_methods, "events": cmd_events, "job": cmd_job,
-        "stats": cmd_stats,
+        "stats": cmd_stats, "console": cmd_console, "vnc": cmd_console,
     }
     handlers.update((name, run) for name, _, run in extra)
     return handlers[args.command](args)

@@ -18,6 +18,29 @@ from typing import Any, Protocol
 DomainStats = dict[str, Any]
 
 
+class Stream(Protocol):
+    """A ``virStream``: bytes to and from a domain (its console, a screenshot).
+
+    Opened non-blocking, ``recv`` answers -2 when nothing is there yet and ``send`` -2
+    when nothing can be queued; both then leave the work to the stream's event callback.
+    ``finish`` and ``abort`` wait for libvirtd's answer: pool threads only.
+    """
+
+    def recv(self, nbytes: int) -> bytes | int: ...
+
+    def send(self, data: bytes) -> int: ...
+
+    def finish(self) -> int: ...
+
+    def abort(self) -> int: ...
+
+    def eventAddCallback(self, events: int, cb: Any, opaque: Any) -> int: ...  # noqa: N802
+
+    def eventUpdateCallback(self, events: int) -> int: ...  # noqa: N802
+
+    def eventRemoveCallback(self) -> int: ...  # noqa: N802
+
+
 class Domain(Protocol):
     """A ``virDomain``: one VM, defined or running."""
 
@@ -96,6 +119,17 @@ class Domain(Protocol):
         """``[capacity, allocation, physical]`` of a disk, by target or path."""
         ...
 
+    def openConsole(self, dev_name: str | None, st: Stream,  # noqa: N802
+                    flags: int = 0) -> int: ...
+
+    def openGraphicsFD(self, idx: int, flags: int = 0) -> int:  # noqa: N802
+        """A socket's descriptor, connected to the ``idx``-th graphics device's server."""
+        ...
+
+    def screenshot(self, stream: Stream, screen: int, flags: int = 0) -> str:
+        """Sends the screen to ``stream``; returns its MIME type."""
+        ...
+
 
 class Connection(Protocol):
     """A ``virConnect``: the hypervisor connection, used only on the hypervisor's thread."""
@@ -150,5 +184,7 @@ class Connection(Protocol):
                                cb: Any, opaque: Any) -> int: ...
 
     def domainEventDeregisterAny(self, callbackID: int) -> int: ...  # noqa: N802, N803
+
+    def newStream(self, flags: int = 0) -> Stream: ...  # noqa: N802
 
     def close(self) -> int: ...

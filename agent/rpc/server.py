@@ -21,6 +21,7 @@ import ssl
 import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 from aiohttp import WSMsgType, web
 
@@ -44,6 +45,18 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: What POST /rpc takes: a browser can send a cross-site POST without asking only as
 #: text/plain, form data or multipart, so anything but JSON is refused.
 JSON_TYPES = frozenset({"application/json"})
+
+
+class Routes(Protocol):
+    """HTTP paths a service serves beside /rpc on every listener (consoles, transfers).
+
+    Its requests pass the same guard and Host/Origin checks as /rpc. ``close`` ends what
+    they hold open (WebSockets, uploads) when the agent stops, with the API's sessions.
+    """
+
+    def add_routes(self, router: web.UrlDispatcher) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class _GuardedSite(web.BaseSite):
@@ -101,6 +114,11 @@ class ApiServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._guards: Registry = {}
         self._send_limits = SendLimits(config.send_buffer_soft, config.send_buffer_hard)
+        self._routes: list[Routes] = []
+
+    def add_routes(self, routes: Routes) -> None:
+        """Serve ``routes`` too; before :meth:`start`."""
+        self._routes.append(routes)
 
     async def start(self) -> None:
         """Bind every listener; raises ``OSError`` if one cannot be bound.
@@ -114,6 +132,8 @@ class ApiServer:
         app.router.add_get("/healthz", self._healthz)
         if self._metrics is not None:
             app.router.add_get("/metrics", self._get_metrics)
+        for routes in self._routes:
+            routes.add_routes(app.router)
         # aiohttp's own keep-alive timer closes idle connections too (the guard's does it
         # with or without it).
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
@@ -180,6 +200,8 @@ class ApiServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for session in list(self._sessions):
             await session.ws.close(code=1001, message=b"agent stopping")
+        for routes in self._routes:
+            await routes.close()
 
     async def close(self) -> None:
         """Release the listeners and remove our unix sockets. Idempotent."""

@@ -4,8 +4,9 @@ The services know nothing of JSON-RPC. A service method takes the validated para
 TypedDict that :mod:`virtnode.api_schema.params` generates for it (or nothing, for a method
 without params) and returns the result object. A binding module, one per namespace, is
 the one place where a method name meets a service method. Only the methods that act on the
-call itself get more: ``Events.subscribe``/``unsubscribe`` the session to push to, and
-``Job.cancel`` the caller's identity.
+call itself get more: ``Events.subscribe``/``unsubscribe`` the session to push to,
+``Job.cancel`` the caller's identity, and ``VM.openConsole`` the caller's identity and
+role (the console session it grants has that role).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from virtnode.config import Role
 from virtnode.rpc.dispatch import CallContext, Handler
 from virtnode.rpc.schema import SchemaError
 from virtnode.util.jsontypes import JsonObject
 
-Takes = Literal["params", "nothing", "session", "caller"]
+Takes = Literal["params", "nothing", "session", "caller", "caller_role"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,8 @@ class Bound:
             return self.target()
         if self.takes == "session":
             return self.target(ctx.session, params)
+        if self.takes == "caller_role":
+            return self.target(params, ctx.caller.identity, ctx.caller.role)
         return self.target(params, ctx.caller.identity)
 
 
@@ -57,6 +61,11 @@ def with_session(fn: Callable[[Any, Any], Awaitable[JsonObject]]) -> Bound:
 def with_caller(fn: Callable[[Any, str], Awaitable[JsonObject]]) -> Bound:
     """A method that takes its params and the caller's identity."""
     return Bound(fn, "caller")
+
+
+def with_caller_role(fn: Callable[[Any, str, Role], Awaitable[JsonObject]]) -> Bound:
+    """A method that takes its params, the caller's identity and the caller's role."""
+    return Bound(fn, "caller_role")
 
 
 def combine(*tables: Mapping[str, Handler]) -> dict[str, Handler]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from virtnode.rpc.bindings import Bound, params
+from virtnode.rpc.bindings import Bound, params, with_caller_role
 from virtnode.stats.sampler import StatsService
+from virtnode.vm.console import ConsoleService
 from virtnode.vm.devices import VmDeviceService
 from virtnode.vm.migration import MigrationService
 from virtnode.vm.service import VmService
@@ -34,4 +35,13 @@ def handlers(vms: VmService, devices: VmDeviceService, stats: StatsService,
         "VM.setVcpus": params(devices.set_vcpus),
         "VM.setTicket": params(devices.set_ticket),
         "VM.migrate": params(migrations.migrate),
+    }
+
+
+def console_handlers(consoles: ConsoleService) -> dict[str, Bound]:
+    """``VM.*`` of the consoles: tokens for console sessions, the serial log, screenshots."""
+    return {
+        "VM.openConsole": with_caller_role(consoles.open_console),
+        "VM.getConsoleLog": params(consoles.get_console_log),
+        "VM.screenshot": params(consoles.screenshot),
     }

@@ -28,6 +28,7 @@ from virtnode.rpc.typegen import render, type_name
 from virtnode.stats.sampler import StatsService
 from virtnode.storage.domains.service import StorageDomainService
 from virtnode.storage.volumes.service import VolumeService
+from virtnode.vm.console import ConsoleService
 from virtnode.vm.devices import VmDeviceService
 from virtnode.vm.migration import MigrationService
 from virtnode.vm.service import VmService
@@ -49,6 +50,7 @@ def _table() -> dict[str, Bound]:
         storage.handlers(_unbound(StorageDomainService), _unbound(VolumeService)),
         vm.handlers(_unbound(VmService), _unbound(VmDeviceService), _unbound(StatsService),
                     _unbound(MigrationService)),
+        vm.console_handlers(_unbound(ConsoleService)),
         migration.handlers(_unbound(MigrationService)),
     ))
 
@@ -72,6 +74,8 @@ def test_each_service_method_takes_the_params_type_of_its_api_method(schema: Api
             ok = ok and list(annotations)[:2] == ["self", "session"]
         if bound.takes == "caller":
             ok = ok and list(annotations)[-1] == "by"
+        if bound.takes == "caller_role":
+            ok = ok and list(annotations)[-2:] == ["by", "role"]
         if not ok:
             wrong.append(f"{name}: {bound.target.__qualname__}{signature}")
     assert not wrong

@@ -52,6 +52,7 @@ from virtnode.rpc.schema import COMMON_ERRORS, ApiSchema
 from virtnode.stats.sampler import StatsSampler, StatsService
 from virtnode.store import Store
 from virtnode.util.jsontypes import JsonObject
+from virtnode.vm.console import ConsoleService
 from virtnode.vm.devices import VmDeviceService
 from virtnode.vm.migration import MigrationService, Peer, PeerConnector
 from virtnode.vm.service import VmService
@@ -186,7 +187,9 @@ class InProcessAgent:
             storage_dirs=lambda: {"00000000-0000-4000-8000-000000000001":
                                   str(tmp_path / "domain-images")}, store=self.store)
         self.vms.migration_of = self.migrations.migration_of
+        self.consoles = ConsoleService(self.vms.core, self.bus, self.config.console)
         handlers = bindings.combine(
+            vm_binding.console_handlers(self.consoles),
             vm_binding.handlers(self.vms, VmDeviceService(self.vms.core),
                                 StatsService(self.sampler), self.migrations),
             migration_binding.handlers(self.migrations),
@@ -216,6 +219,7 @@ class InProcessAgent:
         if not connect:
             return
         await self.vms.start()
+        await self.consoles.start()
         await self.hypervisor.start()
         assert self.hypervisor.connected, self.hypervisor.reason
         assert await self.vms.wait_recovered(WAIT), "no view of the VMs"
@@ -234,6 +238,7 @@ class InProcessAgent:
         await self.jobs.close()
         await self.sampler.close()
         await self.migrations.close()
+        await self.consoles.close()
         await self.vms.close()
         if self.hypervisor.connected:
             await self._remove_vms()

@@ -1,0 +1,303 @@
+"""``GET /console/{token}``: console sessions over WebSocket, and the console pages.
+
+``VM.openConsole`` hands out the token; this is where it is used, on any listener:
+
+- upgraded to a WebSocket, the token is taken (once) and the socket bridged: to the VM's
+  serial console (binary frames both ways, the console's recent output first; text frames
+  from the agent are JSON notices) or to its VNC server (RFB in binary frames; what the
+  client sends passes :class:`~virtnode.vm.rfb.ClientFilter`);
+- without the upgrade (a browser opening the URL) the token is only looked at, and the
+  console page of its kind is served; the page opens the WebSocket on its own URL.
+
+``/console/static/...`` serves the pages' scripts: the agent's own (``web/console``),
+noVNC and xterm.js (``web/node_modules``, pinned by ``web/package-lock.json``).
+
+A refused token is an HTTP 403 before any upgrade. The sessions end with WebSocket close
+codes: 1000 (client left), 1001 (agent stopping), 1002 (the VNC client broke RFB), 1008
+(a client that does not read its output), 1011 (the console went away), 4001 (taken
+over), 4009 (takeover fail: another writer is attached), 4010 (the VM stopped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import html
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+from aiohttp import WSMsgType, web
+
+from virtnode import jsonrpc
+from virtnode.config import ConsoleConfig
+from virtnode.errors import ApiError
+from virtnode.vm.console import CLOSE_IN_USE, ConsoleService
+from virtnode.vm.consoletokens import ConsoleGrant
+from virtnode.vm.rfb import ClientFilter, RfbError
+
+log = logging.getLogger(__name__)
+
+#: Largest WebSocket message a console client may send (keystrokes, RFB messages).
+MAX_CLIENT_MESSAGE = 1 << 20
+#: Bytes per frame to a client at most.
+FRAME = 256 * 1024
+#: Where the pages' scripts come from, under ``console.web_dir``.
+STATIC_ROOTS = {"app": "console", "novnc": "node_modules/@novnc/novnc",
+                "xterm": "node_modules/@xterm/xterm"}
+STATIC_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css"}
+_STATUS = {"NotFound": 404, "FailedPrecondition": 409, "PermissionDenied": 403,
+           "ResourceExhausted": 429, "Unavailable": 503, "DeadlineExceeded": 504}
+#: The pages load only what the agent serves, connect only to the agent, and are framed
+#: only by pages of the agent's own origin (the web UI).
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data: blob:; font-src 'self'; connect-src 'self'; "
+        "frame-ancestors 'self'; base-uri 'none'; form-action 'none'"),
+    "X-Frame-Options": "SAMEORIGIN",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+STATIC_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Cache-Control": "max-age=3600",
+}
+
+
+def default_web_dir() -> Path:
+    """``web/`` of the source tree this module was loaded from."""
+    return Path(os.path.realpath(__file__)).parents[2] / "web"
+
+
+def _close_reason(text: str) -> bytes:
+    """A close frame's reason: at most 123 bytes of UTF-8."""
+    return text.encode()[:123].decode(errors="ignore").encode()
+
+
+class _Client:
+    """A console session's socket as the console service sees it: output is queued (up to
+    ``limit`` bytes, past which the client is closed 1008) and sent by :meth:`pump`."""
+
+    def __init__(self, ws: web.WebSocketResponse, grant: ConsoleGrant, limit: int) -> None:
+        self.identity = grant.by
+        self.writer = grant.writer
+        self._ws = ws
+        self._limit = limit
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._wake = asyncio.Event()
+        self.closing: tuple[int, str] | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self.closing is not None or not data:
+            return
+        if self._queued + len(data) > self._limit:
+            self.end(1008, "console output left unread: client too slow")
+            return
+        self._queue.append(data)
+        self._queued += len(data)
+        self._wake.set()
+
+    def end(self, code: int, reason: str) -> None:
+        if self.closing is None:
+            self.closing = (code, reason)
+            self._queue.clear()
+            self._queued = 0
+            self._wake.set()
+
+    async def pump(self) -> None:
+        """Send what is queued until the client is ended, then close its socket."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.closing is not None:
+                code, reason = self.closing
+                await self._ws.close(code=code, message=_close_reason(reason))
+                return
+            chunk = bytearray()
+            while self._queue and len(chunk) < FRAME:
+                data = self._queue.popleft()
+                self._queued -= len(data)
+                chunk += data
+            if self._queue:
+                self._wake.set()
+            if chunk:
+                await self._ws.send_bytes(bytes(chunk))
+
+
+class ConsoleRoutes:
+    """``/console/...`` on every listener (see :class:`virtnode.rpc.server.Routes`)."""
+
+    def __init__(self, consoles: ConsoleService, config: ConsoleConfig) -> None:
+        self._consoles = consoles
+        self._config = config
+        self._web = Path(config.web_dir) if config.web_dir else default_web_dir()
+        self._sockets: set[web.WebSocketResponse] = set()
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_get("/console/static/{path:.+}", self._static)
+        router.add_get("/console/{token}", self._console)
+
+    async def close(self) -> None:
+        for ws in list(self._sockets):
+            await ws.close(code=1001, message=b"agent stopping")
+
+    async def _console(self, request: web.Request) -> web.StreamResponse:
+        token = request.match_info["token"]
+        expect = {key: value for key in ("vm_id", "kind")
+                  if (value := request.query.get(key)) is not None and len(value) <= 64}
+        ws = web.WebSocketResponse(max_msg_size=MAX_CLIENT_MESSAGE, heartbeat=30.0,
+                                   compress=False, protocols=("binary",))
+        if not ws.can_prepare(request).ok:
+            try:
+                grant = self._consoles.tokens.peek(token, **expect)
+            except ApiError as exc:
+                return web.Response(status=403, text=f"{exc.message}\n", headers=PAGE_HEADERS)
+            return web.Response(text=_page(grant), content_type="text/html",
+                                headers=PAGE_HEADERS)
+        sock: socket.socket | None = None
+        try:
+            grant = self._consoles.tokens.take(token, **expect)
+            if grant.kind == "vnc":
+                sock = await self._consoles.open_graphics(grant)
+        except ApiError as exc:
+            return web.Response(text=jsonrpc.encode(jsonrpc.error(None, exc)),
+                                status=_STATUS.get(exc.name, 500),
+                                content_type="application/json")
+        self._sockets.add(ws)
+        try:
+            await ws.prepare(request)
+            if sock is not None:
+                await self._vnc(ws, grant, sock)
+            else:
+                await self._serial(ws, grant)
+        finally:
+            self._sockets.discard(ws)
+            if sock is not None:
+                sock.close()
+        return ws
+
+    async def _serial(self, ws: web.WebSocketResponse, grant: ConsoleGrant) -> None:
+        state, reason = self._consoles.serial_state(grant.vm_id)
+        await ws.send_str(json.dumps({"type": "hello", "kind": "serial", "vm_id": grant.vm_id,
+                                      "mode": grant.mode, "state": state, "reason": reason}))
+        client = _Client(ws, grant, self._config.client_buffer)
+        try:
+            async with self._consoles.session(grant, client, backlog=True):
+                pump = asyncio.create_task(client.pump(), name=f"console out {grant.vm_id}")
+                try:
+                    await self._serial_input(ws, grant, client)
+                finally:
+                    if client.closing is None:
+                        pump.cancel()
+                    await asyncio.gather(pump, return_exceptions=True)
+        except ApiError as exc:
+            await ws.close(code=CLOSE_IN_USE, message=_close_reason(exc.message))
+
+    async def _serial_input(self, ws: web.WebSocketResponse, grant: ConsoleGrant,
+                            client: _Client) -> None:
+        warned = False
+        async for msg in ws:
+            if client.closing is not None:
+                break
+            if msg.type is not WSMsgType.BINARY:
+                continue  # text frames are for control messages; none is defined yet
+            if not grant.writer:
+                notice = "read-only session: input ignored"
+            elif await self._consoles.type_into(grant.vm_id, msg.data):
+                continue
+            else:
+                notice = "the agent does not hold the console now: input dropped"
+            if not warned:
+                warned = True
+                await ws.send_str(json.dumps({"type": "notice", "message": notice}))
+
+    async def _vnc(self, ws: web.WebSocketResponse, grant: ConsoleGrant,
+                   sock: socket.socket) -> None:
+        reader, writer = await asyncio.open_connection(sock=sock, limit=FRAME)
+        client = _Client(ws, grant, 0)
+        flt = ClientFilter(view_only=not grant.writer)
+
+        async def downstream() -> None:
+            while data := await reader.read(FRAME):
+                await ws.send_bytes(data)
+            client.end(1011, "the VM's display closed")
+
+        try:
+            async with self._consoles.session(grant, client):
+                tasks = [asyncio.create_task(downstream(), name=f"vnc out {grant.vm_id}"),
+                         asyncio.create_task(client.pump(), name=f"vnc close {grant.vm_id}")]
+                try:
+                    async for msg in ws:
+                        if client.closing is not None:
+                            break
+                        if msg.type is not WSMsgType.BINARY:
+                            continue
+                        try:
+                            out = flt.feed(msg.data)
+                        except RfbError as exc:
+                            log.info("VNC client of %s broke the protocol: %s", grant.vm_id,
+                                     exc)
+                            await ws.close(code=1002, message=_close_reason(str(exc)))
+                            break
+                        if out:
+                            writer.write(out)
+                            await writer.drain()
+                finally:
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                    if not ws.closed:
+                        code, reason = client.closing or (1000, "")
+                        await ws.close(code=code, message=_close_reason(reason))
+        except ApiError as exc:
+            await ws.close(code=CLOSE_IN_USE, message=_close_reason(exc.message))
+        finally:
+            writer.close()
+
+    async def _static(self, request: web.Request) -> web.StreamResponse:
+        top, _, rest = request.match_info["path"].partition("/")
+        root = STATIC_ROOTS.get(top)
+        content_type = STATIC_TYPES.get(Path(rest).suffix)
+        if root is None or content_type is None:
+            raise web.HTTPNotFound()
+        base = self._web / root
+        found = await asyncio.to_thread(_inside, base, rest)
+        if found is None:
+            raise web.HTTPNotFound()
+        return web.FileResponse(found, headers={**STATIC_HEADERS, "Content-Type": content_type})
+
+
+def _inside(base: Path, relative: str) -> Path | None:
+    """``base/relative`` if it is a file inside ``base`` (links resolved); None if not."""
+    real_base = base.resolve()
+    target = (real_base / relative).resolve()
+    if not target.is_relative_to(real_base) or not target.is_file():
+        return None
+    return target
+
+
+def _page(grant: ConsoleGrant) -> str:
+    kind = grant.kind
+    extra = ('<link rel="stylesheet" href="/console/static/xterm/css/xterm.css">'
+             if kind == "serial" else "")
+    area = "terminal" if kind == "serial" else "screen"
+    vm = html.escape(grant.vm_id)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>{kind} console of VM {vm}</title>
+<link rel="stylesheet" href="/console/static/app/console.css">{extra}
+<script type="module" src="/console/static/app/{kind}.js"></script>
+</head><body data-kind="{kind}" data-mode="{grant.mode}">
+<div id="bar"><span>{kind} console of VM {vm} ({grant.mode})</span>
+<span id="status" data-state="connecting">connecting</span></div>
+<div id="{area}"></div>
+</body></html>
+"""
