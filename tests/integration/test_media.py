@@ -15,7 +15,7 @@ from tests import guests
 from tests.agentproc import AgentProcess
 from tests.conftest import ClientFactory
 from tests.integration.conftest import expect_error, vm_name
-from tests.integration.serialshell import SerialShell
+from tests.integration.serialshell import serial_shell
 from virtnode.client import Client
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu,
@@ -71,8 +71,7 @@ async def test_cdrom_media_and_the_cloud_init_seed_reach_the_guest(
     assert vm_id in seed["description"]
     assert await drives(client, vm_id) == {"sda": str(first), "sdb": seed["path"]}
 
-    shell = await SerialShell.open(client, vm_id)
-    try:
+    async with serial_shell(qemu_agent, client, vm_id) as shell:
         status, out = await shell.run("mkdir -p /mnt/cd /mnt/seed && "
                                       "mount -t iso9660 -o ro /dev/sr0 /mnt/cd && "
                                       "cat /mnt/cd/hello.txt")
@@ -113,8 +112,6 @@ async def test_cdrom_media_and_the_cloud_init_seed_reach_the_guest(
         assert status != 0 and "No medium" in out, out
         assert await drives(client, vm_id, inactive=True) == {"sda": None,
                                                               "sdb": seed["path"]}
-    finally:
-        shell.close()
 
     # The seed stays while the VM is defined, and goes with it.
     ref = {k: seed[k] for k in ("sd_id", "image_id", "volume_id")}
