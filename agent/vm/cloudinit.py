@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import pycdlib
 import yaml
 
 from virtnode.errors import InvalidArgument
@@ -97,6 +96,8 @@ def check_cloud_init(raw: Mapping[str, Any], name: str, vm_uuid: str, *, bus: st
 
 def seed_image(cloud_init: CloudInit) -> bytes:
     """The NoCloud seed as the bytes of an ISO 9660 image labelled ``cidata``."""
+    import pycdlib  # only a VM with cloud-init needs it: not imported at every start
+
     files = [("USERDATA.;1", "user-data", cloud_init.user_data),
              ("METADATA.;1", "meta-data", cloud_init.meta_data)]
     if cloud_init.network_config is not None:
