@@ -39,6 +39,7 @@ bench: setup
 	$(BIN)/python bench/scrape.py
 	$(BIN)/python bench/network.py
 	$(BIN)/python bench/fuzz.py
+	$(BIN)/python bench/console.py
 
 setup: host venv compile web
 
