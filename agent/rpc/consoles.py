@@ -27,7 +27,9 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
@@ -113,13 +115,12 @@ class _Client:
             self._wake.set()
 
     async def pump(self) -> None:
-        """Send what is queued until the client is ended, then close its socket."""
+        """Send what is queued until the client is ended (the socket is closed by the
+        session, see :func:`_run_session`)."""
         while True:
             await self._wake.wait()
             self._wake.clear()
             if self.closing is not None:
-                code, reason = self.closing
-                await self._ws.close(code=code, message=_close_reason(reason))
                 return
             chunk = bytearray()
             while self._queue and len(chunk) < FRAME:
@@ -130,6 +131,32 @@ class _Client:
                 self._wake.set()
             if chunk:
                 await self._ws.send_bytes(bytes(chunk))
+
+
+async def _run_session(ws: web.WebSocketResponse, client: _Client,
+                       *parts: Coroutine[Any, Any, None], name: str) -> None:
+    """Run the session's ``parts`` (the client's input loop first) and ``client.pump()``
+    until one ends, then close the socket with the client's close code.
+
+    The close is made here, after the input loop is stopped, never while another task
+    waits in ``ws.receive()``: aiohttp's close then drops the connection right after the
+    close frame, without waiting for the client's answer, and a client whose answer
+    finds the connection gone reports 1006 instead of the agent's code.
+    """
+    tasks = [asyncio.create_task(part, name=f"{name} {index}")
+             for index, part in enumerate((*parts, client.pump()))]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    if not ws.closed:
+        code, reason = client.closing or (1000, "")
+        await ws.close(code=code, message=_close_reason(reason))
+    failed = None if tasks[0].cancelled() else tasks[0].exception()
+    if failed is not None:
+        raise failed
 
 
 class ConsoleRoutes:
@@ -191,13 +218,8 @@ class ConsoleRoutes:
         client = _Client(ws, grant, self._config.client_buffer)
         try:
             async with self._consoles.session(grant, client, backlog=True):
-                pump = asyncio.create_task(client.pump(), name=f"console out {grant.vm_id}")
-                try:
-                    await self._serial_input(ws, grant, client)
-                finally:
-                    if client.closing is None:
-                        pump.cancel()
-                    await asyncio.gather(pump, return_exceptions=True)
+                await _run_session(ws, client, self._serial_input(ws, grant, client),
+                                   name=f"console {grant.vm_id}")
         except ApiError as exc:
             await ws.close(code=CLOSE_IN_USE, message=_close_reason(exc.message))
 
@@ -230,33 +252,26 @@ class ConsoleRoutes:
                 await ws.send_bytes(data)
             client.end(1011, "the VM's display closed")
 
+        async def upstream() -> None:
+            async for msg in ws:
+                if client.closing is not None:
+                    return
+                if msg.type is not WSMsgType.BINARY:
+                    continue
+                try:
+                    out = flt.feed(msg.data)
+                except RfbError as exc:
+                    log.info("VNC client of %s broke the protocol: %s", grant.vm_id, exc)
+                    client.end(1002, str(exc))
+                    return
+                if out:
+                    writer.write(out)
+                    await writer.drain()
+
         try:
             async with self._consoles.session(grant, client):
-                tasks = [asyncio.create_task(downstream(), name=f"vnc out {grant.vm_id}"),
-                         asyncio.create_task(client.pump(), name=f"vnc close {grant.vm_id}")]
-                try:
-                    async for msg in ws:
-                        if client.closing is not None:
-                            break
-                        if msg.type is not WSMsgType.BINARY:
-                            continue
-                        try:
-                            out = flt.feed(msg.data)
-                        except RfbError as exc:
-                            log.info("VNC client of %s broke the protocol: %s", grant.vm_id,
-                                     exc)
-                            await ws.close(code=1002, message=_close_reason(str(exc)))
-                            break
-                        if out:
-                            writer.write(out)
-                            await writer.drain()
-                finally:
-                    for task in tasks:
-                        task.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                    if not ws.closed:
-                        code, reason = client.closing or (1000, "")
-                        await ws.close(code=code, message=_close_reason(reason))
+                await _run_session(ws, client, upstream(), downstream(),
+                                   name=f"vnc {grant.vm_id}")
         except ApiError as exc:
             await ws.close(code=CLOSE_IN_USE, message=_close_reason(exc.message))
         finally:
