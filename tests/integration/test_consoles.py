@@ -400,6 +400,40 @@ async def test_the_vnc_page_connects_in_chromium(console_agent: AgentProcess,
         assert any(e["kind"] == "vnc" and e["event"] == "connect" for e in events)
 
 
+#: The text of the serial page's terminal (xterm.js), one line per row, right-trimmed.
+TERMINAL_TEXT = ("(() => { const b = window.virtnodeConsole.buffer.active; const rows = [];"
+                 " for (let i = 0; i < b.length; i++)"
+                 " rows.push(b.getLine(i).translateToString(true));"
+                 " return rows.join('\\n'); })()")
+
+
+async def test_the_serial_page_types_and_reads_in_chromium(console_agent: AgentProcess,
+                                                           tmp_path: Path) -> None:
+    agent = console_agent
+    async with await Client.connect(agent.unix_url) as admin:
+        vm_id = await console_guest(admin)
+        url = agent.http_url + await open_console(admin, vm_id, "serial")
+        async with chromium(tmp_path) as browser:
+            await browser.send("Page.navigate", url=url)
+            await until(browser, "document.body && document.body.dataset.state === 'connected'")
+            # The boot, from the console's ring, before anything is typed.
+            await until(browser, f"{TERMINAL_TEXT}.includes({guests.GUEST_READY!r})")
+            await browser.evaluate("window.virtnodeConsole.focus()")
+            await browser.send("Input.insertText", text="echo pa''ge")
+            for kind in ("keyDown", "keyUp"):
+                await browser.send("Input.dispatchKeyEvent", type=kind, key="Enter",
+                                   code="Enter", windowsVirtualKeyCode=13,
+                                   **({"text": "\r"} if kind == "keyDown" else {}))
+            await until(browser, f"{TERMINAL_TEXT}.split('\\n').includes('page')")
+            shot = await browser.send("Page.captureScreenshot", format="png")
+        path = tmp_path / "serial-console-page.png"
+        path.write_bytes(base64.b64decode(shot["data"]))
+        print(f"screenshot of the console page: {path}")
+        events = await console_events(admin)
+        assert any(e["kind"] == "serial" and e["event"] == "connect" and e["role"] == "admin"
+                   for e in events)
+
+
 async def test_virtnode_vnc_prints_a_page_url_and_names_must_be_unique(
         console_agent: AgentProcess) -> None:
     agent = console_agent
