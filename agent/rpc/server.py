@@ -3,7 +3,8 @@
 ``GET /rpc`` upgraded to WebSocket carries requests, batches and pushed notifications;
 requests on one socket run concurrently and each response goes out when it is ready.
 ``POST /rpc`` answers one message per request. ``GET /healthz`` reports readiness and
-``GET /metrics`` serves Prometheus text to callers with the reader role or above.
+``GET /metrics`` serves Prometheus text to callers with the reader role or above. Services
+add endpoints of their own (:class:`Route`, e.g. volume transfers) beside these.
 
 Every connection passes the listener's guard first (:mod:`virtnode.rpc.connguard`: connection
 caps and timeouts), then every request the browser checks (:mod:`virtnode.rpc.origins`: Host
@@ -19,7 +20,8 @@ import os
 import socket
 import ssl
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import WSMsgType, web
@@ -38,6 +40,20 @@ log = logging.getLogger(__name__)
 
 HealthFn = Callable[[], JsonObject]
 MetricsFn = Callable[[], bytes]
+#: A service's own endpoint beside /rpc: it gets the request and the caller of its
+#: connection (identity and role), and answers with any response, a WebSocket included.
+RouteHandler = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One route a service adds (:meth:`ApiServer.add_routes`). Its requests pass the same
+    guards as /rpc: the connection caps and timeouts, and the Host and Origin checks."""
+
+    method: str
+    path: str
+    handler: RouteHandler
+
 
 #: Prometheus text exposition format 0.0.4.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -101,6 +117,17 @@ class ApiServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._guards: Registry = {}
         self._send_limits = SendLimits(config.send_buffer_soft, config.send_buffer_hard)
+        self._routes: list[Route] = []
+
+    def add_routes(self, routes: Iterable[Route]) -> None:
+        """Serve these routes too, on every listener; call before :meth:`start`."""
+        self._routes.extend(routes)
+
+    def _route_handler(self, handler: RouteHandler
+                       ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await handler(request, self._caller(request))
+        return handle
 
     async def start(self) -> None:
         """Bind every listener; raises ``OSError`` if one cannot be bound.
@@ -114,6 +141,8 @@ class ApiServer:
         app.router.add_get("/healthz", self._healthz)
         if self._metrics is not None:
             app.router.add_get("/metrics", self._get_metrics)
+        for route in self._routes:
+            app.router.add_route(route.method, route.path, self._route_handler(route.handler))
         # aiohttp's own keep-alive timer closes idle connections too (the guard's does it
         # with or without it).
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
