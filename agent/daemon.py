@@ -41,6 +41,7 @@ from virtnode.rpc.dispatch import Dispatcher
 from virtnode.rpc.schema import load_schema
 from virtnode.rpc.server import ApiServer
 from virtnode.rpc.tls import server_context
+from virtnode.rpc.transfers import TransferRoutes
 from virtnode.rpc.uplink import Uplink, Uplinks
 from virtnode.stats.metrics import (
     AgentCollector,
@@ -95,7 +96,8 @@ class Agent:
                                             hypervisor_uri=config.hypervisor.uri,
                                             cancel_job=lambda job_id: self.jobs.cancel(
                                                 job_id, by="StorageDomain.delete"))
-        self.volumes = VolumeService(self.storage, self.jobs, self.bus, vm_disks)
+        self.volumes = VolumeService(self.storage, self.jobs, self.bus, vm_disks,
+                                     transfer_timeout=config.storage.transfer_timeout)
         self.vms = VmService(self.hypervisor, self.bus, config.vm, self.jobs,
                              lambda ref, readonly: self.volumes.resolve(ref, readonly=readonly),
                              networks=self.network.bridge_of,
@@ -120,6 +122,7 @@ class Agent:
         await self.devices.close()
         await self.jobs.close()
         await self.stats.close()
+        self.volumes.close()
         await self.storage.close()
         await self.network.close()
         await self.migrations.close()
@@ -191,6 +194,8 @@ class Agent:
         await self.stats.start()
         self.server = ApiServer(self.config.server, self.config.access, self.dispatcher,
                                 self.health, metrics.render, tls=tls)
+        self.server.add_routes(TransferRoutes(
+            self.volumes.transfers, body_timeout=self.config.server.body_timeout).routes())
         try:
             await self.server.start()
         except BaseException:
@@ -275,6 +280,7 @@ class Agent:
         async with _stage("stop sampling statistics", stage_timeout):
             await self.stats.close()
         async with _stage("stop the storage domain monitors", stage_timeout):
+            self.volumes.close()
             await self.storage.close()
         async with _stage("stop the network monitor", stage_timeout):
             await self.network.close()

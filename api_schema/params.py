@@ -251,6 +251,10 @@ class VmUndefineParams(TypedDict):
     force: bool
 
 
+class VolumeCancelTransferParams(TypedDict):
+    transfer_id: str
+
+
 class VolumeCopyParams(TypedDict):
     src: JsonObject
     dst_sd: str
@@ -279,6 +283,11 @@ class VolumeDeleteParams(TypedDict):
     volume_id: str
 
 
+class VolumeFinalizeTransferParams(TypedDict):
+    transfer_id: str
+    sha256: NotRequired[str]
+
+
 class VolumeGetInfoParams(TypedDict):
     sd_id: str
     image_id: str
@@ -295,6 +304,17 @@ class VolumeMergeParams(TypedDict):
     image_id: str
     volume_id: str
     request_key: NotRequired[str]
+
+
+class VolumePrepareTransferParams(TypedDict):
+    sd_id: str
+    direction: Literal["upload", "download"]
+    image_id: NotRequired[str]
+    volume_id: NotRequired[str]
+    size: NotRequired[int]
+    format: NotRequired[Literal["raw", "qcow2"]]
+    virtual_size: NotRequired[int]
+    description: str
 
 
 class VolumeResizeParams(TypedDict):

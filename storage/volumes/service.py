@@ -23,12 +23,15 @@ import uuid
 from collections.abc import Sequence
 
 from virtnode.api_schema.params import (
+    VolumeCancelTransferParams,
     VolumeCopyParams,
     VolumeCreateParams,
     VolumeDeleteParams,
+    VolumeFinalizeTransferParams,
     VolumeGetInfoParams,
     VolumeListParams,
     VolumeMergeParams,
+    VolumePrepareTransferParams,
     VolumeResizeParams,
 )
 from virtnode.errors import (
@@ -48,6 +51,7 @@ from virtnode.storage.volumes import files as volfiles
 from virtnode.storage.volumes import jobs as volcopy
 from virtnode.storage.volumes.core import VolumeCore
 from virtnode.storage.volumes.files import Found
+from virtnode.storage.volumes.transfers import TransferService
 from virtnode.storage.volumes.view import (
     preallocation,
     qemu_chain,
@@ -63,16 +67,19 @@ class VolumeService:
     """The volumes of the attached storage domains."""
 
     def __init__(self, domains: StorageDomainService, jobs: JobManager, bus: EventBus,
-                 vm_disks: VmDisks) -> None:
+                 vm_disks: VmDisks, *, transfer_timeout: float = 300.0) -> None:
         self._domains = domains
         #: What the service and its jobs share; the VM service holds volumes through it.
         self.core = core = VolumeCore(domains, jobs, bus, vm_disks)
         self.io = core.io
         jobs.register(volcopy.COPY_JOB)
         jobs.register(volcopy.MERGE_JOB)
+        #: Uploads and downloads; the HTTP side reads and writes through it.
+        self.transfers = TransferService(core, timeout=transfer_timeout)
 
     async def start(self) -> None:
         """Scan the attached domains for volumes a crash left illegal (logged, published)."""
+        self.transfers.start()
         for domain in self._domains.attached():
             try:
                 found = await self.io(volfiles.scan_illegal, domain.layout,
@@ -262,6 +269,19 @@ class VolumeService:
 
     async def merge(self, params: VolumeMergeParams) -> JsonObject:
         return await volcopy.start_merge(self.core, params)
+
+    async def prepare_transfer(self, params: VolumePrepareTransferParams) -> JsonObject:
+        return await self.transfers.prepare(params)
+
+    async def finalize_transfer(self, params: VolumeFinalizeTransferParams) -> JsonObject:
+        return await self.transfers.finalize(params)
+
+    async def cancel_transfer(self, params: VolumeCancelTransferParams) -> JsonObject:
+        return await self.transfers.cancel(params)
+
+    def close(self) -> None:
+        """Stop the transfer threads; call once the jobs have ended."""
+        self.transfers.close()
 
     # --- helpers --------------------------------------------------------------------------
 
