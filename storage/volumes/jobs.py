@@ -59,7 +59,7 @@ def _progress(handle: JobHandle) -> qemuimg.ProgressCallback:
 
 
 async def leased(domains: Sequence[Domain], what: str,
-                  start: Callable[[list[Lease]], Awaitable[JobRecord]]) -> JsonObject:
+                 start: Callable[[list[Lease]], Awaitable[JobRecord]]) -> JsonObject:
     """Hold ``domains`` shared while ``start(leases)`` checks the call and submits its job,
     which takes the leases over (:func:`job_context`); they are given back here unless
     it did."""
@@ -77,12 +77,14 @@ async def leased(domains: Sequence[Domain], what: str,
 
 @contextlib.asynccontextmanager
 async def job_context(core: VolumeCore, volumes: Sequence[Found], what: str,
-                       leases: list[Lease]) -> AsyncIterator[None]:
-    """A job's resources: its volumes busy, and its domain leases until it ends."""
+                      leases: list[Lease], *, no_writers: bool = False
+                      ) -> AsyncIterator[None]:
+    """A job's resources: its volumes busy (and with ``no_writers`` kept from VMs that
+    would write them), and its domain leases until it ends."""
     for lease in leases:
         lease.taken = True  # released when the job ends
     try:
-        async with core.hold(volumes, what):
+        async with core.hold(volumes, what, no_writers=no_writers):
             yield
     finally:
         for lease in leases:
@@ -99,7 +101,7 @@ async def start_copy(core: VolumeCore, params: VolumeCopyParams) -> JsonObject:
     src_domain = core.domains.domain(params["src"]["sd_id"])
     dst = core.domains.domain(params["dst_sd"])
     return await leased([src_domain, dst], COPY_JOB.name,
-                         lambda leases: _submit_copy(core, params, leases))
+                        lambda leases: _submit_copy(core, params, leases))
 
 
 async def _submit_copy(core: VolumeCore, params: VolumeCopyParams,
@@ -184,7 +186,7 @@ async def _merge_chain(core: VolumeCore, params: VolumeMergeParams
 async def start_merge(core: VolumeCore, params: VolumeMergeParams) -> JsonObject:
     """Check a ``Volume.merge`` call and start its job; returns ``{job_id, job}``."""
     return await leased([core.domains.domain(params["sd_id"])], MERGE_JOB.name,
-                         lambda leases: _submit_merge(core, params, leases))
+                        lambda leases: _submit_merge(core, params, leases))
 
 
 async def _submit_merge(core: VolumeCore, params: VolumeMergeParams,

@@ -372,7 +372,8 @@ class TransferService:
                 TRANSFER_JOB.name, job_params(params), run, description=description,
                 target=transfer.found.volume_id,
                 prepare=lambda: job_context(core, [transfer.found], TRANSFER_JOB.name,
-                                            leases))
+                                            leases,
+                                            no_writers=transfer.direction == "download"))
         except BaseException:
             await to_the_end(self._end(transfer), "transfer end")
             raise
