@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -294,6 +295,11 @@ async def test_download_whole_and_by_range(
     await expect_error(client, "Volume.delete", ref, "FailedPrecondition", "volume_busy")
     await expect_error(client, "Volume.resize", {**ref, "size": 8 * MiB},
                        "FailedPrecondition", "volume_busy")
+    # ... and no VM starts writing it.
+    spec = {"name": "vn-transfer-dl", "memory_mib": 64, "disks": [{"volume": ref}]}
+    err = await expect_error(client, "VM.create", {"spec": spec, "start": True},
+                             "FailedPrecondition", "volume_busy")
+    assert err.data["id"] == ref["volume_id"]
     digest = hashlib.sha256(content).hexdigest()
     done = await client.call("Volume.finalizeTransfer",
                              {"transfer_id": down["transfer_id"], "sha256": digest})
@@ -374,3 +380,36 @@ async def test_unknown_cancelled_and_expired_transfers(
                                {"transfer_id": expired["transfer_id"]}, "NotFound")
         assert (await client.call("Volume.list", {"sd_id": sd_id}))["volumes"] == []
         assert await images_in(tmp_path / "sd" / sd_id) == []
+
+
+# --- the command line --------------------------------------------------------------------------
+
+
+async def test_volume_upload_and_download_commands(
+        agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
+    client = await checked_client(agent.unix_url)
+    sd_id = await new_domain(client, tmp_path / "sd")
+    source = tmp_path / "disk.qcow2"
+    await make_qcow2_with_data(source, 256 * MiB, blocks=24, seed=5)
+    env = {**os.environ, "NO_COLOR": "1"}
+    up = (await run(sys.executable, "-m", "virtnode", "volume", "upload", source,
+                    "--sd", sd_id, "--chunk-size", "4", "--description", "cli",
+                    "--url", agent.unix_url, env=env)).check()
+    volume = json.loads(up)["volume"]
+    assert (volume["format"], volume["legality"], volume["description"]) == (
+        "qcow2", "legal", "cli")
+    assert json.loads(up)["sha256"] == await asyncio.to_thread(sha256_of, source)
+
+    # By volume id alone: the command finds its image by listing the domain.
+    target = tmp_path / "back.qcow2"
+    down = await run(sys.executable, "-m", "virtnode", "volume", "download", sd_id,
+                     volume["volume_id"], "-o", target, "--url", agent.unix_url, env=env)
+    assert json.loads(down.check())["size"] == (await asyncio.to_thread(source.stat)).st_size
+    assert await asyncio.to_thread(target.read_bytes) == await asyncio.to_thread(
+        source.read_bytes)
+    assert "\x1b[" not in down.err  # no terminal: nothing drawn
+
+    refused = await run(sys.executable, "-m", "virtnode", "volume", "upload", source,
+                        "--sd", sd_id, "--format", "raw", "--url", agent.unix_url, env=env)
+    assert refused.status == 1 and "format_mismatch" in refused.err
+    assert len((await client.call("Volume.list", {"sd_id": sd_id}))["volumes"]) == 1
