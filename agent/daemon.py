@@ -97,7 +97,8 @@ class Agent:
                                             cancel_job=lambda job_id: self.jobs.cancel(
                                                 job_id, by="StorageDomain.delete"))
         self.volumes = VolumeService(self.storage, self.jobs, self.bus, vm_disks,
-                                     transfer_timeout=config.storage.transfer_timeout)
+                                     transfer_timeout=config.storage.transfer_timeout,
+                                     import_paths=config.storage.import_paths)
         self.vms = VmService(self.hypervisor, self.bus, config.vm, self.jobs,
                              lambda ref, readonly: self.volumes.resolve(ref, readonly=readonly),
                              networks=self.network.bridge_of,

@@ -294,6 +294,16 @@ class VolumeGetInfoParams(TypedDict):
     volume_id: str
 
 
+class VolumeImportParams(TypedDict):
+    sd_id: str
+    path: str
+    format: Literal["auto", "raw", "qcow2", "vmdk", "vdi", "vhdx"]
+    dst_format: Literal["raw", "qcow2"]
+    allocation: Literal["sparse", "preallocated"]
+    description: str
+    request_key: NotRequired[str]
+
+
 class VolumeListParams(TypedDict):
     sd_id: str
     image_id: NotRequired[str]

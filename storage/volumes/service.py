@@ -29,6 +29,7 @@ from virtnode.api_schema.params import (
     VolumeDeleteParams,
     VolumeFinalizeTransferParams,
     VolumeGetInfoParams,
+    VolumeImportParams,
     VolumeListParams,
     VolumeMergeParams,
     VolumePrepareTransferParams,
@@ -48,6 +49,7 @@ from virtnode.storage.domains.service import Domain, StorageDomainService, VmDis
 from virtnode.storage.images import qemuimg
 from virtnode.storage.layout import VolumeMetadata
 from virtnode.storage.volumes import files as volfiles
+from virtnode.storage.volumes import imports
 from virtnode.storage.volumes import jobs as volcopy
 from virtnode.storage.volumes.core import VolumeCore
 from virtnode.storage.volumes.files import Found
@@ -67,13 +69,16 @@ class VolumeService:
     """The volumes of the attached storage domains."""
 
     def __init__(self, domains: StorageDomainService, jobs: JobManager, bus: EventBus,
-                 vm_disks: VmDisks, *, transfer_timeout: float = 300.0) -> None:
+                 vm_disks: VmDisks, *, transfer_timeout: float = 300.0,
+                 import_paths: Sequence[str] = ()) -> None:
         self._domains = domains
         #: What the service and its jobs share; the VM service holds volumes through it.
         self.core = core = VolumeCore(domains, jobs, bus, vm_disks)
         self.io = core.io
         jobs.register(volcopy.COPY_JOB)
         jobs.register(volcopy.MERGE_JOB)
+        jobs.register(imports.IMPORT_JOB)
+        self._import_paths = tuple(import_paths)
         #: Uploads and downloads; the HTTP side reads and writes through it.
         self.transfers = TransferService(core, timeout=transfer_timeout)
 
@@ -269,6 +274,9 @@ class VolumeService:
 
     async def merge(self, params: VolumeMergeParams) -> JsonObject:
         return await volcopy.start_merge(self.core, params)
+
+    async def import_volume(self, params: VolumeImportParams) -> JsonObject:
+        return await imports.start_import(self.core, params, self._import_paths)
 
     async def prepare_transfer(self, params: VolumePrepareTransferParams) -> JsonObject:
         return await self.transfers.prepare(params)
