@@ -190,28 +190,40 @@ class TransferRoutes:
         offset = position = start
         batch = bytearray()
         writing: asyncio.Task[None] | None = None
+        loop = asyncio.get_running_loop()
         try:
-            while position < end:
-                try:
-                    async with asyncio.timeout(self._body_timeout):
-                        chunk = await content.read(min(BLOCK, end - position))
-                except TimeoutError:
-                    raise DeadlineExceeded(f"no data arrived for {self._body_timeout:g} s",
-                                           reason="body_timeout") from None
-                if not chunk:
-                    break  # the body ended early (chunked encoding)
-                batch += chunk
-                position += len(chunk)
-                if len(batch) >= BATCH:
-                    if writing is not None:
-                        await writing
-                    writing = asyncio.create_task(
-                        self._transfers.write(transfer, offset, batch), name="upload-write")
-                    offset, batch = offset + len(batch), bytearray()
+            # One deadline for the whole body, pushed back as data comes (at most once a
+            # second: a timer per read would cost more than the read).
+            async with asyncio.timeout(self._body_timeout) as deadline:
+                pushed = loop.time()
+                while position < end:
+                    chunk = await content.readany()
+                    if not chunk:
+                        break  # the body ended early (chunked encoding)
+                    if len(chunk) > end - position:
+                        raise _Refused(400, InvalidArgument(
+                            f"the body is longer than the {end - start} bytes of its range",
+                            reason="body_too_long"))
+                    batch += chunk
+                    position += len(chunk)
+                    if len(batch) >= BATCH:
+                        if writing is not None:
+                            await writing
+                        writing = asyncio.create_task(
+                            self._transfers.write(transfer, offset, batch),
+                            name="upload-write")
+                        offset, batch = offset + len(batch), bytearray()
+                    now = loop.time()
+                    if now - pushed > 1.0:
+                        deadline.reschedule(now + self._body_timeout)
+                        pushed = now
             if position == end and not content.at_eof():
                 raise _Refused(400, InvalidArgument(
                     f"the body is longer than the {end - start} bytes of its range",
                     reason="body_too_long"))
+        except TimeoutError:
+            raise DeadlineExceeded(f"no data arrived for {self._body_timeout:g} s",
+                                   reason="body_timeout") from None
         except (aiohttp.ClientError, ConnectionError) as exc:
             log.info("upload into volume %s: connection lost after %d bytes (%s)",
                      transfer.found.volume_id, position - start, exc)

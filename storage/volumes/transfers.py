@@ -16,9 +16,10 @@ removes the volume an upload made; the start-up scan removes one that a crash le
 
 An upload's data is checked before its volume becomes legal, as any image from outside
 (:mod:`virtnode.storage.images.foreign`): format, backing and data files, qemu-img check,
-virtual size. Its SHA-256 is computed as the bytes arrive in order, in the I/O thread
-that writes them; when chunks came out of order or again, the file is read once more at
-finalize instead.
+virtual size. Its SHA-256 is taken at finalize, from the file (mostly still in the page
+cache): hashing as the bytes came took a core from the receive path on a small host and
+halved an upload's throughput (see docs/performance.md), and chunks that arrive out of
+order or twice would need the file read again anyway.
 """
 
 from __future__ import annotations
@@ -115,9 +116,6 @@ class Transfer:
     deadline: float = 0.0
     expires_at: float = 0.0
     handle: JobHandle | None = None
-    #: The SHA-256 of the bytes ``0 .. hashed``; None once chunks came out of order.
-    hasher: Any = None
-    hashed: int = 0
     #: One PUT (or finalize) at a time; each file operation under ``io_lock``, so that
     #: closing waits for the one under way and none starts after.
     put_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -128,7 +126,6 @@ class Transfer:
 
     def __post_init__(self) -> None:
         self.received = Received(self.size)
-        self.hasher = hashlib.sha256() if self.direction == "upload" else None
         self.outcome = asyncio.get_running_loop().create_future()
         self.touch()
 
@@ -259,14 +256,7 @@ class TransferService:
         async with transfer.io_lock:
             if transfer.state == "closed":
                 raise TransferGone
-            hashing = transfer.hasher is not None and offset == transfer.hashed
-            await self._io(_pwrite, transfer.fd, data, offset,
-                           transfer.hasher if hashing else None, what="writing the upload")
-            if hashing:
-                transfer.hashed = end
-            elif transfer.hasher is not None:
-                # Out of order, or again: the digest is taken from the file at the end.
-                transfer.hasher = None
+            await self._io(_pwrite, transfer.fd, data, offset, what="writing the upload")
             transfer.received.add(offset, end)
         transfer.touch()
         self._progress(transfer)
@@ -414,7 +404,7 @@ class TransferService:
         if transfer.direction == "download":
             digest = None
             if sha256 is not None:
-                digest = await self._io(_hash_file, transfer.fd, None, 0, transfer.size,
+                digest = await self._io(_hash_file, transfer.fd, transfer.size,
                                         what="hashing the volume")
                 _compare(sha256, digest)
             result: JsonObject = {"volume": volume_api(transfer.domain, transfer.found),
@@ -429,8 +419,8 @@ class TransferService:
                 f"gap ({received.total} in all); send the rest, then finalize",
                 reason="transfer_incomplete", object="transfer", received=received.contiguous,
                 size=transfer.size)
-        digest = await self._io(_hash_file, transfer.fd, transfer.hasher, transfer.hashed,
-                                transfer.size, what="hashing the upload")
+        digest = await self._io(_hash_file, transfer.fd, transfer.size,
+                                what="hashing the upload")
         if sha256 is not None:
             _compare(sha256, digest)
         found = await self._check_image(transfer)
@@ -575,23 +565,17 @@ def _open_data(found: Found) -> tuple[int, int]:
         raise
 
 
-def _pwrite(fd: int, data: bytes | bytearray, offset: int, hasher: Any) -> None:
+def _pwrite(fd: int, data: bytes | bytearray, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
-    if hasher is not None:
-        hasher.update(data)
 
 
-def _hash_file(fd: int, hasher: Any, start: int, size: int) -> str:
-    """The SHA-256 of the file's first ``size`` bytes: ``hasher`` holds those before
-    ``start`` already (None: read them all)."""
-    if hasher is None:
-        hasher, start = hashlib.sha256(), 0
-    else:
-        hasher = hasher.copy()
-    offset = start
+def _hash_file(fd: int, size: int) -> str:
+    """The SHA-256 of the file's first ``size`` bytes; the file is flushed too."""
+    hasher = hashlib.sha256()
+    offset = 0
     while offset < size:
         block = os.pread(fd, min(HASH_BLOCK, size - offset), offset)
         if not block:

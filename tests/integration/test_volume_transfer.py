@@ -349,7 +349,9 @@ async def test_a_page_of_another_origin_cannot_put(
 
 async def test_unknown_cancelled_and_expired_transfers(
         checked_client: ClientFactory, tmp_path: Path) -> None:
-    sections = {"storage": {"transfer_timeout": 1.0}}
+    # Long enough for the cancelled transfer to be cancelled before it expires, even on a
+    # busy machine; short for the expired one.
+    sections = {"storage": {"transfer_timeout": 3.0}}
     async with running_agent(tmp_path, sections=sections) as agent:
         client = await checked_client(agent.unix_url)
         sd_id = await new_domain(client, tmp_path / "sd")
