@@ -188,7 +188,8 @@ class TransferRoutes:
         it quietly; what arrived until then is written."""
         content = request.content
         offset = position = start
-        batch = bytearray()
+        batch: list[bytes] = []
+        size = 0
         writing: asyncio.Task[None] | None = None
         loop = asyncio.get_running_loop()
         try:
@@ -204,15 +205,16 @@ class TransferRoutes:
                         raise _Refused(400, InvalidArgument(
                             f"the body is longer than the {end - start} bytes of its range",
                             reason="body_too_long"))
-                    batch += chunk
+                    batch.append(chunk)  # written as they are (pwritev): no copy
+                    size += len(chunk)
                     position += len(chunk)
-                    if len(batch) >= BATCH:
+                    if size >= BATCH:
                         if writing is not None:
                             await writing
                         writing = asyncio.create_task(
                             self._transfers.write(transfer, offset, batch),
                             name="upload-write")
-                        offset, batch = offset + len(batch), bytearray()
+                        offset, batch, size = offset + size, [], 0
                     now = loop.time()
                     if now - pushed > 1.0:
                         deadline.reschedule(now + self._body_timeout)

@@ -32,7 +32,7 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -78,6 +78,8 @@ IO_THREADS = 4
 #: How long finalize and cancel wait for the request under way to end (a PUT whose
 #: connection dropped ends as soon as its handler sees it).
 REQUEST_GRACE = 5.0
+#: Buffers one pwritev takes at most (the kernel's UIO_MAXIOV).
+IOV_MAX = 1024
 #: Block size of the hashing pass over a file at finalize.
 HASH_BLOCK = 4 * 1024 * 1024
 
@@ -246,11 +248,11 @@ class TransferService:
             transfer.active -= 1
             transfer.touch()
 
-    async def write(self, transfer: Transfer, offset: int, data: bytes | bytearray) -> None:
-        """Write ``data`` at ``offset`` of an upload and record it received. Raises
-        :class:`TransferGone`, ``ValueError`` (outside the size), ``OSError`` and
-        DeadlineExceeded."""
-        end = offset + len(data)
+    async def write(self, transfer: Transfer, offset: int, data: Sequence[bytes]) -> None:
+        """Write the buffers ``data`` one after the other at ``offset`` of an upload and
+        record them received. Raises :class:`TransferGone`, ``ValueError`` (outside the
+        size), ``OSError`` and DeadlineExceeded."""
+        end = offset + sum(len(buffer) for buffer in data)
         if not 0 <= offset <= end <= transfer.size:
             raise ValueError(f"bytes {offset}-{end} lie outside the upload's {transfer.size}")
         async with transfer.io_lock:
@@ -565,11 +567,15 @@ def _open_data(found: Found) -> tuple[int, int]:
         raise
 
 
-def _pwrite(fd: int, data: bytes | bytearray, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
+def _pwrite(fd: int, data: Sequence[bytes], offset: int) -> None:
+    views = [memoryview(buffer) for buffer in data if buffer]
+    while views:
+        written = os.pwritev(fd, views[:IOV_MAX], offset)
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if views and written:
+            views[0] = views[0][written:]
 
 
 def _hash_file(fd: int, size: int) -> str:
