@@ -363,9 +363,9 @@ class TransferService:
             job: JobRecord = await core.jobs.submit(
                 TRANSFER_JOB.name, job_params(params), run, description=description,
                 target=transfer.found.volume_id,
-                prepare=lambda: job_context(core, [transfer.found], TRANSFER_JOB.name,
-                                            leases,
-                                            no_writers=transfer.direction == "download"))
+                prepare=lambda: self._owned(transfer, job_context(
+                    core, [transfer.found], TRANSFER_JOB.name, leases,
+                    no_writers=transfer.direction == "download")))
         except BaseException:
             await to_the_end(self._end(transfer), "transfer end")
             raise
@@ -374,6 +374,18 @@ class TransferService:
                  transfer.transfer_id[:6], transfer.direction, transfer.found.volume_id,
                  job.job_id)
         return job
+
+    @contextlib.asynccontextmanager
+    async def _owned(self, transfer: Transfer,
+                     resources: contextlib.AbstractAsyncContextManager[None]
+                     ) -> AsyncIterator[None]:
+        """The job's resources, and the transfer ended with the job whatever happens: a job
+        cancelled before its task began never runs it."""
+        async with resources:
+            try:
+                yield
+            finally:
+                await to_the_end(self._abandon(transfer), "transfer end")
 
     async def _live(self, transfer: Transfer) -> JsonObject:
         """The job's task: wait until the transfer is finalized, or expires. Requests
