@@ -403,6 +403,12 @@ class StorageConfig:
     io_timeout: float = _spec(
         60.0, _seconds(), "deadline of the storage I/O of one call (formatting, reading "
         "metadata; at most a day)")
+    import_paths: tuple[str, ...] = _spec(
+        (), _check_dirs, "directories whose image files Volume.import may read (after "
+        "symlinks); empty: imports by path are refused. Only root should write in them")
+    transfer_timeout: float = _spec(
+        300.0, _seconds(), "seconds a volume transfer (Volume.prepareTransfer) lives without "
+        "a request; each request starts the time again (at most a day)")
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from virtnode.rpc.dispatch import Dispatcher
 from virtnode.rpc.schema import load_schema
 from virtnode.rpc.server import ApiServer
 from virtnode.rpc.tls import server_context
+from virtnode.rpc.transfers import TransferRoutes
 from virtnode.rpc.uplink import Uplink, Uplinks
 from virtnode.stats.metrics import (
     AgentCollector,
@@ -98,7 +99,9 @@ class Agent:
                                             cancel_job=lambda job_id: self.jobs.cancel(
                                                 job_id, by="StorageDomain.delete"))
         self.volumes = VolumeService(self.storage, self.jobs, self.bus, vm_disks,
-                                     lambda: usage.all_vm_disks(self.hypervisor))
+                                     lambda: usage.all_vm_disks(self.hypervisor),
+                                     transfer_timeout=config.storage.transfer_timeout,
+                                     import_paths=config.storage.import_paths)
         self.vms = VmService(self.hypervisor, self.bus, config.vm, self.jobs,
                              lambda ref, readonly: self.volumes.resolve(ref, readonly=readonly),
                              networks=self.network.bridge_of,
@@ -124,6 +127,7 @@ class Agent:
         await self.devices.close()
         await self.jobs.close()
         await self.stats.close()
+        self.volumes.close()
         await self.storage.close()
         await self.network.close()
         await self.migrations.close()
@@ -199,6 +203,8 @@ class Agent:
         self.server = ApiServer(self.config.server, self.config.access, self.dispatcher,
                                 self.health, metrics.render, tls=tls)
         self.server.add_routes(ConsoleRoutes(self.consoles, self.config.console))
+        self.server.add_routes(TransferRoutes(
+            self.volumes.transfers, body_timeout=self.config.server.body_timeout))
         try:
             await self.server.start()
         except BaseException:
@@ -283,6 +289,7 @@ class Agent:
         async with _stage("stop sampling statistics", stage_timeout):
             await self.stats.close()
         async with _stage("stop the storage domain monitors", stage_timeout):
+            self.volumes.close()
             await self.storage.close()
         async with _stage("stop the network monitor", stage_timeout):
             await self.network.close()

@@ -273,6 +273,10 @@ class VmUndefineParams(TypedDict):
     force: bool
 
 
+class VolumeCancelTransferParams(TypedDict):
+    transfer_id: str
+
+
 class VolumeCopyParams(TypedDict):
     src: JsonObject
     dst_sd: str
@@ -301,10 +305,25 @@ class VolumeDeleteParams(TypedDict):
     volume_id: str
 
 
+class VolumeFinalizeTransferParams(TypedDict):
+    transfer_id: str
+    sha256: NotRequired[str]
+
+
 class VolumeGetInfoParams(TypedDict):
     sd_id: str
     image_id: str
     volume_id: str
+
+
+class VolumeImportParams(TypedDict):
+    sd_id: str
+    path: str
+    format: Literal["auto", "raw", "qcow2", "vmdk", "vdi", "vhdx"]
+    dst_format: Literal["raw", "qcow2"]
+    allocation: Literal["sparse", "preallocated"]
+    description: str
+    request_key: NotRequired[str]
 
 
 class VolumeListParams(TypedDict):
@@ -318,6 +337,17 @@ class VolumeMergeParams(TypedDict):
     image_id: str
     volume_id: str
     request_key: NotRequired[str]
+
+
+class VolumePrepareTransferParams(TypedDict):
+    sd_id: str
+    direction: Literal["upload", "download"]
+    image_id: NotRequired[str]
+    volume_id: NotRequired[str]
+    size: NotRequired[int]
+    format: NotRequired[Literal["raw", "qcow2"]]
+    virtual_size: NotRequired[int]
+    description: str
 
 
 class VolumeResizeParams(TypedDict):

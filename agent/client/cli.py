@@ -1,4 +1,5 @@
-"""The client commands of ``virtnode``: ``call``, ``methods``, ``events``, ``job`` and ``stats``.
+"""The client commands of ``virtnode``: ``call``, ``methods``, ``events``, ``job``, ``stats``
+and ``volume``.
 
 ``serve``, which runs the agent, is added by :mod:`virtnode.command`; nothing here imports
 the agent's own modules.
@@ -23,6 +24,7 @@ from typing import Any
 
 from virtnode import __version__, jsonrpc
 from virtnode.client import jobs as jobcli
+from virtnode.client import transfer as transfercli
 from virtnode.client.connection import (
     DEFAULT_URL,
     Client,
@@ -147,6 +149,7 @@ def build_parser(extra: Sequence[Command] = ()) -> argparse.ArgumentParser:
     _job_parser(sub)
     _stats_parser(sub)
     _console_parsers(sub)
+    transfercli.add_parser(sub, _url_arg)
     return parser
 
 
@@ -403,11 +406,31 @@ def cmd_console(args: argparse.Namespace) -> int:
     return status
 
 
+async def _volume(target: Target, args: argparse.Namespace) -> Any:
+    async with await target.connect() as client:
+        return await transfercli.run(args, client, target.tls)
+
+
+def cmd_volume(args: argparse.Namespace) -> int:
+    target = target_of(args)
+    if target is None:
+        return EXIT_USAGE
+    try:
+        status, result = _run_client(_volume(target, args))
+    except (ValueError, OSError) as exc:
+        print(f"virtnode: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if status == 0:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    return status
+
+
 def main(argv: Sequence[str] | None = None, extra: Sequence[Command] = ()) -> int:
     args = build_parser(extra).parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "call": cmd_call, "methods": cmd_methods, "events": cmd_events, "job": cmd_job,
         "stats": cmd_stats, "console": cmd_console, "vnc": cmd_console,
+        "volume": cmd_volume,
     }
     handlers.update((name, run) for name, _, run in extra)
     return handlers[args.command](args)

@@ -36,6 +36,7 @@ from aiohttp import WSMsgType, web
 from virtnode import jsonrpc
 from virtnode.config import ConsoleConfig
 from virtnode.errors import ApiError
+from virtnode.rpc.server import CallerOf
 from virtnode.vm.console import CLOSE_IN_USE, ConsoleService
 from virtnode.vm.consoletokens import ConsoleGrant
 from virtnode.vm.rfb import ClientFilter, RfbError
@@ -168,7 +169,8 @@ class ConsoleRoutes:
         self._web = Path(config.web_dir) if config.web_dir else default_web_dir()
         self._sockets: set[web.WebSocketResponse] = set()
 
-    def add_routes(self, router: web.UrlDispatcher) -> None:
+    def add_routes(self, router: web.UrlDispatcher, caller: CallerOf) -> None:
+        del caller  # the token says who may do what
         router.add_get("/console/static/{path:.+}", self._static)
         router.add_get("/console/{token}", self._console)
 

@@ -3,7 +3,8 @@
 ``GET /rpc`` upgraded to WebSocket carries requests, batches and pushed notifications;
 requests on one socket run concurrently and each response goes out when it is ready.
 ``POST /rpc`` answers one message per request. ``GET /healthz`` reports readiness and
-``GET /metrics`` serves Prometheus text to callers with the reader role or above.
+``GET /metrics`` serves Prometheus text to callers with the reader role or above. Services
+add endpoints of their own (:class:`Route`, e.g. volume transfers) beside these.
 
 Every connection passes the listener's guard first (:mod:`virtnode.rpc.connguard`: connection
 caps and timeouts), then every request the browser checks (:mod:`virtnode.rpc.origins`: Host
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 HealthFn = Callable[[], JsonObject]
 MetricsFn = Callable[[], bytes]
+#: Who made a request: the caller of the connection it came on (identity and role).
+CallerOf = Callable[[web.Request], Caller]
+
 
 #: Prometheus text exposition format 0.0.4.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -54,7 +58,8 @@ class Routes(Protocol):
     they hold open (WebSockets, uploads) when the agent stops, with the API's sessions.
     """
 
-    def add_routes(self, router: web.UrlDispatcher) -> None: ...
+    def add_routes(self, router: web.UrlDispatcher, caller: CallerOf) -> None:
+        """Add the paths; ``caller`` tells a handler who made a request."""
 
     async def close(self) -> None: ...
 
@@ -117,7 +122,7 @@ class ApiServer:
         self._routes: list[Routes] = []
 
     def add_routes(self, routes: Routes) -> None:
-        """Serve ``routes`` too; before :meth:`start`."""
+        """Serve ``routes`` too, on every listener; call before :meth:`start`."""
         self._routes.append(routes)
 
     async def start(self) -> None:
@@ -133,7 +138,7 @@ class ApiServer:
         if self._metrics is not None:
             app.router.add_get("/metrics", self._get_metrics)
         for routes in self._routes:
-            routes.add_routes(app.router)
+            routes.add_routes(app.router, self._caller)
         # aiohttp's own keep-alive timer closes idle connections too (the guard's does it
         # with or without it).
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,

@@ -181,6 +181,10 @@ class ImageInfo:
     encrypted: bool
     #: qcow2 only: the image is marked corrupt and can only be opened read-only.
     corrupt: bool
+    #: qcow2 only: the external data file its header names.
+    data_file: str | None = None
+    #: vmdk only: the files holding its data (the image itself for a one-file vmdk).
+    extents: tuple[str, ...] = ()
     #: The images below this one, nearest first (empty without ``backing_chain``).
     backing_chain: tuple[ImageInfo, ...] = ()
 
@@ -222,6 +226,9 @@ def _one_info(data: dict[str, Any]) -> ImageInfo:
         dirty=bool(data.get("dirty-flag", False)),
         encrypted=bool(data.get("encrypted", False)),
         corrupt=bool(specific.get("corrupt", False)),
+        data_file=specific.get("data-file"),
+        extents=tuple(str(extent.get("filename", ""))
+                      for extent in specific.get("extents", ())),
     )
 
 

@@ -55,6 +55,8 @@ class VolumeCore:
         self.io = domains.io_call
         self._locks: dict[str, asyncio.Lock] = {}
         self._busy: dict[str, str] = {}  # volume id -> what holds it
+        #: Busy volumes no VM may start writing either (a download is reading them).
+        self._no_writers: set[str] = set()
 
     @property
     def domains(self) -> StorageDomainService:
@@ -90,6 +92,11 @@ class VolumeCore:
                                                    "volume_id": volume_id}, data=False)
                 except NotFound:
                     continue  # a file the agent did not make; libvirt judges it
+                if volume_id in self._no_writers:
+                    raise FailedPrecondition(
+                        f"VM {vm} would write volume {volume_id}, which is being read "
+                        f"({self._busy.get(volume_id)}); end that first",
+                        reason="volume_busy", object="volume", id=volume_id, vm=vm)
                 role = listed.metadata.role
                 if role != "leaf":
                     raise FailedPrecondition(
@@ -143,17 +150,22 @@ class VolumeCore:
                                      id=found.volume_id)
 
     @contextlib.asynccontextmanager
-    async def hold(self, volumes: Sequence[Found], what: str) -> AsyncIterator[None]:
-        """Mark volumes busy for a job; raises FailedPrecondition (``volume_busy``)."""
+    async def hold(self, volumes: Sequence[Found], what: str, *,
+                   no_writers: bool = False) -> AsyncIterator[None]:
+        """Mark volumes busy for a job; with ``no_writers`` no VM may start writing them
+        meanwhile either. Raises FailedPrecondition (``volume_busy``)."""
         for found in volumes:
             self.check_free(found)
         for found in volumes:
             self._busy[found.volume_id] = what
+            if no_writers:
+                self._no_writers.add(found.volume_id)
         try:
             yield
         finally:
             for found in volumes:
                 self._busy.pop(found.volume_id, None)
+                self._no_writers.discard(found.volume_id)
 
     async def check_unused(self, domain: Domain, volumes: Sequence[Listed], *,
                            defined: bool = False) -> None:

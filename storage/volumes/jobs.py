@@ -49,7 +49,7 @@ COPY_JOB = JobKind("Volume.copy", cancellable=True)
 MERGE_JOB = JobKind("Volume.merge", cancellable=True)
 
 
-def _job_params(params: Mapping[str, Any]) -> JsonObject:
+def job_params(params: Mapping[str, Any]) -> JsonObject:
     return {k: v for k, v in params.items() if k != "request_key"}
 
 
@@ -58,10 +58,10 @@ def _progress(handle: JobHandle) -> qemuimg.ProgressCallback:
     return lambda percent: handle.progress(min(percent, 99.0))
 
 
-async def _leased(domains: Sequence[Domain], what: str,
-                  start: Callable[[list[Lease]], Awaitable[JobRecord]]) -> JsonObject:
+async def leased(domains: Sequence[Domain], what: str,
+                 start: Callable[[list[Lease]], Awaitable[JobRecord]]) -> JsonObject:
     """Hold ``domains`` shared while ``start(leases)`` checks the call and submits its job,
-    which takes the leases over (:func:`_job_context`); they are given back here unless
+    which takes the leases over (:func:`job_context`); they are given back here unless
     it did."""
     leases: list[Lease] = []
     try:
@@ -76,20 +76,22 @@ async def _leased(domains: Sequence[Domain], what: str,
 
 
 @contextlib.asynccontextmanager
-async def _job_context(core: VolumeCore, volumes: Sequence[Found], what: str,
-                       leases: list[Lease]) -> AsyncIterator[None]:
-    """A job's resources: its volumes busy, and its domain leases until it ends."""
+async def job_context(core: VolumeCore, volumes: Sequence[Found], what: str,
+                      leases: list[Lease], *, no_writers: bool = False
+                      ) -> AsyncIterator[None]:
+    """A job's resources: its volumes busy (and with ``no_writers`` kept from VMs that
+    would write them), and its domain leases until it ends."""
     for lease in leases:
         lease.taken = True  # released when the job ends
     try:
-        async with core.hold(volumes, what):
+        async with core.hold(volumes, what, no_writers=no_writers):
             yield
     finally:
         for lease in leases:
             lease.release()
 
 
-def _name_job(handle: JobHandle, leases: list[Lease]) -> None:
+def name_job(handle: JobHandle, leases: list[Lease]) -> None:
     for lease in leases:
         lease.job_id = handle.job_id
 
@@ -98,8 +100,8 @@ async def start_copy(core: VolumeCore, params: VolumeCopyParams) -> JsonObject:
     """Check a ``Volume.copy`` call and start its job; returns ``{job_id, job}``."""
     src_domain = core.domains.domain(params["src"]["sd_id"])
     dst = core.domains.domain(params["dst_sd"])
-    return await _leased([src_domain, dst], COPY_JOB.name,
-                         lambda leases: _submit_copy(core, params, leases))
+    return await leased([src_domain, dst], COPY_JOB.name,
+                        lambda leases: _submit_copy(core, params, leases))
 
 
 async def _submit_copy(core: VolumeCore, params: VolumeCopyParams,
@@ -120,7 +122,7 @@ async def _submit_copy(core: VolumeCore, params: VolumeCopyParams,
         dst_fmt, src=src, timeout=core.domains.io_timeout))
 
     async def run(handle: JobHandle) -> JsonObject:
-        _name_job(handle, leases)
+        name_job(handle, leases)
         image_id, volume_id = str(uuid.uuid4()), str(uuid.uuid4())
         metadata = VolumeMetadata.new(
             dst_fmt, allocation, leaf.metadata.virtual_size, parent=None,
@@ -146,10 +148,10 @@ async def _submit_copy(core: VolumeCore, params: VolumeCopyParams,
         return {"volume": volume_api(dst, target)}
 
     return await core.jobs.submit(
-        COPY_JOB.name, _job_params(params), run,
+        COPY_JOB.name, job_params(params), run,
         description=f"copy volume {leaf.volume_id} to storage domain {dst.sd_id}",
         target=leaf.volume_id, request_key=params.get("request_key"),
-        prepare=lambda: _job_context(core, chain, COPY_JOB.name, leases))
+        prepare=lambda: job_context(core, chain, COPY_JOB.name, leases))
 
 
 async def _merge_chain(core: VolumeCore, params: VolumeMergeParams
@@ -183,8 +185,8 @@ async def _merge_chain(core: VolumeCore, params: VolumeMergeParams
 
 async def start_merge(core: VolumeCore, params: VolumeMergeParams) -> JsonObject:
     """Check a ``Volume.merge`` call and start its job; returns ``{job_id, job}``."""
-    return await _leased([core.domains.domain(params["sd_id"])], MERGE_JOB.name,
-                         lambda leases: _submit_merge(core, params, leases))
+    return await leased([core.domains.domain(params["sd_id"])], MERGE_JOB.name,
+                        lambda leases: _submit_merge(core, params, leases))
 
 
 async def _submit_merge(core: VolumeCore, params: VolumeMergeParams,
@@ -195,7 +197,7 @@ async def _submit_merge(core: VolumeCore, params: VolumeMergeParams,
 
     async def run(handle: JobHandle) -> JsonObject:
         nonlocal top, parent
-        _name_job(handle, leases)
+        name_job(handle, leases)
         async with core.lock(domain):
             # The parent first: a crash between the two leaves an illegal parent under a
             # legal leaf, never an illegal leaf over a legal parent (which the start-up
@@ -219,7 +221,7 @@ async def _submit_merge(core: VolumeCore, params: VolumeMergeParams,
         return {"volume": volume_api(domain, parent)}
 
     return await core.jobs.submit(
-        MERGE_JOB.name, _job_params(params), run,
+        MERGE_JOB.name, job_params(params), run,
         description=f"merge volume {top.volume_id} into {parent.volume_id}",
         target=top.volume_id, request_key=params.get("request_key"),
-        prepare=lambda: _job_context(core, [top, parent], MERGE_JOB.name, leases))
+        prepare=lambda: job_context(core, [top, parent], MERGE_JOB.name, leases))

@@ -23,12 +23,16 @@ import uuid
 from collections.abc import Sequence
 
 from virtnode.api_schema.params import (
+    VolumeCancelTransferParams,
     VolumeCopyParams,
     VolumeCreateParams,
     VolumeDeleteParams,
+    VolumeFinalizeTransferParams,
     VolumeGetInfoParams,
+    VolumeImportParams,
     VolumeListParams,
     VolumeMergeParams,
+    VolumePrepareTransferParams,
     VolumeResizeParams,
 )
 from virtnode.errors import (
@@ -46,9 +50,11 @@ from virtnode.storage.domains.service import Domain, StorageDomainService, VmDis
 from virtnode.storage.images import qemuimg
 from virtnode.storage.layout import Content, VolumeMetadata
 from virtnode.storage.volumes import files as volfiles
+from virtnode.storage.volumes import imports
 from virtnode.storage.volumes import jobs as volcopy
 from virtnode.storage.volumes.core import VolumeCore
 from virtnode.storage.volumes.files import Found
+from virtnode.storage.volumes.transfers import TransferService
 from virtnode.storage.volumes.view import (
     preallocation,
     qemu_chain,
@@ -64,7 +70,8 @@ class VolumeService:
     """The volumes of the attached storage domains."""
 
     def __init__(self, domains: StorageDomainService, jobs: JobManager, bus: EventBus,
-                 vm_disks: VmDisks, all_vm_disks: VmDisks | None = None) -> None:
+                 vm_disks: VmDisks, all_vm_disks: VmDisks | None = None, *,
+                 transfer_timeout: float = 300.0, import_paths: Sequence[str] = ()) -> None:
         """``vm_disks`` lists the disks of running VMs, ``all_vm_disks`` those of every
         VM (defined ones too), which ISO images are checked against before deletion."""
         self._domains = domains
@@ -73,9 +80,14 @@ class VolumeService:
         self.io = core.io
         jobs.register(volcopy.COPY_JOB)
         jobs.register(volcopy.MERGE_JOB)
+        jobs.register(imports.IMPORT_JOB)
+        self._import_paths = tuple(import_paths)
+        #: Uploads and downloads; the HTTP side reads and writes through it.
+        self.transfers = TransferService(core, timeout=transfer_timeout)
 
     async def start(self) -> None:
         """Scan the attached domains for volumes a crash left illegal (logged, published)."""
+        self.transfers.start()
         for domain in self._domains.attached():
             try:
                 found = await self.io(volfiles.scan_illegal, domain.layout,
@@ -311,6 +323,22 @@ class VolumeService:
 
     async def merge(self, params: VolumeMergeParams) -> JsonObject:
         return await volcopy.start_merge(self.core, params)
+
+    async def import_volume(self, params: VolumeImportParams) -> JsonObject:
+        return await imports.start_import(self.core, params, self._import_paths)
+
+    async def prepare_transfer(self, params: VolumePrepareTransferParams) -> JsonObject:
+        return await self.transfers.prepare(params)
+
+    async def finalize_transfer(self, params: VolumeFinalizeTransferParams) -> JsonObject:
+        return await self.transfers.finalize(params)
+
+    async def cancel_transfer(self, params: VolumeCancelTransferParams) -> JsonObject:
+        return await self.transfers.cancel(params)
+
+    def close(self) -> None:
+        """Stop the transfer threads; call once the jobs have ended."""
+        self.transfers.close()
 
     # --- helpers --------------------------------------------------------------------------
 

@@ -22,4 +22,8 @@ def handlers(domains: StorageDomainService, volumes: VolumeService) -> dict[str,
         "Volume.resize": params(volumes.resize),
         "Volume.copy": params(volumes.copy),
         "Volume.merge": params(volumes.merge),
+        "Volume.import": params(volumes.import_volume),
+        "Volume.prepareTransfer": params(volumes.prepare_transfer),
+        "Volume.finalizeTransfer": params(volumes.finalize_transfer),
+        "Volume.cancelTransfer": params(volumes.cancel_transfer),
     }
