@@ -322,6 +322,7 @@ class VolumeImportParams(TypedDict):
     format: Literal["auto", "raw", "qcow2", "vmdk", "vdi", "vhdx"]
     dst_format: Literal["raw", "qcow2"]
     allocation: Literal["sparse", "preallocated"]
+    content: Literal["disk", "iso"]
     description: str
     request_key: NotRequired[str]
 
@@ -347,6 +348,7 @@ class VolumePrepareTransferParams(TypedDict):
     size: NotRequired[int]
     format: NotRequired[Literal["raw", "qcow2"]]
     virtual_size: NotRequired[int]
+    content: Literal["disk", "iso"]
     description: str
 
 

@@ -162,15 +162,16 @@ def _sha256(path: Path) -> str:
 
 async def upload(client: Client, url: str, tls: ssl.SSLContext | None, path: Path, *,
                  sd_id: str, fmt: str, description: str, chunk: int = CHUNK,
-                 progress: Progress | None = None) -> JsonObject:
-    """Upload ``path`` into a new volume of ``sd_id``; returns the finalize result."""
+                 progress: Progress | None = None, content: str = "disk") -> JsonObject:
+    """Upload ``path`` into a new volume of ``sd_id`` (an ISO image with ``content``
+    ``iso``); returns the finalize result."""
     size = (await asyncio.to_thread(path.stat)).st_size
     if fmt == "auto":
         fmt = await asyncio.to_thread(detect_format, path)
     digest = asyncio.create_task(asyncio.to_thread(_sha256, path), name="upload-sha256")
     prepared = await client.call("Volume.prepareTransfer", {
         "sd_id": sd_id, "direction": "upload", "size": size, "format": fmt,
-        "description": description})
+        "description": description, "content": content})
     try:
         report = _reporter(progress, f"upload {path.name}", size)
         async with http_session(url, tls) as (session, base):
@@ -280,6 +281,9 @@ def add_parser(sub: Any, url_arg: Callable[[argparse.ArgumentParser], None]) -> 
     up.add_argument("--format", default="auto", choices=("auto", "raw", "qcow2"),
                     help="the file's format (default: told by its first bytes)")
     up.add_argument("--description", default="")
+    up.add_argument("--iso", action="store_true",
+                    help="the file is an ISO image (install media): a shared raw volume "
+                         "for CD-ROMs")
     up.add_argument("--chunk-size", type=int, default=CHUNK // MiB, metavar="MIB",
                     help=f"MiB per request (default {CHUNK // MiB})")
     down = volumes.add_parser("download", help="download a volume (without parent) into a file")
@@ -299,7 +303,8 @@ async def run(args: argparse.Namespace, client: Client, tls: ssl.SSLContext | No
                 raise ValueError("--chunk-size must be at least 1")
             return await upload(client, args.url, tls, args.file, sd_id=args.sd,
                                 fmt=args.format, description=args.description,
-                                chunk=args.chunk_size * MiB, progress=progress)
+                                chunk=args.chunk_size * MiB, progress=progress,
+                                content="iso" if args.iso else "disk")
         ref = await find_volume(client, args.sd, args.volume)
         return await download(client, args.url, tls, args.output, ref=ref,
                               progress=progress)

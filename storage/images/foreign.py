@@ -42,6 +42,19 @@ class Examined:
     size: int
 
 
+#: Where an ISO 9660 image says what it is: its first volume descriptor (sector 16 of
+#: 2048 bytes) starts with a type byte, then "CD001".
+ISO9660_MAGIC_AT = 16 * 2048 + 1
+ISO9660_MAGIC = b"CD001"
+
+
+def require_iso9660(fd: int) -> None:
+    """Refuse (``not_iso``) a file that is not an ISO 9660 image. Blocking."""
+    if os.pread(fd, len(ISO9660_MAGIC), ISO9660_MAGIC_AT) != ISO9660_MAGIC:
+        raise Refused("not_iso", "the image is not an ISO 9660 image (no CD001 volume "
+                      "descriptor at sector 16)")
+
+
 def examine(fd: int) -> Examined:
     """Sniff the format of the file open as ``fd`` and check a qcow2 header for files it
     names. Blocking. Raises :class:`Refused` (``backing_file``, ``external_data_file``,

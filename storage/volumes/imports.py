@@ -73,6 +73,14 @@ def source_path(path: str, roots: Sequence[str]) -> tuple[str, foreign.Examined]
         os.close(fd)
 
 
+def _iso9660(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        foreign.require_iso9660(fd)
+    finally:
+        os.close(fd)
+
+
 async def start_import(core: VolumeCore, params: VolumeImportParams,
                        roots: Sequence[str]) -> JsonObject:
     """Check a ``Volume.import`` call and start its job; returns ``{job_id, job}``."""
@@ -93,6 +101,15 @@ async def _probe(core: VolumeCore, params: VolumeImportParams, roots: Sequence[s
         raise InvalidArgument(f"{params['path']} is {fmt}; imports take "
                               f"{', '.join(formats.IMPORTABLE)}", reason="unsupported_format",
                               field="path")
+    if params["content"] == "iso":
+        if fmt != "raw" or params["dst_format"] != "raw":
+            raise InvalidArgument("an ISO image is raw: its source and dst_format must be",
+                                  reason="invalid_format", field="dst_format")
+        try:
+            await core.io(_iso9660, path, what="reading the import source")
+        except foreign.Refused as exc:
+            raise InvalidArgument(f"{params['path']} is refused: {exc}", reason=exc.reason,
+                                  field="path") from None
     timeout = core.domains.io_timeout
     try:
         with qemu_guard(f"probing {params['path']}"):
@@ -119,7 +136,8 @@ async def _submit(core: VolumeCore, domain: Domain, params: VolumeImportParams,
         name_job(handle, leases)
         image_id, volume_id = str(uuid.uuid4()), str(uuid.uuid4())
         metadata = VolumeMetadata.new(dst_fmt, allocation, info.virtual_size, parent=None,
-                                      shared=False, description=params["description"])
+                                      shared=False, description=params["description"],
+                                      content=params["content"])
         async with core.lock(domain):
             target: Found = await core.io(volfiles.start_new, domain.layout, image_id,
                                           volume_id, metadata, new_image=True,

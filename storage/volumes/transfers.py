@@ -296,10 +296,15 @@ class TransferService:
         if fmt == "raw" and virtual_size is not None and virtual_size != size:
             raise InvalidArgument("a raw image's virtual size is its size",
                                   reason="invalid_size", field="virtual_size")
+        content = params["content"]
+        if content == "iso" and fmt != "raw":
+            raise InvalidArgument("an ISO image is raw", reason="invalid_format",
+                                  field="format")
         await core.check_space(domain, "raw", size, "preallocated")
         image_id, volume_id = str(uuid.uuid4()), str(uuid.uuid4())
         metadata = VolumeMetadata.new(fmt, "sparse", virtual_size or size, parent=None,
-                                      shared=False, description=params["description"])
+                                      shared=False, description=params["description"],
+                                      content=content)
         async with core.lock(domain):
             found = await core.io(volfiles.start_new, domain.layout, image_id, volume_id,
                                   metadata, new_image=True, what="writing volume metadata")
@@ -320,6 +325,9 @@ class TransferService:
             if name in params:
                 raise InvalidArgument(f"{name} is for uploads", reason="invalid_params",
                                       field=name)
+        if params["content"] != "disk":
+            raise InvalidArgument("content is for uploads", reason="invalid_params",
+                                  field="content")
         for name in ("image_id", "volume_id"):
             if name not in params:
                 raise InvalidArgument(f"a download needs {name}", reason="invalid_params",
@@ -455,6 +463,9 @@ class TransferService:
                 raise foreign.Refused("format_mismatch", f"the upload was declared "
                                       f"{transfer.format}, but the image is "
                                       f"{examined.format}")
+            if found.metadata.content == "iso":
+                await self._io(foreign.require_iso9660, transfer.fd,
+                               what="reading the upload")
             with qemu_guard(f"checking volume {found.volume_id}"):
                 virtual = transfer.size
                 if transfer.format != "raw":

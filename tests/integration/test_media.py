@@ -4,6 +4,9 @@ and ejected live, a NoCloud seed the guest reads, ISO images as volumes."""
 from __future__ import annotations
 
 import io
+import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from tests.agentproc import AgentProcess
 from tests.conftest import ClientFactory
 from tests.integration.conftest import expect_error, vm_name
 from tests.integration.serialshell import serial_shell
+from tests.subproc import run
 from virtnode.client import Client
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu,
@@ -63,10 +67,18 @@ async def test_cdrom_media_and_the_cloud_init_seed_reach_the_guest(
         "type": "localfs", "name": "media", "path": str(image_dir / "sd")}))["domain"]["sd_id"]
     first = make_iso(image_dir / "first.iso", "FIRST", {"hello.txt": "first disc\n"})
     second = make_iso(image_dir / "second.iso", "SECOND", {"hello.txt": "second disc\n"})
+    # The second disc is uploaded as an ISO image, as a user would.
+    up = (await run(sys.executable, "-m", "virtnode", "volume", "upload", second, "--sd",
+                    sd_id, "--iso", "--description", "second disc", "--url",
+                    qemu_agent.unix_url, env={**os.environ, "NO_COLOR": "1"})).check()
+    disc = json.loads(up)["volume"]
+    assert (disc["content"], disc["role"], disc["format"]) == ("iso", "shared", "raw")
+    disc_ref = {k: disc[k] for k in ("sd_id", "image_id", "volume_id")}
     vm_id = await console_vm(client, cdroms=[{"path": str(first), "bus": "scsi"}],
                              cloud_init={"user_data": USER_DATA, "sd_id": sd_id,
                                          "meta_data": {"region": "lab"}})
-    [seed] = (await client.call("Volume.list", {"sd_id": sd_id, "content": "iso"}))["volumes"]
+    [seed] = [v for v in (await client.call("Volume.list", {
+        "sd_id": sd_id, "content": "iso"}))["volumes"] if v["volume_id"] != disc["volume_id"]]
     assert (seed["format"], seed["role"], seed["legality"]) == ("raw", "shared", "legal")
     assert vm_id in seed["description"]
     assert await drives(client, vm_id) == {"sda": str(first), "sdb": seed["path"]}
@@ -87,22 +99,24 @@ async def test_cdrom_media_and_the_cloud_init_seed_reach_the_guest(
 
         # The mounted disc locks the tray: an eject without force is refused.
         await expect_error(client, "VM.changeMedia", {
-            "vm_id": vm_id, "drive": "sda", "media": {"path": str(second)}},
+            "vm_id": vm_id, "drive": "sda", "media": {"volume": disc_ref}},
             "FailedPrecondition", "tray_locked")
         assert (await drives(client, vm_id))["sda"] == str(first)
 
         assert (await shell.run("umount /mnt/cd"))[0] == 0
         result = await client.call("VM.changeMedia", {"vm_id": vm_id, "drive": "sda",
-                                                      "media": {"path": str(second)}})
-        assert result == {"drive": "sda", "path": str(second)}
+                                                      "media": {"volume": disc_ref}})
+        assert result == {"drive": "sda", "path": disc["path"]}
         # The guest learns of the new disc when it next asks the drive.
         status, out = await shell.run(
             "for i in 1 2 3 4 5 6 7 8 9 10; do "
             "mount -t iso9660 -o ro /dev/sr0 /mnt/cd 2>/dev/null && break; sleep 1; done; "
             "cat /mnt/cd/hello.txt", timeout=40)
         assert (status, out) == (0, "second disc\n")
-        assert (await drives(client, vm_id, inactive=True))["sda"] == str(second), \
+        assert (await drives(client, vm_id, inactive=True))["sda"] == disc["path"], \
             "the definition has the new media too"
+        error = await expect_error(client, "Volume.delete", disc_ref, "FailedPrecondition")
+        assert error.data["reason"] == "in_use" and error.data["vms"], error.error
 
         assert (await shell.run("umount /mnt/cd"))[0] == 0
         assert await client.call("VM.changeMedia", {"vm_id": vm_id, "drive": "sda",
@@ -121,6 +135,25 @@ async def test_cdrom_media_and_the_cloud_init_seed_reach_the_guest(
     error = await expect_error(client, "Volume.delete", ref, "FailedPrecondition")
     assert error.data["reason"] == "in_use", "a defined VM still needs its seed"
     await client.call("VM.undefine", {"vm_id": vm_id})
+    [left] = (await client.call("Volume.list", {"sd_id": sd_id}))["volumes"]
+    assert left["volume_id"] == disc["volume_id"], "the seed went with its VM"
+    await client.call("Volume.delete", disc_ref)  # no VM names the disc any more
+
+
+async def test_an_iso_upload_or_import_must_be_iso_9660(
+        qemu_agent: AgentProcess, checked_client: ClientFactory, image_dir: Path) -> None:
+    client = await checked_client(qemu_agent.unix_url)
+    sd_id = (await client.call("StorageDomain.create", {
+        "type": "localfs", "name": "isos", "path": str(image_dir / "sd")}))["domain"]["sd_id"]
+    fake = image_dir / "fake.iso"
+    fake.write_bytes(os.urandom(64 * 1024))
+    refused = await run(sys.executable, "-m", "virtnode", "volume", "upload", fake, "--sd",
+                        sd_id, "--iso", "--url", qemu_agent.unix_url,
+                        env={**os.environ, "NO_COLOR": "1"})
+    assert refused.status == 1 and "not_iso" in refused.err, refused.err
+    await expect_error(client, "Volume.prepareTransfer", {
+        "sd_id": sd_id, "direction": "upload", "size": 2048, "format": "qcow2",
+        "content": "iso"}, "InvalidArgument", "invalid_format")
     assert (await client.call("Volume.list", {"sd_id": sd_id}))["volumes"] == []
 
 

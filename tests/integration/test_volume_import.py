@@ -110,3 +110,32 @@ async def test_imports_are_refused_without_import_directories(
     await asyncio.to_thread(image.write_bytes, bytes(MiB))
     await expect_error(client, "Volume.import", {"sd_id": sd_id, "path": str(image)},
                        "PermissionDenied", "path_not_allowed")
+
+
+async def test_an_iso_file_becomes_an_iso_image(
+        importing_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
+    client = await checked_client(importing_agent.unix_url)
+    sd_id = await new_domain(client, tmp_path / "sd")
+    iso = tmp_path / "imports" / "installer.iso"
+    content = tmp_path / "content"
+    content.mkdir()
+    (content / "README.txt").write_text("install me\n")
+    (await run("xorriso", "-as", "mkisofs", "-quiet", "-V", "INSTALLER", "-o", iso,
+               content)).check()
+    started = await client.call("Volume.import", {"sd_id": sd_id, "path": str(iso),
+                                                  "dst_format": "raw", "content": "iso"})
+    job = await wait_job(client, started["job_id"])
+    assert job["state"] == "succeeded", job
+    volume = job["result"]["volume"]
+    assert (volume["content"], volume["role"], volume["format"]) == ("iso", "shared", "raw")
+    (await run("cmp", iso, volume["path"])).check()
+
+    not_iso = tmp_path / "imports" / "disk.raw"
+    await random_raw(not_iso, 2 * MiB, seed=3)
+    await expect_error(client, "Volume.import", {"sd_id": sd_id, "path": str(not_iso),
+                                                 "dst_format": "raw", "content": "iso"},
+                       "InvalidArgument", "not_iso")
+    await expect_error(client, "Volume.import", {"sd_id": sd_id, "path": str(iso),
+                                                 "content": "iso"},
+                       "InvalidArgument", "invalid_format")  # dst_format qcow2
+    assert len((await client.call("Volume.list", {"sd_id": sd_id}))["volumes"]) == 1
