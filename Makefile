@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The development install is a link tree (setuptools' strict editable mode) under build/:
 # the package as Python, mypy, import-linter and editors see it, each file a link to its
 # source. It is rebuilt when pyproject.toml changes or a package file is added or removed.
-PACKAGE_FILES := $(shell find agent storage network api_schema -name '*.py' -o -name '*.yaml' -o -name py.typed | sort)
+PACKAGE_FILES := $(shell find agent storage network api_schema -name '*.py' -o -name '*.yaml' -o -name schema.json -o -name py.typed | sort)
 STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo $(PACKAGE_FILES); } | sha1sum | cut -c1-16)
 LINK_TREE = $(wildcard build/__editable__.virtnode-*)
 
@@ -27,6 +27,7 @@ check: venv
 	$(BIN)/lint-imports
 
 docs: venv
+	$(BIN)/python -m virtnode.rpc.schema > api_schema/schema.json
 	$(BIN)/python -m virtnode.rpc.apidoc > docs/api.md
 	$(BIN)/python -m virtnode.rpc.typegen > api_schema/params.py
 

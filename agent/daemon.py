@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -191,7 +192,6 @@ class Agent:
         await host.start()
         await self.storage.start(host_id)
         await self.volumes.start()
-        await self.network.start()
         await self.devices.start()
         await self.vms.start()
         await self.consoles.start()
@@ -211,6 +211,10 @@ class Agent:
             await self.server.close()
             await self._close_started()
             raise
+        # Host networking gets ready in the background (Network.* calls wait for it); begun
+        # once the agent listens, its import of pyroute2 and probe of the kernel (a fifth of
+        # a second of Python) do not hold up the start.
+        await self.network.start()
         self.uplinks = Uplinks([
             Uplink(url, self.config.uplink, server=self.server, events=self.events,
                    bus=self.bus, host_id=host_id,
@@ -347,6 +351,9 @@ async def serve(config: Config) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await agent.start()
+    if not gc.isenabled():  # turned off for the start by virtnode.command
+        gc.freeze()  # what the start made lives as long as the agent: never scan it again
+        gc.enable()
     try:
         await stop.wait()
         log.info("stopping on signal")

@@ -25,21 +25,16 @@ import ssl
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from virtnode.client.connection import Client, ClientError
 from virtnode.util.jsontypes import JsonObject
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 MiB = 1024 * 1024
 #: Bytes sent per PUT; a dropped connection costs at most the rest of one chunk.
@@ -258,6 +253,16 @@ def progress_display(stream: Any = None) -> Progress:
     """A transfer's progress bar on ``stream`` (stderr); drawn only on a terminal, and
     without colour under NO_COLOR (rich reads it)."""
     stream = stream if stream is not None else sys.stderr
+    # Imported here: rich costs the agent's start (which imports the command line) 70 ms.
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     console = Console(file=stream, no_color=bool(os.environ.get("NO_COLOR")) or None)
     return Progress("[progress.description]{task.description}", BarColumn(),
                     DownloadColumn(binary_units=True), TransferSpeedColumn(),

@@ -21,9 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from virtnode.errors import InvalidArgument
+from virtnode.util.yamltext import YamlError, safe_dump, safe_load
 
 #: The volume label NoCloud looks for.
 LABEL = "cidata"
@@ -31,8 +30,6 @@ LABEL = "cidata"
 USER_DATA_KINDS = ("#cloud-config", "#!")
 FIELD = "spec.cloud_init"
 
-#: libyaml's safe loader where PyYAML has it (about ten times faster), else PyYAML's own.
-_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)
@@ -52,16 +49,13 @@ def _invalid(field: str, message: str) -> InvalidArgument:
 
 def _parse_yaml(text: str, field: str) -> Any:
     try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or "not valid YAML"
-        raise _invalid(field, f"{problem}{where}") from None
+        return safe_load(text)
+    except YamlError as exc:
+        raise _invalid(field, str(exc)) from None
 
 
 def _dump(data: Mapping[str, Any]) -> str:
-    return yaml.safe_dump(dict(data), default_flow_style=False, sort_keys=True)
+    return safe_dump(data)
 
 
 def check_cloud_init(raw: Mapping[str, Any], name: str, vm_uuid: str, *, bus: str,

@@ -34,8 +34,10 @@ MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}\Z")
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}\Z")
 CPU_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")
 SOURCE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,15}\Z")
-#: Characters XML 1.0 cannot carry (lxml refuses them with a ValueError).
-NOT_XML_RE = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+#: Characters XML 1.0 cannot carry (lxml refuses them with a ValueError): all but tab,
+#: newline, return, U+0020-U+D7FF, U+E000-U+FFFD and U+10000-U+10FFFF. Spelled as the few
+#: ranges outside those: the negated class of the ranges inside takes 15 ms to compile.
+NOT_XML_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 DOMAIN_TYPES = ("kvm", "qemu", "test")
 MACHINES = re.compile(r"^(pc|q35|pc-i440fx-[0-9.]+|pc-q35-[0-9.]+)\Z")
