@@ -318,7 +318,8 @@ class VolumeGetInfoParams(TypedDict):
 
 class VolumeImportParams(TypedDict):
     sd_id: str
-    path: str
+    path: NotRequired[str]
+    upload: NotRequired[JsonObject]
     format: Literal["auto", "raw", "qcow2", "vmdk", "vdi", "vhdx"]
     dst_format: Literal["raw", "qcow2"]
     allocation: Literal["sparse", "preallocated"]

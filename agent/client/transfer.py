@@ -67,10 +67,21 @@ def http_base(url: str) -> tuple[str, str | None]:
     return f"{scheme}://{parts.netloc}", None
 
 
+#: Formats a volume cannot hold as they are: uploaded for Volume.import to convert.
+FOREIGN = ("vmdk", "vdi", "vhdx")
+#: What a file starts with (offset, bytes), per format; raw is anything else.
+MAGIC = (("qcow2", 0, QCOW2_MAGIC), ("vhdx", 0, b"vhdxfile"), ("vmdk", 0, b"KDMV"),
+         ("vmdk", 0, b"# Disk DescriptorFile"), ("vdi", 0x40, b"\x7f\x10\xda\xbe"))
+
+
 def detect_format(path: Path) -> str:
-    """qcow2 when the file starts with its magic, raw otherwise (the agent checks)."""
+    """The format the file's first bytes announce, raw for none (the agent checks)."""
     with path.open("rb") as handle:
-        return "qcow2" if handle.read(4) == QCOW2_MAGIC else "raw"
+        head = handle.read(0x44)
+    for fmt, offset, magic in MAGIC:
+        if head[offset:offset + len(magic)] == magic:
+            return fmt
+    return "raw"
 
 
 @contextlib.asynccontextmanager
@@ -159,20 +170,28 @@ async def upload(client: Client, url: str, tls: ssl.SSLContext | None, path: Pat
                  sd_id: str, fmt: str, description: str, chunk: int = CHUNK,
                  progress: Progress | None = None, content: str = "disk") -> JsonObject:
     """Upload ``path`` into a new volume of ``sd_id`` (an ISO image with ``content``
-    ``iso``); returns the finalize result."""
+    ``iso``); returns the finalize result. A vmdk, vdi or vhdx file is sent to
+    ``Volume.import``, which converts it into a qcow2 volume, and the result is the
+    import's (``volume``), with the upload's ``size`` and ``sha256``."""
     size = (await asyncio.to_thread(path.stat)).st_size
     if fmt == "auto":
         fmt = await asyncio.to_thread(detect_format, path)
     digest = asyncio.create_task(asyncio.to_thread(_sha256, path), name="upload-sha256")
-    prepared = await client.call("Volume.prepareTransfer", {
-        "sd_id": sd_id, "direction": "upload", "size": size, "format": fmt,
-        "description": description, "content": content})
+    if fmt in FOREIGN:
+        started = await client.call("Volume.import", {
+            "sd_id": sd_id, "upload": {"size": size}, "format": fmt,
+            "description": description, "content": content})
+        prepared = started["transfer"]
+    else:
+        prepared = await client.call("Volume.prepareTransfer", {
+            "sd_id": sd_id, "direction": "upload", "size": size, "format": fmt,
+            "description": description, "content": content})
     try:
         report = _reporter(progress, f"upload {path.name}", size)
         async with http_session(url, tls) as (session, base):
             await send_file(session, base + prepared["url"], path, size, chunk=chunk,
                             report=report)
-        return await client.call("Volume.finalizeTransfer", {
+        done = await client.call("Volume.finalizeTransfer", {
             "transfer_id": prepared["transfer_id"], "sha256": await digest}, timeout=3600)
     except BaseException:
         digest.cancel()
@@ -180,6 +199,32 @@ async def upload(client: Client, url: str, tls: ssl.SSLContext | None, path: Pat
             await asyncio.shield(client.call("Volume.cancelTransfer",
                                              {"transfer_id": prepared["transfer_id"]},
                                              timeout=30))
+        raise
+    if "import_job_id" not in done:
+        return done
+    job = await _follow(client, done["import_job_id"], progress, f"convert {path.name}")
+    if job["state"] != "succeeded":
+        error = job.get("error") or {}
+        raise TransferFailed(f"the agent could not import {path.name}: "
+                             f"{error.get('message', job['state'])}")
+    return {**job["result"], "size": done["size"], "sha256": done["sha256"]}
+
+
+async def _follow(client: Client, job_id: str, progress: Progress | None,
+                  what: str) -> JsonObject:
+    """Wait for a job to end, drawing its progress; cancel it if interrupted."""
+    task = progress.add_task(what, total=100) if progress is not None else None
+    try:
+        while True:
+            job: JsonObject = (await client.call(
+                "Job.wait", {"job_id": job_id, "timeout": 1.0}, timeout=31))["job"]
+            if progress is not None and task is not None:
+                progress.update(task, completed=job["progress"])
+            if job["state"] in ("succeeded", "failed", "cancelled"):
+                return job
+    except BaseException:
+        with contextlib.suppress(ClientError, TimeoutError):
+            await asyncio.shield(client.call("Job.cancel", {"job_id": job_id}, timeout=30))
         raise
 
 
@@ -283,8 +328,10 @@ def add_parser(sub: Any, url_arg: Callable[[argparse.ArgumentParser], None]) -> 
     up = volumes.add_parser("upload", help="upload an image file into a new volume")
     up.add_argument("file", type=Path)
     up.add_argument("--sd", required=True, metavar="SD_ID", help="the storage domain")
-    up.add_argument("--format", default="auto", choices=("auto", "raw", "qcow2"),
-                    help="the file's format (default: told by its first bytes)")
+    up.add_argument("--format", default="auto",
+                    choices=("auto", "raw", "qcow2", *FOREIGN),
+                    help="the file's format (default: told by its first bytes); vmdk, vdi "
+                         "and vhdx are converted into qcow2 by the agent")
     up.add_argument("--description", default="")
     up.add_argument("--iso", action="store_true",
                     help="the file is an ISO image (install media): a shared raw volume "

@@ -325,7 +325,8 @@ class VolumeService:
         return await volcopy.start_merge(self.core, params)
 
     async def import_volume(self, params: VolumeImportParams) -> JsonObject:
-        return await imports.start_import(self.core, params, self._import_paths)
+        return await imports.start_import(self.core, params, self._import_paths,
+                                          self.transfers)
 
     async def prepare_transfer(self, params: VolumePrepareTransferParams) -> JsonObject:
         return await self.transfers.prepare(params)

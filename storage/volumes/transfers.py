@@ -110,6 +110,9 @@ class Transfer:
     #: Upload only: the declared format, and the largest virtual size it may show.
     format: str = "raw"
     virtual_size: int | None = None
+    #: Upload for a Volume.import (that job's id): finalizing checks only the bytes, and
+    #: the file is the import's to convert and remove, not a volume of its own.
+    import_job_id: str | None = None
     received: Received = field(init=False)
     sent: int = 0
     #: Requests under way; an open transfer does not expire while one is.
@@ -169,11 +172,24 @@ class TransferService:
         start = self._start_upload if params["direction"] == "upload" else self._start_download
         started = await leased([domain], TRANSFER_JOB.name,
                                lambda leases: start(domain, params, leases))
-        transfer = next(t for t in self._transfers.values() if t.job_id == started["job_id"])
+        transfer = self._by_job(started["job_id"])
         return {"transfer_id": transfer.transfer_id, "url": transfer.url,
                 "expires_at": transfer.expires_at, "job_id": transfer.job_id,
                 "direction": transfer.direction, "size": transfer.size,
                 "volume": volume_api(transfer.domain, transfer.found)}
+
+    async def stage(self, domain: Domain, size: int, *, description: str) -> Transfer:
+        """Start an upload of ``size`` bytes for a Volume.import into ``domain``: a file
+        there (an illegal volume, so that a crash leaves nothing the start-up scan keeps)
+        that finalizing checks only for its bytes; the caller sets ``import_job_id`` and,
+        once the transfer's outcome is a result, converts and removes the file."""
+        params: VolumePrepareTransferParams = {
+            "sd_id": domain.sd_id, "direction": "upload", "size": size, "format": "raw",
+            "content": "disk", "description": description}
+        started = await leased([domain], TRANSFER_JOB.name,
+                               lambda leases: self._start_upload(domain, params, leases,
+                                                                 staged=True))
+        return self._by_job(started["job_id"])
 
     async def finalize(self, params: VolumeFinalizeTransferParams) -> JsonObject:
         transfer = self._lookup(params["transfer_id"])
@@ -208,9 +224,12 @@ class TransferService:
         return result
 
     async def cancel(self, params: VolumeCancelTransferParams) -> JsonObject:
-        transfer = self._lookup(params["transfer_id"])
-        await self._core.jobs.cancel(transfer.job_id, by="Volume.cancelTransfer")
+        await self.drop(self._lookup(params["transfer_id"]), by="Volume.cancelTransfer")
         return {}
+
+    async def drop(self, transfer: Transfer, *, by: str) -> None:
+        """Cancel the transfer's job, which ends it (an upload's volume removed)."""
+        await self._core.jobs.cancel(transfer.job_id, by=by)
 
     # --- for the HTTP side ----------------------------------------------------------------
 
@@ -279,7 +298,7 @@ class TransferService:
     # --- starting -------------------------------------------------------------------------
 
     async def _start_upload(self, domain: Domain, params: VolumePrepareTransferParams,
-                            leases: list[Lease]) -> JobRecord:
+                            leases: list[Lease], *, staged: bool = False) -> JobRecord:
         core = self._core
         for name in ("image_id", "volume_id"):
             if name in params:
@@ -315,8 +334,11 @@ class TransferService:
             raise
         transfer = Transfer(secrets.token_urlsafe(32), "upload", domain, found, size,
                             self._timeout, fd, format=fmt, virtual_size=virtual_size)
+        if staged:
+            transfer.import_job_id = ""  # set by the import once its job exists
         return await self._submit(transfer, params, leases,
-                                  f"upload into volume {volume_id}")
+                                  "upload of an image to import" if staged
+                                  else f"upload into volume {volume_id}")
 
     async def _start_download(self, domain: Domain, params: VolumePrepareTransferParams,
                               leases: list[Lease]) -> JobRecord:
@@ -445,6 +467,9 @@ class TransferService:
                                 what="hashing the upload")
         if sha256 is not None:
             _compare(sha256, digest)
+        if transfer.import_job_id is not None:  # the import checks the image
+            return {"import_job_id": transfer.import_job_id, "size": transfer.size,
+                    "sha256": digest}
         found = await self._check_image(transfer)
         result = {"volume": volume_api(transfer.domain, found), "size": transfer.size,
                   "sha256": digest}
@@ -505,7 +530,7 @@ class TransferService:
                     await core.discard(transfer.domain, found)
                 log.info("upload into volume %s ended unfinished; volume removed",
                          found.volume_id)
-            elif transfer.direction == "upload":
+            elif transfer.direction == "upload" and transfer.import_job_id is None:
                 core.publish(transfer.domain, found.image_id, found.volume_id, "created")
         finally:
             if not transfer.outcome.done():
@@ -518,6 +543,9 @@ class TransferService:
             transfer.changed.set()
 
     # --- helpers --------------------------------------------------------------------------
+
+    def _by_job(self, job_id: str) -> Transfer:
+        return next(t for t in self._transfers.values() if t.job_id == job_id)
 
     def _lookup(self, transfer_id: str) -> Transfer:
         transfer = self.get(transfer_id)
