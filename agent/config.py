@@ -316,8 +316,8 @@ class ConsoleConfig:
     max_clients: int = _spec(
         16, _count(1024), "console clients of one kind attached to one VM at most (at most 1024)")
     web_dir: str = _spec(
-        "", None, "where the console pages and their npm packages are (web/ of the source "
-                  "tree when empty)")
+        "", None, "where the console pages and their npm packages are (when empty: web/ of "
+                  "the source tree if there is one, else /usr/share/virtnode/web)")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import html
 import json
 import logging
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 MAX_CLIENT_MESSAGE = 1 << 20
 #: Bytes per frame to a client at most.
 FRAME = 256 * 1024
+#: Seconds the agent's stop waits for the console sessions to close.
+CLOSE_GRACE = 5.0
 #: Where the pages' scripts come from, under ``console.web_dir``.
 STATIC_ROOTS = {"app": "console", "novnc": "node_modules/@novnc/novnc",
                 "xterm": "node_modules/@xterm/xterm"}
@@ -74,9 +77,21 @@ STATIC_HEADERS = {
 }
 
 
+#: Where a system install puts the pages and their npm packages.
+SYSTEM_WEB_DIR = Path("/usr/share/virtnode/web")
+
+
 def default_web_dir() -> Path:
-    """``web/`` of the source tree this module was loaded from."""
-    return Path(os.path.realpath(__file__)).parents[2] / "web"
+    """``web/`` of the source tree this module was loaded from when there is one (a
+    checkout, or its development install), else :data:`SYSTEM_WEB_DIR`."""
+    source = Path(os.path.realpath(__file__)).parents[2] / "web"
+    return source if (source / "console").is_dir() else SYSTEM_WEB_DIR
+
+
+def missing_pages(web_dir: Path) -> list[str]:
+    """What of the console pages is not under ``web_dir``: the page scripts, noVNC or
+    xterm.js (``make setup`` installs the npm packages of a checkout)."""
+    return [name for name, root in STATIC_ROOTS.items() if not (web_dir / root).is_dir()]
 
 
 def _close_reason(text: str) -> bytes:
@@ -167,7 +182,14 @@ class ConsoleRoutes:
         self._consoles = consoles
         self._config = config
         self._web = Path(config.web_dir) if config.web_dir else default_web_dir()
-        self._sockets: set[web.WebSocketResponse] = set()
+        if missing := missing_pages(self._web):
+            # The consoles work without their pages (a client speaks the WebSocket).
+            log.warning("console pages: %s missing under %s (console.web_dir); browsers "
+                        "get no console page", ", ".join(missing), self._web)
+        #: Open sockets, and the session's client once it has one.
+        self._sockets: dict[web.WebSocketResponse, _Client | None] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def add_routes(self, router: web.UrlDispatcher, caller: CallerOf) -> None:
         del caller  # the token says who may do what
@@ -175,8 +197,16 @@ class ConsoleRoutes:
         router.add_get("/console/{token}", self._console)
 
     async def close(self) -> None:
-        for ws in list(self._sockets):
-            await ws.close(code=1001, message=b"agent stopping")
+        """Close every session 1001: each session closes its own socket once its input
+        loop has stopped (see :func:`_run_session`), so that clients get the code."""
+        for ws, client in list(self._sockets.items()):
+            if client is not None:
+                client.end(1001, "agent stopping")
+            else:
+                await ws.close(code=1001, message=b"agent stopping")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_GRACE):
+                await self._idle.wait()
 
     async def _console(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
@@ -200,7 +230,8 @@ class ConsoleRoutes:
             return web.Response(text=jsonrpc.encode(jsonrpc.error(None, exc)),
                                 status=_STATUS.get(exc.name, 500),
                                 content_type="application/json")
-        self._sockets.add(ws)
+        self._sockets[ws] = None
+        self._idle.clear()
         try:
             await ws.prepare(request)
             if sock is not None:
@@ -208,16 +239,23 @@ class ConsoleRoutes:
             else:
                 await self._serial(ws, grant)
         finally:
-            self._sockets.discard(ws)
+            del self._sockets[ws]
+            if not self._sockets:
+                self._idle.set()
             if sock is not None:
                 sock.close()
         return ws
+
+    def _session(self, ws: web.WebSocketResponse, client: _Client) -> None:
+        """``client`` is the session of ``ws`` from now on."""
+        self._sockets[ws] = client
 
     async def _serial(self, ws: web.WebSocketResponse, grant: ConsoleGrant) -> None:
         state, reason = self._consoles.serial_state(grant.vm_id)
         await ws.send_str(json.dumps({"type": "hello", "kind": "serial", "vm_id": grant.vm_id,
                                       "mode": grant.mode, "state": state, "reason": reason}))
         client = _Client(ws, grant, self._config.client_buffer)
+        self._session(ws, client)
         try:
             async with self._consoles.session(grant, client, backlog=True):
                 await _run_session(ws, client, self._serial_input(ws, grant, client),
@@ -247,6 +285,7 @@ class ConsoleRoutes:
                    sock: socket.socket) -> None:
         reader, writer = await asyncio.open_connection(sock=sock, limit=FRAME)
         client = _Client(ws, grant, 0)
+        self._session(ws, client)
         flt = ClientFilter(view_only=not grant.writer)
 
         async def downstream() -> None:

@@ -182,6 +182,16 @@ def _disk_files(root: etree._Element) -> list[tuple[str, str]]:
     return found
 
 
+def _media_files(root: etree._Element) -> set[str]:
+    """The files in the domain's CD-ROM drives."""
+    found = set()
+    for disk in root.iterfind("devices/disk[@device='cdrom']"):
+        source = disk.find("source")
+        if source is not None and source.get("file"):
+            found.add(str(source.get("file")))
+    return found
+
+
 def _under(path: str, dirs: Iterable[str]) -> bool:
     real = os.path.realpath(path)
     return any(real.startswith(os.path.realpath(d).rstrip("/") + "/") for d in dirs)
@@ -898,6 +908,11 @@ class MigrationService:
         if missing:
             raise FailedPrecondition(f"bridge {missing[0]} does not exist on this host",
                                      reason="network_missing", bridge=missing[0])
+        if absent and absent[0] in _media_files(root):
+            raise FailedPrecondition(
+                f"the CD-ROM media {absent[0]} is on no storage domain attached on this host "
+                "(media is not copied): eject it (VM.changeMedia) or keep ISO images on a "
+                "storage domain both hosts attach", reason="storage_missing", path=absent[0])
         if absent:
             raise FailedPrecondition(
                 f"disk {absent[0]} is on no storage domain attached on this host",

@@ -308,6 +308,12 @@ async def test_vnc_speaks_rfb_and_screenshots_are_png(console_agent: AgentProces
         other = await create(admin, firmware_spec())
         await expect_error(admin, "VM.openConsole", {"vm_id": other, "kind": "vnc"},
                            "FailedPrecondition", "no_graphics")
+        # The agent stopping closes a session 1001 (going away), as its client sees it.
+        async with console(agent, await open_console(admin, vm_id, "vnc")) as session:
+            await rfb_handshake(session.ws)
+            stopping = asyncio.create_task(agent.stop())
+            assert await session.wait_closed() == 1001
+            assert await stopping == 0
 
 
 class Browser:
