@@ -10,7 +10,12 @@ can do nothing with it). The routes live on every listener and pass the same gua
   one batch written in an I/O thread while the next is read, so memory stays bounded
   whatever the size (the 16 MiB message limit of ``/rpc`` is for JSON, never applied
   here). Each read must bring data within ``server.body_timeout`` (408 otherwise). What
-  arrived before a connection dropped is written and counts as received.
+  arrived before a connection dropped is written and counts as received. On a plain
+  (not TLS) listener a body of at least :data:`SPLICE_MIN` bytes with a Content-Length
+  is not read through Python: once aiohttp has parsed the head, its reading is paused
+  and a transfer thread splices the socket into the file through a pipe (one thread
+  moving the bytes instead of the loop and a writer, which on two cores is what curl
+  leaves); the connection is closed after the answer.
 - ``HEAD`` tells the size (``Upload-Length``) and, for an upload, ``Upload-Offset``: the
   bytes received without a gap, where a client resumes after an interruption.
 - ``GET`` reads a download, whole (200) or one ``Range`` (206 with ``Content-Range``; 416
@@ -26,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -132,9 +138,15 @@ class TransferRoutes:
         if transfer.direction != "upload":
             raise _wrong_method("a download is read with GET", "GET, HEAD")
         start, end = self._put_range(request, transfer)
+        spliced = False
         try:
             async with self._transfers.request(transfer, exclusive=True):
-                await self._receive(request, transfer, start, end)
+                sock = _spliceable(request, end - start)
+                if sock is not None:
+                    spliced = True
+                    await self._splice(request, transfer, sock, start, end)
+                else:
+                    await self._receive(request, transfer, start, end)
         except TransferBusy:
             raise _Refused(409, Aborted("another PUT of this transfer is under way",
                                         reason="transfer_busy", object="transfer")) from None
@@ -150,9 +162,12 @@ class TransferRoutes:
             raise _Refused(500, ApiError("cannot write the upload; see the agent log",
                                          reason="io_error")) from None
         received = transfer.received
-        return web.json_response(
+        response = web.json_response(
             {"received": received.contiguous, "size": transfer.size},
             headers={"Upload-Offset": str(received.contiguous), "Cache-Control": "no-store"})
+        if spliced:
+            response.force_close()  # aiohttp's parser never saw the body: no next request
+        return response
 
     async def get(self, request: web.Request, caller: Caller) -> web.StreamResponse:
         transfer = self._transfer(request, caller)
@@ -190,6 +205,36 @@ class TransferRoutes:
         return response
 
     # --- moving the bytes ----------------------------------------------------------------
+
+    async def _splice(self, request: web.Request, transfer: Transfer, sock: socket.socket,
+                      start: int, end: int) -> None:
+        """Write the body into ``[start, end)`` of the upload straight from the socket:
+        what aiohttp has read of it already, then the rest spliced by a transfer thread
+        while aiohttp reads nothing more. A dropped connection ends it quietly; what
+        arrived until then is written."""
+        content, transport = request.content, request.transport
+        assert transport is not None
+        head: list[bytes] = []
+        while data := content.read_nowait():
+            head.append(data)
+        transport.pause_reading()
+        try:
+            size = sum(len(data) for data in head)
+            if size > end - start:
+                raise _Refused(400, InvalidArgument(
+                    f"the body is longer than the {end - start} bytes of its range",
+                    reason="body_too_long"))
+            if head:
+                await self._transfers.write(transfer, start, head)
+            position = start + size
+            if position < end:
+                position += await self._transfers.splice(
+                    transfer, sock, position, end - position, idle=self._body_timeout)
+            if position < end:
+                log.info("upload into volume %s: connection lost after %d bytes",
+                         transfer.found.volume_id, position - start)
+        finally:
+            content.feed_eof()
 
     async def _receive(self, request: web.Request, transfer: Transfer, start: int,
                        end: int) -> None:
@@ -299,6 +344,25 @@ class TransferRoutes:
                 f"Content-Length is {length}, but the range holds {end - start} bytes "
                 f"(the whole upload is {transfer.size})", reason="bad_length"))
         return start, end
+
+
+#: Bodies at least this long are spliced from the socket into the file (plain listeners).
+SPLICE_MIN = 16 * 1024 * 1024
+
+
+def _spliceable(request: web.Request, length: int) -> socket.socket | None:
+    """The socket to splice the body of ``request`` from, if it can be: a plain (not
+    TLS) stream socket, a body of ``Content-Length`` bytes and at least
+    :data:`SPLICE_MIN` of them."""
+    transport = request.transport
+    if (length < SPLICE_MIN or transport is None or request.content_length != length
+            or "Transfer-Encoding" in request.headers
+            or transport.get_extra_info("sslcontext") is not None):
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.type != socket.SOCK_STREAM:
+        return None
+    return sock  # type: ignore[no-any-return]
 
 
 def _gone() -> _Refused:

@@ -30,6 +30,9 @@ import hashlib
 import logging
 import os
 import secrets
+import select
+import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -281,6 +284,54 @@ class TransferService:
             transfer.received.add(offset, end)
         transfer.touch()
         self._progress(transfer)
+
+    async def splice(self, transfer: Transfer, sock: socket.socket, offset: int, length: int,
+                     *, idle: float) -> int:
+        """Move up to ``length`` bytes from ``sock`` (a plain stream socket whose reading
+        the event loop has paused) straight into the upload at ``offset``: ``os.splice``
+        through a pipe, in a transfer thread, no byte through Python. Returns the bytes
+        moved, fewer when the peer closed; what moved counts as received. Raises
+        :class:`TransferGone`, ``OSError`` and DeadlineExceeded (``body_timeout``: no data
+        for ``idle`` seconds)."""
+        if not 0 <= offset <= offset + length <= transfer.size:
+            raise ValueError(f"bytes {offset}-{offset + length} lie outside the upload's "
+                             f"{transfer.size}")
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+        moved = 0
+
+        def report(count: int) -> None:
+            nonlocal moved
+            if count > moved:
+                transfer.received.add(offset + moved, offset + count)
+                moved = count
+                transfer.touch()
+                self._progress(transfer)
+
+        def stopped() -> bool:  # read in the thread
+            return stop.is_set() or transfer.state == "closed"
+
+        async with transfer.io_lock:
+            if transfer.state == "closed":
+                raise TransferGone
+            future = asyncio.wrap_future(self._pool.submit(
+                _splice, sock.fileno(), transfer.fd, offset, length, idle=idle,
+                stopped=stopped,
+                progress=lambda count: loop.call_soon_threadsafe(report, count)))
+            try:
+                done = await asyncio.shield(future)
+            except asyncio.CancelledError:
+                # The file stays open (io_lock held) until the thread has let go of it.
+                stop.set()
+                await asyncio.wait([future])
+                raise
+            except TimeoutError:
+                raise DeadlineExceeded(f"no data arrived for {idle:g} s",
+                                       reason="body_timeout") from None
+            except _Stopped:
+                raise TransferGone from None
+        report(done)
+        return done
 
     async def read(self, transfer: Transfer, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes of a download at ``offset``. Raises
@@ -616,6 +667,61 @@ def _open_data(found: Found) -> tuple[int, int]:
     except BaseException:
         os.close(fd)
         raise
+
+
+class _Stopped(Exception):
+    """A splice stopped because its transfer ended."""
+
+
+#: Bytes one splice call moves at most, and the pipe's size.
+SPLICE_BLOCK = 1024 * 1024
+#: Seconds between checks that a splice's transfer is still open.
+SPLICE_CHECK = 0.5
+#: How often a splice reports its progress (bytes).
+SPLICE_REPORT = 64 * 1024 * 1024
+F_SETPIPE_SZ = 1031
+
+
+def _splice(sock_fd: int, fd: int, offset: int, length: int, *, idle: float,
+            stopped: Callable[[], bool], progress: Callable[[int], None]) -> int:
+    """Move up to ``length`` bytes from the non-blocking socket ``sock_fd`` into ``fd`` at
+    ``offset`` through a pipe; returns the bytes moved. Raises TimeoutError after ``idle``
+    seconds without data and :class:`_Stopped` once ``stopped()``."""
+    import fcntl
+
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):  # a smaller pipe only costs more calls
+            fcntl.fcntl(write_end, F_SETPIPE_SZ, SPLICE_BLOCK)
+        done = reported = 0
+        waited = 0.0
+        while done < length:
+            if stopped():
+                raise _Stopped
+            try:
+                got = os.splice(sock_fd, write_end, min(SPLICE_BLOCK, length - done),
+                                flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                if waited >= idle:
+                    raise TimeoutError from None
+                ready, _, _ = select.select([sock_fd], [], [], SPLICE_CHECK)
+                waited = 0.0 if ready else waited + SPLICE_CHECK
+                continue
+            if got == 0:
+                break  # the peer closed
+            waited = 0.0
+            while got:
+                wrote = os.splice(read_end, fd, got, offset_dst=offset + done,
+                                  flags=os.SPLICE_F_MOVE)
+                done += wrote
+                got -= wrote
+            if done - reported >= SPLICE_REPORT:
+                progress(done)
+                reported = done
+        return done
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 def _pwrite(fd: int, data: Sequence[bytes], offset: int) -> None:
