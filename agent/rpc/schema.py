@@ -342,7 +342,8 @@ def _lint_schemas(merged: JsonObject) -> None:
         _lint_keywords(f"definitions/{name}", definition)
 
 
-def _read_files(files: Iterable[tuple[str, str]]) -> JsonObject:
+def parse_files(files: Iterable[tuple[str, str]]) -> JsonObject:
+    """The YAML files' sections merged (methods, events, errors, definitions), unchecked."""
     merged: JsonObject = {"methods": {}, "events": {}, "errors": {}, "definitions": {}}
     for name, text in files:
         try:
@@ -439,11 +440,6 @@ def build_schema(files: Iterable[tuple[str, str]], version: str = __version__, *
     }
     events = {topic: _build_event(topic, raw) for topic, raw in sorted(merged["events"].items())}
     return ApiSchema(version, methods, events, errors, definitions)
-
-
-def parse_files(files: Iterable[tuple[str, str]]) -> JsonObject:
-    """The YAML files' sections merged (methods, events, errors, definitions), unchecked."""
-    return _read_files(files)
 
 
 #: The shipped YAML files parsed, beside them in the package: reading JSON takes 2 ms where

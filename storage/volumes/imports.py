@@ -39,7 +39,13 @@ from virtnode.storage.layout import VolumeMetadata
 from virtnode.storage.volumes import files as volfiles
 from virtnode.storage.volumes.core import VolumeCore
 from virtnode.storage.volumes.files import Found
-from virtnode.storage.volumes.jobs import job_context, job_params, leased, name_job
+from virtnode.storage.volumes.jobs import (
+    fill_target,
+    job_context,
+    job_params,
+    leased,
+    name_job,
+)
 from virtnode.storage.volumes.view import preallocation, qemu_guard, volume_api
 from virtnode.util.aio import to_the_end
 from virtnode.util.jsontypes import JsonObject
@@ -198,18 +204,10 @@ async def _convert(core: VolumeCore, domain: Domain, params: VolumeImportParams,
         target: Found = await core.io(volfiles.start_new, domain.layout, image_id,
                                       volume_id, metadata, new_image=True,
                                       what="writing volume metadata")
-    try:
-        with qemu_guard(f"importing {params.get('path', 'the upload')}"):
-            await qemuimg.convert(path, target.path, src_fmt=fmt, dst_fmt=dst_fmt,
-                                  preallocation=preallocation(allocation),
-                                  progress=progress)
-        await core.io(volfiles.sync_data, target.path, what="flushing the import")
-        async with core.lock(domain):
-            target = await core.io(volfiles.update, domain.layout, target,
-                                   legality="legal", what="writing volume metadata")
-    except BaseException:
-        await core.discard(domain, target)
-        raise
+    target = await fill_target(core, domain, target, lambda: qemuimg.convert(
+        path, target.path, src_fmt=fmt, dst_fmt=dst_fmt,
+        preallocation=preallocation(allocation), progress=progress),
+        what=f"importing {params.get('path', 'the upload')}")
     core.publish(domain, image_id, volume_id, "created")
     return {"volume": volume_api(domain, target)}
 

@@ -75,6 +75,23 @@ async def leased(domains: Sequence[Domain], what: str,
     return {"job_id": job.job_id, "job": job.to_api()}
 
 
+async def fill_target(core: VolumeCore, domain: Domain, target: Found,
+                      convert: Callable[[], Awaitable[None]], *, what: str) -> Found:
+    """Run ``convert`` (qemu-img writing the new, illegal ``target``), flush the file and
+    mark the volume legal; returns it. On any failure the target is removed."""
+    try:
+        with qemu_guard(what):
+            await convert()
+        await core.io(volfiles.sync_data, target.path, what=f"flushing ({what})")
+        async with core.lock(domain):
+            legal: Found = await core.io(volfiles.update, domain.layout, target,
+                                         legality="legal", what="writing volume metadata")
+    except BaseException:
+        await core.discard(domain, target)
+        raise
+    return legal
+
+
 @contextlib.asynccontextmanager
 async def job_context(core: VolumeCore, volumes: Sequence[Found], what: str,
                       leases: list[Lease], *, no_writers: bool = False
@@ -133,17 +150,9 @@ async def _submit_copy(core: VolumeCore, params: VolumeCopyParams,
                 volfiles.start_new, dst.layout, image_id, volume_id, metadata,
                 new_image=True, what="writing volume metadata")
         dst_path = target.path
-        try:
-            with qemu_guard(f"copying volume {leaf.volume_id}"):
-                await qemuimg.convert(src, dst_path, dst_fmt=dst_fmt,
-                                      preallocation=prealloc, progress=_progress(handle))
-            await core.io(volfiles.sync_data, dst_path, what="flushing the copy")
-            async with core.lock(dst):
-                target = await core.io(volfiles.update, dst.layout, target,
-                                          legality="legal", what="writing volume metadata")
-        except BaseException:
-            await core.discard(dst, target)
-            raise
+        target = await fill_target(core, dst, target, lambda: qemuimg.convert(
+            src, dst_path, dst_fmt=dst_fmt, preallocation=prealloc,
+            progress=_progress(handle)), what=f"copying volume {leaf.volume_id}")
         core.publish(dst, image_id, volume_id, "created")
         return {"volume": volume_api(dst, target)}
 

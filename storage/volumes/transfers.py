@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -687,8 +688,6 @@ def _splice(sock_fd: int, fd: int, offset: int, length: int, *, idle: float,
     """Move up to ``length`` bytes from the non-blocking socket ``sock_fd`` into ``fd`` at
     ``offset`` through a pipe; returns the bytes moved. Raises TimeoutError after ``idle``
     seconds without data and :class:`_Stopped` once ``stopped()``."""
-    import fcntl
-
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
         with contextlib.suppress(OSError):  # a smaller pipe only costs more calls
