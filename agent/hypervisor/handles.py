@@ -122,8 +122,9 @@ class Domain(Protocol):
     def openConsole(self, dev_name: str | None, st: Stream,  # noqa: N802
                     flags: int = 0) -> int: ...
 
-    def openGraphicsFD(self, idx: int, flags: int = 0) -> int:  # noqa: N802
-        """A socket's descriptor, connected to the ``idx``-th graphics device's server."""
+    def openGraphics(self, idx: int, fd: int, flags: int = 0) -> int:  # noqa: N802
+        """Hands ``fd`` (one end of a socket pair) to the ``idx``-th graphics device's
+        server."""
         ...
 
     def screenshot(self, stream: Stream, screen: int, flags: int = 0) -> str:
