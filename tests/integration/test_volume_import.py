@@ -4,6 +4,7 @@ as a job, and only files of the import directories, checked before anything is m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 
 from tests.agentproc import AgentProcess, running_agent
@@ -230,6 +232,45 @@ async def test_an_upload_is_checked_as_a_path_is_and_nothing_is_left(
     job = await wait_job(client, started["job_id"])
     assert (job["state"], job["error"]["data"]["reason"]) == ("failed", "format_mismatch")
     assert os.listdir(tmp_path / "sd" / sd_id / "images") == []
+
+
+def converting(agent: psutil.Process) -> list[psutil.Process]:
+    """The agent's ``qemu-img convert`` processes."""
+    found = []
+    for child in agent.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if child.name() == "qemu-img" and "convert" in child.cmdline():
+                found.append(child)
+    return found
+
+
+async def test_cancelling_an_import_while_it_converts_leaves_nothing(
+        importing_agent: AgentProcess, checked_client: ClientFactory, tmp_path: Path) -> None:
+    client = await checked_client(importing_agent.unix_url)
+    sd_id = await new_domain(client, tmp_path / "sd")
+    raw = tmp_path / "source.raw"
+    await random_raw(raw, 2048 * MiB, seed=7)  # 512 MiB of data: seconds of converting
+    source = tmp_path / "imports" / "big.vmdk"
+    (await run("qemu-img", "convert", "-f", "raw", "-O", "vmdk", raw, source)).check()
+    await asyncio.to_thread(raw.unlink)
+
+    started = await client.call("Volume.import", {"sd_id": sd_id, "path": str(source)})
+    agent = psutil.Process(importing_agent.pid)
+    deadline = asyncio.get_running_loop().time() + 60
+    while not (converters := converting(agent)):  # until qemu-img converts, not after
+        job = (await client.call("Job.get", {"job_id": started["job_id"]}))["job"]
+        assert job["state"] == "running", job
+        assert asyncio.get_running_loop().time() < deadline, "the conversion never began"
+        await asyncio.sleep(0.01)
+    await client.call("Job.cancel", {"job_id": started["job_id"]})
+    job = await wait_job(client, started["job_id"])
+    assert job["state"] == "cancelled"
+    assert job["progress"] < 100
+    _gone, alive = await asyncio.to_thread(psutil.wait_procs, converters, 10)
+    assert not alive, "qemu-img outlived the cancelled import"
+    assert os.listdir(tmp_path / "sd" / sd_id / "images") == []
+    assert (await client.call("Volume.list", {"sd_id": sd_id}))["volumes"] == []
+    assert source.exists()  # the source is never touched
 
 
 async def test_cancelling_the_import_ends_its_upload(
