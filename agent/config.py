@@ -321,6 +321,19 @@ class ConsoleConfig:
 
 
 @dataclass(frozen=True)
+class GuestAgentConfig:
+    timeout: float = _spec(
+        5.0, _seconds(300), "seconds a guest agent command may take before it counts as "
+                            "unanswered (at most 300)")
+    refresh_interval: float = _spec(
+        60.0, _within(5, DAY, low_included=True,
+                      problem=f"must be at least 5 and at most {DAY} seconds"),
+        "seconds between readings of what a connected guest agent reports (OS, users, "
+        "filesystems, addresses), at least 5 and at most a day; also read when it "
+        "connects and when the VM resumes")
+
+
+@dataclass(frozen=True)
 class MigrationConfig:
     libvirt_uri: str = _spec(
         "qemu+tls://{host}/system", None,
@@ -511,6 +524,7 @@ class Config:
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     vm: VmConfig = field(default_factory=VmConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
+    guest_agent: GuestAgentConfig = field(default_factory=GuestAgentConfig)
     migration: MigrationConfig = field(default_factory=MigrationConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)

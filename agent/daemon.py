@@ -108,7 +108,8 @@ class Agent:
                              networks=self.network.bridge_of,
                              storage_dirs=lambda: [str(d.layout.images_dir)
                                                    for d in self.storage.attached()],
-                             writers=self.volumes.core.writers, images=self.volumes)
+                             writers=self.volumes.core.writers, images=self.volumes,
+                             guest_agent=config.guest_agent)
         self._host_id = ""
         self.migrations = MigrationService(
             self.vms.core, self.bus, self.jobs, config.migration,

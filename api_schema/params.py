@@ -154,6 +154,12 @@ class VmDestroyParams(TypedDict):
     vm_id: str
 
 
+class VmFreezeParams(TypedDict):
+    vm_id: str
+    mountpoints: NotRequired[list[str]]
+    timeout: float
+
+
 class VmGetConsoleLogParams(TypedDict):
     vm_id: str
     format: Literal["base64", "text"]
@@ -265,6 +271,10 @@ VmShutdownParams = TypedDict("VmShutdownParams", {
 
 
 class VmStartParams(TypedDict):
+    vm_id: str
+
+
+class VmThawParams(TypedDict):
     vm_id: str
 
 

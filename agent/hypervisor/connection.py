@@ -82,8 +82,10 @@ class DomainEvent:
     """A domain event from libvirt, in plain Python types.
 
     ``kind`` is ``lifecycle`` (with libvirt's ``event`` and ``detail`` numbers),
-    ``device_removed`` or ``device_removal_failed`` (with the device ``alias``), or
-    ``job_completed`` (with the job's final ``stats``, as ``jobStats`` gives them).
+    ``device_removed`` or ``device_removal_failed`` (with the device ``alias``),
+    ``job_completed`` (with the job's final ``stats``, as ``jobStats`` gives them), or
+    ``agent`` (the guest agent's channel: ``event`` is its state, 1 connected or 2
+    disconnected, ``detail`` libvirt's reason).
     """
 
     kind: str
@@ -120,6 +122,8 @@ def translate_error(code: int, domain: int, message: str) -> ApiError:
         return PermissionDenied(message, reason="denied_by_hypervisor")
     if code == libvirt.VIR_ERR_INTERNAL_ERROR and "No more available PCI slots" in message:
         return ResourceExhausted(message, reason="no_free_slot")
+    if code in (libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_AGENT_UNSYNCED):
+        return FailedPrecondition(message, reason="guest_agent_unavailable", object="vm")
     if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
         return DeadlineExceeded(message, reason="hypervisor_timeout")
     if code in _CONNECTION_LOST or domain == libvirt.VIR_FROM_RPC:
@@ -412,6 +416,7 @@ class Hypervisor:
             (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_device_removed),
             (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, self._on_removal_failed),
             (libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, self._on_job_completed),
+            (libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, self._on_agent),
         )
         ids = []
         for event_id, callback in callbacks:
@@ -438,6 +443,10 @@ class Hypervisor:
                           _opaque: Any) -> None:
         self._deliver(DomainEvent("job_completed", dom.UUIDString(), dom.name(),
                                   stats=dict(stats)))
+
+    def _on_agent(self, _conn: Connection, dom: Domain, state: int, reason: int,
+                  _opaque: Any) -> None:
+        self._deliver(DomainEvent("agent", dom.UUIDString(), dom.name(), state, reason))
 
     def _deliver(self, event: DomainEvent) -> None:
         if self._loop is not None:

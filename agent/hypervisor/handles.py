@@ -95,6 +95,21 @@ class Domain(Protocol):
     def setMetadata(self, type: int, metadata: str | None, key: str | None,  # noqa: N802
                     uri: str | None, flags: int = 0) -> int: ...
 
+    def agentSetResponseTimeout(self, timeout: int, flags: int = 0) -> int: ...  # noqa: N802
+
+    def guestInfo(self, types: int = 0, flags: int = 0) -> dict[str, Any]:  # noqa: N802
+        """What the guest agent reports, as typed parameters (``os.name``, ``fs.0.name``)."""
+        ...
+
+    def interfaceAddresses(self, source: int,  # noqa: N802
+                           flags: int = 0) -> dict[str, dict[str, Any]]: ...
+
+    def fsFreeze(self, mountpoints: list[str] | None = None,  # noqa: N802
+                 flags: int = 0) -> int: ...
+
+    def fsThaw(self, mountpoints: list[str] | None = None,  # noqa: N802
+               flags: int = 0) -> int: ...
+
     def migrateToURI3(self, dconnuri: str, params: dict[str, Any],  # noqa: N802
                       flags: int = 0) -> int:
         """Migrate to the libvirtd at ``dconnuri`` (peer to peer); blocks until done."""

@@ -21,6 +21,7 @@ from lxml import etree
 from virtnode.api_schema.params import (
     VmCreateParams,
     VmDestroyParams,
+    VmFreezeParams,
     VmGetInfoParams,
     VmGetXMLParams,
     VmListParams,
@@ -30,9 +31,10 @@ from virtnode.api_schema.params import (
     VmResumeParams,
     VmShutdownParams,
     VmStartParams,
+    VmThawParams,
     VmUndefineParams,
 )
-from virtnode.config import VmConfig
+from virtnode.config import GuestAgentConfig, VmConfig
 from virtnode.errors import (
     ApiError,
     FailedPrecondition,
@@ -57,6 +59,7 @@ from virtnode.vm.core import (
     VolumeResolver,
     Writers,
 )
+from virtnode.vm.guestagent import GuestAgents
 from virtnode.vm.locks import VmLocks
 from virtnode.vm.shutdown import STOPPED, shutdown
 from virtnode.vm.spec import (
@@ -95,8 +98,9 @@ def _snapshot(conn: Connection) -> list[tuple[str, str, str]]:
 class VmGuest:
     """A :class:`~virtnode.vm.shutdown.Guest` backed by libvirt and the event stream."""
 
-    def __init__(self, core: VmCore, vm_id: str) -> None:
+    def __init__(self, core: VmCore, guests: GuestAgents, vm_id: str) -> None:
         self._service = core
+        self._guests = guests
         self._vm_id = vm_id
 
     async def state(self) -> str:
@@ -108,6 +112,13 @@ class VmGuest:
 
     async def request(self, method: str) -> None:
         flags = _SHUTDOWN_FLAGS[method]
+        if method == "agent":
+            # Skipped at once when no guest agent is there to ask, and asked with the
+            # guest agent's deadline when one is.
+            self._guests.require_connected(self._vm_id, "shutting down through the agent")
+            await self._guests.command(self._vm_id, lambda dom: dom.shutdownFlags(flags),
+                                       "VM.shutdown")
+            return
         await self._service.on_vm(self._vm_id, lambda dom: dom.shutdownFlags(flags))
 
     async def destroy(self) -> None:
@@ -125,7 +136,8 @@ class VmService:
                  jobs: JobManager, volumes: VolumeResolver | None = None, *,
                  networks: NetworkResolver | None = None,
                  storage_dirs: StorageDirs | None = None,
-                 writers: Writers | None = None, images: Images | None = None) -> None:
+                 writers: Writers | None = None, images: Images | None = None,
+                 guest_agent: GuestAgentConfig | None = None) -> None:
         #: What this service and the device service share; see :mod:`virtnode.vm.core`.
         self.core = core = VmCore(hypervisor, config, volumes, networks=networks,
                                   storage_dirs=storage_dirs, writers=writers, images=images)
@@ -134,6 +146,8 @@ class VmService:
         self._bus = bus
         self._config = config
         self._jobs = jobs
+        #: The guest agents of the running VMs.
+        self.guests = GuestAgents(hypervisor, bus, guest_agent or GuestAgentConfig())
         jobs.register(SHUTDOWN_JOB)
         self._states: dict[str, str] = {}
         self._names: dict[str, str] = {}
@@ -159,13 +173,15 @@ class VmService:
         """Follow domain events and resync after every (re)connect."""
         self._hv.add_domain_listener(self._on_domain_event)
         self._hv.add_connect_hook(self._on_connect)
+        await self.guests.start()
 
     async def wait_recovered(self, timeout: float) -> bool:
         """Wait for the first view of the VMs; False if ``timeout`` passed first."""
         return await self.core.wait_recovered(timeout)
 
     async def close(self) -> None:
-        """Nothing of its own runs in the background; kept for the agent's stop stages."""
+        """Stop following the guest agents."""
+        await self.guests.close()
 
     async def _on_connect(self, _conn: Connection) -> None:
         # Run inside the connect: the connection is announced once the view is rebuilt.
@@ -504,7 +520,8 @@ class VmService:
 
     async def _shutdown(self, vm_id: str, methods: tuple[str, ...], timeout: float,
                         fallback: str) -> JsonObject:
-        outcome = await shutdown(VmGuest(self.core, vm_id), methods=methods, timeout=timeout,
+        outcome = await shutdown(VmGuest(self.core, self.guests, vm_id), methods=methods,
+                                 timeout=timeout,
                                  fallback=fallback, acpi_interval=self._config.acpi_interval)
         return {"stopped_by": outcome.stopped_by, "seconds": round(outcome.seconds, 3),
                 "tried": list(outcome.tried)}
@@ -516,7 +533,32 @@ class VmService:
         migration = self.migration_of(params["vm_id"])
         if migration is not None:
             info["migration"] = migration
+        if info["state"] in ("running", "paused") and not self.guests.known(params["vm_id"]):
+            await self.guests.learn(params["vm_id"])  # started a moment ago
+        info["guest"] = self.guests.section(params["vm_id"])
         return info
+
+    async def freeze(self, params: VmFreezeParams) -> JsonObject:
+        vm_id = params["vm_id"]
+        self.core.require_ready()
+        async with self._locks.hold(vm_id, "VM.freeze"):
+            await self._require_running(vm_id)
+            return await self.guests.freeze(vm_id, list(params.get("mountpoints", [])),
+                                            params["timeout"])
+
+    async def thaw(self, params: VmThawParams) -> JsonObject:
+        vm_id = params["vm_id"]
+        self.core.require_ready()
+        # Not behind the VM's lock: a thaw must never wait for the call it would unblock.
+        await self._require_running(vm_id)
+        self.guests.require_connected(vm_id, "VM.thaw")
+        return await self.guests.thaw(vm_id)
+
+    async def _require_running(self, vm_id: str) -> None:
+        state, _ = await self.core.on_vm(vm_id, vmops.state_of)
+        if state != "running":
+            raise FailedPrecondition(f"the VM is not running (state {state})",
+                                     reason="vm_not_running", object="vm", id=vm_id)
 
     async def get_xml(self, params: VmGetXMLParams) -> JsonObject:
         flags = vc.DOMAIN_XML_INACTIVE if params["inactive"] else 0

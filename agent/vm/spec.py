@@ -46,6 +46,8 @@ CDROM_BUSES = ("sata", "scsi", "ide")
 DISK_FORMATS = ("raw", "qcow2")
 NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139")
 GRAPHICS = ("vnc", "spice")
+#: The virtio-serial port qemu-guest-agent listens on, by the name every guest looks for.
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 BOOT_DEVICES = ("hd", "network", "cdrom")
 MAX_VCPUS = 256
 MIN_MEMORY_MIB = 16
@@ -262,6 +264,7 @@ class Spec:
     nics: tuple[Nic, ...]
     graphics: str | None
     serial: bool
+    guest_agent: bool
     boot: tuple[str, ...]
     kernel: str | None
     initrd: str | None
@@ -347,6 +350,7 @@ def check_spec(raw: Mapping[str, Any], default_domain_type: str) -> Spec:
         nics=nics,
         graphics=None if graphics is None else _choice(graphics, GRAPHICS, "spec.graphics"),
         serial=bool(raw.get("serial", True)),
+        guest_agent=bool(raw.get("guest_agent", True)),
         boot=tuple(_choice(b, BOOT_DEVICES, f"spec.boot.{i}")
                    for i, b in enumerate(raw.get("boot", ["hd"]))),
         kernel=None if kernel is None else _check_path(kernel, "spec.kernel"),
@@ -482,6 +486,10 @@ def domain_xml(spec: Spec, metadata: Mapping[str, Any]) -> str:
         graphics = _sub(devices, "graphics", type=spec.graphics, autoport="yes",
                         passwd=secrets.token_hex(4), passwdValidTo="1970-01-01T00:00:01")
         _sub(graphics, "listen", type="address", address="127.0.0.1")
+    if spec.guest_agent:
+        # libvirt picks the socket's path and follows the guest agent's connection.
+        channel = _sub(devices, "channel", type="unix")
+        _sub(channel, "target", type="virtio", name=GUEST_AGENT_CHANNEL)
     _sub(devices, "memballoon", model="virtio" if spec.domain_type != "test" else "none")
     root.append(metadata_element(metadata))
     return etree.tostring(root, encoding="unicode")

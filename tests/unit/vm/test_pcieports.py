@@ -18,10 +18,12 @@ def defined() -> etree._Element:
 
 
 def rendered(**spec: object) -> etree._Element:
-    raw = {"name": "vm1", "disks": [{"path": "/var/lib/virtnode/images/vda.raw",
-                                     "format": "raw"},
-                                    {"path": "/var/lib/virtnode/images/sda.raw",
-                                     "format": "raw", "bus": "sata"}],
+    """The spec of the fixtures, by default without the guest agent's channel (as
+    DEFINED was stored)."""
+    raw = {"name": "vm1", "guest_agent": False,
+           "disks": [{"path": "/var/lib/virtnode/images/vda.raw", "format": "raw"},
+                     {"path": "/var/lib/virtnode/images/sda.raw", "format": "raw",
+                      "bus": "sata"}],
            "nics": [{"bridge": "br0"}], **spec}
     return etree.fromstring(domain_xml(check_spec(raw, "kvm"), {"owner": "virtnode"}))
 
@@ -33,6 +35,12 @@ def used_ports(root: etree._Element) -> int:
 def test_the_estimate_is_what_libvirt_placed() -> None:
     # The same spec, before libvirt: USB controller, virtio disk, NIC and balloon.
     assert pcieports.ports_needed(rendered()) == used_ports(defined()) == 4
+
+
+def test_the_guest_agent_channel_takes_a_port_as_libvirt_placed_it() -> None:
+    # libvirt adds a virtio-serial controller for the channel, behind a root port.
+    stored = etree.parse(str(DATA / "q35_defined_agent.xml")).getroot()
+    assert pcieports.ports_needed(rendered(guest_agent=True)) == used_ports(stored) == 5
 
 
 def test_a_q35_spec_gets_the_root_bus_and_spare_ports() -> None:
