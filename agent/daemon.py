@@ -60,11 +60,12 @@ from virtnode.storage.domains.service import StorageDomainService
 from virtnode.storage.volumes.service import VolumeService
 from virtnode.store import Store, StoreError, prepare_state_dir
 from virtnode.util.jsontypes import JsonObject
-from virtnode.vm import migrationstore
+from virtnode.vm import migrationstore, snapshots
 from virtnode.vm.console import ConsoleService
 from virtnode.vm.devices import VmDeviceService
 from virtnode.vm.migration import MigrationService, Peer, PeerConnector
 from virtnode.vm.service import VmService
+from virtnode.vm.snapshots import SnapshotService
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ class Agent:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store = Store(Path(config.state.dir),
-                           (journal.TABLES, jobstore.TABLES, migrationstore.TABLES))
+                           (journal.TABLES, jobstore.TABLES, migrationstore.TABLES,
+                            snapshots.TABLES))
         self.bus = EventBus()
         self.hypervisor = Hypervisor(config.hypervisor, self.bus)
         self.jobs = JobManager(self.store, self.bus, config.jobs)
@@ -119,6 +121,10 @@ class Agent:
             volumes=self.volumes, store=self.store)
         self.vms.migration_of = self.migrations.migration_of
         self.consoles = ConsoleService(self.vms.core, self.bus, config.console)
+        self.snapshots = SnapshotService(
+            self.vms.core, self.vms.guests, self.jobs, self.volumes, self.store,
+            storage_dirs=lambda: {d.sd_id: str(d.layout.images_dir)
+                                  for d in self.storage.attached()})
         self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None
@@ -179,6 +185,7 @@ class Agent:
             vm_binding.handlers(self.vms, VmDeviceService(self.vms.core), stats,
                                 self.migrations),
             vm_binding.console_handlers(self.consoles),
+            vm_binding.snapshot_handlers(self.snapshots),
             migration_binding.handlers(self.migrations),
             events_binding.handlers(self.events),
             job_binding.handlers(JobService(self.jobs)),
@@ -195,6 +202,7 @@ class Agent:
         await self.volumes.start()
         await self.devices.start()
         await self.vms.start()
+        await self.snapshots.start()
         await self.consoles.start()
         await self.hypervisor.start()
         if self.hypervisor.connected:

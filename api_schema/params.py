@@ -169,6 +169,11 @@ class VmGetInfoParams(TypedDict):
     vm_id: str
 
 
+class VmGetSnapshotParams(TypedDict):
+    vm_id: str
+    snapshot_id: str
+
+
 class VmGetStatsParams(TypedDict):
     vm_ids: NotRequired[list[str]]
 
@@ -202,6 +207,10 @@ class VmHotunplugNicParams(TypedDict):
 
 class VmListParams(TypedDict):
     state: NotRequired[Literal["defined", "starting", "running", "paused", "shutting_down", "shutoff", "crashed", "unknown"]]
+
+
+class VmListSnapshotsParams(TypedDict):
+    vm_id: str
 
 
 class VmMigrateParams(TypedDict):
@@ -268,6 +277,16 @@ VmShutdownParams = TypedDict("VmShutdownParams", {
     "async": bool,
     "request_key": NotRequired[str],
 })
+
+
+class VmSnapshotParams(TypedDict):
+    vm_id: str
+    name: str
+    description: NotRequired[str]
+    memory: bool
+    disks: NotRequired[list[str]]
+    quiesce: Literal["auto", "required", "off"]
+    request_key: NotRequired[str]
 
 
 class VmStartParams(TypedDict):

@@ -97,6 +97,8 @@ class Domain(Protocol):
 
     def agentSetResponseTimeout(self, timeout: int, flags: int = 0) -> int: ...  # noqa: N802
 
+    def snapshotCreateXML(self, xmlDesc: str, flags: int = 0) -> Any: ...  # noqa: N802, N803
+
     def guestInfo(self, types: int = 0, flags: int = 0) -> dict[str, Any]:  # noqa: N802
         """What the guest agent reports, as typed parameters (``os.name``, ``fs.0.name``)."""
         ...

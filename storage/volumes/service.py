@@ -18,9 +18,11 @@ ends.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from virtnode.api_schema.params import (
     VolumeCancelTransferParams,
@@ -65,6 +67,9 @@ from virtnode.storage.volumes.view import (
 from virtnode.util.jsontypes import JsonObject
 
 log = logging.getLogger(__name__)
+
+#: Layers made for a VM snapshot, with their domains.
+Layers = list[tuple[Domain, Found]]
 
 class VolumeService:
     """The volumes of the attached storage domains."""
@@ -251,6 +256,69 @@ class VolumeService:
             await self.core.discard(domain, found)
         self.core.publish(domain, found.image_id, found.volume_id, "deleted")
         return {}
+
+    # --- layers for VM snapshots --------------------------------------------------------
+
+    async def add_layers(self, refs: Sequence[Mapping[str, Any]], *, description: str
+                         ) -> Layers:
+        """For VM.snapshot: a new qcow2 layer over each leaf volume ``refs`` names, made,
+        durable and legal, while each parent stays its image's leaf (a running VM goes on
+        writing it until it is switched to the layer in one atomic step); then
+        :meth:`adopt_layers` or :meth:`drop_layers`. What was made is removed if one
+        fails. Raises NotFound, FailedPrecondition (``not_leaf``, ``volume_illegal``,
+        ``volume_busy``...), ResourceExhausted."""
+        made: Layers = []
+        try:
+            for ref in refs:
+                domain = self._domains.domain(ref["sd_id"])
+                async with domain.gate.shared("VM.snapshot"), self.core.lock(domain):
+                    parent = await self._parent_for(domain, dict(ref), None, "qcow2")
+                    assert parent is not None
+                    if parent.metadata.role != "leaf" or parent.metadata.content != "disk":
+                        raise FailedPrecondition(
+                            f"volume {parent.volume_id} is {parent.metadata.role}, not the "
+                            "leaf of a disk image", reason="not_leaf", object="volume",
+                            id=parent.volume_id)
+                    size = parent.metadata.virtual_size
+                    await self.core.check_space(domain, "qcow2", size, "sparse")
+                    metadata = VolumeMetadata.new("qcow2", "sparse", size,
+                                                  parent=parent.volume_id, shared=False,
+                                                  description=description)
+                    found = await self.io(volfiles.start_new, domain.layout, parent.image_id,
+                                          str(uuid.uuid4()), metadata, new_image=False,
+                                          what="writing volume metadata")
+                    made.append((domain, found))
+                    await self._make(domain, found, parent)
+                    found = await self.io(volfiles.update, domain.layout, found,
+                                          legality="legal", what="writing volume metadata")
+                    made[-1] = (domain, found)
+        except BaseException:
+            await self.drop_layers(made)
+            raise
+        for domain, found in made:
+            self.core.publish(domain, found.image_id, found.volume_id, "created")
+        return made
+
+    async def adopt_layers(self, layers: Sequence[tuple[Domain, Found]]) -> None:
+        """The VM writes the layers now: each parent becomes internal."""
+        for domain, found in layers:
+            async with self.core.lock(domain):
+                assert found.metadata.parent is not None
+                parent = await self.io(volfiles.locate, domain.layout, found.metadata.parent,
+                                       found.image_id, what="reading the parent")
+                if parent.metadata.role == "leaf":
+                    await self.io(volfiles.update, domain.layout, parent, role="internal",
+                                  what="updating the parent")
+
+    async def drop_layers(self, layers: Sequence[tuple[Domain, Found]]) -> None:
+        """Remove layers :meth:`add_layers` made that no VM came to write."""
+        for domain, found in layers:
+            async with self.core.lock(domain):
+                with contextlib.suppress(FileNotFoundError):
+                    await self.io(volfiles.update, domain.layout, found, legality="illegal",
+                                  what="writing volume metadata")
+                await self.core.discard(domain, found)
+            self.core.publish(domain, found.image_id, found.volume_id, "deleted")
 
     async def create_image(self, sd_id: str, data: bytes, *, content: Content,
                            description: str, image_id: str, volume_id: str,

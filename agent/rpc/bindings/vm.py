@@ -8,6 +8,7 @@ from virtnode.vm.console import ConsoleService
 from virtnode.vm.devices import VmDeviceService
 from virtnode.vm.migration import MigrationService
 from virtnode.vm.service import VmService
+from virtnode.vm.snapshots import SnapshotService
 
 
 def handlers(vms: VmService, devices: VmDeviceService, stats: StatsService,
@@ -37,6 +38,15 @@ def handlers(vms: VmService, devices: VmDeviceService, stats: StatsService,
         "VM.setVcpus": params(devices.set_vcpus),
         "VM.setTicket": params(devices.set_ticket),
         "VM.migrate": params(migrations.migrate),
+    }
+
+
+def snapshot_handlers(snapshots: SnapshotService) -> dict[str, Bound]:
+    """``VM.*`` of snapshots."""
+    return {
+        "VM.snapshot": params(snapshots.snapshot),
+        "VM.listSnapshots": params(snapshots.list_snapshots),
+        "VM.getSnapshot": params(snapshots.get_snapshot),
     }
 
 

@@ -32,6 +32,7 @@ from virtnode.vm.console import ConsoleService
 from virtnode.vm.devices import VmDeviceService
 from virtnode.vm.migration import MigrationService
 from virtnode.vm.service import VmService
+from virtnode.vm.snapshots import SnapshotService
 
 
 def _unbound(cls: type) -> Any:
@@ -51,6 +52,7 @@ def _table() -> dict[str, Bound]:
         vm.handlers(_unbound(VmService), _unbound(VmDeviceService), _unbound(StatsService),
                     _unbound(MigrationService)),
         vm.console_handlers(_unbound(ConsoleService)),
+        vm.snapshot_handlers(_unbound(SnapshotService)),
         migration.handlers(_unbound(MigrationService)),
     ))
 

@@ -52,10 +52,12 @@ from virtnode.rpc.schema import COMMON_ERRORS, ApiSchema
 from virtnode.stats.sampler import StatsSampler, StatsService
 from virtnode.store import Store
 from virtnode.util.jsontypes import JsonObject
+from virtnode.vm import snapshots
 from virtnode.vm.console import ConsoleService
 from virtnode.vm.devices import VmDeviceService
 from virtnode.vm.migration import MigrationService, Peer, PeerConnector
 from virtnode.vm.service import VmService
+from virtnode.vm.snapshots import SnapshotService
 
 URI = "test:///default"
 #: The domain the test driver starts with: persistent, running, not made by virtnode.
@@ -170,7 +172,8 @@ class InProcessAgent:
         }, dict(config))
         self.config = build_config(raw)
         self.schema = schema
-        self.store = Store(Path(self.config.state.dir), (journal.TABLES, jobstore.TABLES))
+        self.store = Store(Path(self.config.state.dir),
+                           (journal.TABLES, jobstore.TABLES, snapshots.TABLES))
         self.bus = EventBus()
         self.bus.check = schema.check_event
         self.hypervisor = Hypervisor(self.config.hypervisor, self.bus)
@@ -188,7 +191,11 @@ class InProcessAgent:
                                   str(tmp_path / "domain-images")}, store=self.store)
         self.vms.migration_of = self.migrations.migration_of
         self.consoles = ConsoleService(self.vms.core, self.bus, self.config.console)
+        # No storage here: snapshots of volumes are tested with a whole agent.
+        self.snapshots = SnapshotService(self.vms.core, self.vms.guests, self.jobs, None,
+                                         self.store, storage_dirs=dict)
         handlers = bindings.combine(
+            vm_binding.snapshot_handlers(self.snapshots),
             vm_binding.console_handlers(self.consoles),
             vm_binding.handlers(self.vms, VmDeviceService(self.vms.core),
                                 StatsService(self.sampler), self.migrations),
@@ -219,6 +226,7 @@ class InProcessAgent:
         if not connect:
             return
         await self.vms.start()
+        await self.snapshots.start()
         await self.consoles.start()
         await self.hypervisor.start()
         assert self.hypervisor.connected, self.hypervisor.reason

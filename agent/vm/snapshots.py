@@ -1,0 +1,527 @@
+"""VM snapshots over virtnode's own volume chains: ``VM.snapshot``, ``VM.listSnapshots``,
+``VM.getSnapshot``.
+
+A snapshot of a disk is a new qcow2 layer in the disk's image over the volume the VM
+writes now; from then on the VM writes the layer, and the volume below holds the disk as
+it was. On a running VM every chosen disk is switched to its layer at once, by one libvirt
+external disk-only snapshot that reuses the layers virtnode made
+(``REUSE_EXT | DISK_ONLY | NO_METADATA | ATOMIC``: libvirt keeps no snapshot metadata of
+its own), with the guest's filesystems frozen through the guest agent around it when it
+is there (``quiesce auto``; ``required`` refuses without it; ``off`` never freezes); the
+snapshot records whether it was frozen. On a stopped VM the definition is changed to
+the layers. Either way the persistent definition names each disk's whole chain, leaf
+first, as VM.create writes it.
+
+The snapshot tree lives in the VM's persistent definition (metadata in its own
+namespace), so it goes where the definition goes; each snapshot names, per disk, the
+volume that holds the disk as it was (``volume_id``) and the layer made over it
+(``layer``).
+
+Crash safety: the operation is written to the state store before any layer is made,
+with the snapshot it is to record. At every connection to libvirt the agent settles
+each unfinished one by what the VM's definition says: layers the VM uses are adopted
+(their parents become internal) and the snapshot recorded; layers it does not use are
+removed. Layers are legal once their (empty) data is durable; until they are adopted
+their parents stay their images' leaves, which the VM goes on writing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lxml import etree
+
+from virtnode.api_schema.params import (
+    VmGetSnapshotParams,
+    VmListSnapshotsParams,
+    VmSnapshotParams,
+)
+from virtnode.errors import (
+    AlreadyExists,
+    ApiError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from virtnode.hypervisor import constants as vc
+from virtnode.hypervisor.connection import Hypervisor
+from virtnode.hypervisor.handles import Connection, Domain
+from virtnode.jobs.manager import JobHandle, JobKind, JobManager
+from virtnode.storage.volumes.service import Layers, VolumeService
+from virtnode.store import Store, TableSchema, transaction
+from virtnode.util.jsontypes import JsonObject
+from virtnode.util.safexml import parse_xml
+from virtnode.vm import ops as vmops
+from virtnode.vm.core import VmCore
+from virtnode.vm.guestagent import GuestAgents
+from virtnode.vm.spec import check_name
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_JOB = JobKind("VM.snapshot", cancellable=False)
+NAMESPACE = "https://virtnode.dev/xmlns/snapshots/1"
+PREFIX = "virtnodesnap"
+#: The longest a snapshot keeps a guest frozen (the freeze ends by itself after it).
+FREEZE_TIMEOUT = 60.0
+MAX_SNAPSHOTS = 256
+
+_CREATE_FLAGS = (vc.DOMAIN_SNAPSHOT_CREATE_NO_METADATA | vc.DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+                 | vc.DOMAIN_SNAPSHOT_CREATE_REUSE_EXT | vc.DOMAIN_SNAPSHOT_CREATE_ATOMIC)
+
+COMPONENT = "vm_snapshot_ops"
+VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS vm_snapshot_ops (
+    op_id     TEXT PRIMARY KEY,
+    vm_id     TEXT NOT NULL,
+    snapshot  TEXT NOT NULL,
+    started   REAL NOT NULL
+);
+"""
+TABLES = TableSchema(COMPONENT, VERSION, SCHEMA)
+
+#: ``{sd_id: images directory}`` of the attached storage domains.
+StorageDirs = Callable[[], Mapping[str, str]]
+
+
+@dataclass
+class SnapshotDisk:
+    target: str
+    sd_id: str
+    image_id: str
+    volume_id: str  # holds the disk as it was at the snapshot
+    layer: str  # the volume the VM wrote after it
+
+
+@dataclass
+class Snapshot:
+    snapshot_id: str
+    name: str
+    description: str
+    created: float
+    parent: str | None
+    vm_state: str  # running | shutoff
+    quiesced: bool
+    memory: bool
+    disks: list[SnapshotDisk] = field(default_factory=list)
+
+    def to_api(self) -> JsonObject:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Snapshot:
+        disks = [SnapshotDisk(**d) for d in raw["disks"]]
+        return cls(**{**raw, "disks": disks})
+
+
+@dataclass
+class _Disk:
+    """A disk of the VM that is a volume's leaf."""
+
+    target: str
+    sd_id: str
+    image_id: str
+    volume_id: str
+    path: str
+
+
+class SnapshotService:
+    def __init__(self, core: VmCore, guests: GuestAgents, jobs: JobManager,
+                 volumes: VolumeService | None, store: Store | None, *,
+                 storage_dirs: StorageDirs) -> None:
+        self._core = core
+        self._hv: Hypervisor = core.hypervisor
+        self._guests = guests
+        self._jobs = jobs
+        self._volumes = volumes
+        self._store = store
+        self._storage_dirs = storage_dirs
+        jobs.register(SNAPSHOT_JOB)
+
+    async def start(self) -> None:
+        self._hv.add_connect_hook(self._settle_unfinished)
+
+    # --- the methods -----------------------------------------------------------------------
+
+    async def snapshot(self, params: VmSnapshotParams) -> JsonObject:
+        vm_id, name = params["vm_id"], params["name"]
+        check_name(name, "name")
+        if params["memory"]:
+            raise InvalidArgument("snapshots with memory are not built yet; take memory: false",
+                                  reason="unsupported", field="memory")
+        request_key = params.get("request_key")
+        self._core.require_ready()
+
+        async def run(handle: JobHandle) -> JsonObject:
+            snap = await self._take(vm_id, name, params, handle)
+            return {"snapshot_id": snap.snapshot_id, "snapshot": snap.to_api()}
+
+        job = await self._jobs.submit(
+            SNAPSHOT_JOB.name, {k: v for k, v in params.items() if k != "request_key"}, run,
+            description=f"snapshot {name} of VM {vm_id}", target=vm_id,
+            request_key=request_key,
+            prepare=lambda: self._hold(vm_id))
+        return {"job_id": job.job_id, "job": job.to_api()}
+
+    @contextlib.asynccontextmanager
+    async def _hold(self, vm_id: str) -> AsyncIterator[None]:
+        """Hold the VM for the job; an unknown VM is NotFound, and no job is made."""
+        async with self._core.locks.hold(vm_id, "VM.snapshot"):
+            await self._core.on_vm(vm_id, vmops.state_of)
+            yield
+
+    async def list_snapshots(self, params: VmListSnapshotsParams) -> JsonObject:
+        current, snaps = await self._tree(params["vm_id"])
+        return {"current": current, "snapshots": [s.to_api() for s in snaps]}
+
+    async def get_snapshot(self, params: VmGetSnapshotParams) -> JsonObject:
+        current, snaps = await self._tree(params["vm_id"])
+        for snap in snaps:
+            if snap.snapshot_id == params["snapshot_id"]:
+                return {"snapshot": snap.to_api(), "current": current == snap.snapshot_id}
+        raise NotFound(f"VM {params['vm_id']} has no snapshot {params['snapshot_id']}",
+                       reason="not_found", object="snapshot", id=params["snapshot_id"])
+
+    # --- taking one ------------------------------------------------------------------------
+
+    async def _take(self, vm_id: str, name: str, params: VmSnapshotParams,
+                    handle: JobHandle) -> Snapshot:
+        description, targets = params.get("description", ""), params.get("disks")
+        quiesce = params["quiesce"]
+        xml, state, persistent = await self._core.on_vm(vm_id, _read, what="VM.snapshot")
+        if not persistent:
+            raise FailedPrecondition("a transient VM has no definition to keep snapshots in",
+                                     reason="not_persistent", object="vm", id=vm_id)
+        if state not in ("running", "defined", "shutoff", "crashed"):
+            raise FailedPrecondition(f"a VM {state} cannot be snapshot; resume it, or wait "
+                                     "until it runs or is stopped", reason="invalid_state",
+                                     object="vm", id=vm_id)
+        running = state == "running"
+        current, tree = read_tree(xml)
+        if any(s.name == name for s in tree):
+            raise AlreadyExists(f"VM {vm_id} has a snapshot named {name}",
+                                reason="exists", object="snapshot", field="name")
+        if len(tree) >= MAX_SNAPSHOTS:
+            raise FailedPrecondition(f"VM {vm_id} has {len(tree)} snapshots already; "
+                                     "delete some first", reason="too_many_snapshots",
+                                     object="vm", id=vm_id)
+        disks = self._chosen_disks(xml, targets)
+        freeze = running and quiesce != "off" and self._guests.connected(vm_id)
+        if running and quiesce == "required" and not freeze:
+            self._guests.require_connected(vm_id, "a snapshot with quiesce required")
+        snap = Snapshot(str(uuid.uuid4()), name, description, round(time.time(), 3), current,
+                        "running" if running else "shutoff", quiesced=False, memory=False)
+        op_id = snap.snapshot_id
+        assert self._volumes is not None  # else no disk is a volume
+        layers = await self._volumes.add_layers(
+            [{"sd_id": d.sd_id, "image_id": d.image_id, "volume_id": d.volume_id}
+             for d in disks], description=f"snapshot {name} of VM {vm_id}")
+        for disk, (_, layer) in zip(disks, layers, strict=True):
+            snap.disks.append(SnapshotDisk(disk.target, disk.sd_id, disk.image_id,
+                                           disk.volume_id, layer.volume_id))
+        handle.progress(30)
+        # The journal first: from here a crash is settled by what the VM's definition says.
+        await self._journal(op_id, vm_id, snap)
+        try:
+            chains = [await self._volumes.resolve(
+                {"sd_id": d.sd_id, "image_id": d.image_id, "volume_id": d.layer},
+                readonly=False) for d in snap.disks]
+            if running:
+                snap.quiesced = await self._switch_live(vm_id, disks, layers, freeze)
+            handle.progress(70)
+            by_target = {d.target: c for d, c in zip(disks, chains, strict=True)}
+            await self._hv.call(lambda conn: _define_chains(conn, vm_id, by_target),
+                                what=f"VM.snapshot on {vm_id}")
+        except BaseException:
+            if not await self._uses_any(vm_id, layers):
+                await self._volumes.drop_layers(layers)
+                await self._unjournal(op_id)
+            raise
+        await self._finish(vm_id, snap, layers)
+        await self._unjournal(op_id)
+        return snap
+
+    def _chosen_disks(self, xml: str, targets: Sequence[str] | None) -> list[_Disk]:
+        root = parse_xml(xml)
+        by_target = {}
+        for disk in root.iterfind("devices/disk[@device='disk']"):
+            target = disk.find("target")
+            if target is None or disk.find("readonly") is not None:
+                continue
+            by_target[target.get("dev", "")] = disk
+        if targets is not None:
+            unknown = [t for t in targets if t not in by_target]
+            if unknown:
+                raise InvalidArgument(f"the VM has no writable disk {unknown[0]}",
+                                      reason="no_such_disk", field="disks")
+            wanted = list(dict.fromkeys(targets))
+        else:
+            wanted = sorted(by_target)
+        if not wanted:
+            raise FailedPrecondition("the VM has no writable disk to snapshot",
+                                     reason="no_disks", object="vm")
+        dirs = self._storage_dirs() if self._volumes is not None else {}
+        chosen = []
+        for dev in wanted:
+            source = by_target[dev].find("source")
+            path = "" if source is None else source.get("file", "")
+            ref = volume_of(path, dirs)
+            if ref is None:
+                raise FailedPrecondition(
+                    f"disk {dev} ({path or 'no file'}) is not a volume of a storage domain "
+                    "attached here; only volumes can be snapshot (leave it out with disks)",
+                    reason="not_a_volume", object="vm", field="disks")
+            chosen.append(_Disk(dev, *ref, path))
+        return chosen
+
+    async def _switch_live(self, vm_id: str, disks: Sequence[_Disk], layers: Layers,
+                           freeze: bool) -> bool:
+        """Switch the running VM's disks to the layers at once; whether the guest was
+        frozen meanwhile."""
+        snapshot_xml = _snapshot_xml(
+            {d.target: str(layer.path) for d, (_, layer) in zip(disks, layers, strict=True)},
+            await self._core.on_vm(vm_id, lambda dom: dom.XMLDesc(0)))
+        frozen_here = False
+        quiesced = False
+        if freeze:
+            if self._guests.section(vm_id)["frozen"]:
+                quiesced = True  # frozen by its owner already: the disks are consistent
+            else:
+                try:
+                    await self._guests.freeze(vm_id, [], FREEZE_TIMEOUT)
+                    frozen_here = quiesced = True
+                except ApiError as exc:
+                    log.warning("VM %s: snapshot without freezing the guest: %s", vm_id, exc)
+        try:
+            await self._core.on_vm(vm_id, lambda dom: dom.snapshotCreateXML(
+                snapshot_xml, _CREATE_FLAGS), what="VM.snapshot")
+        finally:
+            if frozen_here:
+                try:
+                    await self._guests.thaw(vm_id, reason="snapshot")
+                except ApiError as exc:  # the freeze's own timeout ends it
+                    log.warning("VM %s: thawing after the snapshot failed: %s", vm_id, exc)
+        return quiesced
+
+    async def _finish(self, vm_id: str, snap: Snapshot, layers: Layers) -> None:
+        assert self._volumes is not None
+        await self._volumes.adopt_layers(layers)
+
+        def record(dom: Domain) -> None:
+            _, tree = read_tree(dom.XMLDesc(vc.DOMAIN_XML_INACTIVE))
+            if all(s.snapshot_id != snap.snapshot_id for s in tree):
+                tree.append(snap)
+            _write_tree(dom, snap.snapshot_id, tree)
+
+        await self._core.on_vm(vm_id, record, what="recording the snapshot")
+
+    async def _uses_any(self, vm_id: str, layers: Layers) -> bool:
+        paths = {str(layer.path) for _, layer in layers}
+        try:
+            used = await self._core.on_vm(vm_id, _disk_paths, what="reading the VM's disks")
+        except ApiError:
+            return False
+        return bool(paths & used)
+
+    # --- the journal -------------------------------------------------------------------------
+
+    async def _journal(self, op_id: str, vm_id: str, snap: Snapshot) -> None:
+        if self._store is None:
+            return
+        record = json.dumps(snap.to_api())
+
+        def save(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.execute("INSERT INTO vm_snapshot_ops (op_id, vm_id, snapshot, started) "
+                             "VALUES (?, ?, ?, ?)", (op_id, vm_id, record, time.time()))
+        await self._store.run(save)
+
+    async def _unjournal(self, op_id: str) -> None:
+        if self._store is None:
+            return
+
+        def delete(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.execute("DELETE FROM vm_snapshot_ops WHERE op_id = ?", (op_id,))
+        await self._store.run(delete)
+
+    async def _settle_unfinished(self, _conn: Connection) -> None:
+        """Settle the snapshots a crash interrupted (see the module's documentation)."""
+        if self._store is None or self._volumes is None:
+            return
+
+        def load(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
+            return list(conn.execute("SELECT op_id, vm_id, snapshot FROM vm_snapshot_ops "
+                                     "ORDER BY started"))
+        for op_id, vm_id, raw in await self._store.run(load):
+            asyncio.get_running_loop().create_task(self._settle(op_id, vm_id, raw),
+                                                   name=f"settle snapshot {op_id}")
+
+    async def _settle(self, op_id: str, vm_id: str, raw: str) -> None:
+        assert self._volumes is not None
+        try:
+            snap = Snapshot.from_json(json.loads(raw))
+            layers: Layers = []
+            for disk in snap.disks:
+                try:
+                    layers.append(await self._volumes.core.volume(
+                        {"sd_id": disk.sd_id, "image_id": disk.image_id,
+                         "volume_id": disk.layer}))
+                except NotFound:
+                    continue  # never made, or removed already
+            async with self._core.locks.hold(vm_id, "VM.snapshot"):
+                try:
+                    used = await self._core.on_vm(vm_id, _disk_paths)
+                except NotFound:
+                    used = set()
+                adopted = [(d, f) for d, f in layers if str(f.path) in used]
+                unused = [(d, f) for d, f in layers if str(f.path) not in used]
+                if unused:
+                    await self._volumes.drop_layers(unused)
+                if adopted:
+                    await self._finish(vm_id, snap, adopted)
+            log.warning("VM %s: snapshot %s was interrupted; %s", vm_id, snap.name,
+                        "finished" if adopted else "undone")
+            await self._unjournal(op_id)
+        except Exception:
+            log.exception("VM %s: cannot settle the interrupted snapshot %s", vm_id, op_id)
+
+    async def _tree(self, vm_id: str) -> tuple[str | None, list[Snapshot]]:
+        xml = await self._core.on_vm(vm_id, lambda dom: dom.XMLDesc(vc.DOMAIN_XML_INACTIVE),
+                                     what="reading the snapshots")
+        return read_tree(xml)
+
+
+# --- in the libvirt pool -------------------------------------------------------------------
+
+
+def _read(dom: Domain) -> tuple[str, str, bool]:
+    state, _ = vmops.state_of(dom)
+    flags = vc.DOMAIN_XML_INACTIVE if dom.isPersistent() else 0
+    return dom.XMLDesc(flags), state, bool(dom.isPersistent())
+
+
+def _disk_paths(dom: Domain) -> set[str]:
+    """Every disk source of the VM, live and as defined."""
+    paths = set()
+    sources = [dom.XMLDesc(0)]
+    if dom.isPersistent():
+        sources.append(dom.XMLDesc(vc.DOMAIN_XML_INACTIVE))
+    for xml in sources:
+        for source in parse_xml(xml).iterfind("devices/disk/source"):
+            if source.get("file"):
+                paths.add(source.get("file", ""))
+    return paths
+
+
+def _define_chains(conn: Connection, vm_id: str,
+                   chains: Mapping[str, Sequence[tuple[str, str]]]) -> None:
+    """Rewrite the persistent definition's disks ``chains`` names (by target) with their
+    chains, leaf first, ending with an empty ``<backingStore/>`` as VM.create writes it."""
+    dom = vmops.lookup(conn, vm_id)
+    root = parse_xml(dom.XMLDesc(vc.DOMAIN_XML_INACTIVE | vc.DOMAIN_XML_SECURE))
+    for disk in root.iterfind("devices/disk[@device='disk']"):
+        target = disk.find("target")
+        chain = chains.get("" if target is None else target.get("dev", ""))
+        if not chain:
+            continue
+        for old in disk.findall("backingStore"):
+            disk.remove(old)
+        driver = disk.find("driver")
+        if driver is not None:
+            driver.set("type", chain[0][1])
+        source = disk.find("source")
+        assert source is not None
+        source.attrib.clear()
+        source.set("file", chain[0][0])
+        below = etree.Element("backingStore")
+        top = below
+        for path, fmt in chain[1:]:
+            below.set("type", "file")
+            etree.SubElement(below, "format", type=fmt)
+            etree.SubElement(below, "source", file=path)
+            below = etree.SubElement(below, "backingStore")
+        source.addnext(top)
+    conn.defineXMLFlags(etree.tostring(root, encoding="unicode"), vc.DOMAIN_DEFINE_VALIDATE)
+
+
+def _snapshot_xml(layers: Mapping[str, str], live_xml: str) -> str:
+    """A disk-only external snapshot onto ``layers`` (by target); every other disk 'no'."""
+    root = etree.Element("domainsnapshot")
+    disks = etree.SubElement(root, "disks")
+    for disk in parse_xml(live_xml).iterfind("devices/disk"):
+        target = disk.find("target")
+        dev = "" if target is None else target.get("dev", "")
+        if dev in layers:
+            element = etree.SubElement(disks, "disk", name=dev, snapshot="external",
+                                       type="file")
+            etree.SubElement(element, "driver", type="qcow2")
+            etree.SubElement(element, "source", file=layers[dev])
+        elif dev:
+            etree.SubElement(disks, "disk", name=dev, snapshot="no")
+    return etree.tostring(root, encoding="unicode")
+
+
+def _write_tree(dom: Domain, current: str | None, tree: Sequence[Snapshot]) -> None:
+    root = etree.Element("snapshots")
+    if current is not None:
+        root.set("current", current)
+    for snap in tree:
+        element = etree.SubElement(root, "snapshot", id=snap.snapshot_id, name=snap.name,
+                                   created=f"{snap.created:.3f}", vm_state=snap.vm_state,
+                                   quiesced="yes" if snap.quiesced else "no",
+                                   memory="yes" if snap.memory else "no")
+        if snap.parent is not None:
+            element.set("parent", snap.parent)
+        if snap.description:
+            etree.SubElement(element, "description").text = snap.description
+        for disk in snap.disks:
+            etree.SubElement(element, "disk", target=disk.target, sd_id=disk.sd_id,
+                             image_id=disk.image_id, volume_id=disk.volume_id,
+                             layer=disk.layer)
+    dom.setMetadata(vc.DOMAIN_METADATA_ELEMENT, etree.tostring(root, encoding="unicode"),
+                    PREFIX, NAMESPACE, vc.DOMAIN_AFFECT_CONFIG)
+
+
+def read_tree(xml: str) -> tuple[str | None, list[Snapshot]]:
+    """The current snapshot and every snapshot recorded in a domain's XML."""
+    element = parse_xml(xml).find(f"metadata/{{{NAMESPACE}}}snapshots")
+    if element is None:
+        return None, []
+    snaps = []
+    for item in element.iterfind(f"{{{NAMESPACE}}}snapshot"):
+        try:
+            snaps.append(Snapshot(
+                snapshot_id=item.get("id", ""), name=item.get("name", ""),
+                description=item.findtext(f"{{{NAMESPACE}}}description") or "",
+                created=float(item.get("created", "0")), parent=item.get("parent"),
+                vm_state=item.get("vm_state", "shutoff"),
+                quiesced=item.get("quiesced") == "yes", memory=item.get("memory") == "yes",
+                disks=[SnapshotDisk(d.get("target", ""), d.get("sd_id", ""),
+                                    d.get("image_id", ""), d.get("volume_id", ""),
+                                    d.get("layer", ""))
+                       for d in item.iterfind(f"{{{NAMESPACE}}}disk")]))
+        except ValueError:
+            log.warning("a snapshot record of the VM is damaged: %s",
+                        etree.tostring(item, encoding="unicode"))
+    return element.get("current"), snaps
+
+
+def volume_of(path: str, dirs: Mapping[str, str]) -> tuple[str, str, str] | None:
+    """``(sd_id, image_id, volume_id)`` of a volume's data file, by the domains' image
+    directories; None for a file that is no volume of theirs."""
+    file = Path(path)
+    for sd_id, images in dirs.items():
+        if file.parent.parent == Path(images) and file.name and file.parent.name:
+            return sd_id, file.parent.name, file.name
+    return None
