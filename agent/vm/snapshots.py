@@ -237,7 +237,8 @@ class SnapshotService:
                 {"sd_id": d.sd_id, "image_id": d.image_id, "volume_id": d.layer},
                 readonly=False) for d in snap.disks]
             if running:
-                snap.quiesced = await self._switch_live(vm_id, disks, layers, freeze)
+                snap.quiesced = await self._switch_live(vm_id, disks, layers, freeze,
+                                                        required=quiesce == "required")
             handle.progress(70)
             by_target = {d.target: c for d, c in zip(disks, chains, strict=True)}
             await self._hv.call(lambda conn: _define_chains(conn, vm_id, by_target),
@@ -285,9 +286,9 @@ class SnapshotService:
         return chosen
 
     async def _switch_live(self, vm_id: str, disks: Sequence[_Disk], layers: Layers,
-                           freeze: bool) -> bool:
+                           freeze: bool, *, required: bool) -> bool:
         """Switch the running VM's disks to the layers at once; whether the guest was
-        frozen meanwhile."""
+        frozen meanwhile. A freeze that fails is a failure only when ``required``."""
         snapshot_xml = _snapshot_xml(
             {d.target: str(layer.path) for d, (_, layer) in zip(disks, layers, strict=True)},
             await self._core.on_vm(vm_id, lambda dom: dom.XMLDesc(0)))
@@ -301,6 +302,8 @@ class SnapshotService:
                     await self._guests.freeze(vm_id, [], FREEZE_TIMEOUT)
                     frozen_here = quiesced = True
                 except ApiError as exc:
+                    if required:
+                        raise
                     log.warning("VM %s: snapshot without freezing the guest: %s", vm_id, exc)
         try:
             await self._core.on_vm(vm_id, lambda dom: dom.snapshotCreateXML(
