@@ -223,15 +223,19 @@ class SnapshotService:
                         "running" if running else "shutoff", quiesced=False, memory=False)
         op_id = snap.snapshot_id
         assert self._volumes is not None  # else no disk is a volume
-        layers = await self._volumes.add_layers(
-            [{"sd_id": d.sd_id, "image_id": d.image_id, "volume_id": d.volume_id}
-             for d in disks], description=f"snapshot {name} of VM {vm_id}")
-        for disk, (_, layer) in zip(disks, layers, strict=True):
-            snap.disks.append(SnapshotDisk(disk.target, disk.sd_id, disk.image_id,
-                                           disk.volume_id, layer.volume_id))
-        handle.progress(30)
+        snap.disks = [SnapshotDisk(d.target, d.sd_id, d.image_id, d.volume_id,
+                                   str(uuid.uuid4())) for d in disks]
         # The journal first: from here a crash is settled by what the VM's definition says.
         await self._journal(op_id, vm_id, snap)
+        try:
+            layers = await self._volumes.add_layers(
+                [{"sd_id": d.sd_id, "image_id": d.image_id, "volume_id": d.volume_id}
+                 for d in disks], [d.layer for d in snap.disks],
+                description=f"snapshot {name} of VM {vm_id}")
+        except BaseException:
+            await self._unjournal(op_id)  # add_layers removed what it made
+            raise
+        handle.progress(30)
         try:
             chains = [await self._volumes.resolve(
                 {"sd_id": d.sd_id, "image_id": d.image_id, "volume_id": d.layer},

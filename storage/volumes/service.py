@@ -259,9 +259,10 @@ class VolumeService:
 
     # --- layers for VM snapshots --------------------------------------------------------
 
-    async def add_layers(self, refs: Sequence[Mapping[str, Any]], *, description: str
-                         ) -> Layers:
-        """For VM.snapshot: a new qcow2 layer over each leaf volume ``refs`` names, made,
+    async def add_layers(self, refs: Sequence[Mapping[str, Any]], volume_ids: Sequence[str],
+                         *, description: str) -> Layers:
+        """For VM.snapshot: a new qcow2 layer ``volume_ids[i]`` (chosen by the caller, who
+        journals them first) over each leaf volume ``refs`` names, made,
         durable and legal, while each parent stays its image's leaf (a running VM goes on
         writing it until it is switched to the layer in one atomic step); then
         :meth:`adopt_layers` or :meth:`drop_layers`. What was made is removed if one
@@ -269,7 +270,7 @@ class VolumeService:
         ``volume_busy``...), ResourceExhausted."""
         made: Layers = []
         try:
-            for ref in refs:
+            for ref, volume_id in zip(refs, volume_ids, strict=True):
                 domain = self._domains.domain(ref["sd_id"])
                 async with domain.gate.shared("VM.snapshot"), self.core.lock(domain):
                     parent = await self._parent_for(domain, dict(ref), None, "qcow2")
@@ -285,8 +286,8 @@ class VolumeService:
                                                   parent=parent.volume_id, shared=False,
                                                   description=description)
                     found = await self.io(volfiles.start_new, domain.layout, parent.image_id,
-                                          str(uuid.uuid4()), metadata, new_image=False,
-                                          what="writing volume metadata")
+                                          lay.check_uuid(volume_id, "volume_id"), metadata,
+                                          new_image=False, what="writing volume metadata")
                     made.append((domain, found))
                     await self._make(domain, found, parent)
                     found = await self.io(volfiles.update, domain.layout, found,
