@@ -170,6 +170,13 @@ def test_two_reads_of_an_unchanged_host_compare_equal(host: NetlinkHost) -> None
                                   "metric": 0}),
         Step("add_route", "nic1", {"dst": "203.0.113.0/24", "family": 4, "metric": 7}),
     ])
+    # The kernel reports an operational state for a link it has just brought up a moment
+    # later (link watch): "unchanged" starts once it has.
+    deadline = time.monotonic() + 10
+    while any(link.up and link.operstate == "unknown"
+              for link in host.read_state().links.values()):
+        assert time.monotonic() < deadline, host.read_state().links
+        time.sleep(0.05)
     first, second = host.read_state(), host.read_state()
     assert first == second
     # Sorted by link, family and address, not in the kernel's order (10 came first).
