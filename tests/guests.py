@@ -26,12 +26,24 @@ Variants:
   which prints the device of an ISO image by its label: tests type commands into the
   serial console, mount media (``mount -t iso9660 $(findlabel cidata) /mnt``) and read
   the answers.
+- ``agent``: the ``console`` guest running Debian's ``qemu-guest-agent`` (``qemu-ga`` with
+  the shared libraries it needs, from the host or from their packages, and the dynamic
+  loader) on the virtio-serial channel ``org.qemu.guest_agent.0`` (``domain_xml(
+  agent_channel=True)``): without udev there is no ``/dev/virtio-ports/`` link, so the
+  init script finds the port by its name in sysfs, starts ``qemu-ga`` on it (started again
+  when it exits) and waits until it has the port open before it is ready. A domain
+  without the channel still boots (the console says so). It also has the virtio disk
+  driver and ext4 (which mounts ext2), and ``datadisk``, which waits for ``/dev/vda``,
+  makes an ext2 filesystem on it if the disk is blank and mounts it at ``/data``: a
+  filesystem to write to and for ``guest-fsfreeze-freeze`` to freeze. Nothing runs it at
+  boot: tests type it on the serial console, so a guest without a disk boots too.
 
-Both print :data:`GUEST_READY` on the serial console once they are ready for the power
+All print :data:`GUEST_READY` on the serial console once they are ready for the power
 button (after a reboot it appears again). They need TCG (``<domain type='qemu'>``): a Linux
 kernel hangs under KVM on the nested hosts the tests run on.
 
-Images are built once per kernel package, busybox package and recipe, into
+Images are built once per kernel package, busybox package (and for ``agent`` the
+``qemu-guest-agent`` package) and recipe, into
 ``$VIRTNODE_TEST_CACHE`` (default ``/var/cache/virtnode-tests/guests``), and reused.
 Builds go to a temporary directory and are renamed into place, so racing builders are
 harmless. QEMU runs as an unprivileged user (``libvirt-qemu`` on Debian) and opens the
@@ -64,11 +76,14 @@ from xml.sax.saxutils import escape, quoteattr
 GUEST_READY = "VIRTNODE-GUEST-READY"
 GUEST_POWEROFF = "VIRTNODE-GUEST-POWEROFF"
 GUEST_BROKEN = "VIRTNODE-GUEST-BROKEN"  # the guest could not get ready: no GUEST_READY
-VARIANTS = ("acpi", "noacpi", "writer", "dirty", "console")
+VARIANTS = ("acpi", "noacpi", "writer", "dirty", "console", "agent")
 DEFAULT_CACHE = Path("/var/cache/virtnode-tests/guests")
 CACHE_ENV = "VIRTNODE_TEST_CACHE"
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
+AGENT_PACKAGE = "qemu-guest-agent"
+#: The virtio-serial port name libvirt gives the guest agent's channel.
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
 MEMORY_MIB = 256
 # Bump when the initramfs layout changes: it is part of every image's cache key.
 RECIPE = 2
@@ -125,6 +140,24 @@ _MEDIA_MODULES = {
     "fs/isofs/isofs.ko": "CONFIG_ISO9660_FS",
 }
 
+# The agent guest's drivers in load order, with the kernel options that may build them in:
+# the console guest's CD-ROM, then a virtio disk, the virtio-serial ports qemu-ga talks
+# through, and ext4 with what it needs. ext4 mounts the ext2 that busybox's mke2fs makes
+# (Debian builds no ext2 driver), and unlike vfat it can be frozen (FIFREEZE).
+_AGENT_MODULES = {
+    **_MEDIA_MODULES,
+    "drivers/block/virtio_blk.ko": "CONFIG_VIRTIO_BLK",
+    "drivers/char/virtio_console.ko": "CONFIG_VIRTIO_CONSOLE",
+    "lib/crc16.ko": "CONFIG_CRC16",
+    "fs/mbcache.ko": "CONFIG_FS_MBCACHE",
+    "fs/jbd2/jbd2.ko": "CONFIG_JBD2",
+    "fs/ext4/ext4.ko": "CONFIG_EXT4_FS",
+}
+
+# Where the guest agent's shared libraries and the dynamic loader go in the initramfs: the
+# loader's default search path on Debian, no ld.so.cache needed.
+_LIBRARY_DIR = "lib/x86_64-linux-gnu"
+
 # A root shell on the serial port, started again whenever it exits: what a person types
 # into the serial console reaches it, and its answers come back the same way.
 # ``findlabel LABEL`` prints the device holding the ISO 9660 image labelled LABEL (what
@@ -158,6 +191,62 @@ while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do usleep 50000; n=$((n + 1)); done
 _DIRTIER = """dd if=/dev/urandom of=/tmp/dirty.src bs=1048576 count=16 2>/dev/null
 ( while :; do cat /tmp/dirty.src > /tmp/dirty.dst; done ) &"""
 
+# qemu-ga on the virtio-serial port libvirt names org.qemu.guest_agent.0. There is no udev
+# for /dev/virtio-ports/ links: the port is found by its sysfs name (the driver learns the
+# names from the device shortly after it loads, so wait a little, unless there is no
+# virtio-serial device at all, virtio device id 3). qemu-ga runs in the foreground and is
+# started again if it exits; the guest is ready once it holds the port open. Its state
+# directory and pid file default to /var/run.
+_GUEST_AGENT = """mkdir -p /var/run /etc/qemu
+port=
+n=0
+while [ $n -lt 60 ]; do
+    for dir in /sys/class/virtio-ports/vport*; do
+        [ "$(cat "$dir/name" 2>/dev/null)" = @CHANNEL@ ] && port=${dir##*/}
+    done
+    [ -n "$port" ] && break
+    grep -qx 0x0003 /sys/bus/virtio/devices/*/device 2>/dev/null || break
+    usleep 50000; n=$((n + 1))
+done
+if [ -z "$port" ]; then
+    echo "no @CHANNEL@ channel: the guest agent does not run"
+else
+    [ -c /dev/$port ] || mknod /dev/$port c $(tr : ' ' < /sys/class/virtio-ports/$port/dev)
+    ( while :; do
+        qemu-ga -m virtio-serial -p /dev/$port -l /tmp/qemu-ga.log
+        echo "qemu-ga exited with $?" >> /tmp/qemu-ga.log
+        sleep 1
+      done ) &
+    n=0
+    until ls -l /proc/$(pidof qemu-ga)/fd 2>/dev/null | grep -q "/dev/$port\\$"; do
+        [ $n -lt 200 ] || { echo "@BROKEN@: qemu-ga did not open /dev/$port"; \\
+            cat /tmp/qemu-ga.log; ready=no; break; }
+        usleep 50000; n=$((n + 1))
+    done
+    [ $ready = yes ] && echo "qemu-ga runs on /dev/$port (@CHANNEL@)"
+fi"""
+
+# ``datadisk``: wait for /dev/vda, make an ext2 filesystem on it if it is blank (zeros in
+# its first 64 KiB) and mount it at /data. A disk with an ext2/3/4 superblock (magic
+# 0xEF53 at byte 1080) is mounted as it is; anything else is left alone.
+_DATADISK = """cat > /bin/datadisk <<'END'
+#!/bin/sh
+n=0
+while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do usleep 50000; n=$((n + 1)); done
+[ -b /dev/vda ] || { echo "datadisk: no /dev/vda" >&2; exit 1; }
+magic=$(dd if=/dev/vda bs=2 skip=540 count=1 2>/dev/null | hexdump -e '1/2 "%04x"')
+if [ "$magic" != ef53 ]; then
+    if [ "$(dd if=/dev/vda bs=65536 count=1 2>/dev/null | tr -d '\\000' | wc -c)" != 0 ]; then
+        echo "datadisk: /dev/vda holds data that is no ext2/3/4 filesystem" >&2
+        exit 1
+    fi
+    mke2fs -L data /dev/vda >/dev/null || exit 1
+fi
+mkdir -p /data
+mount -t ext4 /dev/vda /data
+END
+chmod 755 /bin/datadisk"""
+
 # acpid writes its pid file only after it has opened every /dev/input/event*: waiting for
 # it means a power-button press right after the ready marker is not lost.
 _ACPID = """acpid -d -c /etc/acpi -p /run/acpid.pid &
@@ -183,6 +272,7 @@ class GuestImage:
     kernel_release: str
     kernel_deb: str
     busybox_deb: str
+    agent_deb: str | None = None  # the qemu-guest-agent package, in the agent variant only
 
 
 @dataclass(frozen=True)
@@ -192,6 +282,7 @@ class _Plan:
     kernel_package: str
     kernel_version: str
     busybox_version: str
+    agent_version: str
 
     @property
     def kernel_release(self) -> str:
@@ -205,11 +296,17 @@ class _Plan:
     def busybox_deb(self) -> str:
         return _deb_name(BUSYBOX_PACKAGE, self.busybox_version)
 
+    @property
+    def agent_deb(self) -> str:
+        return _deb_name(AGENT_PACKAGE, self.agent_version)
+
     def key(self, variant: str) -> str:
-        recipe = "\0".join(
-            (str(RECIPE), self.kernel_deb, self.busybox_deb, _init_script(variant),
-             _POWER_BUTTON)
-        )
+        parts = [str(RECIPE), self.kernel_deb, self.busybox_deb, _init_script(variant),
+                 _POWER_BUTTON]
+        if variant == "agent":
+            # Only the agent guest has qemu-ga: the other variants' keys stay as they were.
+            parts.append(self.agent_deb)
+        recipe = "\0".join(parts)
         digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
         return f"{self.kernel_release}-{variant}-{digest}"
 
@@ -237,11 +334,15 @@ def console_log_path(name: str, cache: Path | None = None) -> Path:
 
 def domain_xml(image: GuestImage, name: str, uuid: str, console_log: Path,
                cmdline: str = "", *, disk: Path | None = None,
-               memory_mib: int = MEMORY_MIB) -> str:
+               memory_mib: int = MEMORY_MIB, agent_channel: bool = False,
+               serial_socket: Path | None = None) -> str:
     """A TCG domain booting ``image`` directly, its serial console written to a file.
 
     1 vCPU, ``memory_mib`` (256 MiB), ACPI, no network, no disk unless ``disk`` (a raw
-    image, attached as virtio ``vda``); a guest reboot restarts it.
+    image, attached as virtio ``vda``); a guest reboot restarts it. ``agent_channel``
+    adds the guest agent's virtio-serial channel (libvirt picks the host socket).
+    ``serial_socket`` makes the serial port a unix socket listening there, for typing
+    into the guest, and still logs its output to ``console_log``.
     """
     args = " ".join(filter(None, ("console=ttyS0", cmdline)))
     disk_xml = "" if disk is None else f"""
@@ -250,6 +351,20 @@ def domain_xml(image: GuestImage, name: str, uuid: str, console_log: Path,
       <source file={quoteattr(str(disk))}/>
       <target dev='vda' bus='virtio'/>
     </disk>"""
+    channel_xml = "" if not agent_channel else f"""
+    <channel type='unix'>
+      <target type='virtio' name={quoteattr(AGENT_CHANNEL)}/>
+    </channel>"""
+    serial_xml = f"""
+    <serial type='file'>
+      <source path={quoteattr(str(console_log))}/>
+      <target port='0'/>
+    </serial>""" if serial_socket is None else f"""
+    <serial type='unix'>
+      <source mode='bind' path={quoteattr(str(serial_socket))}/>
+      <log file={quoteattr(str(console_log))} append='off'/>
+      <target port='0'/>
+    </serial>"""
     return f"""<domain type='qemu'>
   <name>{escape(name)}</name>
   <uuid>{escape(uuid)}</uuid>
@@ -266,11 +381,7 @@ def domain_xml(image: GuestImage, name: str, uuid: str, console_log: Path,
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>restart</on_reboot>
   <on_crash>destroy</on_crash>
-  <devices>{disk_xml}
-    <serial type='file'>
-      <source path={quoteattr(str(console_log))}/>
-      <target port='0'/>
-    </serial>
+  <devices>{disk_xml}{serial_xml}{channel_xml}
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
   </devices>
@@ -340,12 +451,13 @@ def _image(plan: _Plan, variant: str, directory: Path) -> GuestImage:
         kernel_release=plan.kernel_release,
         kernel_deb=plan.kernel_deb,
         busybox_deb=plan.busybox_deb,
+        agent_deb=plan.agent_deb if variant == "agent" else None,
     )
 
 
-def _run(*argv: str, cwd: Path | None = None) -> str:
-    done = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=600, check=False)
+def _run(*argv: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=600, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: exit {done.returncode}\n{done.stdout}{done.stderr}")
     return done.stdout
@@ -357,7 +469,7 @@ def _apt_update() -> None:
 
 @functools.cache
 def _resolve() -> _Plan:
-    """Which kernel and busybox packages apt would fetch now (no download).
+    """Which kernel, busybox and guest agent packages apt would fetch now (no download).
 
     Resolved once per process: it costs about a second (apt loads its package lists).
     """
@@ -370,21 +482,29 @@ def _resolve() -> _Plan:
 
 
 def _resolve_once() -> _Plan:
-    out = _run("apt-cache", "show", "--no-all-versions", KERNEL_META_PACKAGE, BUSYBOX_PACKAGE)
-    fields: dict[str, dict[str, str]] = {}
-    for stanza in out.split("\n\n"):
-        parsed = dict(re.findall(r"^([\w-]+): ?(.*)$", stanza, re.MULTILINE))
-        if "Package" in parsed:
-            fields.setdefault(parsed["Package"], parsed)
+    fields = _apt_show(KERNEL_META_PACKAGE, BUSYBOX_PACKAGE, AGENT_PACKAGE)
     meta, busybox = fields.get(KERNEL_META_PACKAGE), fields.get(BUSYBOX_PACKAGE)
-    if meta is None or busybox is None:
-        raise RuntimeError(f"apt knows no {KERNEL_META_PACKAGE} or {BUSYBOX_PACKAGE}:\n{out}")
+    agent = fields.get(AGENT_PACKAGE)
+    if meta is None or busybox is None or agent is None:
+        raise RuntimeError(f"apt knows no {KERNEL_META_PACKAGE}, {BUSYBOX_PACKAGE} or "
+                           f"{AGENT_PACKAGE}: {sorted(fields)}")
     # Depends: linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)
     found = re.search(r"(linux-image-[\w.+-]+-cloud-amd64)(?:\s*\(=\s*([^)\s]+)\))?",
                       meta.get("Depends", ""))
     if found is None:
         raise RuntimeError(f"{KERNEL_META_PACKAGE} depends on no kernel: {meta}")
-    return _Plan(found[1], found[2] or meta["Version"], busybox["Version"])
+    return _Plan(found[1], found[2] or meta["Version"], busybox["Version"], agent["Version"])
+
+
+def _apt_show(*packages: str) -> dict[str, dict[str, str]]:
+    """The fields of the version apt would install of each package, by package name."""
+    out = _run("apt-cache", "show", "--no-all-versions", *packages)
+    fields: dict[str, dict[str, str]] = {}
+    for stanza in out.split("\n\n"):
+        parsed = dict(re.findall(r"^([\w-]+): ?(.*)$", stanza, re.MULTILINE))
+        if "Package" in parsed:
+            fields.setdefault(parsed["Package"], parsed)
+    return fields
 
 
 def _deb_name(package: str, version: str) -> str:
@@ -428,8 +548,11 @@ def _build(plan: _Plan, cache: Path) -> None:
             raise RuntimeError(f"{plan.kernel_deb} has no boot/vmlinuz-{release}")
         vmlinuz = shutil.copyfile(vmlinuz, work / "vmlinuz")
         modules = _modules(work / "kernel", release, _MODULES)
-        disk_modules = _modules(work / "kernel", release, _DISK_MODULES)
-        media_modules = _modules(work / "kernel", release, _MEDIA_MODULES)
+        extra_modules = {
+            "writer": _modules(work / "kernel", release, _DISK_MODULES),
+            "console": _modules(work / "kernel", release, _MEDIA_MODULES),
+            "agent": _modules(work / "kernel", release, _AGENT_MODULES),
+        }
         busybox = (work / "busybox" / "bin" / "busybox").read_bytes()
         for variant in VARIANTS:
             final = cache / plan.key(variant)
@@ -439,15 +562,24 @@ def _build(plan: _Plan, cache: Path) -> None:
             out.mkdir()
             # One copy of the kernel per build, linked into each variant.
             os.link(vmlinuz, out / "vmlinuz")
-            extra = {"writer": disk_modules, "console": media_modules}.get(variant, {})
-            (out / "initrd.gz").write_bytes(_initramfs(variant, busybox, {**modules, **extra}))
-            (out / "image.json").write_text(json.dumps({
+            extra = extra_modules.get(variant, {})
+            # The guest agent is fetched only when an agent image is built.
+            files = _guest_agent(plan, debs, work) if variant == "agent" else {}
+            (out / "initrd.gz").write_bytes(
+                _initramfs(variant, busybox, {**modules, **extra}, files))
+            about: dict[str, object] = {
                 "variant": variant,
                 "kernel_release": release,
                 "kernel_deb": plan.kernel_deb,
                 "busybox_deb": plan.busybox_deb,
                 "recipe": RECIPE,
-            }, indent=2) + "\n")
+            }
+            if variant == "agent":
+                about["agent_deb"] = plan.agent_deb
+                about["agent_files"] = {
+                    name: str(source.relative_to(work)) if source.is_relative_to(work)
+                    else str(source) for name, source in files.items()}
+            (out / "image.json").write_text(json.dumps(about, indent=2) + "\n")
             for path in out.iterdir():
                 path.chmod(0o644)
             out.chmod(0o755)
@@ -459,6 +591,103 @@ def _build(plan: _Plan, cache: Path) -> None:
                     raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _unpack(deb: Path, work: Path) -> Path:
+    """Where ``deb`` is unpacked to under ``work``: a directory named after it."""
+    tree = work / "unpacked" / deb.name
+    tree.mkdir(parents=True)
+    _run("dpkg-deb", "-x", str(deb), str(tree))
+    return tree
+
+
+def _guest_agent(plan: _Plan, debs: Path, work: Path) -> dict[str, Path]:
+    """qemu-ga, its shared libraries and the dynamic loader: initramfs path -> real file.
+
+    The libraries go under :data:`_LIBRARY_DIR` by the soname the binary asks for (the
+    file a soname link points to is copied, not the link), the loader at the path the
+    binary names (``/lib64/ld-linux-x86-64.so.2``).
+    """
+    tree = _unpack(_fetch_deb(AGENT_PACKAGE, plan.agent_version, debs, work), work)
+    found = [tree / d / "qemu-ga" for d in ("usr/bin", "usr/sbin")]
+    binary = next((path for path in found if path.is_file()), None)
+    if binary is None:
+        raise RuntimeError(f"{plan.agent_deb} has no usr/bin/qemu-ga or usr/sbin/qemu-ga")
+    libraries, loader = _shared_libraries(binary, debs, work)
+    files = {str(binary.relative_to(tree)): binary}
+    files.update((f"{_LIBRARY_DIR}/{soname}", path) for soname, path in libraries.items())
+    files[str(loader).lstrip("/")] = loader
+    return {name: path.resolve(strict=True) for name, path in files.items()}
+
+
+def _shared_libraries(binary: Path, debs: Path, work: Path) -> tuple[dict[str, Path], Path]:
+    """The shared libraries ``binary`` needs, directly or not (soname -> file), and its loader.
+
+    ldd resolves them on the host, which runs the guest's Debian release. Libraries the
+    host lacks (a host without QEMU may have no libnuma1 or liburing2) come from their
+    packages instead: those among what the guest agent's package depends on, directly or
+    not, that are not installed here, fetched and unpacked like the others.
+    """
+    libraries, missing, loader = _ldd(binary, [])
+    if missing:
+        directories = []
+        for package, version in _uninstalled_dependencies(AGENT_PACKAGE):
+            tree = _unpack(_fetch_deb(package, version, debs, work), work)
+            directories += [tree / "lib" / "x86_64-linux-gnu",
+                            tree / "usr" / "lib" / "x86_64-linux-gnu"]
+        libraries, missing, loader = _ldd(binary, [d for d in directories if d.is_dir()])
+    if missing:
+        raise RuntimeError(f"qemu-ga needs {', '.join(sorted(missing))}, which neither this "
+                           f"host nor the packages {AGENT_PACKAGE} depends on provide")
+    if loader is None:
+        raise RuntimeError(f"ldd names no dynamic loader for {binary}")
+    return libraries, loader
+
+
+def _ldd(binary: Path, library_path: list[Path]
+         ) -> tuple[dict[str, Path], set[str], Path | None]:
+    """What ldd finds for ``binary``: soname -> file, the sonames not found, the loader."""
+    env = None
+    if library_path:
+        env = {**os.environ, "LD_LIBRARY_PATH": ":".join(map(str, library_path))}
+    out = _run("ldd", str(binary), env=env)
+    libraries: dict[str, Path] = {}
+    missing: set[str] = set()
+    loader = None
+    for line in out.splitlines():
+        # "\tlibnuma.so.1 => /lib/x86_64-linux-gnu/libnuma.so.1 (0x...)", "... => not found",
+        # "\t/lib64/ld-linux-x86-64.so.2 (0x...)"; the vDSO ("linux-vdso.so.1") is no file.
+        if (found := re.match(r"\s*(\S+) => (/\S+) \(0x", line)) is not None:
+            libraries[found[1]] = Path(found[2])
+        elif (found := re.match(r"\s*(\S+) => not found", line)) is not None:
+            missing.add(found[1])
+        elif (found := re.match(r"\s*(/\S+) \(0x", line)) is not None:
+            loader = Path(found[1])
+    return libraries, missing, loader
+
+
+def _uninstalled_dependencies(package: str) -> list[tuple[str, str]]:
+    """The packages ``package`` depends on, directly or not, that are not installed here,
+    with the versions apt would install."""
+    out = _run("apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
+               "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances",
+               "--no-pre-depends", package)
+    # Package names start their lines; "<name>" is a virtual package, ":i386" another arch.
+    names = [line for line in out.splitlines()
+             if re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", line) and line != package]
+    if not names:
+        return []
+    query = subprocess.run(["dpkg-query", "-W", "-f", "${Package}\t${db:Status-Status}\n",
+                            *names], stdin=subprocess.DEVNULL, capture_output=True,
+                           text=True, timeout=60, check=False)
+    installed = {name for name, _, status in
+                 (line.partition("\t") for line in query.stdout.splitlines())
+                 if status == "installed"}
+    absent = [name for name in names if name not in installed]
+    if not absent:
+        return []
+    fields = _apt_show(*absent)
+    return [(name, fields[name]["Version"]) for name in absent if name in fields]
 
 
 def _modules(tree: Path, release: str, wanted: dict[str, str]) -> dict[str, bytes]:
@@ -499,7 +728,7 @@ def _unzstd(path: Path) -> bytes:
 
 
 def _init_script(variant: str) -> str:
-    acpid = (_ACPID if variant in ("acpi", "writer", "console")
+    acpid = (_ACPID if variant in ("acpi", "writer", "console", "agent")
              else "# no acpid: the power button is ignored")
     if variant == "writer":
         acpid += "\n" + _WRITER
@@ -507,14 +736,25 @@ def _init_script(variant: str) -> str:
         acpid += "\n" + _DIRTIER
     if variant == "console":
         acpid += "\n" + _SHELL
+    if variant == "agent":
+        acpid += "\n" + "\n".join((_GUEST_AGENT, _DATADISK, _SHELL))
     return (_INIT.replace("@ACPID@", acpid).replace("@READY@", GUEST_READY)
-            .replace("@BROKEN@", GUEST_BROKEN).replace("@VARIANT@", variant))
+            .replace("@BROKEN@", GUEST_BROKEN).replace("@VARIANT@", variant)
+            .replace("@CHANNEL@", AGENT_CHANNEL))
 
 
-def _initramfs(variant: str, busybox: bytes, modules: dict[str, bytes]) -> bytes:
+def _initramfs(variant: str, busybox: bytes, modules: dict[str, bytes],
+               files: dict[str, Path] | None = None) -> bytes:
+    """The gzipped initramfs; ``files`` (initramfs path -> file) are added executable."""
     archive = _Cpio()
-    for directory in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "sys", "run", "tmp",
-                      "sbin", "usr", "usr/bin", "usr/sbin", "root"):
+    directories = ["bin", "dev", "etc", "lib", "lib/modules", "proc", "sys", "run", "tmp",
+                   "sbin", "usr", "usr/bin", "usr/sbin", "root"]
+    for name in sorted(files or {}):
+        # The kernel makes no missing parent directories: each comes before its files.
+        for parent in reversed(Path(name).parents[:-1]):
+            if str(parent) not in directories:
+                directories.append(str(parent))
+    for directory in directories:
         archive.directory(directory)
     archive.device("dev/console", 5, 1)
     archive.file("bin/busybox", busybox, 0o755)
@@ -522,7 +762,9 @@ def _initramfs(variant: str, busybox: bytes, modules: dict[str, bytes]) -> bytes
     archive.file("init", _init_script(variant).encode(), 0o755)
     for name, data in sorted(modules.items()):
         archive.file(f"lib/modules/{name}", data, 0o644)
-    if variant in ("acpi", "writer", "console"):
+    for name, path in sorted((files or {}).items()):
+        archive.file(name, path.read_bytes(), 0o755)
+    if variant in ("acpi", "writer", "console", "agent"):
         archive.directory("etc/acpi")
         archive.directory("etc/acpi/PWRF")
         archive.file("etc/acpi/PWRF/00000080", _POWER_BUTTON.encode(), 0o755)

@@ -134,7 +134,7 @@ async def test_image_is_built_once_and_readable_by_qemu(variant: str) -> None:
     init = archive["init"][1].decode()
     assert guests.GUEST_READY in init
     handler = "etc/acpi/PWRF/00000080"
-    if variant in ("acpi", "writer", "console"):
+    if variant in ("acpi", "writer", "console", "agent"):
         assert "acpid" in init
         assert b"poweroff -f" in archive[handler][1]
     else:
@@ -150,6 +150,19 @@ async def test_image_is_built_once_and_readable_by_qemu(variant: str) -> None:
         assert disk_modules[-1].endswith("isofs.ko"), disk_modules
         assert any(name.endswith("sr_mod.ko") for name in disk_modules)
         assert disk_modules == sorted(disk_modules), "the init loads them in name order"
+    elif variant == "agent":
+        assert "getty" in init and "findlabel" in init and "datadisk" in init
+        assert "qemu-ga -m virtio-serial" in init and guests.AGENT_CHANNEL in init
+        for module in ("sr_mod.ko", "virtio_blk.ko", "virtio_console.ko"):
+            assert any(name.endswith(module) for name in disk_modules), disk_modules
+        assert disk_modules == sorted(disk_modules), "the init loads them in name order"
+        # qemu-ga with real files (no links) for its libraries and the loader.
+        for name in ("usr/sbin/qemu-ga", "lib64/ld-linux-x86-64.so.2",
+                     "lib/x86_64-linux-gnu/libc.so.6",
+                     "lib/x86_64-linux-gnu/libglib-2.0.so.0"):
+            mode, data = archive[name]
+            assert stat.S_ISREG(mode) and data[:4] == b"\x7fELF", name
+        assert image.agent_deb is not None and "qemu-guest-agent" in image.agent_deb
     else:
         assert not disk_modules
 
