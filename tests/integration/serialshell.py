@@ -12,18 +12,34 @@ import contextlib
 import itertools
 import re
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from tests import guests
 from tests.agentproc import AgentProcess
-from tests.integration.consoleclient import ConsoleSocket, console
+from tests.integration.consoleclient import console
 from virtnode.client import Client
 
 #: The console guest's shell prompt.
 PROMPT = b"guest# "
 
 
+class Terminal(Protocol):
+    """A serial console as the shell talks to it: the output so far, more of it, input."""
+
+    output: bytearray
+
+    async def receive(self) -> object:
+        """Append what the guest wrote next to ``output``."""
+        ...
+
+    async def send(self, data: bytes) -> None: ...
+
+
 class SerialShell:
-    def __init__(self, socket: ConsoleSocket) -> None:
+    """Commands typed into the guest's shell over a :class:`Terminal` (the agent's serial
+    console WebSocket, or the serial port's own socket)."""
+
+    def __init__(self, socket: Terminal) -> None:
         self.socket = socket
         self._numbers = itertools.count(1)
 

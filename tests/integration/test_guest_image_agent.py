@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import os
-import re
 import shutil
 import time
 import uuid
@@ -29,6 +27,7 @@ from tests.agentproc import IMAGE_ROOT
 from tests.conftest import missing
 from tests.integration import libvirtd as daemon
 from tests.integration.conftest import VM_PREFIX, _remove_test_vms, sparse_file
+from tests.integration.serialshell import SerialShell
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu]
 
@@ -38,63 +37,25 @@ BOOT_TIMEOUT = 120.0
 #: libvirt learns that the guest opened the channel from a QEMU event shortly after.
 AGENT_TIMEOUT = 30.0
 DISK_SIZE = 64 * 1024 * 1024
-PROMPT = b"guest# "
 
 
-class SocketShell:
-    """The guest's root shell, typed into over the serial port's unix socket."""
+class SocketTerminal:
+    """The guest's serial port as its unix socket gives it, for :class:`SerialShell`."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
         self.output = bytearray()
-        self._numbers = itertools.count(1)
 
-    async def _read(self, until: re.Pattern[bytes], timeout: float,
-                    start: int) -> re.Match[bytes]:
-        try:
-            async with asyncio.timeout(timeout):
-                while (found := until.search(self.output, start)) is None:
-                    data = await self.reader.read(65536)
-                    if not data:
-                        raise ConnectionError("the serial socket closed")
-                    self.output += data
-        except TimeoutError:
-            tail = bytes(self.output[-2000:]).decode(errors="replace")
-            raise TimeoutError(f"no {until.pattern!r} on the serial console in {timeout} s; "
-                               f"it ends with:\n{tail}") from None
-        return found
+    async def receive(self) -> None:
+        data = await self.reader.read(65536)
+        if not data:
+            raise ConnectionError("the serial socket closed")
+        self.output += data
 
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
         await self.writer.drain()
-
-    async def wait_prompt(self, tries: int = 30) -> None:
-        """Press Enter until the shell prompts: getty drops what was typed before it ran."""
-        prompt = re.compile(re.escape(PROMPT))
-        for _ in range(tries):
-            start = len(self.output)
-            await self.send(b"\r")
-            try:
-                await self._read(prompt, 1.0, start)
-                return
-            except TimeoutError:
-                continue
-        raise TimeoutError("the guest's shell never prompted; its console ends with:\n"
-                           f"{bytes(self.output[-2000:]).decode(errors='replace')}")
-
-    async def run(self, command: str, timeout: float = 30) -> tuple[int, str]:
-        """Run ``command`` in the guest's shell: ``(exit status, output)``."""
-        number = next(self._numbers)
-        start = len(self.output)
-        # The shell echoes the line as typed ("$?" unexpanded); only the answer has digits.
-        await self.send(f"{command}; echo VN-END-{number}-$?\r".encode())
-        found = await self._read(re.compile(rb"VN-END-%d-(\d+)\r?\n" % number), timeout, start)
-        typed = self.output.find(b"VN-END-%d-$?" % number, start)
-        echo_end = self.output.find(b"\n", typed)
-        answer = bytes(self.output[echo_end + 1:found.start()]) \
-            if 0 <= echo_end < found.start() else b""
-        return int(found[1]), answer.decode(errors="replace").replace("\r\n", "\n")
 
     async def close(self) -> None:
         self.writer.close()
@@ -108,7 +69,8 @@ class Guest:
     name: str
     image: guests.GuestImage
     console: Path
-    shell: SocketShell
+    shell: SerialShell
+    terminal: SocketTerminal
     boot_seconds: float
 
 
@@ -143,21 +105,22 @@ async def booted(*, channel: bool, disk: bool) -> AsyncIterator[Guest]:
                             disk=data if disk else None, agent_channel=channel,
                             serial_socket=socket)
     conn = await asyncio.to_thread(libvirt.open, daemon.QEMU_URI)
-    dom = shell = None
+    dom = terminal = None
     try:
         started = time.monotonic()
         dom = await asyncio.to_thread(conn.createXML, xml, 0)
         await guests.wait_for_console(console, timeout=BOOT_TIMEOUT)
         boot = time.monotonic() - started
         print(f"agent guest {name} (channel={channel}, disk={disk}) ready after {boot:.2f} s")
-        shell = SocketShell(*await asyncio.open_unix_connection(str(socket)))
+        terminal = SocketTerminal(*await asyncio.open_unix_connection(str(socket)))
+        shell = SerialShell(terminal)
         await shell.wait_prompt()
         # Without a size the shell wraps what it echoes at 80 columns.
         await shell.run("stty cols 4000")
-        yield Guest(dom, name, image, console, shell, boot)
+        yield Guest(dom, name, image, console, shell, terminal, boot)
     finally:
-        if shell is not None:
-            await shell.close()
+        if terminal is not None:
+            await terminal.close()
         if dom is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 await asyncio.to_thread(dom.destroy)  # transient: destroying removes it
