@@ -226,6 +226,16 @@ else
     [ $ready = yes ] && echo "qemu-ga runs on /dev/$port (@CHANNEL@)"
 fi"""
 
+# qemu-ga carries out guest-shutdown by running ``/sbin/shutdown -h -P +0 MESSAGE`` (``-r``
+# for a reboot), which busybox does not have: this one powers off as the power button does.
+_SHUTDOWN = f"""cat > /sbin/shutdown <<'END'
+#!/bin/sh
+case " $* " in *" -r "*) exec reboot -f;; esac
+echo "{GUEST_POWEROFF}" > /dev/console
+exec poweroff -f
+END
+chmod 755 /sbin/shutdown"""
+
 # ``datadisk``: wait for /dev/vda, make an ext2 filesystem on it if it is blank (zeros in
 # its first 64 KiB) and mount it at /data. A disk with an ext2/3/4 superblock (magic
 # 0xEF53 at byte 1080) is mounted as it is; anything else is left alone.
@@ -737,7 +747,7 @@ def _init_script(variant: str) -> str:
     if variant == "console":
         acpid += "\n" + _SHELL
     if variant == "agent":
-        acpid += "\n" + "\n".join((_GUEST_AGENT, _DATADISK, _SHELL))
+        acpid += "\n" + "\n".join((_SHUTDOWN, _GUEST_AGENT, _DATADISK, _SHELL))
     return (_INIT.replace("@ACPID@", acpid).replace("@READY@", GUEST_READY)
             .replace("@BROKEN@", GUEST_BROKEN).replace("@VARIANT@", variant)
             .replace("@CHANNEL@", AGENT_CHANNEL))

@@ -257,6 +257,9 @@ class Hypervisor:
         self._hooks: list[ConnectHook] = []
         self._domain_listeners: list[DomainListener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: A second connection for calls that may wait long (see :meth:`call_aside`).
+        self._aside: Connection | None = None
+        self._aside_lock = threading.Lock()
         self.state = ConnectionState.DISCONNECTED
         self.reason = "not started"
 
@@ -316,6 +319,40 @@ class Hypervisor:
             if isinstance(error, Unavailable):
                 self._mark_lost(conn, error.message)
             raise error from None
+
+    async def call_aside(self, fn: Callable[[Connection], T], *, timeout: float | None = None,
+                         what: str = "libvirt call") -> T:
+        """Like :meth:`call`, on a second connection of the agent's own, opened when first
+        needed: for calls that may wait long on something outside libvirt (a guest agent
+        that does not answer). Measured on libvirt 9.0: while such a call waits, other
+        calls on its connection can wait with it, those on another connection do not.
+        """
+        if self._conn is None:
+            raise Unavailable(f"hypervisor {self.uri} is not connected: {self.reason}",
+                              reason="hypervisor_disconnected")
+
+        def run() -> T:
+            with self._aside_lock:
+                conn = self._aside
+                if conn is None:
+                    conn = self._aside = libvirt.open(self.uri)
+            return fn(conn)
+
+        try:
+            return await self._in_thread(run, timeout, what)
+        except libvirt.libvirtError as exc:
+            error = translate_error(exc.get_error_code(), exc.get_error_domain(), str(exc))
+            if isinstance(error, Unavailable):
+                await self._in_thread(self._close_aside, self._config.call_timeout,
+                                      "closing the second connection")
+            raise error from None
+
+    def _close_aside(self) -> None:
+        with self._aside_lock:
+            conn, self._aside = self._aside, None
+        if conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
 
     async def call_long(self, fn: Callable[[Connection], T], *, what: str) -> T:
         """Run ``fn(conn)`` on a thread of its own, with no deadline, and return its result.
@@ -493,6 +530,7 @@ class Hypervisor:
                 conn.unregisterCloseCallback()
             with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
+            self._close_aside()
 
         try:
             await self._in_thread(close, self._config.call_timeout, "closing the connection")

@@ -13,10 +13,12 @@ event when the guest agent connects or goes away; this module keeps, per running
 - a freeze, if one is in force, and when it ends.
 
 Every guest agent command has a deadline (``guest_agent.timeout``, given to libvirt
-with ``virDomainAgentSetResponseTimeout`` before each command), and at most
-:data:`CONCURRENT` of them run at once in the hypervisor's pool, so a guest agent that
-never answers holds one thread for a few seconds and delays nothing else: other VMs'
-calls, and other calls on the same VM, go on.
+with ``virDomainAgentSetResponseTimeout`` before each command), runs on the hypervisor's
+second connection (while a command waits for a guest agent, libvirt answers other calls
+on its connection late), and at most :data:`CONCURRENT` of them run at once in the
+hypervisor's pool, so a guest agent that never answers holds one thread for a few
+seconds and delays nothing else: other VMs' calls, and other calls on the same VM, go
+on.
 
 A freeze (``VM.freeze``) always ends: the agent thaws it after its ``timeout`` unless
 ``VM.thaw`` came first. So that a freeze also ends when the agent itself stops or
@@ -168,8 +170,8 @@ class GuestAgents:
 
         async with self._slots:
             try:
-                return await self._hv.call(run, timeout=timeout + GRACE,
-                                           what=f"{what} on {vm_id}")
+                return await self._hv.call_aside(run, timeout=timeout + GRACE,
+                                                 what=f"{what} on {vm_id}")
             except NotFound as exc:
                 if exc.id is None:
                     raise NotFound(exc.message, reason="not_found", object="vm",
@@ -306,7 +308,9 @@ class GuestAgents:
                 guest.wake.set()
         else:
             self._stop_refresh(guest)
-        if publish and agent != before and agent in ("connected", "disconnected"):
+        # "disconnected" only for a guest agent that was connected: at a VM's start libvirt
+        # reports the channel disconnected, which is no news.
+        if publish and agent != before and (agent == "connected" or before == "connected"):
             self._publish(guest, agent)
 
     def _stop_refresh(self, guest: _Guest) -> None:

@@ -149,6 +149,8 @@ class SnapshotService:
         jobs.register(SNAPSHOT_JOB)
 
     async def start(self) -> None:
+        if self._store is not None:
+            await self._store.ensure_schema(COMPONENT, VERSION, SCHEMA)
         self._hv.add_connect_hook(self._settle_unfinished)
 
     # --- the methods -----------------------------------------------------------------------
