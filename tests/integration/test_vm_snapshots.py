@@ -1,0 +1,180 @@
+"""VM snapshots of real guests over virtnode's volume chains: a running guest frozen
+through its guest agent while its disk switches to a new layer, the snapshot's volume
+holding exactly what was written before it, a stopped VM's definition moved to the
+layer, and what is refused before anything is made."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lxml import etree
+
+from tests import guests
+from tests.agentproc import AgentProcess, start_agent
+from tests.conftest import ClientFactory
+from tests.integration import libvirtd as daemon
+from tests.integration.conftest import expect_error, vm_name, wait_job
+from tests.integration.serialshell import serial_shell
+from tests.subproc import run
+from virtnode.client import Client
+
+pytestmark = [pytest.mark.integration, pytest.mark.qemu,
+              pytest.mark.usefixtures("libvirtd", "cleanup_vms")]
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+async def snap_agent(tmp_path: Path, libvirtd: None) -> AsyncIterator[AgentProcess]:
+    agent = await start_agent(tmp_path, hypervisor=daemon.QEMU_URI)
+    yield agent
+    await agent.stop()
+
+
+async def domain_and_disk(client: Client, image_dir: Path) -> tuple[str, dict[str, str]]:
+    sd_id = (await client.call("StorageDomain.create", {
+        "type": "localfs", "name": "snaps", "path": str(image_dir / "sd")}))["domain"]["sd_id"]
+    volume = (await client.call("Volume.create", {
+        "sd_id": sd_id, "size": 64 * MiB, "format": "qcow2",
+        "description": "data disk"}))["volume"]
+    return sd_id, {k: volume[k] for k in ("sd_id", "image_id", "volume_id")}
+
+
+async def agent_vm(client: Client, disk: dict[str, str], *, start: bool = True,
+                   **spec: Any) -> str:
+    image = await guests.guest_image("agent")
+    created = await client.call("VM.create", {"spec": {
+        "name": vm_name(), "domain_type": "qemu", "memory_mib": 256,
+        "kernel": str(image.kernel), "initrd": str(image.initrd), "cmdline": "console=ttyS0",
+        "disks": [{"volume": disk}], **spec}, "start": start})
+    return str(created["vm_id"])
+
+
+async def snapshot(client: Client, vm_id: str, **params: Any) -> dict[str, Any]:
+    started = await client.call("VM.snapshot", {"vm_id": vm_id, **params})
+    return await wait_job(client, started["job_id"])
+
+
+def chain_of(xml: str, target: str = "vda") -> list[str]:
+    """The disk's source and backing files, leaf first, as the XML spells them."""
+    disk = next(d for d in etree.fromstring(xml).iterfind("devices/disk")
+                if d.find("target").get("dev") == target)
+    return [s.get("file") for s in disk.iter("source")]
+
+
+async def files_in(image: Path, tmp: Path) -> list[str]:
+    """The names in the root directory of the ext2 filesystem the qcow2 chain holds."""
+    raw = tmp / f"{image.name}.raw"
+    (await run("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", image, raw)).check()
+    listing = (await run("debugfs", "-R", "ls -p /", raw)).check()
+    raw.unlink()
+    return sorted(line.split("/")[5] for line in listing.splitlines()
+                  if line.count("/") >= 6 and line.split("/")[5] not in (".", "..",
+                                                                         "lost+found"))
+
+
+async def volume_info(client: Client, sd_id: str, image_id: str, volume_id: str
+                      ) -> dict[str, Any]:
+    info: dict[str, Any] = (await client.call("Volume.getInfo", {
+        "sd_id": sd_id, "image_id": image_id, "volume_id": volume_id}))["volume"]
+    return info
+
+
+async def test_a_running_guest_is_frozen_and_its_snapshot_holds_what_came_before(
+        snap_agent: AgentProcess, checked_client: ClientFactory, image_dir: Path,
+        tmp_path: Path) -> None:
+    client = await checked_client(snap_agent.unix_url)
+    sd_id, disk = await domain_and_disk(client, image_dir)
+    vm_id = await agent_vm(client, disk)
+    base = await volume_info(client, **disk)
+    async with serial_shell(snap_agent, client, vm_id) as shell:
+        for _ in range(120):
+            if (await client.call("VM.getInfo", {"vm_id": vm_id}))["guest"]["agent"] == \
+                    "connected":
+                break
+            await asyncio.sleep(0.5)
+        status, out = await shell.run("datadisk && echo one > /data/one && sync")
+        assert status == 0, out
+
+        job = await snapshot(client, vm_id, name="s1", description="after one",
+                             quiesce="required")
+        assert job["state"] == "succeeded", job
+        snap = job["result"]["snapshot"]
+        assert (snap["name"], snap["vm_state"], snap["quiesced"], snap["parent"]) == (
+            "s1", "running", True, None)
+        [snapped] = snap["disks"]
+        assert (snapped["target"], snapped["volume_id"]) == ("vda", disk["volume_id"])
+        layer = await volume_info(client, sd_id, disk["image_id"], snapped["layer"])
+
+        status, out = await shell.run("echo two > /data/two && sync")
+        assert status == 0, out
+
+    # The VM writes the layer; the volume below is internal and holds the disk as it was.
+    live = (await client.call("VM.getXML", {"vm_id": vm_id}))["xml"]
+    defined = (await client.call("VM.getXML", {"vm_id": vm_id, "inactive": True}))["xml"]
+    assert chain_of(live)[:2] == chain_of(defined) == [layer["path"], base["path"]]
+    assert (layer["role"], layer["legality"], layer["format"]) == ("leaf", "legal", "qcow2")
+    assert (await volume_info(client, **disk))["role"] == "internal"
+    assert await files_in(Path(base["path"]), tmp_path) == ["one"]
+    assert await files_in(Path(layer["path"]), tmp_path) == ["one", "two"]
+    got = await client.call("Events.get", {"since": 0, "topics": ["vm.guest"], "limit": 500})
+    kinds = [(e["data"]["event"], e["data"].get("reason"))
+             for e in got["events"] if e["data"]["vm_id"] == vm_id]
+    assert ("frozen", None) in kinds and ("thawed", "snapshot") in kinds, kinds
+
+    job = await snapshot(client, vm_id, name="s2", quiesce="off")
+    assert job["state"] == "succeeded", job
+    second = job["result"]["snapshot"]
+    assert (second["parent"], second["quiesced"]) == (snap["snapshot_id"], False)
+    listed = await client.call("VM.listSnapshots", {"vm_id": vm_id})
+    assert listed["current"] == second["snapshot_id"]
+    assert [s["name"] for s in listed["snapshots"]] == ["s1", "s2"]
+    assert listed["snapshots"][0] == snap
+    got = await client.call("VM.getSnapshot", {"vm_id": vm_id,
+                                                "snapshot_id": snap["snapshot_id"]})
+    assert got == {"snapshot": snap, "current": False}
+    job = await snapshot(client, vm_id, name="s1")
+    assert (job["state"], job["error"]["data"]["name"]) == ("failed", "AlreadyExists")
+
+
+async def test_a_stopped_vm_moves_to_the_layer_and_boots_from_it(
+        snap_agent: AgentProcess, checked_client: ClientFactory, image_dir: Path) -> None:
+    client = await checked_client(snap_agent.unix_url)
+    sd_id, disk = await domain_and_disk(client, image_dir)
+    vm_id = await agent_vm(client, disk, start=False)
+    base = await volume_info(client, **disk)
+    job = await snapshot(client, vm_id, name="cold")
+    assert job["state"] == "succeeded", job
+    snap = job["result"]["snapshot"]
+    assert (snap["vm_state"], snap["quiesced"]) == ("shutoff", False)
+    layer = await volume_info(client, sd_id, disk["image_id"], snap["disks"][0]["layer"])
+    defined = (await client.call("VM.getXML", {"vm_id": vm_id, "inactive": True}))["xml"]
+    assert chain_of(defined) == [layer["path"], base["path"]]
+    await client.call("VM.start", {"vm_id": vm_id})
+    live = (await client.call("VM.getXML", {"vm_id": vm_id}))["xml"]
+    assert chain_of(live)[:2] == [layer["path"], base["path"]]
+    async with serial_shell(snap_agent, client, vm_id) as shell:
+        status, out = await shell.run("datadisk && echo after > /data/after && sync")
+        assert status == 0, out
+
+
+async def test_what_cannot_be_snapshot_leaves_nothing_behind(
+        snap_agent: AgentProcess, checked_client: ClientFactory, image_dir: Path) -> None:
+    client = await checked_client(snap_agent.unix_url)
+    sd_id, disk = await domain_and_disk(client, image_dir)
+    vm_id = await agent_vm(client, disk, guest_agent=False)
+    job = await snapshot(client, vm_id, name="strict", quiesce="required")
+    assert (job["state"], job["error"]["data"]["reason"]) == (
+        "failed", "guest_agent_unavailable")
+    volumes = (await client.call("Volume.list", {"sd_id": sd_id}))["volumes"]
+    assert [v["volume_id"] for v in volumes] == [disk["volume_id"]]
+    assert (await client.call("VM.listSnapshots", {"vm_id": vm_id}))["snapshots"] == []
+    # A volume a running VM writes takes no layer except through VM.snapshot.
+    await expect_error(client, "Volume.create", {
+        "sd_id": sd_id, "format": "qcow2",
+        "parent": {k: disk[k] for k in ("image_id", "volume_id")}},
+        "FailedPrecondition", "in_use")
