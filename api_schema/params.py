@@ -248,6 +248,11 @@ class VmResumeParams(TypedDict):
     vm_id: str
 
 
+class VmRevertSnapshotParams(TypedDict):
+    vm_id: str
+    snapshot_id: str
+
+
 class VmScreenshotParams(TypedDict):
     vm_id: str
 

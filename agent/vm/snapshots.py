@@ -44,6 +44,7 @@ from lxml import etree
 from virtnode.api_schema.params import (
     VmGetSnapshotParams,
     VmListSnapshotsParams,
+    VmRevertSnapshotParams,
     VmSnapshotParams,
 )
 from virtnode.errors import (
@@ -146,6 +147,7 @@ class SnapshotService:
         self._volumes = volumes
         self._store = store
         self._storage_dirs = storage_dirs
+        self._tasks: set[asyncio.Task[None]] = set()
         jobs.register(SNAPSHOT_JOB)
 
     async def start(self) -> None:
@@ -182,17 +184,93 @@ class SnapshotService:
             await self._core.on_vm(vm_id, vmops.state_of)
             yield
 
+    async def revert(self, params: VmRevertSnapshotParams) -> JsonObject:
+        """Put a stopped VM's disks back as they were at a snapshot: a new layer over each
+        of the snapshot's volumes becomes the disk; what the VM wrote since the current
+        snapshot and no snapshot holds is removed; the snapshot becomes current."""
+        vm_id, snapshot_id = params["vm_id"], params["snapshot_id"]
+        self._core.require_ready()
+        async with self._hold(vm_id):
+            xml, state, _persistent = await self._core.on_vm(vm_id, _read,
+                                                             what="VM.revertSnapshot")
+            _current, tree = read_tree(xml)
+            snap = _find(tree, vm_id, snapshot_id)
+            if state not in ("defined", "shutoff", "crashed"):
+                raise FailedPrecondition(
+                    f"the VM is {state}: a snapshot without memory is reverted on a stopped "
+                    "VM; shut it down first", reason="vm_running", object="vm", id=vm_id)
+            disks = self._chosen_disks(xml, [d.target for d in snap.disks])
+            held = {d.volume_id for s in tree for d in s.disks}
+            op: JsonObject = {
+                "op": "revert", "snapshot_id": snapshot_id,
+                "disks": [{"target": d.target, "sd_id": d.sd_id, "image_id": d.image_id,
+                           "base": s.volume_id, "layer": str(uuid.uuid4()),
+                           "old": d.volume_id}
+                          for d, s in zip(disks, snap.disks, strict=True)]}
+            op_id = str(uuid.uuid4())
+            await self._journal_op(op_id, vm_id, op)
+            assert self._volumes is not None
+            try:
+                layers = await self._volumes.add_layers(
+                    [{"sd_id": d["sd_id"], "image_id": d["image_id"], "volume_id": d["base"]}
+                     for d in op["disks"]], [d["layer"] for d in op["disks"]],
+                    description=f"VM {vm_id} reverted to snapshot {snap.name}", branch=True)
+            except BaseException:
+                await self._unjournal(op_id)
+                raise
+            try:
+                chains = [await self._volumes.resolve(
+                    {"sd_id": d["sd_id"], "image_id": d["image_id"], "volume_id": d["layer"]},
+                    readonly=False) for d in op["disks"]]
+                by_target = {d["target"]: c for d, c in zip(op["disks"], chains, strict=True)}
+                await self._hv.call(lambda conn: _define_chains(conn, vm_id, by_target),
+                                    what=f"VM.revertSnapshot on {vm_id}")
+            except BaseException:
+                if not await self._uses_any(vm_id, layers):
+                    await self._volumes.drop_layers(layers)
+                    await self._unjournal(op_id)
+                else:
+                    self._settle_soon(op_id, vm_id, op)
+                raise
+            await self._finish_revert(vm_id, op, held)
+            await self._unjournal(op_id)
+        return {"snapshot_id": snapshot_id,
+                "disks": [{"target": d["target"], "sd_id": d["sd_id"],
+                           "image_id": d["image_id"], "volume_id": d["layer"]}
+                          for d in op["disks"]]}
+
+    async def _finish_revert(self, vm_id: str, op: Mapping[str, Any], held: set[str]) -> None:
+        """Remove what the VM wrote since its current snapshot that no snapshot holds (the
+        layers it used before the revert), and make the snapshot current."""
+        assert self._volumes is not None
+        stale: Layers = []
+        for disk in op["disks"]:
+            if disk["old"] in held or disk["old"] == disk["base"]:
+                continue
+            try:
+                stale.append(await self._volumes.core.volume(
+                    {"sd_id": disk["sd_id"], "image_id": disk["image_id"],
+                     "volume_id": disk["old"]}))
+            except NotFound:
+                continue  # removed already
+        if stale:
+            await self._volumes.drop_layers(stale)
+        snapshot_id = op["snapshot_id"]
+
+        def record(dom: Domain) -> None:
+            _, tree = read_tree(dom.XMLDesc(vc.DOMAIN_XML_INACTIVE))
+            _write_tree(dom, snapshot_id, tree)
+
+        await self._core.on_vm(vm_id, record, what="recording the current snapshot")
+
     async def list_snapshots(self, params: VmListSnapshotsParams) -> JsonObject:
         current, snaps = await self._tree(params["vm_id"])
         return {"current": current, "snapshots": [s.to_api() for s in snaps]}
 
     async def get_snapshot(self, params: VmGetSnapshotParams) -> JsonObject:
         current, snaps = await self._tree(params["vm_id"])
-        for snap in snaps:
-            if snap.snapshot_id == params["snapshot_id"]:
-                return {"snapshot": snap.to_api(), "current": current == snap.snapshot_id}
-        raise NotFound(f"VM {params['vm_id']} has no snapshot {params['snapshot_id']}",
-                       reason="not_found", object="snapshot", id=params["snapshot_id"])
+        snap = _find(snaps, params["vm_id"], params["snapshot_id"])
+        return {"snapshot": snap.to_api(), "current": current == snap.snapshot_id}
 
     # --- taking one ------------------------------------------------------------------------
 
@@ -253,6 +331,8 @@ class SnapshotService:
             if not await self._uses_any(vm_id, layers):
                 await self._volumes.drop_layers(layers)
                 await self._unjournal(op_id)
+            else:  # switched, not recorded: settled once this call lets go of the VM
+                self._settle_soon(op_id, vm_id, snap.to_api())
             raise
         await self._finish(vm_id, snap, layers)
         await self._unjournal(op_id)
@@ -345,9 +425,12 @@ class SnapshotService:
     # --- the journal -------------------------------------------------------------------------
 
     async def _journal(self, op_id: str, vm_id: str, snap: Snapshot) -> None:
+        await self._journal_op(op_id, vm_id, snap.to_api())
+
+    async def _journal_op(self, op_id: str, vm_id: str, op: JsonObject) -> None:
         if self._store is None:
             return
-        record = json.dumps(snap.to_api())
+        record = json.dumps(op)
 
         def save(conn: sqlite3.Connection) -> None:
             with transaction(conn):
@@ -373,13 +456,23 @@ class SnapshotService:
             return list(conn.execute("SELECT op_id, vm_id, snapshot FROM vm_snapshot_ops "
                                      "ORDER BY started"))
         for op_id, vm_id, raw in await self._store.run(load):
-            asyncio.get_running_loop().create_task(self._settle(op_id, vm_id, raw),
-                                                   name=f"settle snapshot {op_id}")
+            self._settle_soon(op_id, vm_id, json.loads(raw))
+
+    def _settle_soon(self, op_id: str, vm_id: str, op: JsonObject) -> None:
+        """Settle an operation in a task of its own (it waits for the VM's lock)."""
+        task = asyncio.get_running_loop().create_task(
+            self._settle(op_id, vm_id, json.dumps(op)), name=f"settle snapshot {op_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _settle(self, op_id: str, vm_id: str, raw: str) -> None:
         assert self._volumes is not None
         try:
-            snap = Snapshot.from_json(json.loads(raw))
+            op = json.loads(raw)
+            if op.get("op") == "revert":
+                await self._settle_revert(op_id, vm_id, op)
+                return
+            snap = Snapshot.from_json(op)
             layers: Layers = []
             for disk in snap.disks:
                 try:
@@ -404,6 +497,37 @@ class SnapshotService:
             await self._unjournal(op_id)
         except Exception:
             log.exception("VM %s: cannot settle the interrupted snapshot %s", vm_id, op_id)
+
+    async def _settle_revert(self, op_id: str, vm_id: str, op: Mapping[str, Any]) -> None:
+        """A revert is finished if the VM uses the new layers, else undone."""
+        assert self._volumes is not None
+        layers: Layers = []
+        for disk in op["disks"]:
+            try:
+                layers.append(await self._volumes.core.volume(
+                    {"sd_id": disk["sd_id"], "image_id": disk["image_id"],
+                     "volume_id": disk["layer"]}))
+            except NotFound:
+                continue
+        async with self._core.locks.hold(vm_id, "VM.revertSnapshot"):
+            try:
+                used = await self._core.on_vm(vm_id, _disk_paths)
+                xml = await self._core.on_vm(
+                    vm_id, lambda dom: dom.XMLDesc(vc.DOMAIN_XML_INACTIVE))
+            except NotFound:
+                used, xml = set(), "<domain/>"
+            if layers and all(str(f.path) in used for _, f in layers):
+                _, tree = read_tree(xml)
+                await self._finish_revert(vm_id, op, {d.volume_id for s in tree
+                                                      for d in s.disks})
+                outcome = "finished"
+            else:
+                await self._volumes.drop_layers([(d, f) for d, f in layers
+                                                 if str(f.path) not in used])
+                outcome = "undone"
+        log.warning("VM %s: a revert to snapshot %s was interrupted; %s", vm_id,
+                    op["snapshot_id"], outcome)
+        await self._unjournal(op_id)
 
     async def _tree(self, vm_id: str) -> tuple[str | None, list[Snapshot]]:
         xml = await self._core.on_vm(vm_id, lambda dom: dom.XMLDesc(vc.DOMAIN_XML_INACTIVE),
@@ -524,6 +648,14 @@ def read_tree(xml: str) -> tuple[str | None, list[Snapshot]]:
             log.warning("a snapshot record of the VM is damaged: %s",
                         etree.tostring(item, encoding="unicode"))
     return element.get("current"), snaps
+
+
+def _find(tree: Sequence[Snapshot], vm_id: str, snapshot_id: str) -> Snapshot:
+    for snap in tree:
+        if snap.snapshot_id == snapshot_id:
+            return snap
+    raise NotFound(f"VM {vm_id} has no snapshot {snapshot_id}", reason="not_found",
+                   object="snapshot", id=snapshot_id)
 
 
 def volume_of(path: str, dirs: Mapping[str, str]) -> tuple[str, str, str] | None:

@@ -260,14 +260,15 @@ class VolumeService:
     # --- layers for VM snapshots --------------------------------------------------------
 
     async def add_layers(self, refs: Sequence[Mapping[str, Any]], volume_ids: Sequence[str],
-                         *, description: str) -> Layers:
+                         *, description: str, branch: bool = False) -> Layers:
         """For VM.snapshot: a new qcow2 layer ``volume_ids[i]`` (chosen by the caller, who
         journals them first) over each leaf volume ``refs`` names, made,
         durable and legal, while each parent stays its image's leaf (a running VM goes on
         writing it until it is switched to the layer in one atomic step); then
         :meth:`adopt_layers` or :meth:`drop_layers`. What was made is removed if one
-        fails. Raises NotFound, FailedPrecondition (``not_leaf``, ``volume_illegal``,
-        ``volume_busy``...), ResourceExhausted."""
+        fails. With ``branch`` (reverting to a snapshot) a parent may be internal: the
+        layer starts a new branch of its image. Raises NotFound, FailedPrecondition
+        (``not_leaf``, ``volume_illegal``, ``volume_busy``...), ResourceExhausted."""
         made: Layers = []
         try:
             for ref, volume_id in zip(refs, volume_ids, strict=True):
@@ -275,7 +276,8 @@ class VolumeService:
                 async with domain.gate.shared("VM.snapshot"), self.core.lock(domain):
                     parent = await self._parent_for(domain, dict(ref), None, "qcow2")
                     assert parent is not None
-                    if parent.metadata.role != "leaf" or parent.metadata.content != "disk":
+                    roles = ("leaf", "internal") if branch else ("leaf",)
+                    if parent.metadata.role not in roles or parent.metadata.content != "disk":
                         raise FailedPrecondition(
                             f"volume {parent.volume_id} is {parent.metadata.role}, not the "
                             "leaf of a disk image", reason="not_leaf", object="volume",

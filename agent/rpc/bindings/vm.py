@@ -47,6 +47,7 @@ def snapshot_handlers(snapshots: SnapshotService) -> dict[str, Bound]:
         "VM.snapshot": params(snapshots.snapshot),
         "VM.listSnapshots": params(snapshots.list_snapshots),
         "VM.getSnapshot": params(snapshots.get_snapshot),
+        "VM.revertSnapshot": params(snapshots.revert),
     }
 
 

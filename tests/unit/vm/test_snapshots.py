@@ -55,6 +55,17 @@ async def test_a_snapshot_is_refused_before_anything_is_made(
     await api.error("VM.listSnapshots", {"vm_id": UNKNOWN}, "NotFound", "not_found")
 
 
+@pytest.mark.covers("VM.revertSnapshot")
+async def test_a_revert_needs_a_snapshot_of_the_vm(api: InProcessAgent) -> None:
+    vm_id = await api.create("reverting")
+    await api.error("VM.revertSnapshot", {"vm_id": vm_id, "snapshot_id": UNKNOWN},
+                    "NotFound", "not_found")
+    await api.error("VM.revertSnapshot", {"vm_id": UNKNOWN, "snapshot_id": UNKNOWN},
+                    "NotFound", "not_found")
+    await api.error("VM.revertSnapshot", {"vm_id": vm_id, "snapshot_id": "no"},
+                    "InvalidParams")
+
+
 def test_the_tree_is_read_back_from_the_definition() -> None:
     xml = f"""<domain><metadata>
       <s:snapshots xmlns:s="https://virtnode.dev/xmlns/snapshots/1" current="{VOLUME}">
