@@ -150,6 +150,12 @@ class VmCreateParams(TypedDict):
     start: bool
 
 
+class VmDeleteSnapshotParams(TypedDict):
+    vm_id: str
+    snapshot_id: str
+    request_key: NotRequired[str]
+
+
 class VmDestroyParams(TypedDict):
     vm_id: str
 

@@ -42,6 +42,7 @@ from typing import Any
 from lxml import etree
 
 from virtnode.api_schema.params import (
+    VmDeleteSnapshotParams,
     VmGetSnapshotParams,
     VmListSnapshotsParams,
     VmRevertSnapshotParams,
@@ -70,6 +71,8 @@ from virtnode.vm.spec import check_name
 log = logging.getLogger(__name__)
 
 SNAPSHOT_JOB = JobKind("VM.snapshot", cancellable=False)
+#: Not cancellable: a fold cut short leaves its volumes illegal until it is run again.
+DELETE_JOB = JobKind("VM.deleteSnapshot", cancellable=False)
 NAMESPACE = "https://virtnode.dev/xmlns/snapshots/1"
 PREFIX = "virtnodesnap"
 #: The longest a snapshot keeps a guest frozen (the freeze ends by itself after it).
@@ -149,6 +152,7 @@ class SnapshotService:
         self._storage_dirs = storage_dirs
         self._tasks: set[asyncio.Task[None]] = set()
         jobs.register(SNAPSHOT_JOB)
+        jobs.register(DELETE_JOB)
 
     async def start(self) -> None:
         if self._store is not None:
@@ -262,6 +266,99 @@ class SnapshotService:
             _write_tree(dom, snapshot_id, tree)
 
         await self._core.on_vm(vm_id, record, what="recording the current snapshot")
+
+    async def delete(self, params: VmDeleteSnapshotParams) -> JsonObject:
+        vm_id, snapshot_id = params["vm_id"], params["snapshot_id"]
+        self._core.require_ready()
+        _find((await self._tree(vm_id))[1], vm_id, snapshot_id)  # NotFound before a job
+
+        async def run(handle: JobHandle) -> JsonObject:
+            await self._delete(vm_id, snapshot_id, handle)
+            return {"snapshot_id": snapshot_id}
+
+        job = await self._jobs.submit(
+            DELETE_JOB.name, {k: v for k, v in params.items() if k != "request_key"}, run,
+            description=f"delete snapshot {snapshot_id} of VM {vm_id}", target=vm_id,
+            request_key=params.get("request_key"), prepare=lambda: self._hold(vm_id))
+        return {"job_id": job.job_id, "job": job.to_api()}
+
+    async def _delete(self, vm_id: str, snapshot_id: str, handle: JobHandle) -> None:
+        """Fold each disk's layer made at the snapshot into the snapshot's volume, which
+        then holds what the layer held; the snapshot leaves the tree."""
+        xml, state, _persistent = await self._core.on_vm(vm_id, _read,
+                                                         what="VM.deleteSnapshot")
+        _current, tree = read_tree(xml)
+        snap = _find(tree, vm_id, snapshot_id)
+        if state not in ("defined", "shutoff", "crashed"):
+            raise FailedPrecondition(
+                f"the VM is {state}: deleting a snapshot of a running VM (a live merge) is "
+                "not built yet; shut it down first", reason="vm_running", object="vm",
+                id=vm_id)
+        op: JsonObject = {"op": "delete", "snapshot_id": snapshot_id, "disks": [
+            {"target": d.target, "sd_id": d.sd_id, "image_id": d.image_id,
+             "base": d.volume_id, "top": d.layer} for d in snap.disks]}
+        op_id = str(uuid.uuid4())
+        await self._journal_op(op_id, vm_id, op)
+        await self._fold(vm_id, op, handle.progress)
+        await self._unjournal(op_id)
+
+    async def _fold(self, vm_id: str, op: Mapping[str, Any],
+                    progress: Callable[[float], None] | None = None) -> None:
+        """The steps of a delete, each of which may be run again after a crash."""
+        assert self._volumes is not None
+        disks = op["disks"]
+        for index, disk in enumerate(disks):
+            ref = {"sd_id": disk["sd_id"], "image_id": disk["image_id"],
+                   "volume_id": disk["top"]}
+            try:
+                await self._volumes.core.volume(ref, data=False)
+            except NotFound:
+                continue  # folded already
+
+            def step(percent: float, index: int = index) -> None:
+                if progress is not None:
+                    progress(min(99.0, (index + percent / 100) / len(disks) * 100))
+            await self._volumes.fold_layer(ref, progress=step)
+        # The definition names each disk's chain as it is now; the tree forgets the
+        # snapshot, and what named its layer names the volume it was folded into.
+        folded = {d["top"]: d["base"] for d in disks}
+        chains = {}
+        for disk in disks:
+            leaf = await self._leaf_of(vm_id, disk["target"])
+            if leaf is None:
+                continue
+            leaf = folded.get(leaf, leaf)
+            chains[disk["target"]] = await self._volumes.resolve(
+                {"sd_id": disk["sd_id"], "image_id": disk["image_id"], "volume_id": leaf},
+                readonly=False)
+        await self._hv.call(lambda conn: _define_chains(conn, vm_id, chains),
+                            what=f"VM.deleteSnapshot on {vm_id}")
+        snapshot_id = op["snapshot_id"]
+
+        def record(dom: Domain) -> None:
+            current, tree = read_tree(dom.XMLDesc(vc.DOMAIN_XML_INACTIVE))
+            gone = next((s for s in tree if s.snapshot_id == snapshot_id), None)
+            if gone is None:
+                return
+            kept = [s for s in tree if s.snapshot_id != snapshot_id]
+            for snap in kept:
+                if snap.parent == snapshot_id:
+                    snap.parent = gone.parent
+                for disk in snap.disks:
+                    disk.volume_id = folded.get(disk.volume_id, disk.volume_id)
+            _write_tree(dom, gone.parent if current == snapshot_id else current, kept)
+
+        await self._core.on_vm(vm_id, record, what="recording the snapshots")
+
+    async def _leaf_of(self, vm_id: str, target: str) -> str | None:
+        """The volume id the persistent definition's disk ``target`` writes."""
+        xml = await self._core.on_vm(vm_id, lambda dom: dom.XMLDesc(vc.DOMAIN_XML_INACTIVE))
+        for disk in parse_xml(xml).iterfind("devices/disk[@device='disk']"):
+            element = disk.find("target")
+            source = disk.find("source")
+            if element is not None and element.get("dev") == target and source is not None:
+                return Path(source.get("file", "")).name or None
+        return None
 
     async def list_snapshots(self, params: VmListSnapshotsParams) -> JsonObject:
         current, snaps = await self._tree(params["vm_id"])
@@ -471,6 +568,13 @@ class SnapshotService:
             op = json.loads(raw)
             if op.get("op") == "revert":
                 await self._settle_revert(op_id, vm_id, op)
+                return
+            if op.get("op") == "delete":
+                async with self._core.locks.hold(vm_id, "VM.deleteSnapshot"):
+                    await self._fold(vm_id, op)
+                log.warning("VM %s: deleting snapshot %s was interrupted; finished", vm_id,
+                            op["snapshot_id"])
+                await self._unjournal(op_id)
                 return
             snap = Snapshot.from_json(op)
             layers: Layers = []

@@ -621,6 +621,15 @@ async def convert(src: PathLike | Chain, dst: PathLike, *, src_fmt: str | None =
         await _new_target(target, run)
 
 
+async def rebase_header(path: PathLike, fmt: str, backing: str, backing_fmt: str, *,
+                        timeout: float | None = None) -> None:
+    """Name another backing file in ``path``'s header (``rebase -u``): no data is read or
+    written, so the new backing file must show what the old one did. ``backing`` is
+    written as given (relative to the image's folder unless absolute)."""
+    await _run(["rebase", "-u", "-f", fmt, *_check_backing(backing, backing_fmt),
+                _abs(path)], timeout=timeout)
+
+
 async def commit(top: PathLike | Chain, *, top_fmt: str | None = None,
                  base: PathLike | None = None, progress: ProgressCallback | None = None,
                  timeout: float | None = None) -> None:

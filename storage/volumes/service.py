@@ -313,6 +313,77 @@ class VolumeService:
                     await self.io(volfiles.update, domain.layout, parent, role="internal",
                                   what="updating the parent")
 
+    async def fold_layer(self, ref: Mapping[str, Any],
+                         progress: qemuimg.ProgressCallback | None = None
+                         ) -> tuple[Domain, Found]:
+        """For VM.deleteSnapshot on a stopped VM: commit the layer ``ref`` names into its
+        parent, which then stands where the layer stood (the layer's children are rebased
+        onto it, it takes the layer's role), and remove the layer. Returns the parent.
+
+        The parent must have no other child (a branch left by a revert relies on it as
+        it is: ``has_branches``). Parent and layer are illegal while qemu-img commits; a
+        fold cut short is finished by calling this again with the same layer. Raises
+        NotFound, FailedPrecondition (``no_parent``, ``parent_shared``, ``has_branches``,
+        ``in_use``), ResourceExhausted, Internal."""
+        domain = self._domains.domain(ref["sd_id"])
+        async with domain.gate.shared("VM.deleteSnapshot"):
+            _, top = await self.core.volume(ref)
+            parent_id = top.metadata.parent
+            if parent_id is None:
+                raise FailedPrecondition(f"volume {top.volume_id} has no parent",
+                                         reason="no_parent", object="volume", id=top.volume_id)
+            chain = await self.core.chain(domain, top)  # the headers as the metadata says
+            async with self.core.lock(domain):
+                parent = chain[1]
+                if parent.metadata.role == "shared" or parent.image_id != top.image_id:
+                    raise FailedPrecondition(
+                        f"parent {parent_id} is a template", reason="parent_shared",
+                        object="volume", id=parent_id)
+                siblings = [k for k in await self.io(volfiles.children, domain.layout,
+                                                     parent_id, what="looking for children")
+                            if k.volume_id != top.volume_id]
+                if siblings:
+                    raise FailedPrecondition(
+                        f"volume {parent_id} has other children "
+                        f"({', '.join(k.volume_id for k in siblings)}): folding into it "
+                        "would change them", reason="has_branches", object="volume",
+                        id=parent_id)
+                kids = await self.io(volfiles.children, domain.layout, top.volume_id,
+                                     what="looking for children")
+                await self.core.check_unused(domain, [top, parent])
+                # The parent first: an illegal parent under a legal layer is a fold cut
+                # short, never a half-made layer for the start-up scan to remove.
+                if parent.metadata.legality == "legal":
+                    parent = await self.io(volfiles.update, domain.layout, parent,
+                                           legality="illegal", what="marking the chain")
+                if top.metadata.legality == "legal":
+                    top = await self.io(volfiles.update, domain.layout, top,
+                                        legality="illegal", what="marking the chain")
+            with qemu_guard(f"folding volume {top.volume_id}"):
+                await qemuimg.commit(qemu_chain(chain), progress=progress)
+            await self.io(volfiles.sync_data, parent.path, what="flushing the parent")
+            async with self.core.lock(domain):
+                for kid in kids:
+                    kid_found = await self.io(volfiles.read, domain.layout, kid.image_id,
+                                              kid.volume_id, what="reading a child")
+                    with qemu_guard(f"rebasing volume {kid.volume_id}"):
+                        await qemuimg.rebase_header(
+                            kid_found.path, kid.metadata.format,
+                            volfiles.backing_name(domain.layout, kid.image_id, parent),
+                            parent.metadata.format)
+                    await self.io(volfiles.sync_data, kid_found.path, what="flushing a child")
+                    await self.io(volfiles.update, domain.layout, kid, parent=parent.volume_id,
+                                  what="writing volume metadata")
+                parent = await self.io(
+                    volfiles.update, domain.layout, parent, legality="legal",
+                    role=top.metadata.role,
+                    virtual_size=max(parent.metadata.virtual_size, top.metadata.virtual_size),
+                    what="writing volume metadata")
+                await self.io(volfiles.remove, domain.layout, top.image_id, top.volume_id,
+                              what="removing the layer")
+        self.core.publish(domain, top.image_id, top.volume_id, "merged")
+        return domain, parent
+
     async def drop_layers(self, layers: Sequence[tuple[Domain, Found]]) -> None:
         """Remove layers :meth:`add_layers` made that no VM came to write."""
         for domain, found in layers:

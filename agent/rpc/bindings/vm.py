@@ -48,6 +48,7 @@ def snapshot_handlers(snapshots: SnapshotService) -> dict[str, Bound]:
         "VM.listSnapshots": params(snapshots.list_snapshots),
         "VM.getSnapshot": params(snapshots.get_snapshot),
         "VM.revertSnapshot": params(snapshots.revert),
+        "VM.deleteSnapshot": params(snapshots.delete),
     }
 
 

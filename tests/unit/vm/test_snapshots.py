@@ -55,9 +55,13 @@ async def test_a_snapshot_is_refused_before_anything_is_made(
     await api.error("VM.listSnapshots", {"vm_id": UNKNOWN}, "NotFound", "not_found")
 
 
-@pytest.mark.covers("VM.revertSnapshot")
-async def test_a_revert_needs_a_snapshot_of_the_vm(api: InProcessAgent) -> None:
+@pytest.mark.covers("VM.revertSnapshot", "VM.deleteSnapshot")
+async def test_a_revert_or_delete_needs_a_snapshot_of_the_vm(api: InProcessAgent) -> None:
     vm_id = await api.create("reverting")
+    await api.error("VM.deleteSnapshot", {"vm_id": vm_id, "snapshot_id": UNKNOWN},
+                    "NotFound", "not_found")
+    await api.error("VM.deleteSnapshot", {"vm_id": UNKNOWN, "snapshot_id": UNKNOWN},
+                    "NotFound", "not_found")
     await api.error("VM.revertSnapshot", {"vm_id": vm_id, "snapshot_id": UNKNOWN},
                     "NotFound", "not_found")
     await api.error("VM.revertSnapshot", {"vm_id": UNKNOWN, "snapshot_id": UNKNOWN},
