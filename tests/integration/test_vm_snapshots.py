@@ -77,6 +77,22 @@ async def files_in(image: Path, tmp: Path) -> list[str]:
                                                                          "lost+found"))
 
 
+async def one_two_three(agent: AgentProcess, client: Client, image_dir: Path
+                        ) -> tuple[str, dict[str, str], str, dict[str, Any], dict[str, Any]]:
+    """A running guest on a volume that wrote file one, was snapshot ("one"), wrote two,
+    was snapshot ("two") and wrote three: the domain, the disk's first volume, the VM and
+    the two snapshots' job results."""
+    sd_id, disk = await domain_and_disk(client, image_dir)
+    vm_id = await agent_vm(client, disk)
+    async with serial_shell(agent, client, vm_id) as shell:
+        assert (await shell.run("datadisk && echo 1 > /data/one && sync"))[0] == 0
+        first = (await snapshot(client, vm_id, name="one", quiesce="off"))["result"]
+        assert (await shell.run("echo 2 > /data/two && sync"))[0] == 0
+        second = (await snapshot(client, vm_id, name="two", quiesce="off"))["result"]
+        assert (await shell.run("echo 3 > /data/three && sync"))[0] == 0
+    return sd_id, disk, vm_id, first, second
+
+
 async def volume_info(client: Client, sd_id: str, image_id: str, volume_id: str
                       ) -> dict[str, Any]:
     info: dict[str, Any] = (await client.call("Volume.getInfo", {
@@ -178,3 +194,100 @@ async def test_what_cannot_be_snapshot_leaves_nothing_behind(
         "sd_id": sd_id, "format": "qcow2",
         "parent": {k: disk[k] for k in ("image_id", "volume_id")}},
         "FailedPrecondition", "in_use")
+
+
+async def test_a_revert_brings_the_disks_back_and_drops_what_no_snapshot_holds(
+        snap_agent: AgentProcess, checked_client: ClientFactory, image_dir: Path,
+        tmp_path: Path) -> None:
+    client = await checked_client(snap_agent.unix_url)
+    sd_id, disk, vm_id, first, second = await one_two_three(snap_agent, client, image_dir)
+    await client.call("VM.destroy", {"vm_id": vm_id})
+    since_two = second["snapshot"]["disks"][0]["layer"]  # what the VM wrote after "two"
+
+    await expect_error(client, "VM.revertSnapshot", {"vm_id": vm_id, "snapshot_id": "0" * 8
+                                                     + "-0000-4000-8000-000000000000"},
+                       "NotFound", "not_found")
+    reverted = await client.call("VM.revertSnapshot", {
+        "vm_id": vm_id, "snapshot_id": first["snapshot_id"]})
+    [now] = reverted["disks"]
+    layer = await volume_info(client, sd_id, now["image_id"], now["volume_id"])
+    defined = (await client.call("VM.getXML", {"vm_id": vm_id, "inactive": True}))["xml"]
+    base = await volume_info(client, **disk)
+    assert chain_of(defined) == [layer["path"], base["path"]]
+    assert await files_in(Path(layer["path"]), tmp_path) == ["one"]
+    volumes = {v["volume_id"] for v in (await client.call("Volume.list",
+                                                           {"sd_id": sd_id}))["volumes"]}
+    assert since_two not in volumes, "what no snapshot holds is removed"
+    assert first["snapshot"]["disks"][0]["layer"] in volumes  # held by snapshot "two"
+    listed = await client.call("VM.listSnapshots", {"vm_id": vm_id})
+    assert listed["current"] == first["snapshot_id"]
+
+    # Forward again, to the later snapshot: the branch made by the first revert goes.
+    again = await client.call("VM.revertSnapshot", {
+        "vm_id": vm_id, "snapshot_id": second["snapshot_id"]})
+    after = await volume_info(client, sd_id, disk["image_id"],
+                              again["disks"][0]["volume_id"])
+    assert await files_in(Path(after["path"]), tmp_path) == ["one", "two"]
+    volumes = {v["volume_id"] for v in (await client.call("Volume.list",
+                                                           {"sd_id": sd_id}))["volumes"]}
+    assert now["volume_id"] not in volumes
+    await client.call("VM.start", {"vm_id": vm_id})
+    async with serial_shell(snap_agent, client, vm_id) as shell:
+        status, out = await shell.run("dmesg -n 1 && datadisk && ls /data")
+        assert status == 0, out
+        assert sorted(out.split()) == ["lost+found", "one", "two"]
+        await expect_error(client, "VM.revertSnapshot", {
+            "vm_id": vm_id, "snapshot_id": first["snapshot_id"]},
+            "FailedPrecondition", "vm_running")
+
+
+async def test_deleting_snapshots_folds_their_layers_down(
+        snap_agent: AgentProcess, checked_client: ClientFactory, image_dir: Path,
+        tmp_path: Path) -> None:
+    client = await checked_client(snap_agent.unix_url)
+    sd_id, disk, vm_id, first, second = await one_two_three(snap_agent, client, image_dir)
+    job = await client.call("VM.deleteSnapshot", {"vm_id": vm_id,
+                                                  "snapshot_id": first["snapshot_id"]})
+    done = await wait_job(client, job["job_id"])
+    assert (done["state"], done["error"]["data"]["reason"]) == ("failed", "vm_running")
+    await client.call("VM.destroy", {"vm_id": vm_id})
+    base = await volume_info(client, **disk)
+    middle = first["snapshot"]["disks"][0]["layer"]  # what "two" holds
+    top = second["snapshot"]["disks"][0]["layer"]  # what the VM wrote last
+
+    job = await client.call("VM.deleteSnapshot", {"vm_id": vm_id,
+                                                  "snapshot_id": first["snapshot_id"]})
+    assert (await wait_job(client, job["job_id"]))["state"] == "succeeded"
+    volumes = {v["volume_id"]: v for v in (await client.call(
+        "Volume.list", {"sd_id": sd_id}))["volumes"]}
+    assert set(volumes) == {disk["volume_id"], top}
+    assert volumes[disk["volume_id"]]["legality"] == "legal"
+    leaf = volumes[top]
+    defined = (await client.call("VM.getXML", {"vm_id": vm_id, "inactive": True}))["xml"]
+    assert chain_of(defined) == [leaf["path"], base["path"]]
+    assert await files_in(Path(base["path"]), tmp_path) == ["one", "two"]
+    assert await files_in(Path(leaf["path"]), tmp_path) == ["one", "three", "two"]
+    listed = await client.call("VM.listSnapshots", {"vm_id": vm_id})
+    [kept] = listed["snapshots"]
+    assert (kept["name"], kept["parent"], listed["current"]) == (
+        "two", None, second["snapshot_id"])
+    assert kept["disks"][0]["volume_id"] == disk["volume_id"], "it names the folded volume"
+    assert middle not in volumes
+
+    # The last one, the current: the VM's own layer goes down into the base.
+    job = await client.call("VM.deleteSnapshot", {"vm_id": vm_id,
+                                                  "snapshot_id": second["snapshot_id"]})
+    assert (await wait_job(client, job["job_id"]))["state"] == "succeeded"
+    volumes = {v["volume_id"]: v for v in (await client.call(
+        "Volume.list", {"sd_id": sd_id}))["volumes"]}
+    assert list(volumes) == [disk["volume_id"]]
+    assert volumes[disk["volume_id"]]["role"] == "leaf"
+    defined = (await client.call("VM.getXML", {"vm_id": vm_id, "inactive": True}))["xml"]
+    assert chain_of(defined) == [base["path"]]
+    assert await client.call("VM.listSnapshots", {"vm_id": vm_id}) == {
+        "current": None, "snapshots": []}
+    await client.call("VM.start", {"vm_id": vm_id})
+    async with serial_shell(snap_agent, client, vm_id) as shell:
+        status, out = await shell.run("dmesg -n 1 && datadisk && ls /data")
+        assert status == 0, out
+        assert sorted(out.split()) == ["lost+found", "one", "three", "two"]
