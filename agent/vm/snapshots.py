@@ -195,14 +195,9 @@ class SnapshotService:
         vm_id, snapshot_id = params["vm_id"], params["snapshot_id"]
         self._core.require_ready()
         async with self._hold(vm_id):
-            xml, state, _persistent = await self._core.on_vm(vm_id, _read,
-                                                             what="VM.revertSnapshot")
-            _current, tree = read_tree(xml)
-            snap = _find(tree, vm_id, snapshot_id)
-            if state not in ("defined", "shutoff", "crashed"):
-                raise FailedPrecondition(
-                    f"the VM is {state}: a snapshot without memory is reverted on a stopped "
-                    "VM; shut it down first", reason="vm_running", object="vm", id=vm_id)
+            xml, tree, snap = await self._of_stopped_vm(
+                vm_id, snapshot_id, "VM.revertSnapshot",
+                "a snapshot without memory is reverted on a stopped VM")
             disks = self._chosen_disks(xml, [d.target for d in snap.disks])
             held = {d.volume_id for s in tree for d in s.disks}
             op: JsonObject = {
@@ -285,15 +280,9 @@ class SnapshotService:
     async def _delete(self, vm_id: str, snapshot_id: str, handle: JobHandle) -> None:
         """Fold each disk's layer made at the snapshot into the snapshot's volume, which
         then holds what the layer held; the snapshot leaves the tree."""
-        xml, state, _persistent = await self._core.on_vm(vm_id, _read,
-                                                         what="VM.deleteSnapshot")
-        _current, tree = read_tree(xml)
-        snap = _find(tree, vm_id, snapshot_id)
-        if state not in ("defined", "shutoff", "crashed"):
-            raise FailedPrecondition(
-                f"the VM is {state}: deleting a snapshot of a running VM (a live merge) is "
-                "not built yet; shut it down first", reason="vm_running", object="vm",
-                id=vm_id)
+        _xml, _tree, snap = await self._of_stopped_vm(
+            vm_id, snapshot_id, "VM.deleteSnapshot",
+            "deleting a snapshot of a running VM (a live merge) is not built yet")
         op: JsonObject = {"op": "delete", "snapshot_id": snapshot_id, "disks": [
             {"target": d.target, "sd_id": d.sd_id, "image_id": d.image_id,
              "base": d.volume_id, "top": d.layer} for d in snap.disks]}
@@ -301,6 +290,18 @@ class SnapshotService:
         await self._journal_op(op_id, vm_id, op)
         await self._fold(vm_id, op, handle.progress)
         await self._unjournal(op_id)
+
+    async def _of_stopped_vm(self, vm_id: str, snapshot_id: str, method: str, why: str
+                             ) -> tuple[str, list[Snapshot], Snapshot]:
+        """The VM's definition, its tree and the snapshot ``snapshot_id``; NotFound for
+        an unknown snapshot, FailedPrecondition ``vm_running`` (``why``) unless stopped."""
+        xml, state, _persistent = await self._core.on_vm(vm_id, _read, what=method)
+        _current, tree = read_tree(xml)
+        snap = _find(tree, vm_id, snapshot_id)
+        if state not in ("defined", "shutoff", "crashed"):
+            raise FailedPrecondition(f"the VM is {state}: {why}; shut it down first",
+                                     reason="vm_running", object="vm", id=vm_id)
+        return xml, tree, snap
 
     async def _fold(self, vm_id: str, op: Mapping[str, Any],
                     progress: Callable[[float], None] | None = None) -> None:
@@ -323,8 +324,10 @@ class SnapshotService:
         # snapshot, and what named its layer names the volume it was folded into.
         folded = {d["top"]: d["base"] for d in disks}
         chains = {}
+        leaves = leaves_of(await self._core.on_vm(
+            vm_id, lambda dom: dom.XMLDesc(vc.DOMAIN_XML_INACTIVE)))
         for disk in disks:
-            leaf = await self._leaf_of(vm_id, disk["target"])
+            leaf = leaves.get(disk["target"])
             if leaf is None:
                 continue
             leaf = folded.get(leaf, leaf)
@@ -349,16 +352,6 @@ class SnapshotService:
             _write_tree(dom, gone.parent if current == snapshot_id else current, kept)
 
         await self._core.on_vm(vm_id, record, what="recording the snapshots")
-
-    async def _leaf_of(self, vm_id: str, target: str) -> str | None:
-        """The volume id the persistent definition's disk ``target`` writes."""
-        xml = await self._core.on_vm(vm_id, lambda dom: dom.XMLDesc(vc.DOMAIN_XML_INACTIVE))
-        for disk in parse_xml(xml).iterfind("devices/disk[@device='disk']"):
-            element = disk.find("target")
-            source = disk.find("source")
-            if element is not None and element.get("dev") == target and source is not None:
-                return Path(source.get("file", "")).name or None
-        return None
 
     async def list_snapshots(self, params: VmListSnapshotsParams) -> JsonObject:
         current, snaps = await self._tree(params["vm_id"])
@@ -752,6 +745,16 @@ def read_tree(xml: str) -> tuple[str | None, list[Snapshot]]:
             log.warning("a snapshot record of the VM is damaged: %s",
                         etree.tostring(item, encoding="unicode"))
     return element.get("current"), snaps
+
+
+def leaves_of(xml: str) -> dict[str, str]:
+    """The file name (a volume's id) each disk of a domain writes, by device name."""
+    leaves = {}
+    for disk in parse_xml(xml).iterfind("devices/disk[@device='disk']"):
+        target, source = disk.find("target"), disk.find("source")
+        if target is not None and source is not None and source.get("file"):
+            leaves[target.get("dev", "")] = Path(source.get("file", "")).name
+    return leaves
 
 
 def _find(tree: Sequence[Snapshot], vm_id: str, snapshot_id: str) -> Snapshot:

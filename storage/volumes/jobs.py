@@ -192,6 +192,23 @@ async def _merge_chain(core: VolumeCore, params: VolumeMergeParams
     return domain, chain
 
 
+async def mark_merging(core: VolumeCore, domain: Domain, parent: Found, top: Found
+                       ) -> tuple[Found, Found]:
+    """Mark ``parent`` and ``top`` illegal before ``top`` is committed into ``parent``
+    (with the domain's lock held); returns both as written.
+
+    The parent first: a crash between the two leaves an illegal parent under a legal
+    layer, never an illegal layer over a legal parent (which the start-up scan would
+    take for a half-made volume and remove)."""
+    if parent.metadata.legality == "legal":
+        parent = await core.io(volfiles.update, domain.layout, parent, legality="illegal",
+                               what="marking the chain")
+    if top.metadata.legality == "legal":
+        top = await core.io(volfiles.update, domain.layout, top, legality="illegal",
+                            what="marking the chain")
+    return parent, top
+
+
 async def start_merge(core: VolumeCore, params: VolumeMergeParams) -> JsonObject:
     """Check a ``Volume.merge`` call and start its job; returns ``{job_id, job}``."""
     return await leased([core.domains.domain(params["sd_id"])], MERGE_JOB.name,
@@ -208,15 +225,7 @@ async def _submit_merge(core: VolumeCore, params: VolumeMergeParams,
         nonlocal top, parent
         name_job(handle, leases)
         async with core.lock(domain):
-            # The parent first: a crash between the two leaves an illegal parent under a
-            # legal leaf, never an illegal leaf over a legal parent (which the start-up
-            # scan would take for a half-made volume and remove).
-            if parent.metadata.legality == "legal":
-                parent = await core.io(volfiles.update, domain.layout, parent,
-                                          legality="illegal", what="marking the chain")
-            if top.metadata.legality == "legal":
-                top = await core.io(volfiles.update, domain.layout, top,
-                                       legality="illegal", what="marking the chain")
+            parent, top = await mark_merging(core, domain, parent, top)
         with qemu_guard(f"merging volume {top.volume_id}"):
             await qemuimg.commit(committed, progress=_progress(handle))
         await core.io(volfiles.sync_data, base_path, what="flushing the parent")

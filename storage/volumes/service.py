@@ -351,14 +351,7 @@ class VolumeService:
                 kids = await self.io(volfiles.children, domain.layout, top.volume_id,
                                      what="looking for children")
                 await self.core.check_unused(domain, [top, parent])
-                # The parent first: an illegal parent under a legal layer is a fold cut
-                # short, never a half-made layer for the start-up scan to remove.
-                if parent.metadata.legality == "legal":
-                    parent = await self.io(volfiles.update, domain.layout, parent,
-                                           legality="illegal", what="marking the chain")
-                if top.metadata.legality == "legal":
-                    top = await self.io(volfiles.update, domain.layout, top,
-                                        legality="illegal", what="marking the chain")
+                parent, top = await volcopy.mark_merging(self.core, domain, parent, top)
             with qemu_guard(f"folding volume {top.volume_id}"):
                 await qemuimg.commit(qemu_chain(chain), progress=progress)
             await self.io(volfiles.sync_data, parent.path, what="flushing the parent")
