@@ -124,7 +124,8 @@ class Agent:
         self.snapshots = SnapshotService(
             self.vms.core, self.vms.guests, self.jobs, self.volumes, self.store,
             storage_dirs=lambda: {d.sd_id: str(d.layout.images_dir)
-                                  for d in self.storage.attached()})
+                                  for d in self.storage.attached()},
+            merge_bandwidth=config.storage.merge_bandwidth)
         self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None

@@ -371,7 +371,7 @@ class VolumeImportParams(TypedDict):
 class VolumeListParams(TypedDict):
     sd_id: str
     image_id: NotRequired[str]
-    content: NotRequired[Literal["disk", "iso"]]
+    content: NotRequired[Literal["disk", "iso", "memory"]]
 
 
 class VolumeMergeParams(TypedDict):

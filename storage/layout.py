@@ -53,7 +53,7 @@ VolumeFormat = Literal["raw", "qcow2"]
 Allocation = Literal["sparse", "preallocated"]
 Role = Literal["leaf", "internal", "shared"]
 Legality = Literal["legal", "illegal"]
-Content = Literal["disk", "iso"]
+Content = Literal["disk", "iso", "memory"]
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -217,8 +217,9 @@ class VolumeMetadata:
     generation: int
     description: str
     ctime: float
-    #: ``disk`` (a VM's disk) or ``iso`` (an ISO image: raw, shared, attached read-only as
-    #: CD-ROM media). Layout version 2; version 1 files are disks.
+    #: ``disk`` (a VM's disk), ``iso`` (an ISO image: raw, shared, attached read-only as
+    #: CD-ROM media) or ``memory`` (a VM's memory at a snapshot, libvirt's save image
+    #: format: raw, no parent). Layout version 2; version 1 files are disks.
     content: Content = "disk"
 
     @classmethod
@@ -241,6 +242,10 @@ class VolumeMetadata:
                                         or raw["role"] != "shared"):
             raise MetadataError(f"{where}: an ISO image is a raw, shared volume without a "
                                 "parent", reason="metadata_corrupt")
+        if raw["content"] == "memory" and (raw["format"] != "raw"
+                                           or raw["parent"] is not None):
+            raise MetadataError(f"{where}: a memory image is a raw volume without a parent",
+                                reason="metadata_corrupt")
         parent = raw["parent"]
         if parent is not None and not _UUID.fullmatch(parent):
             raise MetadataError(f"{where}: parent is not a UUID", reason="metadata_corrupt")
@@ -262,7 +267,7 @@ class VolumeMetadata:
 
 
 #: The layout version a volume of each content is written as.
-_VOLUME_VERSIONS: dict[str, int] = {"disk": LAYOUT_VERSION, "iso": 2}
+_VOLUME_VERSIONS: dict[str, int] = {"disk": LAYOUT_VERSION, "iso": 2, "memory": 2}
 
 
 # --- paths --------------------------------------------------------------------------------

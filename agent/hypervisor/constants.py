@@ -106,3 +106,12 @@ def has_error_code(exc: BaseException, *codes: int) -> bool:
     """Whether ``exc`` is a libvirt error with one of ``codes`` (``ERR_*``)."""
     code = getattr(exc, "get_error_code", None)
     return callable(code) and code() in codes
+
+# virDomainBlockCommitFlags, virDomainBlockJobAbortFlags
+DOMAIN_BLOCK_COMMIT_ACTIVE = 4
+DOMAIN_BLOCK_COMMIT_RELATIVE = 8
+DOMAIN_BLOCK_JOB_ABORT_PIVOT = 2
+
+# virDomainSaveImageXMLFlags, virDomainSaveRestoreFlags
+DOMAIN_SAVE_IMAGE_XML_SECURE = 1
+DOMAIN_SAVE_RUNNING = 2

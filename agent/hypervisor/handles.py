@@ -99,6 +99,15 @@ class Domain(Protocol):
 
     def snapshotCreateXML(self, xmlDesc: str, flags: int = 0) -> Any: ...  # noqa: N802, N803
 
+    def blockCommit(self, disk: str, base: str | None, top: str | None,  # noqa: N802
+                    bandwidth: int = 0, flags: int = 0) -> int: ...
+
+    def blockJobInfo(self, path: str, flags: int = 0) -> dict[str, int]:  # noqa: N802
+        """``{type, bandwidth, cur, end}`` of the disk's block job; empty without one."""
+        ...
+
+    def blockJobAbort(self, disk: str, flags: int = 0) -> int: ...  # noqa: N802
+
     def guestInfo(self, types: int = 0, flags: int = 0) -> dict[str, Any]:  # noqa: N802
         """What the guest agent reports, as typed parameters (``os.name``, ``fs.0.name``)."""
         ...
@@ -185,6 +194,11 @@ class Connection(Protocol):
         ...
 
     def getType(self) -> str: ...  # noqa: N802
+
+    def saveImageGetXMLDesc(self, file: str, flags: int = 0) -> str: ...  # noqa: N802
+
+    def restoreFlags(self, frm: str, dxml: str | None = None,  # noqa: N802
+                     flags: int = 0) -> int: ...
 
     def getVersion(self) -> int: ...  # noqa: N802
 

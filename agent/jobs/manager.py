@@ -73,6 +73,13 @@ class JobHandle:
         """Report progress (0-100); written and published rate-limited. Never blocks."""
         self._manager._set_progress(self.job_id, percent)
 
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether a client cancelled the job (rather than the agent stopping): a job
+        whose work goes on outside the agent stops it only then."""
+        running = self._manager._running.get(self.job_id)
+        return running is not None and isinstance(running.cancel_error, Cancelled)
+
 
 Runner = Callable[[JobHandle], Awaitable[JsonObject]]
 Prepare = Callable[[], contextlib.AbstractAsyncContextManager[Any]]

@@ -49,6 +49,7 @@ from virtnode.api_schema.params import (
     VmSnapshotParams,
 )
 from virtnode.errors import (
+    Aborted,
     AlreadyExists,
     ApiError,
     FailedPrecondition,
@@ -71,16 +72,20 @@ from virtnode.vm.spec import check_name
 log = logging.getLogger(__name__)
 
 SNAPSHOT_JOB = JobKind("VM.snapshot", cancellable=False)
-#: Not cancellable: a fold cut short leaves its volumes illegal until it is run again.
-DELETE_JOB = JobKind("VM.deleteSnapshot", cancellable=False)
+#: A cancelled delete leaves the snapshot's volumes illegal (their data is part merged)
+#: and the snapshot in the tree, until VM.deleteSnapshot is run again.
+DELETE_JOB = JobKind("VM.deleteSnapshot", cancellable=True)
 NAMESPACE = "https://virtnode.dev/xmlns/snapshots/1"
 PREFIX = "virtnodesnap"
 #: The longest a snapshot keeps a guest frozen (the freeze ends by itself after it).
 FREEZE_TIMEOUT = 60.0
 MAX_SNAPSHOTS = 256
+#: How often a block commit's progress is read.
+COMMIT_POLL = 0.2
 
-_CREATE_FLAGS = (vc.DOMAIN_SNAPSHOT_CREATE_NO_METADATA | vc.DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
-                 | vc.DOMAIN_SNAPSHOT_CREATE_REUSE_EXT | vc.DOMAIN_SNAPSHOT_CREATE_ATOMIC)
+_MEMORY_FLAGS = (vc.DOMAIN_SNAPSHOT_CREATE_NO_METADATA | vc.DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
+                 | vc.DOMAIN_SNAPSHOT_CREATE_ATOMIC)
+_CREATE_FLAGS = _MEMORY_FLAGS | vc.DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
 
 COMPONENT = "vm_snapshot_ops"
 VERSION = 1
@@ -118,6 +123,8 @@ class Snapshot:
     quiesced: bool
     memory: bool
     disks: list[SnapshotDisk] = field(default_factory=list)
+    #: ``{sd_id, image_id, volume_id}`` of the volume holding the VM's memory (with memory)
+    memory_volume: dict[str, str] | None = None
 
     def to_api(self) -> JsonObject:
         return asdict(self)
@@ -139,10 +146,14 @@ class _Disk:
     path: str
 
 
+class _Stopped(Exception):
+    """The VM stopped during a block commit."""
+
+
 class SnapshotService:
     def __init__(self, core: VmCore, guests: GuestAgents, jobs: JobManager,
                  volumes: VolumeService | None, store: Store | None, *,
-                 storage_dirs: StorageDirs) -> None:
+                 storage_dirs: StorageDirs, merge_bandwidth: int = 0) -> None:
         self._core = core
         self._hv: Hypervisor = core.hypervisor
         self._guests = guests
@@ -150,6 +161,7 @@ class SnapshotService:
         self._volumes = volumes
         self._store = store
         self._storage_dirs = storage_dirs
+        self._merge_bandwidth = merge_bandwidth  # MiB/s, 0: no limit
         self._tasks: set[asyncio.Task[None]] = set()
         jobs.register(SNAPSHOT_JOB)
         jobs.register(DELETE_JOB)
@@ -164,9 +176,10 @@ class SnapshotService:
     async def snapshot(self, params: VmSnapshotParams) -> JsonObject:
         vm_id, name = params["vm_id"], params["name"]
         check_name(name, "name")
-        if params["memory"]:
-            raise InvalidArgument("snapshots with memory are not built yet; take memory: false",
-                                  reason="unsupported", field="memory")
+        if params["memory"] and params["quiesce"] == "required":
+            raise InvalidArgument("a snapshot with memory keeps the guest whole and is never "
+                                  "quiesced; take quiesce auto or off",
+                                  reason="quiesce_with_memory", field="quiesce")
         request_key = params.get("request_key")
         self._core.require_ready()
 
@@ -197,8 +210,9 @@ class SnapshotService:
         async with self._hold(vm_id):
             xml, tree, snap = await self._of_stopped_vm(
                 vm_id, snapshot_id, "VM.revertSnapshot",
-                "a snapshot without memory is reverted on a stopped VM")
+                "a snapshot is reverted on a stopped VM (one with memory starts it again)")
             disks = self._chosen_disks(xml, [d.target for d in snap.disks])
+            memory = await self._memory_of(snap)
             held = {d.volume_id for s in tree for d in s.disks}
             op: JsonObject = {
                 "op": "revert", "snapshot_id": snapshot_id,
@@ -233,10 +247,50 @@ class SnapshotService:
                 raise
             await self._finish_revert(vm_id, op, held)
             await self._unjournal(op_id)
+            if memory is not None:
+                await self._restore(vm_id, memory, by_target)
         return {"snapshot_id": snapshot_id,
                 "disks": [{"target": d["target"], "sd_id": d["sd_id"],
                            "image_id": d["image_id"], "volume_id": d["layer"]}
                           for d in op["disks"]]}
+
+    async def _memory_of(self, snap: Snapshot) -> str | None:
+        """The file holding the memory of a snapshot with memory (which must be legal)."""
+        if snap.memory_volume is None:
+            return None
+        assert self._volumes is not None
+        try:
+            _, found = await self._volumes.core.volume(snap.memory_volume)
+        except NotFound:
+            raise FailedPrecondition(
+                f"the memory of snapshot {snap.name} (volume "
+                f"{snap.memory_volume['volume_id']}) is gone", reason="memory_missing",
+                object="snapshot", id=snap.snapshot_id) from None
+        if found.metadata.legality != "legal":
+            raise FailedPrecondition(f"the memory volume of snapshot {snap.name} is illegal",
+                                     reason="volume_illegal", object="volume",
+                                     id=found.volume_id)
+        return str(found.path)
+
+    async def _restore(self, vm_id: str, memory: str,
+                       chains: Mapping[str, Sequence[tuple[str, str]]]) -> None:
+        """Start the VM from the memory saved at a snapshot, on the disks' new layers."""
+        def restore(conn: Connection) -> None:
+            root = parse_xml(conn.saveImageGetXMLDesc(memory, vc.DOMAIN_SAVE_IMAGE_XML_SECURE))
+            _set_chains(root, chains)
+            metadata = root.find("metadata")
+            for stale in root.iterfind(f"metadata/{{{NAMESPACE}}}snapshots"):
+                assert metadata is not None
+                metadata.remove(stale)  # the tree of that moment; the VM's is newer
+            conn.restoreFlags(memory, etree.tostring(root, encoding="unicode"),
+                              vc.DOMAIN_SAVE_RUNNING)
+        try:
+            await self._hv.call(restore, what=f"VM.revertSnapshot on {vm_id}")
+        except ApiError as exc:
+            raise FailedPrecondition(
+                f"the disks were reverted, but the VM could not be started from the "
+                f"snapshot's memory: {exc.message}; it is stopped, and starts from the "
+                "reverted disks", reason="restore_failed", object="vm", id=vm_id) from None
 
     async def _finish_revert(self, vm_id: str, op: Mapping[str, Any], held: set[str]) -> None:
         """Remove what the VM wrote since its current snapshot that no snapshot holds (the
@@ -255,9 +309,14 @@ class SnapshotService:
         if stale:
             await self._volumes.drop_layers(stale)
         snapshot_id = op["snapshot_id"]
+        layers = {d["target"]: d["layer"] for d in op["disks"]}
 
         def record(dom: Domain) -> None:
             _, tree = read_tree(dom.XMLDesc(vc.DOMAIN_XML_INACTIVE))
+            for snap in tree:
+                if snap.snapshot_id == snapshot_id:  # what comes after it is the new layer
+                    for disk in snap.disks:
+                        disk.layer = layers.get(disk.target, disk.layer)
             _write_tree(dom, snapshot_id, tree)
 
         await self._core.on_vm(vm_id, record, what="recording the current snapshot")
@@ -279,16 +338,21 @@ class SnapshotService:
 
     async def _delete(self, vm_id: str, snapshot_id: str, handle: JobHandle) -> None:
         """Fold each disk's layer made at the snapshot into the snapshot's volume, which
-        then holds what the layer held; the snapshot leaves the tree."""
-        _xml, _tree, snap = await self._of_stopped_vm(
-            vm_id, snapshot_id, "VM.deleteSnapshot",
-            "deleting a snapshot of a running VM (a live merge) is not built yet")
+        then holds what the layer held; the snapshot leaves the tree. Live (a block
+        commit) on a running VM, with qemu-img on a stopped one."""
+        snap = _find((await self._tree(vm_id))[1], vm_id, snapshot_id)
         op: JsonObject = {"op": "delete", "snapshot_id": snapshot_id, "disks": [
             {"target": d.target, "sd_id": d.sd_id, "image_id": d.image_id,
-             "base": d.volume_id, "top": d.layer} for d in snap.disks]}
+             "base": d.volume_id, "top": d.layer} for d in snap.disks],
+            "memory": snap.memory_volume}
         op_id = str(uuid.uuid4())
         await self._journal_op(op_id, vm_id, op)
-        await self._fold(vm_id, op, handle.progress)
+        try:
+            await self._fold(vm_id, op, handle)
+        except asyncio.CancelledError:
+            if handle.cancel_requested:  # else the agent stops: settled when it starts
+                await asyncio.shield(self._unjournal(op_id))
+            raise
         await self._unjournal(op_id)
 
     async def _of_stopped_vm(self, vm_id: str, snapshot_id: str, method: str, why: str
@@ -304,22 +368,24 @@ class SnapshotService:
         return xml, tree, snap
 
     async def _fold(self, vm_id: str, op: Mapping[str, Any],
-                    progress: Callable[[float], None] | None = None) -> None:
+                    handle: JobHandle | None = None) -> None:
         """The steps of a delete, each of which may be run again after a crash."""
         assert self._volumes is not None
         disks = op["disks"]
+        gone = []
         for index, disk in enumerate(disks):
             ref = {"sd_id": disk["sd_id"], "image_id": disk["image_id"],
                    "volume_id": disk["top"]}
             try:
                 await self._volumes.core.volume(ref, data=False)
             except NotFound:
-                continue  # folded already
+                gone.append(disk)  # folded already, or a layer a revert left behind
+                continue
 
             def step(percent: float, index: int = index) -> None:
-                if progress is not None:
-                    progress(min(99.0, (index + percent / 100) / len(disks) * 100))
-            await self._volumes.fold_layer(ref, progress=step)
+                if handle is not None:
+                    handle.progress(min(99.0, (index + percent / 100) / len(disks) * 100))
+            await self._fold_disk(vm_id, disk, ref, step, handle)
         # The definition names each disk's chain as it is now; the tree forgets the
         # snapshot, and what named its layer names the volume it was folded into.
         folded = {d["top"]: d["base"] for d in disks}
@@ -352,6 +418,90 @@ class SnapshotService:
             _write_tree(dom, gone.parent if current == snapshot_id else current, kept)
 
         await self._core.on_vm(vm_id, record, what="recording the snapshots")
+        # A snapshot's volume without its layer (the VM left that branch by a revert) is
+        # needed by nothing once no other snapshot names it.
+        held = {d.volume_id for s in (await self._tree(vm_id))[1] for d in s.disks}
+        for disk in gone:
+            if disk["base"] not in held:
+                await self._volumes.drop_unused({"sd_id": disk["sd_id"],
+                                                 "image_id": disk["image_id"],
+                                                 "volume_id": disk["base"]})
+        if op.get("memory"):
+            with contextlib.suppress(NotFound):
+                await self._volumes.drop_layers([await self._volumes.core.volume(op["memory"])])
+
+    async def _fold_disk(self, vm_id: str, disk: Mapping[str, Any], ref: JsonObject,
+                         progress: Callable[[float], None], handle: JobHandle | None) -> None:
+        """Fold one disk's layer into the snapshot's volume: by a block commit of the VM
+        when it runs on them (an active commit and a pivot when the layer is what it
+        writes), else with qemu-img. A block commit left running by an agent that
+        stopped is waited for; one that QEMU finished is only recorded."""
+        assert self._volumes is not None
+        _, top = await self._volumes.core.volume(ref)
+        _, base = await self._volumes.core.volume({**ref, "volume_id": disk["base"]})
+        live = await self._core.on_vm(vm_id, lambda dom: _live_chain(dom, disk["target"]),
+                                      what="reading the VM's disks")
+        if live is None or not {str(top.path), str(base.path)} & set(live):
+            await self._volumes.fold_layer(ref, progress=progress)
+            return
+        async with self._volumes.folding(ref, live=True) as fold:
+            if str(top.path) in live:
+                try:
+                    await self._block_commit(
+                        vm_id, disk["target"], str(base.path), str(top.path),
+                        active=live[0] == str(top.path), progress=progress, handle=handle)
+                except _Stopped:
+                    log.info("VM %s stopped during the merge of disk %s; finishing it "
+                             "with qemu-img", vm_id, disk["target"])
+                    await self._volumes.commit_fold(fold, progress)
+                    await self._volumes.finish_fold(fold, rebase=True)
+                    return
+            await self._volumes.finish_fold(fold, rebase=False)
+
+    async def _block_commit(self, vm_id: str, target: str, base: str, top: str, *,
+                            active: bool, progress: Callable[[float], None],
+                            handle: JobHandle | None) -> None:
+        """Commit ``top`` into ``base`` in the running VM (the disk's backing names stay
+        relative), and pivot to ``base`` when ``top`` is what it writes. Raises _Stopped
+        when the VM stops meanwhile; Aborted when QEMU ends the job unfinished."""
+        flags = vc.DOMAIN_BLOCK_COMMIT_RELATIVE | (vc.DOMAIN_BLOCK_COMMIT_ACTIVE if active
+                                                   else 0)
+
+        def start(dom: Domain) -> bool:
+            if not dom.isActive():
+                return False
+            if not dom.blockJobInfo(target, 0):  # else one left by an agent that stopped
+                dom.blockCommit(target, base, top, self._merge_bandwidth, flags)
+            return True
+
+        if not await self._core.on_vm(vm_id, start, what="VM.deleteSnapshot"):
+            raise _Stopped
+        try:
+            while True:
+                state, done = await self._core.on_vm(
+                    vm_id, lambda dom: _commit_state(dom, target, top),
+                    what="following the merge")
+                if state == "stopped":
+                    raise _Stopped
+                if state == "finished":
+                    return
+                if state == "ended":
+                    raise Aborted(f"QEMU ended the merge of disk {target} before it "
+                                  "finished; run VM.deleteSnapshot again",
+                                  reason="merge_failed", object="vm", id=vm_id)
+                progress(done * 100)
+                if state == "ready":
+                    await self._core.on_vm(vm_id, lambda dom: dom.blockJobAbort(
+                        target, vc.DOMAIN_BLOCK_JOB_ABORT_PIVOT), what="pivoting the disk")
+                    continue
+                await asyncio.sleep(COMMIT_POLL)
+        except asyncio.CancelledError:
+            if handle is not None and handle.cancel_requested:
+                with contextlib.suppress(ApiError):
+                    await asyncio.shield(self._core.on_vm(
+                        vm_id, lambda dom: dom.blockJobAbort(target, 0),
+                        what="cancelling the merge"))
+            raise
 
     async def list_snapshots(self, params: VmListSnapshotsParams) -> JsonObject:
         current, snaps = await self._tree(params["vm_id"])
@@ -385,48 +535,75 @@ class SnapshotService:
             raise FailedPrecondition(f"VM {vm_id} has {len(tree)} snapshots already; "
                                      "delete some first", reason="too_many_snapshots",
                                      object="vm", id=vm_id)
+        memory = params["memory"]
+        if memory and not running:
+            raise FailedPrecondition(f"the VM is {state}: a snapshot with memory is taken of "
+                                     "a running VM", reason="vm_not_running", object="vm",
+                                     id=vm_id)
         disks = self._chosen_disks(xml, targets)
-        freeze = running and quiesce != "off" and self._guests.connected(vm_id)
+        freeze = (running and not memory and quiesce != "off"
+                  and self._guests.connected(vm_id))
         if running and quiesce == "required" and not freeze:
             self._guests.require_connected(vm_id, "a snapshot with quiesce required")
         snap = Snapshot(str(uuid.uuid4()), name, description, round(time.time(), 3), current,
-                        "running" if running else "shutoff", quiesced=False, memory=False)
+                        "running" if running else "shutoff", quiesced=False, memory=memory)
         op_id = snap.snapshot_id
         assert self._volumes is not None  # else no disk is a volume
         snap.disks = [SnapshotDisk(d.target, d.sd_id, d.image_id, d.volume_id,
                                    str(uuid.uuid4())) for d in disks]
-        # The journal first: from here a crash is settled by what the VM's definition says.
-        await self._journal(op_id, vm_id, snap)
-        try:
-            layers = await self._volumes.add_layers(
-                [{"sd_id": d.sd_id, "image_id": d.image_id, "volume_id": d.volume_id}
-                 for d in disks], [d.layer for d in snap.disks],
-                description=f"snapshot {name} of VM {vm_id}")
-        except BaseException:
-            await self._unjournal(op_id)  # add_layers removed what it made
-            raise
+        if memory:  # in the first disk's storage domain
+            snap.memory_volume = {"sd_id": disks[0].sd_id, "image_id": str(uuid.uuid4()),
+                                  "volume_id": str(uuid.uuid4())}
+        layers, memory_volume = await self._make_volumes(vm_id, snap, disks, xml)
         handle.progress(30)
         try:
             chains = [await self._volumes.resolve(
                 {"sd_id": d.sd_id, "image_id": d.image_id, "volume_id": d.layer},
                 readonly=False) for d in snap.disks]
             if running:
-                snap.quiesced = await self._switch_live(vm_id, disks, layers, freeze,
-                                                        required=quiesce == "required")
+                snap.quiesced = await self._switch_live(
+                    vm_id, disks, layers, freeze, required=quiesce == "required",
+                    memory=str(memory_volume[0][1].path) if memory_volume else None)
             handle.progress(70)
             by_target = {d.target: c for d, c in zip(disks, chains, strict=True)}
             await self._hv.call(lambda conn: _define_chains(conn, vm_id, by_target),
                                 what=f"VM.snapshot on {vm_id}")
         except BaseException:
             if not await self._uses_any(vm_id, layers):
-                await self._volumes.drop_layers(layers)
+                await self._volumes.drop_layers(layers + memory_volume)
                 await self._unjournal(op_id)
             else:  # switched, not recorded: settled once this call lets go of the VM
                 self._settle_soon(op_id, vm_id, snap.to_api())
             raise
+        if memory_volume:
+            await self._volumes.seal_memory_volume(memory_volume[0])
         await self._finish(vm_id, snap, layers)
         await self._unjournal(op_id)
         return snap
+
+    async def _make_volumes(self, vm_id: str, snap: Snapshot, disks: Sequence[_Disk],
+                            xml: str) -> tuple[Layers, Layers]:
+        """Journal the snapshot, then make its layers and its memory volume (if any)."""
+        assert self._volumes is not None  # else no disk is a volume
+        # The journal first: from here a crash is settled by what the VM's definition says.
+        await self._journal(snap.snapshot_id, vm_id, snap)
+        try:
+            layers = await self._volumes.add_layers(
+                [{"sd_id": d.sd_id, "image_id": d.image_id, "volume_id": d.volume_id}
+                 for d in disks], [d.layer for d in snap.disks],
+                description=f"snapshot {snap.name} of VM {vm_id}")
+            if snap.memory_volume is None:
+                return layers, []
+            try:
+                return layers, [await self._volumes.add_memory_volume(
+                    **snap.memory_volume, size=_memory_image_size(xml),
+                    description=f"memory of VM {vm_id} at snapshot {snap.name}")]
+            except BaseException:
+                await self._volumes.drop_layers(layers)
+                raise
+        except BaseException:
+            await self._unjournal(snap.snapshot_id)  # what was made is removed
+            raise
 
     def _chosen_disks(self, xml: str, targets: Sequence[str] | None) -> list[_Disk]:
         root = parse_xml(xml)
@@ -462,12 +639,15 @@ class SnapshotService:
         return chosen
 
     async def _switch_live(self, vm_id: str, disks: Sequence[_Disk], layers: Layers,
-                           freeze: bool, *, required: bool) -> bool:
+                           freeze: bool, *, required: bool, memory: str | None) -> bool:
         """Switch the running VM's disks to the layers at once; whether the guest was
-        frozen meanwhile. A freeze that fails is a failure only when ``required``."""
+        frozen meanwhile. A freeze that fails is a failure only when ``required``. With
+        ``memory``, libvirt pauses the guest, writes its memory into that file, switches
+        the disks and lets the guest run on."""
         snapshot_xml = _snapshot_xml(
             {d.target: str(layer.path) for d, (_, layer) in zip(disks, layers, strict=True)},
-            await self._core.on_vm(vm_id, lambda dom: dom.XMLDesc(0)))
+            await self._core.on_vm(vm_id, lambda dom: dom.XMLDesc(0)), memory)
+        flags = _CREATE_FLAGS if memory is None else _MEMORY_FLAGS
         frozen_here = False
         quiesced = False
         if freeze:
@@ -483,7 +663,7 @@ class SnapshotService:
                     log.warning("VM %s: snapshot without freezing the guest: %s", vm_id, exc)
         try:
             await self._core.on_vm(vm_id, lambda dom: dom.snapshotCreateXML(
-                snapshot_xml, _CREATE_FLAGS), what="VM.snapshot")
+                snapshot_xml, flags), what="VM.snapshot")
         finally:
             if frozen_here:
                 try:
@@ -578,6 +758,10 @@ class SnapshotService:
                          "volume_id": disk.layer}))
                 except NotFound:
                     continue  # never made, or removed already
+            memory: Layers = []
+            if snap.memory_volume is not None:
+                with contextlib.suppress(NotFound):
+                    memory.append(await self._volumes.core.volume(snap.memory_volume))
             async with self._core.locks.hold(vm_id, "VM.snapshot"):
                 try:
                     used = await self._core.on_vm(vm_id, _disk_paths)
@@ -587,8 +771,12 @@ class SnapshotService:
                 unused = [(d, f) for d, f in layers if str(f.path) not in used]
                 if unused:
                     await self._volumes.drop_layers(unused)
-                if adopted:
+                if adopted:  # libvirt switched the disks after it wrote the memory
+                    if memory:
+                        await self._volumes.seal_memory_volume(memory[0])
                     await self._finish(vm_id, snap, adopted)
+                elif memory:
+                    await self._volumes.drop_layers(memory)
             log.warning("VM %s: snapshot %s was interrupted; %s", vm_id, snap.name,
                         "finished" if adopted else "undone")
             await self._unjournal(op_id)
@@ -654,12 +842,52 @@ def _disk_paths(dom: Domain) -> set[str]:
     return paths
 
 
+def _live_chain(dom: Domain, target: str) -> list[str] | None:
+    """The files of a running VM's disk ``target``, the one it writes first; None when
+    the VM is not running."""
+    if not dom.isActive():
+        return None
+    for disk in parse_xml(dom.XMLDesc(0)).iterfind("devices/disk"):
+        element = disk.find("target")
+        if element is not None and element.get("dev") == target:
+            return [s.get("file", "") for s in disk.iter("source") if s.get("file")]
+    return []
+
+
+def _commit_state(dom: Domain, target: str, top: str) -> tuple[str, float]:
+    """Where a block commit of ``top`` stands: stopped (the VM), finished (``top`` has
+    left the disk's chain), ended (no job, ``top`` still there), ready (to pivot) or
+    running; and the part done."""
+    if not dom.isActive():
+        return "stopped", 0.0
+    info = dom.blockJobInfo(target, 0)
+    if not info:
+        chain = _live_chain(dom, target) or []
+        return ("ended" if top in chain else "finished"), 1.0
+    cur, end = int(info.get("cur", 0)), int(info.get("end", 0))
+    done = cur / end if end else 0.0
+    if end and cur == end:
+        for disk in parse_xml(dom.XMLDesc(0)).iterfind("devices/disk"):
+            element = disk.find("target")
+            mirror = disk.find("mirror")
+            if (element is not None and element.get("dev") == target
+                    and mirror is not None and mirror.get("ready") == "yes"):
+                return "ready", done
+    return "running", done
+
+
 def _define_chains(conn: Connection, vm_id: str,
                    chains: Mapping[str, Sequence[tuple[str, str]]]) -> None:
     """Rewrite the persistent definition's disks ``chains`` names (by target) with their
     chains, leaf first, ending with an empty ``<backingStore/>`` as VM.create writes it."""
     dom = vmops.lookup(conn, vm_id)
     root = parse_xml(dom.XMLDesc(vc.DOMAIN_XML_INACTIVE | vc.DOMAIN_XML_SECURE))
+    _set_chains(root, chains)
+    conn.defineXMLFlags(etree.tostring(root, encoding="unicode"), vc.DOMAIN_DEFINE_VALIDATE)
+
+
+def _set_chains(root: etree._Element, chains: Mapping[str, Sequence[tuple[str, str]]]) -> None:
+    """Give the disks of a domain's XML ``chains`` names (by target) those chains."""
     for disk in root.iterfind("devices/disk[@device='disk']"):
         target = disk.find("target")
         chain = chains.get("" if target is None else target.get("dev", ""))
@@ -682,12 +910,23 @@ def _define_chains(conn: Connection, vm_id: str,
             etree.SubElement(below, "source", file=path)
             below = etree.SubElement(below, "backingStore")
         source.addnext(top)
-    conn.defineXMLFlags(etree.tostring(root, encoding="unicode"), vc.DOMAIN_DEFINE_VALIDATE)
 
 
-def _snapshot_xml(layers: Mapping[str, str], live_xml: str) -> str:
-    """A disk-only external snapshot onto ``layers`` (by target); every other disk 'no'."""
+def _memory_image_size(xml: str) -> int:
+    """The most a save image of the VM takes: its memory, and room for its devices' state
+    and definition."""
+    memory = parse_xml(xml).find("memory")
+    kib = int(memory.text or 0) if memory is not None and memory.get("unit", "KiB") == "KiB" \
+        else 0
+    return kib * 1024 + kib * 1024 // 8 + 64 * 1024 * 1024
+
+
+def _snapshot_xml(layers: Mapping[str, str], live_xml: str, memory: str | None) -> str:
+    """An external snapshot onto ``layers`` (by target), every other disk 'no'; with the
+    memory into the file ``memory``, else disk-only."""
     root = etree.Element("domainsnapshot")
+    if memory is not None:
+        etree.SubElement(root, "memory", snapshot="external", file=memory)
     disks = etree.SubElement(root, "disks")
     for disk in parse_xml(live_xml).iterfind("devices/disk"):
         target = disk.find("target")
@@ -719,6 +958,8 @@ def _write_tree(dom: Domain, current: str | None, tree: Sequence[Snapshot]) -> N
             etree.SubElement(element, "disk", target=disk.target, sd_id=disk.sd_id,
                              image_id=disk.image_id, volume_id=disk.volume_id,
                              layer=disk.layer)
+        if snap.memory_volume is not None:
+            etree.SubElement(element, "memory", attrib=snap.memory_volume)
     dom.setMetadata(vc.DOMAIN_METADATA_ELEMENT, etree.tostring(root, encoding="unicode"),
                     PREFIX, NAMESPACE, vc.DOMAIN_AFFECT_CONFIG)
 
@@ -740,11 +981,18 @@ def read_tree(xml: str) -> tuple[str | None, list[Snapshot]]:
                 disks=[SnapshotDisk(d.get("target", ""), d.get("sd_id", ""),
                                     d.get("image_id", ""), d.get("volume_id", ""),
                                     d.get("layer", ""))
-                       for d in item.iterfind(f"{{{NAMESPACE}}}disk")]))
+                       for d in item.iterfind(f"{{{NAMESPACE}}}disk")],
+                memory_volume=_memory_ref(item.find(f"{{{NAMESPACE}}}memory"))))
         except ValueError:
             log.warning("a snapshot record of the VM is damaged: %s",
                         etree.tostring(item, encoding="unicode"))
     return element.get("current"), snaps
+
+
+def _memory_ref(element: etree._Element | None) -> dict[str, str] | None:
+    if element is None:
+        return None
+    return {key: element.get(key, "") for key in ("sd_id", "image_id", "volume_id")}
 
 
 def leaves_of(xml: str) -> dict[str, str]:

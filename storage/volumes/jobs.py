@@ -31,7 +31,7 @@ from virtnode.jobs.store import JobRecord
 from virtnode.storage.domains.gate import Lease
 from virtnode.storage.domains.service import Domain
 from virtnode.storage.images import qemuimg
-from virtnode.storage.layout import VolumeMetadata
+from virtnode.storage.layout import Allocation, VolumeFormat, VolumeMetadata
 from virtnode.storage.volumes import files as volfiles
 from virtnode.storage.volumes.core import VolumeCore
 from virtnode.storage.volumes.files import Found
@@ -92,6 +92,28 @@ async def fill_target(core: VolumeCore, domain: Domain, target: Found,
     return legal
 
 
+async def copy_chain(core: VolumeCore, chain: Sequence[Found], dst: Domain, image_id: str,
+                     volume_id: str, *, fmt: VolumeFormat, allocation: Allocation,
+                     shared: bool, description: str,
+                     progress: qemuimg.ProgressCallback | None) -> Found:
+    """Copy what the chain (leaf first) shows into one new volume ``volume_id`` of a new
+    image ``image_id`` of ``dst``: illegal while qemu-img writes it, legal once durable,
+    removed on failure. Returns it."""
+    leaf = chain[0]
+    metadata = VolumeMetadata.new(fmt, allocation, leaf.metadata.virtual_size, parent=None,
+                                  shared=shared, description=description)
+    async with core.lock(dst):
+        target: Found = await core.io(
+            volfiles.start_new, dst.layout, image_id, volume_id, metadata,
+            new_image=True, what="writing volume metadata")
+    dst_path, src = target.path, qemu_chain(chain)
+    target = await fill_target(core, dst, target, lambda: qemuimg.convert(
+        src, dst_path, dst_fmt=fmt, preallocation=preallocation(allocation),
+        progress=progress), what=f"copying volume {leaf.volume_id}")
+    core.publish(dst, image_id, volume_id, "created")
+    return target
+
+
 @contextlib.asynccontextmanager
 async def job_context(core: VolumeCore, volumes: Sequence[Found], what: str,
                       leases: list[Lease], *, no_writers: bool = False
@@ -133,27 +155,16 @@ async def _submit_copy(core: VolumeCore, params: VolumeCopyParams,
             reason="has_parent", field="collapse")
     chain = await core.chain(src_domain, leaf)
     require_legal(chain)
-    src = qemu_chain(chain)
-    prealloc = preallocation(allocation)
     await core.check_space(dst, dst_fmt, 0, allocation, measured=qemuimg.measure(
-        dst_fmt, src=src, timeout=core.domains.io_timeout))
+        dst_fmt, src=qemu_chain(chain), timeout=core.domains.io_timeout))
 
     async def run(handle: JobHandle) -> JsonObject:
         name_job(handle, leases)
-        image_id, volume_id = str(uuid.uuid4()), str(uuid.uuid4())
-        metadata = VolumeMetadata.new(
-            dst_fmt, allocation, leaf.metadata.virtual_size, parent=None,
-            shared=params["shared"],
-            description=params.get("description", leaf.metadata.description))
-        async with core.lock(dst):
-            target: Found = await core.io(
-                volfiles.start_new, dst.layout, image_id, volume_id, metadata,
-                new_image=True, what="writing volume metadata")
-        dst_path = target.path
-        target = await fill_target(core, dst, target, lambda: qemuimg.convert(
-            src, dst_path, dst_fmt=dst_fmt, preallocation=prealloc,
-            progress=_progress(handle)), what=f"copying volume {leaf.volume_id}")
-        core.publish(dst, image_id, volume_id, "created")
+        target = await copy_chain(
+            core, chain, dst, str(uuid.uuid4()), str(uuid.uuid4()), fmt=dst_fmt,
+            allocation=allocation, shared=params["shared"],
+            description=params.get("description", leaf.metadata.description),
+            progress=_progress(handle))
         return {"volume": volume_api(dst, target)}
 
     return await core.jobs.submit(

@@ -21,7 +21,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from virtnode.api_schema.params import (
@@ -55,7 +56,7 @@ from virtnode.storage.volumes import files as volfiles
 from virtnode.storage.volumes import imports
 from virtnode.storage.volumes import jobs as volcopy
 from virtnode.storage.volumes.core import VolumeCore
-from virtnode.storage.volumes.files import Found
+from virtnode.storage.volumes.files import Found, Listed
 from virtnode.storage.volumes.transfers import TransferService
 from virtnode.storage.volumes.view import (
     preallocation,
@@ -70,6 +71,17 @@ log = logging.getLogger(__name__)
 
 #: Layers made for a VM snapshot, with their domains.
 Layers = list[tuple[Domain, Found]]
+
+
+@dataclass
+class Fold:
+    """A layer being folded into its parent (:meth:`VolumeService.folding`)."""
+
+    domain: Domain
+    top: Found
+    parent: Found
+    chain: Sequence[Found]  # top, parent, and what lies below, as marked
+    kids: Sequence[Listed]  # the layer's children
 
 class VolumeService:
     """The volumes of the attached storage domains."""
@@ -320,11 +332,29 @@ class VolumeService:
         parent, which then stands where the layer stood (the layer's children are rebased
         onto it, it takes the layer's role), and remove the layer. Returns the parent.
 
+        A fold cut short is finished by calling this again with the same layer. Raises
+        what :meth:`folding` raises, and ResourceExhausted, Internal."""
+        async with self.folding(ref, live=False) as fold:
+            await self.commit_fold(fold, progress)
+            return await self.finish_fold(fold, rebase=True)
+
+    async def commit_fold(self, fold: Fold,
+                          progress: qemuimg.ProgressCallback | None = None) -> None:
+        """Commit the layer's data into its parent with qemu-img (no VM runs on them)."""
+        with qemu_guard(f"folding volume {fold.top.volume_id}"):
+            await qemuimg.commit(qemu_chain(fold.chain), progress=progress)
+
+    @contextlib.asynccontextmanager
+    async def folding(self, ref: Mapping[str, Any], *, live: bool) -> AsyncIterator[Fold]:
+        """Check that the layer ``ref`` names can be folded into its parent and mark both
+        illegal; the caller commits the data (``qemu-img commit``, or with ``live`` the
+        running VM that uses them, by a block commit) and calls :meth:`finish_fold`
+        within. The domain is held meanwhile.
+
         The parent must have no other child (a branch left by a revert relies on it as
-        it is: ``has_branches``). Parent and layer are illegal while qemu-img commits; a
-        fold cut short is finished by calling this again with the same layer. Raises
-        NotFound, FailedPrecondition (``no_parent``, ``parent_shared``, ``has_branches``,
-        ``in_use``), ResourceExhausted, Internal."""
+        it is: ``has_branches``). Without ``live``, no running VM may use the two
+        (``in_use``). Raises NotFound, FailedPrecondition (``no_parent``,
+        ``parent_shared``, ``has_branches``, ``in_use``)."""
         domain = self._domains.domain(ref["sd_id"])
         async with domain.gate.shared("VM.deleteSnapshot"):
             _, top = await self.core.volume(ref)
@@ -350,30 +380,39 @@ class VolumeService:
                         id=parent_id)
                 kids = await self.io(volfiles.children, domain.layout, top.volume_id,
                                      what="looking for children")
-                await self.core.check_unused(domain, [top, parent])
+                if not live:
+                    await self.core.check_unused(domain, [top, parent])
                 parent, top = await volcopy.mark_merging(self.core, domain, parent, top)
-            with qemu_guard(f"folding volume {top.volume_id}"):
-                await qemuimg.commit(qemu_chain(chain), progress=progress)
-            await self.io(volfiles.sync_data, parent.path, what="flushing the parent")
-            async with self.core.lock(domain):
-                for kid in kids:
-                    kid_found = await self.io(volfiles.read, domain.layout, kid.image_id,
-                                              kid.volume_id, what="reading a child")
+            yield Fold(domain, top, parent, [top, parent, *chain[2:]], kids)
+
+    async def finish_fold(self, fold: Fold, *, rebase: bool) -> tuple[Domain, Found]:
+        """After the layer's data is in its parent: its children name the parent (with
+        ``rebase`` their headers are rewritten too; a live block commit has done that),
+        the parent is legal with the layer's role, and the layer is removed. Returns the
+        parent."""
+        domain, top, parent = fold.domain, fold.top, fold.parent
+        await self.io(volfiles.sync_data, parent.path, what="flushing the parent")
+        async with self.core.lock(domain):
+            for kid in fold.kids:
+                kid_found = await self.io(volfiles.read, domain.layout, kid.image_id,
+                                          kid.volume_id, what="reading a child")
+                if rebase:
                     with qemu_guard(f"rebasing volume {kid.volume_id}"):
                         await qemuimg.rebase_header(
                             kid_found.path, kid.metadata.format,
                             volfiles.backing_name(domain.layout, kid.image_id, parent),
                             parent.metadata.format)
-                    await self.io(volfiles.sync_data, kid_found.path, what="flushing a child")
-                    await self.io(volfiles.update, domain.layout, kid, parent=parent.volume_id,
-                                  what="writing volume metadata")
-                parent = await self.io(
-                    volfiles.update, domain.layout, parent, legality="legal",
-                    role=top.metadata.role,
-                    virtual_size=max(parent.metadata.virtual_size, top.metadata.virtual_size),
-                    what="writing volume metadata")
-                await self.io(volfiles.remove, domain.layout, top.image_id, top.volume_id,
-                              what="removing the layer")
+                    await self.io(volfiles.sync_data, kid_found.path,
+                                  what="flushing a child")
+                await self.io(volfiles.update, domain.layout, kid, parent=parent.volume_id,
+                              what="writing volume metadata")
+            parent = await self.io(
+                volfiles.update, domain.layout, parent, legality="legal",
+                role=top.metadata.role,
+                virtual_size=max(parent.metadata.virtual_size, top.metadata.virtual_size),
+                what="writing volume metadata")
+            await self.io(volfiles.remove, domain.layout, top.image_id, top.volume_id,
+                          what="removing the layer")
         self.core.publish(domain, top.image_id, top.volume_id, "merged")
         return domain, parent
 
@@ -387,6 +426,109 @@ class VolumeService:
                 await self.core.discard(domain, found)
             self.core.publish(domain, found.image_id, found.volume_id, "deleted")
 
+    # --- for templates and clones ---------------------------------------------------------
+
+    async def share(self, ref: Mapping[str, Any]) -> None:
+        """For VM.makeTemplate: the leaf volume ``ref`` names becomes a template (role
+        ``shared``): read-only from now on, a base for linked clones. A volume that is
+        shared already is left so. Raises NotFound, FailedPrecondition (``not_leaf``,
+        ``volume_illegal``, ``in_use``, ``volume_busy``)."""
+        domain = self._domains.domain(ref["sd_id"])
+        async with domain.gate.shared("VM.makeTemplate"), self.core.lock(domain):
+            _, found = await self.core.volume(ref)
+            if found.metadata.role == "shared":
+                return
+            self.core.check_free(found)
+            require_legal([found])
+            if found.metadata.role != "leaf" or found.metadata.content != "disk":
+                raise FailedPrecondition(
+                    f"volume {found.volume_id} is {found.metadata.role}, not the leaf of a "
+                    "disk image", reason="not_leaf", object="volume", id=found.volume_id)
+            await self.core.check_unused(domain, [found])
+            await self.io(volfiles.update, domain.layout, found, role="shared",
+                          what="writing volume metadata")
+        self.core.publish(domain, found.image_id, found.volume_id, "shared")
+
+    async def copy_image(self, ref: Mapping[str, Any], sd_id: str, image_id: str,
+                         volume_id: str, *, description: str,
+                         progress: qemuimg.ProgressCallback | None = None) -> JsonObject:
+        """For VM.clone: what the chain ending in ``ref`` shows, copied into a new qcow2
+        image ``image_id`` of the domain ``sd_id`` (ids chosen by the caller, who journals
+        them first). No running VM may write the chain. Raises NotFound,
+        FailedPrecondition (``volume_illegal``, ``in_use``), ResourceExhausted."""
+        src_domain = self._domains.domain(ref["sd_id"])
+        dst = self._domains.domain(sd_id)
+        image_id = lay.check_uuid(image_id, "image_id")
+        volume_id = lay.check_uuid(volume_id, "volume_id")
+        async with contextlib.AsyncExitStack() as stack:
+            for gate in dict.fromkeys((src_domain.gate, dst.gate)):
+                await stack.enter_async_context(gate.shared("VM.clone"))
+            _, leaf = await self.core.volume(ref)
+            chain = await self.core.chain(src_domain, leaf)
+            require_legal(chain)
+            if leaf.metadata.role != "shared":
+                await self.core.check_unused(src_domain, [leaf])
+            await self.core.check_space(dst, "qcow2", 0, "sparse", measured=qemuimg.measure(
+                "qcow2", src=qemu_chain(chain), timeout=self._domains.io_timeout))
+            await stack.enter_async_context(self.core.hold(chain, "VM.clone"))
+            target = await volcopy.copy_chain(
+                self.core, chain, dst, image_id, volume_id, fmt="qcow2", allocation="sparse",
+                shared=False, description=description, progress=progress)
+        return volume_api(dst, target)
+
+    async def drop_unused(self, ref: Mapping[str, Any]) -> bool:
+        """For VM.deleteSnapshot: remove a snapshot's volume that nothing needs any more
+        (no child, no VM running or defined names it); whether it was removed."""
+        domain = self._domains.domain(ref["sd_id"])
+        async with domain.gate.shared("VM.deleteSnapshot"), self.core.lock(domain):
+            try:
+                _, found = await self.core.volume(ref, data=False)
+            except NotFound:
+                return False
+            kids = await self.io(volfiles.children, domain.layout, found.volume_id,
+                                 what="looking for children")
+            if kids or found.metadata.role == "shared":
+                return False
+            try:
+                await self.core.check_unused(domain, [found], defined=True)
+            except FailedPrecondition:
+                return False
+            await self.io(volfiles.update, domain.layout, found, legality="illegal",
+                          what="writing volume metadata")
+            await self.core.discard(domain, found)
+        self.core.publish(domain, found.image_id, found.volume_id, "deleted")
+        return True
+
+    async def add_memory_volume(self, sd_id: str, image_id: str, volume_id: str,
+                                size: int, *, description: str) -> tuple[Domain, Found]:
+        """For VM.snapshot with memory: a new image of one empty raw volume (ids chosen by
+        the caller, who journals them first) for libvirt to write a VM's memory into, at
+        most ``size`` bytes; illegal until :meth:`seal_memory_volume`, or removed with
+        :meth:`drop_layers`. Raises NotFound, AlreadyExists, ResourceExhausted
+        (``no_space``)."""
+        domain = self._domains.domain(sd_id)
+        image_id = lay.check_uuid(image_id, "image_id")
+        volume_id = lay.check_uuid(volume_id, "volume_id")
+        metadata = VolumeMetadata.new("raw", "sparse", 0, parent=None, shared=False,
+                                      description=description, content="memory")
+        async with domain.gate.shared("VM.snapshot"), self.core.lock(domain):
+            found = await self._new_raw_image(domain, image_id, volume_id, metadata, b"",
+                                              need=size)
+        return domain, found
+
+    async def seal_memory_volume(self, volume: tuple[Domain, Found]) -> None:
+        """The VM's memory is written: durable, legal, its size recorded."""
+        domain, found = volume
+        await self.io(volfiles.sync_data, found.path, what="flushing the memory image")
+        size = await self.io(lambda: found.path.stat().st_size, what="reading its size")
+        async with self.core.lock(domain):
+            found = await self.io(volfiles.read, domain.layout, found.image_id,
+                                  found.volume_id, what="reading volume metadata")
+            if found.metadata.legality != "legal":
+                await self.io(volfiles.update, domain.layout, found, legality="legal",
+                              virtual_size=size, what="writing volume metadata")
+        self.core.publish(domain, found.image_id, found.volume_id, "created")
+
     async def create_image(self, sd_id: str, data: bytes, *, content: Content,
                            description: str, image_id: str, volume_id: str,
                            method: str) -> JsonObject:
@@ -397,32 +539,42 @@ class VolumeService:
         domain = self._domains.domain(sd_id)
         image_id = lay.check_uuid(image_id, "image_id")
         volume_id = lay.check_uuid(volume_id, "volume_id")
+        metadata = VolumeMetadata.new("raw", "sparse", len(data), parent=None, shared=True,
+                                      description=description, content=content)
         async with domain.gate.shared(method), self.core.lock(domain):
-            free = await self.io(volfiles.free_bytes, domain.layout, what="reading free space")
-            if len(data) > free:
-                raise ResourceExhausted(f"the volume needs {len(data)} bytes; storage domain "
-                                        f"{domain.sd_id} has {free} free", reason="no_space",
-                                        need=len(data), free=free)
-            metadata = VolumeMetadata.new("raw", "sparse", len(data), parent=None,
-                                          shared=True, description=description,
-                                          content=content)
+            found = await self._new_raw_image(domain, image_id, volume_id, metadata, data,
+                                              need=len(data))
             try:
-                found = await self.io(volfiles.start_new, domain.layout, image_id,
-                                       volume_id, metadata, new_image=True,
-                                       what="writing volume metadata")
-            except FileExistsError:
-                raise AlreadyExists(f"image {image_id} exists", reason="image_exists",
-                                    object="image", id=image_id) from None
-            try:
-                await self.io(volfiles.write_new_data, found.path, data,
-                               what="writing the volume")
                 found = await self.io(volfiles.update, domain.layout, found,
-                                       legality="legal", what="writing volume metadata")
+                                      legality="legal", what="writing volume metadata")
             except BaseException:
                 await self.core.discard(domain, found)
                 raise
         self.core.publish(domain, image_id, volume_id, "created")
         return volume_api(domain, found)
+
+    async def _new_raw_image(self, domain: Domain, image_id: str, volume_id: str,
+                             metadata: VolumeMetadata, data: bytes, *, need: int) -> Found:
+        """A new image of one raw volume holding ``data``, illegal, durable (with the
+        domain's lock held); ``need`` bytes must be free. Removed if it fails."""
+        free = await self.io(volfiles.free_bytes, domain.layout, what="reading free space")
+        if need > free:
+            raise ResourceExhausted(f"the volume needs {need} bytes; storage domain "
+                                    f"{domain.sd_id} has {free} free", reason="no_space",
+                                    need=need, free=free)
+        try:
+            found: Found = await self.io(volfiles.start_new, domain.layout, image_id,
+                                         volume_id, metadata, new_image=True,
+                                         what="writing volume metadata")
+        except FileExistsError:
+            raise AlreadyExists(f"image {image_id} exists", reason="image_exists",
+                                object="image", id=image_id) from None
+        try:
+            await self.io(volfiles.write_new_data, found.path, data, what="writing the volume")
+        except BaseException:
+            await self.core.discard(domain, found)
+            raise
+        return found
 
     async def remove_image(self, sd_id: str, image_id: str, volume_id: str) -> None:
         """Delete a volume the agent made with :meth:`create_image`, as ``Volume.delete``

@@ -87,14 +87,17 @@ class SerialShell:
 
 
 @contextlib.asynccontextmanager
-async def serial_shell(agent: AgentProcess, client: Client, vm_id: str
-                       ) -> AsyncIterator[SerialShell]:
-    """The serial shell of a running console guest, once it has booted and prompts."""
+async def serial_shell(agent: AgentProcess, client: Client, vm_id: str, *,
+                       booted: bool = False) -> AsyncIterator[SerialShell]:
+    """The serial shell of a running console guest, once it has booted and prompts
+    (with ``booted``, a guest known to have booted already: only the prompt is waited
+    for; its boot may have been before this agent ran)."""
     grant = await client.call("VM.openConsole", {"vm_id": vm_id, "kind": "serial",
                                                  "takeover": "disconnect"})
     async with console(agent, grant["url"], via="unix") as socket:
         shell = SerialShell(socket)
-        await shell._read(re.compile(re.escape(guests.GUEST_READY.encode())), 120, 0)
+        if not booted:
+            await shell._read(re.compile(re.escape(guests.GUEST_READY.encode())), 120, 0)
         await shell.wait_prompt()
         # Without a size the shell wraps what it echoes at 80 columns.
         await shell.run("stty cols 4000")

@@ -6,6 +6,7 @@ layer, and what is refused before anything is made."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,8 @@ async def test_a_revert_brings_the_disks_back_and_drops_what_no_snapshot_holds(
     assert first["snapshot"]["disks"][0]["layer"] in volumes  # held by snapshot "two"
     listed = await client.call("VM.listSnapshots", {"vm_id": vm_id})
     assert listed["current"] == first["snapshot_id"]
+    [reverted] = [s for s in listed["snapshots"] if s["snapshot_id"] == first["snapshot_id"]]
+    assert reverted["disks"][0]["layer"] == now["volume_id"], "what follows it is the new layer"
 
     # Forward again, to the later snapshot: the branch made by the first revert goes.
     again = await client.call("VM.revertSnapshot", {
@@ -246,10 +249,6 @@ async def test_deleting_snapshots_folds_their_layers_down(
         tmp_path: Path) -> None:
     client = await checked_client(snap_agent.unix_url)
     sd_id, disk, vm_id, first, second = await one_two_three(snap_agent, client, image_dir)
-    job = await client.call("VM.deleteSnapshot", {"vm_id": vm_id,
-                                                  "snapshot_id": first["snapshot_id"]})
-    done = await wait_job(client, job["job_id"])
-    assert (done["state"], done["error"]["data"]["reason"]) == ("failed", "vm_running")
     await client.call("VM.destroy", {"vm_id": vm_id})
     base = await volume_info(client, **disk)
     middle = first["snapshot"]["disks"][0]["layer"]  # what "two" holds
@@ -291,3 +290,194 @@ async def test_deleting_snapshots_folds_their_layers_down(
         status, out = await shell.run("dmesg -n 1 && datadisk && ls /data")
         assert status == 0, out
         assert sorted(out.split()) == ["lost+found", "one", "three", "two"]
+
+
+async def raw_copy(leaf: str, tmp: Path) -> Path:
+    """The disk a chain ending in ``leaf`` shows, copied to a raw file."""
+    copy = tmp / "copy.raw"
+    (await run("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", leaf, copy)).check()
+    return copy
+
+
+async def same_disk(leaf: str, copy: Path) -> bool:
+    """Whether the chain ending in ``leaf`` shows the disk ``copy`` holds (qemu-img)."""
+    compared = await run("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", leaf, copy)
+    assert compared.status in (0, 1), compared.err
+    return compared.status == 0
+
+
+async def live_xml(client: Client, vm_id: str) -> str:
+    return str((await client.call("VM.getXML", {"vm_id": vm_id}))["xml"])
+
+
+async def test_a_running_vm_merges_its_snapshots_live(
+        snap_agent: AgentProcess, checked_client: ClientFactory, image_dir: Path,
+        tmp_path: Path) -> None:
+    client = await checked_client(snap_agent.unix_url)
+    sd_id, disk, vm_id, first, second = await one_two_three(snap_agent, client, image_dir)
+    base = await volume_info(client, **disk)
+    top = await volume_info(client, sd_id, disk["image_id"],
+                            second["snapshot"]["disks"][0]["layer"])
+    middle = first["snapshot"]["disks"][0]["layer"]
+    copy = await raw_copy(top["path"], tmp_path)  # the guest is idle since its sync
+
+    # The middle one: a block commit below the layer the VM writes.
+    job = await client.call("VM.deleteSnapshot", {"vm_id": vm_id,
+                                                  "snapshot_id": first["snapshot_id"]})
+    done = await wait_job(client, job["job_id"])
+    assert (done["state"], done["progress"]) == ("succeeded", 100), done
+    assert chain_of(await live_xml(client, vm_id)) == [top["path"], base["path"]]
+    defined = (await client.call("VM.getXML", {"vm_id": vm_id, "inactive": True}))["xml"]
+    assert chain_of(defined) == [top["path"], base["path"]]
+    volumes = {v["volume_id"]: v for v in (await client.call(
+        "Volume.list", {"sd_id": sd_id}))["volumes"]}
+    assert set(volumes) == {disk["volume_id"], top["volume_id"]}
+    assert middle not in volumes
+    assert (volumes[disk["volume_id"]]["legality"], volumes[disk["volume_id"]]["role"]) == (
+        "legal", "internal")
+    header = (await run("qemu-img", "info", "-U", "--output=json", top["path"])).check()
+    assert f'"backing-filename": "{disk["volume_id"]}"' in header, "kept relative"
+    assert await same_disk(top["path"], copy)
+    assert await files_in(Path(base["path"]), tmp_path) == ["one", "two"]
+
+    # The current one: an active commit of what the VM writes, and a pivot to the base.
+    job = await client.call("VM.deleteSnapshot", {"vm_id": vm_id,
+                                                  "snapshot_id": second["snapshot_id"]})
+    assert (await wait_job(client, job["job_id"]))["state"] == "succeeded"
+    assert chain_of(await live_xml(client, vm_id)) == [base["path"]]
+    defined = (await client.call("VM.getXML", {"vm_id": vm_id, "inactive": True}))["xml"]
+    assert chain_of(defined) == [base["path"]]
+    volumes = {v["volume_id"]: v for v in (await client.call(
+        "Volume.list", {"sd_id": sd_id}))["volumes"]}
+    assert list(volumes) == [disk["volume_id"]]
+    assert (volumes[disk["volume_id"]]["legality"], volumes[disk["volume_id"]]["role"]) == (
+        "legal", "leaf")
+    assert await same_disk(base["path"], copy)
+    assert await client.call("VM.listSnapshots", {"vm_id": vm_id}) == {
+        "current": None, "snapshots": []}
+    async with serial_shell(snap_agent, client, vm_id) as shell:
+        status, out = await shell.run("echo 4 > /data/four && sync && ls /data")
+        assert status == 0, out
+        assert sorted(out.split()) == ["four", "lost+found", "one", "three", "two"]
+    await client.call("VM.destroy", {"vm_id": vm_id})
+    assert await files_in(Path(base["path"]), tmp_path) == ["four", "one", "three", "two"]
+
+
+SLOW_MERGE = {"storage": {"merge_bandwidth": 1}}  # MiB/s: 12 MiB take 12 s
+
+
+async def merging(client: Client, vm_id: str, snapshot_id: str) -> str:
+    """Start deleting the snapshot; its job's id once the merge has made progress."""
+    job_id = str((await client.call("VM.deleteSnapshot", {
+        "vm_id": vm_id, "snapshot_id": snapshot_id}))["job_id"])
+    for _ in range(200):
+        job = (await client.call("Job.get", {"job_id": job_id}))["job"]
+        assert job["state"] in ("pending", "running"), job
+        if job["progress"] > 0:
+            return job_id
+        await asyncio.sleep(0.1)
+    raise AssertionError("the merge made no progress in 20 s")
+
+
+async def test_a_merge_cancelled_or_cut_by_a_crash_is_finished_later(
+        checked_client: ClientFactory, image_dir: Path, tmp_path: Path) -> None:
+    agent = await start_agent(tmp_path, hypervisor=daemon.QEMU_URI, sections=SLOW_MERGE)
+    try:
+        client = await checked_client(agent.unix_url)
+        sd_id, disk = await domain_and_disk(client, image_dir)
+        vm_id = await agent_vm(client, disk)
+        async with serial_shell(agent, client, vm_id) as shell:
+            assert (await shell.run("datadisk && echo 1 > /data/one && sync"))[0] == 0
+            snap = (await snapshot(client, vm_id, name="one", quiesce="off"))["result"]
+            status, out = await shell.run(
+                "dd if=/dev/urandom of=/data/big bs=1M count=12 2>/dev/null && sync "
+                "&& md5sum /data/big && sync", timeout=60)
+            assert status == 0, out
+            digest = out.split()[0]
+        base = await volume_info(client, **disk)
+        top = await volume_info(client, sd_id, disk["image_id"],
+                                snap["snapshot"]["disks"][0]["layer"])
+        copy = await raw_copy(top["path"], tmp_path)
+
+        # Cancelled: QEMU's job ends, the VM writes its layer still, the snapshot stays
+        # with its volume illegal (part merged) until it is deleted again.
+        job_id = await merging(client, vm_id, snap["snapshot_id"])
+        await client.call("Job.cancel", {"job_id": job_id})
+        assert (await wait_job(client, job_id))["state"] == "cancelled"
+        assert chain_of(await live_xml(client, vm_id)) == [top["path"], base["path"]]
+        assert (await volume_info(client, **disk))["legality"] == "illegal"
+        listed = await client.call("VM.listSnapshots", {"vm_id": vm_id})
+        assert [s["snapshot_id"] for s in listed["snapshots"]] == [snap["snapshot_id"]]
+        assert await same_disk(top["path"], copy)
+
+        # Cut by a crash: QEMU goes on; the next agent waits for it and pivots.
+        await merging(client, vm_id, snap["snapshot_id"])
+    finally:
+        await agent.stop(signal.SIGKILL)
+    agent = await start_agent(tmp_path, hypervisor=daemon.QEMU_URI, sections=SLOW_MERGE)
+    try:
+        client = await checked_client(agent.unix_url)
+        for _ in range(300):
+            listed = await client.call("VM.listSnapshots", {"vm_id": vm_id})
+            if not listed["snapshots"]:
+                break
+            await asyncio.sleep(0.1)
+        assert listed == {"current": None, "snapshots": []}
+        assert chain_of(await live_xml(client, vm_id)) == [base["path"]]
+        volumes = {v["volume_id"]: v for v in (await client.call(
+            "Volume.list", {"sd_id": sd_id}))["volumes"]}
+        assert list(volumes) == [disk["volume_id"]]
+        assert (volumes[disk["volume_id"]]["legality"],
+                volumes[disk["volume_id"]]["role"]) == ("legal", "leaf")
+        assert await same_disk(base["path"], copy)
+        async with serial_shell(agent, client, vm_id, booted=True) as shell:
+            status, out = await shell.run("md5sum /data/big")
+            assert (status, out.split()[0]) == (0, digest)
+    finally:
+        await agent.stop()
+
+
+async def test_a_snapshot_with_memory_brings_the_guest_back_running_where_it_was(
+        snap_agent: AgentProcess, checked_client: ClientFactory, image_dir: Path) -> None:
+    client = await checked_client(snap_agent.unix_url)
+    sd_id, disk = await domain_and_disk(client, image_dir)
+    vm_id = await agent_vm(client, disk)
+    count = "cat /tmp/count"
+    async with serial_shell(snap_agent, client, vm_id) as shell:
+        status, out = await shell.run("datadisk && echo 1 > /data/one && sync && mkdir -p /tmp")
+        assert status == 0, out
+        # Counting in the guest's memory (its root is an initramfs).
+        await shell.run("(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; "
+                        "done) > /dev/null 2>&1 & true")
+        await asyncio.sleep(1)
+        before = int((await shell.run(count))[1])
+        snap = (await snapshot(client, vm_id, name="warm", memory=True))["result"]
+        after = int((await shell.run(count))[1])
+        assert (await shell.run("echo 2 > /data/two && sync"))[0] == 0
+        await asyncio.sleep(3)
+        last = int((await shell.run(count))[1])
+    taken = snap["snapshot"]
+    assert (taken["memory"], taken["quiesced"], taken["vm_state"]) == (True, False, "running")
+    memory = await volume_info(client, **taken["memory_volume"])
+    assert (memory["content"], memory["legality"], memory["format"]) == (
+        "memory", "legal", "raw")
+    assert 0 < memory["virtual_size"] < 256 * MiB + 64 * MiB
+
+    await client.call("VM.destroy", {"vm_id": vm_id})
+    await client.call("VM.revertSnapshot", {"vm_id": vm_id,
+                                            "snapshot_id": snap["snapshot_id"]})
+    assert (await client.call("VM.getInfo", {"vm_id": vm_id}))["state"] == "running"
+    async with serial_shell(snap_agent, client, vm_id, booted=True) as shell:
+        status, out = await shell.run(count)
+        assert status == 0, out
+        assert before <= int(out) < last, (before, after, int(out), last)
+        status, out = await shell.run("ls /data")
+        assert sorted(out.split()) == ["lost+found", "one"]
+
+    # Deleting it merges its layer live and removes the memory.
+    job = await client.call("VM.deleteSnapshot", {"vm_id": vm_id,
+                                                  "snapshot_id": snap["snapshot_id"]})
+    assert (await wait_job(client, job["job_id"]))["state"] == "succeeded"
+    volumes = {v["volume_id"] for v in (await client.call(
+        "Volume.list", {"sd_id": sd_id}))["volumes"]}
+    assert volumes == {disk["volume_id"]}

@@ -31,14 +31,19 @@ async def test_a_snapshot_is_refused_before_anything_is_made(
     vm_id = await api.create("snappy", disks=[{"path": str(image), "format": "qcow2"}])
     await api.error("VM.snapshot", {"vm_id": vm_id, "name": "bad name"}, "InvalidArgument",
                     "invalid_spec")
-    await api.error("VM.snapshot", {"vm_id": vm_id, "name": "m", "memory": True},
-                    "InvalidArgument", "unsupported")
+    await api.error("VM.snapshot", {"vm_id": vm_id, "name": "m", "memory": True,
+                                    "quiesce": "required"},
+                    "InvalidArgument", "quiesce_with_memory")
     await api.error("VM.snapshot", {"vm_id": vm_id, "name": "q", "quiesce": "maybe"},
                     "InvalidParams")
     await api.error("VM.snapshot", {"vm_id": UNKNOWN, "name": "s"}, "NotFound", "not_found")
     # A disk given by path is no volume: nothing to layer.
     job = await failed_job(api, {"vm_id": vm_id, "name": "s1"})
     assert job["error"]["data"]["reason"] == "not_a_volume"  # type: ignore[index]
+    # Memory is saved from a running VM only.
+    stopped = await api.create("stopped", start=False)
+    job = await failed_job(api, {"vm_id": stopped, "name": "m", "memory": True})
+    assert job["error"]["data"]["reason"] == "vm_not_running"  # type: ignore[index]
     job = await failed_job(api, {"vm_id": vm_id, "name": "s1", "disks": ["vdz"]})
     assert job["error"]["data"]["reason"] == "no_such_disk"  # type: ignore[index]
     transient = await api.create("fleeting", persistent=False)
@@ -79,13 +84,22 @@ def test_the_tree_is_read_back_from_the_definition() -> None:
           <s:disk target="vda" sd_id="{SD}" image_id="{IMAGE}" volume_id="{VOLUME}"
                   layer="{IMAGE}"/>
         </s:snapshot>
+        <s:snapshot id="{IMAGE}" name="second" created="1765000001" vm_state="running"
+                    quiesced="no" memory="yes" parent="{VOLUME}">
+          <s:disk target="vda" sd_id="{SD}" image_id="{IMAGE}" volume_id="{IMAGE}"
+                  layer="{VOLUME}"/>
+          <s:memory sd_id="{SD}" image_id="{VOLUME}" volume_id="{IMAGE}"/>
+        </s:snapshot>
         <s:snapshot id="x" name="damaged" created="yesterday"/>
       </s:snapshots></metadata></domain>"""
     current, tree = read_tree(xml)
     assert current == VOLUME
     assert tree == [Snapshot(VOLUME, "first", "before the upgrade", 1765000000.5, None,
                              "running", True, False,
-                             [SnapshotDisk("vda", SD, IMAGE, VOLUME, IMAGE)])]
+                             [SnapshotDisk("vda", SD, IMAGE, VOLUME, IMAGE)]),
+                    Snapshot(IMAGE, "second", "", 1765000001.0, VOLUME, "running", False, True,
+                             [SnapshotDisk("vda", SD, IMAGE, IMAGE, VOLUME)],
+                             {"sd_id": SD, "image_id": VOLUME, "volume_id": IMAGE})]
     assert read_tree("<domain/>") == (None, [])
 
 
