@@ -60,7 +60,7 @@ from virtnode.storage.domains.service import StorageDomainService
 from virtnode.storage.volumes.service import VolumeService
 from virtnode.store import Store, StoreError, prepare_state_dir
 from virtnode.util.jsontypes import JsonObject
-from virtnode.vm import migrationstore, snapshots
+from virtnode.vm import clones, migrationstore, snapshots
 from virtnode.vm.console import ConsoleService
 from virtnode.vm.devices import VmDeviceService
 from virtnode.vm.migration import MigrationService, Peer, PeerConnector
@@ -78,7 +78,7 @@ class Agent:
         self.config = config
         self.store = Store(Path(config.state.dir),
                            (journal.TABLES, jobstore.TABLES, migrationstore.TABLES,
-                            snapshots.TABLES))
+                            snapshots.TABLES, clones.TABLES))
         self.bus = EventBus()
         self.hypervisor = Hypervisor(config.hypervisor, self.bus)
         self.jobs = JobManager(self.store, self.bus, config.jobs)
@@ -126,6 +126,10 @@ class Agent:
             storage_dirs=lambda: {d.sd_id: str(d.layout.images_dir)
                                   for d in self.storage.attached()},
             merge_bandwidth=config.storage.merge_bandwidth)
+        self.clones = clones.CloneService(
+            self.vms.core, self.jobs, self.volumes, self.store,
+            storage_dirs=lambda: {d.sd_id: str(d.layout.images_dir)
+                                  for d in self.storage.attached()})
         self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None
@@ -187,6 +191,7 @@ class Agent:
                                 self.migrations),
             vm_binding.console_handlers(self.consoles),
             vm_binding.snapshot_handlers(self.snapshots),
+            vm_binding.clone_handlers(self.clones),
             migration_binding.handlers(self.migrations),
             events_binding.handlers(self.events),
             job_binding.handlers(JobService(self.jobs)),
@@ -204,6 +209,7 @@ class Agent:
         await self.devices.start()
         await self.vms.start()
         await self.snapshots.start()
+        await self.clones.start()
         await self.consoles.start()
         await self.hypervisor.start()
         if self.hypervisor.connected:

@@ -143,6 +143,14 @@ class VmChangeMediaParams(TypedDict):
     force: bool
 
 
+class VmCloneParams(TypedDict):
+    vm_id: str
+    name: str
+    linked: bool
+    sd_id: NotRequired[str]
+    request_key: NotRequired[str]
+
+
 class VmCreateParams(TypedDict):
     spec: NotRequired[JsonObject]
     xml: NotRequired[str]
@@ -216,6 +224,10 @@ class VmListParams(TypedDict):
 
 
 class VmListSnapshotsParams(TypedDict):
+    vm_id: str
+
+
+class VmMakeTemplateParams(TypedDict):
     vm_id: str
 
 

@@ -203,6 +203,7 @@ def info(dom: Domain) -> JsonObject:
         "persistent": bool(dom.isPersistent()),
         "owner": "virtnode" if metadata is not None else "external",
         "labels": {} if metadata is None else metadata.get("labels", {}),
+        "template": metadata is not None and metadata.get("template") == "yes",
         "uptime_seconds": uptime,
         "vcpus": vcpus,
         "memory_mib": cur_kib // 1024,

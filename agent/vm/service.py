@@ -393,8 +393,13 @@ class VmService:
 
         def disks(dom: Domain) -> list[str]:
             vmops.require_stopped(dom, vm_id)
-            return written_files(parse_xml(dom.XMLDesc(vc.DOMAIN_XML_INACTIVE),
-                                           what="domain XML"))
+            xml = dom.XMLDesc(vc.DOMAIN_XML_INACTIVE)
+            if (read_metadata(xml) or {}).get("template") == "yes":
+                raise FailedPrecondition(
+                    f"VM {vm_id} is a template: its disks are shared and never written; "
+                    "start a clone of it (VM.clone)", reason="is_template", object="vm",
+                    id=vm_id)
+            return written_files(parse_xml(xml, what="domain XML"))
 
         def run(dom: Domain) -> str:
             vmops.require_stopped(dom, vm_id)

@@ -277,7 +277,7 @@ class SnapshotService:
         """Start the VM from the memory saved at a snapshot, on the disks' new layers."""
         def restore(conn: Connection) -> None:
             root = parse_xml(conn.saveImageGetXMLDesc(memory, vc.DOMAIN_SAVE_IMAGE_XML_SECURE))
-            _set_chains(root, chains)
+            set_chains(root, chains)
             metadata = root.find("metadata")
             for stale in root.iterfind(f"metadata/{{{NAMESPACE}}}snapshots"):
                 assert metadata is not None
@@ -847,11 +847,7 @@ def _live_chain(dom: Domain, target: str) -> list[str] | None:
     the VM is not running."""
     if not dom.isActive():
         return None
-    for disk in parse_xml(dom.XMLDesc(0)).iterfind("devices/disk"):
-        element = disk.find("target")
-        if element is not None and element.get("dev") == target:
-            return [s.get("file", "") for s in disk.iter("source") if s.get("file")]
-    return []
+    return _chain_in(parse_xml(dom.XMLDesc(0)), target)
 
 
 def _commit_state(dom: Domain, target: str, top: str) -> tuple[str, float]:
@@ -862,8 +858,8 @@ def _commit_state(dom: Domain, target: str, top: str) -> tuple[str, float]:
         return "stopped", 0.0
     info = dom.blockJobInfo(target, 0)
     if not info:
-        chain = _live_chain(dom, target) or []
-        return ("ended" if top in chain else "finished"), 1.0
+        return ("ended" if top in _chain_in(parse_xml(dom.XMLDesc(0)), target)
+                else "finished"), 1.0
     cur, end = int(info.get("cur", 0)), int(info.get("end", 0))
     done = cur / end if end else 0.0
     if end and cur == end:
@@ -882,11 +878,23 @@ def _define_chains(conn: Connection, vm_id: str,
     chains, leaf first, ending with an empty ``<backingStore/>`` as VM.create writes it."""
     dom = vmops.lookup(conn, vm_id)
     root = parse_xml(dom.XMLDesc(vc.DOMAIN_XML_INACTIVE | vc.DOMAIN_XML_SECURE))
-    _set_chains(root, chains)
+    if all(_chain_in(root, target) == [p for p, _ in chain]
+           for target, chain in chains.items()):
+        return  # libvirt's external snapshot changed the definition so already
+    set_chains(root, chains)
     conn.defineXMLFlags(etree.tostring(root, encoding="unicode"), vc.DOMAIN_DEFINE_VALIDATE)
 
 
-def _set_chains(root: etree._Element, chains: Mapping[str, Sequence[tuple[str, str]]]) -> None:
+def _chain_in(root: etree._Element, target: str) -> list[str]:
+    """The files of the disk ``target`` in a domain's XML, its source first."""
+    for disk in root.iterfind("devices/disk"):
+        element = disk.find("target")
+        if element is not None and element.get("dev") == target:
+            return [s.get("file", "") for s in disk.iter("source") if s.get("file")]
+    return []
+
+
+def set_chains(root: etree._Element, chains: Mapping[str, Sequence[tuple[str, str]]]) -> None:
     """Give the disks of a domain's XML ``chains`` names (by target) those chains."""
     for disk in root.iterfind("devices/disk[@device='disk']"):
         target = disk.find("target")

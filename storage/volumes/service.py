@@ -499,6 +499,24 @@ class VolumeService:
         self.core.publish(domain, found.image_id, found.volume_id, "deleted")
         return True
 
+    async def remove_new_image(self, sd_id: str, image_id: str) -> None:
+        """Remove every volume of an image that a VM.clone which failed made (children
+        first); an image that is not there is no error."""
+        domain = self._domains.domain(sd_id)
+        async with domain.gate.shared("VM.clone"), self.core.lock(domain):
+            left = [f for f in await self.io(volfiles.all_volumes, domain.layout,
+                                             what="listing volumes")
+                    if f.image_id == image_id]
+            while left:
+                parents = {f.metadata.parent for f in left}
+                for found in [f for f in left if f.volume_id not in parents]:
+                    with contextlib.suppress(FileNotFoundError):
+                        await self.io(volfiles.update, domain.layout, found,
+                                      legality="illegal", what="writing volume metadata")
+                    await self.core.discard(domain, found)
+                    self.core.publish(domain, image_id, found.volume_id, "deleted")
+                    left.remove(found)
+
     async def add_memory_volume(self, sd_id: str, image_id: str, volume_id: str,
                                 size: int, *, description: str) -> tuple[Domain, Found]:
         """For VM.snapshot with memory: a new image of one empty raw volume (ids chosen by

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from virtnode.rpc.bindings import Bound, params, with_caller_role
 from virtnode.stats.sampler import StatsService
+from virtnode.vm.clones import CloneService
 from virtnode.vm.console import ConsoleService
 from virtnode.vm.devices import VmDeviceService
 from virtnode.vm.migration import MigrationService
@@ -49,6 +50,14 @@ def snapshot_handlers(snapshots: SnapshotService) -> dict[str, Bound]:
         "VM.getSnapshot": params(snapshots.get_snapshot),
         "VM.revertSnapshot": params(snapshots.revert),
         "VM.deleteSnapshot": params(snapshots.delete),
+    }
+
+
+def clone_handlers(clones: CloneService) -> dict[str, Bound]:
+    """``VM.*`` of templates and clones."""
+    return {
+        "VM.makeTemplate": params(clones.make_template),
+        "VM.clone": params(clones.clone),
     }
 
 

@@ -28,6 +28,7 @@ from virtnode.rpc.typegen import render, type_name
 from virtnode.stats.sampler import StatsService
 from virtnode.storage.domains.service import StorageDomainService
 from virtnode.storage.volumes.service import VolumeService
+from virtnode.vm.clones import CloneService
 from virtnode.vm.console import ConsoleService
 from virtnode.vm.devices import VmDeviceService
 from virtnode.vm.migration import MigrationService
@@ -53,6 +54,7 @@ def _table() -> dict[str, Bound]:
                     _unbound(MigrationService)),
         vm.console_handlers(_unbound(ConsoleService)),
         vm.snapshot_handlers(_unbound(SnapshotService)),
+        vm.clone_handlers(_unbound(CloneService)),
         migration.handlers(_unbound(MigrationService)),
     ))
 

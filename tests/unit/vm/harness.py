@@ -52,7 +52,7 @@ from virtnode.rpc.schema import COMMON_ERRORS, ApiSchema
 from virtnode.stats.sampler import StatsSampler, StatsService
 from virtnode.store import Store
 from virtnode.util.jsontypes import JsonObject
-from virtnode.vm import snapshots
+from virtnode.vm import clones, snapshots
 from virtnode.vm.console import ConsoleService
 from virtnode.vm.devices import VmDeviceService
 from virtnode.vm.migration import MigrationService, Peer, PeerConnector
@@ -173,7 +173,8 @@ class InProcessAgent:
         self.config = build_config(raw)
         self.schema = schema
         self.store = Store(Path(self.config.state.dir),
-                           (journal.TABLES, jobstore.TABLES, snapshots.TABLES))
+                           (journal.TABLES, jobstore.TABLES, snapshots.TABLES,
+                            clones.TABLES))
         self.bus = EventBus()
         self.bus.check = schema.check_event
         self.hypervisor = Hypervisor(self.config.hypervisor, self.bus)
@@ -194,8 +195,11 @@ class InProcessAgent:
         # No storage here: snapshots of volumes are tested with a whole agent.
         self.snapshots = SnapshotService(self.vms.core, self.vms.guests, self.jobs, None,
                                          self.store, storage_dirs=dict)
+        self.clones = clones.CloneService(self.vms.core, self.jobs, None, self.store,
+                                   storage_dirs=dict)
         handlers = bindings.combine(
             vm_binding.snapshot_handlers(self.snapshots),
+            vm_binding.clone_handlers(self.clones),
             vm_binding.console_handlers(self.consoles),
             vm_binding.handlers(self.vms, VmDeviceService(self.vms.core),
                                 StatsService(self.sampler), self.migrations),
@@ -227,6 +231,7 @@ class InProcessAgent:
             return
         await self.vms.start()
         await self.snapshots.start()
+        await self.clones.start()
         await self.consoles.start()
         await self.hypervisor.start()
         assert self.hypervisor.connected, self.hypervisor.reason
