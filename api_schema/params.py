@@ -148,6 +148,7 @@ class VmCloneParams(TypedDict):
     name: str
     linked: bool
     sd_id: NotRequired[str]
+    cloud_init: NotRequired[JsonObject]
     request_key: NotRequired[str]
 
 

@@ -42,11 +42,22 @@ from virtnode.storage.volumes.service import VolumeService
 from virtnode.store import Store, TableSchema, transaction
 from virtnode.util.jsontypes import JsonObject
 from virtnode.util.safexml import parse_xml
+from virtnode.vm import cloudinit
 from virtnode.vm import ops as vmops
+from virtnode.vm.cloudinit import CloudInit
 from virtnode.vm.core import VmCore
 from virtnode.vm.snapshots import NAMESPACE as SNAPSHOTS_NS
 from virtnode.vm.snapshots import StorageDirs, read_tree, set_chains, volume_of
-from virtnode.vm.spec import NAMESPACE, PREFIX, check_name, metadata_body, read_metadata
+from virtnode.vm.spec import (
+    CDROM_BUSES,
+    NAMESPACE,
+    PREFIX,
+    Cdrom,
+    cdrom_element,
+    check_name,
+    metadata_body,
+    read_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +133,8 @@ class CloneService:
 
         async def run(handle: JobHandle) -> JsonObject:
             return await self._clone(source, new_id, name, linked=linked,
-                                     sd_id=params.get("sd_id"), handle=handle)
+                                     sd_id=params.get("sd_id"), handle=handle,
+                                     cloud_init=params.get("cloud_init"))
 
         job = await self._jobs.submit(
             CLONE_JOB.name, {k: v for k, v in params.items() if k != "request_key"}, run,
@@ -131,7 +143,8 @@ class CloneService:
         return {"job_id": job.job_id, "job": job.to_api()}
 
     async def _clone(self, source: str, new_id: str, name: str, *, linked: bool,
-                     sd_id: str | None, handle: JobHandle) -> JsonObject:
+                     sd_id: str | None, handle: JobHandle,
+                     cloud_init: Mapping[str, Any] | None) -> JsonObject:
         async with (self._core.locks.hold(source, "VM.clone"),
                     self._core.locks.hold(f"name:{name}", "VM.clone")):
             xml = await self._stopped_definition(source, "VM.clone", secure=True)
@@ -152,16 +165,22 @@ class CloneService:
                      "sd_id": ref["sd_id"] if linked or sd_id is None else sd_id,
                      "image_id": str(uuid.uuid4()), "volume_id": str(uuid.uuid4())}
                     for target, ref in disks]
+            seed = None
+            if cloud_init is not None:  # checked before anything is made
+                seed = _seed_of(xml, new_id, name, cloud_init, plan)
+                plan.append(seed)
             await self._journal(new_id, plan)
             try:
                 chains: dict[str, Sequence[tuple[str, str]]] = {}
-                for index, disk in enumerate(plan):
+                for index, disk in enumerate(d for d in plan if d is not seed):
                     ref = await self._new_image(disk, name, linked=linked,
-                                                progress=(index, len(plan), handle))
+                                                progress=(index, len(disks), handle))
                     disk["volume_id"] = ref["volume_id"]  # Volume.create picks a layer's
                     assert self._volumes is not None  # else no disk is a volume
                     chains[disk["target"]] = await self._volumes.resolve(ref, readonly=False)
                 root = _clone_definition(xml, new_id, name, chains)
+                if seed is not None:
+                    await self._add_seed(root, seed, name)
                 await self._core.vet(root, "xml")
                 await self._hv.call(lambda conn: conn.defineXMLFlags(
                     etree.tostring(root, encoding="unicode"), vc.DOMAIN_DEFINE_VALIDATE),
@@ -173,7 +192,25 @@ class CloneService:
         return {"vm_id": new_id, "name": name,
                 "disks": [{"target": d["target"], "sd_id": d["sd_id"],
                            "image_id": d["image_id"], "volume_id": d["volume_id"]}
-                          for d in plan]}
+                          for d in plan if d is not seed]}
+
+    async def _add_seed(self, root: etree._Element, seed: Mapping[str, Any],
+                        name: str) -> None:
+        """Build the clone's cloud-init seed into its ISO volume and attach it."""
+        if self._volumes is None:
+            raise FailedPrecondition("volumes are not available here", reason="no_volumes")
+        config: CloudInit = seed["cloud_init"]
+        data = await asyncio.to_thread(cloudinit.seed_image, config)
+        volume = await self._volumes.create_image(
+            seed["sd_id"], data, content="iso", description=f"cloud-init seed of VM {name}",
+            image_id=seed["image_id"], volume_id=seed["volume_id"], method="VM.clone")
+        devices = root.find("devices")
+        assert devices is not None
+        devices.append(cdrom_element(Cdrom(path=str(volume["path"]), bus=config.bus,
+                                           target=config.target, boot_order=None)))
+        vm = root.find(f"metadata/{{{NAMESPACE}}}vm")
+        if vm is not None:
+            vm.set("seed", f"{seed['sd_id']}/{seed['image_id']}/{seed['volume_id']}")
 
     async def _new_image(self, disk: Mapping[str, Any], name: str, *, linked: bool,
                          progress: tuple[int, int, JobHandle]) -> JsonObject:
@@ -252,6 +289,7 @@ class CloneService:
     # --- the journal -------------------------------------------------------------------------
 
     async def _journal(self, vm_id: str, plan: Sequence[Mapping[str, Any]]) -> None:
+        """Journal the new images (disks and seed) before the first is made."""
         if self._store is None:
             return
         images = json.dumps([{"sd_id": d["sd_id"], "image_id": d["image_id"]} for d in plan])
@@ -331,6 +369,53 @@ def _clone_definition(xml: str, vm_id: str, name: str,
                 _drop_seed(root, seed)
     set_chains(root, chains)
     return root
+
+
+def _seed_of(xml: str, vm_id: str, name: str, raw: Mapping[str, Any],
+             plan: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Where the clone's cloud-init seed goes, and its checked configuration: the storage
+    domain given, else the first disk's; the bus given, else the source seed's or sata;
+    the next free device name on that bus."""
+    sd_id = raw.get("sd_id") or next((d["sd_id"] for d in plan), None)
+    if sd_id is None:
+        raise InvalidArgument("cloud_init.sd_id: the seed needs a storage domain: give "
+                              "sd_id, or clone a VM with a disk", reason="invalid_cloud_init",
+                              field="cloud_init.sd_id")
+    root = parse_xml(xml)
+    seed_path = _source_seed_path(root)
+    taken = set()
+    bus = "sata"
+    for disk in root.iterfind("devices/disk"):
+        element = disk.find("target")
+        if element is None:
+            continue
+        source = disk.find("source")
+        if seed_path and source is not None and source.get("file", "").endswith(seed_path):
+            bus = element.get("bus", bus)  # the source's seed drive, which the clone drops
+            continue
+        taken.add(element.get("dev", ""))
+    bus = str(raw.get("bus", bus))
+    if bus not in CDROM_BUSES:
+        raise InvalidArgument(f"cloud_init.bus: {bus!r} is not one of "
+                              f"{', '.join(CDROM_BUSES)}", reason="invalid_cloud_init",
+                              field="cloud_init.bus")
+    prefix = "hd" if bus == "ide" else "sd"
+    target = next((prefix + chr(c) for c in range(ord("a"), ord("z") + 1)
+                   if prefix + chr(c) not in taken), None)
+    if target is None:
+        raise InvalidArgument(f"cloud_init.bus: no free device name left on {bus}",
+                              reason="invalid_cloud_init", field="cloud_init.bus")
+    config = cloudinit.check_cloud_init(raw, name, vm_id, bus=bus, target=target)
+    return {"target": target, "sd_id": str(sd_id), "image_id": str(uuid.uuid4()),
+            "volume_id": str(uuid.uuid4()), "cloud_init": config}
+
+
+def _source_seed_path(root: etree._Element) -> str:
+    """``/image_id/volume_id`` of the source's cloud-init seed, or ""."""
+    vm = root.find(f"metadata/{{{NAMESPACE}}}vm")
+    seed = "" if vm is None else vm.get("seed", "")
+    parts = seed.split("/")
+    return f"/{parts[1]}/{parts[2]}" if len(parts) == 3 else ""
 
 
 def _drop_seed(root: etree._Element, seed: str) -> None:

@@ -4,10 +4,14 @@ source's volumes as they were."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pycdlib
 import pytest
+import yaml
 from lxml import etree
 
 from tests.agentproc import AgentProcess, start_agent
@@ -85,8 +89,9 @@ async def test_full_and_linked_clones_boot_with_the_source_files(
     again = await client.call("VM.makeTemplate", {"vm_id": source})  # a no-op now
     assert again == made
 
-    # A linked clone: a layer in a new image over the template's volume.
-    linked = await clone(client, source, linked=True)
+    # A linked clone: a layer in a new image over the template's volume; its own seed.
+    linked = await clone(client, source, linked=True, cloud_init={
+        "user_data": "#cloud-config\npackages: []\n"})
     [layer] = linked["disks"]  # type: ignore[misc]
     info = await volume_info(client, **{k: layer[k] for k in ("sd_id", "image_id",
                                                                 "volume_id")})
@@ -96,12 +101,30 @@ async def test_full_and_linked_clones_boot_with_the_source_files(
     base = await volume_info(client, **disk)
     sources = [s.get("file") for s in etree.fromstring(defined).iter("source")
                if s.get("file")]
-    assert sources[-2:] == [info["path"], base["path"]]
+    assert sources[:2] == [info["path"], base["path"]]
+    seed = etree.fromstring(defined).find("devices/disk[@device='cdrom']/source").get("file")
+    meta = await asyncio.to_thread(meta_data_of, seed)
+    assert (meta["instance-id"], meta["local-hostname"]) == (linked["vm_id"], linked["name"])
     await boots_with(clone_agent, client, str(linked["vm_id"]), ["marker"], "linked")
     assert await files_in(Path(base["path"]), tmp_path) == ["marker"], "the template holds"
     assert await files_in(Path(info["path"]), tmp_path) == ["linked", "marker"]
     vms = {vm["vm_id"] for vm in (await client.call("VM.list", {}))["vms"]}
     assert {source, full["vm_id"], linked["vm_id"]} <= vms
     volumes = {v["image_id"] for v in (await client.call(
-        "Volume.list", {"sd_id": sd_id}))["volumes"]}
+        "Volume.list", {"sd_id": sd_id, "content": "disk"}))["volumes"]}
     assert volumes == {disk["image_id"], copied["image_id"], layer["image_id"]}
+    await client.call("VM.undefine", {"vm_id": linked["vm_id"]})
+    isos = (await client.call("Volume.list", {"sd_id": sd_id, "content": "iso"}))["volumes"]
+    assert isos == [], "the clone's seed goes with it"
+
+
+def meta_data_of(iso_path: str) -> dict[str, str]:
+    iso = pycdlib.PyCdlib()
+    iso.open(iso_path)
+    try:
+        out = io.BytesIO()
+        iso.get_file_from_iso_fp(out, rr_path="/meta-data")
+    finally:
+        iso.close()
+    data: dict[str, str] = yaml.safe_load(out.getvalue())
+    return data

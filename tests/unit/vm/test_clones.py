@@ -63,6 +63,9 @@ async def test_a_clone_is_a_new_vm_with_its_own_identity(api: InProcessAgent) ->
     running = await api.create("busy")
     job = await clone_job(api, {"vm_id": running, "name": "busy-copy"})
     assert job["error"]["data"]["reason"] == "vm_running"
+    job = await clone_job(api, {"vm_id": source, "name": "seeded", "cloud_init": {
+        "user_data": "#cloud-config\n"}})
+    assert job["error"]["data"]["reason"] == "invalid_cloud_init", "no disk: no domain"
     job = await clone_job(api, {"vm_id": UNKNOWN, "name": "ghost"})
     assert job["error"]["data"]["reason"] == "not_found"
     names = {vm["name"] for vm in (await api.call("VM.list", {}))["vms"]}
