@@ -422,6 +422,9 @@ class StorageConfig:
     transfer_timeout: float = _spec(
         300.0, _seconds(), "seconds a volume transfer (Volume.prepareTransfer) lives without "
         "a request; each request starts the time again (at most a day)")
+    export_paths: tuple[str, ...] = _spec(
+        (), _check_dirs, "directories VM.export may write OVA files in (after symlinks); "
+        "empty: exports are refused. Only root should write in them")
     merge_bandwidth: int = _spec(
         0, _within(0, 65536, low_included=True, problem="must be at least 0 and at most 65536"),
         "MiB/s a merge inside a running VM (VM.deleteSnapshot) writes at most; 0: no limit")

@@ -64,6 +64,7 @@ from virtnode.vm import clones, migrationstore, snapshots
 from virtnode.vm.console import ConsoleService
 from virtnode.vm.devices import VmDeviceService
 from virtnode.vm.migration import MigrationService, Peer, PeerConnector
+from virtnode.vm.ova import OvaService
 from virtnode.vm.service import VmService
 from virtnode.vm.snapshots import SnapshotService
 
@@ -130,6 +131,11 @@ class Agent:
             self.vms.core, self.jobs, self.volumes, self.store,
             storage_dirs=lambda: {d.sd_id: str(d.layout.images_dir)
                                   for d in self.storage.attached()})
+        self.ova = OvaService(
+            self.vms.core, self.jobs, self.volumes,
+            storage_dirs=lambda: {d.sd_id: str(d.layout.images_dir)
+                                  for d in self.storage.attached()},
+            export_paths=config.storage.export_paths)
         self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None
@@ -192,6 +198,7 @@ class Agent:
             vm_binding.console_handlers(self.consoles),
             vm_binding.snapshot_handlers(self.snapshots),
             vm_binding.clone_handlers(self.clones),
+            vm_binding.export_handlers(self.ova),
             migration_binding.handlers(self.migrations),
             events_binding.handlers(self.events),
             job_binding.handlers(JobService(self.jobs)),

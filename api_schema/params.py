@@ -169,6 +169,13 @@ class VmDestroyParams(TypedDict):
     vm_id: str
 
 
+class VmExportParams(TypedDict):
+    vm_id: str
+    path: str
+    disk_format: Literal["qcow2", "vmdk"]
+    request_key: NotRequired[str]
+
+
 class VmFreezeParams(TypedDict):
     vm_id: str
     mountpoints: NotRequired[list[str]]

@@ -106,12 +106,12 @@ class CloneService:
         vm_id = params["vm_id"]
         self._core.require_ready()
         async with self._core.locks.hold(vm_id, "VM.makeTemplate"):
-            xml = await self._stopped_definition(vm_id, "VM.makeTemplate")
+            xml = await stopped_definition(self._core, vm_id, "VM.makeTemplate")
             if read_tree(xml)[1]:
                 raise FailedPrecondition(
                     f"VM {vm_id} has snapshots; a template is one image per disk: delete "
                     "them first", reason="has_snapshots", object="vm", id=vm_id)
-            disks = self._volume_disks(xml)
+            disks = volume_disks(xml, self._storage_dirs() if self._volumes is not None else {})
             if not disks:
                 raise FailedPrecondition("the VM has no disk that is a volume",
                                          reason="no_disks", object="vm", id=vm_id)
@@ -147,7 +147,7 @@ class CloneService:
                      cloud_init: Mapping[str, Any] | None) -> JsonObject:
         async with (self._core.locks.hold(source, "VM.clone"),
                     self._core.locks.hold(f"name:{name}", "VM.clone")):
-            xml = await self._stopped_definition(source, "VM.clone", secure=True)
+            xml = await stopped_definition(self._core, source, "VM.clone", secure=True)
             template = is_template(xml)
             if linked and not template:
                 raise FailedPrecondition(
@@ -160,7 +160,7 @@ class CloneService:
                                       reason="invalid_argument", field="sd_id")
             await self._hv.call(lambda conn: vmops.check_unique(conn, name, new_id),
                                 what="checking the VM name")
-            disks = self._volume_disks(xml)
+            disks = volume_disks(xml, self._storage_dirs() if self._volumes is not None else {})
             plan: list[dict[str, Any]] = [{"target": target, "source": ref,
                      "sd_id": ref["sd_id"] if linked or sd_id is None else sd_id,
                      "image_id": str(uuid.uuid4()), "volume_id": str(uuid.uuid4())}
@@ -250,42 +250,6 @@ class CloneService:
 
     # --- shared parts -----------------------------------------------------------------------
 
-    async def _stopped_definition(self, vm_id: str, method: str, *, secure: bool = False
-                                  ) -> str:
-        """The persistent definition of a stopped VM; FailedPrecondition otherwise."""
-        flags = vc.DOMAIN_XML_INACTIVE | (vc.DOMAIN_XML_SECURE if secure else 0)
-
-        def read(dom: Domain) -> tuple[str, str, bool]:
-            return dom.XMLDesc(flags), vmops.state_of(dom)[0], bool(dom.isPersistent())
-
-        xml, state, persistent = await self._core.on_vm(vm_id, read, what=method)
-        if not persistent:
-            raise FailedPrecondition("a transient VM has no definition to copy",
-                                     reason="not_persistent", object="vm", id=vm_id)
-        if state not in ("defined", "shutoff", "crashed"):
-            raise FailedPrecondition(f"VM {vm_id} is {state}; shut it down first",
-                                     reason="vm_running", object="vm", id=vm_id)
-        return xml
-
-    def _volume_disks(self, xml: str) -> list[tuple[str, JsonObject]]:
-        """Each writable disk's target and volume; FailedPrecondition ``not_a_volume``
-        for a writable disk that is no volume."""
-        dirs = self._storage_dirs() if self._volumes is not None else {}
-        disks = []
-        for disk in parse_xml(xml).iterfind("devices/disk[@device='disk']"):
-            target, source = disk.find("target"), disk.find("source")
-            if target is None or disk.find("readonly") is not None:
-                continue
-            dev = target.get("dev", "")
-            path = "" if source is None else source.get("file", "")
-            ref = volume_of(path, dirs)
-            if ref is None:
-                raise FailedPrecondition(
-                    f"disk {dev} ({path or 'no file'}) is not a volume of a storage domain "
-                    "attached here", reason="not_a_volume", object="vm")
-            disks.append((dev, {"sd_id": ref[0], "image_id": ref[1], "volume_id": ref[2]}))
-        return disks
-
     # --- the journal -------------------------------------------------------------------------
 
     async def _journal(self, vm_id: str, plan: Sequence[Mapping[str, Any]]) -> None:
@@ -327,6 +291,45 @@ class CloneService:
             log.warning("clone %s was interrupted; settled", vm_id)
         except Exception:
             log.exception("cannot settle the interrupted clone %s", vm_id)
+
+
+async def stopped_definition(core: VmCore, vm_id: str, method: str, *,
+                             secure: bool = False) -> str:
+    """The persistent definition of a stopped VM; FailedPrecondition ``not_persistent``
+    or ``vm_running`` otherwise."""
+    flags = vc.DOMAIN_XML_INACTIVE | (vc.DOMAIN_XML_SECURE if secure else 0)
+
+    def read(dom: Domain) -> tuple[str, str, bool]:
+        return dom.XMLDesc(flags), vmops.state_of(dom)[0], bool(dom.isPersistent())
+
+    xml, state, persistent = await core.on_vm(vm_id, read, what=method)
+    if not persistent:
+        raise FailedPrecondition("a transient VM has no definition to copy",
+                                 reason="not_persistent", object="vm", id=vm_id)
+    if state not in ("defined", "shutoff", "crashed"):
+        raise FailedPrecondition(f"VM {vm_id} is {state}; shut it down first",
+                                 reason="vm_running", object="vm", id=vm_id)
+    return xml
+
+
+def volume_disks(xml: str, dirs: Mapping[str, str]) -> list[tuple[str, JsonObject]]:
+    """Each writable disk's target and volume; FailedPrecondition ``not_a_volume`` for a
+    writable disk that is no volume of the domains whose image directories ``dirs``
+    names."""
+    disks = []
+    for disk in parse_xml(xml).iterfind("devices/disk[@device='disk']"):
+        target, source = disk.find("target"), disk.find("source")
+        if target is None or disk.find("readonly") is not None:
+            continue
+        dev = target.get("dev", "")
+        path = "" if source is None else source.get("file", "")
+        ref = volume_of(path, dirs)
+        if ref is None:
+            raise FailedPrecondition(
+                f"disk {dev} ({path or 'no file'}) is not a volume of a storage domain "
+                "attached here", reason="not_a_volume", object="vm")
+        disks.append((dev, {"sd_id": ref[0], "image_id": ref[1], "volume_id": ref[2]}))
+    return disks
 
 
 # --- in the libvirt pool -------------------------------------------------------------------

@@ -78,6 +78,8 @@ STDERR_LINES = 10
 STDOUT_LIMIT = 16 * 1024 * 1024
 
 PREALLOCATION = ("off", "metadata", "falloc", "full")
+#: What a vmdk made by :func:`convert` may be: ``streamOptimized`` is the OVA kind.
+VMDK_SUBFORMATS = ("monolithicSparse", "streamOptimized")
 
 _ENV = {**os.environ, "LC_ALL": "C"}
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
@@ -589,6 +591,7 @@ async def convert(src: PathLike | Chain, dst: PathLike, *, src_fmt: str | None =
                   preallocation: str | None = None, sparse: bool = True,
                   backing: str | None = None, backing_fmt: str | None = None,
                   target_exists: bool = False, force_share: bool = False,
+                  subformat: str | None = None,
                   progress: ProgressCallback | None = None,
                   timeout: float | None = None) -> None:
     """Copy ``src`` into ``dst`` in ``dst_fmt``, calling ``progress(percent)`` as it goes.
@@ -596,6 +599,7 @@ async def convert(src: PathLike | Chain, dst: PathLike, *, src_fmt: str | None =
     ``src_fmt`` goes with a path; a :class:`Chain` is copied as what it shows, all its
     images flattened.
 
+    ``subformat`` is a vmdk's (``streamOptimized``: compressed, for OVAs).
     ``sparse=False`` writes zeros too (``-S 0``). With ``backing`` the target is a layer
     over it and only what differs from it is copied. ``target_exists`` writes into an
     image the caller has made (``-n``) and leaves it in place on failure; otherwise
@@ -614,6 +618,10 @@ async def convert(src: PathLike | Chain, dst: PathLike, *, src_fmt: str | None =
         args.append("-n")
     if force_share:
         args.append("-U")
+    if subformat is not None:
+        if dst_fmt != "vmdk" or subformat not in VMDK_SUBFORMATS:
+            raise ValueError(f"subformat {subformat!r} is not one of a vmdk's")
+        args += ["-o", f"subformat={subformat}"]
     run = _run([*args, src_name, target], timeout=timeout, progress=progress)
     if target_exists:
         await run

@@ -8,6 +8,7 @@ from virtnode.vm.clones import CloneService
 from virtnode.vm.console import ConsoleService
 from virtnode.vm.devices import VmDeviceService
 from virtnode.vm.migration import MigrationService
+from virtnode.vm.ova import OvaService
 from virtnode.vm.service import VmService
 from virtnode.vm.snapshots import SnapshotService
 
@@ -59,6 +60,11 @@ def clone_handlers(clones: CloneService) -> dict[str, Bound]:
         "VM.makeTemplate": params(clones.make_template),
         "VM.clone": params(clones.clone),
     }
+
+
+def export_handlers(ova: OvaService) -> dict[str, Bound]:
+    """``VM.*`` of OVA files."""
+    return {"VM.export": params(ova.export)}
 
 
 def console_handlers(consoles: ConsoleService) -> dict[str, Bound]:

@@ -32,6 +32,7 @@ from virtnode.vm.clones import CloneService
 from virtnode.vm.console import ConsoleService
 from virtnode.vm.devices import VmDeviceService
 from virtnode.vm.migration import MigrationService
+from virtnode.vm.ova import OvaService
 from virtnode.vm.service import VmService
 from virtnode.vm.snapshots import SnapshotService
 
@@ -55,6 +56,7 @@ def _table() -> dict[str, Bound]:
         vm.console_handlers(_unbound(ConsoleService)),
         vm.snapshot_handlers(_unbound(SnapshotService)),
         vm.clone_handlers(_unbound(CloneService)),
+        vm.export_handlers(_unbound(OvaService)),
         migration.handlers(_unbound(MigrationService)),
     ))
 

@@ -56,6 +56,7 @@ from virtnode.vm import clones, snapshots
 from virtnode.vm.console import ConsoleService
 from virtnode.vm.devices import VmDeviceService
 from virtnode.vm.migration import MigrationService, Peer, PeerConnector
+from virtnode.vm.ova import OvaService
 from virtnode.vm.service import VmService
 from virtnode.vm.snapshots import SnapshotService
 
@@ -162,6 +163,8 @@ class InProcessAgent:
     def __init__(self, tmp_path: Path, schema: ApiSchema,
                  config: Mapping[str, Mapping[str, Any]] = ()) -> None:
         self.images = tmp_path / "images"
+        #: The directory of storage.export_paths (not made).
+        self.exports = tmp_path / "exports"
         self.images.mkdir(exist_ok=True)
         raw = _merge({
             "hypervisor": {"uri": URI, "pool_size": 4},
@@ -200,6 +203,9 @@ class InProcessAgent:
         handlers = bindings.combine(
             vm_binding.snapshot_handlers(self.snapshots),
             vm_binding.clone_handlers(self.clones),
+            vm_binding.export_handlers(OvaService(
+                self.vms.core, self.jobs, None, storage_dirs=dict,
+                export_paths=[str(self.exports)])),
             vm_binding.console_handlers(self.consoles),
             vm_binding.handlers(self.vms, VmDeviceService(self.vms.core),
                                 StatsService(self.sampler), self.migrations),
