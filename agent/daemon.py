@@ -135,7 +135,8 @@ class Agent:
             self.vms.core, self.jobs, self.volumes,
             storage_dirs=lambda: {d.sd_id: str(d.layout.images_dir)
                                   for d in self.storage.attached()},
-            export_paths=config.storage.export_paths)
+            export_paths=config.storage.export_paths, clones=self.clones,
+            create=self.vms.create)
         self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self.server: ApiServer | None = None

@@ -227,6 +227,14 @@ class VmHotunplugNicParams(TypedDict):
     timeout: float
 
 
+class VmImportParams(TypedDict):
+    path: str
+    sd_id: str
+    name: NotRequired[str]
+    network: NotRequired[JsonObject]
+    request_key: NotRequired[str]
+
+
 class VmListParams(TypedDict):
     state: NotRequired[Literal["defined", "starting", "running", "paused", "shutting_down", "shutoff", "crashed", "unknown"]]
 

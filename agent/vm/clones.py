@@ -169,7 +169,7 @@ class CloneService:
             if cloud_init is not None:  # checked before anything is made
                 seed = _seed_of(xml, new_id, name, cloud_init, plan)
                 plan.append(seed)
-            await self._journal(new_id, plan)
+            await self.journal(new_id, plan)
             try:
                 chains: dict[str, Sequence[tuple[str, str]]] = {}
                 for index, disk in enumerate(d for d in plan if d is not seed):
@@ -186,9 +186,9 @@ class CloneService:
                     etree.tostring(root, encoding="unicode"), vc.DOMAIN_DEFINE_VALIDATE),
                     what=f"defining VM {name}")
             except BaseException:
-                await asyncio.shield(self._undo(new_id, plan))
+                await asyncio.shield(self.undo(new_id, plan))
                 raise
-            await self._unjournal(new_id)
+            await self.unjournal(new_id)
         return {"vm_id": new_id, "name": name,
                 "disks": [{"target": d["target"], "sd_id": d["sd_id"],
                            "image_id": d["image_id"], "volume_id": d["volume_id"]}
@@ -235,24 +235,24 @@ class CloneService:
             description=description, progress=step)
         return {k: made[k] for k in ("sd_id", "image_id", "volume_id")}
 
-    async def _undo(self, new_id: str, plan: Sequence[Mapping[str, Any]]) -> None:
+    async def undo(self, new_id: str, plan: Sequence[Mapping[str, Any]]) -> None:
         """Remove what a clone that failed made (unless its VM exists after all)."""
         try:
             await self._core.on_vm(new_id, lambda dom: dom.UUIDString())
-            await self._unjournal(new_id)
+            await self.unjournal(new_id)
             return
         except NotFound:
             pass
         for disk in plan:
             assert self._volumes is not None
             await self._volumes.remove_new_image(disk["sd_id"], disk["image_id"])
-        await self._unjournal(new_id)
+        await self.unjournal(new_id)
 
     # --- shared parts -----------------------------------------------------------------------
 
     # --- the journal -------------------------------------------------------------------------
 
-    async def _journal(self, vm_id: str, plan: Sequence[Mapping[str, Any]]) -> None:
+    async def journal(self, vm_id: str, plan: Sequence[Mapping[str, Any]]) -> None:
         """Journal the new images (disks and seed) before the first is made."""
         if self._store is None:
             return
@@ -264,7 +264,7 @@ class CloneService:
                              "VALUES (?, ?, ?)", (vm_id, images, time.time()))
         await self._store.run(save)
 
-    async def _unjournal(self, vm_id: str) -> None:
+    async def unjournal(self, vm_id: str) -> None:
         if self._store is None:
             return
 
@@ -287,7 +287,7 @@ class CloneService:
 
     async def _settle(self, vm_id: str, plan: Sequence[Mapping[str, Any]]) -> None:
         try:
-            await self._undo(vm_id, plan)
+            await self.undo(vm_id, plan)
             log.warning("clone %s was interrupted; settled", vm_id)
         except Exception:
             log.exception("cannot settle the interrupted clone %s", vm_id)

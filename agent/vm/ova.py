@@ -24,22 +24,26 @@ import shutil
 import tarfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
-from virtnode.api_schema.params import VmExportParams
-from virtnode.errors import AlreadyExists, InvalidArgument, PermissionDenied
+from virtnode.api_schema.params import VmCreateParams, VmExportParams, VmImportParams
+from virtnode.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
 from virtnode.jobs.manager import JobHandle, JobKind, JobManager
 from virtnode.storage.images import qemuimg
 from virtnode.storage.volumes.service import VolumeService
 from virtnode.util.jsontypes import JsonObject
 from virtnode.util.safexml import parse_xml
 from virtnode.vm import ovf
-from virtnode.vm.clones import stopped_definition, volume_disks
+from virtnode.vm.clones import CloneService, stopped_definition, volume_disks
 from virtnode.vm.core import VmCore
 from virtnode.vm.snapshots import StorageDirs
+from virtnode.vm.spec import check_name
 
 EXPORT_JOB = JobKind("VM.export", cancellable=True)
+IMPORT_JOB = JobKind("VM.import", cancellable=True)
+#: VM.create, for the imported VM.
+Create = Callable[[VmCreateParams], Awaitable[JsonObject]]
 #: The share of an export's progress its disks' conversion has; the tar has the rest.
 CONVERT_SHARE = 80.0
 CHUNK = 1024 * 1024
@@ -47,13 +51,17 @@ CHUNK = 1024 * 1024
 
 class OvaService:
     def __init__(self, core: VmCore, jobs: JobManager, volumes: VolumeService | None, *,
-                 storage_dirs: StorageDirs, export_paths: Sequence[str]) -> None:
+                 storage_dirs: StorageDirs, export_paths: Sequence[str],
+                 clones: CloneService, create: Create) -> None:
         self._core = core
         self._jobs = jobs
         self._volumes = volumes
         self._storage_dirs = storage_dirs
         self._export_paths = tuple(export_paths)
+        self._clones = clones
+        self._create = create
         jobs.register(EXPORT_JOB)
+        jobs.register(IMPORT_JOB)
 
     async def export(self, params: VmExportParams) -> JsonObject:
         vm_id, fmt = params["vm_id"], params["disk_format"]
@@ -109,6 +117,95 @@ class OvaService:
         return {"path": str(target), "size": (await asyncio.to_thread(target.stat)).st_size,
                 "disks": [{"target": d.target, "file": d.file, "capacity": d.capacity}
                           for d in system.disks]}
+
+
+    # --- import ------------------------------------------------------------------------------
+
+    async def import_ova(self, params: VmImportParams) -> JsonObject:
+        """Check an OVA and start the job that imports it (see :meth:`_import`)."""
+        self._core.require_ready()
+        if self._volumes is None:
+            raise FailedPrecondition("volumes are not available here", reason="no_volumes")
+        volumes = self._volumes
+        src = await asyncio.to_thread(volumes.import_source, params["path"])
+        try:
+            package = await asyncio.to_thread(ovf.read_package, src)
+            system, disks = ovf.read_system(package.descriptor)
+            for disk in disks:
+                if disk.file not in package.members:
+                    raise ovf.Refused(f"the descriptor names {disk.file!r}, which the "
+                                      "package does not hold", "missing_file")
+        except ovf.Refused as exc:
+            raise InvalidArgument(f"{params['path']}: {exc}", reason=exc.reason,
+                                  field="path") from None
+        name = params.get("name") or system.name
+        check_name(name, "name")
+        volumes.core.domains.domain(params["sd_id"])  # NotFound before a job
+
+        async def run(handle: JobHandle) -> JsonObject:
+            return await self._import(src, package, (system, disks), name=name,
+                                      params=params, handle=handle)
+
+        job = await self._jobs.submit(
+            IMPORT_JOB.name, {k: v for k, v in params.items() if k != "request_key"}, run,
+            description=f"import VM {name} from {params['path']}", target=params["sd_id"],
+            request_key=params.get("request_key"))
+        return {"job_id": job.job_id, "job": job.to_api()}
+
+    async def _import(self, src: str, package: ovf.Package,
+                      read: tuple[ovf.OvfSystem, Sequence[ovf.ImportedDisk]], *, name: str,
+                      params: VmImportParams, handle: JobHandle) -> JsonObject:
+        """Each disk checked against the manifest, staged, checked as any image from
+        outside and converted into a new image; then the VM is defined from what the
+        descriptor says. The images are journaled first (as a clone's are): a failed
+        or interrupted import leaves none."""
+        assert self._volumes is not None
+        system, disks = read
+        vm_id, sd_id = str(uuid.uuid4()), params["sd_id"]
+        plan = [{"sd_id": sd_id, "image_id": str(uuid.uuid4())} for _ in disks]
+        await self._clones.journal(vm_id, plan)
+        try:
+            refs = []
+            for index, (disk, place) in enumerate(zip(disks, plan, strict=True)):
+                member = package.members[disk.file]
+                digest = package.digests.get(disk.file)
+                if digest is not None:
+                    try:
+                        await asyncio.to_thread(ovf.verify_member, src, disk.file, member,
+                                                digest)
+                    except ovf.Refused as exc:
+                        raise InvalidArgument(f"{params['path']}: {exc}", reason=exc.reason,
+                                              field="path") from None
+
+                def step(percent: float, index: int = index) -> None:
+                    handle.progress(min(99.0, (index + percent / 100) / len(disks) * 95))
+                made = (await self._volumes.import_range(
+                    sd_id, src, member.offset, member.size, name=disk.file,
+                    description=f"disk {index} of VM {name} (imported)",
+                    image_id=place["image_id"], progress=step))["volume"]
+                refs.append({k: made[k] for k in ("sd_id", "image_id", "volume_id")})
+            network = params.get("network")
+            spec: JsonObject = {
+                "name": name, "uuid": vm_id, "vcpus": system.vcpus,
+                "memory_mib": system.memory_mib,
+                "firmware": "uefi" if system.firmware == "efi" else "bios",
+                "disks": [{"volume": ref, "bus": disk.bus}
+                          for ref, disk in zip(refs, disks, strict=True)],
+                "nics": [] if network is None else [
+                    {**network, "model": nic.model, **({"mac": nic.mac} if nic.mac else {})}
+                    for nic in system.nics]}
+            if system.machine:
+                spec["machine"] = system.machine
+            spec.update(system.kernel)  # host paths: VM.create's policy judges them
+            if system.domain_type:
+                spec["domain_type"] = system.domain_type  # VM.create checks it
+            await self._create({"spec": spec, "persistent": True, "start": False})
+        except BaseException:
+            await asyncio.shield(self._clones.undo(vm_id, plan))
+            raise
+        await self._clones.unjournal(vm_id)
+        return {"vm_id": vm_id, "name": name, "disks": refs,
+                "nics_left_out": 0 if params.get("network") else len(system.nics)}
 
 
 def export_target(path: str, roots: Sequence[str]) -> Path:

@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from virtnode.api_schema.params import VolumeImportParams
-from virtnode.errors import ApiError, FailedPrecondition, InvalidArgument, PermissionDenied
+from virtnode.errors import (
+    ApiError,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from virtnode.jobs.manager import JobHandle, JobKind
 from virtnode.jobs.store import JobRecord
 from virtnode.storage.domains.gate import Lease
@@ -66,13 +72,7 @@ def source_path(path: str, roots: Sequence[str]) -> tuple[str, foreign.Examined]
     """The resolved path of an import source under one of ``roots``, and what its bytes
     say. Blocking. Raises PermissionDenied (``path_not_allowed``), InvalidArgument
     (``invalid_path``, and what :func:`foreign.examine` refuses)."""
-    real = os.path.realpath(path)
-    allowed = [os.path.realpath(root) for root in roots]
-    if not any(real.startswith(root.rstrip("/") + "/") for root in allowed):
-        raise PermissionDenied(
-            f"{path} is not under a directory of storage.import_paths "
-            f"({', '.join(roots) or 'none configured'})", reason="path_not_allowed",
-            field="path")
+    real = _allowed(path, roots)
     try:
         fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -89,6 +89,34 @@ def source_path(path: str, roots: Sequence[str]) -> tuple[str, foreign.Examined]
                                   field="path") from None
     finally:
         os.close(fd)
+
+
+def _allowed(path: str, roots: Sequence[str]) -> str:
+    """``path`` resolved, if it is under one of ``roots`` (resolved too)."""
+    real = os.path.realpath(path)
+    allowed = [os.path.realpath(root) for root in roots]
+    if not any(real.startswith(root.rstrip("/") + "/") for root in allowed):
+        raise PermissionDenied(
+            f"{path} is not under a directory of storage.import_paths "
+            f"({', '.join(roots) or 'none configured'})", reason="path_not_allowed",
+            field="path")
+    return real
+
+
+def package_path(path: str, roots: Sequence[str]) -> str:
+    """The resolved path of a package (an OVA) under one of ``roots``: a regular file.
+    Blocking. Raises PermissionDenied (``path_not_allowed``), InvalidArgument
+    (``invalid_path``)."""
+    real = _allowed(path, roots)
+    try:
+        mode = os.stat(real, follow_symlinks=False).st_mode
+    except OSError as exc:
+        raise InvalidArgument(f"{path}: {exc.strerror}", reason="invalid_path",
+                              field="path") from None
+    if not stat.S_ISREG(mode):
+        raise InvalidArgument(f"{path} is not a regular file", reason="invalid_path",
+                              field="path")
+    return real
 
 
 def _examine_own(path: str) -> foreign.Examined:
@@ -193,10 +221,12 @@ async def _check_space(core: VolumeCore, domain: Domain, params: VolumeImportPar
 
 async def _convert(core: VolumeCore, domain: Domain, params: VolumeImportParams, path: str,
                    *, fmt: str, info: qemuimg.ImageInfo,
-                   progress: qemuimg.ProgressCallback) -> JsonObject:
-    """Convert the checked image at ``path`` into a new volume; its API view."""
+                   progress: qemuimg.ProgressCallback,
+                   image_id: str | None = None) -> JsonObject:
+    """Convert the checked image at ``path`` into a new volume (of a new image, its id
+    ``image_id`` when the caller chose one); its API view."""
     dst_fmt, allocation = params["dst_format"], params["allocation"]
-    image_id, volume_id = str(uuid.uuid4()), str(uuid.uuid4())
+    image_id, volume_id = image_id or str(uuid.uuid4()), str(uuid.uuid4())
     metadata = VolumeMetadata.new(dst_fmt, allocation, info.virtual_size, parent=None,
                                   shared=False, description=params["description"],
                                   content=params["content"])
@@ -299,3 +329,59 @@ async def _drop_staged(core: VolumeCore, domain: Domain, transfer: Transfer) -> 
     if transfer.outcome.done() and transfer.outcome.exception() is None:
         async with core.lock(domain):
             await core.discard(domain, transfer.found)
+
+
+# --- from a file inside a package (an OVA's disk) -------------------------------------------
+
+
+def _copy_range(src: str, offset: int, size: int, dst: Path) -> None:
+    """Copy ``size`` bytes of ``src`` from ``offset`` into the new file ``dst``, durable."""
+    with open(src, "rb", buffering=0) as source, open(dst, "r+b", buffering=0) as out:
+        left, at = size, offset
+        while left:
+            moved = os.copy_file_range(source.fileno(), out.fileno(), min(left, 1 << 30), at)
+            if moved == 0:
+                raise InvalidArgument("the package ends inside a disk",
+                                      reason="truncated_package", field="path")
+            left -= moved
+            at += moved
+        os.fsync(out.fileno())
+
+
+async def import_range(core: VolumeCore, domain: Domain, src: str, offset: int, size: int,
+                       *, name: str, description: str, image_id: str,
+                       progress: qemuimg.ProgressCallback) -> JsonObject:
+    """Import the image stored at ``offset`` (``size`` bytes) of the file ``src`` (the
+    caller resolved and checked it) into a new qcow2 volume of ``domain``: staged first
+    as an illegal volume of the domain (a crash leaves it to the start-up scan), then
+    checked as any image from outside and converted; the staged file is removed."""
+    metadata = VolumeMetadata.new("raw", "sparse", size, parent=None, shared=False,
+                                  description=f"staged: {description}")
+    free = await core.io(volfiles.free_bytes, domain.layout, what="reading free space")
+    if size > free:
+        raise ResourceExhausted(f"{name} needs {size} bytes to be staged; storage domain "
+                                f"{domain.sd_id} has {free} free", reason="no_space",
+                                need=size, free=free)
+    async with core.lock(domain):
+        staged: Found = await core.io(volfiles.start_new, domain.layout, str(uuid.uuid4()),
+                                      str(uuid.uuid4()), metadata, new_image=True,
+                                      what="writing volume metadata")
+    try:
+        await core.io(volfiles.write_new_data, staged.path, b"", what="staging the image")
+        await asyncio.to_thread(_copy_range, src, offset, size, staged.path)
+        path = str(staged.path)
+        params: VolumeImportParams = {
+            "sd_id": domain.sd_id, "format": "auto", "dst_format": "qcow2",
+            "allocation": "sparse", "content": "disk", "description": description}
+        try:
+            examined = await core.io(_examine_own, path, what="reading the image")
+        except foreign.Refused as exc:
+            raise InvalidArgument(f"{name} is refused: {exc}", reason=exc.reason,
+                                  field="path") from None
+        fmt, info = await _probe(core, params, path, examined, field="path", name=name)
+        await _check_space(core, domain, params, path, fmt)
+        return await _convert(core, domain, params, path, fmt=fmt, info=info,
+                              progress=progress, image_id=image_id)
+    finally:
+        async with core.lock(domain):
+            await core.discard(domain, staged)

@@ -633,6 +633,26 @@ class VolumeService:
         return await imports.start_import(self.core, params, self._import_paths,
                                           self.transfers)
 
+    def import_source(self, path: str) -> str:
+        """The resolved path of a file under ``storage.import_paths`` that is not an image
+        (an OVA); blocking. Raises PermissionDenied (``path_not_allowed``),
+        InvalidArgument (``invalid_path``)."""
+        return imports.package_path(path, self._import_paths)
+
+    async def import_range(self, sd_id: str, src: str, offset: int, size: int, *,
+                           name: str, description: str, image_id: str,
+                           progress: qemuimg.ProgressCallback) -> JsonObject:
+        """For VM.import: the image at ``offset`` of the package ``src`` (from
+        :meth:`import_source`) as a new qcow2 volume of a new image ``image_id`` (the
+        caller journals it first) of ``sd_id``, checked as any image from outside; its
+        API view."""
+        domain = self._domains.domain(sd_id)
+        async with domain.gate.shared("VM.import"):
+            return await imports.import_range(self.core, domain, src, offset, size,
+                                              name=name, description=description,
+                                              image_id=lay.check_uuid(image_id, "image_id"),
+                                              progress=progress)
+
     async def prepare_transfer(self, params: VolumePrepareTransferParams) -> JsonObject:
         return await self.transfers.prepare(params)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from lxml import etree
 from tests.agentproc import AgentProcess, start_agent
 from tests.conftest import ClientFactory
 from tests.integration import libvirtd as daemon
-from tests.integration.conftest import wait_job
+from tests.integration.conftest import expect_error, vm_name, wait_job
 from tests.integration.serialshell import serial_shell
 from tests.integration.test_vm_snapshots import (
     agent_vm,
@@ -36,7 +37,8 @@ NS = {"ovf": ovf.OVF, "rasd": ovf.RASD}
 async def ova_agent(tmp_path: Path, libvirtd: None) -> AsyncIterator[AgentProcess]:
     (tmp_path / "exports").mkdir()
     agent = await start_agent(tmp_path, hypervisor=daemon.QEMU_URI, sections={
-        "storage": {"export_paths": [str(tmp_path / "exports")]}})
+        "storage": {"export_paths": [str(tmp_path / "exports")],
+                    "import_paths": [str(tmp_path / "exports")]}})
     yield agent
     await agent.stop()
 
@@ -93,3 +95,153 @@ async def test_an_ova_holds_what_the_vm_disk_shows(
         assert disk_element.get(f"{{{ovf.OVF}}}format") == ovf.DISK_FORMATS[fmt]
     assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == [
         f"{name}-qcow2.ova", f"{name}-vmdk.ova"], "no parts left"
+
+
+VMWARE_OVF = """<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1"
+  xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"
+  xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
+  xmlns:vmw="http://www.vmware.com/schema/ovf">
+  <References><File ovf:href="{disk}" ovf:id="file1" ovf:size="{size}"/></References>
+  <DiskSection><Info>Virtual disk information</Info>
+    <Disk ovf:capacity="64" ovf:capacityAllocationUnits="byte * 2^20" ovf:diskId="vmdisk1"
+      ovf:fileRef="file1"
+      ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/>
+  </DiskSection>
+  <VirtualSystem ovf:id="{name}"><Info>A virtual machine</Info><Name>{name}</Name>
+    <VirtualHardwareSection><Info>Virtual hardware requirements</Info>
+      <Item><rasd:InstanceID>1</rasd:InstanceID><rasd:ResourceType>3</rasd:ResourceType>
+        <rasd:VirtualQuantity>1</rasd:VirtualQuantity></Item>
+      <Item><rasd:AllocationUnits>byte * 2^20</rasd:AllocationUnits>
+        <rasd:InstanceID>2</rasd:InstanceID><rasd:ResourceType>4</rasd:ResourceType>
+        <rasd:VirtualQuantity>256</rasd:VirtualQuantity></Item>
+      <Item><rasd:InstanceID>3</rasd:InstanceID><rasd:ResourceSubType>lsilogic
+        </rasd:ResourceSubType><rasd:ResourceType>6</rasd:ResourceType></Item>
+      <Item><rasd:HostResource>ovf:/disk/vmdisk1</rasd:HostResource>
+        <rasd:InstanceID>4</rasd:InstanceID><rasd:Parent>3</rasd:Parent>
+        <rasd:ResourceType>17</rasd:ResourceType></Item>
+      <Item><rasd:Connection>VM Network</rasd:Connection><rasd:InstanceID>5</rasd:InstanceID>
+        <rasd:ResourceSubType>E1000</rasd:ResourceSubType>
+        <rasd:ResourceType>10</rasd:ResourceType></Item>
+    </VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>
+"""
+
+
+def pack(ova: Path, files: list[tuple[str, bytes | Path]]) -> None:
+    with tarfile.open(ova, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in files:
+            if isinstance(data, Path):
+                tar.add(data, arcname=name)
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+async def test_ovas_are_imported_and_hostile_ones_leave_nothing(
+        ova_agent: AgentProcess, checked_client: ClientFactory, image_dir: Path,
+        tmp_path: Path) -> None:
+    client = await checked_client(ova_agent.unix_url)
+    _sd_id, disk = await domain_and_disk(client, image_dir)
+    vm_id = await agent_vm(client, disk)
+    async with serial_shell(ova_agent, client, vm_id) as shell:
+        assert (await shell.run("datadisk && echo 1 > /data/marker && sync"))[0] == 0
+    await client.call("VM.destroy", {"vm_id": vm_id})
+    source = (await volume_info(client, **disk))["path"]
+    exports = tmp_path / "exports"
+    ova = exports / "source.ova"
+    job = await client.call("VM.export", {"vm_id": vm_id, "path": str(ova)})
+    assert (await wait_job(client, job["job_id"]))["state"] == "succeeded"
+    second = (await client.call("StorageDomain.create", {
+        "type": "localfs", "name": "imports", "path": str(image_dir / "sd2")}))["domain"]
+    sd2 = second["sd_id"]
+
+    # virtnode's own OVA, on the second domain: the VM boots with its file.
+    name = vm_name()
+    job = await client.call("VM.import", {"path": str(ova), "sd_id": sd2, "name": name,
+                                          "network": {"libvirt_network": "default"}})
+    done = await wait_job(client, job["job_id"])
+    assert done["state"] == "succeeded", done
+    imported = done["result"]["vm_id"]
+    info = await client.call("VM.getInfo", {"vm_id": imported})
+    assert (info["name"], info["state"], info["memory_mib"]) == (name, "defined", 256)
+    [volume] = done["result"]["disks"]
+    assert volume["sd_id"] == sd2
+    await client.call("VM.start", {"vm_id": imported})
+    async with serial_shell(ova_agent, client, imported) as shell:
+        status, out = await shell.run("dmesg -n 1 && datadisk && ls /data")
+        assert (status, sorted(out.split())) == (0, ["lost+found", "marker"]), out
+    await client.call("VM.destroy", {"vm_id": imported})
+
+    # A VMware-style OVA written by hand, its disk a streamOptimized vmdk.
+    vmdk = tmp_path / "disk1.vmdk"
+    (await run("qemu-img", "convert", "-f", "qcow2", "-O", "vmdk", "-o",
+               "subformat=streamOptimized", source, vmdk)).check()
+    vmware = exports / "vmware.ova"
+    name = vm_name()
+    descriptor = VMWARE_OVF.format(disk="disk1.vmdk", size=vmdk.stat().st_size, name=name)
+    await asyncio.to_thread(pack, vmware, [(f"{name}.ovf", descriptor.encode()),
+                                           ("disk1.vmdk", vmdk)])
+    job = await client.call("VM.import", {"path": str(vmware), "sd_id": sd2})
+    done = await wait_job(client, job["job_id"])
+    assert done["state"] == "succeeded", done
+    assert done["result"]["nics_left_out"] == 1
+    [volume] = done["result"]["disks"]
+    path = (await volume_info(client, **volume))["path"]
+    compared = await run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", source, path)
+    assert compared.status == 0, compared.out + compared.err
+    xml = (await client.call("VM.getXML", {"vm_id": done["result"]["vm_id"],
+                                           "inactive": True}))["xml"]
+    target = etree.fromstring(xml).find("devices/disk/target")
+    assert target.get("bus") == "scsi"
+
+
+
+async def test_a_hostile_ova_is_refused_and_leaves_nothing(
+        ova_agent: AgentProcess, checked_client: ClientFactory, image_dir: Path,
+        tmp_path: Path) -> None:
+    client = await checked_client(ova_agent.unix_url)
+    sd2, _disk = await domain_and_disk(client, image_dir)
+    exports = tmp_path / "exports"
+    before = {v["volume_id"] for v in (await client.call(
+        "Volume.list", {"sd_id": sd2}))["volumes"]}
+    vmdk = tmp_path / "disk1.vmdk"
+    (await run("qemu-img", "create", "-f", "vmdk", "-o", "subformat=streamOptimized", vmdk,
+               "64M")).check()
+    # A disk naming a backing file on the host; a manifest that does not match.
+    sneaky = tmp_path / "sneaky.qcow2"
+    (await run("qemu-img", "create", "-f", "qcow2", "-F", "raw", "-b", "/etc/passwd",
+               sneaky)).check()
+    bad = exports / "sneaky.ova"
+    await asyncio.to_thread(pack, bad, [("x.ovf", VMWARE_OVF.format(
+        disk="d.qcow2", size=sneaky.stat().st_size, name="x").encode()), ("d.qcow2", sneaky)])
+    job = await client.call("VM.import", {"path": str(bad), "sd_id": sd2, "name": vm_name()})
+    done = await wait_job(client, job["job_id"])
+    assert (done["state"], done["error"]["data"]["reason"]) == ("failed", "backing_file")
+    lying = exports / "lying.ova"
+    await asyncio.to_thread(pack, lying, [
+        ("x.ovf", VMWARE_OVF.format(disk="disk1.vmdk", size=vmdk.stat().st_size,
+                                    name="x").encode()),
+        ("x.mf", b"SHA256(disk1.vmdk)= " + b"00" * 32 + b"\n"), ("disk1.vmdk", vmdk)])
+    job = await client.call("VM.import", {"path": str(lying), "sd_id": sd2,
+                                          "name": vm_name()})
+    done = await wait_job(client, job["job_id"])
+    assert (done["state"], done["error"]["data"]["reason"]) == ("failed", "manifest_mismatch")
+    # Its disks imported, then the VM refused: a kernel outside the allowed paths.
+    shadow = VMWARE_OVF.format(disk="disk1.vmdk", size=vmdk.stat().st_size, name="x").replace(
+        "</VirtualSystem>", '<virtnode:PlatformSection xmlns:virtnode="https://virtnode.dev/'
+        'xmlns/ovf/1" ovf:required="false"><Info>x</Info><virtnode:Kernel>/etc/shadow'
+        "</virtnode:Kernel></virtnode:PlatformSection></VirtualSystem>")
+    stolen = exports / "stolen.ova"
+    await asyncio.to_thread(pack, stolen, [("x.ovf", shadow.encode()), ("disk1.vmdk", vmdk)])
+    job = await client.call("VM.import", {"path": str(stolen), "sd_id": sd2,
+                                          "name": vm_name()})
+    done = await wait_job(client, job["job_id"])
+    assert (done["state"], done["error"]["data"]["reason"]) == ("failed", "path_not_allowed")
+    after = {v["volume_id"] for v in (await client.call(
+        "Volume.list", {"sd_id": sd2}))["volumes"]}
+    assert after == before, "a refused import leaves nothing"
+    await expect_error(client, "VM.import", {"path": "/etc/passwd", "sd_id": sd2},
+                       "PermissionDenied", "path_not_allowed")

@@ -64,7 +64,7 @@ def clone_handlers(clones: CloneService) -> dict[str, Bound]:
 
 def export_handlers(ova: OvaService) -> dict[str, Bound]:
     """``VM.*`` of OVA files."""
-    return {"VM.export": params(ova.export)}
+    return {"VM.export": params(ova.export), "VM.import": params(ova.import_ova)}
 
 
 def console_handlers(consoles: ConsoleService) -> dict[str, Bound]:

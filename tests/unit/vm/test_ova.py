@@ -74,3 +74,11 @@ async def test_an_ova_goes_only_where_exports_may_go(api: InProcessAgent,
         "E1000", "52:54:00:12:34:56", "default")
     assert root.find(".//vmw:Config", NS).get(f"{{{ovf.VMW}}}value") == "bios"
     assert root.findtext(".//ovf:VirtualSystem/ovf:Name", namespaces=NS) == "packed"
+
+
+@pytest.mark.covers("VM.import")
+async def test_an_import_needs_volumes(api: InProcessAgent, tmp_path: Path) -> None:
+    # The in-process agent has no storage: imports with real domains are in
+    # tests/integration/test_vm_ova.py.
+    await api.error("VM.import", {"path": str(tmp_path / "x.ova"), "sd_id": UNKNOWN},
+                    "FailedPrecondition", "no_volumes")
