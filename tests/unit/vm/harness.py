@@ -205,7 +205,8 @@ class InProcessAgent:
             vm_binding.clone_handlers(self.clones),
             vm_binding.export_handlers(OvaService(
                 self.vms.core, self.jobs, None, storage_dirs=dict,
-                export_paths=[str(self.exports)])),
+                export_paths=[str(self.exports)], clones=self.clones,
+                create=self.vms.create)),
             vm_binding.console_handlers(self.consoles),
             vm_binding.handlers(self.vms, VmDeviceService(self.vms.core),
                                 StatsService(self.sampler), self.migrations),
